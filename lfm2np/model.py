@@ -1,0 +1,223 @@
+"""The forward pass, composed from :mod:`lfm2np.ops`, and the Model object :func:`load` returns.
+
+One layer, pre-norm residual::
+
+    h = h + mixer(operator_norm(h))      # gated short conv or GQA attention, by layer_types[i]
+    h = h + ffn(ffn_norm(h))             # SwiGLU, or router + experts on MoE layers
+
+then ``embedding_norm`` (applied after the last layer despite its name) and the head (tied to the
+embedding unless the checkpoint has ``lm_head.weight``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from . import ops
+from .config import Config, load_config
+from .errors import Lfm2npError
+from .weights import Checkpoint, expected_tensors
+
+DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+
+#: ``record(name, value)`` receives named intermediates when given (tracing); None records nothing.
+Recorder = Callable[[str, np.ndarray], None]
+
+
+def resolve_dtype(dtype: Any) -> np.dtype:
+    """'float32' (default compute dtype) or 'float64' (the oracle mode), as a NumPy dtype."""
+    try:
+        dt = np.dtype(dtype) if dtype is not None else None
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in DTYPES:  # (np.dtype(None) would silently be float64)
+        raise Lfm2npError(f"dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
+    return DTYPES[dt.name]
+
+
+class Params(Mapping[str, np.ndarray]):
+    """The model's tensors by Hugging Face name, read from a checkpoint in the compute dtype on first use.
+
+    With ``keep=True`` a tensor converted once is kept (fast; memory is the whole model in the compute
+    dtype). With ``keep=False`` it is converted again at every use (memory stays near the size of the
+    memory-mapped files). A tensor already stored in the compute dtype is a view of the file either way.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, names: list[str], dtype: np.dtype, keep: bool):
+        self.checkpoint, self.dtype, self.keep = checkpoint, dtype, keep
+        self._names = names
+        self._kept: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        arr = self._kept.get(name)
+        if arr is None:
+            if name not in self.checkpoint.tensors:
+                raise KeyError(name)
+            arr = self.checkpoint.read(name, self.dtype)
+            if self.keep:
+                self._kept[name] = arr
+        return arr
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class Model:
+    """An LFM2 / LFM2-MoE model: its config and its weights, and the forward pass over them.
+
+    ``params`` maps Hugging Face tensor names to arrays (a :class:`Params` for a checkpoint, or a plain
+    dict for weights made in memory). Arrays are expected in ``dtype``.
+    """
+
+    def __init__(self, config: Config, params: Mapping[str, np.ndarray], dtype: Any = "float32"):
+        self.config = config
+        self.params = params
+        self.dtype = resolve_dtype(dtype)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({c.source or c.model_type}: {c.num_hidden_layers} layers "
+                f"({len(c.conv_layers)} conv, {len(c.attention_layers)} attention), D={c.hidden_size}, "
+                f"V={c.vocab_size}{f', {c.num_experts} experts top-{c.num_experts_per_tok}' if c.is_moe else ''}, "
+                f"dtype={self.dtype.name})")
+
+    # ------------------------------------------------------------------ public
+    def forward(self, ids: Any) -> np.ndarray:
+        """Logits for every position of one sequence or an equal-length batch, computed from scratch.
+
+        ids ``(T,)`` -> logits ``(T, V)``; ids ``(B, T)`` -> ``(B, T, V)``. Causal: position t depends on
+        tokens 0..t only. Raises :class:`Lfm2npError` for an id outside ``0 .. vocab_size - 1``.
+        """
+        ids = self.check_ids(ids)
+        if ids.ndim == 2:
+            return np.stack([self._run(row)[0] for row in ids])
+        return self._run(ids)[0]
+
+    def check_ids(self, ids: Any) -> np.ndarray:
+        """``ids`` as an int64 array of shape (T,) or (B, T), every id inside the vocabulary."""
+        arr = np.asarray(ids)
+        if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+            raise Lfm2npError(f"token ids must be integers; got an array of {arr.dtype}")
+        if arr.ndim not in (1, 2) or arr.shape[-1] == 0:
+            raise Lfm2npError(f"token ids must have shape (T,) or (B, T) with T >= 1; got shape {arr.shape}")
+        V = self.config.vocab_size
+        bad = np.argwhere((arr < 0) | (arr >= V))
+        if bad.size:
+            where = tuple(int(i) for i in bad[0])
+            raise Lfm2npError(
+                f"token id {int(arr[where])} at index {where if arr.ndim == 2 else where[0]} is outside the "
+                f"vocabulary of size {V} (valid ids are 0..{V - 1})"
+            )
+        return arr.astype(np.int64, copy=False)
+
+    # ---------------------------------------------------------------- internal
+    def _run(self, ids: np.ndarray, past: list | None = None, start: int = 0,
+             record: Recorder | None = None) -> tuple[np.ndarray, list]:
+        """Logits for ``ids`` (T,) at positions ``start ..``, continuing from ``past`` (per layer: the conv
+        window, or the K and V arrays), and the new per-layer state. ``past=None`` starts a fresh sequence."""
+        c, W = self.config, self.params
+        positions = np.arange(start, start + ids.shape[0])
+        cos, sin = ops.rope_tables(positions, c.head_dim, c.rope_theta, self.dtype)
+        h = ops.embed(ids, W["model.embed_tokens.weight"]).astype(self.dtype, copy=False)  # (T, D)
+        if record:
+            record("model.embed_tokens", h)
+        new_state = []
+        for i in range(c.num_hidden_layers):
+            h, layer_state = self._layer(i, h, cos, sin, None if past is None else past[i], record)
+            new_state.append(layer_state)
+        h = ops.rms_norm(h, W["model.embedding_norm.weight"], c.norm_eps)
+        if record:
+            record("model.embedding_norm", h)
+        head = W["model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"]
+        logits = ops.lm_head(h, head)
+        if record:
+            record("lm_head", logits)
+        return logits, new_state
+
+    def _layer(self, i: int, h: np.ndarray, cos: np.ndarray, sin: np.ndarray, past: Any,
+               record: Recorder | None) -> tuple[np.ndarray, Any]:
+        c, W = self.config, self.params
+        p = f"model.layers.{i}."
+        x = ops.rms_norm(h, W[p + "operator_norm.weight"], c.norm_eps)
+        if c.is_attention(i):
+            a = p + "self_attn."
+            y, k, v = ops.attention_block(
+                x, W[a + "q_proj.weight"], W[a + "k_proj.weight"], W[a + "v_proj.weight"], W[a + "out_proj.weight"],
+                W[a + "q_layernorm.weight"], W[a + "k_layernorm.weight"], cos, sin, c.norm_eps,
+                *(past if past is not None else (None, None)),
+            )
+            state: Any = (k, v)
+        else:
+            b = p + "conv."
+            bias = (lambda n: W[b + n + ".bias"]) if c.conv_bias else (lambda n: None)
+            y, state = ops.short_conv(
+                x, W[b + "in_proj.weight"], W[b + "conv.weight"], W[b + "out_proj.weight"],
+                bias("in_proj"), bias("conv"), bias("out_proj"), window=past,
+            )
+        h = h + y
+        x = ops.rms_norm(h, W[p + "ffn_norm.weight"], c.norm_eps)
+        f = p + "feed_forward."
+        if c.is_moe_layer(i):
+            logits, experts, weights = ops.route(
+                x, W[f + "gate.weight"], W[f + "expert_bias"] if c.use_expert_bias else None,
+                c.num_experts_per_tok, c.norm_topk_prob, c.routed_scaling_factor,
+            )
+            if record:
+                record(f + "router_logits", logits)
+                record(f + "selected_experts", experts)
+                record(f + "routing_weights", weights)
+            y = ops.moe(x, experts, weights, lambda e: (
+                W[f"{f}experts.{e}.w1.weight"], W[f"{f}experts.{e}.w3.weight"], W[f"{f}experts.{e}.w2.weight"]))
+        else:
+            y = ops.swiglu(x, W[f + "w1.weight"], W[f + "w3.weight"], W[f + "w2.weight"])
+        h = h + y
+        if record:
+            record(f"model.layers.{i}", h)
+        return h, state
+
+
+def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool = True,
+         keep_weights: bool | None = None) -> Model:
+    """Load a checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded set).
+
+    ``dtype``: "float32" (default) or "float64" (the oracle mode). Every tensor the config implies must be
+    present with its shape. A tensor the model does not use raises :class:`Lfm2npError` (``strict=True``)
+    or a warning naming it (``strict=False``). ``keep_weights``: keep each tensor once converted to the
+    compute dtype (True), or convert at every use to save memory (False); by default tensors are kept when
+    the converted model takes at most half of the machine's memory.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise Lfm2npError(f"{directory}: not a checkpoint directory")
+    dt = resolve_dtype(dtype)
+    config = load_config(directory)
+    checkpoint = Checkpoint(directory)
+    expected = expected_tensors(config)
+    unexpected = checkpoint.check(expected)
+    if unexpected:
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        message = (f"{directory}: tensor {', '.join(unexpected[:5])}{more} is not used by this config "
+                   f"({config.model_type}, conv_bias={config.conv_bias}, "
+                   f"tie_word_embeddings={config.tie_word_embeddings})")
+        if strict:
+            raise Lfm2npError(message + "; pass strict=False to load anyway")
+        warnings.warn(message + "; ignored", stacklevel=2)
+    if keep_weights is None:
+        converted = sum(int(np.prod(s)) for s in expected.values()) * dt.itemsize
+        keep_weights = converted <= _physical_memory() // 2
+    return Model(config, Params(checkpoint, list(expected), dt, keep_weights), dt)
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume a laptop
+        return 16 * 1024**3

@@ -1,0 +1,245 @@
+"""The LFM2 operators, one small pure function each.
+
+Dimension legend (used in every shape comment of lfm2np):
+
+    T  tokens in this call            S  cached + new positions (keys/values attended over)
+    D  hidden size                    H  query heads          G  KV heads        hd  head dim (D / H)
+    F  dense FFN width                Fm expert FFN width     E  experts         k   experts per token
+    V  vocabulary                     L  conv kernel length (conv_L_cache)
+
+Operators work on one sequence: activations are ``(T, D)``. Weights are passed explicitly, in the
+layout of the Hugging Face checkpoint (a linear weight is ``(out, in)``). Every function computes in
+the dtype of its activation input (float32 by default, float64 in the oracle mode); weights are
+expected in that dtype already.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+#: The constant transformers adds to the sum of the top-k routing weights before dividing.
+ROUTER_NORM_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------- basics
+def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """``y = x W^T + b``.  (T, in), (out, in), (out,) -> (T, out)"""
+    y = x @ w.T
+    if b is not None:
+        y += b
+    return y
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-x))``; exp overflows to inf for very negative x, which gives the right 0."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-x))
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """``x * sigmoid(x)``, written ``x / (1 + exp(-x))`` as torch computes it."""
+    with np.errstate(over="ignore"):
+        return x / (1.0 + np.exp(-x))
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm over the last axis: ``w * x / sqrt(mean(x^2) + eps)``.  (..., N), (N,) -> (..., N)
+
+    Statistics are taken in at least float32 (float64 in the oracle mode). The weight is used as is,
+    not as ``1 + w``.
+    """
+    xf = x.astype(np.promote_types(x.dtype, np.float32), copy=False)
+    inv_rms = 1.0 / np.sqrt(np.mean(xf * xf, axis=-1, keepdims=True) + xf.dtype.type(eps))
+    return weight * (xf * inv_rms).astype(x.dtype, copy=False)
+
+
+def embed(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Token embedding, no scaling.  (T,) int, (V, D) -> (T, D)"""
+    return table[ids]
+
+
+def lm_head(h: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """Logits from the final hidden states. ``head`` is ``lm_head.weight`` or, when tied (every released
+    model), ``model.embed_tokens.weight``.  (T, D), (V, D) -> (T, V)"""
+    return h @ head.T
+
+
+# ------------------------------------------------------------------------------- RoPE
+def rope_tables(positions: np.ndarray, head_dim: int, theta: float,
+                dtype: np.dtype = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin tables for the split-half (NeoX) rotary embedding over the full head dim.
+
+    ``inv_freq_i = theta^(-2i/hd)`` for ``i < hd/2``; angle ``a[t, i] = pos_t * inv_freq_i``, repeated for
+    both halves. The reference computes angles in float32; pass float64 for the oracle mode.
+    (T,) int -> (T, hd), (T, hd)
+    """
+    dtype = np.dtype(dtype)
+    inv_freq = 1.0 / (dtype.type(theta) ** (np.arange(0, head_dim, 2, dtype=dtype) / dtype.type(head_dim)))
+    angles = np.asarray(positions).astype(dtype)[:, None] * inv_freq[None, :]  # (T, hd/2)
+    angles = np.concatenate([angles, angles], axis=-1)  # (T, hd)
+    return np.cos(angles), np.sin(angles)
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    """``[x1, x2] -> [-x2, x1]`` over the last axis (dim i pairs with i + hd/2)."""
+    x1, x2 = np.split(x, 2, axis=-1)
+    return np.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """``x * cos + rotate_half(x) * sin`` per head.  (T, n, hd), (T, hd), (T, hd) -> (T, n, hd)"""
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+# -------------------------------------------------------------------------- attention
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax; rows that are entirely -inf are not expected (causality keeps one key)."""
+    m = np.max(x, axis=axis, keepdims=True)
+    e = np.exp(x - m)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Causal grouped-query attention of T new queries over S >= T keys (earlier ones first).
+
+    Query t sits at position ``S - T + t`` and sees keys ``0 .. S - T + t``. Query head j reads KV head
+    ``j // (H // G)``. ``softmax((q k^T) * hd^-0.5 + mask) v``.
+    (T, H, hd), (S, G, hd), (S, G, hd) -> (T, H * hd)
+    """
+    T, H, hd = q.shape
+    S, G, _ = k.shape
+    qg = q.reshape(T, G, H // G, hd)  # heads grouped by the KV head they read
+    scores = np.einsum("tgrd,sgd->grts", qg, k) * q.dtype.type(hd ** -0.5)  # (G, H/G, T, S)
+    future = np.arange(S)[None, :] > (S - T + np.arange(T))[:, None]  # (T, S)
+    scores[..., future] = -np.inf
+    probs = softmax(scores, axis=-1)
+    out = np.einsum("grts,sgd->tgrd", probs, v)  # (T, G, H/G, hd)
+    return out.reshape(T, H * hd)
+
+
+def attention_block(
+    h: np.ndarray,
+    q_proj: np.ndarray, k_proj: np.ndarray, v_proj: np.ndarray, out_proj: np.ndarray,
+    q_norm: np.ndarray, k_norm: np.ndarray,
+    cos: np.ndarray, sin: np.ndarray, eps: float,
+    past_k: np.ndarray | None = None, past_v: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The attention mixer: projections, per-head QK RMSNorm, RoPE, causal GQA, output projection.
+
+    ``cos``/``sin`` are the tables for the T new positions. ``past_k``/``past_v`` hold earlier keys and
+    values (already normed and rotated); the keys and values returned include them and the new ones.
+    (T, D) -> (T, D), (S, G, hd), (S, G, hd)
+    """
+    T = h.shape[0]
+    hd = q_norm.shape[0]
+    q = linear(h, q_proj).reshape(T, -1, hd)  # (T, H, hd)
+    k = linear(h, k_proj).reshape(T, -1, hd)  # (T, G, hd)
+    v = linear(h, v_proj).reshape(T, -1, hd)  # (T, G, hd)
+    q = apply_rope(rms_norm(q, q_norm, eps), cos, sin)
+    k = apply_rope(rms_norm(k, k_norm, eps), cos, sin)
+    if past_k is not None:
+        k = np.concatenate([past_k, k], axis=0)  # (S, G, hd)
+        v = np.concatenate([past_v, v], axis=0)
+    return linear(attention(q, k, v), out_proj), k, v
+
+
+# ------------------------------------------------------------------ gated short conv
+def causal_conv1d(u: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
+                  window: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Depthwise causal convolution: ``z_t = sum_j w[:, j] * u_{t-(L-1)+j} (+ b)``.
+
+    The last tap multiplies the current token. ``window`` holds the L-1 inputs before the first token
+    (zeros at the start of a sequence); the new window (the last L-1 inputs) is returned beside the output.
+    (T, D), (D, L), (D,), (L-1, D) -> (T, D), (L-1, D)
+    """
+    T, D = u.shape
+    L = w.shape[1]
+    if window is None:
+        window = np.zeros((L - 1, D), dtype=u.dtype)
+    padded = np.concatenate([window, u], axis=0)  # (L-1+T, D)
+    z = np.zeros_like(u)
+    for j in range(L):
+        z += w[:, j] * padded[j:j + T]
+    if b is not None:
+        z += b
+    return z, padded[T:]
+
+
+def short_conv(
+    h: np.ndarray,
+    in_proj: np.ndarray, conv: np.ndarray, out_proj: np.ndarray,
+    in_proj_bias: np.ndarray | None = None, conv_bias: np.ndarray | None = None,
+    out_proj_bias: np.ndarray | None = None, window: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The gated short convolution mixer.
+
+    ``b_gate, c_gate, x = split(in_proj(h), 3)``; ``u = b_gate * x``; ``z = causal_conv1d(u)``;
+    ``out = out_proj(c_gate * z)``. No activation, no norm. ``conv`` is the checkpoint's ``(D, 1, L)``
+    weight. Returns the output and the new conv window (the last L-1 values of u).
+    (T, D) -> (T, D), (L-1, D)
+    """
+    b_gate, c_gate, x = np.split(linear(h, in_proj, in_proj_bias), 3, axis=-1)  # 3 x (T, D)
+    z, window = causal_conv1d(b_gate * x, conv[:, 0, :], conv_bias, window)
+    return linear(c_gate * z, out_proj, out_proj_bias), window
+
+
+# -------------------------------------------------------------------------------- FFN
+def swiglu(h: np.ndarray, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray) -> np.ndarray:
+    """``w2(silu(w1 h) * w3 h)``; w1 = gate, w3 = up, w2 = down.  (T, D), (F, D), (F, D), (D, F) -> (T, D)"""
+    return linear(silu(linear(h, w1)) * linear(h, w3), w2)
+
+
+def top_k_experts(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores per row, largest first; equal scores go to the lower index.
+    (T, E) -> (T, k) int64"""
+    return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+
+
+def route(
+    h: np.ndarray, gate: np.ndarray, expert_bias: np.ndarray | None, k: int,
+    norm_topk_prob: bool, routed_scaling_factor: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The LFM2-MoE router.
+
+    ``logits = gate h``; ``s = sigmoid(logits)``; the k experts are chosen on ``s + expert_bias`` (the bias
+    steers selection only); their weights are the unbiased ``s``; if ``norm_topk_prob``:
+    ``w = w / (sum(w) + 1e-6)``; finally ``w *= routed_scaling_factor``.
+    (T, D), (E, D), (E,) -> logits (T, E), experts (T, k) int64, weights (T, k)
+    """
+    logits = linear(h, gate)
+    scores = sigmoid(logits)
+    experts = top_k_experts(scores if expert_bias is None else scores + expert_bias, k)
+    weights = np.take_along_axis(scores, experts, axis=-1)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + weights.dtype.type(ROUTER_NORM_EPS))
+    return logits, experts, weights * weights.dtype.type(routed_scaling_factor)
+
+
+ExpertWeights = Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def moe(h: np.ndarray, experts: np.ndarray, weights: np.ndarray,
+        expert_weights: "ExpertWeights | Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]") -> np.ndarray:
+    """Mixture of SwiGLU experts: ``out_t = sum_j weights[t, j] * expert_{experts[t, j]}(h_t)``.
+
+    Tokens are grouped by expert: each chosen expert runs once on all the tokens that chose it, in
+    increasing expert order. ``expert_weights(e)`` (or ``expert_weights[e]``) gives ``(w1, w3, w2)``.
+    (T, D), (T, k) int, (T, k) -> (T, D)
+    """
+    get = expert_weights if callable(expert_weights) else expert_weights.__getitem__
+    T, k = experts.shape
+    flat_experts = experts.ravel()  # (T*k,)
+    flat_tokens = np.repeat(np.arange(T), k)  # (T*k,)
+    flat_weights = weights.ravel()  # (T*k,)
+    order = np.argsort(flat_experts, kind="stable")
+    bounds = np.searchsorted(flat_experts[order], np.arange(flat_experts.max(initial=-1) + 2))
+    out = np.zeros_like(h)
+    for e in range(len(bounds) - 1):
+        picks = order[bounds[e]:bounds[e + 1]]
+        if picks.size == 0:
+            continue
+        tokens = flat_tokens[picks]  # each token at most once per expert: no duplicate rows
+        out[tokens] += swiglu(h[tokens], *get(e)) * flat_weights[picks, None]
+    return out

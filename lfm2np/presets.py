@@ -1,0 +1,139 @@
+"""Configs of the released LFM2 family, and tiny configs for tests.
+
+Each preset is written as the ``config.json`` dictionary the checkpoint ships (legacy keys kept where the
+release uses them), so presets go through exactly the same parser as real files.
+
+Values that Liquid AI has not confirmed publicly (taken from third-party copies of the configs) are
+listed in :data:`UNCONFIRMED`, the one place to look before trusting them.
+"""
+
+from __future__ import annotations
+
+from .config import Config
+
+_LFM2_COMMON = {
+    "model_type": "lfm2",
+    "vocab_size": 65536,
+    "num_key_value_heads": 8,
+    "conv_L_cache": 3,
+    "conv_bias": False,
+    "norm_eps": 1e-5,
+    "rope_theta": 1_000_000.0,
+    "tie_embedding": True,
+    "max_position_embeddings": 128_000,
+    "bos_token_id": 1,
+    "eos_token_id": 7,
+    "pad_token_id": 0,
+    "block_multiple_of": 256,
+    "block_ffn_dim_multiplier": 1.0,
+}
+_SMALL_ATTN = [2, 5, 8, 10, 12, 14]
+
+_LFM2_MOE_COMMON = {
+    "model_type": "lfm2_moe",
+    "vocab_size": 65536,
+    "hidden_size": 2048,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "conv_L_cache": 3,
+    "conv_bias": False,
+    "norm_eps": 1e-5,
+    "rope_theta": 1_000_000.0,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 128_000,
+    "bos_token_id": 1,
+    "eos_token_id": 7,
+    "pad_token_id": 0,
+    "num_experts_per_tok": 4,
+    "num_dense_layers": 2,
+    "use_expert_bias": True,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 1.0,
+}
+
+
+def _layer_types(n: int, attention: list[int]) -> list[str]:
+    return ["full_attention" if i in attention else "conv" for i in range(n)]
+
+
+_RELEASED: dict[str, dict] = {
+    "LFM2-350M": {**_LFM2_COMMON, "hidden_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16,
+                  "block_ff_dim": 6656, "block_auto_adjust_ff_dim": True, "full_attn_idxs": _SMALL_ATTN},
+    "LFM2-700M": {**_LFM2_COMMON, "hidden_size": 1536, "num_hidden_layers": 16, "num_attention_heads": 24,
+                  "block_ff_dim": 10240, "block_auto_adjust_ff_dim": True, "full_attn_idxs": _SMALL_ATTN},
+    "LFM2-1.2B": {**_LFM2_COMMON, "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
+                  "block_ff_dim": 12288, "block_auto_adjust_ff_dim": True, "full_attn_idxs": _SMALL_ATTN},
+    "LFM2-2.6B": {**_LFM2_COMMON, "hidden_size": 2048, "num_hidden_layers": 30, "num_attention_heads": 32,
+                  "block_ff_dim": 10752, "block_auto_adjust_ff_dim": False,
+                  "layer_types": _layer_types(30, [2, 5, 9, 13, 17, 21, 24, 27])},
+    "LFM2.5-1.2B": {**_LFM2_COMMON, "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
+                    "block_ff_dim": 12288, "block_auto_adjust_ff_dim": True,
+                    "layer_types": _layer_types(16, _SMALL_ATTN)},
+    "LFM2-8B-A1B": {**_LFM2_MOE_COMMON, "num_hidden_layers": 24, "intermediate_size": 7168,
+                    "moe_intermediate_size": 1792, "num_experts": 32,
+                    "layer_types": _layer_types(24, [2, 6, 10, 14, 18, 21])},
+    "LFM2.5-8B-A1B": {**_LFM2_MOE_COMMON, "num_hidden_layers": 24, "intermediate_size": 7168,
+                      "moe_intermediate_size": 1792, "num_experts": 32, "vocab_size": 128_000,
+                      "rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0},
+                      "bos_token_id": 124894, "eos_token_id": 124900, "pad_token_id": 124893,
+                      "layer_types": _layer_types(24, [2, 6, 10, 14, 18, 21])},
+    "LFM2-24B-A2B": {**_LFM2_MOE_COMMON, "num_hidden_layers": 40, "intermediate_size": 11776,
+                     "moe_intermediate_size": 1536, "num_experts": 64,
+                     "layer_types": _layer_types(40, [i for i in range(40) if i % 4 == 2])},
+}
+
+#: Preset values not confirmed by Liquid AI (from third-party copies of the configs). Keep this list
+#: in step with ``_RELEASED`` above: it is what the docs and the calculators cite as uncertain.
+UNCONFIRMED: dict[str, tuple[str, ...]] = {
+    "LFM2.5-8B-A1B": ("vocab_size", "rope_theta", "bos_token_id", "eos_token_id", "pad_token_id"),
+    "LFM2-24B-A2B": ("layer_types", "intermediate_size", "rope_theta", "max_position_embeddings",
+                     "norm_topk_prob", "routed_scaling_factor", "use_expert_bias"),
+}
+
+#: Published parameter counts (model cards), for the calculators to check against.
+MODEL_CARD_PARAMS: dict[str, int | str] = {
+    "LFM2-350M": 354_483_968,
+    "LFM2-700M": 742_489_344,
+    "LFM2-1.2B": 1_170_340_608,
+    "LFM2-2.6B": 2_569_272_320,
+    "LFM2.5-1.2B": "1.17B",
+    "LFM2-8B-A1B": "8.3B total / 1.5B active",
+    "LFM2.5-8B-A1B": "8.3B total / 1.5B active (card; the 128000-token vocabulary makes it ~8.47B)",
+    "LFM2-24B-A2B": "24B total / 2.3B active",
+}
+
+# Tiny configs: odd sizes so that transposed or mis-split weights cannot line up by accident.
+_TINY: dict[str, dict] = {
+    "tiny-dense": {**_LFM2_COMMON, "vocab_size": 97, "hidden_size": 48, "num_hidden_layers": 4,
+                   "num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 80,
+                   "block_auto_adjust_ff_dim": False, "layer_types": _layer_types(4, [1, 3]),
+                   "max_position_embeddings": 512},
+    "tiny-moe": {**_LFM2_MOE_COMMON, "vocab_size": 97, "hidden_size": 48, "num_hidden_layers": 4,
+                 "num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 72,
+                 "moe_intermediate_size": 24, "num_experts": 6, "num_experts_per_tok": 2,
+                 "num_dense_layers": 1, "layer_types": _layer_types(4, [2]), "max_position_embeddings": 512},
+}
+
+PRESETS: dict[str, dict] = {**_RELEASED, **_TINY}
+RELEASED = tuple(_RELEASED)
+
+
+def _key(name: str) -> str:
+    name = name.strip().lower()
+    return name[len("liquidai/"):] if name.startswith("liquidai/") else name
+
+
+_BY_KEY = {_key(n): n for n in PRESETS}
+
+
+def names() -> list[str]:
+    """All preset names, released models first."""
+    return list(PRESETS)
+
+
+def find(name: str) -> Config | None:
+    """The preset called ``name`` (any case, ``LiquidAI/`` prefix optional), or None."""
+    canonical = _BY_KEY.get(_key(name))
+    if canonical is None:
+        return None
+    return Config.from_dict(PRESETS[canonical], source=canonical)

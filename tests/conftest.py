@@ -1,0 +1,39 @@
+"""Shared helpers: the golden fixtures written by tools/make_fixtures.py (read without torch)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import lfm2np
+
+GOLDEN = Path(__file__).parent / "golden"
+MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())
+CASES = sorted(MANIFEST["cases"])
+DENSE = [c for c in CASES if MANIFEST["cases"][c]["reference_config"]["model_type"] == "lfm2"]
+MOE = [c for c in CASES if MANIFEST["cases"][c]["reference_config"]["model_type"] == "lfm2_moe"]
+
+
+@functools.lru_cache(maxsize=None)
+def golden(case: str) -> dict[str, np.ndarray]:
+    """All arrays recorded from transformers for one fixture case."""
+    return load_file(str(GOLDEN / case / "golden.safetensors"))
+
+
+@functools.lru_cache(maxsize=None)
+def model(case: str, dtype: str = "float32") -> lfm2np.Model:
+    return lfm2np.load(GOLDEN / case, dtype=dtype)
+
+
+def captured(case: str, name: str) -> np.ndarray:
+    return golden(case)["capture." + name]
+
+
+@pytest.fixture(params=CASES)
+def case(request) -> str:
+    return request.param

@@ -1,0 +1,214 @@
+"""Checkpoint loading: layouts, dtypes, validation, and every error a user can meet."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import lfm2np
+from lfm2np.synthetic import random_params
+from lfm2np.weights import (Checkpoint, bfloat16_bits, expected_tensors, save_checkpoint, widen,
+                            write_safetensors)
+
+from conftest import GOLDEN, MANIFEST, golden
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A tiny MoE checkpoint written by lfm2np itself, and its in-memory weights."""
+    config = lfm2np.load_config("tiny-moe")
+    params = random_params(config, seed=3)
+    return save_checkpoint(tmp_path / "ckpt", config, params), config, params
+
+
+# -------------------------------------------------------------------- layouts and dtypes
+def test_fixture_dtypes_are_what_the_manifest_says(case):
+    counts = Checkpoint(GOLDEN / case).stored_dtypes()
+    stored = MANIFEST["cases"][case]["checkpoint_dtype"]
+    code = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[stored]
+    cfg = lfm2np.load_config(GOLDEN / case)
+    n_bias = len(cfg.moe_layers) if cfg.use_expert_bias else 0
+    if code == "F32":
+        assert counts == {"F32": len(expected_tensors(cfg))}
+    else:  # reduced precision weights beside a float32 expert bias, as released
+        assert counts == {code: len(expected_tensors(cfg)) - n_bias, **({"F32": n_bias} if n_bias else {})}
+
+
+def test_sharded_fixture_reads_like_a_single_file(tmp_path):
+    """Re-save a sharded fixture as one file: the model's logits are identical."""
+    case = next(c for c in MANIFEST["cases"] if MANIFEST["cases"][c]["shards"] > 1)
+    assert (GOLDEN / case / "model.safetensors.index.json").is_file()
+    m = lfm2np.load(GOLDEN / case)
+    single = save_checkpoint(tmp_path / "single", m.config, {n: m.params[n] for n in m.params})
+    ids = golden(case)["logits.T5.ids"]
+    np.testing.assert_array_equal(lfm2np.load(single).forward(ids), m.forward(ids))
+
+
+def test_bf16_widening_is_exact_and_rounding_matches_torch():
+    ref = load_file(str(GOLDEN / "bf16_rounding.safetensors"))
+    x = ref["float32"]
+    ours = bfloat16_bits(x)
+    np.testing.assert_array_equal(ours.astype(np.int64), ref["bfloat16_bits"].astype(np.uint16).astype(np.int64))
+    # widening puts the 16 bits on top of 16 zero bits: exact, and idempotent with rounding
+    wide = widen(ours, "BF16", np.float32)
+    np.testing.assert_array_equal(bfloat16_bits(wide), ours)
+    assert (wide.view(np.uint32) & 0xFFFF == 0).all()
+
+
+def test_float32_tensors_are_memory_mapped_not_copied(tiny):
+    path, config, params = tiny
+    m = lfm2np.load(path)
+    w = m.params["model.layers.0.feed_forward.w1.weight"]
+    assert not w.flags.owndata and not w.flags.writeable  # a read-only view into the file
+    np.testing.assert_array_equal(w, params["model.layers.0.feed_forward.w1.weight"])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_reduced_precision_checkpoints_load_and_keep_the_float32_bias(tmp_path, dtype):
+    config = lfm2np.load_config("tiny-moe")
+    params = random_params(config, seed=4)
+    path = save_checkpoint(tmp_path / dtype, config, params, dtype=dtype)
+    ckpt = Checkpoint(path)
+    assert ckpt.tensors["model.layers.1.feed_forward.expert_bias"].dtype == "F32"
+    assert ckpt.tensors["model.layers.1.feed_forward.gate.weight"].dtype == {"float16": "F16",
+                                                                           "bfloat16": "BF16"}[dtype]
+    m = lfm2np.load(path)
+    bias = m.params["model.layers.1.feed_forward.expert_bias"]
+    np.testing.assert_array_equal(bias, params["model.layers.1.feed_forward.expert_bias"])
+    w = m.params["model.embed_tokens.weight"]
+    assert w.dtype == np.float32
+    np.testing.assert_allclose(w, params["model.embed_tokens.weight"], rtol=2 ** -7 if dtype == "bfloat16" else 1e-3)
+
+
+def test_keep_weights_false_gives_identical_logits(tiny):
+    path, _, _ = tiny
+    ids = np.array([5, 9, 1, 0, 44])
+    a = lfm2np.load(path, keep_weights=True)
+    b = lfm2np.load(path, keep_weights=False)
+    np.testing.assert_array_equal(a.forward(ids), b.forward(ids))
+    assert b.params._kept == {} and len(a.params._kept) > 0
+
+
+def test_loaded_weights_equal_in_memory_model(tiny):
+    path, config, params = tiny
+    ids = np.array([3, 1, 4, 1, 5, 9, 2, 6])
+    np.testing.assert_array_equal(lfm2np.load(path).forward(ids), lfm2np.Model(config, params).forward(ids))
+
+
+# ------------------------------------------------------------------------------ errors
+def test_missing_tensor(tiny, tmp_path):
+    path, config, params = tiny
+    del params["model.layers.2.self_attn.k_layernorm.weight"]
+    write_safetensors(path / "model.safetensors", params)
+    with pytest.raises(lfm2np.Lfm2npError, match=r"missing tensor model\.layers\.2\.self_attn\.k_layernorm"):
+        lfm2np.load(path)
+
+
+def test_wrong_shape(tiny):
+    path, config, params = tiny
+    params["model.layers.0.conv.in_proj.weight"] = params["model.layers.0.conv.in_proj.weight"][:-1]
+    write_safetensors(path / "model.safetensors", params)
+    with pytest.raises(lfm2np.Lfm2npError, match=r"in_proj.weight' has shape \[143, 48\]; the config expects "
+                                                 r"\[144, 48\]"):
+        lfm2np.load(path)
+
+
+def test_unexpected_tensor_is_an_error_or_a_warning(tiny):
+    path, config, params = tiny
+    params["lm_head.weight"] = params["model.embed_tokens.weight"].copy()  # tied config: not used
+    write_safetensors(path / "model.safetensors", params)
+    with pytest.raises(lfm2np.Lfm2npError, match="lm_head.weight is not used.*strict=False"):
+        lfm2np.load(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = lfm2np.load(path, strict=False)
+    assert any("lm_head.weight is not used" in str(w.message) for w in caught)
+    assert m.forward([1, 2]).shape == (2, config.vocab_size)
+
+
+def test_truncated_file_names_the_file(tiny):
+    path, _, _ = tiny
+    f = path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+    with pytest.raises(lfm2np.Lfm2npError, match=f"{f}.*truncated"):
+        lfm2np.load(path)
+    f.write_bytes(data[:20])
+    with pytest.raises(lfm2np.Lfm2npError, match=f"{f}.*(truncated|header)"):
+        lfm2np.load(path)
+    f.write_bytes(data[:5])
+    with pytest.raises(lfm2np.Lfm2npError, match=f"{f}.*too short"):
+        lfm2np.load(path)
+
+
+def test_corrupt_header_names_the_file(tiny):
+    path, _, _ = tiny
+    f = path / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:12] = b"\xff\xfe{["
+    f.write_bytes(bytes(data))
+    with pytest.raises(lfm2np.Lfm2npError, match=f"{f}: corrupt safetensors header"):
+        lfm2np.load(path)
+
+
+def test_unsupported_dtype_names_the_tensor(tmp_path):
+    f = tmp_path / "model.safetensors"
+    header = json.dumps({"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}).encode()
+    f.write_bytes(len(header).to_bytes(8, "little") + header + b"\0\0")
+    (tmp_path / "config.json").write_text(json.dumps(lfm2np.load_config("tiny-dense").to_dict()))
+    with pytest.raises(lfm2np.Lfm2npError, match="tensor 'w' has dtype F8_E4M3"):
+        lfm2np.load(tmp_path)
+
+
+def test_pickled_checkpoints_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(lfm2np.load_config("tiny-dense").to_dict()))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")  # a pickle: never opened
+    with pytest.raises(lfm2np.Lfm2npError, match="pytorch_model.bin: pickled checkpoints are never loaded"):
+        lfm2np.load(tmp_path)
+
+
+def test_index_pointing_at_a_missing_shard(tmp_path):
+    case = next(c for c in MANIFEST["cases"] if MANIFEST["cases"][c]["shards"] > 1)
+    copy = shutil.copytree(GOLDEN / case, tmp_path / case)
+    shard = sorted(copy.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(lfm2np.Lfm2npError, match=f"lists shard '{shard.name}'"):
+        lfm2np.load(copy)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(lfm2np.Lfm2npError, match="not a checkpoint directory"):
+        lfm2np.load(tmp_path / "nowhere")
+
+
+def test_bad_dtype_argument(tiny):
+    with pytest.raises(lfm2np.Lfm2npError, match="dtype 'bfloat16' is not supported"):
+        lfm2np.load(tiny[0], dtype="bfloat16")
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([1, 97], r"token id 97 at index 1 is outside the vocabulary of size 97"),
+    ([-1], r"token id -1 at index 0 is outside the vocabulary of size 97"),
+    ([[1, 2], [3, 1000]], r"token id 1000 at index \(1, 1\) is outside the vocabulary of size 97"),
+    ([1.5, 2.0], "token ids must be integers"),
+    ([True, False], "token ids must be integers"),
+    ([], "shape"),
+    ([[[1]]], "shape"),
+])
+def test_bad_token_ids(tiny, ids, message):
+    m = lfm2np.load(tiny[0])
+    with pytest.raises(lfm2np.Lfm2npError, match=message):
+        m.forward(ids)
+
+
+def test_save_checkpoint_checks_its_input(tmp_path):
+    config = lfm2np.load_config("tiny-dense")
+    params = random_params(config)
+    del params["model.embedding_norm.weight"]
+    with pytest.raises(lfm2np.Lfm2npError, match="embedding_norm.weight' is missing"):
+        save_checkpoint(tmp_path, config, params)
