@@ -21,6 +21,7 @@ import numpy as np
 from . import ops
 from .config import Config, load_config
 from .errors import Lfm2npError
+from .state import DEFAULT_MAX_ROLLBACK, State
 from .weights import Checkpoint, expected_tensors
 
 DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
@@ -101,6 +102,53 @@ class Model:
             return np.stack([self._run(row)[0] for row in ids])
         return self._run(ids)[0]
 
+    def new_state(self, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> State:
+        """The decoding state of an empty sequence (see :mod:`lfm2np.state`)."""
+        return State.start(self.config, self.dtype, max_rollback)
+
+    def step(self, ids: Any, state: State | None = None) -> tuple[np.ndarray, State]:
+        """Continue one sequence by ``ids`` (T,) from ``state`` (None: a new sequence).
+
+        Returns the logits ``(T, V)`` of the new tokens and the state after them. ``state`` itself is not
+        changed, so keeping it is a snapshot, and using it again restores the sequence as it was. Equal,
+        to float32 rounding, to the matching rows of :meth:`forward` on the whole sequence.
+        """
+        ids = self.check_ids(ids)
+        if ids.ndim != 1:
+            raise Lfm2npError(f"step takes the ids of one sequence, shape (T,); got shape {ids.shape}")
+        if state is None:
+            state = self.new_state()
+        self._check_state(state)
+        past = [state.conv[i] if state.conv[i] is not None else (state.keys[i], state.values[i])
+                for i in range(self.config.num_hidden_layers)]
+        logits, layers = self._run(ids, past, start=state.position)
+        conv = [None if self.config.is_attention(i) else layers[i] for i in range(len(layers))]
+        keys = [layers[i][0] if self.config.is_attention(i) else None for i in range(len(layers))]
+        values = [layers[i][1] if self.config.is_attention(i) else None for i in range(len(layers))]
+        return logits, state.advance(ids.shape[0], conv, keys, values)
+
+    def step_batch(self, ids: "list[Any]", states: "list[State | None]") -> tuple[list[np.ndarray], list[State]]:
+        """:meth:`step` for several sequences at once, each with its own ids (lengths may differ) and state.
+        Sequences never share anything: the result equals running each one alone."""
+        if len(ids) != len(states):
+            raise Lfm2npError(f"step_batch got {len(ids)} id sequences but {len(states)} states")
+        results = [self.step(i, s) for i, s in zip(ids, states)]
+        return [r[0] for r in results], [r[1] for r in results]
+
+    def _check_state(self, state: State) -> None:
+        c = self.config
+        if not isinstance(state, State):
+            raise Lfm2npError(f"state must be an lfm2np State; got {type(state).__name__}")
+        if len(state.conv) != c.num_hidden_layers or any(
+                (state.conv[i] is None) != c.is_attention(i) for i in range(c.num_hidden_layers)):
+            raise Lfm2npError("state does not belong to this model: its layer kinds differ from the config's")
+        if state.position > c.max_position_embeddings:
+            raise Lfm2npError(f"state position {state.position} exceeds max_position_embeddings "
+                              f"{c.max_position_embeddings}")
+        arrays = [a for a in state.conv + state.keys if a is not None]
+        if arrays and arrays[0].dtype != self.dtype:
+            raise Lfm2npError(f"state holds {arrays[0].dtype} arrays but the model computes in {self.dtype}")
+
     def check_ids(self, ids: Any) -> np.ndarray:
         """``ids`` as an int64 array of shape (T,) or (B, T), every id inside the vocabulary."""
         arr = np.asarray(ids)
@@ -121,8 +169,9 @@ class Model:
     # ---------------------------------------------------------------- internal
     def _run(self, ids: np.ndarray, past: list | None = None, start: int = 0,
              record: Recorder | None = None) -> tuple[np.ndarray, list]:
-        """Logits for ``ids`` (T,) at positions ``start ..``, continuing from ``past`` (per layer: the conv
-        window, or the K and V arrays), and the new per-layer state. ``past=None`` starts a fresh sequence."""
+        """Logits for ``ids`` (T,) at positions ``start ..``, continuing from ``past`` (per layer: the history
+        of conv inputs, or the K and V arrays), and per layer the extended history or K and V.
+        ``past=None`` starts a fresh sequence."""
         c, W = self.config, self.params
         positions = np.arange(start, start + ids.shape[0])
         cos, sin = ops.rope_tables(positions, c.head_dim, c.rope_theta, self.dtype)

@@ -150,21 +150,24 @@ def causal_conv1d(u: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
                   window: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Depthwise causal convolution: ``z_t = sum_j w[:, j] * u_{t-(L-1)+j} (+ b)``.
 
-    The last tap multiplies the current token. ``window`` holds the L-1 inputs before the first token
-    (zeros at the start of a sequence); the new window (the last L-1 inputs) is returned beside the output.
-    (T, D), (D, L), (D,), (L-1, D) -> (T, D), (L-1, D)
+    The last tap multiplies the current token. ``window`` holds the inputs before the first token, most
+    recent last; only its last L-1 rows are read, and missing rows (fewer than L-1: the sequence began
+    less than L-1 tokens ago, or ``None`` at its start) are zeros. Returns the output and the input
+    history extended by this chunk, ``concat(window, u)``, of which the caller keeps what it needs
+    (the last L-1 rows to continue; more to be able to roll back).
+    (T, D), (D, L), (D,), (n, D) -> (T, D), (n + T, D)
     """
     T, D = u.shape
     L = w.shape[1]
-    if window is None:
-        window = np.zeros((L - 1, D), dtype=u.dtype)
-    padded = np.concatenate([window, u], axis=0)  # (L-1+T, D)
+    history = np.zeros((0, D), dtype=u.dtype) if window is None else window
+    past = history[history.shape[0] - min(L - 1, history.shape[0]):]  # at most the last L-1 rows
+    padded = np.concatenate([np.zeros((L - 1 - past.shape[0], D), dtype=u.dtype), past, u])  # (L-1+T, D)
     z = np.zeros_like(u)
     for j in range(L):
         z += w[:, j] * padded[j:j + T]
     if b is not None:
         z += b
-    return z, padded[T:]
+    return z, np.concatenate([history, u])
 
 
 def short_conv(
@@ -177,12 +180,13 @@ def short_conv(
 
     ``b_gate, c_gate, x = split(in_proj(h), 3)``; ``u = b_gate * x``; ``z = causal_conv1d(u)``;
     ``out = out_proj(c_gate * z)``. No activation, no norm. ``conv`` is the checkpoint's ``(D, 1, L)``
-    weight. Returns the output and the new conv window (the last L-1 values of u).
-    (T, D) -> (T, D), (L-1, D)
+    weight. ``window`` holds earlier values of u (see :func:`causal_conv1d`). Returns the output and the
+    history of u extended by this chunk.
+    (T, D), (n, D) -> (T, D), (n + T, D)
     """
     b_gate, c_gate, x = np.split(linear(h, in_proj, in_proj_bias), 3, axis=-1)  # 3 x (T, D)
-    z, window = causal_conv1d(b_gate * x, conv[:, 0, :], conv_bias, window)
-    return linear(c_gate * z, out_proj, out_proj_bias), window
+    z, history = causal_conv1d(b_gate * x, conv[:, 0, :], conv_bias, window)
+    return linear(c_gate * z, out_proj, out_proj_bias), history
 
 
 # -------------------------------------------------------------------------------- FFN
