@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from . import calc_cli
 from .errors import Lfm2npError
 
 
@@ -48,7 +49,7 @@ def _register_forward(sub: argparse._SubParsersAction) -> None:
 
 
 #: Modules (or functions) that add subcommands: each is called with the subparsers object.
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_register_forward]
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_register_forward, calc_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

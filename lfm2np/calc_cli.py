@@ -1,0 +1,236 @@
+"""``lfm2np params`` and ``lfm2np memory``: the calculators of :mod:`lfm2np.calc` on the command line.
+
+MODEL is a preset name (``LFM2-24B-A2B``), a ``config.json`` or a checkpoint directory. The default output is
+a readable table; ``--json`` prints one JSON object whose field names are a stable interface:
+
+- params: total, active, active_without_embedding, embedding, breakdown (plus lm_head, total_without_embedding)
+- memory: quant, weights_bytes, kv_bytes_per_token, kv_cache_bytes, conv_state_bytes, total_bytes, fits
+  (plus compute_bytes, attention_only_kv_cache_bytes and the inputs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from . import calc, presets, quant
+from .config import load_config
+
+
+def _n(x: int) -> str:
+    return f"{x:,}"
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for r in rows:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _describe(c) -> str:
+    kinds = f"{len(c.conv_layers)} conv + {len(c.attention_layers)} attention"
+    moe = (f", {len(c.moe_layers)} MoE layers ({c.num_experts} experts, top-{c.num_experts_per_tok})"
+           if c.is_moe else "")
+    return f"{c.source or 'model'} ({c.model_type}): {c.num_hidden_layers} layers ({kinds}){moe}, D={c.hidden_size}, V={c.vocab_size}"
+
+
+# --------------------------------------------------------------------------------- params
+def _cmd_params(args: argparse.Namespace) -> int:
+    c = load_config(args.model)
+    p = calc.param_counts(c)
+    card = presets.MODEL_CARD_PARAMS.get(c.source or "")
+    if args.json:
+        out: dict[str, Any] = {"model": c.source, **p}
+        if card is not None:
+            out["model_card"] = card
+        print(json.dumps(out, indent=2))
+        return 0
+    b = p["breakdown"]
+    k = b["by_kind"]
+    total = p["total"]
+
+    def row(name: str, n: int, extra: str = "") -> tuple[str, str, str, str]:
+        return (name, _n(n), f"{100 * n / total:.2f}%", extra)
+
+    rows = [("part", "parameters", "share", "")]
+    rows.append(row("embedding" + (" (tied LM head)" if not b["lm_head"] else ""), b["embedding"]))
+    if b["lm_head"]:
+        rows.append(row("LM head (untied)", b["lm_head"]))
+    rows.append(row(f"conv mixers ({k['conv_mixer']['layers']} layers)", k["conv_mixer"]["params"]))
+    rows.append(row(f"attention mixers ({k['attention_mixer']['layers']} layers)", k["attention_mixer"]["params"]))
+    if k["dense_ffn"]["layers"]:
+        rows.append(row(f"dense FFN ({k['dense_ffn']['layers']} layers)", k["dense_ffn"]["params"]))
+    if k["moe_ffn"]["layers"]:
+        rows.append(row(f"MoE FFN ({k['moe_ffn']['layers']} layers)", k["moe_ffn"]["params"],
+                        f"active {_n(k['moe_ffn']['active'])}"))
+    rows.append(row(f"norms ({k['norms']['count']})", k["norms"]["params"]))
+    rows.append(row("total", total))
+    rows.append(row("total without embedding", p["total_without_embedding"]))
+    rows.append(row("active per token", p["active"]))
+    rows.append(row("active without embedding", p["active_without_embedding"]))
+    print(_describe(c))
+    print(_table(rows))
+    if card is not None:
+        print(f"model card: {card if isinstance(card, str) else _n(card)}")
+    if args.layers:
+        lrows = [("layer", "kind", "mixer", "ffn", "ffn active", "total")]
+        for layer in b["layers"]:
+            f = layer["ffn"]
+            lrows.append((str(layer["index"]), layer["kind"] + (" +moe" if f["kind"] == "moe" else ""),
+                          _n(layer["mixer_total"]), _n(f["total"]), _n(f["active"]), _n(layer["total"])))
+        print()
+        print(_table(lrows))
+    return 0
+
+
+# --------------------------------------------------------------------------------- memory
+def _cmd_memory(args: argparse.Namespace) -> int:
+    c = load_config(args.model)
+    budget = calc.parse_bytes(args.budget) if args.budget is not None else None
+    m = calc.memory(c, args.quant, context=args.context, parallel=args.parallel, kv_type=args.kv_type,
+                    chunk=args.chunk, flash_attention=not args.no_flash_attn, budget=budget)
+    full = calc.attention_only(c)
+    m["attention_only_kv_cache_bytes"] = calc.kv_cache_bytes(full, args.context, args.parallel, args.kv_type)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    fb = calc.format_bytes
+    q = m["quant"]
+    what = f"GGUF {q} tensor data" if q in quant.FILE_TYPES else f"all {q}"
+    seqs = f"{args.parallel} sequence{'s' if args.parallel != 1 else ''}"
+    rows = [("item", "bytes", "size", "how")]
+    rows.append(("weights", _n(m["weights_bytes"]), fb(m["weights_bytes"]), what))
+    rows.append(("KV cache", _n(m["kv_cache_bytes"]), fb(m["kv_cache_bytes"]),
+                 f"{len(c.attention_layers)} attention layers x {_n(m['kv_bytes_per_token'])} B/token "
+                 f"x {_n(args.context)} x {seqs}, {m['kv_type']}"))
+    rows.append(("conv state", _n(m["conv_state_bytes"]), fb(m["conv_state_bytes"]),
+                 f"{len(c.conv_layers)} conv layers x {c.conv_L_cache - 1} x {c.hidden_size} f32 x {seqs}"))
+    rows.append(("compute buffer", _n(m["compute_bytes"]), fb(m["compute_bytes"]),
+                 f"estimate, {min(args.chunk, args.context)}-token chunk, "
+                 f"flash attention {'on' if m['flash_attention'] else 'off'}"))
+    rows.append(("total", _n(m["total_bytes"]), fb(m["total_bytes"]), ""))
+    print(f"{_describe(c)}; context {_n(args.context)} x {seqs}")
+    print(_table(rows))
+    saved = m["attention_only_kv_cache_bytes"] - m["kv_cache_bytes"] - m["conv_state_bytes"]
+    print(f"all-attention equivalent KV cache: {fb(m['attention_only_kv_cache_bytes'])} "
+          f"(the hybrid saves {fb(saved)})")
+    print("not counted: GGUF key/value metadata (tokenizer, ~2.4 MB for LFM2), runtime and OS overhead")
+    if budget is not None:
+        verdict = "fits" if m["fits"] else "does NOT fit"
+        print(f"budget {args.budget} = {fb(budget)}: {verdict} (headroom {fb(budget - m['total_bytes'])})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``params`` and ``memory`` subcommands."""
+    p = sub.add_parser("params", help="parameter counts: breakdown, total and active per token",
+                       description="Exact parameter counts from the config (no weights needed).")
+    p.add_argument("model", help="preset name, config.json or checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print JSON (fields: total, active, "
+                   "active_without_embedding, embedding, breakdown)")
+    p.add_argument("--layers", action="store_true", help="also print one row per layer")
+    p.set_defaults(func=_cmd_params)
+
+    m = sub.add_parser("memory", help="memory to run a model: weights, KV cache, conv state, compute",
+                       description="Weights per dtype or GGUF file type (llama.cpp's per-tensor rules), KV cache, "
+                                   "conv state and a compute-buffer estimate; whether it fits a budget.")
+    m.add_argument("model", help="preset name, config.json or checkpoint directory")
+    m.add_argument("--quant", default="Q4_K_M",
+                   help="float32, float16, bfloat16 or a GGUF file type: " + ", ".join(quant.FILE_TYPES)
+                   + " (default Q4_K_M)")
+    m.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")
+    m.add_argument("--parallel", type=int, default=1, help="parallel sequences (default 1)")
+    m.add_argument("--kv-type", default="f16", help="KV cache type: " + ", ".join(calc.KV_TYPES) + " (default f16)")
+    m.add_argument("--chunk", type=int, default=512, help="prefill chunk (llama.cpp n_ubatch, default 512)")
+    m.add_argument("--no-flash-attn", action="store_true", help="count the attention score matrix")
+    m.add_argument("--budget", help="RAM budget, e.g. 32GB (10^9) or 32GiB (2^30)")
+    m.add_argument("--json", action="store_true", help="print JSON (fields: quant, weights_bytes, "
+                   "kv_bytes_per_token, kv_cache_bytes, conv_state_bytes, total_bytes, fits)")
+    m.set_defaults(func=_cmd_memory)
+
+
+# --------------------------------------------------------------------------- family table
+FAMILY_QUANTS = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16")
+
+
+def family_markdown() -> str:
+    """docs/family.md: the released family as the calculators see it (regenerate with
+    ``python tools/make_family_table.py``; tests/test_calc.py fails when the committed file is stale)."""
+    out = ["# The LFM2 family in numbers", "",
+           "Generated by `python tools/make_family_table.py` from `lfm2np.calc` and `lfm2np.quant`; do not edit.",
+           "See [calculators.md](calculators.md) for what is exact and what is estimated.", ""]
+    unconfirmed = ", ".join(f"{m}: {', '.join(v)}" for m, v in presets.UNCONFIRMED.items())
+    out += [f"Unconfirmed preset values (third-party configs): {unconfirmed}.", ""]
+
+    out += ["## Parameters", "",
+            "| model | layers (conv+attn) | total | active per token | active w/o embedding | model card |",
+            "|---|---|---:|---:|---:|---|"]
+    for name in presets.RELEASED:
+        c = load_config(name)
+        p = calc.param_counts(c)
+        card = presets.MODEL_CARD_PARAMS.get(name, "")
+        card = _n(card) if isinstance(card, int) else card
+        out.append(f"| {name} | {c.num_hidden_layers} ({len(c.conv_layers)}+{len(c.attention_layers)}) | "
+                   f"{_n(p['total'])} | {_n(p['active'])} | {_n(p['active_without_embedding'])} | {card} |")
+
+    out += ["", "## Weights: GGUF files (MB = 10^6 bytes)", "",
+            "Tensor data plus tensor-info table and alignment; the key/value metadata (tokenizer, about 2.4 MB "
+            "for the 65,536-token vocabulary) is not included. bf16 = the safetensors checkpoint's tensor data.", "",
+            "| model | " + " | ".join(FAMILY_QUANTS) + " | bf16 |", "|---|" + "---:|" * (len(FAMILY_QUANTS) + 1)]
+    for name in presets.RELEASED:
+        c = load_config(name)
+        cells = [f"{quant.gguf_file_bytes(c, q) / 1e6:,.1f}" for q in FAMILY_QUANTS]
+        cells.append(f"{calc.weight_bytes(c, 'bfloat16') / 1e6:,.1f}")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    out += ["", "## Published GGUF sizes vs the calculator", "",
+            "| model | quant | published | calculated (no KV metadata) | difference | source |",
+            "|---|---|---:|---:|---:|---|"]
+    for ref in quant.PUBLISHED_GGUF_SIZES:
+        c = load_config(ref["model"])
+        if ref["kind"] == "data_GiB":
+            mine = quant.gguf_weight_bytes(c, ref["quant"])
+            pub, calc_s = f"{ref['value']:.2f} GiB (tensor data)", f"{mine / 2**30:.3f} GiB"
+            diff = f"{mine / 2**30 - ref['value']:+.3f} GiB"
+        else:
+            mine = quant.gguf_file_bytes(c, ref["quant"])
+            if ref["kind"] == "file_bytes":
+                pub, calc_s, diff = _n(ref["value"]) + " B", _n(mine) + " B", f"{_n(ref['value'] - mine)} B"
+            else:
+                pub, calc_s = f"{ref['value']} MB", f"{mine / 1e6:.2f} MB"
+                diff = f"{ref['value'] - mine / 1e6:+.2f} MB (±0.5 rounding)"
+        out.append(f"| {ref['model']} | {ref['quant']} | {pub} | {calc_s} | {diff} | {ref['source']} |")
+
+    out += ["", "## KV cache and conv state (f16 KV, one sequence)", "",
+            "| model | KV bytes/token | conv state/sequence | KV at 4K | KV at 32K | KV at 128K | "
+            "all-attention KV at 128K | hybrid saves at 128K |", "|---|" + "---:|" * 7]
+    for name in presets.RELEASED:
+        c = load_config(name)
+        rows = calc.hybrid_savings(c, (4096, 32768, 131072))
+        kv = [calc.kv_cache_bytes(c, n) for n in (4096, 32768, 131072)]
+        out.append(f"| {name} | {_n(calc.kv_bytes_per_token(c))} | {_n(calc.conv_state_bytes(c))} | "
+                   + " | ".join(calc.format_bytes(x) for x in kv)
+                   + f" | {calc.format_bytes(rows[-1]['attention_only_bytes'])} | "
+                   f"{calc.format_bytes(rows[-1]['saved_bytes'])} ({rows[-1]['ratio']:.2f}x less) |")
+
+    c = load_config("LFM2-24B-A2B")
+    out += ["", "## LFM2-24B-A2B in 32 GB of RAM", "",
+            "Weights + f16 KV cache + conv state + compute-buffer estimate (512-token chunk, flash attention), "
+            "one sequence. 'max context' is the longest context whose total fits (capped at the 128,000 "
+            "positions of max_position_embeddings); the OS and other programs need part of the RAM too.", "",
+            "| quant | weights | total at 32K context | max context in 32 GB (10^9) | max context in 32 GiB |",
+            "|---|---:|---:|---:|---:|"]
+    cap = c.max_position_embeddings
+    for q in FAMILY_QUANTS:
+        m32 = calc.memory(c, q, context=32768)
+        cells = []
+        for budget in (32 * 10**9, 32 * 2**30):
+            n = calc.max_context(c, q, budget)
+            cells.append("does not fit" if n == 0 else (f"{_n(cap)} (cap)" if n >= cap else _n(n)))
+        out.append(f"| {q} | {calc.format_bytes(m32['weights_bytes'])} | {calc.format_bytes(m32['total_bytes'])} | "
+                   + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"

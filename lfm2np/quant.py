@@ -1,0 +1,346 @@
+"""GGUF weight sizes: which ggml type llama.cpp gives each LFM2 tensor, and how many bytes that takes.
+
+A GGUF file's size is not ``params * bits_per_weight``: llama.cpp's ``llama-quantize`` chooses a type per
+tensor (``src/llama-quant.cpp``, ``llama_tensor_get_type_impl``), some tensors are never quantised, and each
+type stores whole blocks. This module re-states those rules for the two LFM2 architectures (``lfm2``,
+``lfm2moe``) so the tensor data of a GGUF file can be computed to the byte from a :class:`~lfm2np.config.Config`.
+
+The rules, as llama.cpp applies them (each has its own test in ``tests/test_quant.py``):
+
+1. **Never quantised** (kept as the converter wrote them, float32): 1-D tensors, names not ending in
+   ``weight`` (``exp_probs_b.bias``), ``*_norm.weight``, the router ``ffn_gate_inp.weight`` and the short
+   conv kernel ``shortconv.conv.weight``. ``convert_hf_to_gguf.py`` writes all of these as F32.
+2. **Output / tied embedding.** When there is no ``output.weight`` (tied head) ``token_embd.weight`` is
+   treated as the output: Q8_0 if its row length is not a multiple of the file type's block size, else
+   Q6_K unless the file type's default already is Q8_0. An untied ``output.weight`` gets that rule and
+   ``token_embd.weight`` keeps the default type.
+3. **attn_v** is counted over attention layers (``i`` of ``n``): Q4_K_M and Q5_K_M use Q6_K where
+   ``use_more_bits(i, n)``; Q3_K_M uses Q5_K for the first two then Q4_K; Q3_K_L Q5_K; Q4_K_S Q5_K for
+   the first four; Q2_K Q4_K if ``n_gqa() >= 4`` else Q3_K. ``n_gqa()`` is read from layer 0, a conv
+   layer in every released LFM2, where llama.cpp reports 0: the Q2_K branch therefore picks Q3_K.
+   With exactly 8 experts attn_v and attn_k become Q8_0.
+4. **ffn_down** by layer index (``i`` of all ``n`` layers; for MoE the index is parsed from the name, so
+   dense and expert ffn_down both count): Q4_K_M / Q5_K_M use Q6_K where ``use_more_bits(i, n)``;
+   Q4_K_S Q5_K for ``i < n/8``; Q3_K_M Q5_K for ``i < n/16`` else Q4_K; Q3_K_L Q5_K; Q2_K Q3_K; with an
+   importance matrix Q4_0 / Q5_0 use Q4_1 / Q5_1 for ``i < n/8``.
+5. **attn_output**: Q2_K -> Q3_K, Q3_K_M -> Q4_K, Q3_K_L -> Q5_K (with 8 experts: Q5_K for the low k-quants).
+6. **Shape fallback**: a row length (``ne[0]``) that is not a multiple of the chosen type's block falls back
+   Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, then to F16 if still incompatible; a
+   32-element type with no fallback (Q4_0, Q8_0, ...) makes llama-quantize stop with an error.
+
+``use_more_bits(i, n) = i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2`` (integer division).
+
+Block sizes are gguf-py's ``GGML_QUANT_SIZES`` (``gguf-py/gguf/constants.py``): (elements per block, bytes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import Config
+from .errors import Lfm2npError
+
+# ------------------------------------------------------------------------------------ ggml types
+QK_K = 256
+#: (elements per block, bytes per block), as in gguf-py's GGML_QUANT_SIZES.
+GGML_BLOCK: dict[str, tuple[int, int]] = {
+    "F32": (1, 4),
+    "F16": (1, 2),
+    "BF16": (1, 2),
+    "Q4_0": (32, 2 + 16),
+    "Q4_1": (32, 2 + 2 + 16),
+    "Q5_0": (32, 2 + 4 + 16),
+    "Q5_1": (32, 2 + 2 + 4 + 16),
+    "Q8_0": (32, 2 + 32),
+    "Q2_K": (256, 2 + 2 + QK_K // 16 + QK_K // 4),
+    "Q3_K": (256, 2 + QK_K // 4 + QK_K // 8 + 12),
+    "Q4_K": (256, 2 + 2 + QK_K // 2 + 12),
+    "Q5_K": (256, 2 + 2 + QK_K // 2 + QK_K // 8 + 12),
+    "Q6_K": (256, 2 + QK_K // 2 + QK_K // 4 + QK_K // 16),
+}
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+
+#: llama.cpp file types (``llama-quantize`` names) -> the default tensor type of that mixture.
+FILE_TYPES: dict[str, str] = {
+    "F32": "F32",
+    "F16": "F16",
+    "BF16": "BF16",
+    "Q8_0": "Q8_0",
+    "Q6_K": "Q6_K",
+    "Q5_K_M": "Q5_K",
+    "Q5_K_S": "Q5_K",
+    "Q5_1": "Q5_1",
+    "Q5_0": "Q5_0",
+    "Q4_K_M": "Q4_K",
+    "Q4_K_S": "Q4_K",
+    "Q4_1": "Q4_1",
+    "Q4_0": "Q4_0",
+    "Q3_K_L": "Q3_K",
+    "Q3_K_M": "Q3_K",
+    "Q3_K_S": "Q3_K",
+    "Q2_K": "Q2_K",
+}
+
+#: Type a k-quant falls back to when a row length is not a multiple of 256 (tensor_type_fallback).
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+GGUF_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT: every tensor's data starts on a multiple of this
+
+
+def row_bytes(ggml_type: str, ncols: int) -> int:
+    """Bytes of one row of ``ncols`` elements stored as ``ggml_type`` (whole blocks only)."""
+    block, size = GGML_BLOCK[ggml_type]
+    if ncols % block:
+        raise Lfm2npError(f"row length {ncols} is not a multiple of the {ggml_type} block size {block}")
+    return ncols // block * size
+
+
+def tensor_bytes(ggml_type: str, ne: tuple[int, ...]) -> int:
+    """Bytes of a tensor with ggml dimensions ``ne`` (``ne[0]`` is the row length) stored as ``ggml_type``."""
+    rows = 1
+    for n in ne[1:]:
+        rows *= n
+    return rows * row_bytes(ggml_type, ne[0])
+
+
+def normalise_file_type(name: str) -> str:
+    """The canonical spelling of a llama.cpp file type (``q4_k_m`` -> ``Q4_K_M``); raises on unknown names."""
+    key = str(name).strip().upper()
+    if key not in FILE_TYPES:
+        raise Lfm2npError(f"unknown GGUF file type {name!r}; expected one of {', '.join(FILE_TYPES)}")
+    return key
+
+
+# ------------------------------------------------------------------------------ GGUF tensors
+@dataclass(frozen=True)
+class GgufTensor:
+    """One tensor as ``convert_hf_to_gguf.py`` writes it for LFM2: GGUF name, ggml dims (``ne[0]`` = row
+    length, i.e. numpy's last axis) and the HF tensors it holds (stacked experts hold E of them)."""
+
+    name: str
+    ne: tuple[int, ...]
+    layer: int | None
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.ne:
+            n *= d
+        return n
+
+
+def gguf_tensors(config: Config) -> list[GgufTensor]:
+    """The tensors of an LFM2 GGUF file, in the order llama.cpp's loader sorts them (by layer, then name).
+
+    Conv kernels are squeezed from ``[D, 1, L]`` to ggml ``[L, D]``; the per-expert ``w1/w3/w2`` are stacked
+    into ``ffn_gate_exps`` ``[D, Fm, E]``, ``ffn_up_exps`` ``[D, Fm, E]`` and ``ffn_down_exps`` ``[Fm, D, E]``;
+    the expert bias becomes ``exp_probs_b.bias``; the final norm ``token_embd_norm``.
+    """
+    c = config
+    D, V, L = c.hidden_size, c.vocab_size, c.conv_L_cache
+    H, G, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    out: list[GgufTensor] = [GgufTensor("token_embd.weight", (D, V), None),
+                             GgufTensor("token_embd_norm.weight", (D,), None)]
+    if not c.tie_word_embeddings:
+        out.append(GgufTensor("output.weight", (D, V), None))
+    for i in range(c.num_hidden_layers):
+        p = f"blk.{i}."
+        t: list[tuple[str, tuple[int, ...]]] = [("attn_norm.weight", (D,)), ("ffn_norm.weight", (D,))]
+        if c.is_attention(i):
+            t += [("attn_q.weight", (D, H * hd)), ("attn_k.weight", (D, G * hd)), ("attn_v.weight", (D, G * hd)),
+                  ("attn_output.weight", (H * hd, D)), ("attn_q_norm.weight", (hd,)), ("attn_k_norm.weight", (hd,))]
+        else:
+            t += [("shortconv.in_proj.weight", (D, 3 * D)), ("shortconv.conv.weight", (L, D)),
+                  ("shortconv.out_proj.weight", (D, D))]
+            if c.conv_bias:
+                t += [("shortconv.in_proj.bias", (3 * D,)), ("shortconv.conv.bias", (D,)),
+                      ("shortconv.out_proj.bias", (D,))]
+        if c.is_moe_layer(i):
+            E, Fm = c.num_experts, c.moe_intermediate_size
+            t += [("ffn_gate_inp.weight", (D, E)), ("ffn_gate_exps.weight", (D, Fm, E)),
+                  ("ffn_up_exps.weight", (D, Fm, E)), ("ffn_down_exps.weight", (Fm, D, E))]
+            if c.use_expert_bias:
+                t.append(("exp_probs_b.bias", (E,)))
+        else:
+            F = c.ffn_dim
+            t += [("ffn_gate.weight", (D, F)), ("ffn_up.weight", (D, F)), ("ffn_down.weight", (F, D))]
+        out += [GgufTensor(p + name, ne, i) for name, ne in sorted(t)]
+    return out
+
+
+# ------------------------------------------------------------------------- type selection
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of which of ``n`` layers get more bits: the first and last eighth, every third between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _quantisable(t: GgufTensor, tied: bool) -> bool:
+    """tensor_allows_quantization for the tensors an LFM2 file holds (rule 1)."""
+    name = t.name
+    if len(t.ne) < 2 or not name.endswith("weight") or "_norm.weight" in name:
+        return False
+    return "ffn_gate_inp.weight" not in name and "shortconv.conv.weight" not in name
+
+
+def _n_gqa(config: Config) -> int:
+    """llama.cpp's ``hparams.n_gqa()`` (layer 0): 0 when layer 0 is a conv layer (no KV heads)."""
+    if not config.is_attention(0):
+        return 0
+    return config.num_attention_heads // config.num_key_value_heads
+
+
+def _fallback(t: GgufTensor, ggml_type: str) -> str:
+    """tensor_type_fallback (rule 6)."""
+    block = GGML_BLOCK[ggml_type][0]
+    if t.ne[0] % block == 0:
+        return ggml_type
+    if ggml_type not in _FALLBACK:
+        raise Lfm2npError(
+            f"llama-quantize cannot store {t.name} as {ggml_type}: its row length {t.ne[0]} is not a multiple of "
+            f"{block} and llama.cpp defines no fallback for {ggml_type}"
+        )
+    new = _FALLBACK[ggml_type]
+    if t.ne[0] % GGML_BLOCK[new][0]:
+        new = "F16"
+    return new
+
+
+def tensor_types(config: Config, file_type: str = "Q4_K_M", *, imatrix: bool = False) -> dict[str, str]:
+    """The ggml type of every tensor of an LFM2 GGUF file of ``file_type``, as llama-quantize chooses it.
+
+    ``imatrix`` says whether an importance matrix was given (only changes Q4_0/Q5_0's first ffn_down layers).
+    Float file types (F32/F16/BF16) store every quantisable tensor in that type and the rest in F32, exactly
+    as ``convert_hf_to_gguf.py --outtype`` does.
+    """
+    ftype = normalise_file_type(file_type)
+    default = FILE_TYPES[ftype]
+    tensors = gguf_tensors(config)
+    tied = config.tie_word_embeddings
+    n_experts = config.num_experts if config.is_moe else 0
+    n_attn_v = sum(1 for t in tensors if t.name.endswith("attn_v.weight"))
+    n_layers = config.num_hidden_layers
+    gqa = _n_gqa(config)
+    i_attn_v = 0
+    out: dict[str, str] = {}
+    for t in tensors:
+        if not _quantisable(t, tied):
+            out[t.name] = "F32"
+            continue
+        if default in _FLOAT_TYPES:  # ggml_is_quantized(default) is false: no mixture rules, no fallback
+            out[t.name] = default
+            continue
+        new = default
+        short = t.name.split(".", 2)[-1] if t.layer is not None else t.name
+        if t.name == "output.weight" or (tied and t.name == "token_embd.weight"):  # rule 2
+            if t.ne[0] % GGML_BLOCK[default][0]:
+                new = "Q8_0"
+            elif default != "Q8_0":
+                new = "Q6_K"
+        elif t.name == "token_embd.weight":
+            pass  # untied embedding: the default type (IQ mixtures aside)
+        elif short == "attn_v.weight":  # rule 3
+            i = i_attn_v
+            if ftype == "Q2_K":
+                new = "Q4_K" if gqa >= 4 else "Q3_K"
+            elif ftype == "Q3_K_M":
+                new = "Q5_K" if i < 2 else "Q4_K"
+            elif ftype == "Q3_K_L":
+                new = "Q5_K"
+            elif ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n_attn_v):
+                new = "Q6_K"
+            elif ftype == "Q4_K_S" and i < 4:
+                new = "Q5_K"
+            if n_experts == 8:
+                new = "Q8_0"
+            i_attn_v += 1
+        elif short == "attn_k.weight":
+            if n_experts == 8:
+                new = "Q8_0"
+        elif short.startswith("ffn_down"):  # rule 4; the layer index is the tensor's block number
+            i, n = t.layer, n_layers
+            if ftype == "Q2_K":
+                new = "Q3_K"
+            elif ftype == "Q3_K_M":
+                new = "Q5_K" if i < n // 16 else "Q4_K"
+            elif ftype == "Q3_K_L":
+                new = "Q5_K"
+            elif ftype == "Q4_K_M":
+                if use_more_bits(i, n):
+                    new = "Q6_K"
+            elif ftype == "Q5_K_M" and use_more_bits(i, n):
+                new = "Q6_K"
+            elif ftype == "Q4_K_S" and i < n // 8:
+                new = "Q5_K"
+            elif ftype in ("Q4_0", "Q5_0") and imatrix and i < n // 8:
+                new = "Q4_1" if ftype == "Q4_0" else "Q5_1"
+        elif short == "attn_output.weight":  # rule 5
+            if n_experts == 8:
+                if ftype in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M"):
+                    new = "Q5_K"
+            elif ftype == "Q2_K":
+                new = "Q3_K"
+            elif ftype == "Q3_K_M":
+                new = "Q4_K"
+            elif ftype == "Q3_K_L":
+                new = "Q5_K"
+        out[t.name] = _fallback(t, new)
+    return out
+
+
+# ------------------------------------------------------------------------------------ sizes
+def gguf_weight_bytes(config: Config, file_type: str = "Q4_K_M", *, imatrix: bool = False) -> int:
+    """Bytes of tensor data in a GGUF file of ``file_type`` (exact; no padding, no header)."""
+    types = tensor_types(config, file_type, imatrix=imatrix)
+    return sum(tensor_bytes(types[t.name], t.ne) for t in gguf_tensors(config))
+
+
+def gguf_file_bytes(config: Config, file_type: str = "Q4_K_M", *, imatrix: bool = False,
+                    metadata_bytes: int = 0) -> int:
+    """Size of a GGUF file without its key/value metadata: the fixed header, the tensor-info table, the
+    tensor data and the alignment padding after each tensor. ``metadata_bytes`` adds the KV section
+    (architecture keys, tokenizer vocabulary and merges, chat template), which this module does not model.
+    The up-to-31 bytes of padding between the tensor-info table and the data are not counted."""
+    types = tensor_types(config, file_type, imatrix=imatrix)
+    size = 4 + 4 + 8 + 8  # magic, version, tensor count, KV count
+    for t in gguf_tensors(config):
+        size += 8 + len(t.name.encode()) + 4 + 8 * len(t.ne) + 4 + 8  # name, n_dims, dims, type, offset
+        nbytes = tensor_bytes(types[t.name], t.ne)
+        size += nbytes + (-nbytes) % GGUF_ALIGNMENT
+    return size + metadata_bytes
+
+
+def type_summary(config: Config, file_type: str = "Q4_K_M", *, imatrix: bool = False) -> dict[str, dict[str, int]]:
+    """Per ggml type: how many tensors, elements and bytes a GGUF file of ``file_type`` holds."""
+    types = tensor_types(config, file_type, imatrix=imatrix)
+    summary: dict[str, dict[str, int]] = {}
+    for t in gguf_tensors(config):
+        s = summary.setdefault(types[t.name], {"tensors": 0, "elements": 0, "bytes": 0})
+        s["tensors"] += 1
+        s["elements"] += t.n_elements
+        s["bytes"] += tensor_bytes(types[t.name], t.ne)
+    return summary
+
+
+# ------------------------------------------------------------------------- published sizes
+#: Sizes of real GGUF files, to check the calculator against (see docs/calculators.md for the comparison).
+#: kind "file_bytes": exact file size in bytes; "file_MB": file size as shown rounded to MB (10^6);
+#: "data_GiB": llama-bench's model size (tensor data only) rounded to 0.01 GiB.
+PUBLISHED_GGUF_SIZES: list[dict] = [
+    {"model": "LFM2-350M", "quant": "Q4_0", "kind": "file_MB", "value": 219, "source": "LiquidAI/LFM2-350M-GGUF"},
+    {"model": "LFM2-350M", "quant": "Q4_K_M", "kind": "file_MB", "value": 229, "source": "LiquidAI/LFM2-350M-GGUF"},
+    {"model": "LFM2-350M", "quant": "Q5_K_M", "kind": "file_bytes", "value": 260_374_144,
+     "source": "LiquidAI/LFM2-350M-Extract-GGUF (same architecture)"},
+    {"model": "LFM2-350M", "quant": "Q6_K", "kind": "file_bytes", "value": 293_380_672,
+     "source": "bartowski LFM2-350M-Extract-GGUF (same architecture)"},
+    {"model": "LFM2-350M", "quant": "Q8_0", "kind": "file_MB", "value": 379, "source": "LiquidAI/LFM2-350M-GGUF"},
+    {"model": "LFM2-350M", "quant": "F16", "kind": "file_MB", "value": 711, "source": "LiquidAI/LFM2-350M-GGUF"},
+    {"model": "LFM2-1.2B", "quant": "Q8_0", "kind": "file_bytes", "value": 1_246_252_768,
+     "source": "LiquidAI/LFM2-1.2B-Extract-GGUF (same architecture)"},
+    {"model": "LFM2-2.6B", "quant": "Q5_K_M", "kind": "file_bytes", "value": 1_828_958_976,
+     "source": "LiquidAI/LFM2-2.6B-Transcript-GGUF (same architecture)"},
+    {"model": "LFM2-8B-A1B", "quant": "Q4_0", "kind": "data_GiB", "value": 4.41,
+     "source": "llama-bench in llama.cpp PR #19848"},
+    {"model": "LFM2-24B-A2B", "quant": "Q4_0", "kind": "data_GiB", "value": 12.54,
+     "source": "llama-bench in llama.cpp PR #19848 (Preview checkpoint; the preset's dense FFN width was inferred "
+               "from this figure, so the match is not independent)"},
+]
