@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from . import ops
+from . import hub, ops
 from .config import Config, load_config
 from .errors import Lfm2npError
 from .state import DEFAULT_MAX_ROLLBACK, State
@@ -235,7 +235,8 @@ class Model:
 
 def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool = True,
          keep_weights: bool | None = None) -> Model:
-    """Load a checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded set).
+    """Load a checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded set), or a repo id
+    such as ``LiquidAI/LFM2-350M`` already in the local Hugging Face cache (nothing is downloaded).
 
     ``dtype``: "float32" (default) or "float64" (the oracle mode). Every tensor the config implies must be
     present with its shape. A tensor the model does not use raises :class:`Lfm2npError` (``strict=True``)
@@ -243,9 +244,7 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
     compute dtype (True), or convert at every use to save memory (False); by default tensors are kept when
     the converted model takes at most half of the machine's memory.
     """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise Lfm2npError(f"{directory}: not a checkpoint directory")
+    directory = hub.resolve(path)
     dt = resolve_dtype(dtype)
     config = load_config(directory)
     checkpoint = Checkpoint(directory)

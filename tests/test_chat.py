@@ -1,0 +1,78 @@
+"""The built-in LFM2 chat format against LFM2's own Jinja template, rendered as transformers does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import lfm2np
+from lfm2np.tokenizer import format_chat, render_template
+
+TEMPLATE = (Path(__file__).parent / "data" / "lfm2_chat_template.jinja").read_text(encoding="utf-8")
+
+text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+json_value = st.recursive(st.none() | st.booleans() | st.integers(-1000, 1000) | text,
+                          lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+                          max_leaves=6)
+tool = st.fixed_dictionaries({"name": text, "description": text,
+                              "parameters": st.dictionaries(text, json_value, max_size=3)}) | text
+message = st.builds(lambda role, content: {"role": role, "content": content},
+                    st.sampled_from(["user", "assistant", "tool"]),
+                    text | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": text}), max_size=2))
+system = st.builds(lambda content: {"role": "system", "content": content}, text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sys_msg=st.none() | system, messages=st.lists(message, max_size=6),
+       tools=st.none() | st.lists(tool, max_size=3), add_generation_prompt=st.booleans())
+def test_builtin_format_equals_the_template(sys_msg, messages, tools, add_generation_prompt):
+    conversation = ([sys_msg] if sys_msg else []) + messages
+    if not conversation:  # the template cannot render an empty conversation; neither do we
+        with pytest.raises(lfm2np.Lfm2npError, match="chat template"):
+            render_template(TEMPLATE, conversation, tools, add_generation_prompt, bos_token="<|startoftext|>")
+        with pytest.raises(lfm2np.Lfm2npError, match="messages is empty"):
+            format_chat(conversation, tools, add_generation_prompt)
+        return
+    ours = format_chat(conversation, tools, add_generation_prompt)
+    ref = render_template(TEMPLATE, conversation, tools, add_generation_prompt, bos_token="<|startoftext|>")
+    assert ours == ref
+
+
+def test_the_documented_example():
+    tools = [{"name": "get_weather", "parameters": {"city": {"type": "string"}}}]
+    conversation = [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": '<|tool_call_start|>[get_weather(city="Paris")]<|tool_call_end|>'},
+        {"role": "tool", "content": '{"temp": 21}'},
+    ]
+    expected = (
+        "<|startoftext|><|im_start|>system\nYou are helpful.\nList of tools: <|tool_list_start|>"
+        '[{"name": "get_weather", "parameters": {"city": {"type": "string"}}}]<|tool_list_end|><|im_end|>\n'
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        '<|im_start|>assistant\n<|tool_call_start|>[get_weather(city="Paris")]<|tool_call_end|><|im_end|>\n'
+        '<|im_start|>tool\n<|tool_response_start|>{"temp": 21}<|tool_response_end|><|im_end|>\n'
+        "<|im_start|>assistant\n"
+    )
+    assert format_chat(conversation, tools) == expected
+    assert render_template(TEMPLATE, conversation, tools, bos_token="<|startoftext|>") == expected
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "robot", "content": "hi"}], "role 'robot'"),
+    ([{"content": "hi"}], "message 0 must have 'role' and 'content'"),
+    ("hello", "messages must be a list"),
+    ([{"role": "system", "content": ["x"]}], "system message's content must be a string"),
+])
+def test_bad_messages(messages, message):
+    with pytest.raises(lfm2np.Lfm2npError, match=message):
+        format_chat(messages)
+
+
+def test_template_errors_are_lfm2np_errors():
+    with pytest.raises(lfm2np.Lfm2npError, match="chat template"):
+        render_template("{{ raise_exception('no tools here') }}", [])
+    with pytest.raises(lfm2np.Lfm2npError, match="chat template"):
+        render_template("{% if %}", [])
