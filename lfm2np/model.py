@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from . import hub, ops
+from .ops import Recorder
 from .config import Config, load_config
 from .errors import Lfm2npError
 from .state import DEFAULT_MAX_ROLLBACK, State
@@ -26,8 +27,6 @@ from .weights import Checkpoint, expected_tensors
 
 DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 
-#: ``record(name, value)`` receives named intermediates when given (tracing); None records nothing.
-Recorder = Callable[[str, np.ndarray], None]
 
 
 def resolve_dtype(dtype: Any) -> np.dtype:
@@ -195,13 +194,16 @@ class Model:
                record: Recorder | None) -> tuple[np.ndarray, Any]:
         c, W = self.config, self.params
         p = f"model.layers.{i}."
+        sub = (lambda prefix: (lambda name, value: record(prefix + name, value))) if record else (lambda prefix: None)
         x = ops.rms_norm(h, W[p + "operator_norm.weight"], c.norm_eps)
+        if record:
+            record(p + "operator_norm", x)
         if c.is_attention(i):
             a = p + "self_attn."
             y, k, v = ops.attention_block(
                 x, W[a + "q_proj.weight"], W[a + "k_proj.weight"], W[a + "v_proj.weight"], W[a + "out_proj.weight"],
                 W[a + "q_layernorm.weight"], W[a + "k_layernorm.weight"], cos, sin, c.norm_eps,
-                *(past if past is not None else (None, None)),
+                *(past if past is not None else (None, None)), record=sub(a),
             )
             state: Any = (k, v)
         else:
@@ -209,10 +211,14 @@ class Model:
             bias = (lambda n: W[b + n + ".bias"]) if c.conv_bias else (lambda n: None)
             y, state = ops.short_conv(
                 x, W[b + "in_proj.weight"], W[b + "conv.weight"], W[b + "out_proj.weight"],
-                bias("in_proj"), bias("conv"), bias("out_proj"), window=past,
+                bias("in_proj"), bias("conv"), bias("out_proj"), window=past, record=sub(b),
             )
         h = h + y
+        if record:
+            record(p + "mixer_residual", h)
         x = ops.rms_norm(h, W[p + "ffn_norm.weight"], c.norm_eps)
+        if record:
+            record(p + "ffn_norm", x)
         f = p + "feed_forward."
         if c.is_moe_layer(i):
             logits, experts, weights = ops.route(
@@ -226,7 +232,9 @@ class Model:
             y = ops.moe(x, experts, weights, lambda e: (
                 W[f"{f}experts.{e}.w1.weight"], W[f"{f}experts.{e}.w3.weight"], W[f"{f}experts.{e}.w2.weight"]))
         else:
-            y = ops.swiglu(x, W[f + "w1.weight"], W[f + "w3.weight"], W[f + "w2.weight"])
+            y = ops.swiglu(x, W[f + "w1.weight"], W[f + "w3.weight"], W[f + "w2.weight"], record=sub(f))
+        if record:
+            record(f + "output", y)
         h = h + y
         if record:
             record(f"model.layers.{i}", h)

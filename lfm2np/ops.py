@@ -19,6 +19,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+#: ``record(name, value)``: receives named intermediates when tracing; operators skip it when None.
+Recorder = Callable[[str, np.ndarray], None]
+
 #: The constant transformers adds to the sum of the top-k routing weights before dividing.
 ROUTER_NORM_EPS = 1e-6
 
@@ -125,11 +128,14 @@ def attention_block(
     q_norm: np.ndarray, k_norm: np.ndarray,
     cos: np.ndarray, sin: np.ndarray, eps: float,
     past_k: np.ndarray | None = None, past_v: np.ndarray | None = None,
+    record: Recorder | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The attention mixer: projections, per-head QK RMSNorm, RoPE, causal GQA, output projection.
 
     ``cos``/``sin`` are the tables for the T new positions. ``past_k``/``past_v`` hold earlier keys and
     values (already normed and rotated); the keys and values returned include them and the new ones.
+    ``record(name, value)``, when given, receives the intermediates (q_proj, k_proj, v_proj, q_normed,
+    k_normed, q_rope, k_rope, attn_out, out_proj).
     (T, D) -> (T, D), (S, G, hd), (S, G, hd)
     """
     T = h.shape[0]
@@ -137,12 +143,20 @@ def attention_block(
     q = linear(h, q_proj).reshape(T, -1, hd)  # (T, H, hd)
     k = linear(h, k_proj).reshape(T, -1, hd)  # (T, G, hd)
     v = linear(h, v_proj).reshape(T, -1, hd)  # (T, G, hd)
-    q = apply_rope(rms_norm(q, q_norm, eps), cos, sin)
-    k = apply_rope(rms_norm(k, k_norm, eps), cos, sin)
+    q_normed, k_normed = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    q_rope, k_rope = apply_rope(q_normed, cos, sin), apply_rope(k_normed, cos, sin)
+    k_all, v_all = k_rope, v
     if past_k is not None:
-        k = np.concatenate([past_k, k], axis=0)  # (S, G, hd)
-        v = np.concatenate([past_v, v], axis=0)
-    return linear(attention(q, k, v), out_proj), k, v
+        k_all = np.concatenate([past_k, k_rope], axis=0)  # (S, G, hd)
+        v_all = np.concatenate([past_v, v], axis=0)
+    attn = attention(q_rope, k_all, v_all)  # (T, H*hd)
+    out = linear(attn, out_proj)
+    if record:
+        for name, value in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("q_normed", q_normed),
+                            ("k_normed", k_normed), ("q_rope", q_rope), ("k_rope", k_rope), ("attn_out", attn),
+                            ("out_proj", out)):
+            record(name, value)
+    return out, k_all, v_all
 
 
 # ------------------------------------------------------------------ gated short conv
@@ -175,24 +189,44 @@ def short_conv(
     in_proj: np.ndarray, conv: np.ndarray, out_proj: np.ndarray,
     in_proj_bias: np.ndarray | None = None, conv_bias: np.ndarray | None = None,
     out_proj_bias: np.ndarray | None = None, window: np.ndarray | None = None,
+    record: Recorder | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The gated short convolution mixer.
 
     ``b_gate, c_gate, x = split(in_proj(h), 3)``; ``u = b_gate * x``; ``z = causal_conv1d(u)``;
     ``out = out_proj(c_gate * z)``. No activation, no norm. ``conv`` is the checkpoint's ``(D, 1, L)``
     weight. ``window`` holds earlier values of u (see :func:`causal_conv1d`). Returns the output and the
-    history of u extended by this chunk.
+    history of u extended by this chunk. ``record(name, value)``, when given, receives the intermediates
+    (in_proj, b_gate, c_gate, x, bx, conv_out, y, out_proj).
     (T, D), (n, D) -> (T, D), (n + T, D)
     """
-    b_gate, c_gate, x = np.split(linear(h, in_proj, in_proj_bias), 3, axis=-1)  # 3 x (T, D)
-    z, history = causal_conv1d(b_gate * x, conv[:, 0, :], conv_bias, window)
-    return linear(c_gate * z, out_proj, out_proj_bias), history
+    bcx = linear(h, in_proj, in_proj_bias)  # (T, 3D)
+    b_gate, c_gate, x = np.split(bcx, 3, axis=-1)  # 3 x (T, D)
+    u = b_gate * x
+    z, history = causal_conv1d(u, conv[:, 0, :], conv_bias, window)
+    y = c_gate * z
+    out = linear(y, out_proj, out_proj_bias)
+    if record:
+        for name, value in (("in_proj", bcx), ("b_gate", b_gate), ("c_gate", c_gate), ("x", x), ("bx", u),
+                            ("conv_out", z), ("y", y), ("out_proj", out)):
+            record(name, value)
+    return out, history
 
 
 # -------------------------------------------------------------------------------- FFN
-def swiglu(h: np.ndarray, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray) -> np.ndarray:
-    """``w2(silu(w1 h) * w3 h)``; w1 = gate, w3 = up, w2 = down.  (T, D), (F, D), (F, D), (D, F) -> (T, D)"""
-    return linear(silu(linear(h, w1)) * linear(h, w3), w2)
+def swiglu(h: np.ndarray, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray,
+           record: Recorder | None = None) -> np.ndarray:
+    """``w2(silu(w1 h) * w3 h)``; w1 = gate, w3 = up, w2 = down.  (T, D), (F, D), (F, D), (D, F) -> (T, D)
+
+    ``record``, when given, receives w1 (the gate projection), w3 (the up projection), act
+    (``silu(w1 h) * w3 h``) and w2 (the output)."""
+    gate, up = linear(h, w1), linear(h, w3)
+    act = silu(gate) * up
+    out = linear(act, w2)
+    if record:
+        for name, value in (("w1", gate), ("w3", up), ("act", act), ("w2", out)):
+            record(name, value)
+    return out
 
 
 def top_k_experts(scores: np.ndarray, k: int) -> np.ndarray:

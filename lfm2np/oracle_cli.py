@@ -1,0 +1,94 @@
+"""``lfm2np trace``, ``lfm2np compare`` and ``lfm2np golden``: the oracle's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+import numpy as np
+
+from .errors import Lfm2npError
+
+
+def _ids(args: argparse.Namespace, model) -> np.ndarray:
+    if args.text is not None:
+        from .hub import resolve
+        from .tokenizer import Tokenizer
+
+        return np.array(Tokenizer.from_dir(resolve(args.model)).encode(args.text, add_bos=True))
+    return np.array(args.ids, dtype=np.int64)
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from .model import load
+    from .trace import record
+
+    model = load(args.model, dtype=args.dtype)
+    _, trace = record(model, _ids(args, model), args.pattern)
+    path = trace.save(args.out)
+    print(f"wrote {len(trace)} tensors to {path} (summary: {path.with_suffix('.json')})")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .trace import Trace, compare, format_comparison
+
+    result = compare(Trace.load(args.a), Trace.load(args.b), args.tier, args.pattern)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+    else:
+        print(format_comparison(result, all_rows=args.all))
+    return 0 if result.ok else 1
+
+
+def _cmd_golden(args: argparse.Namespace) -> int:
+    from .golden import write_golden
+    from .model import load
+
+    model = load(args.model, dtype=args.dtype)
+    layers = None if args.layers is None else [int(x) for x in args.layers.split(",") if x]
+    out = write_golden(model, _ids(args, model), args.out, layers)
+    print(f"wrote golden vectors to {out} (manifest.json lists the operators)")
+    return 0
+
+
+def _add_input(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="checkpoint directory or cached repo id")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--ids", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8], help="token ids")
+    src.add_argument("--text", help="text to tokenize with the checkpoint's tokenizer (BOS prepended)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute dtype")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``trace``, ``compare`` and ``golden`` subcommands."""
+    from .trace import COMPARE_TIERS
+
+    p = sub.add_parser("trace", help="record every intermediate of a forward pass",
+                       description="Run one sequence and save every named intermediate (safetensors + JSON summary).")
+    _add_input(p)
+    p.add_argument("--out", required=True, help="output file (.safetensors; a .json summary is written beside it)")
+    p.add_argument("--pattern", nargs="+", help="only names matching these globs, e.g. 'model.layers.3.*'")
+    p.set_defaults(func=_cmd_trace)
+
+    p = sub.add_parser("compare", help="compare two traces and name the first divergence",
+                       description="Compare trace A (the backend under test) with trace B (the reference). Exit 1 "
+                                   "when a tensor is outside the tier.")
+    p.add_argument("a", help="trace under test (.safetensors)")
+    p.add_argument("b", help="reference trace (.safetensors; names may be llama.cpp aliases)")
+    p.add_argument("--tier", default="fp32", choices=list(COMPARE_TIERS), help="tolerance tier (default fp32)")
+    p.add_argument("--pattern", nargs="+", help="only names matching these globs")
+    p.add_argument("--all", action="store_true", help="show every tensor, not only up to the first divergence")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("golden", help="write golden vectors: each operator's inputs, weights and outputs",
+                       description="Write one safetensors file per operator instance plus a manifest, for testing "
+                                   "another backend kernel by kernel.")
+    _add_input(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--layers", help="comma-separated layer indices to write (default: all)")
+    p.set_defaults(func=_cmd_golden)
+
+

@@ -1,0 +1,223 @@
+"""The oracle: traces, the compare tool and its first divergence, golden vectors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import lfm2np
+from lfm2np import ops
+from lfm2np.golden import write_golden
+from lfm2np.trace import COMPARE_TIERS, Trace, compare, from_transformers, llama_cpp_alias, record
+
+from conftest import CASES, GOLDEN, MOE, golden, model
+
+
+def transformers_trace(case: str) -> Trace:
+    g = golden(case)
+    return from_transformers({k[len("capture."):]: v for k, v in g.items() if k.startswith("capture.")})
+
+
+def test_trace_agrees_with_transformers_at_fp32(case):
+    _, ours = record(model(case), golden(case)["capture.ids"])
+    result = compare(ours, transformers_trace(case), "fp32")
+    assert result.ok, result.first_divergence
+    c = model(case).config
+    # every layer's residual stream and every mixer output were compared
+    compared = {d.name for d in result.diffs}
+    assert {f"model.layers.{i}" for i in range(c.num_hidden_layers)} <= compared
+    assert "lm_head" in compared and "model.embedding_norm" in compared
+
+
+def test_trace_names_are_complete_and_in_forward_order():
+    m = model("moe-bf16-bias")
+    logits, trace = record(m, [1, 2, 3])
+    names = trace.names()
+    assert names[0] == "model.embed_tokens" and names[-2:] == ["model.embedding_norm", "lm_head"]
+    np.testing.assert_array_equal(trace["lm_head"], logits)
+    layer_ends = [names.index(f"model.layers.{i}") for i in range(m.config.num_hidden_layers)]
+    assert layer_ends == sorted(layer_ends)
+    for step in ("conv.bx", "conv.conv_out", "mixer_residual", "feed_forward.router_logits"):
+        assert f"model.layers.1.{step}" in trace
+    for step in ("self_attn.q_normed", "self_attn.q_rope", "self_attn.attn_out"):
+        assert f"model.layers.2.{step}" in trace
+    assert trace["model.layers.1.feed_forward.selected_experts"].dtype.kind == "i"
+
+
+def test_patterns_filter_and_tracing_does_not_change_logits():
+    m = model("dense-legacy")
+    ids = golden("dense-legacy")["logits.T13.ids"]
+    logits, trace = record(m, ids, ["model.layers.1.*", "lm_head"])
+    assert set(trace.names()) == {n for n in trace.names() if n.startswith("model.layers.1.") or n == "lm_head"}
+    assert "model.layers.1.self_attn.q_rope" in trace and "model.layers.0.operator_norm" not in trace
+    np.testing.assert_array_equal(logits, m.forward(ids))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    _, trace = record(model("moe-top1-nobias"), [4, 5, 6])
+    path = trace.save(tmp_path / "t")
+    again = Trace.load(path)
+    assert again.names() == trace.names()
+    for n in trace.names():
+        np.testing.assert_array_equal(again[n], trace[n])
+    summary = json.loads(path.with_suffix(".json").read_text())
+    assert summary["meta"]["ids"] == [4, 5, 6]
+    entry = summary["tensors"]["model.layers.0.self_attn.q_normed"]
+    assert entry["shape"] == [3, 6, 6] and entry["llama_cpp"] == "model.layers.0.self_attn.q_layernorm"
+    assert entry["max_abs"] == pytest.approx(float(np.abs(trace["model.layers.0.self_attn.q_normed"]).max()))
+
+
+def test_llama_cpp_aliases():
+    assert llama_cpp_alias("model.layers.3.conv.conv_out") == "model.layers.3.conv.conv"
+    assert llama_cpp_alias("model.layers.3.feed_forward.router_logits") == "ffn_moe_logits-3"
+    assert llama_cpp_alias("lm_head") == "result_output"
+    assert llama_cpp_alias("model.layers.3.conv.b_gate") is None
+
+
+def test_a_reference_named_with_llama_cpp_aliases_is_matched():
+    _, trace = record(model("moe-bf16-bias"), [1, 2, 3])
+    aliased = Trace({(llama_cpp_alias(n) or n): v for n, v in trace.tensors.items()})
+    result = compare(trace, aliased)
+    assert result.ok and "model.layers.0.conv.conv_out" in {d.name for d in result.diffs}
+
+
+# ------------------------------------------------------------------------- planted bugs
+class ReversedConvTaps(lfm2np.Model):
+    """A 'backend' whose short conv in one layer applies its taps in reverse order."""
+
+    def __init__(self, base: lfm2np.Model, layer: int):
+        params = {n: base.params[n] for n in base.params}
+        name = f"model.layers.{layer}.conv.conv.weight"
+        params[name] = params[name][..., ::-1].copy()
+        super().__init__(base.config, params, base.dtype)
+
+
+class SoftmaxRouter(lfm2np.Model):
+    """A 'backend' that scores experts with a softmax instead of a sigmoid in one layer (mlx-lm #1883)."""
+
+    def __init__(self, base: lfm2np.Model, layer: int):
+        super().__init__(base.config, base.params, base.dtype)
+        self.broken_layer = layer
+
+    def _layer(self, i, h, cos, sin, past, record):
+        if i != self.broken_layer:
+            return super()._layer(i, h, cos, sin, past, record)
+        real = ops.sigmoid
+        ops.sigmoid = lambda x: ops.softmax(x, axis=-1)
+        try:
+            return super()._layer(i, h, cos, sin, past, record)
+        finally:
+            ops.sigmoid = real
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if lfm2np.load_config(GOLDEN / c).conv_layers])
+def test_compare_names_a_reversed_conv_in_the_right_layer(case):
+    good = model(case)
+    layer = good.config.conv_layers[-1]
+    ids = golden(case)["capture.ids"]
+    _, ref = record(good, ids)
+    _, bad = record(ReversedConvTaps(good, layer), ids)
+    first = compare(bad, ref).first_divergence
+    assert first is not None and first.name == f"model.layers.{layer}.conv.conv_out"
+
+
+@pytest.mark.parametrize("case", MOE)
+def test_compare_names_a_softmax_router_in_the_right_layer(case):
+    good = model(case)
+    layer = good.config.moe_layers[-1]
+    ids = golden(case)["capture.ids"]
+    _, ref = record(good, ids)
+    _, bad = record(SoftmaxRouter(good, layer), ids)
+    first = compare(bad, ref).first_divergence
+    prefix = f"model.layers.{layer}.feed_forward."
+    assert first is not None and first.name in (prefix + "selected_experts", prefix + "routing_weights")
+
+
+def test_compare_command_exit_codes_and_first_divergence(tmp_path):
+    good = model("moe-bf16-bias")
+    ids = golden("moe-bf16-bias")["capture.ids"]
+    _, ref = record(good, ids)
+    _, bad = record(ReversedConvTaps(good, 3), ids)
+    ref_path, bad_path = ref.save(tmp_path / "ref"), bad.save(tmp_path / "bad")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "lfm2np", "compare", *map(str, a)],
+                                    capture_output=True, text=True)
+    ok = run(ref_path, ref_path)
+    assert ok.returncode == 0 and "agree" in ok.stdout
+    broken = run(bad_path, ref_path)
+    assert broken.returncode == 1
+    assert "FIRST DIVERGENCE: model.layers.3.conv.conv_out" in broken.stdout
+    as_json = json.loads(run(bad_path, ref_path, "--json").stdout)
+    assert as_json["first_divergence"] == "model.layers.3.conv.conv_out" and not as_json["ok"]
+
+
+def test_float64_against_float32_is_measured_by_the_compare_tool(case):
+    ids = golden(case)["capture.ids"]
+    _, t32 = record(model(case), ids)
+    _, t64 = record(model(case, "float64"), ids)
+    result = compare(t32, t64, "fp32")
+    assert result.ok
+    worst = max(d.max_rel for d in result.diffs)
+    assert 0 < worst < 1e-5
+
+
+def test_tiers_are_ordered_from_strict_to_loose():
+    tiers = [COMPARE_TIERS[n] for n in ("fp32", "fp16", "bf16", "q8_0", "q4")]
+    assert [t.max_rel for t in tiers] == sorted(t.max_rel for t in tiers)
+    assert [t.nmse_db for t in tiers] == sorted(t.nmse_db for t in tiers)
+
+
+# ------------------------------------------------------------------------------ golden
+def test_golden_vectors_let_each_operator_be_recomputed_alone(tmp_path):
+    case = "moe-bf16-bias"
+    m = model(case)
+    ids = golden(case)["capture.ids"]
+    out = write_golden(m, ids, tmp_path / "g")
+    manifest = json.loads((out / "manifest.json").read_text())
+    c = lfm2np.Config.from_dict(manifest["config"])
+    assert c == m.config and manifest["ids"] == ids.tolist()
+    checked = 0
+    for op in manifest["operators"]:
+        f = load_file(str(out / op["file"]))
+        w = {k[len("weight."):]: v for k, v in f.items() if k.startswith("weight.")}
+        if op["function"] == "lfm2np.ops.rms_norm":
+            y = ops.rms_norm(f["input.x"], next(iter(w.values())), op["params"]["eps"])
+            np.testing.assert_array_equal(y, f["output.y"])
+        elif op["function"] == "lfm2np.ops.short_conv":
+            p = op["name"] + "."
+            y, _ = ops.short_conv(f["input.h"], w[p + "in_proj.weight"], w[p + "conv.weight"], w[p + "out_proj.weight"])
+            np.testing.assert_array_equal(y, f["output.out_proj"])
+        elif op["function"] == "lfm2np.ops.route+moe":
+            p = op["name"] + "."
+            _, experts, weights = ops.route(f["input.h"], w[p + "gate.weight"], w.get(p + "expert_bias"),
+                                            op["params"]["num_experts_per_tok"], op["params"]["norm_topk_prob"],
+                                            op["params"]["routed_scaling_factor"])
+            np.testing.assert_array_equal(experts, f["output.selected_experts"])
+            y = ops.moe(f["input.h"], experts, weights, lambda e: tuple(w[f"{p}experts.{e}.{n}.weight"]
+                                                                         for n in ("w1", "w3", "w2")))
+            np.testing.assert_array_equal(y, f["output.output"])
+            assert set(op["params"]["experts_written"]) == set(experts.ravel().tolist())
+        else:
+            continue
+        checked += 1
+    assert checked >= 2 * m.config.num_hidden_layers + 1
+    final = load_file(str(out / "model.safetensors"))
+    np.testing.assert_array_equal(final["logits"], m.forward(ids))
+
+
+def test_golden_command_and_layer_selection(tmp_path):
+    out = tmp_path / "g"
+    proc = subprocess.run([sys.executable, "-m", "lfm2np", "golden", str(GOLDEN / "dense-legacy"), "--out", str(out),
+                           "--layers", "1", "--ids", "3", "4", "5"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    layer_ops = {op["name"] for op in manifest["operators"] if op["name"].startswith("model.layers.")}
+    assert layer_ops == {"model.layers.1.operator_norm", "model.layers.1.self_attn", "model.layers.1.ffn_norm",
+                         "model.layers.1.feed_forward", "model.layers.1"}
+    bad = subprocess.run([sys.executable, "-m", "lfm2np", "golden", str(GOLDEN / "dense-legacy"), "--out",
+                          str(out), "--layers", "9"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "layers [9] do not exist" in bad.stderr
