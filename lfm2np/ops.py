@@ -113,13 +113,32 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     """
     T, H, hd = q.shape
     S, G, _ = k.shape
-    qg = q.reshape(T, G, H // G, hd)  # heads grouped by the KV head they read
-    scores = np.einsum("tgrd,sgd->grts", qg, k) * q.dtype.type(hd ** -0.5)  # (G, H/G, T, S)
+    R = H // G  # query heads per KV head
+    qg = q.reshape(T, G, R, hd).transpose(1, 2, 0, 3).reshape(G, R * T, hd)  # rows (r, t) of each KV group
+    kg, vg = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (G, S, hd)
+    scores = (qg @ kg.transpose(0, 2, 1)).reshape(G, R, T, S) * q.dtype.type(hd ** -0.5)
     future = np.arange(S)[None, :] > (S - T + np.arange(T))[:, None]  # (T, S)
     scores[..., future] = -np.inf
-    probs = softmax(scores, axis=-1)
-    out = np.einsum("grts,sgd->tgrd", probs, v)  # (T, G, H/G, hd)
-    return out.reshape(T, H * hd)
+    probs = softmax(scores, axis=-1).reshape(G, R * T, S)
+    out = (probs @ vg).reshape(G, R, T, hd)  # (G, R, T, hd)
+    return out.transpose(2, 0, 1, 3).reshape(T, H * hd)
+
+
+def attention_blocked(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 256) -> np.ndarray:
+    """:func:`attention` computed ``block`` queries at a time, so the score matrix takes ``block x S``
+    instead of ``T x S`` memory (an 8K-token prompt needs 8K x 8K scores per head otherwise). Each block of
+    queries attends to the keys up to its last position; the result is the same rows.
+    (T, H, hd), (S, G, hd), (S, G, hd) -> (T, H * hd)
+    """
+    T, S = q.shape[0], k.shape[0]
+    if T <= block:
+        return attention(q, k, v)
+    rows = []
+    for t0 in range(0, T, block):
+        t1 = min(T, t0 + block)
+        end = S - T + t1  # keys visible to the last query of this block
+        rows.append(attention(q[t0:t1], k[:end], v[:end]))
+    return np.concatenate(rows, axis=0)
 
 
 def attention_block(
@@ -128,14 +147,15 @@ def attention_block(
     q_norm: np.ndarray, k_norm: np.ndarray,
     cos: np.ndarray, sin: np.ndarray, eps: float,
     past_k: np.ndarray | None = None, past_v: np.ndarray | None = None,
-    record: Recorder | None = None,
+    record: Recorder | None = None, attention_block_size: int = 256,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The attention mixer: projections, per-head QK RMSNorm, RoPE, causal GQA, output projection.
 
     ``cos``/``sin`` are the tables for the T new positions. ``past_k``/``past_v`` hold earlier keys and
     values (already normed and rotated); the keys and values returned include them and the new ones.
     ``record(name, value)``, when given, receives the intermediates (q_proj, k_proj, v_proj, q_normed,
-    k_normed, q_rope, k_rope, attn_out, out_proj).
+    k_normed, q_rope, k_rope, attn_out, out_proj). Attention runs ``attention_block_size`` queries at a
+    time (:func:`attention_blocked`), which bounds memory on long prompts.
     (T, D) -> (T, D), (S, G, hd), (S, G, hd)
     """
     T = h.shape[0]
@@ -149,7 +169,7 @@ def attention_block(
     if past_k is not None:
         k_all = np.concatenate([past_k, k_rope], axis=0)  # (S, G, hd)
         v_all = np.concatenate([past_v, v], axis=0)
-    attn = attention(q_rope, k_all, v_all)  # (T, H*hd)
+    attn = attention_blocked(q_rope, k_all, v_all, block=attention_block_size)  # (T, H*hd)
     out = linear(attn, out_proj)
     if record:
         for name, value in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("q_normed", q_normed),

@@ -136,6 +136,29 @@ def test_attention_over_earlier_keys_equals_the_tail_of_full_attention(seed, S, 
 
 
 @SETTINGS
+@given(seed=seeds, S=st.integers(1, 40), T=st.integers(1, 40), block=st.integers(1, 9))
+def test_blocked_attention_equals_attention(seed, S, T, block):
+    T = min(T, S)
+    q, k, v = rng_arrays(seed, (T, 4, 4), (S, 2, 4), (S, 2, 4))
+    np.testing.assert_allclose(ops.attention_blocked(q, k, v, block), ops.attention(q, k, v), rtol=1e-12, atol=1e-14)
+
+
+def test_attention_matches_a_per_head_loop():
+    """The batched-matmul formulation against the textbook loop over heads and queries."""
+    rng = np.random.default_rng(0)
+    T, S, G, R, hd = 3, 5, 2, 3, 4
+    q, k, v = rng.standard_normal((T, G * R, hd)), rng.standard_normal((S, G, hd)), rng.standard_normal((S, G, hd))
+    out = ops.attention(q, k, v).reshape(T, G * R, hd)
+    for t in range(T):
+        for j in range(G * R):
+            g = j // R
+            visible = S - T + t + 1
+            s = k[:visible, g] @ q[t, j] / np.sqrt(hd)
+            p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+            np.testing.assert_allclose(out[t, j], p @ v[:visible, g], rtol=1e-12)
+
+
+@SETTINGS
 @given(seed=seeds, T=st.integers(2, 8), t0=st.integers(1, 7))
 def test_attention_is_causal(seed, T, t0):
     t0 = 1 + t0 % (T - 1)
