@@ -132,6 +132,8 @@ def build_model(case: dict) -> torch.nn.Module:
         # strict config class of transformers 5 refuses None, so it is set past the validator
         object.__setattr__(config, "block_ffn_dim_multiplier", None)
     config._attn_implementation = "eager"
+    if kind == "lfm2_moe":
+        config._experts_implementation = "eager"  # the reference loop over experts, no fused kernels
     torch.manual_seed(case["seed"])
     model = cls_model(config).eval()
     randomise(model, case)
@@ -290,6 +292,8 @@ class Recorder:
         if t is None:
             return
         t = t.detach()
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t = t.float()  # exact
         if t.dim() >= 2 and t.shape[0] == 1 and not key.endswith((".cos", ".sin")):
             t = t[0]  # drop the batch axis of 1
         arr = t.numpy()
@@ -364,6 +368,14 @@ def bias_changes_selection(model: torch.nn.Module, captured: dict[str, np.ndarra
     return changed
 
 
+def _eager(model: torch.nn.Module) -> dict:
+    """from_pretrained arguments for the reference implementations (grouped_mm also fails on odd sizes)."""
+    extra = {"attn_implementation": "eager"}
+    if model.config.model_type == "lfm2_moe":
+        extra["experts_implementation"] = "eager"
+    return extra
+
+
 def make_case(name: str, case: dict, out: Path) -> dict:
     directory = out / name
     if directory.exists():
@@ -415,12 +427,25 @@ def make_case(name: str, case: dict, out: Path) -> dict:
         model.config.save_pretrained(canonical)
         cls = type(model)
         # config passed as an object: transformers 5's strict config refuses a null block_ffn_dim_multiplier
-        again = cls.from_pretrained(canonical, config=model.config, dtype=torch.float32).eval()
+        again = cls.from_pretrained(canonical, config=model.config, dtype=torch.float32,
+                                    **_eager(model)).eval()
         with torch.no_grad():
             reloaded = again(torch.from_numpy(bids)).logits.numpy()
         if not np.array_equal(reloaded, golden["batch.logits"]):
             raise SystemExit(f"{name}: transformers reloads the written checkpoint differently "
                              f"(max diff {np.abs(reloaded - golden['batch.logits']).max()})")
+        # the same checkpoint run by transformers in bfloat16 (weights, buffers and activations), the
+        # reference for lfm2np's bfloat16 emulation
+        half = cls.from_pretrained(canonical, config=model.config, dtype=torch.bfloat16, **_eager(model)).eval()
+        bias_dtypes = {str(b.dtype) for n, b in half.named_buffers() if n.endswith("expert_bias")}
+        rec16 = Recorder(half)
+        with torch.no_grad():
+            half(torch.from_numpy(ids)[None])
+        rec16.close()
+        for key in ("model.embed_tokens.output", "lm_head.output", *[f"model.layers.{i}.output"
+                                                                    for i in range(model.config.num_hidden_layers)]):
+            golden["bf16." + key] = rec16.store[key]
+        golden["bf16.ids"] = ids.astype(np.int64)
 
     golden = {k: np.ascontiguousarray(v) for k, v in golden.items()}
     save_file(golden, str(directory / "golden.safetensors"),
@@ -432,6 +457,7 @@ def make_case(name: str, case: dict, out: Path) -> dict:
         "shards": case["shards"],
         "reference_config": case["config"],
         "routing_margin": None if margin == float("inf") else margin,
+        "bf16_expert_bias_dtype": sorted(bias_dtypes),
         "capture_length": CAPTURE_LENGTH,
         "seq_lengths": list(SEQ_LENGTHS),
         "batch_shape": list(BATCH_SHAPE),
