@@ -246,12 +246,17 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
     """Load a checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded set), or a repo id
     such as ``LiquidAI/LFM2-350M`` already in the local Hugging Face cache (nothing is downloaded).
 
-    ``dtype``: "float32" (default) or "float64" (the oracle mode). Every tensor the config implies must be
+    ``dtype``: "float32" (default), "float64" (the oracle mode) or "bfloat16" (float32 arrays rounded where
+    a bfloat16 backend rounds: :mod:`lfm2np.bf16`). Every tensor the config implies must be
     present with its shape. A tensor the model does not use raises :class:`Lfm2npError` (``strict=True``)
     or a warning naming it (``strict=False``). ``keep_weights``: keep each tensor once converted to the
     compute dtype (True), or convert at every use to save memory (False); by default tensors are kept when
     the converted model takes at most half of the machine's memory.
     """
+    if dtype in ("bfloat16", "bf16"):  # the bf16 emulation: float32 arrays rounded where bf16 backends round
+        from .bf16 import emulate_bf16
+
+        return emulate_bf16(load(path, "float32", strict=strict, keep_weights=keep_weights))
     directory = hub.resolve(path)
     dt = resolve_dtype(dtype)
     config = load_config(directory)

@@ -56,7 +56,35 @@ def main() -> int:
             experts = f"{100 * min(agree):.0f}%"
         print(f"| {case} | {info['checkpoint_dtype']} | {worst_layer:.1e} | {max(errs32):.1e} | {max(errs64):.1e} "
               f"| {max(errs_mode):.1e} | {'identical' if argmax else 'DIFFERS'} | {experts} |")
+    print()
+    bf16_table(manifest)
     return 0
+
+
+def bf16_table(manifest: dict) -> None:
+    """The bf16 emulation against transformers run in bfloat16 on the same checkpoints."""
+    from lfm2np.bf16 import emulate_bf16
+
+    print("| case | layers bit-identical (each fed transformers' bf16 input) | logits: emulation vs transformers bf16 "
+          "| logits: float32 vs transformers bf16 | argmax agreement |")
+    print("|---|---|---|---|---|")
+    for case in manifest["cases"]:
+        g = load_file(str(GOLDEN / case / "golden.safetensors"))
+        m32 = lfm2np.load(GOLDEN / case)
+        m = emulate_bf16(m32)
+        c = m.config
+        ids = g["bf16.ids"]
+        cos, sin = lfm2np.ops.rope_tables(np.arange(len(ids)), c.head_dim, c.rope_theta)
+        h, exact = g["bf16.model.embed_tokens.output"], 0
+        for i in range(c.num_hidden_layers):
+            out, _ = m._layer(i, h, cos, sin, None, None)
+            exact += int(rel_error(out, g[f"bf16.model.layers.{i}.output"]) == 0)
+            h = g[f"bf16.model.layers.{i}.output"]
+        ref = g["bf16.lm_head.output"]
+        ours = m.forward(ids)
+        agree = float(np.mean(ours.argmax(-1) == ref.argmax(-1)))
+        print(f"| {case} | {exact} of {c.num_hidden_layers} | {rel_error(ours, ref):.1e} "
+              f"| {rel_error(m32.forward(ids), ref):.1e} | {agree:.0%} |")
 
 
 if __name__ == "__main__":
