@@ -187,8 +187,10 @@ def test_not_a_directory(tmp_path):
 
 
 def test_bad_dtype_argument(tiny):
-    with pytest.raises(lfm2np.Lfm2npError, match="dtype 'bfloat16' is not supported"):
-        lfm2np.load(tiny[0], dtype="bfloat16")
+    with pytest.raises(lfm2np.Lfm2npError, match="dtype 'float16' is not supported"):
+        lfm2np.load(tiny[0], dtype="float16")
+    with pytest.raises(lfm2np.Lfm2npError, match="dtype 'int8' is not supported"):
+        lfm2np.load(tiny[0], dtype="int8")
 
 
 @pytest.mark.parametrize("ids, message", [
