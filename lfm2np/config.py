@@ -157,6 +157,12 @@ class Config:
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe_layer_mask[layer]
 
+    def layer_pattern(self) -> str:
+        """One character per layer: ``C`` conv, ``A`` attention; lower case when the FFN is a MoE block.
+        E.g. LFM2-8B-A1B: ``CCacccacccacccacccaccacc``."""
+        return "".join(("A" if self.is_attention(i) else "C").lower() if self.is_moe_layer(i)
+                       else ("A" if self.is_attention(i) else "C") for i in range(self.num_hidden_layers))
+
     def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed (derived values recomputed and everything re-validated)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}

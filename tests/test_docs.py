@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
@@ -18,7 +18,7 @@ def python_blocks(path: Path) -> list[str]:
     return BLOCK.findall(path.read_text(encoding="utf-8"))
 
 
-@pytest.mark.parametrize("path", [p for p in DOCS if python_blocks(p)], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in DOCS if python_blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
 def test_python_blocks_run(path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     namespace: dict = {"__name__": "__docs__"}
@@ -55,3 +55,16 @@ def test_numerics_tables_are_current():
                 assert 1 / 3 < float(a) / float(b) < 3, f"docs/numerics.md is stale ({a} vs {b})"
             else:
                 assert a == b, f"docs/numerics.md is stale ({a!r} vs {b!r}): run tools/fixture_report.py"
+
+
+def test_generated_sections_are_current():
+    """The generated parts of the docs (layer patterns, ...) are what tools/make_docs.py writes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_docs", ROOT / "tools" / "make_docs.py")
+    make_docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_docs)
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        assert make_docs.render(text) == text, f"{path.name} is stale: run python tools/make_docs.py"
+    assert "<!-- generated:layer-patterns -->" in (ROOT / "docs" / "architecture.md").read_text()
