@@ -194,7 +194,12 @@ def normalise_quant(name: str) -> str:
 
 def weight_bytes(config: Config, quant_name: str = "Q4_K_M", *, imatrix: bool = False) -> int:
     """Bytes of the weights: every parameter in a float dtype, or the tensor data of a GGUF file type
-    (per-tensor types as llama-quantize chooses them; KV metadata and the tokenizer not included)."""
+    (per-tensor types as llama-quantize chooses them; KV metadata and the tokenizer not included).
+    ``quant_name`` may also be the path of a ``.gguf`` file: its real tensor types are read (gguf package)."""
+    if str(quant_name).lower().endswith(".gguf"):
+        from .gguf import gguf_tensor_bytes
+
+        return gguf_tensor_bytes(quant_name)
     q = normalise_quant(quant_name)
     if q in DTYPE_BYTES:
         return param_counts(config)["total"] * DTYPE_BYTES[q]
@@ -261,7 +266,7 @@ def memory(config: Config, quant_name: str = "Q4_K_M", *, context: int = 4096, p
     Field names are an interface (the CLI's JSON): quant, weights_bytes, kv_bytes_per_token, kv_cache_bytes,
     conv_state_bytes, total_bytes, fits (None without a budget); plus compute_bytes and the inputs.
     """
-    q = normalise_quant(quant_name)
+    q = str(quant_name) if str(quant_name).lower().endswith(".gguf") else normalise_quant(quant_name)
     w = weight_bytes(config, q, imatrix=imatrix)
     per_tok = kv_bytes_per_token(config, kv_type)
     kv = kv_cache_bytes(config, context, parallel, kv_type)

@@ -89,9 +89,16 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------- memory
 def _cmd_memory(args: argparse.Namespace) -> int:
-    c = load_config(args.model)
+    quant_arg = args.quant
+    if str(args.model).lower().endswith(".gguf"):  # a GGUF file: its config and its real tensor types
+        from .gguf import read_gguf
+
+        c, _ = read_gguf(args.model)
+        quant_arg = args.model
+    else:
+        c = load_config(args.model)
     budget = calc.parse_bytes(args.budget) if args.budget is not None else None
-    m = calc.memory(c, args.quant, context=args.context, parallel=args.parallel, kv_type=args.kv_type,
+    m = calc.memory(c, quant_arg, context=args.context, parallel=args.parallel, kv_type=args.kv_type,
                     chunk=args.chunk, flash_attention=not args.no_flash_attn, budget=budget)
     full = calc.attention_only(c)
     m["attention_only_kv_cache_bytes"] = calc.kv_cache_bytes(full, args.context, args.parallel, args.kv_type)
@@ -100,7 +107,8 @@ def _cmd_memory(args: argparse.Namespace) -> int:
         return 0
     fb = calc.format_bytes
     q = m["quant"]
-    what = f"GGUF {q} tensor data" if q in quant.FILE_TYPES else f"all {q}"
+    what = (f"GGUF {q} tensor data" if q in quant.FILE_TYPES else
+            f"tensor data of {q} (its real types)" if q.lower().endswith(".gguf") else f"all {q}")
     seqs = f"{args.parallel} sequence{'s' if args.parallel != 1 else ''}"
     rows = [("item", "bytes", "size", "how")]
     rows.append(("weights", _n(m["weights_bytes"]), fb(m["weights_bytes"]), what))
@@ -138,7 +146,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("memory", help="memory to run a model: weights, KV cache, conv state, compute",
                        description="Weights per dtype or GGUF file type (llama.cpp's per-tensor rules), KV cache, "
                                    "conv state and a compute-buffer estimate; whether it fits a budget.")
-    m.add_argument("model", help="preset name, config.json or checkpoint directory")
+    m.add_argument("model", help="preset name, config.json, checkpoint directory, or a .gguf file (its real tensor types)")
     m.add_argument("--quant", default="Q4_K_M",
                    help="float32, float16, bfloat16 or a GGUF file type: " + ", ".join(quant.FILE_TYPES)
                    + " (default Q4_K_M)")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -243,8 +242,9 @@ class Model:
 
 def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool = True,
          keep_weights: bool | None = None) -> Model:
-    """Load a checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded set), or a repo id
-    such as ``LiquidAI/LFM2-350M`` already in the local Hugging Face cache (nothing is downloaded).
+    """Load a checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded set), a repo id
+    such as ``LiquidAI/LFM2-350M`` already in the local Hugging Face cache (nothing is downloaded), or a
+    ``.gguf`` file (architectures ``lfm2``/``lfm2moe``; needs the ``gguf`` package).
 
     ``dtype``: "float32" (default), "float64" (the oracle mode) or "bfloat16" (float32 arrays rounded where
     a bfloat16 backend rounds: :mod:`lfm2np.bf16`). Every tensor the config implies must be
@@ -253,6 +253,10 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
     compute dtype (True), or convert at every use to save memory (False); by default tensors are kept when
     the converted model takes at most half of the machine's memory.
     """
+    if str(path).lower().endswith(".gguf"):  # llama.cpp's format: dequantised through the gguf package
+        from .gguf import load_gguf
+
+        return load_gguf(path, dtype, strict=strict, keep_weights=keep_weights)
     if dtype in ("bfloat16", "bf16"):  # the bf16 emulation: float32 arrays rounded where bf16 backends round
         from .bf16 import emulate_bf16
 

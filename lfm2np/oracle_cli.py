@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 
-from .errors import Lfm2npError
+
 
 
 def _ids(args: argparse.Namespace, model) -> np.ndarray:
