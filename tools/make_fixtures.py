@@ -35,7 +35,6 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 from transformers import Lfm2Config, Lfm2ForCausalLM, Lfm2MoeConfig, Lfm2MoeForCausalLM
-from transformers.models.lfm2 import modeling_lfm2
 
 GENERATOR_VERSION = 1
 MIN_ROUTING_MARGIN = 1e-4
