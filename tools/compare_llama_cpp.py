@@ -4,10 +4,10 @@ from llama.cpp (through llama-cpp-python) and from lfm2np, and their difference.
 
 Needs llama-cpp-python, which compiles llama.cpp (about 10 minutes on 2 cores), in its own venv::
 
-    python -m venv /work/venv-llama
-    CMAKE_ARGS="-DGGML_NATIVE=OFF" /work/venv-llama/bin/pip install llama-cpp-python numpy gguf
-    /work/venv-llama/bin/python tools/compare_llama_cpp.py            # every case below
-    /work/venv-llama/bin/python tools/compare_llama_cpp.py --types F32,Q8_0 --kinds moe --keep /tmp/gguf
+    python -m venv venv-llama
+    CMAKE_ARGS="-DGGML_NATIVE=OFF" venv-llama/bin/pip install llama-cpp-python numpy gguf
+    venv-llama/bin/python tools/compare_llama_cpp.py            # every case below
+    venv-llama/bin/python tools/compare_llama_cpp.py --types F32,Q8_0 --kinds moe --keep /tmp/gguf
 
 For each case it builds a tiny random LFM2 (``lfm2``) or LFM2-MoE (``lfm2moe``) model, writes it with
 :func:`lfm2np.gguf_write.write_gguf` (gguf-py's writer, the metadata ``convert_hf_to_gguf.py`` writes), loads the
