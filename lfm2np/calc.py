@@ -18,8 +18,11 @@ F FFN width, E experts, k experts per token, Fm expert width, V vocab, L conv ke
 
 from __future__ import annotations
 
+import numbers
 import re
 from typing import Any, Iterable
+
+import numpy as np
 
 from . import quant
 from .config import ATTENTION, CONV, Config
@@ -344,9 +347,9 @@ def format_bytes(n: float) -> str:
 
 
 def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value <= 0:
         raise Lfm2npError(f"{name} is {value!r}; expected a positive integer")
-    return value
+    return int(value)
 
 
 __all__ = ["param_breakdown", "param_counts", "flops", "weight_bytes", "kv_bytes_per_token", "kv_cache_bytes",

@@ -302,3 +302,13 @@ def test_cli_errors_print_one_line_and_exit_2(capsys, argv, bad):
 def test_family_table_is_up_to_date():
     committed = (ROOT / "docs" / "family.md").read_text(encoding="utf-8")
     assert committed == family_markdown(), "docs/family.md is stale: run python tools/make_family_table.py"
+
+
+def test_numpy_integers_are_accepted_where_ints_are():
+    """Calculators are called from notebooks with NumPy arrays of contexts."""
+    import numpy as np
+
+    c = load_config("LFM2-350M")
+    assert calc.kv_cache_bytes(c, np.int64(4096), np.int32(2), "f16") == calc.kv_cache_bytes(c, 4096, 2, "f16")
+    with pytest.raises(Lfm2npError, match="context"):
+        calc.kv_cache_bytes(c, np.float64(4096.0), 1, "f16")
