@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import calc_cli, oracle_cli
+from . import calc_cli, demo, oracle_cli
 from .errors import Lfm2npError
 
 
@@ -43,7 +43,7 @@ def _register_forward(sub: argparse._SubParsersAction) -> None:
                        description="Load a checkpoint directory and print the logits' top entries for each position.")
     p.add_argument("model", help="checkpoint directory (config.json + model.safetensors or a sharded set)")
     p.add_argument("--ids", type=int, nargs="+", default=[1, 2, 3, 4], help="token ids (default: 1 2 3 4)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute dtype")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"], help="compute dtype (bfloat16: the emulation)")
     p.add_argument("--top", type=int, default=3, help="how many top logits to show per position")
     p.set_defaults(func=_cmd_forward)
 
@@ -118,7 +118,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64)
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute dtype")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"], help="compute dtype (bfloat16: the emulation)")
 
 
 def _register_generate(sub: argparse._SubParsersAction) -> None:
@@ -135,7 +135,7 @@ def _register_generate(sub: argparse._SubParsersAction) -> None:
 
 
 #: Modules (or functions) that add subcommands: each is called with the subparsers object.
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_register_forward, _register_generate,
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_register_forward, _register_generate, demo.register,
                                                                    calc_cli.register, oracle_cli.register]
 
 

@@ -58,7 +58,7 @@ def _add_input(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ids", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8], help="token ids")
     src.add_argument("--text", help="text to tokenize with the checkpoint's tokenizer (BOS prepended)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute dtype")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"], help="compute dtype (bfloat16: the emulation)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
