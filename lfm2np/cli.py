@@ -68,12 +68,12 @@ def _load_for_generation(model_arg: str, dtype: str):
     return model, tokenizer
 
 
-def run_generation(model, tokenizer, prompt_ids: list[int], args: argparse.Namespace, out=None) -> int:
-    """Stream a generation to ``out`` (stdout) with a progress line on stderr; returns the generated count."""
-    from .generate import Generation, Sampling
+def run_generation(model, tokenizer, prompt_ids: list[int], args: argparse.Namespace, out=None) -> list[int]:
+    """Stream a generation to ``out`` (stdout) with a progress line on stderr; returns the generated ids."""
+    from .generate import Generation
 
     out = out or sys.stdout
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    sampling = sampling_from(args)
     stop = tokenizer.stop_ids(model.config.eos_token_id)
     gen = Generation(model, prompt_ids, args.max_new_tokens, sampling, stop)
     t0 = time.perf_counter()
@@ -97,10 +97,20 @@ def run_generation(model, tokenizer, prompt_ids: list[int], args: argparse.Names
     _progress(f"[prompt {len(prompt_ids)} tokens, prefill {len(prompt_ids) / max(prefill, 1e-9):.1f} tokens/s; "
               f"generated {n} tokens, {max(n - 1, 0) / max(decode, 1e-9):.1f} tokens/s; "
               f"finish: {gen.finish_reason}]")
-    return n
+    return gen.tokens
+
+
+def sampling_from(args: argparse.Namespace):
+    """The Sampling of the command-line options (validated before anything is loaded)."""
+    from .generate import Sampling
+
+    if args.max_new_tokens < 0:
+        raise Lfm2npError(f"--max-new-tokens is {args.max_new_tokens}; expected >= 0")
+    return Sampling(args.temperature, args.top_k, args.top_p, args.seed)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    sampling_from(args)
     model, tokenizer = _load_for_generation(args.model, args.dtype)
     if args.chat is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])

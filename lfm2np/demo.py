@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import Lfm2npError
 
 EMBEDDED = "tiny-lfm2-moe"
-DEFAULT_PROMPT = "What is a list comprehension?"
+DEFAULT_PROMPT = 'What is the "while" statement?'
 
 
 def embedded_model_path() -> Path:
@@ -39,8 +39,9 @@ def layer_walk(model, tokenizer, ids: list[int], width: int = 12) -> str:
              " ".join([f"{'':>{width}s}"] + [f"{'MoE' if c.is_moe_layer(i) else 'dense':>9s}"
                                                for i in range(c.num_hidden_layers)])]
     for t, token in enumerate(ids):
-        text = tokenizer.decode([token]).replace("\n", "\\n")
-        cells = [f"{text[-width:]!r:>{width}s}"]
+        text = tokenizer.decode([token])
+        shown = repr(text if len(text) <= width - 2 else text[: width - 3] + "~")
+        cells = [f"{shown:>{width}s}"]
         for i in range(c.num_hidden_layers):
             name = f"model.layers.{i}.feed_forward.selected_experts"
             cells.append(f"{','.join(str(int(e)) for e in sorted(trace[name][t])) if name in trace else '-':>9s}")
@@ -49,8 +50,9 @@ def layer_walk(model, tokenizer, ids: list[int], width: int = 12) -> str:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .cli import _load_for_generation, _progress, run_generation
+    from .cli import _load_for_generation, _progress, run_generation, sampling_from
 
+    sampling_from(args)
     model, tokenizer = _load_for_generation(str(embedded_model_path()), args.dtype)
     c = model.config
     print(f"layers: {c.layer_pattern()}  (C conv, A attention; lower case: MoE feed-forward, "
@@ -60,11 +62,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     shown = args.chat if args.prompt is None else args.prompt
     print(f"{'user' if args.prompt is None else 'prompt'}: {shown}")
     print("assistant: " if args.prompt is None else "continuation: ", end="", flush=True)
-    run_generation(model, tokenizer, prompt_ids, args)
+    generated = run_generation(model, tokenizer, prompt_ids, args)
     if not args.no_walk:
         _progress("")
-        print("\nthe walk through the layers (experts chosen by each token of the prompt):")
-        print(layer_walk(model, tokenizer, prompt_ids[-args.walk_tokens:]))
+        shown = (list(prompt_ids) + generated)[-args.walk_tokens:]
+        print(f"\nthe walk through the layers: each layer's kind, and the experts each of the last {len(shown)} "
+              f"tokens chose")
+        print(layer_walk(model, tokenizer, shown))
     return 0
 
 
@@ -78,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--chat", default=DEFAULT_PROMPT, help=f"a user message (default: {DEFAULT_PROMPT!r})")
     what.add_argument("--prompt", help="raw text to continue instead of a chat message")
     p.add_argument("--no-walk", action="store_true", help="do not print the layer walk")
-    p.add_argument("--walk-tokens", type=int, default=16, help="how many prompt tokens the walk shows")
+    p.add_argument("--walk-tokens", type=int, default=24, help="how many of the last tokens the walk shows")
     add_sampling_arguments(p, max_new_tokens=48)
     p.set_defaults(func=_cmd_demo)
 

@@ -28,7 +28,7 @@ def resolve(model: "str | os.PathLike[str]") -> Path:
     if path.is_dir():
         return path
     text = str(model)
-    if text.count("/") == 1 and not path.exists():
+    if text.count("/") == 1 and not text.startswith(("/", ".", "~")) and not path.exists():
         repo = hub_cache() / ("models--" + text.replace("/", "--"))
         snapshots = repo / "snapshots"
         if snapshots.is_dir():
