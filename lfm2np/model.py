@@ -83,7 +83,10 @@ class Model:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"Model({c.source or c.model_type}: {c.num_hidden_layers} layers "
+        name = c.source or c.model_type
+        if name.endswith("config.json"):  # a checkpoint: its directory's name
+            name = os.path.basename(os.path.dirname(os.path.abspath(name)))
+        return (f"Model({name}: {c.num_hidden_layers} layers "
                 f"({len(c.conv_layers)} conv, {len(c.attention_layers)} attention), D={c.hidden_size}, "
                 f"V={c.vocab_size}{f', {c.num_experts} experts top-{c.num_experts_per_tok}' if c.is_moe else ''}, "
                 f"dtype={self.dtype.name})")

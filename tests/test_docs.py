@@ -68,3 +68,11 @@ def test_generated_sections_are_current():
         text = path.read_text(encoding="utf-8")
         assert make_docs.render(text) == text, f"{path.name} is stale: run python tools/make_docs.py"
     assert "<!-- generated:layer-patterns -->" in (ROOT / "docs" / "architecture.md").read_text()
+
+
+def test_relative_links_resolve():
+    for path in DOCS:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text(encoding="utf-8")):
+            if "://" in target:
+                continue
+            assert (path.parent / target).exists(), f"{path.relative_to(ROOT)} links to missing {target}"

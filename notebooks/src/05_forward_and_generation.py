@@ -1,0 +1,75 @@
+# %% [markdown]
+# # 05 · The full forward pass and generation, walking a trace
+#
+# The embedded tiny LFM2-MoE model was trained for a few minutes on the Python documentation's help
+# topics (`tools/train_tiny.py`). It is small and has largely memorised that text: ask it about a
+# statement the docs describe and it answers with their first sentence. Here it runs end to end: a chat prompt, the walk through the layers,
+# greedy and sampled generation, and the decoding state.
+
+# %%
+import numpy as np
+
+import lfm2np
+from lfm2np.demo import embedded_model_path, layer_walk
+from lfm2np.generate import Generation, Sampling
+from lfm2np.tokenizer import Tokenizer
+from lfm2np.trace import record
+
+path = embedded_model_path()
+model = lfm2np.load(path)
+tok = Tokenizer.from_dir(path)
+c = model.config
+print(model)
+print("layer pattern:", c.layer_pattern())
+
+# %% [markdown]
+# ## A prompt in the LFM2 chat format
+
+# %%
+messages = [{"role": "user", "content": 'What is the "while" statement?'}]
+text = tok.apply_chat_template(messages)
+print(repr(text))
+ids = tok.encode_chat(messages)
+print(len(ids), "tokens:", ids)
+
+# %% [markdown]
+# ## Walking the trace: the residual stream through the layers
+# Each layer adds its mixer's and its feed-forward's output to the residual stream.
+
+# %%
+logits, trace = record(model, ids)
+for i in range(c.num_hidden_layers):
+    kind = "attention" if c.is_attention(i) else "conv     "
+    ffn = "MoE  " if c.is_moe_layer(i) else "dense"
+    mix = trace[f"model.layers.{i}.mixer_residual"] - (trace[f"model.layers.{i - 1}"] if i else trace["model.embed_tokens"])
+    out = trace[f"model.layers.{i}"]
+    print(f"layer {i}: {kind} + {ffn} | mixer adds rms {np.sqrt((mix ** 2).mean()):.3f} "
+          f"| stream rms {np.sqrt((out ** 2).mean()):.3f}")
+top = np.argsort(-logits[-1])[:5]
+print("next-token candidates:", [(tok.decode([i]), round(float(logits[-1, i]), 2)) for i in top])
+print(layer_walk(model, tok, ids[-8:]))
+
+# %% [markdown]
+# ## Generation
+# Greedy decoding, then sampling with a seed (reproducible). Each new token is one `model.step` with the
+# decoding state; the prompt is one prefill.
+
+# %%
+stop = tok.stop_ids(c.eos_token_id)
+greedy = Generation(model, ids, 40, Sampling(), stop)
+print("greedy :", tok.decode(list(greedy)), f"[{greedy.finish_reason}]")
+sampled = Generation(model, ids, 40, Sampling(temperature=0.8, top_k=40, top_p=0.95, seed=1), stop)
+print("sampled:", tok.decode(list(sampled)), f"[{sampled.finish_reason}]")
+
+# %% [markdown]
+# ## The state is a value
+# Continuing from the state after the prompt equals recomputing everything from scratch.
+
+# %%
+prompt_logits, state = model.step(ids)
+first = int(np.argmax(prompt_logits[-1]))
+step_logits, _ = model.step([first], state)
+scratch = model.forward(ids + [first])[-1]
+print("step vs scratch: equal to float32 rounding:", np.allclose(step_logits[-1], scratch, atol=1e-4))
+assert np.allclose(step_logits[-1], scratch, atol=1e-4)
+print("state:", state.position, "positions,", state.nbytes, "bytes")
