@@ -38,16 +38,22 @@ def to_bf16(x: np.ndarray) -> np.ndarray:
 
 
 class _RoundedParams(Mapping[str, np.ndarray]):
-    """Weights rounded to bf16 on first use (the expert bias stays float32)."""
+    """Weights rounded to bf16 on use (the expert bias stays float32); rounded copies are kept unless the
+    underlying parameters were loaded with ``keep_weights=False``."""
 
     def __init__(self, params: Mapping[str, np.ndarray], rounding: bool):
         self.params, self.rounding, self._kept = params, rounding, {}
+        self.keep = getattr(params, "keep", True)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._kept:
+        w = self._kept.get(name)
+        if w is None:
             w = np.asarray(self.params[name], dtype=np.float32)
-            self._kept[name] = w if (not self.rounding or name.endswith("expert_bias")) else to_bf16(w)
-        return self._kept[name]
+            if self.rounding and not name.endswith("expert_bias"):
+                w = to_bf16(w)
+            if self.keep:
+                self._kept[name] = w
+        return w
 
     def __iter__(self):
         return iter(self.params)

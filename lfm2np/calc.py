@@ -205,7 +205,9 @@ def weight_bytes(config: Config, quant_name: str = "Q4_K_M", *, imatrix: bool = 
         return gguf_tensor_bytes(quant_name)
     q = normalise_quant(quant_name)
     if q in DTYPE_BYTES:
-        return param_counts(config)["total"] * DTYPE_BYTES[q]
+        # released checkpoints keep the router's expert bias in float32 beside bf16/f16 weights
+        bias = len(config.moe_layers) * config.num_experts if config.use_expert_bias else 0
+        return (param_counts(config)["total"] - bias) * DTYPE_BYTES[q] + bias * 4
     return quant.gguf_weight_bytes(config, q, imatrix=imatrix)
 
 

@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from . import calc, presets, quant
+from .errors import Lfm2npError
 from .config import load_config
 
 
@@ -89,10 +90,12 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------- memory
 def _cmd_memory(args: argparse.Namespace) -> int:
-    quant_arg = args.quant
+    quant_arg = args.quant or "Q4_K_M"
     if str(args.model).lower().endswith(".gguf"):  # a GGUF file: its config and its real tensor types
         from .gguf import read_gguf
 
+        if args.quant is not None:
+            raise Lfm2npError(f"--quant {args.quant} does not apply to {args.model}: its own tensor types are used")
         c, _ = read_gguf(args.model)
         quant_arg = args.model
     else:
@@ -147,7 +150,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Weights per dtype or GGUF file type (llama.cpp's per-tensor rules), KV cache, "
                                    "conv state and a compute-buffer estimate; whether it fits a budget.")
     m.add_argument("model", help="preset name, config.json, checkpoint directory, or a .gguf file (its real tensor types)")
-    m.add_argument("--quant", default="Q4_K_M",
+    m.add_argument("--quant", default=None,
                    help="float32, float16, bfloat16 or a GGUF file type: " + ", ".join(quant.FILE_TYPES)
                    + " (default Q4_K_M)")
     m.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")

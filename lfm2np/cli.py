@@ -18,6 +18,11 @@ from . import calc_cli, demo, oracle_cli
 from .errors import Lfm2npError
 
 
+#: The ``--dtype`` choices of every command that runs a model.
+DTYPE_CHOICES = ["float32", "float64", "bfloat16"]
+DTYPE_HELP = "compute dtype (float64: the oracle mode; bfloat16: the emulation)"
+
+
 def _cmd_forward(args: argparse.Namespace) -> int:
     from .model import load
 
@@ -41,9 +46,9 @@ def _cmd_forward(args: argparse.Namespace) -> int:
 def _register_forward(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("forward", help="run the forward pass on token ids and show the logits",
                        description="Load a checkpoint directory and print the logits' top entries for each position.")
-    p.add_argument("model", help="checkpoint directory (config.json + model.safetensors or a sharded set)")
+    p.add_argument("model", help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M) or .gguf file")
     p.add_argument("--ids", type=int, nargs="+", default=[1, 2, 3, 4], help="token ids (default: 1 2 3 4)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"], help="compute dtype (bfloat16: the emulation)")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--top", type=int, default=3, help="how many top logits to show per position")
     p.set_defaults(func=_cmd_forward)
 
@@ -128,14 +133,14 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64)
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"], help="compute dtype (bfloat16: the emulation)")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help=DTYPE_HELP)
 
 
 def _register_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt or a chat message, streaming",
                        description="Generate from a checkpoint directory or a repo id in the local Hugging Face "
                                    "cache (e.g. LiquidAI/LFM2-350M after `hf download LiquidAI/LFM2-350M`).")
-    p.add_argument("model", help="checkpoint directory or cached repo id")
+    p.add_argument("model", help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M) or .gguf file")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="raw text to continue (BOS is prepended)")
     what.add_argument("--chat", help="a user message, formatted with the checkpoint's chat template")

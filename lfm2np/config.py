@@ -9,7 +9,8 @@ legacy key             meaning
 ``block_ff_dim``       overrides ``intermediate_size`` (``lfm2``)
 ``full_attn_idxs``     list of attention layer indices, turned into ``layer_types``
 ``tie_embedding``      overrides ``tie_word_embeddings``
-``theta``              RoPE base, like ``rope_theta`` and ``rope_parameters.rope_theta``
+``theta``              RoPE base; wins over ``rope_theta`` as in transformers 4.x (transformers 5
+                       ignores it: a config with only ``theta`` is read there as theta = 1e6)
 =====================  ===============================================================
 
 Shape fields (vocabulary, widths, layer and head counts, and for MoE the expert counts) are required:
@@ -90,7 +91,7 @@ class Config:
     routed_scaling_factor: float = 1.0
     # special tokens
     bos_token_id: int | None = 1
-    eos_token_id: tuple[int, ...] = (7,)
+    eos_token_id: tuple[int, ...] = (2,)
     pad_token_id: int | None = 0
     # an explicit head_dim key in config.json (transformers honours one); None means hidden_size / heads
     explicit_head_dim: int | None = None
@@ -348,8 +349,8 @@ def _normalise(d: Mapping[str, Any], source: str | None) -> dict[str, Any]:
             key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
             raise error(f"{key}.rope_type", f"is {rope_type!r}; only 'default' RoPE is implemented")
         theta = rope.get("rope_theta")
-    if theta is None:
-        theta = d.get("rope_theta") if d.get("rope_theta") is not None else d.get("theta")
+    if theta is None:  # the legacy ``theta`` wins over ``rope_theta``, as in transformers 4.x's Lfm2Config
+        theta = d.get("theta") if d.get("theta") is not None else d.get("rope_theta")
     if theta is not None:
         out["rope_theta"] = theta
 
@@ -377,7 +378,7 @@ def _normalise(d: Mapping[str, Any], source: str | None) -> dict[str, Any]:
     for name in ("bos_token_id", "pad_token_id"):
         if name in d:
             out[name] = d[name]
-    eos = d.get("eos_token_id", 7)
+    eos = d.get("eos_token_id", 2)  # transformers' default; released LFM2 configs say 7 (<|im_end|>)
     out["eos_token_id"] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
     return out
 

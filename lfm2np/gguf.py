@@ -365,15 +365,11 @@ def load_gguf(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict:
     ``keep_weights=None`` keeps dequantised tensors when the model in the compute dtype takes at most half of
     the machine's memory, as :func:`lfm2np.load` does for checkpoints.
     """
-    from . import model as model_module  # noqa: PLC0415
+    from .model import Model, default_keep_weights
 
     config, params = read_gguf(path, dtype, strict=strict, keep_weights=False)
-    if keep_weights is None:
-        size = sum(int(np.prod(s)) for s in expected_tensors(config).values()) * params.dtype.itemsize
-        memory = getattr(model_module, "_physical_memory", lambda: 1 << 62)()
-        keep_weights = size <= memory // 2
-    params.keep = bool(keep_weights)
-    return model_module.Model(config, params, dtype)
+    params.keep = default_keep_weights(config, params.dtype) if keep_weights is None else bool(keep_weights)
+    return Model(config, params, dtype)
 
 
 # -------------------------------------------------------------------------------- calculators

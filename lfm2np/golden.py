@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .errors import Lfm2npError
-from .ops import rope_tables
+from .ops import ROUTER_NORM_EPS, rope_tables
 from .trace import record
 
 
@@ -32,6 +32,10 @@ def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: It
 
     from . import __version__
 
+    from .bf16 import Bf16Model
+
+    if isinstance(model, Bf16Model):
+        raise Lfm2npError("golden vectors are written from the float32 or float64 model, not the bf16 emulation")
     c, W = model.config, model.params
     logits, trace = record(model, ids)
     t = trace.tensors
@@ -92,7 +96,7 @@ def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: It
                 for n in ("w1", "w3", "w2"):
                     weights[f"{f}experts.{e}.{n}.weight"] = W[f"{f}experts.{e}.{n}.weight"]
             write(f[:-1], "route+moe", {"num_experts": c.num_experts, "num_experts_per_tok": c.num_experts_per_tok,
-                                         "norm_topk_prob": c.norm_topk_prob, "router_norm_eps": 1e-6,
+                                         "norm_topk_prob": c.norm_topk_prob, "router_norm_eps": ROUTER_NORM_EPS,
                                          "routed_scaling_factor": c.routed_scaling_factor,
                                          "experts_written": chosen},
                   {"h": t[p + "ffn_norm"]}, weights,

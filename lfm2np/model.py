@@ -155,8 +155,8 @@ class Model:
         arr = np.asarray(ids)
         if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
             raise Lfm2npError(f"token ids must be integers; got an array of {arr.dtype}")
-        if arr.ndim not in (1, 2) or arr.shape[-1] == 0:
-            raise Lfm2npError(f"token ids must have shape (T,) or (B, T) with T >= 1; got shape {arr.shape}")
+        if arr.ndim not in (1, 2) or 0 in arr.shape:
+            raise Lfm2npError(f"token ids must have shape (T,) or (B, T) with B, T >= 1; got shape {arr.shape}")
         V = self.config.vocab_size
         bad = np.argwhere((arr < 0) | (arr >= V))
         if bad.size:
@@ -256,14 +256,14 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
     compute dtype (True), or convert at every use to save memory (False); by default tensors are kept when
     the converted model takes at most half of the machine's memory.
     """
-    if str(path).lower().endswith(".gguf"):  # llama.cpp's format: dequantised through the gguf package
-        from .gguf import load_gguf
-
-        return load_gguf(path, dtype, strict=strict, keep_weights=keep_weights)
     if dtype in ("bfloat16", "bf16"):  # the bf16 emulation: float32 arrays rounded where bf16 backends round
         from .bf16 import emulate_bf16
 
         return emulate_bf16(load(path, "float32", strict=strict, keep_weights=keep_weights))
+    if str(path).lower().endswith(".gguf"):  # llama.cpp's format: dequantised through the gguf package
+        from .gguf import load_gguf
+
+        return load_gguf(path, dtype, strict=strict, keep_weights=keep_weights)
     directory = hub.resolve(path)
     dt = resolve_dtype(dtype)
     config = load_config(directory)
@@ -279,13 +279,16 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
             raise Lfm2npError(message + "; pass strict=False to load anyway")
         warnings.warn(message + "; ignored", stacklevel=2)
     if keep_weights is None:
-        converted = sum(int(np.prod(s)) for s in expected.values()) * dt.itemsize
-        keep_weights = converted <= _physical_memory() // 2
+        keep_weights = default_keep_weights(config, dt)
     return Model(config, Params(checkpoint, list(expected), dt, keep_weights), dt)
 
 
-def _physical_memory() -> int:
+def default_keep_weights(config: Config, dtype: np.dtype) -> bool:
+    """Keep converted tensors when the whole model in the compute dtype takes at most half of the machine's
+    memory (the rule :func:`load` and GGUF loading use when ``keep_weights`` is None)."""
+    converted = sum(int(np.prod(s)) for s in expected_tensors(config).values()) * np.dtype(dtype).itemsize
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX: assume a laptop
-        return 16 * 1024**3
+        memory = 16 * 1024**3
+    return converted <= memory // 2

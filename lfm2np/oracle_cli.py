@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-
 import numpy as np
 
-
+from .errors import Lfm2npError
 
 
 def _ids(args: argparse.Namespace, model) -> np.ndarray:
@@ -47,18 +46,23 @@ def _cmd_golden(args: argparse.Namespace) -> int:
     from .model import load
 
     model = load(args.model, dtype=args.dtype)
-    layers = None if args.layers is None else [int(x) for x in args.layers.split(",") if x]
+    try:
+        layers = None if args.layers is None else [int(x) for x in args.layers.split(",") if x]
+    except ValueError:
+        raise Lfm2npError(f"--layers {args.layers!r}: expected comma-separated layer indices, e.g. 0,2") from None
     out = write_golden(model, _ids(args, model), args.out, layers)
     print(f"wrote golden vectors to {out} (manifest.json lists the operators)")
     return 0
 
 
 def _add_input(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="checkpoint directory or cached repo id")
+    from .cli import DTYPE_CHOICES, DTYPE_HELP
+
+    p.add_argument("model", help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M) or .gguf file")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ids", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8], help="token ids")
     src.add_argument("--text", help="text to tokenize with the checkpoint's tokenizer (BOS prepended)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"], help="compute dtype (bfloat16: the emulation)")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help=DTYPE_HELP)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -194,6 +194,7 @@ class Tokenizer:
         so a multi-byte character split across tokens is never shown half-decoded."""
         seen: list[int] = []
         shown = ""
+        text = ""
         for i in ids:
             seen.append(int(i))
             text = self.decode(seen, skip_special_tokens=skip_special_tokens)
@@ -203,6 +204,8 @@ class Tokenizer:
                 piece, shown = text[len(shown):], text
                 if piece:
                     yield piece
+        if text != shown:  # the end: release what was held back (a dangling byte shows as U+FFFD)
+            yield text[len(shown):] if text.startswith(shown) else text
 
     # -------------------------------------------------------------------- chat
     def apply_chat_template(self, messages: Sequence[Message], tools: Sequence[Any] | None = None,

@@ -38,18 +38,20 @@ from .errors import Lfm2npError
 
 # ------------------------------------------------------------------------------ aliases
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-#: llama.cpp graph-callback names (src/models/lfm2.cpp and build_moe_ffn), by our step name.
-_LLAMA_SAME = {"operator_norm", "conv.in_proj", "conv.out_proj", "self_attn.q_proj", "self_attn.k_proj",
-               "self_attn.v_proj", "self_attn.out_proj", "ffn_norm"}
-_LLAMA_RENAMED = {"conv.conv_out": "model.layers.{i}.conv.conv", "self_attn.q_normed": "model.layers.{i}.self_attn.q_layernorm",
-                  "self_attn.k_normed": "model.layers.{i}.self_attn.k_layernorm",
-                  "feed_forward.router_logits": "ffn_moe_logits-{i}",
-                  "feed_forward.routing_weights": "ffn_moe_weights_norm-{i}",
-                  "feed_forward.selected_experts": "ffn_moe_topk-{i}"}
+#: llama.cpp's LFM2 graph (src/models/lfm2.cpp) names tensors with a literal "{}" where the layer goes, and its
+#: graph callback appends "-{layer}" (ggml_format_name(cur, "%s-%d", name, il)): "model.layers.{}.ffn_norm-3".
+_LLAMA_HF_STYLE = {"operator_norm": "operator_norm", "conv.in_proj": "conv.in_proj", "conv.conv_out": "conv.conv",
+                   "conv.out_proj": "conv.out_proj", "self_attn.q_proj": "self_attn.q_proj",
+                   "self_attn.k_proj": "self_attn.k_proj", "self_attn.v_proj": "self_attn.v_proj",
+                   "self_attn.q_normed": "self_attn.q_layernorm", "self_attn.k_normed": "self_attn.k_layernorm",
+                   "self_attn.out_proj": "self_attn.out_proj", "ffn_norm": "ffn_norm"}
+#: ... and build_moe_ffn names the routing tensors "ffn_moe_*-{layer}".
+_LLAMA_MOE = {"feed_forward.router_logits": "ffn_moe_logits", "feed_forward.selected_experts": "ffn_moe_topk",
+              "feed_forward.routing_weights": "ffn_moe_weights_norm"}
 
 
 def llama_cpp_alias(name: str) -> str | None:
-    """The llama.cpp callback name of a trace tensor, where one exists."""
+    """The name llama.cpp's graph callback gives the same tensor, where one exists."""
     if name == "model.embed_tokens":
         return name
     if name == "model.embedding_norm":
@@ -60,10 +62,10 @@ def llama_cpp_alias(name: str) -> str | None:
     if not m:
         return None
     i, step = m.groups()
-    if step in _LLAMA_SAME:
-        return name
-    if step in _LLAMA_RENAMED:
-        return _LLAMA_RENAMED[step].format(i=i)
+    if step in _LLAMA_HF_STYLE:
+        return f"model.layers.{{}}.{_LLAMA_HF_STYLE[step]}-{i}"
+    if step in _LLAMA_MOE:
+        return f"{_LLAMA_MOE[step]}-{i}"
     return None
 
 
@@ -224,12 +226,17 @@ class TensorDiff:
     cosine: float
     routing_agreement: float | None  # for selected_experts: fraction of tokens with the same expert set
     ok: bool
+    problem: str = ""
 
 
 def diff_tensors(name: str, a: np.ndarray, b: np.ndarray, tier: CompareTier) -> TensorDiff:
-    """Error metrics of ``a`` against the reference ``b``."""
+    """Error metrics of ``a`` against the reference ``b``. Axes of length 1 are ignored (a dump may keep a
+    batch or sequence axis); other shape differences are reported as a failed tensor."""
+    if a.shape != b.shape and a.size == b.size and np.squeeze(a).shape == np.squeeze(b).shape:
+        a, b = np.squeeze(a), np.squeeze(b)
     if a.shape != b.shape:
-        raise Lfm2npError(f"{name}: shapes differ, {list(a.shape)} vs {list(b.shape)}")
+        return TensorDiff(name, a.shape, math.inf, math.inf, math.inf, math.inf, 0.0, None, False,
+                          f"shape {list(a.shape)} vs reference {list(b.shape)}")
     if name.endswith("selected_experts"):
         same = np.all(np.sort(a, axis=-1) == np.sort(b, axis=-1), axis=-1)
         agreement = float(same.mean()) if same.size else 1.0
@@ -275,7 +282,8 @@ class Comparison:
                 "compared": len(self.diffs), "only_in_a": self.only_in_a, "only_in_b": self.only_in_b,
                 "routing_agreement": self.routing(),
                 "tensors": [{"name": d.name, "shape": list(d.shape), "max_abs": d.max_abs, "max_rel": d.max_rel,
-                             "nmse": d.nmse, "nmse_db": d.nmse_db, "cosine": d.cosine, "ok": d.ok}
+                             "nmse": d.nmse, "nmse_db": d.nmse_db, "cosine": d.cosine, "ok": d.ok,
+                             **({"problem": d.problem} if d.problem else {})}
                             for d in self.diffs]}
 
 
@@ -315,9 +323,9 @@ def format_comparison(c: Comparison, all_rows: bool = False) -> str:
     elif first is None:
         lines.append(f"all {len(c.diffs)} tensors agree")
     else:
-        lines.append(f"FIRST DIVERGENCE: {first.name} (max_rel {first.max_rel:.3g}, NMSE {first.nmse_db:.1f} dB"
-                     + (f", routing agreement {first.routing_agreement:.1%}" if first.routing_agreement is not None
-                        else "") + ")")
+        detail = first.problem or (f"max_rel {first.max_rel:.3g}, NMSE {first.nmse_db:.1f} dB" + (
+            f", routing agreement {first.routing_agreement:.1%}" if first.routing_agreement is not None else ""))
+        lines.append(f"FIRST DIVERGENCE: {first.name} ({detail})")
     lines.append(f"{'tensor':56s} {'max_abs':>10s} {'max_rel':>10s} {'NMSE dB':>9s} {'cosine':>10s}  ok")
     for d in c.diffs:
         extra = f"  experts agree {d.routing_agreement:.1%}" if d.routing_agreement is not None else ""

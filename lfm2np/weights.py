@@ -13,10 +13,12 @@ format is an 8-byte header length, a JSON header and raw little-endian data), wh
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -131,15 +133,8 @@ class SafetensorsFile:
         data_size = size - self._data_start
         self.tensors: dict[str, TensorInfo] = {}
         for name, entry in header.items():
-            try:
-                dtype, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise Lfm2npError(f"{self.path}: corrupt header entry for tensor {name!r}") from None
-            if dtype not in _STORAGE:
-                raise Lfm2npError(
-                    f"{self.path}: tensor {name!r} has dtype {dtype}; lfm2np reads {', '.join(_STORAGE)}"
-                )
-            nbytes = int(np.prod(shape, dtype=np.int64)) * _STORAGE[dtype].itemsize
+            dtype, shape, begin, end = self._entry(name, entry)
+            nbytes = math.prod(shape) * _STORAGE[dtype].itemsize  # Python ints: no overflow
             if not (0 <= begin <= end) or end - begin != nbytes:
                 raise Lfm2npError(
                     f"{self.path}: tensor {name!r} byte range {begin}..{end} does not fit shape {list(shape)} {dtype}"
@@ -150,6 +145,36 @@ class SafetensorsFile:
                     f"{data_size}: the file is truncated"
                 )
             self.tensors[name] = TensorInfo(self.path, dtype, shape, begin, end)
+        self._check_layout(data_size)
+
+    def _entry(self, name: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
+        """dtype, shape and byte range of one header entry, each checked for its type."""
+        def bad(field: str, value: Any) -> Lfm2npError:
+            return Lfm2npError(f"{self.path}: corrupt header entry for tensor {name!r}: {field} is {value!r}")
+
+        if not isinstance(entry, dict):
+            raise bad("the entry", entry)
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise bad("dtype", dtype)
+        if dtype not in _STORAGE:
+            raise Lfm2npError(f"{self.path}: tensor {name!r} has dtype {dtype}; lfm2np reads {', '.join(_STORAGE)}")
+        is_int = lambda v: type(v) is int  # noqa: E731  (not bool, not float, not str)
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+            raise bad("shape", shape)
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) for o in offsets):
+            raise bad("data_offsets", offsets)
+        return dtype, tuple(shape), offsets[0], offsets[1]
+
+    def _check_layout(self, data_size: int) -> None:
+        """Tensors must tile the data section: no overlap, no gap (as the safetensors library requires)."""
+        position = 0
+        for info in sorted(self.tensors.values(), key=lambda i: (i.begin, i.end)):
+            if info.begin != position:
+                what = "overlaps the previous tensor" if info.begin < position else f"leaves a gap at byte {position}"
+                name = next(n for n, i in self.tensors.items() if i is info)
+                raise Lfm2npError(f"{self.path}: corrupt header: tensor {name!r} at byte {info.begin} {what}")
+            position = info.end
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor as stored (bf16 as uint16), a read-only view into the memory map."""

@@ -312,3 +312,15 @@ def test_numpy_integers_are_accepted_where_ints_are():
     assert calc.kv_cache_bytes(c, np.int64(4096), np.int32(2), "f16") == calc.kv_cache_bytes(c, 4096, 2, "f16")
     with pytest.raises(Lfm2npError, match="context"):
         calc.kv_cache_bytes(c, np.float64(4096.0), 1, "f16")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-dense"])
+def test_float_weight_bytes_equal_a_written_checkpoint(tmp_path, name, dtype):
+    """Exact against the bytes lfm2np writes (the expert bias stays float32, as in released checkpoints)."""
+    from lfm2np.synthetic import random_params
+    from lfm2np.weights import Checkpoint, save_checkpoint
+
+    c = load_config(name)
+    path = save_checkpoint(tmp_path / name, c, random_params(c), dtype=dtype)
+    assert calc.weight_bytes(c, dtype) == Checkpoint(path).nbytes()

@@ -69,8 +69,9 @@ def test_legacy_keys_equal_their_modern_spelling():
 
 def test_legacy_keys_win_over_modern_ones_as_in_transformers():
     c = Config.from_dict(base_dense(block_ff_dim=40, intermediate_size=24, tie_embedding=False,
-                                    tie_word_embeddings=True))
+                                    tie_word_embeddings=True, theta=5e5, rope_theta=2e4))
     assert c.intermediate_size == 40 and c.tie_word_embeddings is False
+    assert c.rope_theta == 5e5  # transformers 4.x: kwargs.get("theta", kwargs.get("rope_theta"))
 
 
 def test_fixture_configs_parse_to_the_reference_config(case):
@@ -97,7 +98,7 @@ def test_derived_values():
     assert c.head_dim == 4 and c.kv_groups == 2
     assert c.attention_layers == (1,) and c.conv_layers == (0, 2)
     assert c.moe_layers == (1, 2) and not c.is_moe_layer(0)
-    assert c.eos_token_id == (7,)
+    assert c.eos_token_id == (2,)  # transformers' default when the config has none
     assert Config.from_dict(base_moe(eos_token_id=[7, 2])).eos_token_id == (7, 2)
 
 

@@ -24,7 +24,10 @@ def summary(nb) -> list[tuple[str, str, list]]:
         outputs = []
         for o in cell.get("outputs", []):
             if o["output_type"] == "stream":
-                outputs.append(("stream", o["name"], o["text"]))
+                if outputs and outputs[-1][0] == "stream" and outputs[-1][1] == o["name"]:
+                    outputs[-1] = ("stream", o["name"], outputs[-1][2] + o["text"])  # the kernel may split a stream
+                else:
+                    outputs.append(("stream", o["name"], o["text"]))
             elif o["output_type"] in ("display_data", "execute_result"):
                 data = o["data"]
                 outputs.append(("image",) if "image/png" in data else ("text", data.get("text/plain")))

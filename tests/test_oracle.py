@@ -68,15 +68,30 @@ def test_save_and_load_round_trip(tmp_path):
     summary = json.loads(path.with_suffix(".json").read_text())
     assert summary["meta"]["ids"] == [4, 5, 6]
     entry = summary["tensors"]["model.layers.0.self_attn.q_normed"]
-    assert entry["shape"] == [3, 6, 6] and entry["llama_cpp"] == "model.layers.0.self_attn.q_layernorm"
+    assert entry["shape"] == [3, 6, 6] and entry["llama_cpp"] == "model.layers.{}.self_attn.q_layernorm-0"
     assert entry["max_abs"] == pytest.approx(float(np.abs(trace["model.layers.0.self_attn.q_normed"]).max()))
 
 
 def test_llama_cpp_aliases():
-    assert llama_cpp_alias("model.layers.3.conv.conv_out") == "model.layers.3.conv.conv"
+    """llama.cpp's LFM2 graph names tensors "model.layers.{}.<step>" and its callback appends "-<layer>"
+    (src/models/lfm2.cpp with ggml_format_name(cur, "%s-%d", name, il)); MoE routing is "ffn_moe_*-<layer>"."""
+    assert llama_cpp_alias("model.layers.3.conv.conv_out") == "model.layers.{}.conv.conv-3"
+    assert llama_cpp_alias("model.layers.12.operator_norm") == "model.layers.{}.operator_norm-12"
     assert llama_cpp_alias("model.layers.3.feed_forward.router_logits") == "ffn_moe_logits-3"
     assert llama_cpp_alias("lm_head") == "result_output"
     assert llama_cpp_alias("model.layers.3.conv.b_gate") is None
+
+
+def test_a_dump_with_extra_unit_axes_and_a_wrong_shape():
+    """llama.cpp keeps (1, T, n) for conv tensors: unit axes are ignored; a real shape mismatch is a failed
+    tensor in the report, not a crash."""
+    _, trace = record(model("moe-bf16-bias"), [1, 2, 3])
+    dump = {(llama_cpp_alias(n) or n): v[None] for n, v in trace.tensors.items()}
+    assert compare(trace, Trace(dump)).ok
+    dump["model.layers.{}.conv.conv-0"] = dump["model.layers.{}.conv.conv-0"][..., :5]
+    result = compare(trace, Trace(dump))
+    assert result.first_divergence.name == "model.layers.0.conv.conv_out"
+    assert "shape" in result.first_divergence.problem
 
 
 def test_a_reference_named_with_llama_cpp_aliases_is_matched():

@@ -214,3 +214,37 @@ def test_save_checkpoint_checks_its_input(tmp_path):
     del params["model.embedding_norm.weight"]
     with pytest.raises(lfm2np.Lfm2npError, match="embedding_norm.weight' is missing"):
         save_checkpoint(tmp_path, config, params)
+
+
+def write_raw(path, header: dict, data: bytes) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}, "data_offsets is"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]}, "data_offsets is"),
+    ({"dtype": "F32", "shape": "12", "data_offsets": [0, 8]}, "shape is"),
+    ({"dtype": "F32", "shape": [-2, -1], "data_offsets": [0, 8]}, "shape is"),
+    ({"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}, "shape is"),
+    ({"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}, "does not fit shape"),
+    ({"dtype": 7, "shape": [2], "data_offsets": [0, 8]}, "dtype is"),
+    ("not an object", "the entry is"),
+])
+def test_corrupt_header_entries_are_named(tmp_path, entry, message):
+    f = tmp_path / "model.safetensors"
+    write_raw(f, {"w": entry}, bytes(8))
+    with pytest.raises(lfm2np.Lfm2npError, match=f"{f}.*'w'.*{message}"):
+        Checkpoint(tmp_path)
+
+
+def test_overlapping_or_gapped_tensors_are_refused(tmp_path):
+    f = tmp_path / "model.safetensors"
+    write_raw(f, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                  "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12))
+    with pytest.raises(lfm2np.Lfm2npError, match="overlaps"):
+        Checkpoint(tmp_path)
+    write_raw(f, {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                  "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}, bytes(12))
+    with pytest.raises(lfm2np.Lfm2npError, match="gap at byte 4"):
+        Checkpoint(tmp_path)
