@@ -11,8 +11,9 @@ For each tiny configuration below it
 2. writes the checkpoint as released checkpoints are laid out: per-expert tensors, the float32
    expert bias beside bf16/f16 weights where the checkpoint dtype is reduced, sharded when asked, and a
    config.json that may use the legacy keys;
-3. reloads that directory with ``from_pretrained`` and checks the logits are identical, so the files are
-   exactly what transformers reads;
+3. reloads that directory's weights with ``from_pretrained`` (given the config object: transformers 5 cannot
+   read every legacy spelling) and checks the logits are identical, so the tensors are exactly what
+   transformers reads;
 4. records, with forward hooks on the transformers modules, every operator's inputs and outputs for one
    sequence, and the logits for several sequence lengths and a batch of 2;
 5. rejects routing near-ties (the margin between the k-th and (k+1)-th selection score must exceed
