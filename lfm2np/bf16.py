@@ -27,7 +27,7 @@ import numpy as np
 
 from . import ops
 from .config import Config
-from .model import Model
+from .model import LazyParams, Model
 from .ops import Recorder
 from .weights import bfloat16_bits
 
@@ -37,29 +37,17 @@ def to_bf16(x: np.ndarray) -> np.ndarray:
     return (bfloat16_bits(np.asarray(x, dtype=np.float32)).astype(np.uint32) << 16).view(np.float32)
 
 
-class _RoundedParams(Mapping[str, np.ndarray]):
+class _RoundedParams(LazyParams):
     """Weights rounded to bf16 on use (the expert bias stays float32); rounded copies are kept unless the
     underlying parameters were loaded with ``keep_weights=False``."""
 
     def __init__(self, params: Mapping[str, np.ndarray], rounding: bool):
-        self.params, self.rounding, self._kept = params, rounding, {}
-        self.keep = getattr(params, "keep", True)
+        super().__init__(list(params), getattr(params, "keep", True))
+        self.params, self.rounding = params, rounding
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        w = self._kept.get(name)
-        if w is None:
-            w = np.asarray(self.params[name], dtype=np.float32)
-            if self.rounding and not name.endswith("expert_bias"):
-                w = to_bf16(w)
-            if self.keep:
-                self._kept[name] = w
-        return w
-
-    def __iter__(self):
-        return iter(self.params)
-
-    def __len__(self) -> int:
-        return len(self.params)
+    def _load(self, name: str) -> np.ndarray:
+        w = np.asarray(self.params[name], dtype=np.float32)
+        return to_bf16(w) if self.rounding and not name.endswith("expert_bias") else w
 
 
 class Bf16Model(Model):

@@ -28,13 +28,14 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from . import quant
 from .config import ATTENTION, CONV, Config
 from .errors import Lfm2npError
+from .model import LazyParams
 from .weights import expected_tensors
 
 ARCHITECTURES = {"lfm2": "lfm2", "lfm2moe": "lfm2_moe"}  # GGUF general.architecture -> HF model_type
@@ -249,7 +250,7 @@ def config_dict_from_metadata(meta: Mapping[str, Any], tensors: Mapping[str, tup
 
 
 # ------------------------------------------------------------------------------------ reading
-class GgufParams(Mapping[str, np.ndarray]):
+class GgufParams(LazyParams):
     """The model's tensors by Hugging Face name, dequantised from a GGUF file on first use.
 
     ``keep=True`` keeps each tensor once dequantised; ``keep=False`` dequantises it again at every use
@@ -258,21 +259,11 @@ class GgufParams(Mapping[str, np.ndarray]):
 
     def __init__(self, reader: Any, path: Path, sources: dict[str, tuple[Any, int | None, tuple[int, ...]]],
                  dtype: np.dtype, keep: bool):
-        self.reader, self.path, self.dtype, self.keep = reader, path, np.dtype(dtype), keep
+        super().__init__(list(sources), keep)
+        self.reader, self.path, self.dtype = reader, path, np.dtype(dtype)
         self._sources = sources  # HF name -> (ReaderTensor, expert index or None, HF shape)
-        self._kept: dict[str, np.ndarray] = {}
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        arr = self._kept.get(name)
-        if arr is None:
-            if name not in self._sources:
-                raise KeyError(name)
-            arr = self._read(name)
-            if self.keep:
-                self._kept[name] = arr
-        return arr
-
-    def _read(self, name: str) -> np.ndarray:
+    def _load(self, name: str) -> np.ndarray:
         from gguf.quants import dequantize  # noqa: PLC0415
 
         tensor, expert, shape = self._sources[name]
@@ -287,12 +278,6 @@ class GgufParams(Mapping[str, np.ndarray]):
     def stored_type(self, name: str) -> str:
         """The ggml type of the GGUF tensor that holds ``name`` (``Q4_K``, ``F32``...)."""
         return self._sources[name][0].tensor_type.name
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._sources)
-
-    def __len__(self) -> int:
-        return len(self._sources)
 
 
 def _open(path: "str | os.PathLike[str]") -> tuple[Any, Path]:

@@ -39,25 +39,25 @@ def resolve_dtype(dtype: Any) -> np.dtype:
     return DTYPES[dt.name]
 
 
-class Params(Mapping[str, np.ndarray]):
-    """The model's tensors by Hugging Face name, read from a checkpoint in the compute dtype on first use.
+class LazyParams(Mapping[str, np.ndarray]):
+    """Tensors by Hugging Face name, produced on first use by :meth:`_load` (read, widened, dequantised or
+    rounded) and kept when ``keep`` is true. ``keep=False`` produces them again at every use, trading speed
+    for memory. The subclasses differ only in :meth:`_load`."""
 
-    With ``keep=True`` a tensor converted once is kept (fast; memory is the whole model in the compute
-    dtype). With ``keep=False`` it is converted again at every use (memory stays near the size of the
-    memory-mapped files). A tensor already stored in the compute dtype is a view of the file either way.
-    """
-
-    def __init__(self, checkpoint: Checkpoint, names: list[str], dtype: np.dtype, keep: bool):
-        self.checkpoint, self.dtype, self.keep = checkpoint, dtype, keep
-        self._names = names
+    def __init__(self, names: "list[str]", keep: bool):
+        self._names, self.keep = list(names), keep
+        self._known = set(self._names)
         self._kept: dict[str, np.ndarray] = {}
+
+    def _load(self, name: str) -> np.ndarray:
+        raise NotImplementedError
 
     def __getitem__(self, name: str) -> np.ndarray:
         arr = self._kept.get(name)
         if arr is None:
-            if name not in self.checkpoint.tensors:
+            if name not in self._known:
                 raise KeyError(name)
-            arr = self.checkpoint.read(name, self.dtype)
+            arr = self._load(name)
             if self.keep:
                 self._kept[name] = arr
         return arr
@@ -67,6 +67,18 @@ class Params(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+class Params(LazyParams):
+    """A checkpoint's tensors in the compute dtype. A tensor already stored in that dtype is a read-only view
+    of the memory-mapped file either way; a bf16/f16 one is widened (and kept when ``keep``)."""
+
+    def __init__(self, checkpoint: Checkpoint, names: list[str], dtype: np.dtype, keep: bool):
+        super().__init__([n for n in names if n in checkpoint.tensors], keep)
+        self.checkpoint, self.dtype = checkpoint, dtype
+
+    def _load(self, name: str) -> np.ndarray:
+        return self.checkpoint.read(name, self.dtype)
 
 
 class Model:
