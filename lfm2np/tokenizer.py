@@ -228,8 +228,6 @@ class Tokenizer:
 
 
 def _have_jinja2() -> bool:
-    try:
-        import jinja2  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("jinja2") is not None
