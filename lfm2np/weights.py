@@ -190,8 +190,9 @@ def widen(raw: np.ndarray, stored: str, dtype: np.dtype) -> np.ndarray:
     """A stored tensor converted to the compute dtype. bf16 -> f32 is exact: the 16 bits become the high
     half of a float32. Returns a view (no copy) when the stored dtype already is the compute dtype."""
     if stored == "BF16":
-        f32 = (raw.astype(np.uint32) << 16).view(np.float32)
-        return f32.astype(dtype, copy=False)
+        bits = raw.astype(np.uint32)  # one new array, shifted in place: no second temporary
+        bits <<= 16
+        return bits.view(np.float32).astype(dtype, copy=False)
     return raw.astype(dtype, copy=False)
 
 
