@@ -46,7 +46,14 @@ class _RoundedParams(LazyParams):
         self.params, self.rounding = params, rounding
 
     def _load(self, name: str) -> np.ndarray:
-        w = np.asarray(self.params[name], dtype=np.float32)
+        return self._round(name, self.params[name])
+
+    def _load_rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        p = self.params
+        return self._round(name, p.rows(name, index) if isinstance(p, LazyParams) else p[name][index])
+
+    def _round(self, name: str, w: np.ndarray) -> np.ndarray:
+        w = np.asarray(w, dtype=np.float32)
         return to_bf16(w) if self.rounding and not name.endswith("expert_bias") else w
 
 
@@ -98,7 +105,7 @@ class Bf16Model(Model):
              record: Recorder | None = None) -> tuple[np.ndarray, list]:
         c, W = self.config, self.params
         cos, sin = ops.rope_tables(np.arange(start, start + ids.shape[0]), c.head_dim, c.rope_theta, np.float32)
-        h = ops.embed(ids, W["model.embed_tokens.weight"])
+        h = self._embed(ids)
         if record:
             record("model.embed_tokens", h)
         new_state = []

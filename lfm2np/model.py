@@ -62,6 +62,16 @@ class LazyParams(Mapping[str, np.ndarray]):
                 self._kept[name] = arr
         return arr
 
+    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        """``self[name][index]`` without producing the whole tensor when it is not kept (an embedding
+        lookup widens the looked-up rows only)."""
+        if self.keep or name in self._kept:
+            return self[name][index]
+        return self._load_rows(name, index)
+
+    def _load_rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        return self._load(name)[index]
+
     def __iter__(self):
         return iter(self._names)
 
@@ -79,6 +89,9 @@ class Params(LazyParams):
 
     def _load(self, name: str) -> np.ndarray:
         return self.checkpoint.read(name, self.dtype)
+
+    def _load_rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        return self.checkpoint.read(name, self.dtype, rows=index)
 
 
 class Model:
@@ -188,7 +201,7 @@ class Model:
         c, W = self.config, self.params
         positions = np.arange(start, start + ids.shape[0])
         cos, sin = ops.rope_tables(positions, c.head_dim, c.rope_theta, self.dtype)
-        h = ops.embed(ids, W["model.embed_tokens.weight"]).astype(self.dtype, copy=False)  # (T, D)
+        h = self._embed(ids)  # (T, D)
         if record:
             record("model.embed_tokens", h)
         new_state = []
@@ -203,6 +216,14 @@ class Model:
         if record:
             record("lm_head", logits)
         return logits, new_state
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        """``ops.embed`` on the embedding table; from a lazily loaded checkpoint only the rows of ``ids`` are
+        read and converted."""
+        name = "model.embed_tokens.weight"
+        if isinstance(self.params, LazyParams):
+            return self.params.rows(name, ids).astype(self.dtype, copy=False)
+        return ops.embed(ids, self.params[name]).astype(self.dtype, copy=False)
 
     def _layer(self, i: int, h: np.ndarray, cos: np.ndarray, sin: np.ndarray, past: Any,
                record: Recorder | None) -> tuple[np.ndarray, Any]:

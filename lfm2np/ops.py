@@ -36,15 +36,24 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndar
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    """``1 / (1 + exp(-x))``; exp overflows to inf for very negative x, which gives the right 0."""
+    """``1 / (1 + exp(-x))``; exp overflows to inf for very negative x, which gives the right 0.
+    (Computed in one buffer: these run on every FFN activation of long prompts.)"""
+    t = np.array(x, dtype=np.result_type(x, np.float32))  # a copy, also of 0-d input
+    np.negative(t, out=t)
     with np.errstate(over="ignore"):
-        return 1.0 / (1.0 + np.exp(-x))
+        np.exp(t, out=t)
+    t += 1.0
+    return np.reciprocal(t, out=t)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    """``x * sigmoid(x)``, written ``x / (1 + exp(-x))`` as torch computes it."""
+    """``x * sigmoid(x)``, written ``x / (1 + exp(-x))`` as torch computes it (in one buffer)."""
+    t = np.array(x, dtype=np.result_type(x, np.float32))  # a copy, also of 0-d input
+    np.negative(t, out=t)
     with np.errstate(over="ignore"):
-        return x / (1.0 + np.exp(-x))
+        np.exp(t, out=t)
+    t += 1.0
+    return np.divide(x, t, out=t)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -99,9 +108,10 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 # -------------------------------------------------------------------------- attention
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax; rows that are entirely -inf are not expected (causality keeps one key)."""
-    m = np.max(x, axis=axis, keepdims=True)
-    e = np.exp(x - m)
-    return e / np.sum(e, axis=axis, keepdims=True)
+    e = x - np.max(x, axis=axis, keepdims=True)
+    np.exp(e, out=e)
+    e /= np.sum(e, axis=axis, keepdims=True)
+    return e
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -246,10 +246,12 @@ class Checkpoint:
                 )
         return [n for n in self.tensors if n not in expected]
 
-    def read(self, name: str, dtype: np.dtype) -> np.ndarray:
-        """Tensor ``name`` in the compute dtype (a memory-map view when no conversion is needed)."""
+    def read(self, name: str, dtype: np.dtype, rows: np.ndarray | None = None) -> np.ndarray:
+        """Tensor ``name`` in the compute dtype (a memory-map view when no conversion is needed), or only
+        its ``rows`` (gathered before conversion)."""
         info = self.tensors[name]
-        return widen(self.files[info.file.name].raw(name), info.dtype, np.dtype(dtype))
+        raw = self.files[info.file.name].raw(name)
+        return widen(raw if rows is None else raw[rows], info.dtype, np.dtype(dtype))
 
     def stored_dtypes(self) -> dict[str, int]:
         """How many tensors of each stored dtype the checkpoint holds."""

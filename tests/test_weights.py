@@ -248,3 +248,19 @@ def test_overlapping_or_gapped_tensors_are_refused(tmp_path):
                   "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}, bytes(12))
     with pytest.raises(lfm2np.Lfm2npError, match="gap at byte 4"):
         Checkpoint(tmp_path)
+
+
+def test_embedding_lookup_without_kept_weights_reads_only_the_rows(tmp_path, monkeypatch):
+    """With keep_weights=False an embedding lookup converts the looked-up rows, not the whole table."""
+    from lfm2np import weights as W
+
+    config = lfm2np.load_config("tiny-moe")
+    params = random_params(config, seed=9)
+    path = save_checkpoint(tmp_path / "bf", config, params, dtype="bfloat16")
+    sizes = []
+    real = W.widen
+    monkeypatch.setattr(W, "widen", lambda raw, stored, dtype: (sizes.append(raw.size), real(raw, stored, dtype))[1])
+    lean = lfm2np.load(path, keep_weights=False)
+    h = lean._embed(np.array([3, 5, 3]))
+    assert sizes == [3 * config.hidden_size]
+    np.testing.assert_array_equal(h, lfm2np.load(path, keep_weights=True)._embed(np.array([3, 5, 3])))
