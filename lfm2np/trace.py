@@ -16,9 +16,9 @@ Names are the Hugging Face module path plus the step, in forward order, e.g.::
     lm_head                                        (the logits)
 
 Each name may carry an alias: the name llama.cpp's graph callback gives the same tensor (its LFM2 graph
-names most of them after the Hugging Face modules; MoE internals are ``ffn_moe_*-{layer}``). Tensors are
-``(T, ...)`` for one sequence of T tokens. Recording costs nothing when off: the forward pass calls the
-recorder only when one is given.
+names some after the Hugging Face modules, others generically: ``Qcur-3``, ``ffn_moe_logits-3``,
+``l_out-3``). Tensors are ``(T, ...)`` for one sequence of T tokens. Recording costs nothing when off: the
+forward pass calls the recorder only when one is given.
 """
 
 from __future__ import annotations
@@ -39,13 +39,19 @@ from .errors import Lfm2npError
 # ------------------------------------------------------------------------------ aliases
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 #: llama.cpp's LFM2 graph (src/models/lfm2.cpp) names tensors with a literal "{}" where the layer goes, and its
-#: graph callback appends "-{layer}" (ggml_format_name(cur, "%s-%d", name, il)): "model.layers.{}.ffn_norm-3".
+#: graph callback appends "-{layer}" (ggml_format_name(cur, "%s-%d", name, il)): "model.layers.{}.conv.conv-3".
+#: Checked against real dumps (tools/dump_llama_cpp_trace.py, llama-cpp-python 0.3.36). The FFN norm's output
+#: is named "model.layers.{}.ffn_out" when it is computed (it was "...ffn_norm" when the graph was built: a
+#: reshape of it is "model.layers.{}.ffn_norm-3 (reshaped)"), and the projections are "Qcur"/"Kcur"/"Vcur".
 _LLAMA_HF_STYLE = {"operator_norm": "operator_norm", "conv.in_proj": "conv.in_proj", "conv.conv_out": "conv.conv",
-                   "conv.out_proj": "conv.out_proj", "self_attn.q_proj": "self_attn.q_proj",
-                   "self_attn.k_proj": "self_attn.k_proj", "self_attn.v_proj": "self_attn.v_proj",
-                   "self_attn.q_normed": "self_attn.q_layernorm", "self_attn.k_normed": "self_attn.k_layernorm",
-                   "self_attn.out_proj": "self_attn.out_proj", "ffn_norm": "ffn_norm"}
-#: ... and build_moe_ffn names the routing tensors "ffn_moe_*-{layer}".
+                   "conv.out_proj": "conv.out_proj", "self_attn.q_normed": "self_attn.q_layernorm",
+                   "self_attn.k_normed": "self_attn.k_layernorm", "self_attn.out_proj": "self_attn.out_proj",
+                   "ffn_norm": "ffn_out"}
+#: ... and the generic graph helpers name the rest "<name>-{layer}" (build_attn, build_ffn, build_moe_ffn).
+#: Dense FFN layers have no name for their output (the down projection); MoE layers call it ffn_moe_out.
+_LLAMA_GENERIC = {"self_attn.q_proj": "Qcur", "self_attn.k_proj": "Kcur", "self_attn.v_proj": "Vcur",
+                  "self_attn.attn_out": "kqv_out", "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up",
+                  "feed_forward.act": "ffn_swiglu", "feed_forward.output": "ffn_moe_out"}
 _LLAMA_MOE = {"feed_forward.router_logits": "ffn_moe_logits", "feed_forward.selected_experts": "ffn_moe_topk",
               "feed_forward.routing_weights": "ffn_moe_weights_norm"}
 
@@ -58,12 +64,17 @@ def llama_cpp_alias(name: str) -> str | None:
         return "result_norm"
     if name == "lm_head":
         return "result_output"
+    m = re.fullmatch(r"model\.layers\.(\d+)", name)
+    if m:
+        return f"l_out-{m.group(1)}"
     m = _LAYER.match(name)
     if not m:
         return None
     i, step = m.groups()
     if step in _LLAMA_HF_STYLE:
         return f"model.layers.{{}}.{_LLAMA_HF_STYLE[step]}-{i}"
+    if step in _LLAMA_GENERIC:
+        return f"{_LLAMA_GENERIC[step]}-{i}"
     if step in _LLAMA_MOE:
         return f"{_LLAMA_MOE[step]}-{i}"
     return None

@@ -72,14 +72,52 @@ def test_save_and_load_round_trip(tmp_path):
     assert entry["max_abs"] == pytest.approx(float(np.abs(trace["model.layers.0.self_attn.q_normed"]).max()))
 
 
+#: Every name lfm2np's aliases use, as they appear in a real llama.cpp dump: llama-cpp-python 0.3.36,
+#: tools/dump_llama_cpp_trace.py --ints, the tiny-moe layout at width 256 (layer 0 conv + dense FFN, 1 and 3
+#: conv + MoE, 2 attention + MoE), F32 weights. Each of these matched lfm2np's tensor at max_rel <= 2.2e-6.
+LLAMA_CPP_DUMP_NAMES = [
+    "model.embed_tokens",
+    "model.layers.{}.operator_norm-0", "model.layers.{}.conv.in_proj-0", "model.layers.{}.conv.conv-0",
+    "model.layers.{}.conv.out_proj-0", "model.layers.{}.ffn_out-0", "ffn_gate-0", "ffn_up-0", "ffn_swiglu-0",
+    "l_out-0",
+    "model.layers.{}.operator_norm-1", "model.layers.{}.conv.in_proj-1", "model.layers.{}.conv.conv-1",
+    "model.layers.{}.conv.out_proj-1", "model.layers.{}.ffn_out-1", "ffn_moe_logits-1", "ffn_moe_topk-1",
+    "ffn_moe_weights_norm-1", "ffn_moe_out-1", "l_out-1",
+    "model.layers.{}.operator_norm-2", "Qcur-2", "Kcur-2", "Vcur-2", "model.layers.{}.self_attn.q_layernorm-2",
+    "model.layers.{}.self_attn.k_layernorm-2", "kqv_out-2", "model.layers.{}.self_attn.out_proj-2",
+    "model.layers.{}.ffn_out-2", "ffn_moe_logits-2", "ffn_moe_topk-2", "ffn_moe_weights_norm-2", "ffn_moe_out-2",
+    "l_out-2",
+    "model.layers.{}.operator_norm-3", "model.layers.{}.conv.in_proj-3", "model.layers.{}.conv.conv-3",
+    "model.layers.{}.conv.out_proj-3", "model.layers.{}.ffn_out-3", "ffn_moe_logits-3", "ffn_moe_topk-3",
+    "ffn_moe_weights_norm-3", "ffn_moe_out-3", "l_out-3",
+    "result_norm", "result_output",
+]
+
+
 def test_llama_cpp_aliases():
-    """llama.cpp's LFM2 graph names tensors "model.layers.{}.<step>" and its callback appends "-<layer>"
-    (src/models/lfm2.cpp with ggml_format_name(cur, "%s-%d", name, il)); MoE routing is "ffn_moe_*-<layer>"."""
+    """llama.cpp's LFM2 graph names tensors "model.layers.{}.<step>" or generically ("Qcur", "ffn_moe_logits",
+    "l_out"), and its callback appends "-<layer>". The aliases of a trace of the same layer layout are the
+    names seen in a real dump (none missed, and only one that the dump lacks)."""
+    from lfm2np.synthetic import random_params
+
+    config = lfm2np.load_config("tiny-moe")
+    assert config.layer_types == ("conv", "conv", "full_attention", "conv") and config.num_dense_layers == 1
+    _, trace = record(lfm2np.Model(config, random_params(config, seed=1)), [1, 2, 3])
+    aliases = [a for a in map(llama_cpp_alias, trace.names()) if a is not None]
+    # one alias names a tensor only MoE layers have: a dense layer's FFN output is unnamed in llama.cpp
+    assert "ffn_moe_out-0" in aliases and llama_cpp_alias("model.layers.0.feed_forward.output") == "ffn_moe_out-0"
+    aliases.remove("ffn_moe_out-0")
+    assert aliases == LLAMA_CPP_DUMP_NAMES  # the same names in the same (forward) order
     assert llama_cpp_alias("model.layers.3.conv.conv_out") == "model.layers.{}.conv.conv-3"
     assert llama_cpp_alias("model.layers.12.operator_norm") == "model.layers.{}.operator_norm-12"
-    assert llama_cpp_alias("model.layers.3.feed_forward.router_logits") == "ffn_moe_logits-3"
+    # the FFN norm's output is called ffn_out when it is computed, not ffn_norm
+    assert llama_cpp_alias("model.layers.3.ffn_norm") == "model.layers.{}.ffn_out-3"
+    assert llama_cpp_alias("model.layers.2.self_attn.q_proj") == "Qcur-2"
+    assert llama_cpp_alias("model.layers.3") == "l_out-3"
     assert llama_cpp_alias("lm_head") == "result_output"
-    assert llama_cpp_alias("model.layers.3.conv.b_gate") is None
+    # steps llama.cpp leaves unnamed (node_N) or names only as anonymous views of in_proj
+    for step in ("conv.b_gate", "conv.bx", "conv.y", "self_attn.q_rope", "mixer_residual", "feed_forward.w2"):
+        assert llama_cpp_alias(f"model.layers.3.{step}") is None
 
 
 def test_a_dump_with_extra_unit_axes_and_a_wrong_shape():

@@ -5,7 +5,7 @@ from llama.cpp (through llama-cpp-python) and from lfm2np, and their difference.
 Needs llama-cpp-python, which compiles llama.cpp (about 10 minutes on 2 cores), in its own venv::
 
     python -m venv venv-llama
-    CMAKE_ARGS="-DGGML_NATIVE=OFF" venv-llama/bin/pip install llama-cpp-python numpy gguf
+    CMAKE_ARGS="-DGGML_NATIVE=OFF" venv-llama/bin/pip install llama-cpp-python numpy gguf safetensors
     venv-llama/bin/python tools/compare_llama_cpp.py            # every case below
     venv-llama/bin/python tools/compare_llama_cpp.py --types F32,Q8_0 --kinds moe --keep /tmp/gguf
 
