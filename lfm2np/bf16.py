@@ -14,7 +14,8 @@ that happens is transformers running the model with ``dtype=torch.bfloat16`` on 
   float32; the top-k weights, their sum, the ``+ 1e-6``, the division and the scaling each round;
 - each expert's contribution is added into the bf16 output in increasing expert order.
 
-This composition mirrors :meth:`lfm2np.model.Model._layer` step for step; with rounding switched off
+The embedding, the layer loop and the state are the float32 model's; ``_layer`` and ``_head`` mirror
+:meth:`lfm2np.model.Model._layer` and ``_head`` step for step; with rounding switched off
 (``Bf16Model(..., rounding=False)``) it equals the float32 model, which the tests check, so the two
 cannot drift apart silently. How close it comes to transformers in bf16 is measured in docs/numerics.md.
 """
@@ -101,23 +102,14 @@ class Bf16Model(Model):
         return out.transpose(2, 0, 1, 3).reshape(T, H * hd)
 
     # the forward pass ---------------------------------------------------------------------
-    def _run(self, ids: np.ndarray, past: list | None = None, start: int = 0,
-             record: Recorder | None = None) -> tuple[np.ndarray, list]:
+    def _head(self, h: np.ndarray, record: Recorder | None) -> np.ndarray:
         c, W = self.config, self.params
-        cos, sin = ops.rope_tables(np.arange(start, start + ids.shape[0]), c.head_dim, c.rope_theta, np.float32)
-        h = self._embed(ids)
-        if record:
-            record("model.embed_tokens", h)
-        new_state = []
-        for i in range(c.num_hidden_layers):
-            h, layer_state = self._layer(i, h, cos, sin, None if past is None else past[i], record)
-            new_state.append(layer_state)
         h = self.rms_norm(h, W["model.embedding_norm.weight"])
         logits = self.linear(h, W["model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"])
         if record:
             record("model.embedding_norm", h)
             record("lm_head", logits)
-        return logits, new_state
+        return logits
 
     def _layer(self, i: int, h: np.ndarray, cos: np.ndarray, sin: np.ndarray, past: Any,
                record: Recorder | None) -> tuple[np.ndarray, Any]:

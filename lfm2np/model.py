@@ -198,7 +198,7 @@ class Model:
         """Logits for ``ids`` (T,) at positions ``start ..``, continuing from ``past`` (per layer: the history
         of conv inputs, or the K and V arrays), and per layer the extended history or K and V.
         ``past=None`` starts a fresh sequence."""
-        c, W = self.config, self.params
+        c = self.config
         positions = np.arange(start, start + ids.shape[0])
         cos, sin = ops.rope_tables(positions, c.head_dim, c.rope_theta, self.dtype)
         h = self._embed(ids)  # (T, D)
@@ -208,14 +208,18 @@ class Model:
         for i in range(c.num_hidden_layers):
             h, layer_state = self._layer(i, h, cos, sin, None if past is None else past[i], record)
             new_state.append(layer_state)
+        return self._head(h, record), new_state
+
+    def _head(self, h: np.ndarray, record: Recorder | None) -> np.ndarray:
+        """The final norm (``embedding_norm``) and the LM head: (T, D) -> logits (T, V)."""
+        c, W = self.config, self.params
         h = ops.rms_norm(h, W["model.embedding_norm.weight"], c.norm_eps)
         if record:
             record("model.embedding_norm", h)
-        head = W["model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"]
-        logits = ops.lm_head(h, head)
+        logits = ops.lm_head(h, W["model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"])
         if record:
             record("lm_head", logits)
-        return logits, new_state
+        return logits
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         """``ops.embed`` on the embedding table; from a lazily loaded checkpoint only the rows of ``ids`` are
