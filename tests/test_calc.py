@@ -324,3 +324,19 @@ def test_float_weight_bytes_equal_a_written_checkpoint(tmp_path, name, dtype):
     c = load_config(name)
     path = save_checkpoint(tmp_path / name, c, random_params(c), dtype=dtype)
     assert calc.weight_bytes(c, dtype) == Checkpoint(path).nbytes()
+
+
+def test_parameter_totals_equal_the_fixture_checkpoints_on_disk():
+    """For every fixture checkpoint (written by transformers' state dict): the calculator's total equals the
+    number of values actually stored in its safetensors files."""
+    import json
+    import math
+
+    from lfm2np.weights import Checkpoint
+
+    golden = Path(__file__).parent / "golden"
+    cases = json.loads((golden / "manifest.json").read_text())["cases"]
+    assert len(cases) >= 6
+    for case in cases:
+        stored = sum(math.prod(info.shape) for info in Checkpoint(golden / case).tensors.values())
+        assert calc.param_counts(load_config(golden / case))["total"] == stored, case
