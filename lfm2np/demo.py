@@ -25,12 +25,14 @@ def embedded_model_path() -> Path:
     return path
 
 
-def layer_walk(model, tokenizer, ids: list[int], width: int = 12) -> str:
-    """A table: one row per token, its text and, per MoE layer, the experts it chose (and each layer's kind)."""
+def layer_walk(model, tokenizer, ids: list[int], last: int | None = None, width: int = 12) -> str:
+    """A table: one row per token, its text and, per MoE layer, the experts it chose (and each layer's kind).
+    The whole sequence ``ids`` is run (experts depend on the context); ``last`` limits the rows shown."""
     from .trace import record
 
     c = model.config
     _, trace = record(model, ids, ["*.selected_experts"])
+    first = 0 if last is None else max(0, len(ids) - last)
     header = [f"{'token':>{width}s}"]
     for i in range(c.num_hidden_layers):
         kind = "attn" if c.is_attention(i) else "conv"
@@ -38,7 +40,8 @@ def layer_walk(model, tokenizer, ids: list[int], width: int = 12) -> str:
     lines = [" ".join(header),
              " ".join([f"{'':>{width}s}"] + [f"{'MoE' if c.is_moe_layer(i) else 'dense':>9s}"
                                                for i in range(c.num_hidden_layers)])]
-    for t, token in enumerate(ids):
+    for t in range(first, len(ids)):
+        token = ids[t]
         text = tokenizer.decode([token])
         shown = repr(text if len(text) <= width - 2 else text[: width - 3] + "~")
         cells = [f"{shown:>{width}s}"]
@@ -65,10 +68,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     generated = run_generation(model, tokenizer, prompt_ids, args)
     if not args.no_walk:
         _progress("")
-        shown = (list(prompt_ids) + generated)[-args.walk_tokens:]
-        print(f"\nthe walk through the layers: each layer's kind, and the experts each of the last {len(shown)} "
+        everything = list(prompt_ids) + generated
+        shown = min(args.walk_tokens, len(everything))
+        print(f"\nthe walk through the layers: each layer's kind, and the experts each of the last {shown} "
               f"tokens chose")
-        print(layer_walk(model, tokenizer, shown))
+        print(layer_walk(model, tokenizer, everything, last=shown))
     return 0
 
 

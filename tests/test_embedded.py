@@ -105,6 +105,8 @@ def test_layer_walk_names_each_layer_and_the_chosen_experts(model, tok):
     first_moe = model.config.moe_layers[0]
     chosen = ",".join(str(e) for e in sorted(trace[f"model.layers.{first_moe}.feed_forward.selected_experts"][-1]))
     assert chosen in lines[-1].split()
+    # showing fewer rows still runs the whole sequence: the experts are those chosen in context
+    assert layer_walk(model, tok, ids, last=2).splitlines()[2:] == lines[-2:]
 
 
 def run(*args):

@@ -47,7 +47,7 @@ for i in range(c.num_hidden_layers):
           f"| stream rms {np.sqrt((out ** 2).mean()):.3f}")
 top = np.argsort(-logits[-1])[:5]
 print("next-token candidates:", [(tok.decode([i]), round(float(logits[-1, i]), 2)) for i in top])
-print(layer_walk(model, tok, ids[-8:]))
+print(layer_walk(model, tok, ids, last=8))          # experts of the last 8 tokens, in context
 
 # %% [markdown]
 # ## Generation
