@@ -165,9 +165,18 @@ class Model:
         c = self.config
         if not isinstance(state, State):
             raise Lfm2npError(f"state must be an lfm2np State; got {type(state).__name__}")
-        if len(state.conv) != c.num_hidden_layers or any(
-                (state.conv[i] is None) != c.is_attention(i) for i in range(c.num_hidden_layers)):
-            raise Lfm2npError("state does not belong to this model: its layer kinds differ from the config's")
+        if len(state.conv) != c.num_hidden_layers:
+            raise Lfm2npError(f"state does not belong to this model: it has {len(state.conv)} layers, the config "
+                              f"{c.num_hidden_layers}")
+        for i in range(c.num_hidden_layers):
+            if (state.conv[i] is None) != c.is_attention(i):
+                raise Lfm2npError(f"state does not belong to this model: layer {i} is "
+                                  f"{'attention' if c.is_attention(i) else 'conv'} in the config, not in the state")
+            width = (c.num_key_value_heads, c.head_dim) if c.is_attention(i) else (c.hidden_size,)
+            held = state.keys[i].shape[1:] if c.is_attention(i) else state.conv[i].shape[1:]
+            if tuple(held) != width:
+                raise Lfm2npError(f"state does not belong to this model: layer {i} holds rows of shape "
+                                  f"{tuple(held)}, the config needs {width}")
         if state.position > c.max_position_embeddings:
             raise Lfm2npError(f"state position {state.position} exceeds max_position_embeddings "
                               f"{c.max_position_embeddings}")

@@ -193,8 +193,11 @@ def test_state_checks():
     dense = random_model(lfm2np.load_config("tiny-dense"), seed=0)
     moe = random_model(lfm2np.load_config("tiny-moe"), seed=0)
     _, s = dense.step([1, 2])
-    with pytest.raises(lfm2np.Lfm2npError, match="does not belong to this model"):
+    with pytest.raises(lfm2np.Lfm2npError, match="does not belong to this model: layer 1 is conv"):
         moe.step([1], s)
+    wider = random_model(lfm2np.load_config("tiny-dense").replace(hidden_size=60, num_attention_heads=6), seed=0)
+    with pytest.raises(lfm2np.Lfm2npError, match=r"layer 0 holds rows of shape \(48,\), the config needs \(60,\)"):
+        wider.step([1], s)
     with pytest.raises(lfm2np.Lfm2npError, match="shape \\(T,\\)"):
         dense.step([[1, 2]])
     with pytest.raises(lfm2np.Lfm2npError, match="float32 arrays but the model computes in float64"):
