@@ -6,11 +6,19 @@ import functools
 import json
 from pathlib import Path
 
+import os
+
 import numpy as np
 import pytest
+from hypothesis import settings
 from safetensors.numpy import load_file
 
 import lfm2np
+
+# CI explores the same examples every run (a failure there reproduces); local runs keep exploring anew.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 GOLDEN = Path(__file__).parent / "golden"
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())

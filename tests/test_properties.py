@@ -259,7 +259,7 @@ def test_the_model_is_causal(seed, name, T):
     ids = np.random.default_rng(seed).integers(0, m.config.vocab_size, size=T)
     full = m.forward(ids)
     prefix = m.forward(ids[:-1])
-    assert rel_error(full[:-1], prefix) < 1e-6
+    assert rel_error(full[:-1], prefix) < 1e-5  # float32 rounding (other matmul shapes), not leakage
 
 
 def test_untied_head_is_used_when_present():
