@@ -194,6 +194,15 @@ def _timeit(fn, reps: int) -> float:
     return best
 
 
+def _lfm2np_decode_seconds(model, ctx_ids, steps) -> float:
+    """Prefill ``ctx_ids`` (untimed), then the seconds taken by one ``model.step`` per token of ``steps``."""
+    _, state = model.step(ctx_ids)
+    t0 = time.perf_counter()
+    for tok in steps:
+        _, state = model.step([int(tok)], state)
+    return time.perf_counter() - t0
+
+
 def child_run(spec: dict) -> dict:
     """One framework on one checkpoint: load, prefill at each T, decode at a context."""
     import numpy as np
@@ -222,11 +231,7 @@ def child_run(spec: dict) -> dict:
         prefill = lambda ids: model.forward(ids)
 
         def decode(ctx_ids, steps):
-            _, state = model.step(ctx_ids)
-            t0 = time.perf_counter()
-            for tok in steps:
-                _, state = model.step([int(tok)], state)
-            return time.perf_counter() - t0
+            return _lfm2np_decode_seconds(model, ctx_ids, steps)
     else:
         import torch
         from transformers import AutoModelForCausalLM
@@ -342,11 +347,7 @@ def child_moe(spec: dict) -> dict:
         prefill = model.forward
 
         def decode():
-            _, state = model.step(ids[: spec["context"]])
-            t0 = time.perf_counter()
-            for tok in steps:
-                _, state = model.step([int(tok)], state)
-            return time.perf_counter() - t0
+            return _lfm2np_decode_seconds(model, ids[: spec["context"]], steps)
     else:
         import inspect
 

@@ -168,25 +168,26 @@ class SoftmaxRouter(lfm2np.Model):
             ops.sigmoid = real
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if lfm2np.load_config(GOLDEN / c).conv_layers])
-def test_compare_names_a_reversed_conv_in_the_right_layer(case):
+def first_divergence_of(case: str, broken: type, layer: int):
+    """Trace the fixture model and a copy broken in ``layer``; what compare names as the first divergence."""
     good = model(case)
-    layer = good.config.conv_layers[-1]
     ids = golden(case)["capture.ids"]
     _, ref = record(good, ids)
-    _, bad = record(ReversedConvTaps(good, layer), ids)
-    first = compare(bad, ref).first_divergence
+    _, bad = record(broken(good, layer), ids)
+    return compare(bad, ref).first_divergence
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if lfm2np.load_config(GOLDEN / c).conv_layers])
+def test_compare_names_a_reversed_conv_in_the_right_layer(case):
+    layer = model(case).config.conv_layers[-1]
+    first = first_divergence_of(case, ReversedConvTaps, layer)
     assert first is not None and first.name == f"model.layers.{layer}.conv.conv_out"
 
 
 @pytest.mark.parametrize("case", MOE)
 def test_compare_names_a_softmax_router_in_the_right_layer(case):
-    good = model(case)
-    layer = good.config.moe_layers[-1]
-    ids = golden(case)["capture.ids"]
-    _, ref = record(good, ids)
-    _, bad = record(SoftmaxRouter(good, layer), ids)
-    first = compare(bad, ref).first_divergence
+    layer = model(case).config.moe_layers[-1]
+    first = first_divergence_of(case, SoftmaxRouter, layer)
     prefix = f"model.layers.{layer}.feed_forward."
     assert first is not None and first.name in (prefix + "selected_experts", prefix + "routing_weights")
 
