@@ -1,0 +1,1 @@
+"""Reading and writing files: safetensors, GGUF, tokenizers, the local Hugging Face cache."""
