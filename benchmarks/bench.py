@@ -134,12 +134,12 @@ def _random_tensor(rng, name: str, shape: tuple[int, ...]):
 def write_streaming_checkpoint(directory: Path, config, seed: int = 0) -> None:
     """config.json + model.safetensors in bf16 (expert_bias float32), generating one tensor at a time.
 
-    Same format as lfm2np.weights.save_checkpoint: 8-byte header length, JSON header (data offsets
+    Same format as lfm2np.io.safetensors.save_checkpoint: 8-byte header length, JSON header (data offsets
     relative to the data section, padded to 8 bytes with spaces), raw little-endian data.
     """
     import numpy as np
 
-    from lfm2np.weights import bfloat16_bits, expected_tensors
+    from lfm2np.io.safetensors import bfloat16_bits, expected_tensors
 
     directory.mkdir(parents=True, exist_ok=True)
     expected = expected_tensors(config)

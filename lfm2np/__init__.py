@@ -1,14 +1,16 @@
-"""lfm2np: a NumPy reference interpreter for Liquid AI's LFM2 family (dense and MoE).
+"""lfm2np: a NumPy reference interpreter for Liquid AI's LFM models (LFM2 dense and MoE).
 
     >>> import lfm2np
-    >>> model = lfm2np.load("path/to/LFM2-350M")          # config.json + safetensors
+    >>> model = lfm2np.load("path/to/LFM2-350M")          # config.json + safetensors, a cached repo id, a .gguf
     >>> logits = model.forward([1, 422, 1119])             # (T,) -> (T, V)
 """
 
-from .config import Config, load_config
+from .config import Config
 from .errors import Lfm2npError
-from .model import Model, load
-from .weights import expected_tensors
+from .loading import load, load_config
+from .model import Model
+from .state import State
+from .tensors import expected_tensors
+from .version import __version__
 
-__version__ = "0.1.0"
-__all__ = ["Config", "Lfm2npError", "Model", "expected_tensors", "load", "load_config", "__version__"]
+__all__ = ["Config", "Lfm2npError", "Model", "State", "expected_tensors", "load", "load_config", "__version__"]

@@ -25,10 +25,8 @@ Derived values are computed once, at construction: ``head_dim``, the effective d
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import Lfm2npError
@@ -381,35 +379,3 @@ def _normalise(d: Mapping[str, Any], source: str | None) -> dict[str, Any]:
     eos = d.get("eos_token_id", 2)  # transformers' default; released LFM2 configs say 7 (<|im_end|>)
     out["eos_token_id"] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
     return out
-
-
-def load_config(x: "str | Path | Mapping[str, Any] | Config") -> Config:
-    """A Config from a config.json path, a checkpoint directory, a preset name or a parsed dictionary.
-
-    Preset names are matched without regard to case, with or without the ``LiquidAI/`` prefix
-    (``"LFM2-350M"``, ``"liquidai/lfm2-8b-a1b"``); see :data:`lfm2np.presets.PRESETS`.
-    """
-    from . import presets
-
-    if isinstance(x, Config):
-        return x
-    if isinstance(x, Mapping):
-        return Config.from_dict(x)
-    path = Path(x)
-    if path.is_dir():
-        path = path / "config.json"
-        if not path.is_file():
-            raise Lfm2npError(f"{path.parent}: no config.json in this directory")
-    if path.is_file():
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise Lfm2npError(f"{path}: not a readable JSON config ({e})") from None
-        return Config.from_dict(d, source=str(path))
-    preset = presets.find(str(x))
-    if preset is not None:
-        return preset
-    raise Lfm2npError(
-        f"{x!r} is neither a config.json, a checkpoint directory nor a preset name; "
-        f"presets: {', '.join(presets.names())}"
-    )

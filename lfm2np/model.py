@@ -1,138 +1,124 @@
-"""The forward pass, composed from :mod:`lfm2np.ops`, and the Model object :func:`load` returns.
+"""The Model: a config, its weights and a numerics mode, and the forward pass over :mod:`lfm2np.layers`.
 
-One layer, pre-norm residual::
+The whole forward pass is :meth:`Model.run`: embed, every layer (:func:`lfm2np.layers.lfm2_layer`), the
+final norm ``embedding_norm`` (applied after the last layer despite its name), the head (tied to the
+embedding unless the checkpoint has ``lm_head.weight``). :meth:`Model.forward` computes from scratch;
+:meth:`Model.step` continues a :class:`~lfm2np.state.State`.
 
-    h = h + mixer(operator_norm(h))      # gated short conv or GQA attention, by layer_types[i]
-    h = h + ffn(ffn_norm(h))             # SwiGLU, or router + experts on MoE layers
+Tracing and interventions: ``forward(ids, record=fn)`` and ``step(..., record=fn)`` call
+``fn(name, value)`` with every named intermediate, in forward order. Names are the Hugging Face module
+path plus the step::
 
-then ``embedding_norm`` (applied after the last layer despite its name) and the head (tied to the
-embedding unless the checkpoint has ``lm_head.weight``).
+    model.embed_tokens
+    model.layers.{i}.operator_norm
+    model.layers.{i}.conv.{in_proj, b_gate, c_gate, x, bx, conv_out, y, out_proj}
+    model.layers.{i}.self_attn.{q_proj, k_proj, v_proj, q_normed, k_normed, q_rope, k_rope, attn_out, out_proj}
+    model.layers.{i}.mixer_residual                  (h + mixer output)
+    model.layers.{i}.ffn_norm
+    model.layers.{i}.feed_forward.{w1, w3, act, w2}  (dense SwiGLU)
+    model.layers.{i}.feed_forward.{router_logits, selected_experts, routing_weights}  (MoE)
+    model.layers.{i}.feed_forward.output
+    model.layers.{i}                                 (the residual stream after the layer)
+    model.embedding_norm
+    lm_head                                          (the logits)
+
+When ``fn`` returns None the value is only observed; when it returns an array of the same shape, that
+array replaces the value from there on (patching, as TransformerLens does). Values are ``(T, ...)`` for
+the T tokens of the call; a value must not be modified in place.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from . import hub, ops
-from .ops import Recorder
-from .config import Config, load_config
+from . import ops, tensors
+from .config import Config
 from .errors import Lfm2npError
+from .layers import AttentionWeights, ConvWeights, LayerWeights, MoEWeights, SwiGLUWeights, lfm2_layer
+from .numerics import Numerics, numerics
+from .ops import Tap, prefixed, untapped
 from .state import DEFAULT_MAX_ROLLBACK, State
-from .weights import Checkpoint, expected_tensors
 
-DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
-
-
-
-def resolve_dtype(dtype: Any) -> np.dtype:
-    """'float32' (default compute dtype) or 'float64' (the oracle mode), as a NumPy dtype."""
-    try:
-        dt = np.dtype(dtype) if dtype is not None else None
-    except TypeError:
-        dt = None
-    if dt is None or dt.name not in DTYPES:  # (np.dtype(None) would silently be float64)
-        raise Lfm2npError(f"dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
-    return DTYPES[dt.name]
+#: ``record(name, value) -> None | array``: observes each named intermediate, or returns a replacement.
+Recorder = Callable[[str, np.ndarray], "np.ndarray | None"]
 
 
-class LazyParams(Mapping[str, np.ndarray]):
-    """Tensors by Hugging Face name, produced on first use by :meth:`_load` (read, widened, dequantised or
-    rounded) and kept when ``keep`` is true. ``keep=False`` produces them again at every use, trading speed
-    for memory. The subclasses differ only in :meth:`_load`."""
+def tap_for(record: Recorder | None) -> Tap:
+    """The operators' tap for a user's recorder: None keeps the value, an array replaces it (same shape)."""
+    if record is None:
+        return untapped
 
-    def __init__(self, names: "list[str]", keep: bool):
-        self._names, self.keep = list(names), keep
-        self._known = set(self._names)
-        self._kept: dict[str, np.ndarray] = {}
+    def tap(name: str, value: np.ndarray) -> np.ndarray:
+        out = record(name, value)
+        if out is None:
+            return value
+        out = np.asarray(out)
+        if out.shape != value.shape:
+            raise Lfm2npError(f"the replacement for {name} has shape {list(out.shape)}; "
+                              f"expected {list(value.shape)}")
+        return out.astype(value.dtype, copy=False)
 
-    def _load(self, name: str) -> np.ndarray:
-        raise NotImplementedError
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        arr = self._kept.get(name)
-        if arr is None:
-            if name not in self._known:
-                raise KeyError(name)
-            arr = self._load(name)
-            if self.keep:
-                self._kept[name] = arr
-        return arr
-
-    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
-        """``self[name][index]`` without producing the whole tensor when it is not kept (an embedding
-        lookup widens the looked-up rows only)."""
-        if self.keep or name in self._kept:
-            return self[name][index]
-        return self._load_rows(name, index)
-
-    def _load_rows(self, name: str, index: np.ndarray) -> np.ndarray:
-        return self._load(name)[index]
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
-class Params(LazyParams):
-    """A checkpoint's tensors in the compute dtype. A tensor already stored in that dtype is a read-only view
-    of the memory-mapped file either way; a bf16/f16 one is widened (and kept when ``keep``)."""
-
-    def __init__(self, checkpoint: Checkpoint, names: list[str], dtype: np.dtype, keep: bool):
-        super().__init__([n for n in names if n in checkpoint.tensors], keep)
-        self.checkpoint, self.dtype = checkpoint, dtype
-
-    def _load(self, name: str) -> np.ndarray:
-        return self.checkpoint.read(name, self.dtype)
-
-    def _load_rows(self, name: str, index: np.ndarray) -> np.ndarray:
-        return self.checkpoint.read(name, self.dtype, rows=index)
+    return tap
 
 
 class Model:
-    """An LFM2 / LFM2-MoE model: its config and its weights, and the forward pass over them.
+    """An LFM2 / LFM2-MoE model: its config, its weights and its numerics mode.
 
-    ``params`` maps Hugging Face tensor names to arrays (a :class:`Params` for a checkpoint, or a plain
-    dict for weights made in memory). Arrays are expected in ``dtype``.
+    ``params`` maps Hugging Face tensor names to arrays: a plain dict (converted for the mode here), or a
+    lazily loading mapping from :func:`lfm2np.load` that already gives arrays for the mode (its ``mode`` attribute says which,
+    and it may offer ``rows(name, index)`` to read embedding rows alone).
+    ``dtype`` is the mode: "float32", "float64" (the oracle) or "bfloat16" (the emulation), or a
+    :class:`~lfm2np.numerics.Numerics`.
     """
 
     def __init__(self, config: Config, params: Mapping[str, np.ndarray], dtype: Any = "float32"):
         self.config = config
+        self.numerics: Numerics = numerics(dtype)
+        self.dtype = self.numerics.dtype
+        prepared = getattr(params, "mode", None)
+        if prepared is None:
+            params = {name: self.numerics.weight(name, w) for name, w in params.items()}
+        elif prepared != self.numerics.name:
+            raise Lfm2npError(f"these weights were loaded for {prepared}, not {self.numerics.name}: "
+                              f"load the model with dtype={self.numerics.name!r}")
         self.params = params
-        self.dtype = resolve_dtype(dtype)
+        self._names = [tensors.layer_names(config, i) for i in range(config.num_hidden_layers)]
 
     def __repr__(self) -> str:
         c = self.config
         name = c.source or c.model_type
         if name.endswith("config.json"):  # a checkpoint: its directory's name
             name = os.path.basename(os.path.dirname(os.path.abspath(name)))
+        mode = "bfloat16 (emulated)" if self.numerics.round_weights else self.numerics.name
         return (f"Model({name}: {c.num_hidden_layers} layers "
                 f"({len(c.conv_layers)} conv, {len(c.attention_layers)} attention), D={c.hidden_size}, "
                 f"V={c.vocab_size}{f', {c.num_experts} experts top-{c.num_experts_per_tok}' if c.is_moe else ''}, "
-                f"dtype={self.dtype.name})")
+                f"dtype={mode})")
 
     # ------------------------------------------------------------------ public
-    def forward(self, ids: Any) -> np.ndarray:
+    def forward(self, ids: Any, *, record: Recorder | None = None) -> np.ndarray:
         """Logits for every position of one sequence or an equal-length batch, computed from scratch.
 
         ids ``(T,)`` -> logits ``(T, V)``; ids ``(B, T)`` -> ``(B, T, V)``. Causal: position t depends on
-        tokens 0..t only. Raises :class:`Lfm2npError` for an id outside ``0 .. vocab_size - 1``.
+        tokens 0..t only. ``record`` sees (or replaces) every intermediate of a single sequence (see the
+        module docstring). Raises :class:`Lfm2npError` for an id outside ``0 .. vocab_size - 1``.
         """
         ids = self.check_ids(ids)
         if ids.ndim == 2:
-            return np.stack([self._run(row)[0] for row in ids])
-        return self._run(ids)[0]
+            if record is not None:
+                raise Lfm2npError(f"record traces one sequence, shape (T,); got ids of shape {ids.shape}")
+            return np.stack([self.run(row)[0] for row in ids])
+        return self.run(ids, record=record)[0]
 
     def new_state(self, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> State:
         """The decoding state of an empty sequence (see :mod:`lfm2np.state`)."""
         return State.start(self.config, self.dtype, max_rollback)
 
-    def step(self, ids: Any, state: State | None = None) -> tuple[np.ndarray, State]:
+    def step(self, ids: Any, state: State | None = None, *, record: Recorder | None = None
+             ) -> tuple[np.ndarray, State]:
         """Continue one sequence by ``ids`` (T,) from ``state`` (None: a new sequence).
 
         Returns the logits ``(T, V)`` of the new tokens and the state after them. ``state`` itself is not
@@ -144,49 +130,28 @@ class Model:
             raise Lfm2npError(f"step takes the ids of one sequence, shape (T,); got shape {ids.shape}")
         if state is None:
             state = self.new_state()
-        self._check_state(state)
-        past = [state.conv[i] if state.conv[i] is not None else (state.keys[i], state.values[i])
-                for i in range(self.config.num_hidden_layers)]
-        logits, layers = self._run(ids, past, start=state.position)
-        conv = [None if self.config.is_attention(i) else layers[i] for i in range(len(layers))]
-        keys = [layers[i][0] if self.config.is_attention(i) else None for i in range(len(layers))]
-        values = [layers[i][1] if self.config.is_attention(i) else None for i in range(len(layers))]
-        return logits, state.advance(ids.shape[0], conv, keys, values)
+        if not isinstance(state, State):
+            raise Lfm2npError(f"state must be an lfm2np State (or None); got {type(state).__name__}")
+        state.check_for(self.config, self.dtype)
+        logits, layers = self.run(ids, state.layer_pasts(), state.position, record)
+        return logits, state.advance(ids.shape[0], layers)
 
     def step_batch(self, ids: "list[Any]", states: "list[State | None]") -> tuple[list[np.ndarray], list[State]]:
         """:meth:`step` for several sequences at once, each with its own ids (lengths may differ) and state.
         Sequences never share anything: the result equals running each one alone."""
+        if not isinstance(ids, (list, tuple)) or not isinstance(states, (list, tuple)):
+            raise Lfm2npError("step_batch takes a list of id sequences and a list of states (None for new ones)")
         if len(ids) != len(states):
             raise Lfm2npError(f"step_batch got {len(ids)} id sequences but {len(states)} states")
         results = [self.step(i, s) for i, s in zip(ids, states)]
         return [r[0] for r in results], [r[1] for r in results]
 
-    def _check_state(self, state: State) -> None:
-        c = self.config
-        if not isinstance(state, State):
-            raise Lfm2npError(f"state must be an lfm2np State; got {type(state).__name__}")
-        if len(state.conv) != c.num_hidden_layers:
-            raise Lfm2npError(f"state does not belong to this model: it has {len(state.conv)} layers, the config "
-                              f"{c.num_hidden_layers}")
-        for i in range(c.num_hidden_layers):
-            if (state.conv[i] is None) != c.is_attention(i):
-                raise Lfm2npError(f"state does not belong to this model: layer {i} is "
-                                  f"{'attention' if c.is_attention(i) else 'conv'} in the config, not in the state")
-            width = (c.num_key_value_heads, c.head_dim) if c.is_attention(i) else (c.hidden_size,)
-            held = state.keys[i].shape[1:] if c.is_attention(i) else state.conv[i].shape[1:]
-            if tuple(held) != width:
-                raise Lfm2npError(f"state does not belong to this model: layer {i} holds rows of shape "
-                                  f"{tuple(held)}, the config needs {width}")
-        if state.position > c.max_position_embeddings:
-            raise Lfm2npError(f"state position {state.position} exceeds max_position_embeddings "
-                              f"{c.max_position_embeddings}")
-        arrays = [a for a in state.conv + state.keys if a is not None]
-        if arrays and arrays[0].dtype != self.dtype:
-            raise Lfm2npError(f"state holds {arrays[0].dtype} arrays but the model computes in {self.dtype}")
-
     def check_ids(self, ids: Any) -> np.ndarray:
         """``ids`` as an int64 array of shape (T,) or (B, T), every id inside the vocabulary."""
-        arr = np.asarray(ids)
+        try:
+            arr = np.asarray(ids)
+        except (ValueError, TypeError) as e:  # ragged lists and the like
+            raise Lfm2npError(f"token ids must be a rectangular array of integers ({e})") from None
         if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
             raise Lfm2npError(f"token ids must be integers; got an array of {arr.dtype}")
         if arr.ndim not in (1, 2) or 0 in arr.shape:
@@ -201,140 +166,61 @@ class Model:
             )
         return arr.astype(np.int64, copy=False)
 
-    # ---------------------------------------------------------------- internal
-    def _run(self, ids: np.ndarray, past: list | None = None, start: int = 0,
-             record: Recorder | None = None) -> tuple[np.ndarray, list]:
-        """Logits for ``ids`` (T,) at positions ``start ..``, continuing from ``past`` (per layer: the history
-        of conv inputs, or the K and V arrays), and per layer the extended history or K and V.
-        ``past=None`` starts a fresh sequence."""
-        c = self.config
-        positions = np.arange(start, start + ids.shape[0])
-        cos, sin = ops.rope_tables(positions, c.head_dim, c.rope_theta, self.dtype)
-        h = self._embed(ids)  # (T, D)
-        if record:
-            record("model.embed_tokens", h)
-        new_state = []
+    # ------------------------------------------------------------- the forward pass
+    def run(self, ids: np.ndarray, past: list | None = None, start: int = 0,
+            record: Recorder | None = None) -> tuple[np.ndarray, list]:
+        """The forward pass of ``ids`` (T,) (already checked) at positions ``start ..``, continuing from
+        ``past`` (per layer: what the previous call returned, None for a fresh sequence). Returns the
+        logits (T, V) and, per layer, its state after these tokens."""
+        c, rnd, tap = self.config, self.numerics.round, tap_for(record)
+        T = ids.shape[0]
+        if start + T > c.max_position_embeddings:
+            raise Lfm2npError(f"positions {start}..{start + T - 1} go past max_position_embeddings "
+                              f"{c.max_position_embeddings} of this model")
+        rope = self.rope(np.arange(start, start + T))
+        h = tap("model.embed_tokens", self.embed(ids))  # (T, D)
+        layer_states = []
         for i in range(c.num_hidden_layers):
-            h, layer_state = self._layer(i, h, cos, sin, None if past is None else past[i], record)
-            new_state.append(layer_state)
-        return self._head(h, record), new_state
+            h, layer_state = lfm2_layer(h, self.layer_weights(i), c, rope, None if past is None else past[i],
+                                        rnd, prefixed(tap, f"model.layers.{i}."))
+            h = tap(f"model.layers.{i}", h)
+            layer_states.append(layer_state)
+        h = tap("model.embedding_norm", ops.rms_norm(h, self.params["model.embedding_norm.weight"], c.norm_eps, rnd))
+        logits = tap("lm_head", ops.lm_head(h, self.params[tensors.head_name(c)], rnd))  # (T, V)
+        return logits, layer_states
 
-    def _head(self, h: np.ndarray, record: Recorder | None) -> np.ndarray:
-        """The final norm (``embedding_norm``) and the LM head: (T, D) -> logits (T, V)."""
-        c, W = self.config, self.params
-        h = ops.rms_norm(h, W["model.embedding_norm.weight"], c.norm_eps)
-        if record:
-            record("model.embedding_norm", h)
-        logits = ops.lm_head(h, W["model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"])
-        if record:
-            record("lm_head", logits)
-        return logits
+    # ------------------------------------------------------------- the pieces
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """The embedding rows of ``ids``: (T,) -> (T, D). From a lazily loaded checkpoint only those rows
+        are read and converted."""
+        rows = getattr(self.params, "rows", None)
+        if rows is not None:
+            return rows(tensors.HEAD_TIED, ids)
+        return ops.embed(ids, self.params[tensors.HEAD_TIED])
 
-    def _embed(self, ids: np.ndarray) -> np.ndarray:
-        """``ops.embed`` on the embedding table; from a lazily loaded checkpoint only the rows of ``ids`` are
-        read and converted."""
-        name = "model.embed_tokens.weight"
-        if isinstance(self.params, LazyParams):
-            return self.params.rows(name, ids).astype(self.dtype, copy=False)
-        return ops.embed(ids, self.params[name]).astype(self.dtype, copy=False)
+    def rope(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The RoPE (cos, sin) tables of ``positions``, as this mode computes them: angles in float32
+        (float64 in the oracle mode), cos and sin rounded in the bf16 emulation.  (T,) -> (T, hd) x 2"""
+        c, rnd = self.config, self.numerics.round
+        cos, sin = ops.rope_tables(positions, c.head_dim, c.rope_theta, self.dtype)
+        return rnd(cos), rnd(sin)
 
-    def _layer(self, i: int, h: np.ndarray, cos: np.ndarray, sin: np.ndarray, past: Any,
-               record: Recorder | None) -> tuple[np.ndarray, Any]:
-        c, W = self.config, self.params
-        p = f"model.layers.{i}."
-        sub = (lambda prefix: (lambda name, value: record(prefix + name, value))) if record else (lambda prefix: None)
-        x = ops.rms_norm(h, W[p + "operator_norm.weight"], c.norm_eps)
-        if record:
-            record(p + "operator_norm", x)
+    def layer_weights(self, i: int) -> LayerWeights:
+        """Layer ``i``'s weights as the view :mod:`lfm2np.layers` computes with (experts fetched when chosen)."""
+        c, W, n = self.config, self.params, self._names[i]
+        opt = lambda role: W[n[role]] if role in n else None  # noqa: E731  (biases only with conv_bias)
         if c.is_attention(i):
-            a = p + "self_attn."
-            y, k, v = ops.attention_block(
-                x, W[a + "q_proj.weight"], W[a + "k_proj.weight"], W[a + "v_proj.weight"], W[a + "out_proj.weight"],
-                W[a + "q_layernorm.weight"], W[a + "k_layernorm.weight"], cos, sin, c.norm_eps,
-                *(past if past is not None else (None, None)), record=sub(a),
-            )
-            state: Any = (k, v)
+            mixer: ConvWeights | AttentionWeights = AttentionWeights(
+                W[n["q_proj"]], W[n["k_proj"]], W[n["v_proj"]], W[n["out_proj"]], W[n["q_norm"]], W[n["k_norm"]])
         else:
-            b = p + "conv."
-            bias = (lambda n: W[b + n + ".bias"]) if c.conv_bias else (lambda n: None)
-            y, state = ops.short_conv(
-                x, W[b + "in_proj.weight"], W[b + "conv.weight"], W[b + "out_proj.weight"],
-                bias("in_proj"), bias("conv"), bias("out_proj"), window=past, record=sub(b),
-            )
-        h = h + y
-        if record:
-            record(p + "mixer_residual", h)
-        x = ops.rms_norm(h, W[p + "ffn_norm.weight"], c.norm_eps)
-        if record:
-            record(p + "ffn_norm", x)
-        f = p + "feed_forward."
+            mixer = ConvWeights(W[n["in_proj"]], W[n["conv"]], W[n["out_proj"]],
+                                opt("in_proj_bias"), opt("conv_bias"), opt("out_proj_bias"))
         if c.is_moe_layer(i):
-            logits, experts, weights = ops.route(
-                x, W[f + "gate.weight"], W[f + "expert_bias"] if c.use_expert_bias else None,
-                c.num_experts_per_tok, c.norm_topk_prob, c.routed_scaling_factor,
-            )
-            if record:
-                record(f + "router_logits", logits)
-                record(f + "selected_experts", experts)
-                record(f + "routing_weights", weights)
-            y = ops.moe(x, experts, weights, lambda e: (
-                W[f"{f}experts.{e}.w1.weight"], W[f"{f}experts.{e}.w3.weight"], W[f"{f}experts.{e}.w2.weight"]))
+            def expert(e: int) -> SwiGLUWeights:
+                w1, w3, w2 = tensors.expert_names(i, e)
+                return SwiGLUWeights(W[w1], W[w3], W[w2])
+
+            ffn: SwiGLUWeights | MoEWeights = MoEWeights(W[n["gate"]], opt("expert_bias"), expert)
         else:
-            y = ops.swiglu(x, W[f + "w1.weight"], W[f + "w3.weight"], W[f + "w2.weight"], record=sub(f))
-        if record:
-            record(f + "output", y)
-        h = h + y
-        if record:
-            record(f"model.layers.{i}", h)
-        return h, state
-
-
-def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool = True,
-         keep_weights: bool | None = None) -> Model:
-    """Load a checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded set), a repo id
-    such as ``LiquidAI/LFM2-350M`` already in the local Hugging Face cache (nothing is downloaded), or a
-    ``.gguf`` file (architectures ``lfm2``/``lfm2moe``; needs the ``gguf`` package).
-
-    ``dtype``: "float32" (default), "float64" (the oracle mode) or "bfloat16" (float32 arrays rounded where
-    a bfloat16 backend rounds: :mod:`lfm2np.bf16`). Every tensor the config implies must be
-    present with its shape. A tensor the model does not use raises :class:`Lfm2npError` (``strict=True``)
-    or a warning naming it (``strict=False``). ``keep_weights``: keep each tensor once converted to the
-    compute dtype (True), or convert at every use to save memory (False); by default tensors are kept when
-    the converted model takes at most half of the machine's memory.
-    """
-    if dtype in ("bfloat16", "bf16"):  # the bf16 emulation: float32 arrays rounded where bf16 backends round
-        from .bf16 import emulate_bf16
-
-        return emulate_bf16(load(path, "float32", strict=strict, keep_weights=keep_weights))
-    if str(path).lower().endswith(".gguf"):  # llama.cpp's format: dequantised through the gguf package
-        from .gguf import load_gguf
-
-        return load_gguf(path, dtype, strict=strict, keep_weights=keep_weights)
-    directory = hub.resolve(path)
-    dt = resolve_dtype(dtype)
-    config = load_config(directory)
-    checkpoint = Checkpoint(directory)
-    expected = expected_tensors(config)
-    unexpected = checkpoint.check(expected)
-    if unexpected:
-        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
-        message = (f"{directory}: tensor {', '.join(unexpected[:5])}{more} is not used by this config "
-                   f"({config.model_type}, conv_bias={config.conv_bias}, "
-                   f"tie_word_embeddings={config.tie_word_embeddings})")
-        if strict:
-            raise Lfm2npError(message + "; pass strict=False to load anyway")
-        warnings.warn(message + "; ignored", stacklevel=2)
-    if keep_weights is None:
-        keep_weights = default_keep_weights(config, dt)
-    return Model(config, Params(checkpoint, list(expected), dt, keep_weights), dt)
-
-
-def default_keep_weights(config: Config, dtype: np.dtype) -> bool:
-    """Keep converted tensors when the whole model in the compute dtype takes at most half of the machine's
-    memory (the rule :func:`load` and GGUF loading use when ``keep_weights`` is None)."""
-    converted = sum(int(np.prod(s)) for s in expected_tensors(config).values()) * np.dtype(dtype).itemsize
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX: assume a laptop
-        memory = 16 * 1024**3
-    return converted <= memory // 2
+            ffn = SwiGLUWeights(W[n["w1"]], W[n["w3"]], W[n["w2"]])
+        return LayerWeights(W[n["operator_norm"]], mixer, W[n["ffn_norm"]], ffn)

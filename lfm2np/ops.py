@@ -1,16 +1,26 @@
-"""The LFM2 operators, one small pure function each.
+"""The LFM operators, one small pure function each.
 
 Dimension legend (used in every shape comment of lfm2np):
 
     T  tokens in this call            S  cached + new positions (keys/values attended over)
-    D  hidden size                    H  query heads          G  KV heads        hd  head dim (D / H)
+    D  hidden size                    H  query heads          G  KV heads        hd  head dim
     F  dense FFN width                Fm expert FFN width     E  experts         k   experts per token
-    V  vocabulary                     L  conv kernel length (conv_L_cache)
+    V  vocabulary                     L  conv kernel length (conv_L_cache)       W   sliding window
 
 Operators work on one sequence: activations are ``(T, D)``. Weights are passed explicitly, in the
 layout of the Hugging Face checkpoint (a linear weight is ``(out, in)``). Every function computes in
 the dtype of its activation input (float32 by default, float64 in the oracle mode); weights are
 expected in that dtype already.
+
+Two optional arguments thread through the operators, and cost nothing when left at their defaults:
+
+- ``rnd(x)`` marks each point where a low-precision backend stores a result; it is the identity in the
+  float32 and float64 modes and rounds to bfloat16 in the bf16 emulation (:mod:`lfm2np.numerics`).
+- ``tap(name, value)`` receives each named intermediate and returns the value the computation goes on
+  with: the value itself (recording), or a replacement (an intervention). :func:`untapped` is the
+  default. :mod:`lfm2np.model` documents the protocol and the names.
+
+This module imports nothing from lfm2np.
 """
 
 from __future__ import annotations
@@ -19,11 +29,30 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-#: ``record(name, value)``: receives named intermediates when tracing; operators skip it when None.
-Recorder = Callable[[str, np.ndarray], None]
+#: ``tap(name, value) -> value``: sees a named intermediate and returns what the computation continues with.
+Tap = Callable[[str, np.ndarray], np.ndarray]
+#: ``rnd(x) -> x``: rounding applied where a backend stores a result (identity unless emulating bf16).
+Rounding = Callable[[np.ndarray], np.ndarray]
 
 #: The constant transformers adds to the sum of the top-k routing weights before dividing.
 ROUTER_NORM_EPS = 1e-6
+
+
+def exact(x: np.ndarray) -> np.ndarray:
+    """The identity rounding: results are kept as the compute dtype gives them."""
+    return x
+
+
+def untapped(name: str, value: np.ndarray) -> np.ndarray:
+    """The default tap: nothing recorded, nothing replaced."""
+    return value
+
+
+def prefixed(tap: Tap, prefix: str) -> Tap:
+    """``tap`` seeing names with ``prefix`` in front (``untapped`` stays untapped, at no cost)."""
+    if tap is untapped:
+        return untapped
+    return lambda name, value: tap(prefix + name, value)
 
 
 # ----------------------------------------------------------------------------- basics
@@ -56,15 +85,15 @@ def silu(x: np.ndarray) -> np.ndarray:
     return np.divide(x, t, out=t)
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, rnd: Rounding = exact) -> np.ndarray:
     """RMSNorm over the last axis: ``w * x / sqrt(mean(x^2) + eps)``.  (..., N), (N,) -> (..., N)
 
     Statistics are taken in at least float32 (float64 in the oracle mode). The weight is used as is,
-    not as ``1 + w``.
+    not as ``1 + w``. A bf16 backend stores the normalised value, then the product with the weight.
     """
     xf = x.astype(np.promote_types(x.dtype, np.float32), copy=False)
     inv_rms = 1.0 / np.sqrt(np.mean(xf * xf, axis=-1, keepdims=True) + xf.dtype.type(eps))
-    return weight * (xf * inv_rms).astype(x.dtype, copy=False)
+    return rnd(weight * rnd((xf * inv_rms).astype(x.dtype, copy=False)))
 
 
 def embed(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -72,23 +101,34 @@ def embed(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
     return table[ids]
 
 
-def lm_head(h: np.ndarray, head: np.ndarray) -> np.ndarray:
+def lm_head(h: np.ndarray, head: np.ndarray, rnd: Rounding = exact) -> np.ndarray:
     """Logits from the final hidden states. ``head`` is ``lm_head.weight`` or, when tied (every released
     model), ``model.embed_tokens.weight``.  (T, D), (V, D) -> (T, V)"""
-    return h @ head.T
+    return rnd(h @ head.T)
 
 
 # ------------------------------------------------------------------------------- RoPE
-def rope_tables(positions: np.ndarray, head_dim: int, theta: float,
-                dtype: np.dtype = np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin tables for the split-half (NeoX) rotary embedding over the full head dim.
-
-    ``inv_freq_i = theta^(-2i/hd)`` for ``i < hd/2``; angle ``a[t, i] = pos_t * inv_freq_i``, repeated for
-    both halves. The reference computes angles in float32; pass float64 for the oracle mode.
-    (T,) int -> (T, hd), (T, hd)
-    """
+def rope_frequencies(head_dim: int, theta: float, rotated: int | None = None,
+                     dtype: np.dtype = np.float32) -> np.ndarray:
+    """The hd/2 inverse frequencies of split-half RoPE: ``inv_freq_i = theta^(-2i/hd)`` for the first
+    ``rotated`` pairs (all of them by default) and 0 for the rest, whose dims are then left unrotated
+    (LFM3's "proportional" partial rotation).  -> (hd/2,)"""
     dtype = np.dtype(dtype)
     inv_freq = 1.0 / (dtype.type(theta) ** (np.arange(0, head_dim, 2, dtype=dtype) / dtype.type(head_dim)))
+    if rotated is not None:
+        inv_freq[rotated:] = 0
+    return inv_freq
+
+
+def rope_tables(positions: np.ndarray, head_dim: int, theta: float, dtype: np.dtype = np.float32,
+                rotated: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin tables for the split-half (NeoX) rotary embedding over the full head dim.
+
+    angle ``a[t, i] = pos_t * inv_freq_i`` (:func:`rope_frequencies`), repeated for both halves. The
+    reference computes angles in float32; pass float64 for the oracle mode.
+    (T,) int -> (T, hd), (T, hd)
+    """
+    inv_freq = rope_frequencies(head_dim, theta, rotated, dtype)
     angles = np.asarray(positions).astype(dtype)[:, None] * inv_freq[None, :]  # (T, hd/2)
     angles = np.concatenate([angles, angles], axis=-1)  # (T, hd)
     return np.cos(angles), np.sin(angles)
@@ -100,9 +140,9 @@ def rotate_half(x: np.ndarray) -> np.ndarray:
     return np.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rnd: Rounding = exact) -> np.ndarray:
     """``x * cos + rotate_half(x) * sin`` per head.  (T, n, hd), (T, hd), (T, hd) -> (T, n, hd)"""
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+    return rnd(rnd(x * cos[:, None, :]) + rnd(rotate_half(x) * sin[:, None, :]))
 
 
 # -------------------------------------------------------------------------- attention
@@ -114,40 +154,47 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Causal grouped-query attention of T new queries over S >= T keys (earlier ones first).
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None = None,
+              rnd: Rounding = exact, start: int | None = None) -> np.ndarray:
+    """Causal grouped-query attention of T new queries over S keys (earlier ones first).
 
-    Query t sits at position ``S - T + t`` and sees keys ``0 .. S - T + t``. Query head j reads KV head
-    ``j // (H // G)``. ``softmax((q k^T) * hd^-0.5 + mask) v``.
-    (T, H, hd), (S, G, hd), (S, G, hd) -> (T, H * hd)
+    Query t sits at position ``p_t = start + t`` (``start = S - T`` by default: the queries are the last T
+    keys) and sees keys ``0 .. p_t``, or with a sliding ``window`` only the last W of them,
+    ``p_t - W + 1 .. p_t``. Query head j reads KV head ``j // (H // G)``.
+    ``softmax((q k^T) * hd^-0.5 + mask) v``.  (T, H, hd), (S, G, hd), (S, G, hd) -> (T, H * hd)
     """
     T, H, hd = q.shape
     S, G, _ = k.shape
     R = H // G  # query heads per KV head
+    start = S - T if start is None else start
     qg = q.reshape(T, G, R, hd).transpose(1, 2, 0, 3).reshape(G, R * T, hd)  # rows (r, t) of each KV group
     kg, vg = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (G, S, hd)
-    scores = (qg @ kg.transpose(0, 2, 1)).reshape(G, R, T, S) * q.dtype.type(hd ** -0.5)
-    future = np.arange(S)[None, :] > (S - T + np.arange(T))[:, None]  # (T, S)
-    scores[..., future] = -np.inf
-    probs = softmax(scores, axis=-1).reshape(G, R * T, S)
-    out = (probs @ vg).reshape(G, R, T, hd)  # (G, R, T, hd)
+    scores = rnd(rnd(qg @ kg.transpose(0, 2, 1)).reshape(G, R, T, S) * q.dtype.type(hd ** -0.5))
+    pos, key = start + np.arange(T)[:, None], np.arange(S)[None, :]
+    hidden = key > pos if window is None else (key > pos) | (key <= pos - window)  # (T, S)
+    scores[..., hidden] = -np.inf
+    probs = rnd(softmax(scores, axis=-1)).reshape(G, R * T, S)
+    out = rnd(probs @ vg).reshape(G, R, T, hd)  # (G, R, T, hd)
     return out.transpose(2, 0, 1, 3).reshape(T, H * hd)
 
 
-def attention_blocked(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 256) -> np.ndarray:
+def attention_blocked(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 256, window: int | None = None,
+                      rnd: Rounding = exact) -> np.ndarray:
     """:func:`attention` computed ``block`` queries at a time, so the score matrix takes ``block x S``
-    instead of ``T x S`` memory (an 8K-token prompt needs 8K x 8K scores per head otherwise). Each block of
-    queries attends to the keys up to its last position; the result is the same rows.
-    (T, H, hd), (S, G, hd), (S, G, hd) -> (T, H * hd)
+    instead of ``T x S`` memory. Each block of queries reads only the keys it can see (up to its last
+    position; with a window, from its first query's window start): fully masked key ranges are skipped.
+    The result is the same rows.  (T, H, hd), (S, G, hd), (S, G, hd) -> (T, H * hd)
     """
     T, S = q.shape[0], k.shape[0]
-    if T <= block:
-        return attention(q, k, v)
+    if T <= block and window is None:
+        return attention(q, k, v, rnd=rnd)
     rows = []
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
+        first = S - T + t0  # position of this block's first query
+        lo = 0 if window is None else max(0, first - window + 1)
         end = S - T + t1  # keys visible to the last query of this block
-        rows.append(attention(q[t0:t1], k[:end], v[:end]))
+        rows.append(attention(q[t0:t1], k[lo:end], v[lo:end], window, rnd, start=first - lo))
     return np.concatenate(rows, axis=0)
 
 
@@ -157,36 +204,37 @@ def attention_block(
     q_norm: np.ndarray, k_norm: np.ndarray,
     cos: np.ndarray, sin: np.ndarray, eps: float,
     past_k: np.ndarray | None = None, past_v: np.ndarray | None = None,
-    record: Recorder | None = None, attention_block_size: int = 256,
+    tap: Tap = untapped, attention_block_size: int = 256, rnd: Rounding = exact,
+    window: int | None = None, gate_proj: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The attention mixer: projections, per-head QK RMSNorm, RoPE, causal GQA, output projection.
 
     ``cos``/``sin`` are the tables for the T new positions. ``past_k``/``past_v`` hold earlier keys and
-    values (already normed and rotated); the keys and values returned include them and the new ones.
-    ``record(name, value)``, when given, receives the intermediates (q_proj, k_proj, v_proj, q_normed,
-    k_normed, q_rope, k_rope, attn_out, out_proj). Attention runs ``attention_block_size`` queries at a
-    time (:func:`attention_blocked`), which bounds memory on long prompts.
+    values (already normed and rotated): all of them, or, with a sliding ``window``, at least the last
+    W - 1. The keys and values returned include them and the new ones. With ``gate_proj`` (LFM3's output
+    gate, ``(H, D)``) each head's output is multiplied by ``sigmoid(gate_proj h)`` before ``out_proj``.
+    ``tap`` sees q_proj, k_proj, v_proj, q_normed, k_normed, q_rope, k_rope, (gate,) attn_out, out_proj.
+    Attention runs ``attention_block_size`` queries at a time, which bounds memory on long prompts.
     (T, D) -> (T, D), (S, G, hd), (S, G, hd)
     """
     T = h.shape[0]
     hd = q_norm.shape[0]
-    q = linear(h, q_proj).reshape(T, -1, hd)  # (T, H, hd)
-    k = linear(h, k_proj).reshape(T, -1, hd)  # (T, G, hd)
-    v = linear(h, v_proj).reshape(T, -1, hd)  # (T, G, hd)
-    q_normed, k_normed = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
-    q_rope, k_rope = apply_rope(q_normed, cos, sin), apply_rope(k_normed, cos, sin)
-    k_all, v_all = k_rope, v
+    q = tap("q_proj", rnd(linear(h, q_proj)).reshape(T, -1, hd))  # (T, H, hd)
+    k = tap("k_proj", rnd(linear(h, k_proj)).reshape(T, -1, hd))  # (T, G, hd)
+    v = tap("v_proj", rnd(linear(h, v_proj)).reshape(T, -1, hd))  # (T, G, hd)
+    q = tap("q_normed", rms_norm(q, q_norm, eps, rnd))
+    k = tap("k_normed", rms_norm(k, k_norm, eps, rnd))
+    q = tap("q_rope", apply_rope(q, cos, sin, rnd))
+    k = tap("k_rope", apply_rope(k, cos, sin, rnd))
     if past_k is not None:
-        k_all = np.concatenate([past_k, k_rope], axis=0)  # (S, G, hd)
-        v_all = np.concatenate([past_v, v], axis=0)
-    attn = attention_blocked(q_rope, k_all, v_all, block=attention_block_size)  # (T, H*hd)
-    out = linear(attn, out_proj)
-    if record:
-        for name, value in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("q_normed", q_normed),
-                            ("k_normed", k_normed), ("q_rope", q_rope), ("k_rope", k_rope), ("attn_out", attn),
-                            ("out_proj", out)):
-            record(name, value)
-    return out, k_all, v_all
+        k = np.concatenate([past_k, k], axis=0)  # (S, G, hd)
+        v = np.concatenate([past_v, v], axis=0)
+    attn = attention_blocked(q, k, v, attention_block_size, window, rnd)  # (T, H*hd)
+    if gate_proj is not None:
+        gate = tap("gate", rnd(sigmoid(rnd(linear(h, gate_proj)))))  # (T, H)
+        attn = rnd(attn.reshape(T, -1, hd) * gate[:, :, None]).reshape(T, -1)
+    attn = tap("attn_out", attn)
+    return tap("out_proj", rnd(linear(attn, out_proj))), k, v
 
 
 # ------------------------------------------------------------------ gated short conv
@@ -219,44 +267,35 @@ def short_conv(
     in_proj: np.ndarray, conv: np.ndarray, out_proj: np.ndarray,
     in_proj_bias: np.ndarray | None = None, conv_bias: np.ndarray | None = None,
     out_proj_bias: np.ndarray | None = None, window: np.ndarray | None = None,
-    record: Recorder | None = None,
+    tap: Tap = untapped, rnd: Rounding = exact,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The gated short convolution mixer.
 
     ``b_gate, c_gate, x = split(in_proj(h), 3)``; ``u = b_gate * x``; ``z = causal_conv1d(u)``;
     ``out = out_proj(c_gate * z)``. No activation, no norm. ``conv`` is the checkpoint's ``(D, 1, L)``
     weight. ``window`` holds earlier values of u (see :func:`causal_conv1d`). Returns the output and the
-    history of u extended by this chunk. ``record(name, value)``, when given, receives the intermediates
-    (in_proj, b_gate, c_gate, x, bx, conv_out, y, out_proj).
+    history of u extended by this chunk. ``tap`` sees in_proj, b_gate, c_gate, x, bx, conv_out, y, out_proj.
     (T, D), (n, D) -> (T, D), (n + T, D)
     """
-    bcx = linear(h, in_proj, in_proj_bias)  # (T, 3D)
-    b_gate, c_gate, x = np.split(bcx, 3, axis=-1)  # 3 x (T, D)
-    u = b_gate * x
+    bcx = tap("in_proj", rnd(linear(h, in_proj, in_proj_bias)))  # (T, 3D)
+    b_gate, c_gate, x = (tap(n, part) for n, part in zip(("b_gate", "c_gate", "x"), np.split(bcx, 3, axis=-1)))
+    u = tap("bx", rnd(b_gate * x))
     z, history = causal_conv1d(u, conv[:, 0, :], conv_bias, window)
-    y = c_gate * z
-    out = linear(y, out_proj, out_proj_bias)
-    if record:
-        for name, value in (("in_proj", bcx), ("b_gate", b_gate), ("c_gate", c_gate), ("x", x), ("bx", u),
-                            ("conv_out", z), ("y", y), ("out_proj", out)):
-            record(name, value)
-    return out, history
+    z = tap("conv_out", rnd(z))
+    y = tap("y", rnd(c_gate * z))
+    return tap("out_proj", rnd(linear(y, out_proj, out_proj_bias))), history
 
 
 # -------------------------------------------------------------------------------- FFN
 def swiglu(h: np.ndarray, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray,
-           record: Recorder | None = None) -> np.ndarray:
+           tap: Tap = untapped, rnd: Rounding = exact) -> np.ndarray:
     """``w2(silu(w1 h) * w3 h)``; w1 = gate, w3 = up, w2 = down.  (T, D), (F, D), (F, D), (D, F) -> (T, D)
 
-    ``record``, when given, receives w1 (the gate projection), w3 (the up projection), act
-    (``silu(w1 h) * w3 h``) and w2 (the output)."""
-    gate, up = linear(h, w1), linear(h, w3)
-    act = silu(gate) * up
-    out = linear(act, w2)
-    if record:
-        for name, value in (("w1", gate), ("w3", up), ("act", act), ("w2", out)):
-            record(name, value)
-    return out
+    ``tap`` sees w1 (the gate projection), w3 (the up projection), act (``silu(w1 h) * w3 h``) and w2."""
+    gate = tap("w1", rnd(linear(h, w1)))
+    up = tap("w3", rnd(linear(h, w3)))
+    act = tap("act", rnd(rnd(silu(gate)) * up))
+    return tap("w2", rnd(linear(act, w2)))
 
 
 def top_k_experts(scores: np.ndarray, k: int) -> np.ndarray:
@@ -267,33 +306,46 @@ def top_k_experts(scores: np.ndarray, k: int) -> np.ndarray:
 
 def route(
     h: np.ndarray, gate: np.ndarray, expert_bias: np.ndarray | None, k: int,
-    norm_topk_prob: bool, routed_scaling_factor: float,
+    norm_topk_prob: bool, routed_scaling_factor: float, rnd: Rounding = exact,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The LFM2-MoE router.
-
-    ``logits = gate h``; ``s = sigmoid(logits)``; the k experts are chosen on ``s + expert_bias`` (the bias
-    steers selection only); their weights are the unbiased ``s``; if ``norm_topk_prob``:
-    ``w = w / (sum(w) + 1e-6)``; finally ``w *= routed_scaling_factor``.
+    """The LFM2-MoE router: ``logits = gate h``, then :func:`select_experts`.
     (T, D), (E, D), (E,) -> logits (T, E), experts (T, k) int64, weights (T, k)
     """
-    logits = linear(h, gate)
-    scores = sigmoid(logits)
+    logits = rnd(linear(h, gate))
+    return (logits, *select_experts(logits, expert_bias, k, norm_topk_prob, routed_scaling_factor, rnd))
+
+
+def select_experts(
+    logits: np.ndarray, expert_bias: np.ndarray | None, k: int, norm_topk_prob: bool,
+    routed_scaling_factor: float, rnd: Rounding = exact,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k sigmoid routing from the router logits.
+
+    ``s = sigmoid(logits)``; the k experts are chosen on ``s + expert_bias`` (the bias steers selection
+    only; it is float32, so a bf16 backend selects in float32); their weights are the unbiased ``s``; if
+    ``norm_topk_prob``: ``w = w / (sum(w) + 1e-6)``; finally ``w *= routed_scaling_factor``.
+    (T, E), (E,) -> experts (T, k) int64, weights (T, k)
+    """
+    scores = rnd(sigmoid(logits))
     experts = top_k_experts(scores if expert_bias is None else scores + expert_bias, k)
     weights = np.take_along_axis(scores, experts, axis=-1)
     if norm_topk_prob:
-        weights = weights / (weights.sum(axis=-1, keepdims=True) + weights.dtype.type(ROUTER_NORM_EPS))
-    return logits, experts, weights * weights.dtype.type(routed_scaling_factor)
+        total = rnd(rnd(weights.sum(axis=-1, keepdims=True)) + weights.dtype.type(ROUTER_NORM_EPS))
+        weights = rnd(weights / total)
+    return experts, rnd(weights * weights.dtype.type(routed_scaling_factor))
 
 
 ExpertWeights = Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def moe(h: np.ndarray, experts: np.ndarray, weights: np.ndarray,
-        expert_weights: "ExpertWeights | Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]") -> np.ndarray:
+        expert_weights: "ExpertWeights | Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]",
+        rnd: Rounding = exact) -> np.ndarray:
     """Mixture of SwiGLU experts: ``out_t = sum_j weights[t, j] * expert_{experts[t, j]}(h_t)``.
 
     Tokens are grouped by expert: each chosen expert runs once on all the tokens that chose it, in
-    increasing expert order. ``expert_weights(e)`` (or ``expert_weights[e]``) gives ``(w1, w3, w2)``.
+    increasing expert order (the order in which a bf16 backend adds the contributions up).
+    ``expert_weights(e)`` (or ``expert_weights[e]``) gives ``(w1, w3, w2)``.
     (T, D), (T, k) int, (T, k) -> (T, D)
     """
     get = expert_weights if callable(expert_weights) else expert_weights.__getitem__
@@ -309,5 +361,6 @@ def moe(h: np.ndarray, experts: np.ndarray, weights: np.ndarray,
         if picks.size == 0:
             continue
         tokens = flat_tokens[picks]  # each token at most once per expert: no duplicate rows
-        out[tokens] += swiglu(h[tokens], *get(e)) * flat_weights[picks, None]
+        y = swiglu(h[tokens], *get(e), rnd=rnd)
+        out[tokens] = rnd(out[tokens] + rnd(y * flat_weights[picks, None]))
     return out

@@ -68,8 +68,8 @@ class State:
     @classmethod
     def start(cls, config: Config, dtype=np.float32, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> "State":
         """The state before the first token: empty histories and caches, position 0."""
-        if max_rollback < 0:
-            raise Lfm2npError(f"max_rollback is {max_rollback}; expected >= 0")
+        if isinstance(max_rollback, bool) or not isinstance(max_rollback, (int, np.integer)) or max_rollback < 0:
+            raise Lfm2npError(f"max_rollback is {max_rollback!r}; expected an integer >= 0")
         D, G, hd = config.hidden_size, config.num_key_value_heads, config.head_dim
         conv, keys, values = [], [], []
         for i in range(config.num_hidden_layers):
@@ -87,6 +87,8 @@ class State:
     def conv_window(self, layer: int) -> np.ndarray:
         """The ``(L-1, D)`` window the next token's convolution reads (zeros before the sequence start):
         exactly what llama.cpp keeps for this layer."""
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < len(self.conv):
+            raise Lfm2npError(f"state: layer {layer!r} does not exist; the state has {len(self.conv)} layers")
         u = self.conv[layer]
         if u is None:
             raise Lfm2npError(f"state: layer {layer} is an attention layer and has no conv window")
@@ -111,17 +113,53 @@ class State:
         """Bytes held by the arrays of this state."""
         return sum(a.nbytes for group in (self.conv, self.keys, self.values) for a in group if a is not None)
 
+    # ---------------------------------------------------------------- the model's view
+    def check_for(self, config: Config, dtype: np.dtype) -> None:
+        """Raise :class:`Lfm2npError` unless this state can continue a sequence of a model with ``config``
+        computing in ``dtype``: same layer kinds, row shapes, conv kernel and dtype, position in range."""
+        c = config
+        if len(self.conv) != c.num_hidden_layers:
+            raise Lfm2npError(f"state does not belong to this model: it has {len(self.conv)} layers, the config "
+                              f"{c.num_hidden_layers}")
+        if self.conv_L_cache != c.conv_L_cache:
+            raise Lfm2npError(f"state does not belong to this model: it was made for conv_L_cache "
+                              f"{self.conv_L_cache}, the config has {c.conv_L_cache}")
+        for i in range(c.num_hidden_layers):
+            if (self.conv[i] is None) != c.is_attention(i):
+                raise Lfm2npError(f"state does not belong to this model: layer {i} is "
+                                  f"{'attention' if c.is_attention(i) else 'conv'} in the config, not in the state")
+            width = (c.num_key_value_heads, c.head_dim) if c.is_attention(i) else (c.hidden_size,)
+            held = self.keys[i].shape[1:] if c.is_attention(i) else self.conv[i].shape[1:]
+            if tuple(held) != width:
+                raise Lfm2npError(f"state does not belong to this model: layer {i} holds rows of shape "
+                                  f"{tuple(held)}, the config needs {width}")
+        if self.position > c.max_position_embeddings:
+            raise Lfm2npError(f"state position {self.position} exceeds max_position_embeddings "
+                              f"{c.max_position_embeddings}")
+        arrays = [a for a in self.conv + self.keys + self.values if a is not None]
+        if any(a.dtype != dtype for a in arrays):
+            odd = next(a.dtype for a in arrays if a.dtype != dtype)
+            raise Lfm2npError(f"state holds {odd} arrays but the model computes in {np.dtype(dtype)}")
+
+    def layer_pasts(self) -> list:
+        """Per layer, what the forward pass continues from: the conv history, or the (K, V) pair."""
+        return [u if u is not None else (k, v) for u, k, v in zip(self.conv, self.keys, self.values)]
+
     # ---------------------------------------------------------------- updates
-    def advance(self, tokens: int, conv: list, keys: list, values: list) -> "State":
-        """The state after ``tokens`` more tokens, given each layer's extended history / caches.
-        Conv histories are trimmed to ``L-1 + max_rollback`` rows."""
+    def advance(self, tokens: int, layers: list) -> "State":
+        """The state after ``tokens`` more tokens, given what each layer returned (its extended conv history,
+        or its K and V). Conv histories are trimmed to ``L-1 + max_rollback`` rows."""
         keep = self.conv_L_cache - 1 + self.max_rollback
-        trimmed = [None if u is None else u[max(0, u.shape[0] - keep):] for u in conv]
-        return State(self.position + tokens, tuple(trimmed), tuple(keys), tuple(values),
-                     self.conv_L_cache, self.max_rollback)
+        conv = tuple(None if isinstance(x, tuple) else x[max(0, x.shape[0] - keep):] for x in layers)
+        keys = tuple(x[0] if isinstance(x, tuple) else None for x in layers)
+        values = tuple(x[1] if isinstance(x, tuple) else None for x in layers)
+        return State(self.position + tokens, conv, keys, values, self.conv_L_cache, self.max_rollback)
 
     def rollback(self, n: int) -> "State":
         """The state as it was ``n`` tokens ago: as if those tokens had never been fed."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise Lfm2npError(f"rollback takes a number of tokens (an integer); got {n!r}")
+        n = int(n)
         if not 0 <= n <= self.position:
             raise Lfm2npError(f"cannot roll back {n} tokens from position {self.position}")
         if n > self.rollback_limit and n != self.position:  # back to the start is always possible

@@ -12,14 +12,15 @@ from typing import Any
 import numpy as np
 
 from .config import Config
-from .model import Model, resolve_dtype
-from .weights import expected_tensors
+from .model import Model
+from .numerics import numerics
+from .tensors import expected_tensors
 
 
 def random_params(config: Config, seed: int = 0, dtype: Any = "float32",
                   expert_bias_scale: float = 0.1) -> dict[str, np.ndarray]:
     """A dict of every tensor ``config`` needs, drawn from a seeded generator."""
-    dt = resolve_dtype(dtype)
+    dt = numerics(dtype).dtype
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in expected_tensors(config).items():

@@ -1,4 +1,5 @@
-"""The bfloat16 emulation against transformers run in bfloat16 (fixtures), and against itself unrounded."""
+"""The bfloat16 emulation against transformers run in bfloat16 (fixtures); it is the float32 forward pass
+with a rounding policy, so it records the same trace and decodes with the same state."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from safetensors.numpy import load_file
 
 import lfm2np
 from lfm2np import ops
-from lfm2np.bf16 import Bf16Model, emulate_bf16, to_bf16
-from lfm2np.tolerance import rel_error
+from lfm2np import layers
+from lfm2np.numerics import BFLOAT16, FLOAT32, Numerics, to_bf16
+from lfm2np.oracle.tolerance import rel_error
+from lfm2np.oracle.trace import record
 
 from conftest import CASES, GOLDEN, golden, model
 
@@ -17,9 +20,42 @@ ULP_FLIP = 1e-2  # a few bf16 ulps (2^-8 = 3.9e-3) relative to the layer's scale
 
 
 def test_without_rounding_it_is_the_float32_model(case):
-    """The emulation's composition is the float32 forward pass step for step."""
+    """The emulation is the float32 forward pass with a rounding policy: with the identity rounding it is
+    the float32 model bit for bit, and its trace has exactly the float32 trace's names."""
     ids = golden(case)["bf16.ids"]
-    np.testing.assert_array_equal(emulate_bf16(model(case), rounding=False).forward(ids), model(case).forward(ids))
+    unrounded = Numerics("bfloat16-unrounded", np.dtype(np.float32), lambda x: x, round_weights=True)
+    m32 = model(case)
+    np.testing.assert_array_equal(lfm2np.Model(m32.config, dict(m32.params), unrounded).forward(ids),
+                                  m32.forward(ids))
+    _, t32 = record(m32, ids)
+    _, t16 = record(model(case, "bfloat16"), ids)
+    assert t16.names() == t32.names() and len(t32) > 40
+    for name in t32.names():
+        assert t16[name].shape == t32[name].shape, name
+
+
+def test_bf16_decoding_equals_bf16_forward(case):
+    """step in the emulation (chunked and token by token) gives the bf16 forward's logits (to a few bf16
+    ulps: BLAS sums a one-row matmul in another order, and a float32 difference can cross a bf16 boundary)."""
+    m = model(case, "bfloat16")
+    ids = golden(case)["bf16.ids"]
+    full = m.forward(ids)
+    a, s = m.step(ids[:5])
+    rest = []
+    for t in ids[5:]:
+        out, s = m.step([t], s)
+        rest.append(out)
+    assert rel_error(np.concatenate([a, *rest]), full) < ULP_FLIP
+
+
+def test_bf16_long_prompt_uses_blocked_attention():
+    """A prompt longer than the attention block runs blocked in the emulation too, with the same result."""
+    m = model("moe-bf16-bias", "bfloat16")
+    ids = np.arange(1, 301) % m.config.vocab_size
+    seen = {}
+    full = m.forward(ids, record=lambda n, v: seen.__setitem__(n, v.shape) if n.endswith("attn_out") else None)
+    assert seen and all(shape[0] == 300 for shape in seen.values())
+    np.testing.assert_array_equal(full[:50], m.forward(ids[:50]))
 
 
 def test_rounding_matches_torch():
@@ -29,7 +65,7 @@ def test_rounding_matches_torch():
     np.testing.assert_array_equal(to_bf16(x), expected)
 
 
-def bf16_tie_at_selection(m: Bf16Model, layer: int, seen: dict) -> bool:
+def bf16_tie_at_selection(m: lfm2np.Model, layer: int, seen: dict) -> bool:
     """Whether two experts tie exactly at the top-k boundary of the bf16 router scores."""
     c, W, f = m.config, m.params, f"model.layers.{layer}.feed_forward."
     if not c.is_moe_layer(layer) or c.num_experts_per_tok == c.num_experts:
@@ -49,17 +85,21 @@ def test_each_layer_against_transformers_bf16():
     exact = total = 0
     for case in CASES:
         g = golden(case)
-        m = emulate_bf16(model(case))
+        m = model(case, "bfloat16")
         c = m.config
         ids = g["bf16.ids"]
-        cos, sin = ops.rope_tables(np.arange(len(ids)), c.head_dim, c.rope_theta)
-        np.testing.assert_array_equal(ops.embed(ids, m.params["model.embed_tokens.weight"]),
-                                      g["bf16.model.embed_tokens.output"])
+        rope = m.rope(np.arange(len(ids)))
+        np.testing.assert_array_equal(m.embed(ids), g["bf16.model.embed_tokens.output"])
         h = g["bf16.model.embed_tokens.output"]
         for i in range(c.num_hidden_layers):
             ref = g[f"bf16.model.layers.{i}.output"]
             seen: dict = {}
-            out, _ = m._layer(i, h, cos, sin, None, seen.__setitem__)
+
+            def tap(name, value):
+                seen["model.layers.{}.".format(i) + name] = value
+                return value
+
+            out, _ = layers.lfm2_layer(h, m.layer_weights(i), c, rope, None, BFLOAT16.round, tap)
             err = rel_error(out, ref)
             total += 1
             exact += err == 0
@@ -71,7 +111,7 @@ def test_each_layer_against_transformers_bf16():
 
 def test_load_bfloat16_and_decode():
     m = lfm2np.load(GOLDEN / "moe-bf16-bias", dtype="bfloat16")
-    assert isinstance(m, Bf16Model) and "bfloat16 (emulated)" in repr(m)
+    assert m.numerics is BFLOAT16 and m.dtype == np.float32 and "bfloat16 (emulated)" in repr(m)
     ids = golden("moe-bf16-bias")["bf16.ids"]
     full = m.forward(ids)
     np.testing.assert_array_equal(full, to_bf16(full))  # logits are bf16 values

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lfm2np import Lfm2npError, calc, cli, expected_tensors, load_config, presets
-from lfm2np.calc_cli import family_markdown
+from tools_loader import load_tool
 from lfm2np.config import ATTENTION, CONV, Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -301,7 +301,7 @@ def test_cli_errors_print_one_line_and_exit_2(capsys, argv, bad):
 # ================================================================================= the docs
 def test_family_table_is_up_to_date():
     committed = (ROOT / "docs" / "family.md").read_text(encoding="utf-8")
-    assert committed == family_markdown(), "docs/family.md is stale: run python tools/make_family_table.py"
+    assert committed == load_tool("make_family_table").family_markdown(), "docs/family.md is stale: run python tools/make_family_table.py"
 
 
 def test_numpy_integers_are_accepted_where_ints_are():
@@ -319,7 +319,7 @@ def test_numpy_integers_are_accepted_where_ints_are():
 def test_float_weight_bytes_equal_a_written_checkpoint(tmp_path, name, dtype):
     """Exact against the bytes lfm2np writes (the expert bias stays float32, as in released checkpoints)."""
     from lfm2np.synthetic import random_params
-    from lfm2np.weights import Checkpoint, save_checkpoint
+    from lfm2np.io.safetensors import Checkpoint, save_checkpoint
 
     c = load_config(name)
     path = save_checkpoint(tmp_path / name, c, random_params(c), dtype=dtype)
@@ -332,7 +332,7 @@ def test_parameter_totals_equal_the_fixture_checkpoints_on_disk():
     import json
     import math
 
-    from lfm2np.weights import Checkpoint
+    from lfm2np.io.safetensors import Checkpoint
 
     golden = Path(__file__).parent / "golden"
     cases = json.loads((golden / "manifest.json").read_text())["cases"]

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import lfm2np
-from lfm2np.tokenizer import format_chat, render_template
+from lfm2np.io.tokenizer import format_chat, render_template
 
 TEMPLATE = (Path(__file__).parent / "data" / "lfm2_chat_template.jinja").read_text(encoding="utf-8")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lfm2np
-from lfm2np.hub import hub_cache, resolve
+from lfm2np.io.hub import hub_cache, resolve
 
 from conftest import GOLDEN
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lfm2np.tolerance import FP32, FP64_VS_FP32, rel_error
+from lfm2np.oracle.tolerance import FP32, FP64_VS_FP32, rel_error
 
 from conftest import MANIFEST, MOE, captured, golden, model
 
@@ -33,7 +33,7 @@ def test_batch_of_two_matches_reference(case):
 def test_chosen_experts_match_reference(case):
     m = model(case)
     seen = {}
-    m._run(captured(case, "model.embed_tokens.input"), record=lambda name, value: seen.__setitem__(name, value))
+    m.forward(captured(case, "model.embed_tokens.input"), record=lambda name, value: seen.__setitem__(name, value))
     for i in m.config.moe_layers:
         f = f"model.layers.{i}.feed_forward."
         ours = np.sort(seen[f + "selected_experts"], axis=-1)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from lfm2np import ops
-from lfm2np.tolerance import FP32, rel_error
+from lfm2np.layers import lfm2_layer
+from lfm2np.oracle.tolerance import FP32, rel_error
 
 from conftest import CASES, GOLDEN as GOLDEN_DIR, MOE, captured, golden, model
 
@@ -187,9 +188,9 @@ def test_each_decoder_layer(case):
     m = model(case)
     c = m.config
     T = captured(case, "model.layers.0.input").shape[0]
-    cos, sin = ops.rope_tables(np.arange(T), c.head_dim, c.rope_theta)
+    rope = ops.rope_tables(np.arange(T), c.head_dim, c.rope_theta)
     for i in range(c.num_hidden_layers):
-        out, _ = m._layer(i, captured(case, f"model.layers.{i}.input"), cos, sin, None, None)
+        out, _ = lfm2_layer(captured(case, f"model.layers.{i}.input"), m.layer_weights(i), c, rope, None)
         assert_close(out, captured(case, f"model.layers.{i}.output"), f"model.layers.{i}")
 
 

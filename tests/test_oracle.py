@@ -12,8 +12,10 @@ from safetensors.numpy import load_file
 
 import lfm2np
 from lfm2np import ops
-from lfm2np.golden import write_golden
-from lfm2np.trace import COMPARE_TIERS, Trace, compare, from_transformers, llama_cpp_alias, record
+from lfm2np.oracle.golden import write_golden
+from lfm2np.oracle.compare import compare
+from lfm2np.oracle.tolerance import COMPARE_TIERS
+from lfm2np.oracle.trace import Trace, from_transformers, llama_cpp_alias, record
 
 from conftest import CASES, GOLDEN, MOE, golden, model
 
@@ -151,21 +153,32 @@ class ReversedConvTaps(lfm2np.Model):
 
 
 class SoftmaxRouter(lfm2np.Model):
-    """A 'backend' that scores experts with a softmax instead of a sigmoid in one layer (mlx-lm #1883)."""
+    """A 'backend' that scores experts with a softmax instead of a sigmoid in one layer (mlx-lm #1883): its
+    own routing replaces the chosen experts and weights there (through the forward pass's interventions)."""
 
     def __init__(self, base: lfm2np.Model, layer: int):
         super().__init__(base.config, base.params, base.dtype)
-        self.broken_layer = layer
+        self.prefix = f"model.layers.{layer}.feed_forward."
 
-    def _layer(self, i, h, cos, sin, past, record):
-        if i != self.broken_layer:
-            return super()._layer(i, h, cos, sin, past, record)
-        real = ops.sigmoid
-        ops.sigmoid = lambda x: ops.softmax(x, axis=-1)
-        try:
-            return super()._layer(i, h, cos, sin, past, record)
-        finally:
-            ops.sigmoid = real
+    def forward(self, ids, *, record=None):
+        c, held = self.config, {}
+
+        def patch(name, value):
+            out = None
+            if name == self.prefix + "router_logits":
+                probs = ops.softmax(value.astype(np.float64), axis=-1)
+                top = np.argsort(-probs, axis=-1, kind="stable")[:, :c.num_experts_per_tok]
+                w = np.take_along_axis(probs, top, axis=-1)
+                held["experts"], held["weights"] = top, (w / w.sum(-1, keepdims=True)).astype(value.dtype)
+            elif name == self.prefix + "selected_experts":
+                out = held["experts"]
+            elif name == self.prefix + "routing_weights":
+                out = held["weights"]
+            if record is not None:
+                record(name, value if out is None else out)
+            return out
+
+        return super().forward(ids, record=patch)
 
 
 def first_divergence_of(case: str, broken: type, layer: int):

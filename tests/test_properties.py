@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 import lfm2np
 from lfm2np import ops
 from lfm2np.synthetic import random_model, random_params
-from lfm2np.tolerance import rel_error
+from lfm2np.oracle.tolerance import rel_error
 
 SETTINGS = settings(max_examples=40, deadline=None)
 seeds = st.integers(0, 2**32 - 1)

@@ -8,7 +8,10 @@ import math
 
 import pytest
 
-from lfm2np import Lfm2npError, load_config, presets, quant
+from lfm2np import Lfm2npError, load_config, presets
+from lfm2np.calc import quant
+from lfm2np.calc.published import PUBLISHED_GGUF_SIZES
+from lfm2np.io.gguf_names import gguf_tensors
 from lfm2np.config import ATTENTION
 
 
@@ -37,11 +40,11 @@ def test_tensor_bytes_counts_whole_blocks_per_row():
 def test_gguf_tensors_hold_every_parameter(name):
     c = load_config(name)
     from lfm2np import calc
-    assert sum(t.n_elements for t in quant.gguf_tensors(c)) == calc.param_counts(c)["total"]
+    assert sum(t.n_elements for t in gguf_tensors(c)) == calc.param_counts(c)["total"]
 
 
 def test_gguf_tensor_shapes_follow_the_conversion():
-    t = {x.name: x.ne for x in quant.gguf_tensors(load_config("LFM2-8B-A1B"))}
+    t = {x.name: x.ne for x in gguf_tensors(load_config("LFM2-8B-A1B"))}
     assert t["blk.0.shortconv.conv.weight"] == (3, 2048)  # [D, 1, L] squeezed, ggml order
     assert t["blk.3.ffn_gate_exps.weight"] == (2048, 1792, 32)  # experts stacked
     assert t["blk.3.ffn_down_exps.weight"] == (1792, 2048, 32)
@@ -188,21 +191,21 @@ def test_exact_published_files_differ_by_one_constant_metadata_block():
     (tokenizer etc.), which must be the same few MB in each; any wrong tensor type would shift one file by
     tens of KB or more."""
     diffs = [r["value"] - quant.gguf_file_bytes(load_config(r["model"]), r["quant"])
-             for r in quant.PUBLISHED_GGUF_SIZES if r["kind"] == "file_bytes"]
+             for r in PUBLISHED_GGUF_SIZES if r["kind"] == "file_bytes"]
     assert len(diffs) == 4
     assert all(1_000_000 < d < 3_500_000 for d in diffs)
     assert max(diffs) - min(diffs) < 4096
 
 
 def test_rounded_published_files_within_metadata_and_rounding():
-    for r in quant.PUBLISHED_GGUF_SIZES:
+    for r in PUBLISHED_GGUF_SIZES:
         if r["kind"] == "file_MB":
             mine = quant.gguf_file_bytes(load_config(r["model"]), r["quant"]) / 1e6
             assert 1.0 < r["value"] - mine < 3.5, r
 
 
 def test_llama_bench_model_sizes():
-    for r in quant.PUBLISHED_GGUF_SIZES:
+    for r in PUBLISHED_GGUF_SIZES:
         if r["kind"] == "data_GiB":
             mine = quant.gguf_weight_bytes(load_config(r["model"]), r["quant"]) / 2**30
             assert round(mine, 2) == r["value"], r
@@ -211,7 +214,7 @@ def test_llama_bench_model_sizes():
 def test_nominal_bits_per_weight_would_be_wrong():
     # the calculator is not params * 4.5 bits: the Q6_K embedding and F32 tensors add visibly
     c = load_config("LFM2-350M")
-    nominal = sum(t.n_elements for t in quant.gguf_tensors(c)) * 18 / 32
+    nominal = sum(t.n_elements for t in gguf_tensors(c)) * 18 / 32
     assert quant.gguf_weight_bytes(c, "Q4_0") > nominal * 1.05
 
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 import lfm2np
 from lfm2np.state import State
 from lfm2np.synthetic import random_model
-from lfm2np.tolerance import FP32, rel_error
+from lfm2np.oracle.tolerance import FP32, rel_error
 
 from conftest import DENSE, MOE, captured, golden, model
 

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 import lfm2np
 from lfm2np.synthetic import random_params
-from lfm2np.weights import (Checkpoint, bfloat16_bits, expected_tensors, save_checkpoint, widen,
+from lfm2np.io.safetensors import (Checkpoint, bfloat16_bits, expected_tensors, save_checkpoint, widen,
                             write_safetensors)
 
 from conftest import GOLDEN, MANIFEST, golden
@@ -252,7 +252,7 @@ def test_overlapping_or_gapped_tensors_are_refused(tmp_path):
 
 def test_embedding_lookup_without_kept_weights_reads_only_the_rows(tmp_path, monkeypatch):
     """With keep_weights=False an embedding lookup converts the looked-up rows, not the whole table."""
-    from lfm2np import weights as W
+    from lfm2np.io import safetensors as W
 
     config = lfm2np.load_config("tiny-moe")
     params = random_params(config, seed=9)
@@ -261,6 +261,6 @@ def test_embedding_lookup_without_kept_weights_reads_only_the_rows(tmp_path, mon
     real = W.widen
     monkeypatch.setattr(W, "widen", lambda raw, stored, dtype: (sizes.append(raw.size), real(raw, stored, dtype))[1])
     lean = lfm2np.load(path, keep_weights=False)
-    h = lean._embed(np.array([3, 5, 3]))
+    h = lean.embed(np.array([3, 5, 3]))
     assert sizes == [3 * config.hidden_size]
-    np.testing.assert_array_equal(h, lfm2np.load(path, keep_weights=True)._embed(np.array([3, 5, 3])))
+    np.testing.assert_array_equal(h, lfm2np.load(path, keep_weights=True).embed(np.array([3, 5, 3])))

@@ -10,7 +10,7 @@ Needs llama-cpp-python, which compiles llama.cpp (about 10 minutes on 2 cores), 
     venv-llama/bin/python tools/compare_llama_cpp.py --types F32,Q8_0 --kinds moe --keep /tmp/gguf
 
 For each case it builds a tiny random LFM2 (``lfm2``) or LFM2-MoE (``lfm2moe``) model, writes it with
-:func:`lfm2np.gguf_write.write_gguf` (gguf-py's writer, the metadata ``convert_hf_to_gguf.py`` writes), loads the
+:func:`lfm2np.io.gguf_write.write_gguf` (gguf-py's writer, the metadata ``convert_hf_to_gguf.py`` writes), loads the
 file back with lfm2np (so both sides run on exactly the stored, dequantised values) and with llama.cpp,
 evaluates the same ids in one batch, and prints per case: max |difference| over all positions, that max
 relative to max |logit|, the worst position's cosine, and whether the argmax agrees at every position.
@@ -33,8 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lfm2np  # noqa: E402
-from lfm2np import gguf as G  # noqa: E402
-from lfm2np import gguf_write as W  # noqa: E402
+from lfm2np.io import gguf as G  # noqa: E402
+from lfm2np.io import gguf_write as W  # noqa: E402
 from lfm2np.synthetic import random_params  # noqa: E402
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q6_K", "Q5_K", "Q4_K"]
@@ -77,7 +77,7 @@ def compare(kind: str, qtype: str, width: int, dtype: str, seed: int, directory:
     path = directory / f"lfm2np-{kind}-{qtype}.gguf"
     W.write_gguf(path, config, params, qtype)
     ids = [i % config.vocab_size for i in IDS]
-    ours = G.load_gguf(path, dtype=dtype).forward(ids).astype(np.float64)
+    ours = lfm2np.load(path, dtype=dtype).forward(ids).astype(np.float64)
     theirs = llama_cpp_logits(path, ids, threads, kv)
     diff = np.abs(ours - theirs)
     cos = (ours * theirs).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(theirs, axis=-1))

@@ -12,7 +12,7 @@ position, no BOS added) with an F32 KV cache, through llama-cpp-python's low-lev
 we say yes to all) and calls it again with the computed tensor (ask=False). Every F32 tensor is copied out
 (``ggml_backend_tensor_get``, honouring the strides of views) with ggml's dims reversed, so ``ne = [hd, H, T]``
 is ``(T, H, hd)``. Keys are llama.cpp's tensor names (``model.layers.{}.conv.conv-3``, ``ffn_moe_logits-3``,
-``result_output``, ...); `lfm2np.trace.llama_cpp_alias` maps lfm2np's names onto them. A name llama.cpp
+``result_output``, ...); `lfm2np.oracle.trace.llama_cpp_alias` maps lfm2np's names onto them. A name llama.cpp
 gives to several tensors is kept as ``name#1``, ``name#2``, ... and, for the last of them, ``name``.
 Non-F32 tensors (I32 expert indices ``ffn_moe_topk-*``) are listed but not written, unless ``--ints``
 (then ``compare`` checks the routing too).

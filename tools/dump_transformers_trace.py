@@ -6,7 +6,7 @@
     lfm2np compare ours.safetensors hf.safetensors --tier fp32
 
 Needs the `reference` extra (torch, transformers). Forward hooks record each module's output
-(the same recorder as tools/make_fixtures.py); lfm2np.trace.from_transformers maps them to trace names.
+(the same recorder as tools/make_fixtures.py); lfm2np.oracle.trace.from_transformers maps them to trace names.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from make_fixtures import Recorder, function_level  # noqa: E402
 
-from lfm2np.trace import from_transformers  # noqa: E402
+from lfm2np.oracle.trace import from_transformers  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

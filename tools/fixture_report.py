@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import lfm2np  # noqa: E402
-from lfm2np.tolerance import rel_error  # noqa: E402
+from lfm2np.layers import lfm2_layer  # noqa: E402
+from lfm2np.oracle.tolerance import rel_error  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "golden"
 
@@ -34,9 +35,9 @@ def main() -> int:
         m64 = lfm2np.load(GOLDEN / case, dtype="float64")
         c = m32.config
         ids = g["capture.ids"]
-        cos, sin = lfm2np.ops.rope_tables(np.arange(len(ids)), c.head_dim, c.rope_theta)
+        rope = m32.rope(np.arange(len(ids)))
         worst_layer = max(
-            rel_error(m32._layer(i, g[f"capture.model.layers.{i}.input"], cos, sin, None, None)[0],
+            rel_error(lfm2_layer(g[f"capture.model.layers.{i}.input"], m32.layer_weights(i), c, rope, None)[0],
                       g[f"capture.model.layers.{i}.output"]) for i in range(c.num_hidden_layers))
         errs32, errs64, errs_mode, argmax = [], [], [], True
         for key in [k for k in g if k.startswith("logits.T") and not k.endswith(".ids")] + ["batch.logits"]:
@@ -49,7 +50,7 @@ def main() -> int:
         experts = "n/a"
         if c.is_moe:
             seen = {}
-            m32._run(ids, record=lambda n, v: seen.__setitem__(n, v))
+            m32.forward(ids, record=lambda n, v: seen.__setitem__(n, v))
             agree = [np.mean(np.sort(seen[f"model.layers.{i}.feed_forward.selected_experts"], -1) ==
                              np.sort(g[f"capture.model.layers.{i}.feed_forward.gate.selected_experts"], -1))
                      for i in c.moe_layers]
@@ -63,21 +64,19 @@ def main() -> int:
 
 def bf16_table(manifest: dict) -> None:
     """The bf16 emulation against transformers run in bfloat16 on the same checkpoints."""
-    from lfm2np.bf16 import emulate_bf16
-
     print("| case | layers bit-identical (each fed transformers' bf16 input) | logits: emulation vs transformers bf16 "
           "| logits: float32 vs transformers bf16 | argmax agreement |")
     print("|---|---|---|---|---|")
     for case in manifest["cases"]:
         g = load_file(str(GOLDEN / case / "golden.safetensors"))
         m32 = lfm2np.load(GOLDEN / case)
-        m = emulate_bf16(m32)
+        m = lfm2np.load(GOLDEN / case, dtype="bfloat16")
         c = m.config
         ids = g["bf16.ids"]
-        cos, sin = lfm2np.ops.rope_tables(np.arange(len(ids)), c.head_dim, c.rope_theta)
+        rope = m.rope(np.arange(len(ids)))
         h, exact = g["bf16.model.embed_tokens.output"], 0
         for i in range(c.num_hidden_layers):
-            out, _ = m._layer(i, h, cos, sin, None, None)
+            out, _ = lfm2_layer(h, m.layer_weights(i), c, rope, None, m.numerics.round)
             exact += int(rel_error(out, g[f"bf16.model.layers.{i}.output"]) == 0)
             h = g[f"bf16.model.layers.{i}.output"]
         ref = g["bf16.lm_head.output"]

@@ -1,15 +1,12 @@
-"""Parameter, FLOP and memory calculators: pure functions of a :class:`~lfm2np.config.Config`.
+"""Memory calculators: weights, KV cache, conv state and compute buffer, pure functions of a Config.
 
 Everything here is computed from the config's dimensions; no tensor is ever allocated. What is exact and
 what is an estimate (see docs/calculators.md):
 
-- parameters: exact (tested against :func:`lfm2np.weights.expected_tensors` for every preset);
 - weight bytes: exact for float32/float16/bfloat16 checkpoints and for the tensor data of GGUF files
-  (per-tensor llama.cpp types, see :mod:`lfm2np.quant`);
+  (per-tensor llama.cpp types, see :mod:`lfm2np.calc.quant`);
 - KV cache and conv state: exact for llama.cpp's layout (attention layers only, ``G * hd`` per K and V per
   token; conv state ``(L-1) * D`` float32 values per conv layer and sequence);
-- FLOPs: exact counts of the matmul and attention multiply-adds (2 FLOPs each); norms, RoPE, activations,
-  gating products and softmax are not counted (they are O(D) per token, well under 1%);
 - the compute buffer for a prefill chunk: an estimate (the peak of float32 intermediates of one layer).
 
 Dimension legend: T tokens, S cached+new positions, D hidden, H query heads, G KV heads, hd head dim,
@@ -18,160 +15,19 @@ F FFN width, E experts, k experts per token, Fm expert width, V vocab, L conv ke
 
 from __future__ import annotations
 
-import numbers
 import re
 from typing import Any, Iterable
 
-import numpy as np
 
+from ..config import ATTENTION, Config
+from ..errors import Lfm2npError
+from ..io.gguf import gguf_tensor_bytes
+from ..numerics import DTYPE_BYTES as _ALL_DTYPE_BYTES, canonical_dtype
 from . import quant
-from .config import ATTENTION, CONV, Config
-from .errors import Lfm2npError
+from .params import param_counts, positive
 
-# ================================================================================ parameters
-
-
-def _mixer_params(c: Config, layer: int) -> dict[str, int]:
-    D, H, G, hd, L = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.conv_L_cache
-    if c.is_attention(layer):
-        return {"q_proj": H * hd * D, "k_proj": G * hd * D, "v_proj": G * hd * D, "out_proj": D * H * hd,
-                "q_layernorm": hd, "k_layernorm": hd}
-    p = {"in_proj": 3 * D * D, "conv": D * L, "out_proj": D * D}
-    if c.conv_bias:
-        p.update(in_proj_bias=3 * D, conv_bias=D, out_proj_bias=D)
-    return p
-
-
-def _ffn_params(c: Config, layer: int) -> dict[str, Any]:
-    D = c.hidden_size
-    if not c.is_moe_layer(layer):
-        F = c.ffn_dim
-        p = {"kind": "dense", "w1": F * D, "w3": F * D, "w2": D * F}
-        p["total"] = p["active"] = 3 * F * D
-        return p
-    E, k, Fm = c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size
-    per_expert = 3 * D * Fm
-    router = E * D
-    bias = E if c.use_expert_bias else 0
-    return {"kind": "moe", "router": router, "expert_bias": bias, "experts": E * per_expert,
-            "per_expert": per_expert, "num_experts": E, "experts_per_token": k,
-            "total": router + bias + E * per_expert, "active": router + bias + k * per_expert}
-
-
-def param_breakdown(config: Config) -> dict[str, Any]:
-    """The parameters of every part of the model, hierarchically.
-
-    ``{"embedding", "layers": [{index, kind, operator_norm, mixer: {...}, ffn_norm, ffn: {...}, total, active}],
-    "final_norm", "lm_head", "by_kind": {...}}``. ``active`` counts only ``k`` of the ``E`` experts of a MoE
-    layer (router and expert bias are always active).
-    """
-    c = config
-    D, V = c.hidden_size, c.vocab_size
-    layers = []
-    by_kind: dict[str, dict[str, int]] = {
-        "conv_mixer": {"layers": 0, "params": 0},
-        "attention_mixer": {"layers": 0, "params": 0},
-        "dense_ffn": {"layers": 0, "params": 0},
-        "moe_ffn": {"layers": 0, "params": 0, "active": 0},
-        "norms": {"count": 0, "params": 0},
-    }
-    for i in range(c.num_hidden_layers):
-        mixer = _mixer_params(c, i)
-        ffn = _ffn_params(c, i)
-        mixer_total = sum(mixer.values())
-        total = D + mixer_total + D + ffn["total"]
-        layers.append({"index": i, "kind": c.layer_types[i], "operator_norm": D, "mixer": mixer,
-                       "mixer_total": mixer_total, "ffn_norm": D, "ffn": ffn,
-                       "total": total, "active": total - ffn["total"] + ffn["active"]})
-        kind = by_kind["attention_mixer" if c.is_attention(i) else "conv_mixer"]
-        kind["layers"] += 1
-        kind["params"] += mixer_total
-        f = by_kind["moe_ffn" if ffn["kind"] == "moe" else "dense_ffn"]
-        f["layers"] += 1
-        f["params"] += ffn["total"]
-        if ffn["kind"] == "moe":
-            f["active"] += ffn["active"]
-        by_kind["norms"]["count"] += 2
-        by_kind["norms"]["params"] += 2 * D
-    by_kind["norms"]["count"] += 1
-    by_kind["norms"]["params"] += D  # final norm
-    return {"embedding": V * D, "layers": layers, "final_norm": D,
-            "lm_head": 0 if c.tie_word_embeddings else V * D, "by_kind": by_kind}
-
-
-def param_counts(config: Config) -> dict[str, Any]:
-    """Totals: ``total``, ``active`` (per token: k of E experts), ``active_without_embedding``,
-    ``total_without_embedding``, ``embedding``, ``lm_head`` and the ``breakdown``.
-
-    Published "active" counts (8B-A1B: 1.5B, 24B-A2B: 2.3B) include the embedding, as ``active`` does.
-    "Without embedding" removes the input embedding and an untied head alike.
-    """
-    b = param_breakdown(config)
-    layers_total = sum(l["total"] for l in b["layers"])
-    layers_active = sum(l["active"] for l in b["layers"])
-    outer = b["embedding"] + b["final_norm"] + b["lm_head"]
-    total, active = outer + layers_total, outer + layers_active
-    vocab = b["embedding"] + b["lm_head"]
-    return {"total": total, "active": active, "embedding": b["embedding"], "lm_head": b["lm_head"],
-            "total_without_embedding": total - vocab, "active_without_embedding": active - vocab,
-            "breakdown": b}
-
-
-# ===================================================================================== FLOPs
-
-
-def _matmul_flops_per_token(c: Config) -> tuple[int, int]:
-    """(dense-equivalent, executed) FLOPs of every weight matmul of the layers for one token, the LM head
-    excluded. Two FLOPs per multiply-add; the depthwise conv counts its L taps."""
-    total = active = 0
-    for i, layer in enumerate(param_breakdown(c)["layers"]):
-        m = layer["mixer"]
-        mixer = 2 * sum(v for k, v in m.items() if not k.endswith("layernorm") and not k.endswith("bias"))
-        ffn = layer["ffn"]
-        if ffn["kind"] == "dense":
-            f_total = f_active = 2 * ffn["total"]
-        else:
-            f_total = 2 * (ffn["router"] + ffn["experts"])
-            f_active = 2 * (ffn["router"] + ffn["experts_per_token"] * ffn["per_expert"])
-        total += mixer + f_total
-        active += mixer + f_active
-    return total, active
-
-
-def _attention_flops(c: Config, keys: int) -> int:
-    """QK^T and AV of one query token attending to ``keys`` positions, summed over attention layers."""
-    return len(c.attention_layers) * 4 * c.num_attention_heads * c.head_dim * keys
-
-
-def flops(config: Config, context: int, *, logits: str = "last") -> dict[str, Any]:
-    """FLOPs of a prefill of ``context`` tokens and of one decode step at ``context`` cached positions.
-
-    Returns ``{"context", "prefill": {"total", "active", "per_token_total", "per_token_active"},
-    "decode": {"total", "active"}}``. ``total`` is dense-equivalent (every expert run), ``active`` is what
-    a MoE executes (k experts). ``logits="last"`` counts the LM head once per prefill (inference engines
-    compute only the last position's logits); ``"all"`` counts it for every prefill token.
-    """
-    c = config
-    n = _positive("context", context)
-    if logits not in ("last", "all"):
-        raise Lfm2npError(f"logits is {logits!r}; expected 'last' or 'all'")
-    mm_total, mm_active = _matmul_flops_per_token(c)
-    head = 2 * c.vocab_size * c.hidden_size
-    attn_prefill = len(c.attention_layers) * 4 * c.num_attention_heads * c.head_dim * (n * (n + 1) // 2)
-    n_heads = 1 if logits == "last" else n
-    pre_total = n * mm_total + attn_prefill + n_heads * head
-    pre_active = n * mm_active + attn_prefill + n_heads * head
-    dec_attn = _attention_flops(c, n + 1)  # the new token attends to the n cached ones and itself
-    return {"context": n,
-            "prefill": {"total": pre_total, "active": pre_active,
-                        "per_token_total": pre_total / n, "per_token_active": pre_active / n},
-            "decode": {"total": mm_total + dec_attn + head, "active": mm_active + dec_attn + head}}
-
-
-# ==================================================================================== memory
 #: Bytes per element of whole-checkpoint dtypes (every tensor in that dtype, as safetensors/PyTorch hold it).
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+DTYPE_BYTES = {name: _ALL_DTYPE_BYTES[name] for name in ("float32", "float16", "bfloat16")}
 
 #: KV cache types llama.cpp accepts (--cache-type-k/-v), stored in rows of G*hd elements per token.
 KV_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q5_1": "Q5_1", "q5_0": "Q5_0",
@@ -182,10 +38,9 @@ CONV_STATE_BYTES = 4  # llama.cpp keeps recurrent (conv) state in float32
 def normalise_quant(name: str) -> str:
     """``float32``/``float16``/``bfloat16`` (aliases fp32, fp16, bf16) or a GGUF file type (``Q4_K_M``, ``F16``...)."""
     key = str(name).strip()
-    low = key.lower()
-    low = _DTYPE_ALIASES.get(low, low)
-    if low in DTYPE_BYTES:
-        return low
+    dtype = canonical_dtype(key)
+    if dtype in DTYPE_BYTES:
+        return dtype
     try:
         return quant.normalise_file_type(key)
     except Lfm2npError:
@@ -200,8 +55,6 @@ def weight_bytes(config: Config, quant_name: str = "Q4_K_M", *, imatrix: bool = 
     (per-tensor types as llama-quantize chooses them; KV metadata and the tokenizer not included).
     ``quant_name`` may also be the path of a ``.gguf`` file: its real tensor types are read (gguf package)."""
     if str(quant_name).lower().endswith(".gguf"):
-        from .gguf import gguf_tensor_bytes
-
         return gguf_tensor_bytes(quant_name)
     q = normalise_quant(quant_name)
     if q in DTYPE_BYTES:
@@ -227,14 +80,14 @@ def kv_bytes_per_token(config: Config, kv_type: str = "f16") -> int:
 
 def kv_cache_bytes(config: Config, context: int, parallel: int = 1, kv_type: str = "f16") -> int:
     """KV cache for ``parallel`` sequences of ``context`` tokens each (llama.cpp: ``-c context*parallel -np parallel``)."""
-    return kv_bytes_per_token(config, kv_type) * _positive("context", context) * _positive("parallel", parallel)
+    return kv_bytes_per_token(config, kv_type) * positive("context", context) * positive("parallel", parallel)
 
 
 def conv_state_bytes(config: Config, parallel: int = 1) -> int:
     """Conv state of ``parallel`` sequences: per conv layer the last L-1 columns of ``u = b*x`` (D each), in
     float32, as llama.cpp and vLLM keep them (transformers keeps L columns). Constant in the context length."""
     per_seq = len(config.conv_layers) * (config.conv_L_cache - 1) * config.hidden_size * CONV_STATE_BYTES
-    return per_seq * _positive("parallel", parallel)
+    return per_seq * positive("parallel", parallel)
 
 
 def compute_buffer_bytes(config: Config, chunk: int = 512, context: int | None = None, *,
@@ -249,8 +102,8 @@ def compute_buffer_bytes(config: Config, chunk: int = 512, context: int | None =
     differs, and backends add scratch; the figure is meant within a factor of ~2.
     """
     c = config
-    t = _positive("chunk", chunk)
-    s = t if context is None else max(_positive("context", context), t)
+    t = positive("chunk", chunk)
+    s = t if context is None else max(positive("context", context), t)
     D, H, G, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
     blocks = [4 * D]
     if c.attention_layers:
@@ -348,12 +201,6 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise Lfm2npError(f"{name} is {value!r}; expected a positive integer")
-    return int(value)
-
-
-__all__ = ["param_breakdown", "param_counts", "flops", "weight_bytes", "kv_bytes_per_token", "kv_cache_bytes",
+__all__ = ["weight_bytes", "kv_bytes_per_token", "kv_cache_bytes",
            "conv_state_bytes", "compute_buffer_bytes", "memory", "max_context", "attention_only",
-           "hybrid_savings", "parse_bytes", "format_bytes", "normalise_quant", "CONV", "ATTENTION"]
+           "hybrid_savings", "parse_bytes", "format_bytes", "normalise_quant"]

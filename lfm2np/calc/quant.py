@@ -37,8 +37,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import Config
-from .errors import Lfm2npError
+from ..config import Config
+from ..errors import Lfm2npError
+from ..io.gguf_names import GgufTensor, gguf_tensors, quantisable
 
 # ------------------------------------------------------------------------------------ ggml types
 QK_K = 256
@@ -111,75 +112,10 @@ def normalise_file_type(name: str) -> str:
     return key
 
 
-# ------------------------------------------------------------------------------ GGUF tensors
-@dataclass(frozen=True)
-class GgufTensor:
-    """One tensor as ``convert_hf_to_gguf.py`` writes it for LFM2: GGUF name, ggml dims (``ne[0]`` = row
-    length, i.e. numpy's last axis) and the HF tensors it holds (stacked experts hold E of them)."""
-
-    name: str
-    ne: tuple[int, ...]
-    layer: int | None
-
-    @property
-    def n_elements(self) -> int:
-        n = 1
-        for d in self.ne:
-            n *= d
-        return n
-
-
-def gguf_tensors(config: Config) -> list[GgufTensor]:
-    """The tensors of an LFM2 GGUF file, in the order llama.cpp's loader sorts them (by layer, then name).
-
-    Conv kernels are squeezed from ``[D, 1, L]`` to ggml ``[L, D]``; the per-expert ``w1/w3/w2`` are stacked
-    into ``ffn_gate_exps`` ``[D, Fm, E]``, ``ffn_up_exps`` ``[D, Fm, E]`` and ``ffn_down_exps`` ``[Fm, D, E]``;
-    the expert bias becomes ``exp_probs_b.bias``; the final norm ``token_embd_norm``.
-    """
-    c = config
-    D, V, L = c.hidden_size, c.vocab_size, c.conv_L_cache
-    H, G, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    out: list[GgufTensor] = [GgufTensor("token_embd.weight", (D, V), None),
-                             GgufTensor("token_embd_norm.weight", (D,), None)]
-    if not c.tie_word_embeddings:
-        out.append(GgufTensor("output.weight", (D, V), None))
-    for i in range(c.num_hidden_layers):
-        p = f"blk.{i}."
-        t: list[tuple[str, tuple[int, ...]]] = [("attn_norm.weight", (D,)), ("ffn_norm.weight", (D,))]
-        if c.is_attention(i):
-            t += [("attn_q.weight", (D, H * hd)), ("attn_k.weight", (D, G * hd)), ("attn_v.weight", (D, G * hd)),
-                  ("attn_output.weight", (H * hd, D)), ("attn_q_norm.weight", (hd,)), ("attn_k_norm.weight", (hd,))]
-        else:
-            t += [("shortconv.in_proj.weight", (D, 3 * D)), ("shortconv.conv.weight", (L, D)),
-                  ("shortconv.out_proj.weight", (D, D))]
-            if c.conv_bias:
-                t += [("shortconv.in_proj.bias", (3 * D,)), ("shortconv.conv.bias", (D,)),
-                      ("shortconv.out_proj.bias", (D,))]
-        if c.is_moe_layer(i):
-            E, Fm = c.num_experts, c.moe_intermediate_size
-            t += [("ffn_gate_inp.weight", (D, E)), ("ffn_gate_exps.weight", (D, Fm, E)),
-                  ("ffn_up_exps.weight", (D, Fm, E)), ("ffn_down_exps.weight", (Fm, D, E))]
-            if c.use_expert_bias:
-                t.append(("exp_probs_b.bias", (E,)))
-        else:
-            F = c.ffn_dim
-            t += [("ffn_gate.weight", (D, F)), ("ffn_up.weight", (D, F)), ("ffn_down.weight", (F, D))]
-        out += [GgufTensor(p + name, ne, i) for name, ne in sorted(t)]
-    return out
-
-
 # ------------------------------------------------------------------------- type selection
 def use_more_bits(i: int, n: int) -> bool:
     """llama.cpp's choice of which of ``n`` layers get more bits: the first and last eighth, every third between."""
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
-
-
-def _quantisable(t: GgufTensor, tied: bool) -> bool:
-    """tensor_allows_quantization for the tensors an LFM2 file holds (rule 1)."""
-    name = t.name
-    if len(t.ne) < 2 or not name.endswith("weight") or "_norm.weight" in name:
-        return False
-    return "ffn_gate_inp.weight" not in name and "shortconv.conv.weight" not in name
 
 
 def _n_gqa(config: Config) -> int:
@@ -223,7 +159,7 @@ def tensor_types(config: Config, file_type: str = "Q4_K_M", *, imatrix: bool = F
     i_attn_v = 0
     out: dict[str, str] = {}
     for t in tensors:
-        if not _quantisable(t, tied):
+        if not quantisable(t):
             out[t.name] = "F32"
             continue
         if default in _FLOAT_TYPES:  # ggml_is_quantized(default) is false: no mixture rules, no fallback
@@ -319,28 +255,3 @@ def type_summary(config: Config, file_type: str = "Q4_K_M", *, imatrix: bool = F
         s["elements"] += t.n_elements
         s["bytes"] += tensor_bytes(types[t.name], t.ne)
     return summary
-
-
-# ------------------------------------------------------------------------- published sizes
-#: Sizes of real GGUF files, to check the calculator against (see docs/calculators.md for the comparison).
-#: kind "file_bytes": exact file size in bytes; "file_MB": file size as shown rounded to MB (10^6);
-#: "data_GiB": llama-bench's model size (tensor data only) rounded to 0.01 GiB.
-PUBLISHED_GGUF_SIZES: list[dict] = [
-    {"model": "LFM2-350M", "quant": "Q4_0", "kind": "file_MB", "value": 219, "source": "LiquidAI/LFM2-350M-GGUF"},
-    {"model": "LFM2-350M", "quant": "Q4_K_M", "kind": "file_MB", "value": 229, "source": "LiquidAI/LFM2-350M-GGUF"},
-    {"model": "LFM2-350M", "quant": "Q5_K_M", "kind": "file_bytes", "value": 260_374_144,
-     "source": "LiquidAI/LFM2-350M-Extract-GGUF (same architecture)"},
-    {"model": "LFM2-350M", "quant": "Q6_K", "kind": "file_bytes", "value": 293_380_672,
-     "source": "bartowski LFM2-350M-Extract-GGUF (same architecture)"},
-    {"model": "LFM2-350M", "quant": "Q8_0", "kind": "file_MB", "value": 379, "source": "LiquidAI/LFM2-350M-GGUF"},
-    {"model": "LFM2-350M", "quant": "F16", "kind": "file_MB", "value": 711, "source": "LiquidAI/LFM2-350M-GGUF"},
-    {"model": "LFM2-1.2B", "quant": "Q8_0", "kind": "file_bytes", "value": 1_246_252_768,
-     "source": "LiquidAI/LFM2-1.2B-Extract-GGUF (same architecture)"},
-    {"model": "LFM2-2.6B", "quant": "Q5_K_M", "kind": "file_bytes", "value": 1_828_958_976,
-     "source": "LiquidAI/LFM2-2.6B-Transcript-GGUF (same architecture)"},
-    {"model": "LFM2-8B-A1B", "quant": "Q4_0", "kind": "data_GiB", "value": 4.41,
-     "source": "llama-bench in llama.cpp PR #19848"},
-    {"model": "LFM2-24B-A2B", "quant": "Q4_0", "kind": "data_GiB", "value": 12.54,
-     "source": "llama-bench in llama.cpp PR #19848 (Preview checkpoint; the preset's dense FFN width was inferred "
-               "from this figure, so the match is not independent)"},
-]

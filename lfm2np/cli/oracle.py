@@ -7,22 +7,24 @@ import json
 
 import numpy as np
 
-from .errors import Lfm2npError
+from ..errors import Lfm2npError
+from ..io.hub import resolve
+from ..io.tokenizer import Tokenizer
+from ..loading import load
+from ..oracle.compare import compare, format_comparison
+from ..oracle.golden import write_golden
+from ..oracle.tolerance import COMPARE_TIERS
+from ..oracle.trace import Trace, record
+from .common import DTYPE_CHOICES, DTYPE_HELP, Subparsers
 
 
 def _ids(args: argparse.Namespace, model) -> np.ndarray:
     if args.text is not None:
-        from .hub import resolve
-        from .tokenizer import Tokenizer
-
         return np.array(Tokenizer.from_dir(resolve(args.model)).encode(args.text, add_bos=True))
     return np.array(args.ids, dtype=np.int64)
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from .model import load
-    from .trace import record
-
     model = load(args.model, dtype=args.dtype)
     _, trace = record(model, _ids(args, model), args.pattern)
     path = trace.save(args.out)
@@ -31,8 +33,6 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .trace import Trace, compare, format_comparison
-
     result = compare(Trace.load(args.a), Trace.load(args.b), args.tier, args.pattern)
     if args.json:
         print(json.dumps(result.to_json(), indent=1))
@@ -42,9 +42,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_golden(args: argparse.Namespace) -> int:
-    from .golden import write_golden
-    from .model import load
-
     model = load(args.model, dtype=args.dtype)
     try:
         layers = None if args.layers is None else [int(x) for x in args.layers.split(",") if x]
@@ -56,8 +53,6 @@ def _cmd_golden(args: argparse.Namespace) -> int:
 
 
 def _add_input(p: argparse.ArgumentParser) -> None:
-    from .cli import DTYPE_CHOICES, DTYPE_HELP
-
     p.add_argument("model", help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M) or .gguf file")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ids", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8], help="token ids")
@@ -65,10 +60,8 @@ def _add_input(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help=DTYPE_HELP)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Subparsers) -> None:
     """Add the ``trace``, ``compare`` and ``golden`` subcommands."""
-    from .trace import COMPARE_TIERS
-
     p = sub.add_parser("trace", help="record every intermediate of a forward pass",
                        description="Run one sequence and save every named intermediate (safetensors + JSON summary).")
     _add_input(p)

@@ -1,5 +1,5 @@
 """Writing small LFM2 GGUF files, for tests and for comparisons against llama.cpp (reading is
-:mod:`lfm2np.gguf`).
+:mod:`lfm2np.io.gguf`).
 
 F32, F16, BF16, Q8_0 and Q4_0 use the ``gguf`` package's own encoders. gguf-py can only DEcode the
 k-quants, so Q4_K, Q5_K and Q6_K are encoded here with a simple min/max (or absmax) scale per
@@ -14,11 +14,18 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from . import quant
-from .config import Config
-from .errors import Lfm2npError
-from .gguf import GGUF_ARCH, _import_gguf, gguf_name
-from .weights import expected_tensors
+from ..config import Config
+from ..errors import Lfm2npError
+from .gguf import GGUF_ARCH
+from .gguf_names import GgufTensor, gguf_tensors, quantisable
+
+
+def _import_gguf():
+    try:
+        import gguf  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+        raise Lfm2npError("writing GGUF needs the gguf package: pip install 'lfm2np[gguf]'") from None
+    return gguf
 
 # ------------------------------------------------------------------------------------ writing
 QK_K = 256
@@ -140,18 +147,9 @@ def to_gguf_tensors(config: Config, params: Mapping[str, np.ndarray]) -> dict[st
     """Hugging Face tensors -> GGUF tensors (numpy order, float32) as ``convert_hf_to_gguf.py`` lays them out:
     conv kernels squeezed to (D, L), experts stacked to (E, out, in), ``lm_head`` only when untied."""
     out: dict[str, np.ndarray] = {}
-    stacks: dict[str, dict[int, np.ndarray]] = {}
-    for hf in expected_tensors(config):
-        arr = np.asarray(params[hf], dtype=np.float32)
-        gname, expert = gguf_name(hf)
-        if expert is not None:
-            stacks.setdefault(gname, {})[expert] = arr
-            continue
-        if hf.endswith("conv.conv.weight"):
-            arr = arr.reshape(arr.shape[0], arr.shape[2])
-        out[gname] = arr
-    for gname, experts in stacks.items():
-        out[gname] = np.stack([experts[e] for e in range(len(experts))])
+    for g in gguf_tensors(config):
+        arrays = [np.asarray(params[t.name], dtype=np.float32) for t in g.holds]  # E of them when stacked
+        out[g.name] = (np.stack(arrays) if g.holds[0].part == "expert" else arrays[0]).reshape(g.shape)
     return out
 
 
@@ -159,9 +157,10 @@ def default_type(gguf_name: str, ne: tuple[int, ...], type_name: str) -> str:
     """The type a tensor gets in a file of mostly ``type_name``: as ``convert_hf_to_gguf.py`` and
     llama-quantize do, 1-D tensors, norms, the router and the conv kernel stay F32; a row length that is not a
     multiple of the type's block falls back to F16 (llama.cpp would try another quant first)."""
-    if type_name == "F32" or not quant._quantisable(quant.GgufTensor(gguf_name, ne, None), tied=False):
+    if type_name == "F32" or not quantisable(GgufTensor(gguf_name, ne, None)):
         return "F32"
-    block = quant.GGML_BLOCK[type_name][0] if type_name in quant.GGML_BLOCK else 1
+    gguf = _import_gguf()
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0]
     return type_name if ne[0] % block == 0 else "F16"
 
 
@@ -217,7 +216,7 @@ def write_gguf(path: "str | os.PathLike[str]", config: Config, params: Mapping[s
         w.add_add_bos_token(False)
 
     tensors = to_gguf_tensors(c, params)
-    ne_of = {t.name: t.ne for t in quant.gguf_tensors(c)}
+    ne_of = {t.name: t.ne for t in gguf_tensors(c)}
     written: dict[str, str] = {}
     for gname in ne_of:  # llama.cpp's order (by layer, then name)
         arr = tensors[gname]

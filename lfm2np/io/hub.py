@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import Lfm2npError
+from ..errors import Lfm2npError
 
 
 def hub_cache() -> Path:
@@ -19,6 +19,14 @@ def hub_cache() -> Path:
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     return Path(home).expanduser() / "hub"
+
+
+def is_cached(model: str) -> bool:
+    """Whether ``model`` looks like a repo id (``org/name``) with a snapshot in the local cache."""
+    text = str(model)
+    if text.count("/") != 1 or text.startswith(("/", ".", "~")) or Path(text).exists():
+        return False
+    return (hub_cache() / ("models--" + text.replace("/", "--")) / "snapshots").is_dir()
 
 
 def resolve(model: "str | os.PathLike[str]") -> Path:

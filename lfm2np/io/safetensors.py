@@ -1,4 +1,4 @@
-"""Reading checkpoints: safetensors files, tensor names and shapes, dtype widening.
+"""Safetensors checkpoints: reading (validated, memory-mapped, widened per tensor) and writing.
 
 A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or a sharded set listed in
 ``model.safetensors.index.json``. Files are memory-mapped and parsed here directly (the safetensors
@@ -22,8 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config
-from .errors import Lfm2npError
+from ..config import Config
+from ..errors import Lfm2npError
+from ..numerics import bfloat16_bits, bfloat16_to_float32
+from ..tensors import expected_tensors
 
 #: safetensors dtype codes we read, and their storage dtype (bf16 is stored as raw uint16).
 _STORAGE = {
@@ -36,59 +38,6 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-
-
-# ------------------------------------------------------------------- expected tensors
-def expected_tensors(config: Config) -> dict[str, tuple[int, ...]]:
-    """Every tensor an LFM2 checkpoint for ``config`` must hold, under its Hugging Face name, with its shape.
-
-    Experts are per-expert tensors (``feed_forward.experts.{e}.w1.weight``), as released checkpoints store
-    them. This is the single source of truth for loading and for the parameter calculator.
-    """
-    c = config
-    D, V, L = c.hidden_size, c.vocab_size, c.conv_L_cache
-    H, G, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    t: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D)}
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        t[p + "operator_norm.weight"] = (D,)
-        if c.is_attention(i):
-            t[p + "self_attn.q_proj.weight"] = (H * hd, D)
-            t[p + "self_attn.k_proj.weight"] = (G * hd, D)
-            t[p + "self_attn.v_proj.weight"] = (G * hd, D)
-            t[p + "self_attn.out_proj.weight"] = (D, H * hd)
-            t[p + "self_attn.q_layernorm.weight"] = (hd,)
-            t[p + "self_attn.k_layernorm.weight"] = (hd,)
-        else:
-            t[p + "conv.in_proj.weight"] = (3 * D, D)
-            if c.conv_bias:
-                t[p + "conv.in_proj.bias"] = (3 * D,)
-            t[p + "conv.conv.weight"] = (D, 1, L)
-            if c.conv_bias:
-                t[p + "conv.conv.bias"] = (D,)
-            t[p + "conv.out_proj.weight"] = (D, D)
-            if c.conv_bias:
-                t[p + "conv.out_proj.bias"] = (D,)
-        t[p + "ffn_norm.weight"] = (D,)
-        if c.is_moe_layer(i):
-            E, Fm = c.num_experts, c.moe_intermediate_size
-            t[p + "feed_forward.gate.weight"] = (E, D)
-            if c.use_expert_bias:
-                t[p + "feed_forward.expert_bias"] = (E,)
-            for e in range(E):
-                q = f"{p}feed_forward.experts.{e}."
-                t[q + "w1.weight"] = (Fm, D)
-                t[q + "w3.weight"] = (Fm, D)
-                t[q + "w2.weight"] = (D, Fm)
-        else:
-            F = c.ffn_dim
-            t[p + "feed_forward.w1.weight"] = (F, D)
-            t[p + "feed_forward.w3.weight"] = (F, D)
-            t[p + "feed_forward.w2.weight"] = (D, F)
-    t["model.embedding_norm.weight"] = (D,)
-    if not c.tie_word_embeddings:
-        t["lm_head.weight"] = (V, D)
-    return t
 
 
 # ---------------------------------------------------------------------- safetensors
@@ -190,9 +139,7 @@ def widen(raw: np.ndarray, stored: str, dtype: np.dtype) -> np.ndarray:
     """A stored tensor converted to the compute dtype. bf16 -> f32 is exact: the 16 bits become the high
     half of a float32. Returns a view (no copy) when the stored dtype already is the compute dtype."""
     if stored == "BF16":
-        bits = raw.astype(np.uint32)  # one new array, shifted in place: no second temporary
-        bits <<= 16
-        return bits.view(np.float32).astype(dtype, copy=False)
+        return bfloat16_to_float32(raw).astype(dtype, copy=False)
     return raw.astype(dtype, copy=False)
 
 
@@ -266,17 +213,6 @@ class Checkpoint:
 
 
 # -------------------------------------------------------------------------- writing
-def bfloat16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest, ties to even, as torch does.
-    NaN stays NaN (quiet)."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    nan = np.isnan(x)
-    if nan.any():
-        rounded = np.where(nan, (bits >> np.uint32(16)) | np.uint32(0x40), rounded)
-    return rounded.astype(np.uint16)
-
-
 _CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 

@@ -22,12 +22,15 @@ to the built-in format only when jinja2 is missing.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from .errors import Lfm2npError
+from tokenizers import Tokenizer as Backend
+
+from ..errors import Lfm2npError
 
 BOS, EOS_TEXT, IM_START, IM_END = "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 TOOL_LIST_START, TOOL_LIST_END = "<|tool_list_start|>", "<|tool_list_end|>"
@@ -128,8 +131,6 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: "str | os.PathLike[str]") -> "Tokenizer":
         """Load ``tokenizer.json`` and, when present, ``tokenizer_config.json`` and ``chat_template.jinja``."""
-        from tokenizers import Tokenizer as Backend
-
         directory = Path(path)
         file = directory / "tokenizer.json"
         if not file.is_file():
@@ -228,6 +229,4 @@ class Tokenizer:
 
 
 def _have_jinja2() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("jinja2") is not None

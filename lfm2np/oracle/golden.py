@@ -22,19 +22,18 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import Lfm2npError
-from .ops import ROUTER_NORM_EPS, rope_tables
+from safetensors.numpy import save_file
+
+from .. import tensors
+from ..errors import Lfm2npError
+from ..ops import ROUTER_NORM_EPS
 from .trace import record
+
+FORMAT_VERSION = 1
 
 
 def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: Iterable[int] | None = None) -> Path:
-    from safetensors.numpy import save_file
-
-    from . import __version__
-
-    from .bf16 import Bf16Model
-
-    if isinstance(model, Bf16Model):
+    if model.numerics.round_weights:
         raise Lfm2npError("golden vectors are written from the float32 or float64 model, not the bf16 emulation")
     c, W = model.config, model.params
     logits, trace = record(model, ids)
@@ -50,13 +49,13 @@ def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: It
 
     def write(name: str, function: str, params: dict, inputs: dict, weights: dict, outputs: dict) -> None:
         fname = f"{len(ops_written):03d}_{name}.safetensors"
-        tensors = {**{f"input.{k}": v for k, v in inputs.items()}, **{f"weight.{k}": v for k, v in weights.items()},
-                   **{f"output.{k}": v for k, v in outputs.items()}}
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / fname))
+        arrays = {**{f"input.{k}": v for k, v in inputs.items()}, **{f"weight.{k}": v for k, v in weights.items()},
+                  **{f"output.{k}": v for k, v in outputs.items()}}
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(out / fname))
         ops_written.append({"name": name, "file": fname, "function": f"lfm2np.ops.{function}", "params": params,
                             "inputs": list(inputs), "weights": list(weights), "outputs": list(outputs)})
 
-    cos, sin = rope_tables(np.arange(len(ids)), c.head_dim, c.rope_theta, model.dtype)
+    cos, sin = model.rope(np.arange(len(ids)))
     write("model.embed_tokens", "embed", {}, {"ids": ids}, {"model.embed_tokens.weight": W["model.embed_tokens.weight"]},
           {"hidden": t["model.embed_tokens"]})
     for i in range(c.num_hidden_layers):
@@ -66,35 +65,29 @@ def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: It
             continue
         write(p + "operator_norm", "rms_norm", {"eps": c.norm_eps}, {"x": h_in},
               {p + "operator_norm.weight": W[p + "operator_norm.weight"]}, {"y": t[p + "operator_norm"]})
+        names = tensors.layer_names(c, i)
+        mixer_weights = {n: W[n] for n in tensors.layer_names(c, i, tensors.MIXER_PARTS).values()}
         if c.is_attention(i):
             a = p + "self_attn."
-            names = ["q_proj", "k_proj", "v_proj", "out_proj", "q_layernorm", "k_layernorm"]
             write(a[:-1], "attention_block", {"eps": c.norm_eps, "rope_theta": c.rope_theta, "head_dim": c.head_dim,
                                                "num_attention_heads": c.num_attention_heads,
                                                "num_key_value_heads": c.num_key_value_heads},
                   {"h": t[p + "operator_norm"], "positions": np.arange(len(ids)), "cos": cos, "sin": sin},
-                  {a + n + ".weight": W[a + n + ".weight"] for n in names},
+                  mixer_weights,
                   {k: t[a + k] for k in ("q_proj", "k_proj", "v_proj", "q_normed", "k_normed", "q_rope", "k_rope",
                                          "attn_out", "out_proj")})
         else:
             b = p + "conv."
-            weights = {b + "in_proj.weight": W[b + "in_proj.weight"], b + "conv.weight": W[b + "conv.weight"],
-                       b + "out_proj.weight": W[b + "out_proj.weight"]}
-            if c.conv_bias:
-                weights.update({b + n + ".bias": W[b + n + ".bias"] for n in ("in_proj", "conv", "out_proj")})
-            write(b[:-1], "short_conv", {"conv_L_cache": c.conv_L_cache}, {"h": t[p + "operator_norm"]}, weights,
+            write(b[:-1], "short_conv", {"conv_L_cache": c.conv_L_cache}, {"h": t[p + "operator_norm"]}, mixer_weights,
                   {k: t[b + k] for k in ("in_proj", "b_gate", "c_gate", "x", "bx", "conv_out", "y", "out_proj")})
         write(p + "ffn_norm", "rms_norm", {"eps": c.norm_eps}, {"x": t[p + "mixer_residual"]},
               {p + "ffn_norm.weight": W[p + "ffn_norm.weight"]}, {"y": t[p + "ffn_norm"]})
         f = p + "feed_forward."
         if c.is_moe_layer(i):
             chosen = sorted(set(t[f + "selected_experts"].ravel().tolist()))
-            weights = {f + "gate.weight": W[f + "gate.weight"]}
-            if c.use_expert_bias:
-                weights[f + "expert_bias"] = W[f + "expert_bias"]
+            weights = {names[r]: W[names[r]] for r in ("gate", "expert_bias") if r in names}
             for e in chosen:
-                for n in ("w1", "w3", "w2"):
-                    weights[f"{f}experts.{e}.{n}.weight"] = W[f"{f}experts.{e}.{n}.weight"]
+                weights.update({n: W[n] for n in tensors.expert_names(i, e)})
             write(f[:-1], "route+moe", {"num_experts": c.num_experts, "num_experts_per_tok": c.num_experts_per_tok,
                                          "norm_topk_prob": c.norm_topk_prob, "router_norm_eps": ROUTER_NORM_EPS,
                                          "routed_scaling_factor": c.routed_scaling_factor,
@@ -102,18 +95,17 @@ def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: It
                   {"h": t[p + "ffn_norm"]}, weights,
                   {k: t[f + k] for k in ("router_logits", "selected_experts", "routing_weights", "output")})
         else:
-            write(f[:-1], "swiglu", {}, {"h": t[p + "ffn_norm"]},
-                  {f + n + ".weight": W[f + n + ".weight"] for n in ("w1", "w3", "w2")},
+            write(f[:-1], "swiglu", {}, {"h": t[p + "ffn_norm"]}, {names[r]: W[names[r]] for r in ("w1", "w3", "w2")},
                   {k: t[f + k] for k in ("w1", "w3", "act", "w2")})
         write(p[:-1], "decoder layer (residual stream)", {}, {"h": h_in}, {}, {"h": t[p[:-1]]})
     last = f"model.layers.{c.num_hidden_layers - 1}"
     write("model.embedding_norm", "rms_norm", {"eps": c.norm_eps}, {"x": t[last]},
           {"model.embedding_norm.weight": W["model.embedding_norm.weight"]}, {"y": t["model.embedding_norm"]})
-    head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+    head = tensors.head_name(c)
     write("lm_head", "lm_head", {"tied": c.tie_word_embeddings}, {"h": t["model.embedding_norm"]}, {head: W[head]},
           {"logits": logits})
     save_file({"ids": ids, "logits": np.ascontiguousarray(logits)}, str(out / "model.safetensors"))
-    manifest = {"lfm2np": __version__, "dtype": model.dtype.name, "model": c.source, "config": c.to_dict(),
+    manifest = {"format": FORMAT_VERSION, "dtype": model.numerics.name, "model": c.source, "config": c.to_dict(),
                 "ids": ids.tolist(), "layers": sorted(wanted), "operators": ops_written,
                 "note": "tensors are (T, ...) for one sequence; weights under Hugging Face names, (out, in)"}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -1,5 +1,7 @@
 """Tolerance tiers: how close two computations of the same thing must be, named in one place.
 
+Used by the tests, by ``lfm2np compare`` and by ``lfm2np diagnose`` alike.
+
 Errors are measured relative to the scale of the reference: ``max|a - ref| / max|ref|``. A per-element
 relative error would blow up on values near zero, which carry no information about correctness.
 
@@ -14,6 +16,7 @@ Integer outputs (token ids, chosen experts) must match exactly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,13 +37,54 @@ TIERS = {t.name: t for t in (FP32, FP64_VS_FP32)}
 
 
 def rel_error(a: np.ndarray, ref: np.ndarray) -> float:
-    """``max|a - ref| / max|ref|`` in float64 (0 when both are all zeros)."""
+    """``max|a - ref| / max|ref|`` in float64: the one relative-error measure of lfm2np. 0 when both are
+    all zeros; ``inf`` when the reference is all zeros and ``a`` is not, or when either holds a NaN or an
+    infinity where the other does not."""
     a64 = np.asarray(a, dtype=np.float64)
     r64 = np.asarray(ref, dtype=np.float64)
     if a64.shape != r64.shape:
         raise ValueError(f"shapes differ: {a64.shape} vs {r64.shape}")
-    scale = np.max(np.abs(r64)) if r64.size else 0.0
-    diff = np.max(np.abs(a64 - r64)) if r64.size else 0.0
+    if not r64.size:
+        return 0.0
+    finite = np.isfinite(a64) & np.isfinite(r64)
+    if not finite.all():
+        same = (a64 == r64) | (np.isnan(a64) & np.isnan(r64))
+        if not same[~finite].all():
+            return math.inf
+        a64, r64 = a64[finite], r64[finite]
+        if not r64.size:
+            return 0.0
+    scale = float(np.max(np.abs(r64)))
+    diff = float(np.max(np.abs(a64 - r64)))
     if scale == 0.0:
-        return float(diff)
-    return float(diff / scale)
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / scale
+
+
+# ------------------------------------------------------------------------ compare tiers
+@dataclass(frozen=True)
+class CompareTier:
+    """When two traces agree. ``max_rel`` bounds ``max|a - b| / max|b|`` per tensor; ``nmse_db`` bounds the
+    normalised mean squared error ``10 log10(sum (a-b)^2 / sum b^2)``; ``exact_routing`` requires identical
+    chosen experts."""
+
+    name: str
+    max_rel: float
+    nmse_db: float
+    exact_routing: bool
+    why: str
+
+
+COMPARE_TIERS = {t.name: t for t in (
+    CompareTier("fp32", 1e-4, -70.0, True,
+                "float32 vs float32 (other summation orders): measured 2e-7..1e-6 on the fixtures; "
+                "1e-4 is the whole-model logits tier of lfm2np.tolerance.FP32"),
+    CompareTier("fp16", 2e-2, -40.0, False,
+                "float16 activations: unit roundoff 4.9e-4, grown by depth and by softmax/normalisation"),
+    CompareTier("bf16", 8e-2, -30.0, False,
+                "bfloat16 activations and weights: unit roundoff 3.9e-3 (8 significant bits), grown by depth"),
+    CompareTier("q8_0", 1.5e-1, -25.0, False,
+                "8-bit block quantised weights (Q8_0: 32 weights share one f16 scale; ~0.4% per weight)"),
+    CompareTier("q4", 6e-1, -12.0, False,
+                "4-bit block quantised weights (Q4_0/Q4_K: ~6% per weight); expect routing changes"),
+)}

@@ -1,6 +1,6 @@
-"""The oracle: named traces of every intermediate, and comparing two traces to find the first divergence.
+"""Named traces of every intermediate: recording, saving, loading, and the names other tools give them.
 
-Names are the Hugging Face module path plus the step, in forward order, e.g.::
+Names are the Hugging Face module path plus the step, in forward order (:mod:`lfm2np.model`), e.g.::
 
     model.embed_tokens
     model.layers.3.operator_norm
@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from .errors import Lfm2npError
+from ..errors import Lfm2npError
 
 # ------------------------------------------------------------------------------ aliases
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -80,7 +82,7 @@ def llama_cpp_alias(name: str) -> str | None:
     return None
 
 
-def _matches(name: str, patterns: Sequence[str] | None) -> bool:
+def matches(name: str, patterns: Sequence[str] | None) -> bool:
     return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -118,8 +120,6 @@ class Trace:
 
     def save(self, path: "str | os.PathLike[str]") -> Path:
         """Write ``path`` (safetensors, tensors in forward order) and ``path`` with ``.json`` (the summary)."""
-        from safetensors.numpy import save_file
-
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors")
@@ -133,8 +133,6 @@ class Trace:
     def load(cls, path: "str | os.PathLike[str]") -> "Trace":
         """Read a trace written by :meth:`save`, or any safetensors file of named tensors (e.g. a dump from
         transformers or llama.cpp whose names are trace names or llama.cpp aliases)."""
-        from safetensors import safe_open
-
         path = Path(path)
         try:
             with safe_open(str(path), framework="numpy") as f:
@@ -181,170 +179,18 @@ def from_transformers(captured: "dict[str, np.ndarray]") -> Trace:
 
 def record(model: Any, ids: Any, patterns: Sequence[str] | None = None) -> tuple[np.ndarray, Trace]:
     """Run ``model`` on one sequence ``ids`` (T,) and record the intermediates whose names match one of
-    ``patterns`` (fnmatch globs, e.g. ``"model.layers.3.*"``; None: all). Returns the logits and the trace."""
+    ``patterns`` (fnmatch globs, e.g. ``"model.layers.3.*"``; None: all). Returns the logits and the trace.
+    (The names and the recording protocol are :meth:`lfm2np.Model.forward`'s ``record``.)"""
     ids = model.check_ids(ids)
     if ids.ndim != 1:
         raise Lfm2npError(f"a trace records one sequence, shape (T,); got shape {ids.shape}")
     tensors: dict[str, np.ndarray] = {}
 
     def keep(name: str, value: np.ndarray) -> None:
-        if _matches(name, patterns):
+        if matches(name, patterns):
             tensors[name] = np.array(value)
 
-    logits, _ = model._run(ids, record=keep)
-    meta = {"ids": ids.tolist(), "dtype": model.dtype.name, "model": model.config.source,
+    logits = model.forward(ids, record=keep)
+    meta = {"ids": ids.tolist(), "dtype": model.numerics.name, "model": model.config.source,
             "model_type": model.config.model_type}
     return logits, Trace(tensors, meta)
-
-
-# ----------------------------------------------------------------------- tolerance tiers
-@dataclass(frozen=True)
-class CompareTier:
-    """When two traces agree. ``max_rel`` bounds ``max|a - b| / max|b|`` per tensor; ``nmse_db`` bounds the
-    normalised mean squared error ``10 log10(sum (a-b)^2 / sum b^2)``; ``exact_routing`` requires identical
-    chosen experts."""
-
-    name: str
-    max_rel: float
-    nmse_db: float
-    exact_routing: bool
-    why: str
-
-
-COMPARE_TIERS = {t.name: t for t in (
-    CompareTier("fp32", 1e-4, -70.0, True,
-                "float32 vs float32 (other summation orders): measured 2e-7..1e-6 on the fixtures; "
-                "1e-4 is the whole-model logits tier of lfm2np.tolerance.FP32"),
-    CompareTier("fp16", 2e-2, -40.0, False,
-                "float16 activations: unit roundoff 4.9e-4, grown by depth and by softmax/normalisation"),
-    CompareTier("bf16", 8e-2, -30.0, False,
-                "bfloat16 activations and weights: unit roundoff 3.9e-3 (8 significant bits), grown by depth"),
-    CompareTier("q8_0", 1.5e-1, -25.0, False,
-                "8-bit block quantised weights (Q8_0: 32 weights share one f16 scale; ~0.4% per weight)"),
-    CompareTier("q4", 6e-1, -12.0, False,
-                "4-bit block quantised weights (Q4_0/Q4_K: ~6% per weight); expect routing changes"),
-)}
-
-
-@dataclass(frozen=True)
-class TensorDiff:
-    name: str
-    shape: tuple[int, ...]
-    max_abs: float
-    max_rel: float
-    nmse: float
-    nmse_db: float
-    cosine: float
-    routing_agreement: float | None  # for selected_experts: fraction of tokens with the same expert set
-    ok: bool
-    problem: str = ""
-
-
-def diff_tensors(name: str, a: np.ndarray, b: np.ndarray, tier: CompareTier) -> TensorDiff:
-    """Error metrics of ``a`` against the reference ``b``. Axes of length 1 are ignored (a dump may keep a
-    batch or sequence axis); other shape differences are reported as a failed tensor."""
-    if a.shape != b.shape and a.size == b.size and np.squeeze(a).shape == np.squeeze(b).shape:
-        a, b = np.squeeze(a), np.squeeze(b)
-    if a.shape != b.shape:
-        return TensorDiff(name, a.shape, math.inf, math.inf, math.inf, math.inf, 0.0, None, False,
-                          f"shape {list(a.shape)} vs reference {list(b.shape)}")
-    if name.endswith("selected_experts"):
-        same = np.all(np.sort(a, axis=-1) == np.sort(b, axis=-1), axis=-1)
-        agreement = float(same.mean()) if same.size else 1.0
-        ok = agreement == 1.0 or not tier.exact_routing
-        return TensorDiff(name, a.shape, float(np.max(np.abs(a - b))) if a.size else 0.0, 0.0, 0.0, -math.inf,
-                          1.0, agreement, ok)
-    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    d = a64 - b64
-    max_abs = float(np.max(np.abs(d))) if d.size else 0.0
-    scale = float(np.max(np.abs(b64))) if b64.size else 0.0
-    max_rel = max_abs / scale if scale else (0.0 if max_abs == 0 else math.inf)
-    energy = float(np.sum(b64 * b64))
-    nmse = float(np.sum(d * d)) / energy if energy else (0.0 if max_abs == 0 else math.inf)
-    nmse_db = 10 * math.log10(nmse) if nmse > 0 else -math.inf
-    na, nb = float(np.linalg.norm(a64)), float(np.linalg.norm(b64))
-    cosine = float(np.sum(a64 * b64) / (na * nb)) if na and nb else (1.0 if na == nb else 0.0)
-    ok = max_rel <= tier.max_rel and nmse_db <= tier.nmse_db
-    return TensorDiff(name, a.shape, max_abs, max_rel, nmse, nmse_db, cosine, None, ok)
-
-
-@dataclass
-class Comparison:
-    tier: CompareTier
-    diffs: list[TensorDiff]
-    only_in_a: list[str]
-    only_in_b: list[str]
-
-    @property
-    def first_divergence(self) -> TensorDiff | None:
-        """The first tensor, in forward order, outside the tier."""
-        return next((d for d in self.diffs if not d.ok), None)
-
-    @property
-    def ok(self) -> bool:
-        return self.first_divergence is None and bool(self.diffs)
-
-    def routing(self) -> dict[str, float]:
-        return {d.name: d.routing_agreement for d in self.diffs if d.routing_agreement is not None}
-
-    def to_json(self) -> dict[str, Any]:
-        first = self.first_divergence
-        return {"tier": self.tier.name, "ok": self.ok, "first_divergence": first.name if first else None,
-                "compared": len(self.diffs), "only_in_a": self.only_in_a, "only_in_b": self.only_in_b,
-                "routing_agreement": self.routing(),
-                "tensors": [{"name": d.name, "shape": list(d.shape), "max_abs": d.max_abs, "max_rel": d.max_rel,
-                             "nmse": d.nmse, "nmse_db": d.nmse_db, "cosine": d.cosine, "ok": d.ok,
-                             **({"problem": d.problem} if d.problem else {})}
-                            for d in self.diffs]}
-
-
-def compare(a: Trace, b: Trace, tier: "str | CompareTier" = "fp32",
-            patterns: Sequence[str] | None = None) -> Comparison:
-    """Compare trace ``a`` (the backend under test) with ``b`` (the reference), tensor by tensor in ``a``'s
-    forward order. Names in ``b`` may be trace names or llama.cpp aliases."""
-    if isinstance(tier, str):
-        if tier not in COMPARE_TIERS:
-            raise Lfm2npError(f"unknown tier {tier!r}; expected one of {', '.join(COMPARE_TIERS)}")
-        tier = COMPARE_TIERS[tier]
-    b_by_name = dict(b.tensors)
-    for name in list(a.tensors):
-        alias = llama_cpp_alias(name)
-        if name not in b_by_name and alias and alias in b.tensors:
-            b_by_name[name] = b.tensors[alias]
-    diffs, only_a = [], []
-    for name, value in a.tensors.items():
-        if not _matches(name, patterns):
-            continue
-        if name not in b_by_name:
-            only_a.append(name)
-            continue
-        diffs.append(diff_tensors(name, np.asarray(value), np.asarray(b_by_name[name]), tier))
-    used = set(a.tensors) | {llama_cpp_alias(n) for n in a.tensors}
-    only_b = [n for n in b.tensors if n not in used]
-    return Comparison(tier, diffs, only_a, only_b)
-
-
-def format_comparison(c: Comparison, all_rows: bool = False) -> str:
-    """A readable report: the first divergence, then one row per tensor (up to it unless ``all_rows``)."""
-    lines = [f"tier {c.tier.name}: max_rel <= {c.tier.max_rel:g}, NMSE <= {c.tier.nmse_db:g} dB"
-             f"{', identical experts' if c.tier.exact_routing else ''} ({c.tier.why})"]
-    first = c.first_divergence
-    if not c.diffs:
-        lines.append("no tensor in common: nothing compared")
-    elif first is None:
-        lines.append(f"all {len(c.diffs)} tensors agree")
-    else:
-        detail = first.problem or (f"max_rel {first.max_rel:.3g}, NMSE {first.nmse_db:.1f} dB" + (
-            f", routing agreement {first.routing_agreement:.1%}" if first.routing_agreement is not None else ""))
-        lines.append(f"FIRST DIVERGENCE: {first.name} ({detail})")
-    lines.append(f"{'tensor':56s} {'max_abs':>10s} {'max_rel':>10s} {'NMSE dB':>9s} {'cosine':>10s}  ok")
-    for d in c.diffs:
-        extra = f"  experts agree {d.routing_agreement:.1%}" if d.routing_agreement is not None else ""
-        lines.append(f"{d.name:56s} {d.max_abs:10.3g} {d.max_rel:10.3g} {d.nmse_db:9.1f} {d.cosine:10.7f}"
-                     f"  {'yes' if d.ok else 'NO'}{extra}")
-        if d is first and not all_rows:
-            lines.append(f"... {len(c.diffs) - c.diffs.index(d) - 1} more (--all to show)")
-            break
-    if c.only_in_a or c.only_in_b:
-        lines.append(f"not compared: {len(c.only_in_a)} only in A, {len(c.only_in_b)} only in B")
-    return "\n".join(lines)

@@ -11,9 +11,9 @@ import numpy as np
 
 import lfm2np
 from lfm2np import ops
-from lfm2np.demo import embedded_model_path
-from lfm2np.tokenizer import Tokenizer
-from lfm2np.trace import record
+from lfm2np.embedded import embedded_model_path
+from lfm2np.io.tokenizer import Tokenizer
+from lfm2np.oracle.trace import record
 
 model = lfm2np.load(embedded_model_path())
 tok = Tokenizer.from_dir(embedded_model_path())

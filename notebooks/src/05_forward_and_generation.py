@@ -10,10 +10,10 @@
 import numpy as np
 
 import lfm2np
-from lfm2np.demo import embedded_model_path, layer_walk
+from lfm2np.embedded import embedded_model_path, layer_walk
 from lfm2np.generate import Generation, Sampling
-from lfm2np.tokenizer import Tokenizer
-from lfm2np.trace import record
+from lfm2np.io.tokenizer import Tokenizer
+from lfm2np.oracle.trace import record
 
 path = embedded_model_path()
 model = lfm2np.load(path)

@@ -11,9 +11,10 @@
 import numpy as np
 
 import lfm2np
-from lfm2np.demo import embedded_model_path
-from lfm2np.tokenizer import Tokenizer
-from lfm2np.trace import compare, format_comparison, record
+from lfm2np.embedded import embedded_model_path
+from lfm2np.io.tokenizer import Tokenizer
+from lfm2np.oracle.compare import compare, format_comparison
+from lfm2np.oracle.trace import record
 
 path = embedded_model_path()
 reference = lfm2np.load(path)
@@ -52,7 +53,7 @@ assert result.first_divergence.name == f"model.layers.{broken_layer}.conv.conv_o
 # kernel can be fixed in isolation.
 
 # %%
-from lfm2np.golden import write_golden
+from lfm2np.oracle.golden import write_golden
 import json, tempfile
 from pathlib import Path
 

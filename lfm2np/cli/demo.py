@@ -1,0 +1,43 @@
+"""``lfm2np demo``: the embedded tiny LFM2-MoE model, generating and showing its walk through the layers."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..embedded import DEFAULT_PROMPT, embedded_model_path, layer_walk
+from .common import Subparsers, add_sampling_arguments, load_for_generation, progress, run_generation, sampling_from
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    sampling_from(args)
+    model, tokenizer = load_for_generation(str(embedded_model_path()), args.dtype)
+    c = model.config
+    print(f"layers: {c.layer_pattern()}  (C conv, A attention; lower case: MoE feed-forward, "
+          f"{c.num_experts} experts, top-{c.num_experts_per_tok})")
+    messages = [{"role": "user", "content": args.chat}]
+    prompt_ids = tokenizer.encode_chat(messages) if args.prompt is None else tokenizer.encode(args.prompt, add_bos=True)
+    shown = args.chat if args.prompt is None else args.prompt
+    print(f"{'user' if args.prompt is None else 'prompt'}: {shown}")
+    print("assistant: " if args.prompt is None else "continuation: ", end="", flush=True)
+    generated = run_generation(model, tokenizer, prompt_ids, args)
+    if not args.no_walk:
+        progress("")
+        everything = list(prompt_ids) + generated
+        shown = min(args.walk_tokens, len(everything))
+        print(f"\nthe walk through the layers: each layer's kind, and the experts each of the last {shown} "
+              f"tokens chose")
+        print(layer_walk(model, tokenizer, everything, last=shown))
+    return 0
+
+
+def register(sub: Subparsers) -> None:
+    p = sub.add_parser("demo", help="run the embedded tiny LFM2-MoE model (no download)",
+                       description="Generate with the tiny LFM2-MoE model shipped inside lfm2np and show which "
+                                   "experts each token chose in each layer.")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--chat", default=DEFAULT_PROMPT, help=f"a user message (default: {DEFAULT_PROMPT!r})")
+    what.add_argument("--prompt", help="raw text to continue instead of a chat message")
+    p.add_argument("--no-walk", action="store_true", help="do not print the layer walk")
+    p.add_argument("--walk-tokens", type=int, default=24, help="how many of the last tokens the walk shows")
+    add_sampling_arguments(p, max_new_tokens=48)
+    p.set_defaults(func=_cmd_demo)

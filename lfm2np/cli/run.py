@@ -1,0 +1,72 @@
+"""``lfm2np forward`` and ``lfm2np generate``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from ..loading import load
+from .common import DTYPE_CHOICES, DTYPE_HELP, Subparsers, add_sampling_arguments, load_for_generation, run_generation, \
+    sampling_from
+
+
+def _cmd_forward(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    model = load(args.model, dtype=args.dtype)
+    t1 = time.perf_counter()
+    ids = np.array(args.ids, dtype=np.int64)
+    logits = model.forward(ids)
+    t2 = time.perf_counter()
+    print(model)
+    print(f"loaded in {t1 - t0:.2f} s; forward of {len(ids)} tokens in {t2 - t1:.2f} s "
+          f"({len(ids) / max(t2 - t1, 1e-9):.1f} tokens/s)")
+    print(f"logits: shape {logits.shape}, dtype {logits.dtype}")
+    for t, (tok, row) in enumerate(zip(ids, logits)):
+        top = np.argsort(-row, kind="stable")[: args.top]
+        shown = ", ".join(f"{int(j)}:{row[j]:+.4f}" for j in top)
+        print(f"  position {t} (id {int(tok)}): next-token argmax {int(top[0])}; top-{args.top} [{shown}]")
+    return 0
+
+
+def _register_forward(sub: Subparsers) -> None:
+    p = sub.add_parser("forward", help="run the forward pass on token ids and show the logits",
+                       description="Load a checkpoint directory and print the logits' top entries for each position.")
+    p.add_argument("model", help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M) or .gguf file")
+    p.add_argument("--ids", type=int, nargs="+", default=[1, 2, 3, 4], help="token ids (default: 1 2 3 4)")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    p.add_argument("--top", type=int, default=3, help="how many top logits to show per position")
+    p.set_defaults(func=_cmd_forward)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    sampling_from(args)
+    model, tokenizer = load_for_generation(args.model, args.dtype)
+    if args.chat is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.chat})
+        prompt_ids = tokenizer.encode_chat(messages)
+    else:
+        prompt_ids = tokenizer.encode(args.prompt, add_bos=True)
+    run_generation(model, tokenizer, prompt_ids, args)
+    return 0
+
+
+def _register_generate(sub: Subparsers) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt or a chat message, streaming",
+                       description="Generate from a checkpoint directory or a repo id in the local Hugging Face "
+                                   "cache (e.g. LiquidAI/LFM2-350M after `hf download LiquidAI/LFM2-350M`).")
+    p.add_argument("model", help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M) or .gguf file")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="raw text to continue (BOS is prepended)")
+    what.add_argument("--chat", help="a user message, formatted with the checkpoint's chat template")
+    p.add_argument("--system", help="system message for --chat")
+    add_sampling_arguments(p)
+    p.set_defaults(func=_cmd_generate)
+
+
+def register(sub: Subparsers) -> None:
+    """Add the ``forward`` and ``generate`` subcommands."""
+    _register_forward(sub)
+    _register_generate(sub)

@@ -1,0 +1,118 @@
+"""``load()`` and ``load_config()``: the one place that knows every input format and the presets.
+
+A model can come from
+
+- a checkpoint directory: ``config.json`` + ``model.safetensors`` or a sharded set
+  (:mod:`lfm2np.io.safetensors`);
+- a repo id already in the local Hugging Face cache, e.g. ``LiquidAI/LFM2-350M`` (:mod:`lfm2np.io.hub`;
+  nothing is ever downloaded);
+- a ``.gguf`` file (:mod:`lfm2np.io.gguf`);
+
+and a config, in addition, from a ``config.json`` path, a parsed dictionary or a preset name
+(:mod:`lfm2np.presets`). The numerics mode (:mod:`lfm2np.numerics`) decides the compute dtype and whether
+weights are rounded as they are first used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import presets
+from .config import Config
+from .errors import Lfm2npError
+from .io import hub
+from .io.gguf import read_gguf
+from .io.params import LazyParams, default_keep
+from .io.safetensors import Checkpoint
+from .model import Model
+from .numerics import numerics
+from .tensors import expected_tensors
+
+
+def is_gguf(path: "str | os.PathLike[str]") -> bool:
+    """Whether ``path`` names a GGUF file (by its extension)."""
+    return str(path).lower().endswith(".gguf")
+
+
+def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool = True,
+         keep_weights: bool | None = None) -> Model:
+    """Load a checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded set), a repo id
+    such as ``LiquidAI/LFM2-350M`` already in the local Hugging Face cache (nothing is downloaded), or a
+    ``.gguf`` file (architectures ``lfm2``/``lfm2moe``; needs the ``gguf`` package).
+
+    ``dtype``: "float32" (default), "float64" (the oracle mode) or "bfloat16" (float32 arrays rounded where
+    a bfloat16 backend rounds: :mod:`lfm2np.numerics`). Every tensor the config implies must be present
+    with its shape. A tensor the model does not use raises :class:`Lfm2npError` (``strict=True``) or a
+    warning naming it (``strict=False``). ``keep_weights``: keep each tensor once converted to the compute
+    dtype (True), or convert at every use to save memory (False); by default tensors are kept when the
+    converted model takes at most half of the machine's memory.
+    """
+    mode = numerics(dtype)
+    if is_gguf(path):
+        config, params = read_gguf(path, mode, strict=strict, keep_weights=keep_weights)
+        return Model(config, params, mode)
+    directory = hub.resolve(path)
+    config = load_config(directory)
+    checkpoint = Checkpoint(directory)
+    expected = expected_tensors(config)
+    unexpected = checkpoint.check(expected)
+    if unexpected:
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        message = (f"{directory}: tensor {', '.join(unexpected[:5])}{more} is not used by this config "
+                   f"({config.model_type}, conv_bias={config.conv_bias}, "
+                   f"tie_word_embeddings={config.tie_word_embeddings})")
+        if strict:
+            raise Lfm2npError(message + "; pass strict=False to load anyway")
+        warnings.warn(message + "; ignored", stacklevel=2)
+    keep = default_keep(expected, mode) if keep_weights is None else bool(keep_weights)
+    dt = mode.dtype
+    params = LazyParams(list(expected), lambda name: checkpoint.read(name, dt), mode, keep,
+                        lambda name, rows: checkpoint.read(name, dt, rows=rows),
+                        lambda name: checkpoint.tensors[name].dtype)
+    return Model(config, params, mode)
+
+
+def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config") -> Config:
+    """A Config from a config.json path, a checkpoint directory, a cached repo id, a ``.gguf`` file, a
+    preset name or a parsed dictionary.
+
+    Preset names are matched without regard to case, with or without the ``LiquidAI/`` prefix
+    (``"LFM2-350M"``, ``"liquidai/lfm2-8b-a1b"``); see :data:`lfm2np.presets.PRESETS`. A cached repo id
+    wins over a preset of the same name (it is the real file).
+    """
+    if isinstance(x, Config):
+        return x
+    if isinstance(x, Mapping):
+        return Config.from_dict(x)
+    if is_gguf(x):
+        return read_gguf(x)[0]
+    path = Path(x)
+    if not path.exists() and presets.find(str(x)) is not None and not hub.is_cached(str(x)):
+        return presets.find(str(x))
+    if not path.exists() and hub.is_cached(str(x)):
+        path = hub.resolve(x)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise Lfm2npError(f"{path.parent}: no config.json in this directory")
+    if path.is_file():
+        return Config.from_dict(_read_json(path), source=str(path))
+    raise Lfm2npError(
+        f"{x!r} is neither a config.json, a checkpoint directory, a .gguf file, a cached repo id nor a preset "
+        f"name; presets: {', '.join(presets.names())}"
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise Lfm2npError(f"{path}: not a readable JSON config ({e})") from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise Lfm2npError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None

@@ -1,0 +1,161 @@
+"""The package's layout: the import rules of the design, checked by reading every module's imports.
+
+- the core (errors, numerics, config, ops, layers, tensors, state, model, version) imports only the core,
+  and ops imports nothing from lfm2np at all;
+- io/ imports the core and io/; oracle/ and calc/ import the core, io/ and themselves, never each other;
+- the middle (loading, presets, generate, embedded, synthetic) imports the core, io/ and the middle;
+- nothing imports cli/ (but ``__main__``); the package face only re-exports;
+- there is no import circle, and imports inside functions are only of optional dependencies;
+- outside the core, nothing reaches into another object's private attributes.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "lfm2np"
+CORE = {"errors", "numerics", "config", "ops", "layers", "tensors", "state", "model", "version"}
+MIDDLE = {"loading", "presets", "generate", "embedded", "synthetic"}
+OPTIONAL = {"gguf", "jinja2", "huggingface_hub"}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    parts = [p for p in rel.parts if p != "__init__"]
+    return ".".join(parts) or "__init__"
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports(path: Path) -> list[tuple[str, bool, int]]:
+    """(lfm2np module imported, or an external top-level name prefixed with '!', inside a function?, line)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    me = module_name(path).split(".")
+    package = me if path.name == "__init__.py" else me[:-1]
+    if me == ["__init__"]:
+        package = []
+    out = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                for alias in child.names:
+                    name = alias.name
+                    out.append((name[len("lfm2np."):] if name.startswith("lfm2np.") else "!" + name,
+                                in_function, child.lineno))
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = package[: len(package) - (child.level - 1)] if child.level > 1 else package
+                    target = ".".join([*base, *(child.module.split(".") if child.module else [])])
+                    for alias in child.names:  # "from . import ops" imports a module
+                        full = f"{target}.{alias.name}" if target else alias.name
+                        out.append((full if full in MODULES else (target or "__init__"), in_function, child.lineno))
+                elif child.module == "lfm2np" or child.module.startswith("lfm2np."):
+                    target = child.module[len("lfm2np."):] if child.module != "lfm2np" else "__init__"
+                    out.append((target, in_function, child.lineno))
+                else:
+                    out.append(("!" + child.module, in_function, child.lineno))
+            visit(child, inner)
+
+    visit(tree, False)
+    return out
+
+
+def group(module: str) -> str:
+    top = module.split(".")[0]
+    if module in CORE:
+        return "core"
+    if top in ("io", "oracle", "calc", "cli"):
+        return top
+    if module in MIDDLE:
+        return "middle"
+    return module  # __init__, __main__
+
+
+ALLOWED = {
+    "core": {"core"},
+    "io": {"core", "io"},
+    "oracle": {"core", "io", "oracle"},
+    "calc": {"core", "io", "calc"},
+    "middle": {"core", "io", "middle"},
+    "cli": {"core", "io", "oracle", "calc", "middle", "cli"},
+    "__init__": {"core", "middle"},
+    "__main__": {"cli"},
+}
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_follow_the_rules(module):
+    g = group(module)
+    for target, _, line in imports(MODULES[module]):
+        if target.startswith("!"):
+            continue
+        assert target in MODULES, f"{module}:{line} imports unknown lfm2np module {target}"
+        assert group(target) in ALLOWED[g], f"{module}:{line} ({g}) must not import {target} ({group(target)})"
+        if module == "ops":
+            raise AssertionError(f"ops:{line} imports {target}: ops imports nothing from lfm2np")
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_function_local_imports_are_optional_dependencies(module):
+    for target, local, line in imports(MODULES[module]):
+        if local:
+            assert target.startswith("!") and target[1:].split(".")[0] in OPTIONAL, \
+                f"{module}:{line} imports {target.lstrip('!')} inside a function (only optional dependencies may)"
+
+
+def test_no_import_circle():
+    graph = {m: {t for t, _, _ in imports(p) if not t.startswith("!") and t != m} for m, p in MODULES.items()}
+    state: dict[str, int] = {}
+
+    def walk(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for t in graph.get(m, ()):
+            if state.get(t) == 1:
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(t):] + [t]))
+            if t not in state:
+                walk(t, stack + [t])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            walk(m, [m])
+
+
+def test_the_face_only_reexports():
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    for node in tree.body:
+        assert isinstance(node, (ast.ImportFrom, ast.Import, ast.Expr, ast.Assign)), ast.dump(node)[:80]
+        if isinstance(node, ast.Assign):
+            assert [t.id for t in node.targets] == ["__all__"]
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if group(m) != "core"))
+def test_no_private_access_outside_the_core(module):
+    """Nothing outside the core reads another object's ``_private`` attribute (self and cls aside)."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            owner = node.value.id if isinstance(node.value, ast.Name) else None
+            assert owner in ("self", "cls"), f"{module}:{node.lineno} reads .{node.attr} of another object"
+
+
+def test_modules_stay_small():
+    """Split a file when it passes ~400 lines (the bounded GGUF parser is one documented exception)."""
+    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 450}
+    assert set(long) <= {"io.gguf_file"}, long
+
+
+def test_the_readme_layout_lists_every_module():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Layout"):]
+    for module, path in MODULES.items():
+        shown = str(path.relative_to(ROOT))
+        assert shown in section or (path.name == "__init__.py" and str(path.parent.relative_to(ROOT)) + "/" in section), \
+            f"README's layout section does not list {shown}"
