@@ -1,40 +1,44 @@
-"""The model configuration: a frozen dataclass built from a Hugging Face ``config.json``.
+"""The model configuration: a frozen dataclass built from a Hugging Face ``config.json`` dictionary.
 
-Both model types are handled: ``lfm2`` (dense) and ``lfm2_moe`` (mixture of experts), including the
-legacy keys of early checkpoints:
+Three model types: ``lfm2`` (dense), ``lfm2_moe`` (mixture of experts) and ``lfm3`` (the tri-hybrid: conv,
+sliding-window and full attention layers, sandwich norms, a per-head attention output gate, RoPE per layer
+type). Legacy keys of early LFM2 checkpoints are read as transformers reads them:
 
 =====================  ===============================================================
 legacy key             meaning
 =====================  ===============================================================
 ``block_ff_dim``       overrides ``intermediate_size`` (``lfm2``)
 ``full_attn_idxs``     list of attention layer indices, turned into ``layer_types``
-``tie_embedding``      overrides ``tie_word_embeddings``
+``tie_embedding``      overrides ``tie_word_embeddings`` (``lfm2``, ``lfm2_moe``)
 ``theta``              RoPE base; wins over ``rope_theta`` as in transformers 4.x (transformers 5
                        ignores it: a config with only ``theta`` is read there as theta = 1e6)
+``rms_norm_eps``       an alias of ``norm_eps`` (``lfm3``)
 =====================  ===============================================================
 
-Shape fields (vocabulary, widths, layer and head counts, and for MoE the expert counts) are required:
-a config that lacks one is rejected rather than silently given a library default. Behaviour switches
-that transformers defaults (``norm_eps``, ``conv_L_cache``, ``use_expert_bias``, ...) take the same
-defaults here. Unknown keys are ignored, as real configs carry many (``torch_dtype``, ``architectures``...).
-
-Derived values are computed once, at construction: ``head_dim``, the effective dense FFN width
-``ffn_dim`` and, per layer, its mixer kind (``layer_types``) and whether its FFN is a MoE block.
+Shape fields (vocabulary, widths, layer and head counts, and for MoE the expert counts) are required: a
+config that lacks one is rejected rather than silently given a library default. Behaviour switches that
+transformers defaults (``norm_eps``, ``conv_L_cache``, ``use_expert_bias``, ``sliding_window``...) take the
+same defaults here. Unknown keys are ignored, as real configs carry many (``torch_dtype``, ``architectures``).
+Every field is checked for its type and range, sizes against generous bounds (:data:`LIMITS`) so that a
+hostile config cannot make anything allocate or loop before a checkpoint contradicts it, and token ids
+against the vocabulary. Derived values (``head_dim``, ``ffn_dim``, the MoE layer mask, each layer's RoPE)
+are computed once, at construction.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .config_keys import (ATTENTION, CONV, LAYER_KINDS, LIMITS, MAX_TENSORS, MODEL_TYPES, ROPE_READINGS,
+                          ROPE_TYPES, SLIDING, Rope, normalise)
 from .errors import Lfm2npError
 
-MODEL_TYPES = ("lfm2", "lfm2_moe")
-CONV, ATTENTION = "conv", "full_attention"
-LAYER_KINDS = (CONV, ATTENTION)
-
+__all__ = ["ATTENTION", "CONV", "Config", "LAYER_KINDS", "LIMITS", "MODEL_TYPES", "ROPE_READINGS", "ROPE_TYPES",
+           "Rope", "SLIDING", "effective_ffn_dim"]
 
 def effective_ffn_dim(intermediate_size: int, auto_adjust: bool, multiplier: float | None, multiple_of: int) -> int:
     """Width of the dense SwiGLU of an ``lfm2`` layer, as the reference computes it.
@@ -54,9 +58,9 @@ def effective_ffn_dim(intermediate_size: int, auto_adjust: bool, multiplier: flo
 
 @dataclass(frozen=True)
 class Config:
-    """An LFM2 / LFM2-MoE configuration, fields under their Hugging Face names.
+    """An LFM2 / LFM2-MoE / LFM3 configuration, fields under their Hugging Face names.
 
-    Build one with :func:`load_config` (a path, a checkpoint directory or a preset name) or
+    Build one with :func:`lfm2np.load_config` (a path, a checkpoint directory or a preset name) or
     :meth:`Config.from_dict` (a parsed ``config.json``). Derived fields (``head_dim``, ``ffn_dim``,
     ``moe_layer_mask``) are filled in at construction and validated with the rest.
     """
@@ -75,7 +79,7 @@ class Config:
     conv_bias: bool = False
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 128_000
-    # dense FFN width rule (lfm2 only; lfm2_moe uses intermediate_size as is)
+    # dense FFN width rule (lfm2 only; lfm2_moe and lfm3 use intermediate_size as is)
     block_auto_adjust_ff_dim: bool = False
     block_ffn_dim_multiplier: float | None = 1.0
     block_multiple_of: int = 256
@@ -87,6 +91,14 @@ class Config:
     use_expert_bias: bool = False
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
+    # lfm3 only
+    sliding_window: int | None = None
+    use_sandwich_norm: bool = False
+    use_attention_gate: bool = False
+    attention_bias: bool = False
+    #: RoPE per attention layer type; empty: every attention layer "default" with ``rope_theta``
+    rope_parameters: tuple[Rope, ...] = ()
+    rope_reading: str = "trained"
     # special tokens
     bos_token_id: int | None = 1
     eos_token_id: tuple[int, ...] = (2,)
@@ -102,27 +114,26 @@ class Config:
     moe_layer_mask: tuple[bool, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("layer_types", "eos_token_id"):  # accept lists, store tuples (hashable, immutable)
+        for name in ("layer_types", "eos_token_id", "rope_parameters"):  # lists in, tuples kept (hashable)
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not self.rope_parameters:
+            kinds = sorted({k for k in self.layer_types if k != CONV}) if isinstance(self.layer_types, tuple) else []
+            object.__setattr__(self, "rope_parameters", tuple(Rope(k, "default", self.rope_theta) for k in kinds))
         self._validate()
         hd = self.explicit_head_dim or self.hidden_size // self.num_attention_heads
         if self.model_type == "lfm2":
-            ffn = effective_ffn_dim(
-                self.intermediate_size,
-                self.block_auto_adjust_ff_dim,
-                self.block_ffn_dim_multiplier,
-                self.block_multiple_of,
-            )
-            moe = tuple(False for _ in range(self.num_hidden_layers))
+            ffn = effective_ffn_dim(self.intermediate_size, self.block_auto_adjust_ff_dim,
+                                    self.block_ffn_dim_multiplier, self.block_multiple_of)
         else:
             ffn = self.intermediate_size
-            moe = tuple(i >= self.num_dense_layers for i in range(self.num_hidden_layers))
+        moe = tuple(self.is_moe and i >= self.num_dense_layers for i in range(self.num_hidden_layers))
         if ffn <= 0:
             raise self._error("intermediate_size", f"gives an effective FFN width of {ffn}; expected > 0")
         object.__setattr__(self, "head_dim", hd)
         object.__setattr__(self, "ffn_dim", ffn)
         object.__setattr__(self, "moe_layer_mask", moe)
+        _check_tensor_count(self)
 
     # ---------------------------------------------------------------- queries
     @property
@@ -132,8 +143,18 @@ class Config:
 
     @property
     def attention_layers(self) -> tuple[int, ...]:
-        """Indices of the attention layers."""
+        """Indices of the attention layers (full and sliding)."""
+        return tuple(i for i, t in enumerate(self.layer_types) if t != CONV)
+
+    @property
+    def full_attention_layers(self) -> tuple[int, ...]:
+        """Indices of the full (global) attention layers."""
         return tuple(i for i, t in enumerate(self.layer_types) if t == ATTENTION)
+
+    @property
+    def sliding_layers(self) -> tuple[int, ...]:
+        """Indices of the sliding-window attention layers (lfm3)."""
+        return tuple(i for i, t in enumerate(self.layer_types) if t == SLIDING)
 
     @property
     def conv_layers(self) -> tuple[int, ...]:
@@ -151,70 +172,89 @@ class Config:
         return self.num_attention_heads // self.num_key_value_heads
 
     def is_attention(self, layer: int) -> bool:
-        return self.layer_types[layer] == ATTENTION
+        return self.layer_types[layer] != CONV
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe_layer_mask[layer]
 
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer`` (None: it sees every earlier position, or is a conv layer)."""
+        return self.sliding_window if self.layer_types[layer] == SLIDING else None
+
+    def rope(self, kind: str) -> Rope:
+        """The RoPE of attention layer type ``kind``."""
+        return next(r for r in self.rope_parameters if r.kind == kind)
+
+    def rotated_pairs(self, kind: str) -> int | None:
+        """Frequency pairs that turn in layers of type ``kind`` under this config's ``rope_reading``."""
+        return self.rope(kind).rotated_pairs(self.head_dim, self.rope_reading)
+
     def layer_pattern(self) -> str:
-        """One character per layer: ``C`` conv, ``A`` attention; lower case when the FFN is a MoE block.
-        E.g. LFM2-8B-A1B: ``CCacccacccacccacccaccacc``."""
-        return "".join(("A" if self.is_attention(i) else "C").lower() if self.is_moe_layer(i)
-                       else ("A" if self.is_attention(i) else "C") for i in range(self.num_hidden_layers))
+        """One character per layer: ``C`` conv, ``A`` attention, ``S`` sliding-window attention; lower case
+        when the FFN is a MoE block. E.g. LFM2-8B-A1B: ``CCacccacccacccacccaccacc``."""
+        letter = {CONV: "C", ATTENTION: "A", SLIDING: "S"}
+        return "".join(letter[k].lower() if m else letter[k] for k, m in zip(self.layer_types, self.moe_layer_mask))
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed (derived values recomputed and everything re-validated)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        if "rope_theta" in changes and "rope_parameters" not in changes and self.model_type != "lfm3":
+            values["rope_parameters"] = ()  # re-derived from the new theta
+        if "layer_types" in changes and "rope_parameters" not in changes and self.model_type != "lfm3":
+            values["rope_parameters"] = ()
         values.update(changes)
         return Config(**values)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a canonical Hugging Face ``config.json`` dictionary (no legacy keys)."""
+        arch = {"lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM", "lfm3": "Lfm3ForCausalLM"}
         d: dict[str, Any] = {
-            "model_type": self.model_type,
-            "architectures": ["Lfm2MoeForCausalLM" if self.is_moe else "Lfm2ForCausalLM"],
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "layer_types": list(self.layer_types),
-            "intermediate_size": self.intermediate_size,
-            "norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,
-            "conv_L_cache": self.conv_L_cache,
-            "conv_bias": self.conv_bias,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings,
+            "model_type": self.model_type, "architectures": [arch[self.model_type]],
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "layer_types": list(self.layer_types),
+            "intermediate_size": self.intermediate_size, "norm_eps": self.norm_eps,
+            "conv_L_cache": self.conv_L_cache, "conv_bias": self.conv_bias,
+            "tie_word_embeddings": self.tie_word_embeddings, "max_position_embeddings": self.max_position_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0],
             "pad_token_id": self.pad_token_id,
         }
         if self.explicit_head_dim is not None:
             d["head_dim"] = self.explicit_head_dim
+        if self.model_type == "lfm3":
+            d.update(sliding_window=self.sliding_window, use_sandwich_norm=self.use_sandwich_norm,
+                     use_attention_gate=self.use_attention_gate, attention_bias=self.attention_bias,
+                     rope_parameters={r.kind: {"rope_type": r.rope_type, "rope_theta": r.theta,
+                                               **({"partial_rotary_factor": r.partial_rotary_factor}
+                                                  if r.partial_rotary_factor is not None else {})}
+                                      for r in self.rope_parameters})
+            return d
+        d["rope_theta"] = self.rope_theta
         if self.is_moe:
-            d.update(
-                num_experts=self.num_experts,
-                num_experts_per_tok=self.num_experts_per_tok,
-                moe_intermediate_size=self.moe_intermediate_size,
-                num_dense_layers=self.num_dense_layers,
-                use_expert_bias=self.use_expert_bias,
-                norm_topk_prob=self.norm_topk_prob,
-                routed_scaling_factor=self.routed_scaling_factor,
-            )
+            d.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                     moe_intermediate_size=self.moe_intermediate_size, num_dense_layers=self.num_dense_layers,
+                     use_expert_bias=self.use_expert_bias, norm_topk_prob=self.norm_topk_prob,
+                     routed_scaling_factor=self.routed_scaling_factor)
         else:
-            d.update(
-                block_auto_adjust_ff_dim=self.block_auto_adjust_ff_dim,
-                block_ffn_dim_multiplier=self.block_ffn_dim_multiplier,
-                block_multiple_of=self.block_multiple_of,
-            )
+            d.update(block_auto_adjust_ff_dim=self.block_auto_adjust_ff_dim,
+                     block_ffn_dim_multiplier=self.block_ffn_dim_multiplier,
+                     block_multiple_of=self.block_multiple_of)
         return d
 
     # ------------------------------------------------------------- building
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str | None = None) -> "Config":
-        """Parse a Hugging Face ``config.json`` dictionary (either model type, legacy keys included)."""
-        return cls(**_normalise(d, source), source=source)
+    def from_dict(cls, d: Mapping[str, Any], source: str | None = None, rope_reading: str = "trained") -> "Config":
+        """Parse a Hugging Face ``config.json`` dictionary (any model type, legacy keys included).
+        ``rope_reading`` decides an ambiguous LFM3 RoPE label (:data:`ROPE_READINGS`); such a config warns."""
+        config = cls(**normalise(d, source), rope_reading=rope_reading, source=source)
+        ambiguous = [r.kind for r in config.rope_parameters if r.ambiguous]
+        if ambiguous:
+            warnings.warn(f"config{f' {source}' if source else ''}: rope_parameters.{ambiguous[0]} is labelled "
+                          f"'default' with partial_rotary_factor {config.rope(ambiguous[0]).partial_rotary_factor}: "
+                          f"read as {'a partial (proportional) rotation, as the checkpoint was trained' if rope_reading == 'trained' else 'a full rotation, as transformers 5.24 reads it'}"
+                          f" (rope_reading={rope_reading!r}; see docs/ops/rope.md)", stacklevel=2)
+        return config
 
     # ----------------------------------------------------------- validation
     def _error(self, name: str, problem: str) -> Lfm2npError:
@@ -222,160 +262,105 @@ class Config:
         return Lfm2npError(f"config field {name!r}{where} {problem}")
 
     def _validate(self) -> None:
-        if self.model_type not in MODEL_TYPES:
-            raise self._error("model_type", f"is {self.model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
-        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "intermediate_size", "conv_L_cache", "max_position_embeddings"]
-        if self.model_type == "lfm2" and self.block_auto_adjust_ff_dim:
-            positive.append("block_multiple_of")
-        if self.model_type == "lfm2_moe":
-            positive += ["num_experts", "num_experts_per_tok", "moe_intermediate_size"]
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise self._error(name, f"is {value!r}; expected a positive integer")
+        c, err = self, self._error
+        if c.model_type not in MODEL_TYPES:
+            raise err("model_type", f"is {c.model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
+        ints = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "conv_L_cache", "max_position_embeddings", "block_multiple_of"]
+        if c.is_moe:
+            ints += ["num_experts", "num_experts_per_tok", "moe_intermediate_size"]
+        if c.model_type == "lfm3" and c.sliding_layers:
+            ints.append("sliding_window")
+        for name in ints:
+            _positive_int(err, name, getattr(c, name), LIMITS.get(name))
+        if c.explicit_head_dim is not None:
+            _positive_int(err, "head_dim", c.explicit_head_dim, LIMITS["head_dim"])
         for name in ("norm_eps", "rope_theta", "routed_scaling_factor"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise self._error(name, f"is {value!r}; expected a positive number")
-        for name in ("conv_bias", "tie_word_embeddings", "block_auto_adjust_ff_dim", "use_expert_bias", "norm_topk_prob"):
-            if not isinstance(getattr(self, name), bool):
-                raise self._error(name, f"is {getattr(self, name)!r}; expected true or false")
-        if self.explicit_head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise self._error(
-                "num_attention_heads",
-                f"is {self.num_attention_heads}, which does not divide hidden_size {self.hidden_size}",
-            )
-        if self.explicit_head_dim is not None and (
-            isinstance(self.explicit_head_dim, bool) or not isinstance(self.explicit_head_dim, int)
-            or self.explicit_head_dim <= 0 or self.explicit_head_dim % 2
-        ):
-            raise self._error("head_dim", f"is {self.explicit_head_dim!r}; expected a positive even integer")
-        if self.explicit_head_dim is None and (self.hidden_size // self.num_attention_heads) % 2:
-            raise self._error(
-                "num_attention_heads",
-                f"gives an odd head_dim {self.hidden_size // self.num_attention_heads}; RoPE needs an even one",
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise self._error(
-                "num_key_value_heads",
-                f"is {self.num_key_value_heads}, which does not divide num_attention_heads {self.num_attention_heads}",
-            )
-        if not isinstance(self.layer_types, tuple) or len(self.layer_types) != self.num_hidden_layers:
-            raise self._error(
-                "layer_types",
-                f"has {len(self.layer_types)} entries; expected num_hidden_layers = {self.num_hidden_layers}",
-            )
-        for i, kind in enumerate(self.layer_types):
-            if kind not in LAYER_KINDS:
-                raise self._error(f"layer_types[{i}]", f"is {kind!r}; expected one of {', '.join(LAYER_KINDS)}")
-        if self.model_type == "lfm2_moe":
-            if self.num_experts_per_tok > self.num_experts:
-                raise self._error(
-                    "num_experts_per_tok",
-                    f"is {self.num_experts_per_tok}, more than num_experts {self.num_experts}",
-                )
-            if isinstance(self.num_dense_layers, bool) or not isinstance(self.num_dense_layers, int) \
-                    or not 0 <= self.num_dense_layers <= self.num_hidden_layers:
-                raise self._error(
-                    "num_dense_layers",
-                    f"is {self.num_dense_layers!r}; expected an integer in 0..{self.num_hidden_layers}",
-                )
-        if not self.eos_token_id or not all(isinstance(t, int) and not isinstance(t, bool) for t in self.eos_token_id):
+            _positive_number(err, name, getattr(c, name))
+        if c.block_ffn_dim_multiplier is not None:
+            _positive_number(err, "block_ffn_dim_multiplier", c.block_ffn_dim_multiplier)
+        for name in ("conv_bias", "tie_word_embeddings", "block_auto_adjust_ff_dim", "use_expert_bias",
+                     "norm_topk_prob", "use_sandwich_norm", "use_attention_gate", "attention_bias"):
+            if not isinstance(getattr(c, name), bool):
+                raise err(name, f"is {getattr(c, name)!r}; expected true or false")
+        if c.model_type != "lfm3" and (c.use_sandwich_norm or c.use_attention_gate or c.attention_bias):
+            raise err("model_type", f"is {c.model_type!r}, which has no sandwich norms, attention gate or bias")
+        hd = c.explicit_head_dim or c.hidden_size // c.num_attention_heads
+        if c.explicit_head_dim is None and c.hidden_size % c.num_attention_heads:
+            raise err("num_attention_heads", f"is {c.num_attention_heads}, which does not divide hidden_size "
+                                             f"{c.hidden_size}")
+        if hd % 2:
+            raise err("head_dim" if c.explicit_head_dim else "num_attention_heads",
+                      f"gives an odd head_dim {hd}; RoPE needs an even one")
+        if c.num_attention_heads % c.num_key_value_heads:
+            raise err("num_key_value_heads", f"is {c.num_key_value_heads}, which does not divide "
+                                             f"num_attention_heads {c.num_attention_heads}")
+        kinds = LAYER_KINDS[c.model_type]
+        if not isinstance(c.layer_types, tuple) or len(c.layer_types) != c.num_hidden_layers:
+            raise err("layer_types", f"has {len(c.layer_types)} entries; expected num_hidden_layers = "
+                                     f"{c.num_hidden_layers}")
+        for i, kind in enumerate(c.layer_types):
+            if kind not in kinds:
+                raise err(f"layer_types[{i}]", f"is {kind!r}; expected one of {', '.join(kinds)}")
+        self._validate_rope()
+        if c.is_moe:
+            if c.num_experts_per_tok > c.num_experts:
+                raise err("num_experts_per_tok", f"is {c.num_experts_per_tok}, more than num_experts {c.num_experts}")
+            if isinstance(c.num_dense_layers, bool) or not isinstance(c.num_dense_layers, int) \
+                    or not 0 <= c.num_dense_layers <= c.num_hidden_layers:
+                raise err("num_dense_layers", f"is {c.num_dense_layers!r}; expected an integer in "
+                                              f"0..{c.num_hidden_layers}")
+        if c.rope_reading not in ROPE_READINGS:
+            raise Lfm2npError(f"rope_reading is {c.rope_reading!r}; expected one of {', '.join(ROPE_READINGS)}")
+        self._validate_token_ids()
+
+    def _validate_rope(self) -> None:
+        used = {k for k in self.layer_types if k != CONV}
+        given = [r.kind for r in self.rope_parameters if isinstance(r, Rope)]
+        if len(given) != len(self.rope_parameters) or len(set(given)) != len(given):
+            raise self._error("rope_parameters", f"is {self.rope_parameters!r}; expected one entry per layer type")
+        for kind in sorted(used - set(given)):
+            raise self._error("rope_parameters", f"has no entry for {kind!r}, which layer_types uses")
+        for r in self.rope_parameters:
+            name = f"rope_parameters.{r.kind}"
+            if r.rope_type not in ROPE_TYPES:
+                raise self._error(f"{name}.rope_type", f"is {r.rope_type!r}; lfm2np implements "
+                                                       f"{', '.join(ROPE_TYPES)}")
+            _positive_number(self._error, f"{name}.rope_theta", r.theta)
+            p = r.partial_rotary_factor
+            if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
+                raise self._error(f"{name}.partial_rotary_factor", f"is {p!r}; expected a number in (0, 1]")
+
+    def _validate_token_ids(self) -> None:
+        V = self.vocab_size
+        if not isinstance(self.eos_token_id, tuple) or not self.eos_token_id:
             raise self._error("eos_token_id", f"is {self.eos_token_id!r}; expected an integer or a list of integers")
+        for t in self.eos_token_id:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
+                raise self._error("eos_token_id", f"holds {t!r}; expected token ids in 0..{V - 1} (the vocabulary)")
+        for name in ("bos_token_id", "pad_token_id"):
+            t = getattr(self, name)
+            if t is not None and (isinstance(t, bool) or not isinstance(t, int)):
+                raise self._error(name, f"is {t!r}; expected an integer token id or null")
+            if t is not None and not 0 <= t < V:  # unused by the forward pass; transformers only warns too
+                warnings.warn(f"config field {name!r} is {t}, outside the vocabulary 0..{V - 1}", stacklevel=4)
 
 
-# ------------------------------------------------------------------ parsing
-_SENTINEL = object()
+def _positive_int(err: Any, name: str, value: Any, limit: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise err(name, f"is {value!r}; expected a positive integer")
+    if limit is not None and value > limit:
+        raise err(name, f"is {value}, above lfm2np's bound {limit} for it (no released model comes close)")
 
 
-def _normalise(d: Mapping[str, Any], source: str | None) -> dict[str, Any]:
-    """Map a raw config.json dictionary (legacy keys included) onto Config's constructor arguments."""
-    where = f" in {source}" if source else ""
+def _positive_number(err: Any, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise err(name, f"is {value!r}; expected a positive finite number")
 
-    def error(name: str, problem: str) -> Lfm2npError:
-        return Lfm2npError(f"config field {name!r}{where} {problem}")
 
-    if not isinstance(d, Mapping):
-        raise Lfm2npError(f"config{where} is a {type(d).__name__}; expected a JSON object")
-    model_type = d.get("model_type", _SENTINEL)
-    if model_type is _SENTINEL:
-        raise error("model_type", "is missing; expected 'lfm2' or 'lfm2_moe'")
-    if model_type not in MODEL_TYPES:
-        raise error("model_type", f"is {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
-
-    def require(name: str, *aliases: str) -> Any:
-        for key in (*aliases, name):  # legacy aliases win, as in transformers' Lfm2Config
-            if key in d and d[key] is not None:
-                return d[key]
-        names = " or ".join(repr(k) for k in (name, *aliases))
-        raise error(name, f"is missing (looked for {names})")
-
-    out: dict[str, Any] = {"model_type": model_type}
-    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
-        out[name] = require(name)
-    if model_type == "lfm2":
-        out["intermediate_size"] = require("intermediate_size", "block_ff_dim")
-    else:
-        out["intermediate_size"] = require("intermediate_size")
-        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
-            out[name] = require(name)
-
-    # layer kinds: layer_types, else full_attn_idxs, else every layer attention
-    n_layers = out["num_hidden_layers"]
-    if d.get("layer_types") is not None:
-        if not isinstance(d["layer_types"], (list, tuple)):
-            raise error("layer_types", f"is {d['layer_types']!r}; expected a list")
-        out["layer_types"] = tuple(d["layer_types"])
-    elif d.get("full_attn_idxs") is not None:
-        idxs = d["full_attn_idxs"]
-        if not isinstance(idxs, (list, tuple)) or not all(isinstance(i, int) for i in idxs):
-            raise error("full_attn_idxs", f"is {idxs!r}; expected a list of layer indices")
-        bad = [i for i in idxs if not (isinstance(n_layers, int) and 0 <= i < n_layers)]
-        if bad:
-            raise error("full_attn_idxs", f"has {bad}, outside 0..{n_layers}-1 (num_hidden_layers)")
-        out["layer_types"] = tuple(ATTENTION if i in idxs else CONV for i in range(n_layers))
-    else:
-        out["layer_types"] = tuple(ATTENTION for _ in range(n_layers if isinstance(n_layers, int) else 0))
-
-    # RoPE base: rope_parameters.rope_theta (transformers 5) / rope_theta / theta (legacy)
-    rope = d.get("rope_parameters") or d.get("rope_scaling")
-    theta = None
-    if isinstance(rope, Mapping):
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
-            raise error(f"{key}.rope_type", f"is {rope_type!r}; only 'default' RoPE is implemented")
-        theta = rope.get("rope_theta")
-    if theta is None:  # the legacy ``theta`` wins over ``rope_theta``, as in transformers 4.x's Lfm2Config
-        theta = d.get("theta") if d.get("theta") is not None else d.get("rope_theta")
-    if theta is not None:
-        out["rope_theta"] = theta
-
-    tie = d.get("tie_embedding", d.get("tie_word_embeddings"))
-    if tie is not None:
-        out["tie_word_embeddings"] = tie
-
-    # optional switches, defaults as in transformers
-    for name in ("norm_eps", "conv_L_cache", "conv_bias", "max_position_embeddings"):
-        if d.get(name) is not None:
-            out[name] = d[name]
-    if model_type == "lfm2":
-        out["block_auto_adjust_ff_dim"] = d.get("block_auto_adjust_ff_dim", True)
-        out["block_ffn_dim_multiplier"] = d.get("block_ffn_dim_multiplier", 1.0)
-        if d.get("block_multiple_of") is not None:
-            out["block_multiple_of"] = d["block_multiple_of"]
-    else:
-        out["num_dense_layers"] = d.get("num_dense_layers", 2)
-        for name, default in (("use_expert_bias", True), ("norm_topk_prob", True), ("routed_scaling_factor", 1.0)):
-            value = d.get(name)
-            out[name] = default if value is None else value
-    if d.get("head_dim") is not None:
-        out["explicit_head_dim"] = d["head_dim"]
-
-    for name in ("bos_token_id", "pad_token_id"):
-        if name in d:
-            out[name] = d[name]
-    eos = d.get("eos_token_id", 2)  # transformers' default; released LFM2 configs say 7 (<|im_end|>)
-    out["eos_token_id"] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-    return out
+def _check_tensor_count(c: Config) -> None:
+    """Refuse a config whose tensor list alone would be huge (layers x experts), before anything lists it."""
+    per_layer = 12 + (3 * c.num_experts if c.is_moe else 3)
+    if c.num_hidden_layers * per_layer > MAX_TENSORS:
+        raise c._error("num_experts" if c.is_moe else "num_hidden_layers",
+                       f"gives about {c.num_hidden_layers * per_layer:,} tensors, above lfm2np's bound {MAX_TENSORS:,}")

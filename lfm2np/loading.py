@@ -39,7 +39,7 @@ def is_gguf(path: "str | os.PathLike[str]") -> bool:
 
 
 def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool = True,
-         keep_weights: bool | None = None) -> Model:
+         keep_weights: bool | None = None, rope_reading: str = "trained") -> Model:
     """Load a checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded set), a repo id
     such as ``LiquidAI/LFM2-350M`` already in the local Hugging Face cache (nothing is downloaded), or a
     ``.gguf`` file (architectures ``lfm2``/``lfm2moe``; needs the ``gguf`` package).
@@ -49,14 +49,16 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
     with its shape. A tensor the model does not use raises :class:`Lfm2npError` (``strict=True``) or a
     warning naming it (``strict=False``). ``keep_weights``: keep each tensor once converted to the compute
     dtype (True), or convert at every use to save memory (False); by default tensors are kept when the
-    converted model takes at most half of the machine's memory.
+    converted model takes at most half of the machine's memory. ``rope_reading`` decides how an LFM3 RoPE
+    entry labelled "default" with a partial_rotary_factor is read (see :data:`lfm2np.config.ROPE_READINGS`:
+    "trained", the default, or "transformers"); such a config warns.
     """
     mode = numerics(dtype)
     if is_gguf(path):
         config, params = read_gguf(path, mode, strict=strict, keep_weights=keep_weights)
         return Model(config, params, mode)
     directory = hub.resolve(path)
-    config = load_config(directory)
+    config = load_config(directory, rope_reading=rope_reading)
     checkpoint = Checkpoint(directory)
     expected = expected_tensors(config)
     unexpected = checkpoint.check(expected)
@@ -76,7 +78,7 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
     return Model(config, params, mode)
 
 
-def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config") -> Config:
+def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config", rope_reading: str = "trained") -> Config:
     """A Config from a config.json path, a checkpoint directory, a cached repo id, a ``.gguf`` file, a
     preset name or a parsed dictionary.
 
@@ -85,14 +87,14 @@ def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config") -> Con
     wins over a preset of the same name (it is the real file).
     """
     if isinstance(x, Config):
-        return x
+        return x if x.rope_reading == rope_reading else x.replace(rope_reading=rope_reading)
     if isinstance(x, Mapping):
-        return Config.from_dict(x)
+        return Config.from_dict(x, rope_reading=rope_reading)
     if is_gguf(x):
         return read_gguf(x)[0]
     path = Path(x)
     if not path.exists() and presets.find(str(x)) is not None and not hub.is_cached(str(x)):
-        return presets.find(str(x))
+        return presets.find(str(x)).replace(rope_reading=rope_reading)
     if not path.exists() and hub.is_cached(str(x)):
         path = hub.resolve(x)
     if path.is_dir():
@@ -100,7 +102,7 @@ def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config") -> Con
         if not path.is_file():
             raise Lfm2npError(f"{path.parent}: no config.json in this directory")
     if path.is_file():
-        return Config.from_dict(_read_json(path), source=str(path))
+        return Config.from_dict(_read_json(path), source=str(path), rope_reading=rope_reading)
     raise Lfm2npError(
         f"{x!r} is neither a config.json, a checkpoint directory, a .gguf file, a cached repo id nor a preset "
         f"name; presets: {', '.join(presets.names())}"

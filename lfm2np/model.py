@@ -1,6 +1,7 @@
 """The Model: a config, its weights and a numerics mode, and the forward pass over :mod:`lfm2np.layers`.
 
-The whole forward pass is :meth:`Model.run`: embed, every layer (:func:`lfm2np.layers.lfm2_layer`), the
+The whole forward pass is :meth:`Model.run`: embed, every layer (:func:`lfm2np.layers.lfm2_layer`, or
+:func:`~lfm2np.layers.lfm3_layer` for LFM3, each attention layer with the RoPE tables of its type), the
 final norm ``embedding_norm`` (applied after the last layer despite its name), the head (tied to the
 embedding unless the checkpoint has ``lm_head.weight``). :meth:`Model.forward` computes from scratch;
 :meth:`Model.step` continues a :class:`~lfm2np.state.State`.
@@ -13,11 +14,14 @@ path plus the step::
     model.layers.{i}.operator_norm
     model.layers.{i}.conv.{in_proj, b_gate, c_gate, x, bx, conv_out, y, out_proj}
     model.layers.{i}.self_attn.{q_proj, k_proj, v_proj, q_normed, k_normed, q_rope, k_rope, attn_out, out_proj}
+                                                     (LFM3: gate, the sigmoid output gate, before attn_out)
+    model.layers.{i}.post_operator_norm              (LFM3's sandwich norm of the mixer output)
     model.layers.{i}.mixer_residual                  (h + mixer output)
     model.layers.{i}.ffn_norm
     model.layers.{i}.feed_forward.{w1, w3, act, w2}  (dense SwiGLU)
     model.layers.{i}.feed_forward.{router_logits, selected_experts, routing_weights}  (MoE)
     model.layers.{i}.feed_forward.output
+    model.layers.{i}.post_ffn_norm                   (LFM3's sandwich norm of the FFN output)
     model.layers.{i}                                 (the residual stream after the layer)
     model.embedding_norm
     lm_head                                          (the logits)
@@ -37,7 +41,8 @@ import numpy as np
 from . import ops, tensors
 from .config import Config
 from .errors import Lfm2npError
-from .layers import AttentionWeights, ConvWeights, LayerWeights, MoEWeights, SwiGLUWeights, lfm2_layer
+from .config import CONV
+from .layers import LAYERS, AttentionWeights, ConvWeights, LayerWeights, MoEWeights, SwiGLUWeights
 from .numerics import Numerics, numerics
 from .ops import Tap, prefixed, untapped
 from .state import DEFAULT_MAX_ROLLBACK, State
@@ -177,12 +182,14 @@ class Model:
         if start + T > c.max_position_embeddings:
             raise Lfm2npError(f"positions {start}..{start + T - 1} go past max_position_embeddings "
                               f"{c.max_position_embeddings} of this model")
-        rope = self.rope(np.arange(start, start + T))
+        positions = np.arange(start, start + T)
+        rope = {kind: self.rope(positions, kind) for kind in {k for k in c.layer_types if k != CONV}}
+        layer = LAYERS[c.model_type]  # lfm2_layer or lfm3_layer
         h = tap("model.embed_tokens", self.embed(ids))  # (T, D)
         layer_states = []
-        for i in range(c.num_hidden_layers):
-            h, layer_state = lfm2_layer(h, self.layer_weights(i), c, rope, None if past is None else past[i],
-                                        rnd, prefixed(tap, f"model.layers.{i}."))
+        for i, kind in enumerate(c.layer_types):
+            h, layer_state = layer(h, self.layer_weights(i), c, rope.get(kind), None if past is None else past[i],
+                                   rnd, prefixed(tap, f"model.layers.{i}."), c.window(i))
             h = tap(f"model.layers.{i}", h)
             layer_states.append(layer_state)
         h = tap("model.embedding_norm", ops.rms_norm(h, self.params["model.embedding_norm.weight"], c.norm_eps, rnd))
@@ -198,11 +205,16 @@ class Model:
             return rows(tensors.HEAD_TIED, ids)
         return ops.embed(ids, self.params[tensors.HEAD_TIED])
 
-    def rope(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The RoPE (cos, sin) tables of ``positions``, as this mode computes them: angles in float32
-        (float64 in the oracle mode), cos and sin rounded in the bf16 emulation.  (T,) -> (T, hd) x 2"""
+    def rope(self, positions: np.ndarray, kind: str = "full_attention") -> tuple[np.ndarray, np.ndarray]:
+        """The RoPE (cos, sin) tables of ``positions`` for attention layers of type ``kind``, as this mode
+        computes them: angles in float32 (float64 in the oracle mode), cos and sin rounded in the bf16
+        emulation (LFM2; LFM3 keeps them float32); LFM3's partial rotation leaves the frequencies past the
+        rotated pairs at 0.
+        (T,) -> (T, hd) x 2"""
         c, rnd = self.config, self.numerics.round
-        cos, sin = ops.rope_tables(positions, c.head_dim, c.rope_theta, self.dtype)
+        cos, sin = ops.rope_tables(positions, c.head_dim, c.rope(kind).theta, self.dtype, c.rotated_pairs(kind))
+        if c.model_type == "lfm3":  # transformers' LFM3 keeps cos and sin in float32, whatever the dtype
+            return cos, sin
         return rnd(cos), rnd(sin)
 
     def layer_weights(self, i: int) -> LayerWeights:
@@ -210,8 +222,11 @@ class Model:
         c, W, n = self.config, self.params, self._names[i]
         opt = lambda role: W[n[role]] if role in n else None  # noqa: E731  (biases only with conv_bias)
         if c.is_attention(i):
+            biases = (W[n["q_proj_bias"]], W[n["k_proj_bias"]], W[n["v_proj_bias"]], W[n["out_proj_bias"]]) \
+                if c.attention_bias else None
             mixer: ConvWeights | AttentionWeights = AttentionWeights(
-                W[n["q_proj"]], W[n["k_proj"]], W[n["v_proj"]], W[n["out_proj"]], W[n["q_norm"]], W[n["k_norm"]])
+                W[n["q_proj"]], W[n["k_proj"]], W[n["v_proj"]], W[n["out_proj"]], W[n["q_norm"]], W[n["k_norm"]],
+                opt("gate_proj"), biases)
         else:
             mixer = ConvWeights(W[n["in_proj"]], W[n["conv"]], W[n["out_proj"]],
                                 opt("in_proj_bias"), opt("conv_bias"), opt("out_proj_bias"))
@@ -223,4 +238,5 @@ class Model:
             ffn: SwiGLUWeights | MoEWeights = MoEWeights(W[n["gate"]], opt("expert_bias"), expert)
         else:
             ffn = SwiGLUWeights(W[n["w1"]], W[n["w3"]], W[n["w2"]])
-        return LayerWeights(W[n["operator_norm"]], mixer, W[n["ffn_norm"]], ffn)
+        return LayerWeights(W[n["operator_norm"]], mixer, W[n["ffn_norm"]], ffn,
+                            opt("post_operator_norm"), opt("post_ffn_norm"))

@@ -140,8 +140,14 @@ def rotate_half(x: np.ndarray) -> np.ndarray:
     return np.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rnd: Rounding = exact) -> np.ndarray:
-    """``x * cos + rotate_half(x) * sin`` per head.  (T, n, hd), (T, hd), (T, hd) -> (T, n, hd)"""
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rnd: Rounding = exact,
+               wide: bool = False) -> np.ndarray:
+    """``x * cos + rotate_half(x) * sin`` per head.  (T, n, hd), (T, hd), (T, hd) -> (T, n, hd)
+
+    A bf16 backend rounds each product and the sum; with ``wide`` (LFM3, whose cos and sin stay float32)
+    the products and the sum are float32 and only the result is rounded."""
+    if wide:
+        return rnd(x * cos[:, None, :] + rotate_half(x) * sin[:, None, :])
     return rnd(rnd(x * cos[:, None, :]) + rnd(rotate_half(x) * sin[:, None, :]))
 
 
@@ -206,26 +212,31 @@ def attention_block(
     past_k: np.ndarray | None = None, past_v: np.ndarray | None = None,
     tap: Tap = untapped, attention_block_size: int = 256, rnd: Rounding = exact,
     window: int | None = None, gate_proj: np.ndarray | None = None,
+    biases: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None] = (None,) * 4,
+    wide_rope: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The attention mixer: projections, per-head QK RMSNorm, RoPE, causal GQA, output projection.
 
     ``cos``/``sin`` are the tables for the T new positions. ``past_k``/``past_v`` hold earlier keys and
     values (already normed and rotated): all of them, or, with a sliding ``window``, at least the last
     W - 1. The keys and values returned include them and the new ones. With ``gate_proj`` (LFM3's output
-    gate, ``(H, D)``) each head's output is multiplied by ``sigmoid(gate_proj h)`` before ``out_proj``.
+    gate, ``(H, D)``) each head's output is multiplied by ``sigmoid(gate_proj h)`` before ``out_proj``;
+    ``biases`` are those of q_proj, k_proj, v_proj and out_proj (LFM3's ``attention_bias``); ``wide_rope``
+    is :func:`apply_rope`'s ``wide``.
     ``tap`` sees q_proj, k_proj, v_proj, q_normed, k_normed, q_rope, k_rope, (gate,) attn_out, out_proj.
     Attention runs ``attention_block_size`` queries at a time, which bounds memory on long prompts.
     (T, D) -> (T, D), (S, G, hd), (S, G, hd)
     """
     T = h.shape[0]
     hd = q_norm.shape[0]
-    q = tap("q_proj", rnd(linear(h, q_proj)).reshape(T, -1, hd))  # (T, H, hd)
-    k = tap("k_proj", rnd(linear(h, k_proj)).reshape(T, -1, hd))  # (T, G, hd)
-    v = tap("v_proj", rnd(linear(h, v_proj)).reshape(T, -1, hd))  # (T, G, hd)
+    q_bias, k_bias, v_bias, out_bias = biases
+    q = tap("q_proj", rnd(linear(h, q_proj, q_bias)).reshape(T, -1, hd))  # (T, H, hd)
+    k = tap("k_proj", rnd(linear(h, k_proj, k_bias)).reshape(T, -1, hd))  # (T, G, hd)
+    v = tap("v_proj", rnd(linear(h, v_proj, v_bias)).reshape(T, -1, hd))  # (T, G, hd)
     q = tap("q_normed", rms_norm(q, q_norm, eps, rnd))
     k = tap("k_normed", rms_norm(k, k_norm, eps, rnd))
-    q = tap("q_rope", apply_rope(q, cos, sin, rnd))
-    k = tap("k_rope", apply_rope(k, cos, sin, rnd))
+    q = tap("q_rope", apply_rope(q, cos, sin, rnd, wide_rope))
+    k = tap("k_rope", apply_rope(k, cos, sin, rnd, wide_rope))
     if past_k is not None:
         k = np.concatenate([past_k, k], axis=0)  # (S, G, hd)
         v = np.concatenate([past_v, v], axis=0)
@@ -234,7 +245,7 @@ def attention_block(
         gate = tap("gate", rnd(sigmoid(rnd(linear(h, gate_proj)))))  # (T, H)
         attn = rnd(attn.reshape(T, -1, hd) * gate[:, :, None]).reshape(T, -1)
     attn = tap("attn_out", attn)
-    return tap("out_proj", rnd(linear(attn, out_proj))), k, v
+    return tap("out_proj", rnd(linear(attn, out_proj, out_bias))), k, v
 
 
 # ------------------------------------------------------------------ gated short conv

@@ -1,4 +1,4 @@
-"""Configs of the released LFM2 family, and tiny configs for tests.
+"""Configs of the released LFM2, LFM2.5 and LFM3 families, and tiny configs for tests.
 
 Each preset is written as the ``config.json`` dictionary the checkpoint ships (legacy keys kept where the
 release uses them), so presets go through exactly the same parser as real files.
@@ -80,6 +80,30 @@ _RELEASED: dict[str, dict] = {
     "LFM2-24B-A2B": {**_LFM2_MOE_COMMON, "num_hidden_layers": 40, "intermediate_size": 11776,
                      "moe_intermediate_size": 1536, "num_experts": 64,
                      "layer_types": _layer_types(40, [i for i in range(40) if i % 4 == 2])},
+    "LFM2.5-230M": {**_LFM2_COMMON, "hidden_size": 1024, "num_hidden_layers": 14, "num_attention_heads": 16,
+                    "block_ff_dim": 2560, "block_auto_adjust_ff_dim": False,
+                    "layer_types": _layer_types(14, [2, 4, 6, 8, 10, 12])},
+    # transformers 5.24's Lfm3Config defaults, which are LFM3-1.7B's shape; RoPE written with the label that
+    # means what the checkpoint was trained with ("proportional": the released config reportedly says
+    # "default" with partial_rotary_factor 0.5, which transformers reads as a full rotation; docs/ops/rope.md)
+    "LFM3-1.7B": {"model_type": "lfm3", "vocab_size": 128_000, "hidden_size": 2048, "num_hidden_layers": 24,
+                  "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 7680,
+                  "conv_L_cache": 7, "sliding_window": 256, "use_sandwich_norm": True, "use_attention_gate": True,
+                  "norm_eps": 1e-5, "tie_word_embeddings": True, "max_position_embeddings": 262_144,
+                  "bos_token_id": 124894, "eos_token_id": 124900, "pad_token_id": 124893,
+                  "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                                      "full_attention": {"rope_type": "proportional", "rope_theta": 1_000_000.0,
+                                                         "partial_rotary_factor": 0.5}},
+                  "layer_types": ["full_attention" if i % 4 == 2 else "sliding_attention" if i % 4 == 0 and i > 0
+                                  else "conv" for i in range(24)]},
+}
+# Checkpoints with the shape of another preset (fine-tunes, re-releases): name -> preset it equals. That the
+# LFM2.5-350M and LFM2.5-2.6B configs equal LFM2-350M's and LFM2-2.6B's is itself unconfirmed (third-party).
+ALIASES: dict[str, str] = {
+    "LFM2.5-350M": "LFM2-350M",
+    "LFM2.5-1.2B-Base": "LFM2.5-1.2B", "LFM2.5-1.2B-Instruct": "LFM2.5-1.2B",
+    "LFM2.5-1.2B-Thinking": "LFM2.5-1.2B", "LFM2.5-1.2B-JP": "LFM2.5-1.2B",
+    "LFM2.5-2.6B": "LFM2-2.6B", "LFM2-2.6B-Exp": "LFM2-2.6B",
 }
 
 #: Preset values not confirmed by Liquid AI (from third-party copies of the configs). Keep this list
@@ -88,6 +112,17 @@ UNCONFIRMED: dict[str, tuple[str, ...]] = {
     "LFM2.5-8B-A1B": ("vocab_size", "rope_theta", "bos_token_id", "eos_token_id", "pad_token_id"),
     "LFM2-24B-A2B": ("layer_types", "intermediate_size", "rope_theta", "max_position_embeddings",
                      "norm_topk_prob", "routed_scaling_factor", "use_expert_bias"),
+    "LFM2.5-230M": ("layer_types", "intermediate_size", "num_hidden_layers"),
+    "LFM3-1.7B": ("max_position_embeddings", "rope_parameters"),
+}
+
+#: The context each model card states as supported (trained), where it differs from what the config allows:
+#: max_position_embeddings is 128,000 in LFM2 configs, but the cards state 32,768. The calculators cap
+#: "how long a context fits" here and say so.
+SUPPORTED_CONTEXT: dict[str, int] = {
+    "LFM2-350M": 32_768, "LFM2-700M": 32_768, "LFM2-1.2B": 32_768, "LFM2-2.6B": 32_768, "LFM2.5-1.2B": 32_768,
+    "LFM2-8B-A1B": 32_768, "LFM2.5-8B-A1B": 128_000, "LFM2-24B-A2B": 32_768, "LFM2.5-230M": 32_768,
+    "LFM3-1.7B": 262_144,
 }
 
 #: Published parameter counts (model cards), for the calculators to check against.
@@ -100,6 +135,8 @@ MODEL_CARD_PARAMS: dict[str, int | str] = {
     "LFM2-8B-A1B": "8.3B total / 1.5B active",
     "LFM2.5-8B-A1B": "8.3B total / 1.5B active (card; the 128000-token vocabulary makes it ~8.47B)",
     "LFM2-24B-A2B": "24B total / 2.3B active",
+    "LFM2.5-230M": "230M (this preset: 229,693,184)",
+    "LFM3-1.7B": 1_728_801_536,  # transformers 5.24's Lfm3Config() counted on the meta device; the card: 1.73B
 }
 
 # Tiny configs: odd sizes so that transposed or mis-split weights cannot line up by accident.
@@ -123,17 +160,24 @@ def _key(name: str) -> str:
     return name[len("liquidai/"):] if name.startswith("liquidai/") else name
 
 
-_BY_KEY = {_key(n): n for n in PRESETS}
+_BY_KEY = {_key(n): n for n in [*PRESETS, *ALIASES]}
 
 
 def names() -> list[str]:
-    """All preset names, released models first."""
-    return list(PRESETS)
+    """All preset names, released models first, then the aliases."""
+    return [*PRESETS, *ALIASES]
+
+
+def canonical(name: str) -> str | None:
+    """The preset ``name`` refers to (through :data:`ALIASES`), or None."""
+    found = _BY_KEY.get(_key(name))
+    return ALIASES.get(found, found) if found else None
 
 
 def find(name: str) -> Config | None:
-    """The preset called ``name`` (any case, ``LiquidAI/`` prefix optional), or None."""
-    canonical = _BY_KEY.get(_key(name))
-    if canonical is None:
+    """The preset called ``name`` (any case, ``LiquidAI/`` prefix optional, aliases included), or None.
+    Its ``source`` is the name asked for."""
+    found = _BY_KEY.get(_key(name))
+    if found is None:
         return None
-    return Config.from_dict(PRESETS[canonical], source=canonical)
+    return Config.from_dict(PRESETS[ALIASES.get(found, found)], source=found)

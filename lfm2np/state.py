@@ -7,17 +7,22 @@ Per layer, by kind:
   a sequence, stand for zeros). It keeps up to ``L-1 + max_rollback`` rows so that a rollback of up to
   ``max_rollback`` tokens can restore the exact window.
 - an attention layer carries its keys and values after QK-norm and RoPE: two arrays ``(S, G, hd)``,
-  one row per position seen.
+  one row per position seen, oldest first.
+- a sliding-window attention layer (LFM3) carries the same, but only its most recent positions: the next
+  token sees its window of W positions, itself and the W-1 before it, so ``W-1 + max_rollback`` rows are
+  kept (fewer at the start). Its memory is bounded however long the sequence grows.
 
-plus ``position``, the number of tokens seen (the RoPE position of the next token).
+plus ``position``, the number of tokens seen (the RoPE position of the next token), and per layer its
+``window`` (None but for sliding layers).
 
 Mapping to other implementations (same numbers, different layouts):
 
 - transformers keeps for each conv layer the last ``L`` columns of ``u`` as ``(B, D, L)``; its last
   ``L-1`` columns are our ``conv[i][-(L-1):].T``. Its KV cache is ``(B, G, S, hd)``: ``keys[i]``
-  transposed.
+  transposed; for a sliding layer (``DynamicSlidingWindowLayer``) the last W-1 positions: our last W-1 rows.
 - llama.cpp (and vLLM) keep ``L-1`` columns per conv layer (``(L-1) x D`` floats per sequence), the
-  same rows as our last ``L-1``; KV as ``hd*G`` per position in the layer's K and V caches.
+  same rows as our last ``L-1``; KV as ``hd*G`` per position in the layer's K and V caches; for LFM3's
+  sliding layers a separate SWA cache of ``pad256(W + n_ubatch)`` cells, masked to the window.
 
 States are never modified in place: :meth:`Model.step` returns a new one, arrays are read-only, and an
 old state stays valid. A snapshot is therefore just a reference kept aside; restoring is using it
@@ -45,6 +50,11 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _tail(a: np.ndarray, n: int) -> np.ndarray:
+    """The last ``n`` rows of ``a`` (all of them when it has fewer)."""
+    return a[a.shape[0] - min(n, a.shape[0]):]
+
+
 @dataclass(frozen=True)
 class State:
     """The decoding state of one sequence. Build an empty one with :meth:`State.start` (or
@@ -56,14 +66,18 @@ class State:
     values: tuple[np.ndarray | None, ...]
     conv_L_cache: int
     max_rollback: int = DEFAULT_MAX_ROLLBACK
+    windows: tuple[int | None, ...] = ()  # per layer: the sliding window, None elsewhere (empty: none)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "conv", tuple(None if a is None else _frozen(a) for a in self.conv))
         object.__setattr__(self, "keys", tuple(None if a is None else _frozen(a) for a in self.keys))
         object.__setattr__(self, "values", tuple(None if a is None else _frozen(a) for a in self.values))
-        for k in self.keys:
-            if k is not None and k.shape[0] != self.position:
-                raise Lfm2npError(f"state: keys hold {k.shape[0]} positions but position is {self.position}")
+        if not self.windows:
+            object.__setattr__(self, "windows", tuple(None for _ in self.conv))
+        for i, (k, w) in enumerate(zip(self.keys, self.windows)):
+            if k is not None and (k.shape[0] != self.position if w is None else k.shape[0] > self.position):
+                raise Lfm2npError(f"state: layer {i}'s keys hold {k.shape[0]} positions but position is "
+                                  f"{self.position}")
 
     @classmethod
     def start(cls, config: Config, dtype=np.float32, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> "State":
@@ -81,7 +95,8 @@ class State:
                 conv.append(np.zeros((0, D), dtype))
                 keys.append(None)
                 values.append(None)
-        return cls(0, tuple(conv), tuple(keys), tuple(values), config.conv_L_cache, max_rollback)
+        windows = tuple(config.window(i) for i in range(config.num_hidden_layers))
+        return cls(0, tuple(conv), tuple(keys), tuple(values), config.conv_L_cache, max_rollback, windows)
 
     # ------------------------------------------------------------------ views
     def conv_window(self, layer: int) -> np.ndarray:
@@ -101,11 +116,14 @@ class State:
         """How many tokens this state can be rolled back by."""
         limit = self.position
         L1 = self.conv_L_cache - 1
-        for u in self.conv:
-            # after dropping n of its r rows, a conv history must still hold min(position - n, L-1) rows:
-            # always true when it holds everything since the start (r == position), else n <= r - (L-1)
+        for u, k, w in zip(self.conv, self.keys, self.windows):
+            # after dropping n of its r rows, a conv history must still hold min(position - n, L-1) rows
+            # (a sliding layer's keys min(position - n, W-1)): always true when it holds everything since
+            # the start (r == position), else n <= r - (L-1)
             if u is not None and u.shape[0] < self.position:
                 limit = min(limit, max(0, u.shape[0] - L1))
+            if k is not None and w is not None and k.shape[0] < self.position:
+                limit = min(limit, max(0, k.shape[0] - (w - 1)))
         return limit
 
     @property
@@ -121,6 +139,9 @@ class State:
         if len(self.conv) != c.num_hidden_layers:
             raise Lfm2npError(f"state does not belong to this model: it has {len(self.conv)} layers, the config "
                               f"{c.num_hidden_layers}")
+        if self.windows != tuple(c.window(i) for i in range(c.num_hidden_layers)):
+            raise Lfm2npError(f"state does not belong to this model: its sliding windows {self.windows} are not "
+                              f"the config's")
         if self.conv_L_cache != c.conv_L_cache:
             raise Lfm2npError(f"state does not belong to this model: it was made for conv_L_cache "
                               f"{self.conv_L_cache}, the config has {c.conv_L_cache}")
@@ -150,10 +171,12 @@ class State:
         """The state after ``tokens`` more tokens, given what each layer returned (its extended conv history,
         or its K and V). Conv histories are trimmed to ``L-1 + max_rollback`` rows."""
         keep = self.conv_L_cache - 1 + self.max_rollback
-        conv = tuple(None if isinstance(x, tuple) else x[max(0, x.shape[0] - keep):] for x in layers)
-        keys = tuple(x[0] if isinstance(x, tuple) else None for x in layers)
-        values = tuple(x[1] if isinstance(x, tuple) else None for x in layers)
-        return State(self.position + tokens, conv, keys, values, self.conv_L_cache, self.max_rollback)
+        conv = tuple(None if isinstance(x, tuple) else _tail(x, keep) for x in layers)
+        kv = [(None, None) if not isinstance(x, tuple) else x if w is None
+              else (_tail(x[0], w - 1 + self.max_rollback), _tail(x[1], w - 1 + self.max_rollback))
+              for x, w in zip(layers, self.windows)]
+        return State(self.position + tokens, conv, tuple(k for k, _ in kv), tuple(v for _, v in kv),
+                     self.conv_L_cache, self.max_rollback, self.windows)
 
     def rollback(self, n: int) -> "State":
         """The state as it was ``n`` tokens ago: as if those tokens had never been fed."""
@@ -169,11 +192,6 @@ class State:
             )
         if n == 0:
             return self
-        S = self.position - n
-        return State(
-            S,
-            tuple(None if u is None else u[: max(0, u.shape[0] - n)] for u in self.conv),
-            tuple(None if k is None else k[:S] for k in self.keys),
-            tuple(None if v is None else v[:S] for v in self.values),
-            self.conv_L_cache, self.max_rollback,
-        )
+        drop = lambda a: None if a is None else a[: max(0, a.shape[0] - n)]  # noqa: E731  (the last n rows)
+        return State(self.position - n, tuple(drop(u) for u in self.conv), tuple(drop(k) for k in self.keys),
+                     tuple(drop(v) for v in self.values), self.conv_L_cache, self.max_rollback, self.windows)

@@ -6,7 +6,8 @@ names and tensor list (:mod:`lfm2np.io.gguf_names`), parameter counts (:mod:`lfm
 weights written with golden vectors (:mod:`lfm2np.oracle.golden`).
 
 Each tensor has a ``part`` (where it sits: ``embedding``, ``operator_norm``, ``conv``, ``attention``,
-``ffn_norm``, ``ffn``, ``router``, ``expert``, ``final_norm``, ``lm_head``) and a ``role`` (which
+``post_operator_norm``, ``ffn_norm``, ``ffn``, ``router``, ``expert``, ``post_ffn_norm``, ``final_norm``,
+``lm_head``; the two ``post_*`` norms are LFM3's sandwich norms) and a ``role`` (which
 weight it is within the part, the field name of the weight view in :mod:`lfm2np.layers`). Experts are
 per-expert tensors (``feed_forward.experts.{e}.w1.weight``), as released checkpoints store them.
 """
@@ -41,12 +42,21 @@ def _mixer(c: Config, i: int) -> list[tuple[str, str, tuple[int, ...]]]:
     D, L = c.hidden_size, c.conv_L_cache
     H, G, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     if c.is_attention(i):
-        return [("q_proj", "self_attn.q_proj.weight", (H * hd, D)),
-                ("k_proj", "self_attn.k_proj.weight", (G * hd, D)),
-                ("v_proj", "self_attn.v_proj.weight", (G * hd, D)),
-                ("out_proj", "self_attn.out_proj.weight", (D, H * hd)),
-                ("q_norm", "self_attn.q_layernorm.weight", (hd,)),
-                ("k_norm", "self_attn.k_layernorm.weight", (hd,))]
+        lfm3 = c.model_type == "lfm3"  # Qwen3-style names: o_proj, q_norm, k_norm; the output gate gate_proj
+        out = [("q_proj", "self_attn.q_proj.weight", (H * hd, D)),
+               ("k_proj", "self_attn.k_proj.weight", (G * hd, D)),
+               ("v_proj", "self_attn.v_proj.weight", (G * hd, D)),
+               ("out_proj", "self_attn.o_proj.weight" if lfm3 else "self_attn.out_proj.weight", (D, H * hd))]
+        if c.attention_bias:
+            out += [("q_proj_bias", "self_attn.q_proj.bias", (H * hd,)),
+                    ("k_proj_bias", "self_attn.k_proj.bias", (G * hd,)),
+                    ("v_proj_bias", "self_attn.v_proj.bias", (G * hd,)),
+                    ("out_proj_bias", "self_attn.o_proj.bias", (D,))]
+        out += [("q_norm", "self_attn.q_norm.weight" if lfm3 else "self_attn.q_layernorm.weight", (hd,)),
+                ("k_norm", "self_attn.k_norm.weight" if lfm3 else "self_attn.k_layernorm.weight", (hd,))]
+        if c.use_attention_gate:
+            out.append(("gate_proj", "self_attn.gate_proj.weight", (H, D)))  # transformers calls it g_proj
+        return out
     out = [("in_proj", "conv.in_proj.weight", (3 * D, D))]
     if c.conv_bias:
         out.append(("in_proj_bias", "conv.in_proj.bias", (3 * D,)))
@@ -70,6 +80,8 @@ def _layer(c: Config, i: int, experts: bool = True) -> list[Tensor]:
     out = [Tensor(p + "operator_norm.weight", (D,), i, "operator_norm", "operator_norm")]
     part = "attention" if c.is_attention(i) else "conv"
     out += [Tensor(p + name, shape, i, part, role) for role, name, shape in _mixer(c, i)]
+    if c.use_sandwich_norm:
+        out.append(Tensor(p + "post_operator_norm.weight", (D,), i, "post_operator_norm", "post_operator_norm"))
     out.append(Tensor(p + "ffn_norm.weight", (D,), i, "ffn_norm", "ffn_norm"))
     if c.is_moe_layer(i):
         E, Fm = c.num_experts, c.moe_intermediate_size
@@ -81,6 +93,8 @@ def _layer(c: Config, i: int, experts: bool = True) -> list[Tensor]:
                     for role, name, shape in _swiglu(f"feed_forward.experts.{e}.", Fm, D)]
     else:
         out += [Tensor(p + name, shape, i, "ffn", role) for role, name, shape in _swiglu("feed_forward.", c.ffn_dim, D)]
+    if c.use_sandwich_norm:
+        out.append(Tensor(p + "post_ffn_norm.weight", (D,), i, "post_ffn_norm", "post_ffn_norm"))
     return out
 
 
@@ -103,6 +117,7 @@ def expected_tensors(config: Config) -> dict[str, tuple[int, ...]]:
 
 
 MIXER_PARTS = ("conv", "attention")
+NORM_PARTS = ("operator_norm", "post_operator_norm", "ffn_norm", "post_ffn_norm")
 
 
 def layer_names(config: Config, layer: int, parts: tuple[str, ...] | None = None) -> dict[str, str]:

@@ -82,7 +82,7 @@ def configs(draw):
          "num_key_value_heads": kv, "intermediate_size": draw(st.integers(3, 40)),
          "layer_types": draw(st.lists(st.sampled_from([CONV, ATTENTION]), min_size=n, max_size=n)),
          "conv_L_cache": draw(st.integers(1, 4)), "conv_bias": draw(st.booleans()),
-         "tie_word_embeddings": draw(st.booleans())}
+         "tie_word_embeddings": draw(st.booleans()), "eos_token_id": 0, "bos_token_id": 0, "pad_token_id": 0}
     if moe:
         e = draw(st.integers(1, 5))
         d.update(num_experts=e, num_experts_per_tok=draw(st.integers(1, e)),
@@ -160,8 +160,8 @@ def test_kv_cache_counts_attention_layers_only(name):
     full = calc.attention_only(c)
     per_tok = calc.kv_bytes_per_token(c, "f16")
     assert per_tok > 0  # the gguf-parser-go bug: zero KV read from conv layer 0
-    assert per_tok * c.num_hidden_layers == calc.kv_bytes_per_token(full, "f16") * len(c.attention_layers)
-    assert per_tok == len(c.attention_layers) * 2 * c.num_key_value_heads * c.head_dim * 2
+    assert per_tok * c.num_hidden_layers == calc.kv_bytes_per_token(full, "f16") * len(c.full_attention_layers)
+    assert per_tok == len(c.full_attention_layers) * 2 * c.num_key_value_heads * c.head_dim * 2
     assert calc.kv_bytes_per_token(c, "f32") == 2 * per_tok
     assert calc.kv_bytes_per_token(c, "q8_0") == per_tok * 34 // 64  # 34 bytes per 32 values
 

@@ -1,6 +1,7 @@
 """The package's layout: the import rules of the design, checked by reading every module's imports.
 
-- the core (errors, numerics, config, ops, layers, tensors, state, model, version) imports only the core,
+- the core (errors, numerics, config, config_keys, ops, layers, tensors, state, model, version) imports only
+  the core,
   and ops imports nothing from lfm2np at all;
 - io/ imports the core and io/; oracle/ and calc/ import the core, io/ and themselves, never each other;
 - the middle (loading, presets, generate, embedded, synthetic) imports the core, io/ and the middle;
@@ -18,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lfm2np"
-CORE = {"errors", "numerics", "config", "ops", "layers", "tensors", "state", "model", "version"}
+CORE = {"errors", "numerics", "config", "config_keys", "ops", "layers", "tensors", "state", "model", "version"}
 MIDDLE = {"loading", "presets", "generate", "embedded", "synthetic"}
 OPTIONAL = {"gguf", "jinja2", "huggingface_hub"}
 

@@ -71,16 +71,31 @@ def _kv_type(kv_type: str) -> str:
     return KV_TYPES[key]
 
 
+def _kv_row_bytes(config: Config, kv_type: str) -> int:
+    """Bytes of one position's K (or V) in one attention layer: G KV heads of hd."""
+    return quant.row_bytes(_kv_type(kv_type), config.num_key_value_heads * config.head_dim)
+
+
 def kv_bytes_per_token(config: Config, kv_type: str = "f16") -> int:
-    """K and V bytes one token adds to the cache: attention layers only, each with its G KV heads of hd."""
-    ggml = _kv_type(kv_type)
-    row = quant.row_bytes(ggml, config.num_key_value_heads * config.head_dim)
-    return 2 * row * len(config.attention_layers)
+    """K and V bytes one more token of context adds to the cache: the full-attention layers, each with its G
+    KV heads of hd. (Sliding-window layers keep at most W positions: :func:`sliding_kv_bytes`.)"""
+    return 2 * _kv_row_bytes(config, kv_type) * len(config.full_attention_layers)
+
+
+def sliding_kv_bytes(config: Config, context: int, kv_type: str = "f16") -> int:
+    """K and V of the sliding-window layers for one sequence of ``context`` tokens: at most W positions each
+    (what attention needs; llama.cpp allocates its SWA cache padded, ``pad256(W + n_ubatch)`` cells)."""
+    if not config.sliding_layers:
+        return 0
+    kept = min(positive("context", context), config.sliding_window)
+    return 2 * _kv_row_bytes(config, kv_type) * kept * len(config.sliding_layers)
 
 
 def kv_cache_bytes(config: Config, context: int, parallel: int = 1, kv_type: str = "f16") -> int:
-    """KV cache for ``parallel`` sequences of ``context`` tokens each (llama.cpp: ``-c context*parallel -np parallel``)."""
-    return kv_bytes_per_token(config, kv_type) * positive("context", context) * positive("parallel", parallel)
+    """KV cache for ``parallel`` sequences of ``context`` tokens each (llama.cpp: ``-c context*parallel -np parallel``):
+    full-attention layers at every position, sliding-window layers at their window."""
+    n, p = positive("context", context), positive("parallel", parallel)
+    return (kv_bytes_per_token(config, kv_type) * n + sliding_kv_bytes(config, n, kv_type)) * p
 
 
 def conv_state_bytes(config: Config, parallel: int = 1) -> int:
@@ -128,12 +143,13 @@ def memory(config: Config, quant_name: str = "Q4_K_M", *, context: int = 4096, p
     w = weight_bytes(config, q, imatrix=imatrix)
     per_tok = kv_bytes_per_token(config, kv_type)
     kv = kv_cache_bytes(config, context, parallel, kv_type)
+    sliding = sliding_kv_bytes(config, context, kv_type) * parallel
     conv = conv_state_bytes(config, parallel)
     comp = compute_buffer_bytes(config, min(chunk, context), context, flash_attention=flash_attention)
     total = w + kv + conv + comp
     return {"model": config.source, "quant": q, "context": context, "parallel": parallel,
             "kv_type": str(kv_type).lower(), "weights_bytes": w, "kv_bytes_per_token": per_tok,
-            "kv_cache_bytes": kv, "conv_state_bytes": conv, "compute_bytes": comp,
+            "kv_cache_bytes": kv, "sliding_kv_bytes": sliding, "conv_state_bytes": conv, "compute_bytes": comp,
             "flash_attention": flash_attention, "total_bytes": total, "budget_bytes": budget,
             "fits": None if budget is None else total <= budget}
 
@@ -201,6 +217,6 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-__all__ = ["weight_bytes", "kv_bytes_per_token", "kv_cache_bytes",
+__all__ = ["weight_bytes", "sliding_kv_bytes", "kv_bytes_per_token", "kv_cache_bytes",
            "conv_state_bytes", "compute_buffer_bytes", "memory", "max_context", "attention_only",
            "hybrid_savings", "parse_bytes", "format_bytes", "normalise_quant"]

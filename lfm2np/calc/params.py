@@ -15,9 +15,9 @@ import numpy as np
 
 from ..config import Config
 from ..errors import Lfm2npError
-from ..tensors import layout
+from ..tensors import NORM_PARTS, layout
 
-_NORM_ROLES = ("q_norm", "k_norm")
+_NORM_ROLES = ("q_norm", "k_norm")  # per-head norms inside the attention mixer: not multiplications
 
 
 def param_breakdown(config: Config) -> dict[str, Any]:
@@ -29,16 +29,19 @@ def param_breakdown(config: Config) -> dict[str, Any]:
     """
     c = config
     layers: list[dict[str, Any]] = [
-        {"index": i, "kind": c.layer_types[i], "operator_norm": 0, "mixer": {}, "ffn_norm": 0, "ffn": {}}
+        {"index": i, "kind": c.layer_types[i], "operator_norm": 0, "mixer": {}, "ffn_norm": 0, "ffn": {},
+         **({"post_operator_norm": 0, "post_ffn_norm": 0} if c.use_sandwich_norm else {})}
         for i in range(c.num_hidden_layers)]
     outer = {"embedding": 0, "final_norm": 0, "lm_head": 0}
+    norm_count = 0
     for t in layout(c):
         if t.layer is None:
             outer[t.part] += t.size
             continue
         layer = layers[t.layer]
-        if t.part in ("operator_norm", "ffn_norm"):
+        if t.part in NORM_PARTS:
             layer[t.part] += t.size
+            norm_count += 1
         elif t.part in ("conv", "attention"):
             layer["mixer"][t.role] = t.size
         elif t.part == "expert":
@@ -57,7 +60,7 @@ def param_breakdown(config: Config) -> dict[str, Any]:
         layer["mixer_total"] = sum(layer["mixer"].values())
         layer["ffn"] = _ffn_summary(c, i, layer["ffn"])
         ffn = layer["ffn"]
-        norms = layer["operator_norm"] + layer["ffn_norm"]
+        norms = sum(layer.get(part, 0) for part in NORM_PARTS)
         layer["total"] = norms + layer["mixer_total"] + ffn["total"]
         layer["active"] = norms + layer["mixer_total"] + ffn["active"]
         kind = by_kind["attention_mixer" if c.is_attention(i) else "conv_mixer"]
@@ -68,8 +71,8 @@ def param_breakdown(config: Config) -> dict[str, Any]:
         f["params"] += ffn["total"]
         if ffn["kind"] == "moe":
             f["active"] += ffn["active"]
-        by_kind["norms"]["count"] += 2
         by_kind["norms"]["params"] += norms
+    by_kind["norms"]["count"] += norm_count
     return {**outer, "layers": layers, "by_kind": by_kind}
 
 
@@ -126,8 +129,18 @@ def _matmul_flops_per_token(c: Config) -> tuple[int, int]:
 
 
 def _attention_flops(c: Config, keys: int) -> int:
-    """QK^T and AV of one query token attending to ``keys`` positions, summed over attention layers."""
-    return len(c.attention_layers) * 4 * c.num_attention_heads * c.head_dim * keys
+    """QK^T and AV of one query token attending to ``keys`` positions, summed over attention layers (a
+    sliding-window layer reads at most W of them)."""
+    seen = len(c.full_attention_layers) * keys + len(c.sliding_layers) * min(keys, c.sliding_window or keys)
+    return 4 * c.num_attention_heads * c.head_dim * seen
+
+
+def _prefill_attention_flops(c: Config, n: int) -> int:
+    """QK^T and AV of a causal prefill of ``n`` tokens: query t reads t+1 keys (at most W in a sliding layer)."""
+    W = c.sliding_window or n
+    sliding = W * (W + 1) // 2 + (n - W) * W if n > W else n * (n + 1) // 2
+    return 4 * c.num_attention_heads * c.head_dim * (len(c.full_attention_layers) * (n * (n + 1) // 2)
+                                                     + len(c.sliding_layers) * sliding)
 
 
 def flops(config: Config, context: int, *, logits: str = "last") -> dict[str, Any]:
@@ -144,7 +157,7 @@ def flops(config: Config, context: int, *, logits: str = "last") -> dict[str, An
         raise Lfm2npError(f"logits is {logits!r}; expected 'last' or 'all'")
     mm_total, mm_active = _matmul_flops_per_token(c)
     head = 2 * c.vocab_size * c.hidden_size
-    attn_prefill = len(c.attention_layers) * 4 * c.num_attention_heads * c.head_dim * (n * (n + 1) // 2)
+    attn_prefill = _prefill_attention_flops(c, n)
     n_heads = 1 if logits == "last" else n
     pre_total = n * mm_total + attn_prefill + n_heads * head
     pre_active = n * mm_active + attn_prefill + n_heads * head

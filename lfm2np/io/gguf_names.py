@@ -42,6 +42,15 @@ GGUF_NAMES: dict[tuple[str, str], str] = {
     ("ffn", "w2"): "ffn_down.weight",
     ("router", "gate"): "ffn_gate_inp.weight",
     ("router", "expert_bias"): "exp_probs_b.bias",
+    # LFM3: gguf-py 0.19 has no lfm3 architecture and lfm2np reads no LFM3 GGUF; these are llama.cpp's
+    # generic tensor names (LLM_TENSOR_ATTN_GATE, ATTN_POST_NORM, FFN_POST_NORM), used by the size calculator
+    ("attention", "gate_proj"): "attn_gate.weight",
+    ("attention", "q_proj_bias"): "attn_q.bias",
+    ("attention", "k_proj_bias"): "attn_k.bias",
+    ("attention", "v_proj_bias"): "attn_v.bias",
+    ("attention", "out_proj_bias"): "attn_output.bias",
+    ("post_operator_norm", "post_operator_norm"): "post_attention_norm.weight",
+    ("post_ffn_norm", "post_ffn_norm"): "post_ffw_norm.weight",
     ("expert", "w1"): "ffn_gate_exps.weight",  # stacked: (E, Fm, D) in numpy order
     ("expert", "w3"): "ffn_up_exps.weight",
     ("expert", "w2"): "ffn_down_exps.weight",

@@ -55,7 +55,7 @@ def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: It
         ops_written.append({"name": name, "file": fname, "function": f"lfm2np.ops.{function}", "params": params,
                             "inputs": list(inputs), "weights": list(weights), "outputs": list(outputs)})
 
-    cos, sin = model.rope(np.arange(len(ids)))
+    positions = np.arange(len(ids))
     write("model.embed_tokens", "embed", {}, {"ids": ids}, {"model.embed_tokens.weight": W["model.embed_tokens.weight"]},
           {"hidden": t["model.embed_tokens"]})
     for i in range(c.num_hidden_layers):
@@ -68,18 +68,24 @@ def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: It
         names = tensors.layer_names(c, i)
         mixer_weights = {n: W[n] for n in tensors.layer_names(c, i, tensors.MIXER_PARTS).values()}
         if c.is_attention(i):
-            a = p + "self_attn."
-            write(a[:-1], "attention_block", {"eps": c.norm_eps, "rope_theta": c.rope_theta, "head_dim": c.head_dim,
-                                               "num_attention_heads": c.num_attention_heads,
+            a, kind = p + "self_attn.", c.layer_types[i]
+            cos, sin = model.rope(positions, kind)
+            steps = ("q_proj", "k_proj", "v_proj", "q_normed", "k_normed", "q_rope", "k_rope",
+                     *(("gate",) if c.use_attention_gate else ()), "attn_out", "out_proj")
+            write(a[:-1], "attention_block", {"eps": c.norm_eps, "rope_theta": c.rope(kind).theta,
+                                               "rotated_pairs": c.rotated_pairs(kind), "window": c.window(i),
+                                               "head_dim": c.head_dim, "num_attention_heads": c.num_attention_heads,
                                                "num_key_value_heads": c.num_key_value_heads},
-                  {"h": t[p + "operator_norm"], "positions": np.arange(len(ids)), "cos": cos, "sin": sin},
-                  mixer_weights,
-                  {k: t[a + k] for k in ("q_proj", "k_proj", "v_proj", "q_normed", "k_normed", "q_rope", "k_rope",
-                                         "attn_out", "out_proj")})
+                  {"h": t[p + "operator_norm"], "positions": positions, "cos": cos, "sin": sin},
+                  mixer_weights, {k: t[a + k] for k in steps})
         else:
             b = p + "conv."
             write(b[:-1], "short_conv", {"conv_L_cache": c.conv_L_cache}, {"h": t[p + "operator_norm"]}, mixer_weights,
                   {k: t[b + k] for k in ("in_proj", "b_gate", "c_gate", "x", "bx", "conv_out", "y", "out_proj")})
+        mixer_out = t[(p + "self_attn.out_proj") if c.is_attention(i) else (p + "conv.out_proj")]
+        if "post_operator_norm" in names:  # LFM3's sandwich norm
+            write(p + "post_operator_norm", "rms_norm", {"eps": c.norm_eps}, {"x": mixer_out},
+                  {names["post_operator_norm"]: W[names["post_operator_norm"]]}, {"y": t[p + "post_operator_norm"]})
         write(p + "ffn_norm", "rms_norm", {"eps": c.norm_eps}, {"x": t[p + "mixer_residual"]},
               {p + "ffn_norm.weight": W[p + "ffn_norm.weight"]}, {"y": t[p + "ffn_norm"]})
         f = p + "feed_forward."
@@ -97,6 +103,9 @@ def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: It
         else:
             write(f[:-1], "swiglu", {}, {"h": t[p + "ffn_norm"]}, {names[r]: W[names[r]] for r in ("w1", "w3", "w2")},
                   {k: t[f + k] for k in ("w1", "w3", "act", "w2")})
+        if "post_ffn_norm" in names:
+            write(p + "post_ffn_norm", "rms_norm", {"eps": c.norm_eps}, {"x": t[f + "output"]},
+                  {names["post_ffn_norm"]: W[names["post_ffn_norm"]]}, {"y": t[p + "post_ffn_norm"]})
         write(p[:-1], "decoder layer (residual stream)", {}, {"h": h_in}, {}, {"h": t[p[:-1]]})
     last = f"model.layers.{c.num_hidden_layers - 1}"
     write("model.embedding_norm", "rms_norm", {"eps": c.norm_eps}, {"x": t[last]},
