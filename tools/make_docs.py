@@ -18,7 +18,7 @@ from lfm2np import presets  # noqa: E402
 
 
 def layer_patterns() -> str:
-    rows = ["```", "model            layers  pattern (C conv, A attention; lower case: MoE feed-forward)"]
+    rows = ["```", "model            layers  pattern (C conv, A attention, S sliding-window attention; lower case: MoE FFN)"]
     for name in presets.RELEASED:
         c = lfm2np.load_config(name)
         rows.append(f"{name:16s} {c.num_hidden_layers:6d}  {c.layer_pattern()}")
