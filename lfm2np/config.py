@@ -250,10 +250,11 @@ class Config:
         config = cls(**normalise(d, source), rope_reading=rope_reading, source=source)
         ambiguous = [r.kind for r in config.rope_parameters if r.ambiguous]
         if ambiguous:
+            reading = ("a partial (proportional) rotation, as the checkpoint was trained" if rope_reading == "trained"
+                       else "a full rotation, as transformers 5.24 reads it")
             warnings.warn(f"config{f' {source}' if source else ''}: rope_parameters.{ambiguous[0]} is labelled "
                           f"'default' with partial_rotary_factor {config.rope(ambiguous[0]).partial_rotary_factor}: "
-                          f"read as {'a partial (proportional) rotation, as the checkpoint was trained' if rope_reading == 'trained' else 'a full rotation, as transformers 5.24 reads it'}"
-                          f" (rope_reading={rope_reading!r}; see docs/ops/rope.md)", stacklevel=2)
+                          f"read as {reading} (rope_reading={rope_reading!r}; see docs/ops/rope.md)", stacklevel=2)
         return config
 
     # ----------------------------------------------------------- validation

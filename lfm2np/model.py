@@ -73,8 +73,8 @@ class Model:
     """An LFM2 / LFM2-MoE model: its config, its weights and its numerics mode.
 
     ``params`` maps Hugging Face tensor names to arrays: a plain dict (converted for the mode here), or a
-    lazily loading mapping from :func:`lfm2np.load` that already gives arrays for the mode (its ``mode`` attribute says which,
-    and it may offer ``rows(name, index)`` to read embedding rows alone).
+    lazily loading mapping from :func:`lfm2np.load` that already gives arrays for the mode (its ``mode``
+    attribute says which, and it may offer ``rows(name, index)`` to read embedding rows alone).
     ``dtype`` is the mode: "float32", "float64" (the oracle) or "bfloat16" (the emulation), or a
     :class:`~lfm2np.numerics.Numerics`.
     """
@@ -182,19 +182,53 @@ class Model:
         if start + T > c.max_position_embeddings:
             raise Lfm2npError(f"positions {start}..{start + T - 1} go past max_position_embeddings "
                               f"{c.max_position_embeddings} of this model")
-        positions = np.arange(start, start + T)
-        rope = {kind: self.rope(positions, kind) for kind in {k for k in c.layer_types if k != CONV}}
-        layer = LAYERS[c.model_type]  # lfm2_layer or lfm3_layer
-        h = tap("model.embed_tokens", self.embed(ids))  # (T, D)
-        layer_states = []
-        for i, kind in enumerate(c.layer_types):
-            h, layer_state = layer(h, self.layer_weights(i), c, rope.get(kind), None if past is None else past[i],
-                                   rnd, prefixed(tap, f"model.layers.{i}."), c.window(i))
-            h = tap(f"model.layers.{i}", h)
-            layer_states.append(layer_state)
-        h = tap("model.embedding_norm", ops.rms_norm(h, self.params["model.embedding_norm.weight"], c.norm_eps, rnd))
-        logits = tap("lm_head", ops.lm_head(h, self.params[tensors.head_name(c)], rnd))  # (T, V)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite logits are checked below
+            positions = np.arange(start, start + T)
+            rope = {kind: self.rope(positions, kind) for kind in {k for k in c.layer_types if k != CONV}}
+            layer = LAYERS[c.model_type]  # lfm2_layer or lfm3_layer
+            h = tap("model.embed_tokens", self.embed(ids))  # (T, D)
+            layer_states = []
+            for i, kind in enumerate(c.layer_types):
+                layer_past = None if past is None else past[i]
+                h, layer_state = layer(h, self.layer_weights(i), c, rope.get(kind), layer_past, rnd,
+                                       prefixed(tap, f"model.layers.{i}."), c.window(i))
+                h = tap(f"model.layers.{i}", h)
+                layer_states.append(layer_state)
+            h = tap("model.embedding_norm", ops.rms_norm(h, self.params["model.embedding_norm.weight"], c.norm_eps,
+                                                         rnd))
+            logits = tap("lm_head", ops.lm_head(h, self.params[tensors.head_name(c)], rnd))  # (T, V)
+        if not np.isfinite(logits).all():  # the one check on the way (T x V); the search only on failure
+            raise self._non_finite(ids, past, start, record is not None)
         return logits, layer_states
+
+    def _non_finite(self, ids: np.ndarray, past: list | None, start: int, intervened: bool) -> Lfm2npError:
+        """Name where non-finite values first appear: run again, stop at the first non-finite intermediate,
+        and name the non-finite weights of its layer (or the input that carried them in)."""
+        first: list[str] = []
+
+        def find(name: str, value: np.ndarray) -> None:
+            if not first and np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                first.append(name)
+
+        if not intervened:
+            try:
+                with np.errstate(all="ignore"):
+                    self.run(ids, past, start, find)
+            except Lfm2npError:
+                pass
+        where = first[0] if first else "the logits"
+        prefix = where.rsplit(".", 1)[0] + "." if where.startswith("model.layers.") else None
+        layer = int(where.split(".")[2]) if prefix else None
+        suspects = [n for n in tensors.layer_names(self.config, layer).values()] if layer is not None \
+            else [tensors.HEAD_TIED, "model.embedding_norm.weight", tensors.head_name(self.config)]
+        bad = [n for n in dict.fromkeys(suspects) if not np.isfinite(self.params[n]).all()]
+        if layer is not None and not bad and self.config.is_moe_layer(layer):
+            bad = [n for e in range(self.config.num_experts) for n in tensors.expert_names(layer, e)
+                   if not np.isfinite(self.params[n]).all()][:3]
+        cause = (f"; weight {', '.join(bad)} holds NaN or infinite values" if bad else
+                 "; no weight of that layer is non-finite, so the values overflowed or came from the state "
+                 "or an intervention" if not intervened else " (a value returned by record)")
+        return Lfm2npError(f"non-finite values: they first appear in {where}{cause}")
 
     # ------------------------------------------------------------- the pieces
     def embed(self, ids: np.ndarray) -> np.ndarray:
