@@ -26,11 +26,11 @@ from .config import Config
 from .errors import Lfm2npError
 from .io import hub
 from .io.gguf import read_gguf
-from .io.params import LazyParams, default_keep
+from .io.params import LazyParams, parse_budget
 from .io.safetensors import Checkpoint
 from .model import Model
 from .numerics import numerics
-from .tensors import expected_tensors
+from .tensors import expected_tensors, layout
 
 
 def is_gguf(path: "str | os.PathLike[str]") -> bool:
@@ -39,7 +39,7 @@ def is_gguf(path: "str | os.PathLike[str]") -> bool:
 
 
 def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool = True,
-         keep_weights: bool | None = None, rope_reading: str = "trained") -> Model:
+         memory_budget: Any = None, rope_reading: str = "trained", keep_weights: bool | None = None) -> Model:
     """Load a checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded set), a repo id
     such as ``LiquidAI/LFM2-350M`` already in the local Hugging Face cache (nothing is downloaded), or a
     ``.gguf`` file (architectures ``lfm2``/``lfm2moe``; needs the ``gguf`` package).
@@ -47,15 +47,20 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
     ``dtype``: "float32" (default), "float64" (the oracle mode) or "bfloat16" (float32 arrays rounded where
     a bfloat16 backend rounds: :mod:`lfm2np.numerics`). Every tensor the config implies must be present
     with its shape. A tensor the model does not use raises :class:`Lfm2npError` (``strict=True``) or a
-    warning naming it (``strict=False``). ``keep_weights``: keep each tensor once converted to the compute
-    dtype (True), or convert at every use to save memory (False); by default tensors are kept when the
-    converted model takes at most half of the machine's memory. ``rope_reading`` decides how an LFM3 RoPE
+    warning naming it (``strict=False``). ``memory_budget`` bounds the converted tensors kept in memory
+    (bytes, or a size such as "6GiB"; "all": no limit; 0: convert at every use): every-token tensors are
+    kept first, experts cached least-recently-used in the rest (:mod:`lfm2np.io.params`); by default
+    everything when the converted model fits a fifth of the available memory, else a fifth of it.
+    ``model.params.report()`` says what is resident. ``rope_reading`` decides how an LFM3 RoPE
     entry labelled "default" with a partial_rotary_factor is read (see :data:`lfm2np.config.ROPE_READINGS`:
     "trained", the default, or "transformers"); such a config warns.
     """
     mode = numerics(dtype)
+    if keep_weights is not None:  # the switch the budget replaced: True keeps everything, False nothing
+        memory_budget = "all" if keep_weights else 0
     if is_gguf(path):
-        config, params = read_gguf(path, mode, strict=strict, keep_weights=keep_weights)
+        config, params = read_gguf(path, mode, strict=strict,
+                                   keep_weights=None if memory_budget is None else memory_budget != 0)
         return Model(config, params, mode)
     directory = hub.resolve(path)
     config = load_config(directory, rope_reading=rope_reading)
@@ -70,12 +75,18 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
         if strict:
             raise Lfm2npError(message + "; pass strict=False to load anyway")
         warnings.warn(message + "; ignored", stacklevel=2)
-    keep = default_keep(expected, mode) if keep_weights is None else bool(keep_weights)
     dt = mode.dtype
-    params = LazyParams(list(expected), lambda name: checkpoint.read(name, dt), mode, keep,
+    sizes = {t.name: t.size * dt.itemsize for t in layout(config)}
+    params = LazyParams(list(expected), lambda name: checkpoint.read(name, dt), mode,
+                        parse_budget(memory_budget, sum(sizes.values())),
                         lambda name, rows: checkpoint.read(name, dt, rows=rows),
-                        lambda name: checkpoint.tensors[name].dtype)
+                        lambda name: checkpoint.tensors[name].dtype, sizes, evictable_tensors(config))
     return Model(config, params, mode)
+
+
+def evictable_tensors(config: Config) -> frozenset[str]:
+    """The tensors a memory budget caches least-recently-used: the experts (used when chosen)."""
+    return frozenset(t.name for t in layout(config) if t.part == "expert")
 
 
 def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config", rope_reading: str = "trained") -> Config:

@@ -104,6 +104,15 @@ class Model:
                 f"dtype={mode})")
 
     # ------------------------------------------------------------------ public
+    def memory_report(self) -> dict[str, Any]:
+        """What of the weights is resident (see :meth:`lfm2np.io.params.LazyParams.report`); for weights
+        given as a plain dict, everything."""
+        report = getattr(self.params, "report", None)
+        if report is not None:
+            return report()
+        held = sum(np.asarray(a).nbytes for a in self.params.values())
+        return {"budget_bytes": None, "resident_bytes": held, "all_tensors_bytes": held}
+
     def forward(self, ids: Any, *, record: Recorder | None = None) -> np.ndarray:
         """Logits for every position of one sequence or an equal-length batch, computed from scratch.
 

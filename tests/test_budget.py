@@ -1,0 +1,82 @@
+"""The memory budget: what is kept, in which order, and that no budget changes a single logit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lfm2np
+from lfm2np.io import params as P
+from lfm2np.io.safetensors import save_checkpoint
+from lfm2np.synthetic import random_params
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory):
+    config = lfm2np.load_config("tiny-moe")
+    return save_checkpoint(tmp_path_factory.mktemp("budget"), config, random_params(config, seed=5), "bfloat16")
+
+
+IDS = list(range(1, 60))
+
+
+def test_no_budget_changes_a_logit(moe_checkpoint):
+    ref = lfm2np.load(moe_checkpoint, memory_budget="all").forward(IDS)
+    for budget in (0, 10_000, 100_000, 250_000, "300KB", None):
+        m = lfm2np.load(moe_checkpoint, memory_budget=budget)
+        np.testing.assert_array_equal(m.forward(IDS), ref)
+        np.testing.assert_array_equal(m.forward(IDS), ref)  # again, with whatever it kept
+        report = m.memory_report()
+        if report["budget_bytes"] is not None:
+            assert report["resident_bytes"] <= report["budget_bytes"]
+
+
+def test_every_token_tensors_come_first_then_experts_least_recently_used(moe_checkpoint):
+    everything = lfm2np.load(moe_checkpoint, memory_budget="all")
+    everything.forward(IDS)
+    full = everything.memory_report()
+    need = full["every_token"]["needed_bytes"]
+    expert = full["experts"]["bytes"] // full["experts"]["of"]
+    m = lfm2np.load(moe_checkpoint, memory_budget=need + 30 * expert)  # 30 of the 54 expert tensors
+    s = None
+    for token in IDS:  # decoding: every step uses every every-token tensor and a few experts
+        _, s = m.step([token], s)
+        r = m.memory_report()
+        assert r["resident_bytes"] <= r["budget_bytes"]
+    r = m.memory_report()
+    assert r["every_token"]["kept"] == r["every_token"]["of"]  # all kept, though experts came in between
+    assert r["experts"]["cached"] == 30 and r["experts"]["evictions"] > 0 and r["experts"]["hits"] > 0
+
+
+def test_a_budget_below_the_every_token_tensors_keeps_what_fits(moe_checkpoint):
+    m = lfm2np.load(moe_checkpoint, memory_budget=20_000)
+    m.forward(IDS)
+    r = m.memory_report()
+    assert 0 < r["every_token"]["kept"] < r["every_token"]["of"] and r["experts"]["cached"] == 0
+
+
+def test_budget_spellings_and_errors():
+    assert P.parse_budget("6GiB", 0) == 6 * 2**30 and P.parse_budget("500MB", 0) == 500 * 10**6
+    assert P.parse_budget("all", 0) is None and P.parse_budget(0, 0) == 0 and P.parse_budget(1234, 0) == 1234
+    for bad in ("lots", "-1GB", -5, 1.5, True, [1]):
+        with pytest.raises(lfm2np.Lfm2npError, match="memory budget"):
+            P.parse_budget(bad, 0)
+
+
+def test_the_default_budget_follows_available_memory(monkeypatch):
+    monkeypatch.setattr(P, "available_memory", lambda: 100 * 2**30)
+    assert P.default_budget(10 * 2**30) is None  # fits a fifth: keep everything
+    assert P.default_budget(50 * 2**30) == 20 * 2**30
+    monkeypatch.setattr(P, "available_memory", lambda: 2 * 2**30)
+    assert P.default_budget(50 * 2**30) == 2**30  # at least 1 GiB
+
+
+def test_keep_weights_still_means_everything_or_nothing(moe_checkpoint):
+    assert lfm2np.load(moe_checkpoint, keep_weights=True).memory_report()["budget_bytes"] is None
+    assert lfm2np.load(moe_checkpoint, keep_weights=False).memory_report()["budget_bytes"] == 0
+
+
+def test_an_in_memory_model_reports_everything():
+    c = lfm2np.load_config("tiny-dense")
+    r = lfm2np.Model(c, random_params(c)).memory_report()
+    assert r["resident_bytes"] == r["all_tensors_bytes"] > 0
