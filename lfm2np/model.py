@@ -79,6 +79,9 @@ class Model:
     :class:`~lfm2np.numerics.Numerics`.
     """
 
+    #: forward() runs prompts longer than this in chunks of this many tokens (0: never), unless recording
+    prefill_chunk = 2048
+
     def __init__(self, config: Config, params: Mapping[str, np.ndarray], dtype: Any = "float32"):
         self.config = config
         self.numerics: Numerics = numerics(dtype)
@@ -118,14 +121,25 @@ class Model:
 
         ids ``(T,)`` -> logits ``(T, V)``; ids ``(B, T)`` -> ``(B, T, V)``. Causal: position t depends on
         tokens 0..t only. ``record`` sees (or replaces) every intermediate of a single sequence (see the
-        module docstring). Raises :class:`Lfm2npError` for an id outside ``0 .. vocab_size - 1``.
+        module docstring). Prompts longer than :attr:`prefill_chunk` run in chunks (as :meth:`step` would),
+        which bounds the temporaries; recording runs one pass. Raises :class:`Lfm2npError` for an id
+        outside ``0 .. vocab_size - 1``.
         """
         ids = self.check_ids(ids)
         if ids.ndim == 2:
             if record is not None:
                 raise Lfm2npError(f"record traces one sequence, shape (T,); got ids of shape {ids.shape}")
-            return np.stack([self.run(row)[0] for row in ids])
-        return self.run(ids, record=record)[0]
+            return np.stack([self.forward(row) for row in ids])
+        chunk = self.prefill_chunk
+        if record is not None or not chunk or ids.shape[0] <= chunk:
+            return self.run(ids, record=record)[0]
+        # a long prompt in chunks, each continuing the state of the last: the temporaries of a layer are
+        # bounded by the chunk (the FFN's T x F, the conv's T x 3D), the result is the same rows
+        logits, state = [], State.start(self.config, self.dtype, max_rollback=0)
+        for t0 in range(0, ids.shape[0], chunk):
+            out, state = self.step(ids[t0:t0 + chunk], state)
+            logits.append(out)
+        return np.concatenate(logits)
 
     def new_state(self, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> State:
         """The decoding state of an empty sequence (see :mod:`lfm2np.state`)."""

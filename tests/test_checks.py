@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import lfm2np
+from lfm2np.oracle.tolerance import FP32, rel_error
 from lfm2np.synthetic import random_params
 
 
@@ -113,3 +114,18 @@ def test_a_replacement_of_the_wrong_shape_is_refused():
     m = model_with("tiny-dense")
     with pytest.raises(lfm2np.Lfm2npError, match="replacement for model.layers.0.conv.bx has shape"):
         m.forward([1, 2, 3], record=lambda n, v: np.zeros(3) if n.endswith("conv.bx") else None)
+
+
+def test_long_prompts_run_in_chunks_with_the_same_rows():
+    """forward() splits a prompt longer than prefill_chunk; the rows equal transformers' one-shot logits."""
+    from conftest import CASES, golden, model
+
+    for case in CASES:
+        g, m = golden(case), lfm2np.load(model(case).config.source.rsplit("/", 1)[0])
+        m.prefill_chunk = 4
+        out = m.forward(g["logits.T13.ids"])
+        assert rel_error(out, g["logits.T13"]) < FP32.logits_rel, case
+        seen = []
+        m.forward(g["logits.T13.ids"],
+                  record=lambda name, value: seen.append(value.shape[0]) if name == "lm_head" else None)
+        assert seen == [13]  # recording runs one pass, so each name is seen once with every position
