@@ -49,6 +49,9 @@ from .state import DEFAULT_MAX_ROLLBACK, State
 
 #: ``record(name, value) -> None | array``: observes each named intermediate, or returns a replacement.
 Recorder = Callable[[str, np.ndarray], "np.ndarray | None"]
+#: ``progress(done, total)``: called after each layer of a forward pass (done = layers finished so far,
+#: over every chunk of a long prompt) so a caller can show progress; never called in between.
+Progress = Callable[[int, int], None]
 
 
 def tap_for(record: Recorder | None) -> Tap:
@@ -116,7 +119,7 @@ class Model:
         held = sum(np.asarray(a).nbytes for a in self.params.values())
         return {"budget_bytes": None, "resident_bytes": held, "all_tensors_bytes": held}
 
-    def forward(self, ids: Any, *, record: Recorder | None = None) -> np.ndarray:
+    def forward(self, ids: Any, *, record: Recorder | None = None, progress: Progress | None = None) -> np.ndarray:
         """Logits for every position of one sequence or an equal-length batch, computed from scratch.
 
         ids ``(T,)`` -> logits ``(T, V)``; ids ``(B, T)`` -> ``(B, T, V)``. Causal: position t depends on
@@ -132,12 +135,15 @@ class Model:
             return np.stack([self.forward(row) for row in ids])
         chunk = self.prefill_chunk
         if record is not None or not chunk or ids.shape[0] <= chunk:
-            return self.run(ids, record=record)[0]
+            return self.run(ids, record=record, progress=progress)[0]
         # a long prompt in chunks, each continuing the state of the last: the temporaries of a layer are
         # bounded by the chunk (the FFN's T x F, the conv's T x 3D), the result is the same rows
         logits, state = [], State.start(self.config, self.dtype, max_rollback=0)
-        for t0 in range(0, ids.shape[0], chunk):
-            out, state = self.step(ids[t0:t0 + chunk], state)
+        starts = range(0, ids.shape[0], chunk)
+        L = self.config.num_hidden_layers
+        for n, t0 in enumerate(starts):
+            each = None if progress is None else (lambda done, _, n=n: progress(n * L + done, len(starts) * L))
+            out, state = self.step(ids[t0:t0 + chunk], state, progress=each)
             logits.append(out)
         return np.concatenate(logits)
 
@@ -145,8 +151,8 @@ class Model:
         """The decoding state of an empty sequence (see :mod:`lfm2np.state`)."""
         return State.start(self.config, self.dtype, max_rollback)
 
-    def step(self, ids: Any, state: State | None = None, *, record: Recorder | None = None
-             ) -> tuple[np.ndarray, State]:
+    def step(self, ids: Any, state: State | None = None, *, record: Recorder | None = None,
+             progress: Progress | None = None) -> tuple[np.ndarray, State]:
         """Continue one sequence by ``ids`` (T,) from ``state`` (None: a new sequence).
 
         Returns the logits ``(T, V)`` of the new tokens and the state after them. ``state`` itself is not
@@ -161,7 +167,7 @@ class Model:
         if not isinstance(state, State):
             raise Lfm2npError(f"state must be an lfm2np State (or None); got {type(state).__name__}")
         state.check_for(self.config, self.dtype)
-        logits, layers = self.run(ids, state.layer_pasts(), state.position, record)
+        logits, layers = self.run(ids, state.layer_pasts(), state.position, record, progress)
         return logits, state.advance(ids.shape[0], layers)
 
     def step_batch(self, ids: "list[Any]", states: "list[State | None]") -> tuple[list[np.ndarray], list[State]]:
@@ -195,8 +201,8 @@ class Model:
         return arr.astype(np.int64, copy=False)
 
     # ------------------------------------------------------------- the forward pass
-    def run(self, ids: np.ndarray, past: list | None = None, start: int = 0,
-            record: Recorder | None = None) -> tuple[np.ndarray, list]:
+    def run(self, ids: np.ndarray, past: list | None = None, start: int = 0, record: Recorder | None = None,
+            progress: Progress | None = None) -> tuple[np.ndarray, list]:
         """The forward pass of ``ids`` (T,) (already checked) at positions ``start ..``, continuing from
         ``past`` (per layer: what the previous call returned, None for a fresh sequence). Returns the
         logits (T, V) and, per layer, its state after these tokens."""
@@ -217,6 +223,8 @@ class Model:
                                        prefixed(tap, f"model.layers.{i}."), c.window(i))
                 h = tap(f"model.layers.{i}", h)
                 layer_states.append(layer_state)
+                if progress is not None:
+                    progress(i + 1, c.num_hidden_layers)
             h = tap("model.embedding_norm", ops.rms_norm(h, self.params["model.embedding_norm.weight"], c.norm_eps,
                                                          rnd))
             logits = tap("lm_head", ops.lm_head(h, self.params[tensors.head_name(c)], rnd))  # (T, V)

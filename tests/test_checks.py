@@ -129,3 +129,15 @@ def test_long_prompts_run_in_chunks_with_the_same_rows():
         m.forward(g["logits.T13.ids"],
                   record=lambda name, value: seen.append(value.shape[0]) if name == "lm_head" else None)
         assert seen == [13]  # recording runs one pass, so each name is seen once with every position
+
+
+def test_progress_is_reported_after_each_layer_and_each_chunk():
+    m = model_with("tiny-moe")
+    m.prefill_chunk = 50
+    seen = []
+    m.forward(np.arange(1, 121) % 97, progress=lambda done, total: seen.append((done, total)))
+    L = m.config.num_hidden_layers
+    assert seen == [(d, 3 * L) for d in range(1, 3 * L + 1)]  # 3 chunks
+    seen.clear()
+    m.step([1, 2], progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(d, L) for d in range(1, L + 1)]
