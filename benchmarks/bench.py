@@ -70,6 +70,7 @@ MODELS = {
     "350m": ("LFM2-350M", None),
     "1.2b": ("LFM2-1.2B", None),
     "8b-cut": ("LFM2-8B-A1B", 6),
+    "24b": ("LFM2-24B-A2B", None),  # 47.7 GB of bf16: built only when asked for (--checks real)
 }
 MOE_DECODE_CONTEXT = 128
 
@@ -139,7 +140,8 @@ def write_streaming_checkpoint(directory: Path, config, seed: int = 0) -> None:
     """
     import numpy as np
 
-    from lfm2np.io.safetensors import bfloat16_bits, expected_tensors
+    from lfm2np.numerics import bfloat16_bits
+    from lfm2np.tensors import expected_tensors
 
     directory.mkdir(parents=True, exist_ok=True)
     expected = expected_tensors(config)

@@ -118,7 +118,8 @@ class Config:
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if not self.rope_parameters:
-            kinds = sorted({k for k in self.layer_types if k != CONV}) if isinstance(self.layer_types, tuple) else []
+            kinds = sorted({k for k in self.layer_types if isinstance(k, str) and k != CONV}) \
+                if isinstance(self.layer_types, tuple) else []  # (bad entries are named by _validate)
             object.__setattr__(self, "rope_parameters", tuple(Rope(k, "default", self.rope_theta) for k in kinds))
         self._validate()
         hd = self.explicit_head_dim or self.hidden_size // self.num_attention_heads

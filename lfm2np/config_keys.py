@@ -160,6 +160,10 @@ def _lfm2_rope(d: Mapping[str, Any], error: Any) -> dict[str, Any]:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise error(f"{key}.rope_type", f"is {rope_type!r}; only 'default' RoPE is implemented for LFM2")
+        odd = [k for k in rope if k not in ("rope_type", "type", "rope_theta")]
+        if odd:
+            raise error(f"{key}.{odd[0]}", f"is {rope[odd[0]]!r}; an LFM2 {key} holds rope_type and rope_theta only "
+                                           f"(per-layer-type RoPE is LFM3's)")
         theta = rope.get("rope_theta")
     if theta is None:  # the legacy ``theta`` wins over ``rope_theta``, as in transformers 4.x's Lfm2Config
         theta = d.get("theta") if d.get("theta") is not None else d.get("rope_theta")

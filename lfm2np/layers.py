@@ -170,6 +170,8 @@ def moe_ffn(x: np.ndarray, w: MoEWeights, c: Config, rnd: Rounding = ops.exact, 
     """Sigmoid top-k routing (:func:`lfm2np.ops.route`), then the chosen SwiGLU experts (:func:`lfm2np.ops.moe`).
     (T, D) -> (T, D)"""
     logits = tap("router_logits", rnd(ops.linear(x, w.gate)))
+    if not np.isfinite(logits).all() or (w.expert_bias is not None and not np.isfinite(w.expert_bias).all()):
+        return np.full_like(x, np.nan)  # a non-finite router would only steer the choice: make it show
     experts, weights = ops.select_experts(logits, w.expert_bias, c.num_experts_per_tok, c.norm_topk_prob,
                                           c.routed_scaling_factor, rnd)
     experts = tap("selected_experts", experts)

@@ -25,9 +25,10 @@ from . import presets
 from .config import Config
 from .errors import Lfm2npError
 from .io import hub
-from .io.gguf import read_gguf
+from .io.gguf import read_gguf, read_gguf_config
 from .io.params import LazyParams, parse_budget
 from .io.safetensors import Checkpoint
+from .io.safetensors_file import parse_json
 from .model import Model
 from .numerics import numerics
 from .tensors import expected_tensors, layout
@@ -59,8 +60,7 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
     if keep_weights is not None:  # the switch the budget replaced: True keeps everything, False nothing
         memory_budget = "all" if keep_weights else 0
     if is_gguf(path):
-        config, params = read_gguf(path, mode, strict=strict,
-                                   keep_weights=None if memory_budget is None else memory_budget != 0)
+        config, params = read_gguf(path, mode, strict=strict, memory_budget=memory_budget)
         return Model(config, params, mode)
     directory = hub.resolve(path)
     config = load_config(directory, rope_reading=rope_reading)
@@ -102,7 +102,7 @@ def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config", rope_r
     if isinstance(x, Mapping):
         return Config.from_dict(x, rope_reading=rope_reading)
     if is_gguf(x):
-        return read_gguf(x)[0]
+        return read_gguf_config(x)
     path = Path(x)
     if not path.exists() and presets.find(str(x)) is not None and not hub.is_cached(str(x)):
         return presets.find(str(x)).replace(rope_reading=rope_reading)
@@ -121,11 +121,14 @@ def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config", rope_r
 
 
 def _read_json(path: Path) -> Any:
+    """config.json parsed strictly: UTF-8, a key given twice in one object or nesting too deep is an error
+    naming the file (:func:`lfm2np.io.safetensors_file.parse_json`)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise Lfm2npError(f"{path}: not a readable JSON config ({e})") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise Lfm2npError(f"{path}: not a readable JSON config ({e.strerror or e})") from None
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise Lfm2npError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Lfm2npError(f"{path}: not a JSON config: not utf-8 text (byte {e.start})") from None
+    return parse_json(raw, str(path), "JSON config")

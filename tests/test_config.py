@@ -203,7 +203,7 @@ def test_errors_name_the_file(tmp_path):
     with pytest.raises(lfm2np.Lfm2npError, match=str(path)):
         lfm2np.load_config(path)
     path.write_text("{not json")
-    with pytest.raises(lfm2np.Lfm2npError, match="not valid JSON"):
+    with pytest.raises(lfm2np.Lfm2npError, match="corrupt JSON config"):
         lfm2np.load_config(path)
     with pytest.raises(lfm2np.Lfm2npError, match="no config.json"):
         lfm2np.load_config(_empty(tmp_path))

@@ -1,5 +1,6 @@
-"""Every ```python block in README.md and docs/*.md runs (blocks of one file share a namespace, in order,
-from the repository root), and the numbers in the docs that come from code are current."""
+"""Every ```python block in README.md and docs/*.md runs (blocks of one file share a namespace, in order;
+README.md's from an empty temporary directory, so its examples work from anywhere, the docs' from the
+repository root), and the numbers in the docs that come from code are current."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ def python_blocks(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("path", [p for p in DOCS if python_blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
-def test_python_blocks_run(path, monkeypatch, capsys):
-    monkeypatch.chdir(ROOT)
+def test_python_blocks_run(path, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path if path.name == "README.md" else ROOT)
     namespace: dict = {"__name__": "__docs__"}
     for i, block in enumerate(python_blocks(path)):
         exec(compile(block, f"{path.name}[block {i}]", "exec"), namespace)

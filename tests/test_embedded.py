@@ -14,6 +14,7 @@ import lfm2np
 from lfm2np.embedded import embedded_model_path, layer_walk
 from lfm2np.generate import Generation, Sampling
 from lfm2np.io.tokenizer import Tokenizer, format_chat
+from lfm2np.oracle.trace import record
 
 PATH = embedded_model_path()
 TRAINING = json.loads((PATH / "training.json").read_text())
@@ -101,7 +102,7 @@ def test_layer_walk_names_each_layer_and_the_chosen_experts(model, tok):
     lines = table.splitlines()
     assert len(lines) == 2 + len(ids)
     assert "L2 attn" in lines[0] and "L0 conv" in lines[0] and "MoE" in lines[1] and "dense" in lines[1]
-    _, trace = lfm2np.oracle.trace.record(model, ids)
+    _, trace = record(model, ids)
     first_moe = model.config.moe_layers[0]
     chosen = ",".join(str(e) for e in sorted(trace[f"model.layers.{first_moe}.feed_forward.selected_experts"][-1]))
     assert chosen in lines[-1].split()

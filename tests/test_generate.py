@@ -1,16 +1,23 @@
-"""Sampling and the generation loop."""
+"""Sampling and the generation loop: the processors against transformers' own (tests/golden/sampling.json,
+written by tools/make_sampling_reference.py), the checkpoint's generation_config.json, batched generation."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import lfm2np
-from lfm2np.generate import Generation, Sampling, generate, sample
+from lfm2np.generate import (Generation, Sampling, generate, generation_defaults, probabilities, process_logits,
+                             read_generation_config, sample, sampling_for)
+from lfm2np.oracle.tolerance import FP32, rel_error
 from lfm2np.synthetic import random_model
 
-from conftest import golden, model
+from conftest import GOLDEN, golden, model
+
+SAMPLING = json.loads((GOLDEN / "sampling.json").read_text())
 
 
 def test_greedy_generation_equals_recomputing_the_whole_sequence(case):
@@ -85,14 +92,112 @@ def test_top_k_one_and_tiny_top_p_are_greedy(seed, temperature, V):
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 1000), k=st.integers(1, 10), p=st.floats(0.05, 1.0))
 def test_samples_stay_inside_top_k_and_the_nucleus(seed, k, p):
+    """The nucleus, by its definition: the most likely tokens (of the top k) whose mass before them is below p."""
     logits = np.random.default_rng(seed).standard_normal(12) * 2
     rng = np.random.default_rng(seed + 1)
     order = np.argsort(-logits, kind="stable")
     probs = np.exp(logits[order[:k]] - logits[order[0]])
     probs /= probs.sum()
-    nucleus = set(order[: int(np.searchsorted(np.cumsum(probs), p)) + 1].tolist())
+    before = np.concatenate([[0.0], np.cumsum(probs)[:-1]])
+    nucleus = set(order[:k][before < p - 1e-12].tolist())
     for _ in range(50):
         assert sample(logits, Sampling(1.0, top_k=k, top_p=p), rng) in nucleus
+
+
+@pytest.mark.parametrize("case", SAMPLING["cases"], ids=lambda c: c["name"])
+def test_processors_equal_transformers(case, tmp_path):
+    """The checkpoint's generation_config.json read as transformers reads it (defaults included), then the
+    processors in transformers' order: the same tokens removed, the same processed logits and probabilities."""
+    (tmp_path / "generation_config.json").write_text(json.dumps(case["generation_config"]))
+    s = sampling_for(generation_defaults(tmp_path))
+    logits = np.array(case["logits"], np.float32)
+    ours = process_logits(logits, s, case["seen"])
+    theirs = np.array([-np.inf if x is None else x for x in case["processed"]])
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(theirs))
+    assert rel_error(ours, theirs) <= FP32.op_rel
+    if s.greedy:
+        assert sample(logits, s, np.random.default_rng(0), case["seen"]) == case["argmax"]
+    else:
+        assert rel_error(probabilities(logits, s, case["seen"]), np.array(case["probabilities"])) <= FP32.op_rel
+
+
+def test_the_reference_covers_every_processor_in_transformers_order():
+    order = ["RepetitionPenaltyLogitsProcessor", "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
+             "MinPLogitsWarper"]
+    seen = set()
+    for case in SAMPLING["cases"]:
+        names = case["processors"]
+        assert names == sorted(names, key=order.index)
+        seen.update(names)
+    assert seen == set(order)
+
+
+def test_repetition_penalty_counts_the_prompt_and_the_generated_ids():
+    """Greedy with a huge penalty never repeats a token it has seen (prompt included)."""
+    m = random_model(lfm2np.load_config("tiny-dense"), seed=6)
+    prompt = [1, 2, 3, 4]
+    out = generate(m, prompt, 20, repetition_penalty=1e6, stop_ids=[])
+    assert len(set(out)) == len(out) and not set(out) & set(prompt)
+    # ... and a state reused from an earlier turn counts through context_ids
+    _, state = m.step(prompt)
+    g = Generation(m, [5], 10, Sampling(repetition_penalty=1e6), [], state=state, context_ids=prompt)
+    assert not set(g) & {1, 2, 3, 4, 5}
+
+
+def test_batched_generation_equals_each_prompt_alone():
+    m = random_model(lfm2np.load_config("tiny-moe"), seed=7)
+    prompts = [[1, 5, 9, 2, 7], [3], [4, 4, 8]]
+    for kw in ({}, {"temperature": 1.3, "top_k": 10, "min_p": 0.05, "repetition_penalty": 1.1, "seed": 3}):
+        rows = generate(m, prompts, 9, stop_ids=[], **kw)
+        assert rows == [generate(m, p, 9, stop_ids=[], **kw) for p in prompts]
+    free = generate(m, prompts[0], 9, stop_ids=[])
+    stop = free[4]
+    rows = generate(m, prompts, 9, stop_ids=[stop])
+    assert rows == [generate(m, p, 9, stop_ids=[stop]) for p in prompts]
+    assert rows[0] == free[:free.index(stop)]
+    assert generate(m, np.array([[1, 2], [3, 4]]), 2, stop_ids=[]) == [generate(m, [1, 2], 2, stop_ids=[]),
+                                                                       generate(m, [3, 4], 2, stop_ids=[])]
+
+
+def test_generation_config_defaults_as_transformers_reads_them(tmp_path):
+    f = tmp_path / "generation_config.json"
+    assert generation_defaults(tmp_path) == {}  # no file: lfm2np's defaults (greedy)
+    f.write_text(json.dumps({"do_sample": True, "temperature": 0.3, "min_p": 0.15, "repetition_penalty": 1.05,
+                             "eos_token_id": [7, 2], "max_length": 4096}))
+    s = sampling_for(generation_defaults(tmp_path))
+    assert (s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty) == (0.3, 50, 1.0, 0.15, 1.05)
+    assert generation_defaults(tmp_path)["stop_ids"] == [7, 2]
+    s = sampling_for(generation_defaults(tmp_path), temperature=0, top_k=None, min_p=0.5)  # explicit values win
+    assert (s.temperature, s.top_k, s.min_p) == (0, 50, 0.5)
+    f.write_text(json.dumps({"temperature": 0.3, "repetition_penalty": 1.2}))  # no do_sample: greedy
+    s = sampling_for(generation_defaults(tmp_path))
+    assert s.greedy and s.repetition_penalty == 1.2
+    assert sampling_for(generation_defaults(tmp_path), temperature=0.3).temperature == 0.3
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "not valid JSON"),
+    ("[1]", "expected a JSON object"),
+    ('{"temperature": "hot"}', "temperature is 'hot'"),
+    ('{"top_k": 2.5}', "top_k is 2.5"),
+    ('{"top_p": 0}', "top_p is 0"),
+    ('{"min_p": 2}', "min_p is 2"),
+    ('{"repetition_penalty": -1}', "repetition_penalty is -1"),
+    ('{"do_sample": "yes"}', "do_sample is 'yes'"),
+    ('{"eos_token_id": [7, "x"]}', "eos_token_id"),
+    ('{"do_sample": true, "temperature": 0}', "temperature is 0"),
+])
+def test_bad_generation_config_names_the_file_and_the_key(tmp_path, content, message):
+    (tmp_path / "generation_config.json").write_text(content)
+    with pytest.raises(lfm2np.Lfm2npError, match=message) as e:
+        generation_defaults(tmp_path)
+    assert "generation_config.json" in str(e.value)
+
+
+def test_the_embedded_generation_config_is_valid():
+    from lfm2np.embedded import embedded_model_path
+
+    assert read_generation_config(embedded_model_path())["eos_token_id"] == [7, 2]
 
 
 def test_sampling_follows_the_softmax():
@@ -109,6 +214,11 @@ def test_sampling_follows_the_softmax():
     ({"top_k": -2}, "top_k"),
     ({"top_p": 0.0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
+    ({"min_p": -0.1}, "min_p"),
+    ({"min_p": 1.1}, "min_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"seed": -1}, "seed"),
 ])
 def test_bad_sampling_settings(kwargs, message):
     with pytest.raises(lfm2np.Lfm2npError, match=message):

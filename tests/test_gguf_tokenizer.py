@@ -1,17 +1,15 @@
 """lfm2np.io.gguf_tokenizer: an LFM2 tokenizer rebuilt from GGUF metadata encodes and decodes exactly
 like the tokenizer.json it was converted from.
 
-A byte-level BPE tokenizer of realistic size (32768 tokens) is trained in the test session in LFM2's
-tokenizer.json layout, exported to GGUF metadata the way llama.cpp's converter does it, written to a real
-GGUF file with gguf-py, read back with GGUFReader and rebuilt.
+A byte-level BPE tokenizer of realistic size (32768 tokens, tests/tokenizer_fixture.py) trained in LFM2's
+tokenizer.json layout is exported to GGUF metadata the way llama.cpp's converter does it
+(lfm2np.io.gguf_vocab), written to a real GGUF file with gguf-py, read back with GGUFReader and rebuilt.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import random
-import sysconfig
 import warnings
 from pathlib import Path
 
@@ -20,176 +18,23 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer
 
 from lfm2np.errors import Lfm2npError
-from lfm2np.io.gguf_tokenizer import LFM2_SPLIT_REGEX, tokenizer_from_gguf_metadata
+from lfm2np.io.gguf_tokenizer import tokenizer_from_gguf_metadata
+from lfm2np.io.gguf_vocab import tokenizer_metadata
+
+from tokenizer_fixture import (BOS_ID, EMOJI, TEXTS, IM_END_ID, PAD_ID, PUNCT, SPACES, SPECIAL_TOKENS, TEMPLATE,
+                               TOKENIZER_CONFIG, VOCAB_SIZE, trained_tokenizer)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_TOKENIZER = ROOT / "lfm2np" / "data" / "tiny-lfm2-moe" / "tokenizer.json"
-TEMPLATE = ROOT / "tests" / "data" / "lfm2_chat_template.jinja"
-
-SPECIAL_TOKENS = [
-    "<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|fim_pre|>", "<|fim_mid|>", "<|fim_suf|>",
-    "<|im_start|>", "<|im_end|>", "<|tool_list_start|>", "<|tool_list_end|>", "<|tool_call_start|>",
-    "<|tool_call_end|>", "<|tool_response_start|>", "<|tool_response_end|>",
-] + [f"<|reserved_{i}|>" for i in range(10)]
-PAD_ID, BOS_ID, IM_END_ID = 0, 1, 7
-VOCAB_SIZE = 32768
-
-# ------------------------------------------------------------------------------------------- corpus
-STDLIB_FILES = [
-    "argparse.py", "typing.py", "inspect.py", "pydoc.py", "doctest.py", "difflib.py", "dataclasses.py",
-    "enum.py", "pathlib.py", "subprocess.py", "tarfile.py", "zipfile.py", "_pydecimal.py", "statistics.py",
-    "textwrap.py", "functools.py", "shutil.py", "configparser.py", "calendar.py", "fractions.py",
-    "ipaddress.py", "threading.py", "tokenize.py", "traceback.py", "logging/__init__.py", "unittest/mock.py",
-    "http/client.py", "urllib/request.py", "collections/__init__.py", "email/_header_value_parser.py",
-    "asyncio/base_events.py", "ast.py",
-]
-SCRIPTS = [
-    "абвгдеёжзийклмнопрстуфхцчшщъыьэюяАБВГДЕЖЗИКЛМНОПРСТУФХЦЧШЭЮЯ",
-    "αβγδεζηθικλμνξοπρσςτυφχψωάέήίόύώΑΒΓΔΕΖΗΘΙΚΛΜΝΞΟΠΡΣΤΥΦΧΨΩ",
-    "ابتثجحخدذرزسشصضطظعغفقكلمنهوية",
-    "אבגדהוזחטיכלמנסעפצקרשת",
-    "कखगघचछजझटठडढणतथदधनपफबभमयरलवशषसहािीुूेैोौंः्",
-    "".join(chr(c) for c in range(0xAC00, 0xAC00 + 400, 3)),  # Hangul syllables
-    "".join(chr(c) for c in range(0x4E00, 0x4E00 + 1200, 2)) + "的一是不了人我在有他这中大来上国个到说们为子和你",
-    "".join(chr(c) for c in range(0x3041, 0x3097)) + "".join(chr(c) for c in range(0x30A1, 0x30FB)),  # kana
-    "กขคงจฉชซญดตถทนบปผพฟภมยรลวสหอฮะาิีึืุูเแโใไ่้๊๋",
-    "abcdefghijklmnopqrstuvwxyzàáâäãåæçèéêëìíîïñòóôöõøœßùúûüýÿąćęłńśźżčďěňřšťůž",
-]
-EMOJI = ["😀", "🚀", "✅", "🦙", "👍🏽", "👨‍👩‍👧‍👦", "🏳️‍🌈", "❤️", "🇫🇷", "😶‍🌫️", "🤖", "✨", "🔥", "🎉"]
-PUNCT = [".", ",", "!", "?", ";", ":", "…", "—", "«", "»", "「", "」", "。", "、", "(", ")", "\"", "'"]
-SPACES = [" ", " ", " ", " ", "  ", "\t", "\n", "\n\n", "\r\n", "    ", " \n", "\t\t"]
-CONTRACTIONS = ["don't", "I'LL", "we've", "she's", "they'RE", "I'm", "you'd", "It'S"]
-
-
-def synthetic_docs(rng: random.Random, n_docs: int = 1200) -> list[str]:
-    """Pseudo-text in many scripts: words from a per-document lexicon, digits, emoji, punctuation,
-    contractions and whitespace runs."""
-    docs = []
-    for _ in range(n_docs):
-        alphabet = rng.choice(SCRIPTS)
-        lexicon = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8))) for _ in range(60)]
-        parts = []
-        for _ in range(rng.randint(40, 160)):
-            r = rng.random()
-            if r < 0.70:
-                parts.append(rng.choice(lexicon))
-            elif r < 0.78:
-                parts.append(str(rng.randint(0, 10 ** rng.randint(1, 12))))
-            elif r < 0.83:
-                parts.append(rng.choice(EMOJI))
-            elif r < 0.90:
-                parts.append(rng.choice(PUNCT))
-            else:
-                parts.append(rng.choice(CONTRACTIONS))
-            parts.append(rng.choice(SPACES))
-        docs.append("".join(parts))
-    return docs
-
-
-def corpus() -> list[str]:
-    """Offline text: CPython's pydoc topics, some stdlib sources (code), synthetic multilingual text."""
-    from pydoc_data.topics import topics
-
-    texts = [topics[k] for k in sorted(topics)]
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in STDLIB_FILES:
-        if (stdlib / name).is_file():
-            texts.append((stdlib / name).read_text(encoding="utf-8", errors="replace"))
-    return texts + synthetic_docs(random.Random(20250611))
-
-
-def train_lfm2_layout_tokenizer() -> Tokenizer:
-    """A byte-level BPE laid out like LFM2's tokenizer.json (special tokens first, regex split + ByteLevel,
-    ByteLevel decoder, BOS template post-processor), plus added tokens after training: non-special ones
-    (one already in the vocabulary, so not at the end) and a special one at the end."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LFM2_SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, min_frequency=2, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus(), trainer=trainer)
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single="<|startoftext|> $A", pair="<|startoftext|> $A <|startoftext|> $B",
-                                      special_tokens=[("<|startoftext|>", BOS_ID)]),
-    ])
-    assert tok.get_vocab_size() == VOCAB_SIZE
-    assert "python" in tok.get_vocab()  # so the added "python" keeps its mid-vocabulary id (as in LFM2)
-    tok.add_tokens(["python", "<think>", "</think>"])  # HF defaults: special=False, normalized=True
-    tok.add_special_tokens([AddedToken("<|cot_start|>", special=True, normalized=False)])
-    return tok
-
-
-# ------------------------------------------------------------------- llama.cpp's converter, mimicked
-def does_token_look_special(token: str) -> bool:
-    # llama.cpp conversion/base.py:1391-1412 (convert_hf_to_gguf.py:854 in older trees)
-    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
-            or (token.startswith("<|") and token.endswith("|>"))
-            or (token.startswith("<｜") and token.endswith("｜>"))
-            or (token.startswith("<unused") and token.endswith(">")))
 
 
 def gguf_tokenizer_metadata(tok_json: dict, tok_config: dict, vocab_size: int | None = None) -> dict:
-    """The tokenizer keys llama.cpp's converter writes for an LFM2 checkpoint.
-
-    LFM2Model keeps TextModel.set_vocab -> _set_vocab_gpt2 (llama.cpp @3f545bec conversion/base.py:1237, :1786-1794):
-    get_vocab_base (:1415-1457) gives tokens/types, gguf.SpecialVocab(load_merges=True) (gguf-py
-    vocab.py) merges, special ids, add_*_token and the chat template. transformers' AutoTokenizer is
-    replaced by `tokenizers` reading the same tokenizer.json.
-    """
-    hf = Tokenizer.from_str(json.dumps(tok_json))
-    vocab = hf.get_vocab(with_added_tokens=True)  # AutoTokenizer .vocab
-    added = {a["content"]: a for a in tok_json["added_tokens"]}  # get_added_vocab / added_tokens_decoder
-    reverse = {i: t for t, i in vocab.items()}
-    n = vocab_size if vocab_size is not None else max(vocab.values()) + 1
-    tokens, types = [], []
-    for i in range(n):  # base.py:1431-1455
-        if i not in reverse:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        token = reverse[i]
-        if token in added:
-            if not added[token]["normalized"]:  # "pre-normalize" non-normalized added tokens
-                token = hf.decode(hf.encode(token, add_special_tokens=False).ids, skip_special_tokens=False)
-            if added[token]["special"] or does_token_look_special(token):
-                types.append(gguf.TokenType.CONTROL)
-            else:
-                token = token.replace("\u2581", " ")
-                types.append(gguf.TokenType.USER_DEFINED)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-        tokens.append(token)
-
-    merges = tok_json["model"]["merges"]  # gguf-py vocab.py:189-214 (SpecialVocab._try_load_from_tokenizer_json)
-    if merges and not isinstance(merges[0], str):  # pairs: join with one space, a space inside -> chr(288)
-        merges = [" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in pair)
-                  for pair in merges]
-
-    meta = {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "lfm2",  # get_vocab_base_pre: LFM2's chkhsh -> "lfm2" (base.py:1537, :1693)
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": [int(t) for t in types],
-        "tokenizer.ggml.merges": merges,
-    }
-    for typ, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
-        content = tok_config.get(f"{typ}_token")  # first added token with that content
-        ids = [a["id"] for a in tok_json["added_tokens"] if a["content"] == content]
-        if ids:
-            meta[f"tokenizer.ggml.{key}"] = ids[0]
-    for typ in ("bos", "eos"):
-        if isinstance(tok_config.get(f"add_{typ}_token"), bool):
-            meta[f"tokenizer.ggml.add_{typ}_token"] = tok_config[f"add_{typ}_token"]
-    if tok_config.get("chat_template") is not None:
-        meta["tokenizer.chat_template"] = tok_config["chat_template"]
-    return meta
+    """The tokenizer keys llama.cpp's converter writes (lfm2np.io.gguf_vocab's port of _set_vocab_gpt2 /
+    SpecialVocab; the chat template taken from tok_config as SpecialVocab does)."""
+    return tokenizer_metadata(tok_json, tok_config, vocab_size=vocab_size)
 
 
 def write_gguf(path: Path, meta: dict) -> None:
@@ -220,14 +65,13 @@ def read_gguf_metadata(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def original() -> Tokenizer:
-    return train_lfm2_layout_tokenizer()
+    return trained_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def converted(original, tmp_path_factory):
     tok_json = json.loads(original.to_str())
-    tok_config = {"bos_token": "<|startoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|pad|>",
-                  "add_bos_token": True, "add_eos_token": False, "chat_template": TEMPLATE.read_text()}
+    tok_config = dict(TOKENIZER_CONFIG, chat_template=TEMPLATE.read_text())
     written = gguf_tokenizer_metadata(tok_json, tok_config)
     path = tmp_path_factory.mktemp("gguf") / "tokenizer.gguf"
     write_gguf(path, written)
@@ -236,29 +80,6 @@ def converted(original, tmp_path_factory):
     return meta, rebuilt, extras
 
 
-TEXTS = [
-    "", " ", "  ", "\t", "\n", "\r\n", "a", "Hello, world!",
-    "def f(x):\n    return x ** 2  # square\n\n\nclass A:\n\tpass\n",
-    "for (int i = 0; i < n; ++i) { sum += a[i]; }\r\n",
-    "    \t  \n\n\n   \r\n\r\n \t\t\t x   y\u00a0z\u3000w", " \n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n",
-    "1234567890123456789 3.14159 1e-9 0x1F 3 33 333 3333 33333 3..3 3...3",
-    "don't I'LL we've She'S they'Re it'ſt WE'D you'll",
-    "Привет, мир! Съешь же ещё этих мягких французских булок.",
-    "Καλημέρα κόσμε, ξεσκεπάζω την ψυχοφθόρα βδελυγμία.",
-    "我想在apple工作1314151天～ 你好，世界。日本語のテキストも、カタカナも。",
-    "مرحبا بالعالم، هذا نص عربي.", "שלום עולם", "नमस्ते दुनिया, यह हिन्दी है।", "안녕하세요 세계", "สวัสดีชาวโลก",
-    "🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 👨‍👩‍👧‍👦 🏳️‍🌈 🇫🇷🇩🇪 👍🏽",
-    "e\u0301 a\u0308 n\u0303 \u1e9b\u0323 Z\u0351\u036b\u0343\u036a\u0302\u036b\u033d\u034f\u0334\u0319 क्षि",
-    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
-    "<|startoftext|><|im_start|>system\nList of tools: <|tool_list_start|>[{\"name\": \"f\"}]<|tool_list_end|>"
-    "<|im_end|>\n<|tool_call_start|>[f()]<|tool_call_end|><|tool_response_start|>ok<|tool_response_end|>",
-    "<|pad|><|endoftext|><|fim_pre|>a<|fim_suf|>b<|fim_mid|><|reserved_3|><|cot_start|>",
-    "<think>reasoning</think> I love python and pythonic code; python3 <thinking>",
-    "<|im_start <|im_end| <|unknown|> <|im_start|<|im_end|>> |> <| |>",
-    "'''''''```````\"\"\"\"......!!!!!!?????? ------======= нещо на Български",
-    "\x00\x01\x7f\ufeff\ufffd \U0010ffff \u200b\u200c\u200d",
-    "x" * 300, " " * 100 + "end", "\n" * 50,
-]
 
 
 # ---------------------------------------------------------------------------------------------- tests

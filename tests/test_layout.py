@@ -4,7 +4,7 @@
   the core,
   and ops imports nothing from lfm2np at all;
 - io/ imports the core and io/; oracle/ and calc/ import the core, io/ and themselves, never each other;
-- the middle (loading, presets, generate, embedded, synthetic) imports the core, io/ and the middle;
+- the middle (loading, presets, generate, embedded, synthetic, evaluate) imports the core, io/ and the middle;
 - nothing imports cli/ (but ``__main__``); the package face only re-exports;
 - there is no import circle, and imports inside functions are only of optional dependencies;
 - outside the core, nothing reaches into another object's private attributes.
@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lfm2np"
 CORE = {"errors", "numerics", "config", "config_keys", "ops", "layers", "tensors", "state", "model", "version"}
-MIDDLE = {"loading", "presets", "generate", "embedded", "synthetic"}
+MIDDLE = {"loading", "presets", "generate", "embedded", "synthetic", "evaluate"}
 OPTIONAL = {"gguf", "jinja2", "huggingface_hub"}
 
 

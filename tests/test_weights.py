@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 import lfm2np
+from lfm2np.numerics import to_bf16
 from lfm2np.synthetic import random_params
-from lfm2np.io.safetensors import (Checkpoint, bfloat16_bits, expected_tensors, save_checkpoint, widen,
-                            write_safetensors)
+from lfm2np.io.safetensors import (Checkpoint, SafetensorsFile, bfloat16_bits, expected_tensors, save_checkpoint,
+                                   widen, write_safetensors)
 
 from conftest import GOLDEN, MANIFEST, golden
 
@@ -60,11 +66,11 @@ def test_bf16_widening_is_exact_and_rounding_matches_torch():
     assert (wide.view(np.uint32) & 0xFFFF == 0).all()
 
 
-def test_float32_tensors_are_memory_mapped_not_copied(tiny):
+def test_float32_tensors_are_read_into_fresh_read_only_arrays(tiny):
     path, config, params = tiny
     m = lfm2np.load(path)
     w = m.params["model.layers.0.feed_forward.w1.weight"]
-    assert not w.flags.owndata and not w.flags.writeable  # a read-only view into the file
+    assert w.flags.owndata and not w.flags.writeable  # read from the file (no memory map), not changeable
     np.testing.assert_array_equal(w, params["model.layers.0.feed_forward.w1.weight"])
 
 
@@ -161,7 +167,7 @@ def test_unsupported_dtype_names_the_tensor(tmp_path):
     header = json.dumps({"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}).encode()
     f.write_bytes(len(header).to_bytes(8, "little") + header + b"\0\0")
     (tmp_path / "config.json").write_text(json.dumps(lfm2np.load_config("tiny-dense").to_dict()))
-    with pytest.raises(lfm2np.Lfm2npError, match="tensor 'w' has dtype F8_E4M3"):
+    with pytest.raises(lfm2np.Lfm2npError, match="tensor 'w' has dtype 'F8_E4M3'"):
         lfm2np.load(tmp_path)
 
 
@@ -250,17 +256,91 @@ def test_overlapping_or_gapped_tensors_are_refused(tmp_path):
         Checkpoint(tmp_path)
 
 
-def test_embedding_lookup_without_kept_weights_reads_only_the_rows(tmp_path, monkeypatch):
-    """With keep_weights=False an embedding lookup converts the looked-up rows, not the whole table."""
-    from lfm2np.io import safetensors as W
+def reads(monkeypatch) -> list[tuple[int, int]]:
+    """Record every positioned read of a safetensors file as (offset, bytes)."""
+    calls: list[tuple[int, int]] = []
+    real = SafetensorsFile._read_into
+    monkeypatch.setattr(SafetensorsFile, "_read_into",
+                        lambda self, view, offset, what: (calls.append((offset, len(view))), real(self, view, offset, what))[1])
+    return calls
 
+
+def test_embedding_lookup_without_kept_weights_reads_only_the_rows(tmp_path, monkeypatch):
+    """With keep_weights=False an embedding lookup reads and converts the looked-up rows, not the whole table."""
     config = lfm2np.load_config("tiny-moe")
     params = random_params(config, seed=9)
     path = save_checkpoint(tmp_path / "bf", config, params, dtype="bfloat16")
-    sizes = []
-    real = W.widen
-    monkeypatch.setattr(W, "widen", lambda raw, stored, dtype: (sizes.append(raw.size), real(raw, stored, dtype))[1])
     lean = lfm2np.load(path, keep_weights=False)
+    calls = reads(monkeypatch)
     h = lean.embed(np.array([3, 5, 3]))
-    assert sizes == [3 * config.hidden_size]
+    assert [n for _, n in calls] == [2 * config.hidden_size] * 2  # rows 3 and 5, bf16, once each
     np.testing.assert_array_equal(h, lfm2np.load(path, keep_weights=True).embed(np.array([3, 5, 3])))
+
+
+def test_row_reads_coalesce_consecutive_rows(tiny, monkeypatch):
+    path, config, params = tiny
+    ckpt = Checkpoint(path)
+    info = ckpt.tensors["model.embed_tokens.weight"]
+    row = config.hidden_size * 4
+    calls = reads(monkeypatch)
+    index = np.array([[9, 4, 5], [6, 4, -1]])
+    got = ckpt.read("model.embed_tokens.weight", np.float32, rows=index)
+    start = ckpt.files["model.safetensors"].data_start + info.begin
+    assert calls == [(start + 4 * row, 3 * row), (start + 9 * row, row), (start + 96 * row, row)]
+    np.testing.assert_array_equal(got, params["model.embed_tokens.weight"][index])
+    assert got.shape == (2, 3, config.hidden_size) and not got.flags.writeable
+
+
+@pytest.mark.parametrize("stored", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("compute", [np.float32, np.float64])
+def test_reading_converts_exactly_in_chunks(tmp_path, monkeypatch, stored, compute):
+    """Conversions go through a small buffer: the values equal a whole-tensor conversion, bit for bit."""
+    import lfm2np.io.safetensors_file as F
+
+    monkeypatch.setattr(F, "_CHUNK", 64)  # many chunks, one ending inside a row
+    config = lfm2np.load_config("tiny-dense")
+    params = random_params(config, seed=10)
+    path = save_checkpoint(tmp_path / stored, config, params, dtype=stored)
+    ckpt = Checkpoint(path)
+    for name in ("model.layers.0.conv.in_proj.weight", "model.embedding_norm.weight"):
+        want = {"float32": params[name], "float16": params[name].astype(np.float16),
+                "bfloat16": to_bf16(params[name])}[stored].astype(compute)
+        got = ckpt.read(name, compute)
+        assert got.dtype == compute and got.tobytes() == want.tobytes(), name
+        np.testing.assert_array_equal(ckpt.read(name, compute, rows=np.array([1, 0, 1])), want[[1, 0, 1]])
+
+
+def test_bad_read_requests(tiny):
+    ckpt = Checkpoint(tiny[0])
+    with pytest.raises(lfm2np.Lfm2npError, match="no tensor named 'nope'"):
+        ckpt.read("nope", np.float32)
+    with pytest.raises(lfm2np.Lfm2npError, match="row 97 is out of range for its first axis of length 97"):
+        ckpt.read("model.embed_tokens.weight", np.float32, rows=np.array([1, 97]))
+    with pytest.raises(lfm2np.Lfm2npError, match="row indices must be integers, got float64"):
+        ckpt.read("model.embed_tokens.weight", np.float32, rows=np.array([1.5]))
+    assert ckpt.read("model.embed_tokens.weight", np.float32, rows=np.array([], np.int64)).shape == (0, 48)
+
+
+TRUNCATE_AFTER_LOAD = textwrap.dedent("""
+    import os, sys
+    import lfm2np
+    path, keep = sys.argv[1], sys.argv[2] == "keep"
+    model = lfm2np.load(path, keep_weights=keep)
+    os.truncate(os.path.join(path, "model.safetensors"), 1000)  # the checkpoint shrinks under the model
+    try:
+        model.forward([1, 2, 3])
+    except lfm2np.Lfm2npError as e:
+        print("refused:", e)
+""")
+
+
+@pytest.mark.parametrize("keep", ["keep", "lean"])
+def test_a_checkpoint_truncated_after_loading_is_an_error_not_sigbus(tmp_path, keep):
+    """The scenario of issue 11: with memory-mapped weights this process died of SIGBUS (status -7)."""
+    config = lfm2np.load_config("tiny-moe")
+    path = save_checkpoint(tmp_path / "ckpt", config, random_params(config, seed=5), dtype="bfloat16")
+    proc = subprocess.run([sys.executable, "-c", TRUNCATE_AFTER_LOAD, str(path), keep], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(Path(lfm2np.__file__).parents[1])))
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.startswith(f"refused: {path / 'model.safetensors'}: the file changed since it was loaded "
+                                  f"(its size went from"), proc.stdout

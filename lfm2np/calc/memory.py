@@ -15,13 +15,13 @@ F FFN width, E experts, k experts per token, Fm expert width, V vocab, L conv ke
 
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable
 
 
 from ..config import ATTENTION, Config
 from ..errors import Lfm2npError
 from ..io.gguf import gguf_tensor_bytes
+from ..io.params import parse_size
 from ..numerics import DTYPE_BYTES as _ALL_DTYPE_BYTES, canonical_dtype
 from . import quant
 from .params import param_counts, positive
@@ -50,10 +50,12 @@ def normalise_quant(name: str) -> str:
         ) from None
 
 
-def weight_bytes(config: Config, quant_name: str = "Q4_K_M", *, imatrix: bool = False) -> int:
+def weight_bytes(config: Config, quant_name: str = "Q4_K_M", *, imatrix: bool = False,
+                 fuse_qkv: bool = False) -> int:
     """Bytes of the weights: every parameter in a float dtype, or the tensor data of a GGUF file type
-    (per-tensor types as llama-quantize chooses them; KV metadata and the tokenizer not included).
-    ``quant_name`` may also be the path of a ``.gguf`` file: its real tensor types are read (gguf package)."""
+    (per-tensor types as llama-quantize chooses them; KV metadata and the tokenizer not included;
+    ``fuse_qkv``: a file converted with ``--fuse-qkv``). ``quant_name`` may also be the path of a ``.gguf``
+    file: its real tensor types are read."""
     if str(quant_name).lower().endswith(".gguf"):
         return gguf_tensor_bytes(quant_name)
     q = normalise_quant(quant_name)
@@ -61,7 +63,7 @@ def weight_bytes(config: Config, quant_name: str = "Q4_K_M", *, imatrix: bool = 
         # released checkpoints keep the router's expert bias in float32 beside bf16/f16 weights
         bias = len(config.moe_layers) * config.num_experts if config.use_expert_bias else 0
         return (param_counts(config)["total"] - bias) * DTYPE_BYTES[q] + bias * 4
-    return quant.gguf_weight_bytes(config, q, imatrix=imatrix)
+    return quant.gguf_weight_bytes(config, q, imatrix=imatrix, fuse_qkv=fuse_qkv)
 
 
 def _kv_type(kv_type: str) -> str:
@@ -100,7 +102,8 @@ def kv_cache_bytes(config: Config, context: int, parallel: int = 1, kv_type: str
 
 def conv_state_bytes(config: Config, parallel: int = 1) -> int:
     """Conv state of ``parallel`` sequences: per conv layer the last L-1 columns of ``u = b*x`` (D each), in
-    float32, as llama.cpp and vLLM keep them (transformers keeps L columns). Constant in the context length."""
+    float32, as llama.cpp keeps them (vLLM keeps L-1 columns in the model dtype, bf16, unless
+    ``--mamba-cache-dtype`` says otherwise; transformers keeps L columns). Constant in the context length."""
     per_seq = len(config.conv_layers) * (config.conv_L_cache - 1) * config.hidden_size * CONV_STATE_BYTES
     return per_seq * positive("parallel", parallel)
 
@@ -133,14 +136,14 @@ def compute_buffer_bytes(config: Config, chunk: int = 512, context: int | None =
 
 def memory(config: Config, quant_name: str = "Q4_K_M", *, context: int = 4096, parallel: int = 1,
            kv_type: str = "f16", chunk: int = 512, flash_attention: bool = True, budget: int | None = None,
-           imatrix: bool = False) -> dict[str, Any]:
+           imatrix: bool = False, fuse_qkv: bool = False) -> dict[str, Any]:
     """Weights + KV cache + conv state + compute buffer, and whether the total fits ``budget`` bytes.
 
     Field names are an interface (the CLI's JSON): quant, weights_bytes, kv_bytes_per_token, kv_cache_bytes,
     conv_state_bytes, total_bytes, fits (None without a budget); plus compute_bytes and the inputs.
     """
     q = str(quant_name) if str(quant_name).lower().endswith(".gguf") else normalise_quant(quant_name)
-    w = weight_bytes(config, q, imatrix=imatrix)
+    w = weight_bytes(config, q, imatrix=imatrix, fuse_qkv=fuse_qkv)
     per_tok = kv_bytes_per_token(config, kv_type)
     kv = kv_cache_bytes(config, context, parallel, kv_type)
     sliding = sliding_kv_bytes(config, context, kv_type) * parallel
@@ -192,19 +195,10 @@ def hybrid_savings(config: Config, contexts: Iterable[int] = (4096, 32768, 13107
 
 
 # ==================================================================================== helpers
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
 def parse_bytes(text: str) -> int:
-    """``"32GB"`` -> 32e9, ``"32GiB"`` -> 32 * 2**30, ``"1.5 TB"``, ``"123"`` (bytes). Decimal units are powers
-    of 1000, binary units (KiB, MiB, GiB, TiB) powers of 1024."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
-    if not m or unit not in _UNITS:
-        raise Lfm2npError(f"budget {text!r} is not a size; expected a number with an optional unit "
-                          f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 32GB")
-    return int(float(m.group(1)) * _UNITS[unit])
+    """``"32GB"`` -> 32e9, ``"32GiB"`` -> 32 * 2**30, ``"1.5 TB"``, ``"123"`` (bytes); see
+    :func:`lfm2np.io.params.parse_size`."""
+    return parse_size(text, "budget")
 
 
 def format_bytes(n: float) -> str:

@@ -14,11 +14,16 @@ The rules, as llama.cpp applies them (each has its own test in ``tests/test_quan
    treated as the output: Q8_0 if its row length is not a multiple of the file type's block size, else
    Q6_K unless the file type's default already is Q8_0. An untied ``output.weight`` gets that rule and
    ``token_embd.weight`` keeps the default type.
-3. **attn_v** is counted over attention layers (``i`` of ``n``): Q4_K_M and Q5_K_M use Q6_K where
+3. **attn_v** (and a fused **attn_qkv**, ``convert_hf_to_gguf.py --fuse-qkv``) is counted over attention
+   layers (``i`` of ``n``): Q4_K_M and Q5_K_M use Q6_K where
    ``use_more_bits(i, n)``; Q3_K_M uses Q5_K for the first two then Q4_K; Q3_K_L Q5_K; Q4_K_S Q5_K for
    the first four; Q2_K Q4_K if ``n_gqa() >= 4`` else Q3_K. ``n_gqa()`` is read from layer 0, a conv
    layer in every released LFM2, where llama.cpp reports 0: the Q2_K branch therefore picks Q3_K.
-   With exactly 8 experts attn_v and attn_k become Q8_0.
+   With exactly 8 experts attn_v and attn_k become Q8_0. llama.cpp's ``category_is_attn_v`` is true for
+   ``ATTENTION_V``, ``ATTENTION_QKV`` and ``ATTENTION_KV_B`` (``src/llama-quant.cpp``), and that branch comes
+   before the one written for ``ATTENTION_QKV`` alone (Q4_K_M -> Q5_K, Q5_K_M -> Q6_K), which is therefore
+   never reached: a fused attn_qkv gets exactly attn_v's type, over its whole (H + 2G) * hd rows, and counts
+   in ``n_attention_wv`` like attn_v (checked in the vendored llama.cpp of llama-cpp-python 0.3.36).
 4. **ffn_down** by layer index (``i`` of all ``n`` layers; for MoE the index is parsed from the name, so
    dense and expert ffn_down both count): Q4_K_M / Q5_K_M use Q6_K where ``use_more_bits(i, n)``;
    Q4_K_S Q5_K for ``i < n/8``; Q3_K_M Q5_K for ``i < n/16`` else Q4_K; Q3_K_L Q5_K; Q2_K Q3_K; with an
@@ -39,7 +44,8 @@ from dataclasses import dataclass
 
 from ..config import Config
 from ..errors import Lfm2npError
-from ..io.gguf_names import GgufTensor, gguf_tensors, quantisable
+from ..io.gguf import gguf_layout
+from ..io.gguf_names import GgufTensor, quantisable
 
 # ------------------------------------------------------------------------------------ ggml types
 QK_K = 256
@@ -141,19 +147,21 @@ def _fallback(t: GgufTensor, ggml_type: str) -> str:
     return new
 
 
-def tensor_types(config: Config, file_type: str = "Q4_K_M", *, imatrix: bool = False) -> dict[str, str]:
+def tensor_types(config: Config, file_type: str = "Q4_K_M", *, imatrix: bool = False,
+                 fuse_qkv: bool = False) -> dict[str, str]:
     """The ggml type of every tensor of an LFM2 GGUF file of ``file_type``, as llama-quantize chooses it.
 
     ``imatrix`` says whether an importance matrix was given (only changes Q4_0/Q5_0's first ffn_down layers).
-    Float file types (F32/F16/BF16) store every quantisable tensor in that type and the rest in F32, exactly
-    as ``convert_hf_to_gguf.py --outtype`` does.
+    ``fuse_qkv``: the file was converted with ``--fuse-qkv`` (one ``attn_qkv`` per attention layer, typed as
+    attn_v is). Float file types (F32/F16/BF16) store every quantisable tensor in that type and the rest in
+    F32, exactly as ``convert_hf_to_gguf.py --outtype`` does.
     """
     ftype = normalise_file_type(file_type)
     default = FILE_TYPES[ftype]
-    tensors = gguf_tensors(config)
+    tensors = gguf_layout(config, fuse_qkv)
     tied = config.tie_word_embeddings
     n_experts = config.num_experts if config.is_moe else 0
-    n_attn_v = sum(1 for t in tensors if t.name.endswith("attn_v.weight"))
+    n_attn_v = sum(1 for t in tensors if t.name.endswith(("attn_v.weight", "attn_qkv.weight")))
     n_layers = config.num_hidden_layers
     gqa = _n_gqa(config)
     i_attn_v = 0
@@ -174,7 +182,7 @@ def tensor_types(config: Config, file_type: str = "Q4_K_M", *, imatrix: bool = F
                 new = "Q6_K"
         elif t.name == "token_embd.weight":
             pass  # untied embedding: the default type (IQ mixtures aside)
-        elif short == "attn_v.weight":  # rule 3
+        elif short in ("attn_v.weight", "attn_qkv.weight"):  # rule 3 (category_is_attn_v)
             i = i_attn_v
             if ftype == "Q2_K":
                 new = "Q4_K" if gqa >= 4 else "Q3_K"
@@ -224,32 +232,34 @@ def tensor_types(config: Config, file_type: str = "Q4_K_M", *, imatrix: bool = F
 
 
 # ------------------------------------------------------------------------------------ sizes
-def gguf_weight_bytes(config: Config, file_type: str = "Q4_K_M", *, imatrix: bool = False) -> int:
+def gguf_weight_bytes(config: Config, file_type: str = "Q4_K_M", *, imatrix: bool = False,
+                      fuse_qkv: bool = False) -> int:
     """Bytes of tensor data in a GGUF file of ``file_type`` (exact; no padding, no header)."""
-    types = tensor_types(config, file_type, imatrix=imatrix)
-    return sum(tensor_bytes(types[t.name], t.ne) for t in gguf_tensors(config))
+    types = tensor_types(config, file_type, imatrix=imatrix, fuse_qkv=fuse_qkv)
+    return sum(tensor_bytes(types[t.name], t.ne) for t in gguf_layout(config, fuse_qkv))
 
 
 def gguf_file_bytes(config: Config, file_type: str = "Q4_K_M", *, imatrix: bool = False,
-                    metadata_bytes: int = 0) -> int:
+                    metadata_bytes: int = 0, fuse_qkv: bool = False) -> int:
     """Size of a GGUF file without its key/value metadata: the fixed header, the tensor-info table, the
     tensor data and the alignment padding after each tensor. ``metadata_bytes`` adds the KV section
     (architecture keys, tokenizer vocabulary and merges, chat template), which this module does not model.
     The up-to-31 bytes of padding between the tensor-info table and the data are not counted."""
-    types = tensor_types(config, file_type, imatrix=imatrix)
+    types = tensor_types(config, file_type, imatrix=imatrix, fuse_qkv=fuse_qkv)
     size = 4 + 4 + 8 + 8  # magic, version, tensor count, KV count
-    for t in gguf_tensors(config):
+    for t in gguf_layout(config, fuse_qkv):
         size += 8 + len(t.name.encode()) + 4 + 8 * len(t.ne) + 4 + 8  # name, n_dims, dims, type, offset
         nbytes = tensor_bytes(types[t.name], t.ne)
         size += nbytes + (-nbytes) % GGUF_ALIGNMENT
     return size + metadata_bytes
 
 
-def type_summary(config: Config, file_type: str = "Q4_K_M", *, imatrix: bool = False) -> dict[str, dict[str, int]]:
+def type_summary(config: Config, file_type: str = "Q4_K_M", *, imatrix: bool = False,
+                 fuse_qkv: bool = False) -> dict[str, dict[str, int]]:
     """Per ggml type: how many tensors, elements and bytes a GGUF file of ``file_type`` holds."""
-    types = tensor_types(config, file_type, imatrix=imatrix)
+    types = tensor_types(config, file_type, imatrix=imatrix, fuse_qkv=fuse_qkv)
     summary: dict[str, dict[str, int]] = {}
-    for t in gguf_tensors(config):
+    for t in gguf_layout(config, fuse_qkv):
         s = summary.setdefault(types[t.name], {"tensors": 0, "elements": 0, "bytes": 0})
         s["tensors"] += 1
         s["elements"] += t.n_elements

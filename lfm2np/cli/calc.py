@@ -1,6 +1,7 @@
 """``lfm2np params`` and ``lfm2np memory``: the calculators of :mod:`lfm2np.calc` on the command line.
 
-MODEL is a preset name (``LFM2-24B-A2B``), a ``config.json`` or a checkpoint directory. The default output is
+MODEL is a preset name (``LFM2-24B-A2B``), a ``config.json``, a checkpoint directory or a ``.gguf`` file (its
+config from its metadata checked against its tensor shapes; ``memory`` reads its real tensor types). The default output is
 a readable table; ``--json`` prints one JSON object whose field names are a stable interface:
 
 - params: total, active, active_without_embedding, embedding, breakdown (plus lm_head, total_without_embedding)
@@ -18,7 +19,7 @@ from .. import calc, presets
 from ..calc import quant
 from ..errors import Lfm2npError
 from ..loading import is_gguf, load_config
-from .common import Subparsers
+from .common import Subparsers, positive_int, shown
 
 
 def _n(x: int) -> str:
@@ -100,9 +101,13 @@ def _cmd_memory(args: argparse.Namespace) -> int:
         quant_arg = args.model
     else:
         c = load_config(args.model)
-    budget = calc.parse_bytes(args.budget) if args.budget is not None else None
+    budget = args.budget[1] if args.budget is not None else None
+    if args.fuse_qkv and is_gguf(args.model):
+        raise Lfm2npError(f"--fuse-qkv does not apply to {args.model}: its own tensors (fused or not) are read")
     m = calc.memory(c, quant_arg, context=args.context, parallel=args.parallel, kv_type=args.kv_type,
-                    chunk=args.chunk, flash_attention=not args.no_flash_attn, budget=budget)
+                    chunk=args.chunk, flash_attention=not args.no_flash_attn, budget=budget, fuse_qkv=args.fuse_qkv)
+    if args.fuse_qkv:
+        m["fuse_qkv"] = True
     full = calc.attention_only(c)
     m["attention_only_kv_cache_bytes"] = calc.kv_cache_bytes(full, args.context, args.parallel, args.kv_type)
     if args.json:
@@ -132,15 +137,27 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     print("not counted: GGUF key/value metadata (tokenizer, ~2.4 MB for LFM2), runtime and OS overhead")
     if budget is not None:
         verdict = "fits" if m["fits"] else "does NOT fit"
-        print(f"budget {args.budget} = {fb(budget)}: {verdict} (headroom {fb(budget - m['total_bytes'])})")
+        print(f"budget {args.budget[0]} = {fb(budget)}: {verdict} (headroom {fb(budget - m['total_bytes'])})")
     return 0
+
+
+def _budget(text: str) -> tuple[str, int]:
+    """``--budget``: the text as given and its number of bytes (:func:`lfm2np.calc.parse_bytes`)."""
+    try:
+        n = calc.parse_bytes(text)
+    except Lfm2npError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    except OverflowError:  # a number beyond float range
+        raise argparse.ArgumentTypeError(f"{shown(text)} is too large") from None
+    return text, n
 
 
 def register(sub: Subparsers) -> None:
     """Add the ``params`` and ``memory`` subcommands."""
     p = sub.add_parser("params", help="parameter counts: breakdown, total and active per token",
                        description="Exact parameter counts from the config (no weights needed).")
-    p.add_argument("model", help="preset name, config.json or checkpoint directory")
+    p.add_argument("model", help="preset name, config.json, checkpoint directory or .gguf file (its metadata, "
+                   "checked against its tensor shapes)")
     p.add_argument("--json", action="store_true", help="print JSON (fields: total, active, "
                    "active_without_embedding, embedding, breakdown)")
     p.add_argument("--layers", action="store_true", help="also print one row per layer")
@@ -153,12 +170,14 @@ def register(sub: Subparsers) -> None:
     m.add_argument("--quant", default=None,
                    help="float32, float16, bfloat16 or a GGUF file type: " + ", ".join(quant.FILE_TYPES)
                    + " (default Q4_K_M)")
-    m.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")
-    m.add_argument("--parallel", type=int, default=1, help="parallel sequences (default 1)")
+    m.add_argument("--context", type=positive_int, default=4096, help="tokens per sequence (default 4096)")
+    m.add_argument("--parallel", type=positive_int, default=1, help="parallel sequences (default 1)")
     m.add_argument("--kv-type", default="f16", help="KV cache type: " + ", ".join(calc.KV_TYPES) + " (default f16)")
-    m.add_argument("--chunk", type=int, default=512, help="prefill chunk (llama.cpp n_ubatch, default 512)")
+    m.add_argument("--chunk", type=positive_int, default=512, help="prefill chunk (llama.cpp n_ubatch, default 512)")
     m.add_argument("--no-flash-attn", action="store_true", help="count the attention score matrix")
-    m.add_argument("--budget", help="RAM budget, e.g. 32GB (10^9) or 32GiB (2^30)")
+    m.add_argument("--budget", type=_budget, help="RAM budget, e.g. 32GB (10^9) or 32GiB (2^30)")
+    m.add_argument("--fuse-qkv", action="store_true", help="a file converted with convert_hf_to_gguf.py "
+                   "--fuse-qkv (one attn_qkv per attention layer, typed as attn_v)")
     m.add_argument("--json", action="store_true", help="print JSON (fields: quant, weights_bytes, "
                    "kv_bytes_per_token, kv_cache_bytes, conv_state_bytes, total_bytes, fits)")
     m.set_defaults(func=_cmd_memory)

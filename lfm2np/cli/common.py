@@ -4,12 +4,14 @@ the sampling options, and progress lines on stderr."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from ..errors import Lfm2npError
-from ..generate import Generation, Sampling
+from ..generate import Generation, Sampling, generation_defaults, sampling_for
 from ..io.hub import resolve
 from ..io.tokenizer import Tokenizer
 from ..loading import load
@@ -23,28 +25,171 @@ DTYPE_CHOICES = list(MODES)
 DTYPE_HELP = "compute dtype (float64: the oracle mode; bfloat16: the emulation)"
 
 
+# ----------------------------------------------------------------------------- argument types
+# argparse ``type=`` functions: a value outside its range is a parser error (one line, exit 2) naming the
+# argument, before anything is loaded.
+MAX_SEED = 2**64 - 1  #: seeds are 0 .. 2**64 - 1 (numpy's default_rng takes any non-negative integer)
+
+
+def shown(text: str, width: int = 40) -> str:
+    """``text`` quoted for a message, cut to about ``width`` characters."""
+    return repr(text if len(text) <= width else text[:width - 3] + "...")
+
+
+def _integer(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is not {what}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    return _integer(text, 1, "a positive integer (>= 1)")
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    return _integer(text, 0, "an integer >= 0")
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in 0 .. 2**64 - 1."""
+    value = _integer(text, 0, f"a seed (0 .. {MAX_SEED})")
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is not a seed (0 .. {MAX_SEED})")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a finite number")
+    return value
+
+
+def _number_in(name: str, ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:
+    """An argparse type: a finite number for which ``ok`` holds, else an error saying ``expected``."""
+    def convert(text: str) -> float:
+        value = _float(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{value:g}: expected {expected}")
+        return value
+    convert.__name__ = name
+    convert.__doc__ = f"A number: {expected}."
+    return convert
+
+
+temperature = _number_in("temperature", lambda v: v >= 0, "a temperature >= 0 (0 is greedy)")
+probability = _number_in("probability", lambda v: 0 < v <= 1, "a number in (0, 1]")
+unit_interval = _number_in("unit_interval", lambda v: 0 <= v <= 1, "a number in [0, 1]")
+positive_float = _number_in("positive_float", lambda v: v > 0, "a number > 0")
+top_p = _number_in("top_p", lambda v: 0 < v <= 1, "0 < top_p <= 1 (1: off)")
+min_p = _number_in("min_p", lambda v: 0 <= v <= 1, "0 <= min_p <= 1 (0: off)")
+repetition_penalty = _number_in("repetition_penalty", lambda v: v > 0, "repetition_penalty > 0 (1: off)")
+
+
+def utf8_text(value: str) -> str:
+    """Text that is valid Unicode (command-line bytes that are not UTF-8 arrive as lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 text (position {e.start})") from None
+    return value
+
+
+def _path_type(check):
+    """An argparse type from ``check(value, path)``; an OSError (a name too long, a loop of links) is the
+    argument's error too."""
+    def convert(value: str) -> Path:
+        try:
+            path = Path(value).expanduser()
+            check(value, path)
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"{shown(value)}: {e.strerror or e}") from None
+        except ValueError as e:  # a NUL in the name
+            raise argparse.ArgumentTypeError(f"{shown(value)}: {e}") from None
+        return path
+    convert.__name__ = check.__name__.lstrip("_")
+    convert.__doc__ = check.__doc__
+    return convert
+
+
+def _input_file(value: str, path: Path) -> None:
+    """An existing regular file."""
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{value}: no such file")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{value}: not a file")
+
+
+def _output_file(value: str, path: Path) -> None:
+    """A file to write: not a directory, in a directory that exists."""
+    if path.is_dir() or value.endswith(("/", "\\")):
+        raise argparse.ArgumentTypeError(f"{value}: is a directory; expected a file name")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: the directory {path.parent} does not exist")
+
+
+def _output_dir(value: str, path: Path) -> None:
+    """A directory to write into (created if missing): not a file, and under directories, not files."""
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: is a file; expected a directory")
+    ancestor = next((p for p in path.absolute().parents if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: {ancestor} is a file, not a directory")
+
+
+input_file = _path_type(_input_file)
+output_file = _path_type(_output_file)
+output_dir = _path_type(_output_dir)
+
+
+def index_list(value: str) -> list[int]:
+    """Comma-separated integers >= 0, e.g. ``0,2``."""
+    try:
+        out = [int(x, 10) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{shown(value)}: expected comma-separated indices, e.g. 0,2") from None
+    if not out or min(out) < 0:
+        raise argparse.ArgumentTypeError(f"{shown(value)}: expected comma-separated indices >= 0, e.g. 0,2")
+    return out
+
+
 def progress(message: str) -> None:
     """One line on stderr (the commands' progress and timing reports)."""
     print(message, file=sys.stderr, flush=True)
 
 
 def load_for_generation(model_arg: str, dtype: str):
+    """The model and its tokenizer for a MODEL argument: a checkpoint directory, a cached repo id, or a .gguf
+    file (its weights and the tokenizer and chat template it carries)."""
     t0 = time.perf_counter()
-    directory = resolve(model_arg)
-    model = load(directory, dtype=dtype)
-    tokenizer = Tokenizer.from_dir(directory)
+    source = model_arg if str(model_arg).lower().endswith(".gguf") else resolve(model_arg)
+    model = load(source, dtype=dtype)
+    tokenizer = Tokenizer.load(source)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise Lfm2npError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+        raise Lfm2npError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                           f"vocabulary is {model.config.vocab_size}")
     progress(f"loaded {model} in {time.perf_counter() - t0:.2f} s")
     return model, tokenizer
 
 
-def run_generation(model, tokenizer, prompt_ids: list[int], args: argparse.Namespace, out=None) -> list[int]:
-    """Stream a generation to ``out`` (stdout) with a progress line on stderr; returns the generated ids."""
+def run_generation(model, tokenizer, prompt_ids: list[int], args: argparse.Namespace, out=None,
+                   defaults: dict | None = None) -> list[int]:
+    """Stream a generation to ``out`` (stdout) with a progress line on stderr; returns the generated ids.
+    ``defaults``: the checkpoint's :func:`generation_defaults_for` (None: read them for ``args.model``)."""
     out = out or sys.stdout
-    sampling = sampling_from(args)
-    stop = tokenizer.stop_ids(model.config.eos_token_id)
+    if defaults is None:
+        defaults = generation_defaults_for(args.model)
+    sampling = sampling_from(args, defaults)
+    stop = tokenizer.stop_ids(model.config.eos_token_id) | set(defaults.get("stop_ids", ()))
     gen = Generation(model, prompt_ids, args.max_new_tokens, sampling, stop)
     t0 = time.perf_counter()
     first = None
@@ -66,21 +211,53 @@ def run_generation(model, tokenizer, prompt_ids: list[int], args: argparse.Names
     decode = end - (first or end)
     progress(f"[prompt {len(prompt_ids)} tokens, prefill {len(prompt_ids) / max(prefill, 1e-9):.1f} tokens/s; "
               f"generated {n} tokens, {max(n - 1, 0) / max(decode, 1e-9):.1f} tokens/s; "
-              f"finish: {gen.finish_reason}]")
+              f"finish: {gen.finish_reason}; sampling: {describe_sampling(sampling)}]")
     return gen.tokens
 
 
-def sampling_from(args: argparse.Namespace):
-    """The Sampling of the command-line options (validated before anything is loaded)."""
+#: The sampling options: (flag, Sampling field).
+SAMPLING_OPTIONS = [("--temperature", "temperature"), ("--top-k", "top_k"), ("--top-p", "top_p"),
+                    ("--min-p", "min_p"), ("--repetition-penalty", "repetition_penalty"), ("--seed", "seed")]
+
+
+def sampling_from(args: argparse.Namespace, defaults: dict | None = None) -> Sampling:
+    """The Sampling of the command-line options over the checkpoint's ``defaults`` (its
+    generation_config.json; None or {}: lfm2np's, greedy). Called once before anything is loaded, to
+    validate the options."""
     if args.max_new_tokens < 0:
         raise Lfm2npError(f"--max-new-tokens is {args.max_new_tokens}; expected >= 0")
-    return Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    return sampling_for(defaults, **{field: getattr(args, field) for _, field in SAMPLING_OPTIONS})
+
+
+def generation_defaults_for(model_arg: str) -> dict:
+    """The sampling defaults of a MODEL argument: its checkpoint directory's generation_config.json
+    ({} for a file such as a .gguf, or a directory without one)."""
+    if Path(model_arg).expanduser().is_file():
+        return {}
+    return generation_defaults(resolve(model_arg))
+
+
+def describe_sampling(s: Sampling) -> str:
+    if s.greedy:
+        what = "greedy"
+    else:
+        what = f"temperature {s.temperature:g}" + "".join(
+            f", {name} {value:g}" for name, value, off in (("top_k", s.top_k, 0), ("top_p", s.top_p, 1),
+                                                           ("min_p", s.min_p, 0)) if value != off)
+        what += f", seed {s.seed}" if s.seed is not None else ", unseeded"
+    return what + (f", repetition_penalty {s.repetition_penalty:g}" if s.repetition_penalty != 1 else "")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    """--max-new-tokens, the sampling options and --dtype. The sampling options default to the
+    checkpoint's generation_config.json (read as transformers reads it), else greedy."""
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    p.add_argument("--temperature", type=temperature, help="0 is greedy (default: the checkpoint's "
+                   "generation_config.json, else 0)")
+    p.add_argument("--top-k", type=non_negative_int, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=top_p, help="nucleus sampling mass (1: off)")
+    p.add_argument("--min-p", type=min_p, help="drop tokens below min_p times the top probability (0: off)")
+    p.add_argument("--repetition-penalty", type=repetition_penalty, help="divide the logits of tokens already seen "
+                   "(prompt and reply) by this, as transformers does (1: off)")
+    p.add_argument("--seed", type=seed, default=None, help=f"makes sampling reproducible (0 .. {MAX_SEED})")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help=DTYPE_HELP)

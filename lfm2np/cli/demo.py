@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 
 from ..embedded import DEFAULT_PROMPT, embedded_model_path, layer_walk
-from .common import Subparsers, add_sampling_arguments, load_for_generation, progress, run_generation, sampling_from
+from .common import Subparsers, add_sampling_arguments, generation_defaults_for, load_for_generation, progress, \
+    run_generation, sampling_from
+from .common import positive_int, utf8_text
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     sampling_from(args)
-    model, tokenizer = load_for_generation(str(embedded_model_path()), args.dtype)
+    path = str(embedded_model_path())
+    model, tokenizer = load_for_generation(path, args.dtype)
     c = model.config
     print(f"layers: {c.layer_pattern()}  (C conv, A attention; lower case: MoE feed-forward, "
           f"{c.num_experts} experts, top-{c.num_experts_per_tok})")
@@ -19,7 +22,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     shown = args.chat if args.prompt is None else args.prompt
     print(f"{'user' if args.prompt is None else 'prompt'}: {shown}")
     print("assistant: " if args.prompt is None else "continuation: ", end="", flush=True)
-    generated = run_generation(model, tokenizer, prompt_ids, args)
+    generated = run_generation(model, tokenizer, prompt_ids, args, defaults=generation_defaults_for(path))
     if not args.no_walk:
         progress("")
         everything = list(prompt_ids) + generated
@@ -35,9 +38,9 @@ def register(sub: Subparsers) -> None:
                        description="Generate with the tiny LFM2-MoE model shipped inside lfm2np and show which "
                                    "experts each token chose in each layer.")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--chat", default=DEFAULT_PROMPT, help=f"a user message (default: {DEFAULT_PROMPT!r})")
-    what.add_argument("--prompt", help="raw text to continue instead of a chat message")
+    what.add_argument("--chat", type=utf8_text, default=DEFAULT_PROMPT, help=f"a user message (default: {DEFAULT_PROMPT!r})")
+    what.add_argument("--prompt", type=utf8_text, help="raw text to continue instead of a chat message")
     p.add_argument("--no-walk", action="store_true", help="do not print the layer walk")
-    p.add_argument("--walk-tokens", type=int, default=24, help="how many of the last tokens the walk shows")
+    p.add_argument("--walk-tokens", type=positive_int, default=24, help="how many of the last tokens the walk shows")
     add_sampling_arguments(p, max_new_tokens=48)
     p.set_defaults(func=_cmd_demo)

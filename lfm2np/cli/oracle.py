@@ -7,8 +7,6 @@ import json
 
 import numpy as np
 
-from ..errors import Lfm2npError
-from ..io.hub import resolve
 from ..io.tokenizer import Tokenizer
 from ..loading import load
 from ..oracle.compare import compare, format_comparison
@@ -16,11 +14,12 @@ from ..oracle.golden import write_golden
 from ..oracle.tolerance import COMPARE_TIERS
 from ..oracle.trace import Trace, record
 from .common import DTYPE_CHOICES, DTYPE_HELP, Subparsers
+from .common import index_list, input_file, non_negative_int, output_dir, output_file, utf8_text
 
 
 def _ids(args: argparse.Namespace, model) -> np.ndarray:
     if args.text is not None:
-        return np.array(Tokenizer.from_dir(resolve(args.model)).encode(args.text, add_bos=True))
+        return np.array(Tokenizer.load(args.model).encode(args.text, add_bos=True))
     return np.array(args.ids, dtype=np.int64)
 
 
@@ -35,7 +34,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     result = compare(Trace.load(args.a), Trace.load(args.b), args.tier, args.pattern)
     if args.json:
-        print(json.dumps(result.to_json(), indent=1))
+        print(json.dumps(result.to_json(), indent=1, allow_nan=False))
     else:
         print(format_comparison(result, all_rows=args.all))
     return 0 if result.ok else 1
@@ -43,11 +42,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_golden(args: argparse.Namespace) -> int:
     model = load(args.model, dtype=args.dtype)
-    try:
-        layers = None if args.layers is None else [int(x) for x in args.layers.split(",") if x]
-    except ValueError:
-        raise Lfm2npError(f"--layers {args.layers!r}: expected comma-separated layer indices, e.g. 0,2") from None
-    out = write_golden(model, _ids(args, model), args.out, layers)
+    out = write_golden(model, _ids(args, model), args.out, args.layers)
     print(f"wrote golden vectors to {out} (manifest.json lists the operators)")
     return 0
 
@@ -55,8 +50,8 @@ def _cmd_golden(args: argparse.Namespace) -> int:
 def _add_input(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M) or .gguf file")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--ids", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8], help="token ids")
-    src.add_argument("--text", help="text to tokenize with the checkpoint's tokenizer (BOS prepended)")
+    src.add_argument("--ids", type=non_negative_int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8], help="token ids")
+    src.add_argument("--text", type=utf8_text, help="text to tokenize with the checkpoint's tokenizer (BOS prepended)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help=DTYPE_HELP)
 
 
@@ -65,27 +60,29 @@ def register(sub: Subparsers) -> None:
     p = sub.add_parser("trace", help="record every intermediate of a forward pass",
                        description="Run one sequence and save every named intermediate (safetensors + JSON summary).")
     _add_input(p)
-    p.add_argument("--out", required=True, help="output file (.safetensors; a .json summary is written beside it)")
+    p.add_argument("--out", required=True, type=output_file,
+                   help="output file (.safetensors; a .json summary is written beside it)")
     p.add_argument("--pattern", nargs="+", help="only names matching these globs, e.g. 'model.layers.3.*'")
     p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("compare", help="compare two traces and name the first divergence",
                        description="Compare trace A (the backend under test) with trace B (the reference). Exit 1 "
                                    "when a tensor is outside the tier.")
-    p.add_argument("a", help="trace under test (.safetensors)")
-    p.add_argument("b", help="reference trace (.safetensors; names may be llama.cpp aliases)")
+    p.add_argument("a", type=input_file, help="trace under test (.safetensors)")
+    p.add_argument("b", type=input_file, help="reference trace (.safetensors; names may be llama.cpp aliases)")
     p.add_argument("--tier", default="fp32", choices=list(COMPARE_TIERS), help="tolerance tier (default fp32)")
     p.add_argument("--pattern", nargs="+", help="only names matching these globs")
     p.add_argument("--all", action="store_true", help="show every tensor, not only up to the first divergence")
-    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    p.add_argument("--json", action="store_true", help="print the comparison as strict JSON (a non-finite measure is "
+                   "the string \"inf\", \"-inf\" or \"nan\")")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("golden", help="write golden vectors: each operator's inputs, weights and outputs",
                        description="Write one safetensors file per operator instance plus a manifest, for testing "
                                    "another backend kernel by kernel.")
     _add_input(p)
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--layers", help="comma-separated layer indices to write (default: all)")
+    p.add_argument("--out", required=True, type=output_dir, help="output directory")
+    p.add_argument("--layers", type=index_list, help="comma-separated layer indices to write (default: all)")
     p.set_defaults(func=_cmd_golden)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from ..loading import load
 from .common import DTYPE_CHOICES, DTYPE_HELP, Subparsers, add_sampling_arguments, load_for_generation, run_generation, \
     sampling_from
+from .common import non_negative_int, positive_int, utf8_text
 
 
 def _cmd_forward(args: argparse.Namespace) -> int:
@@ -34,9 +35,9 @@ def _register_forward(sub: Subparsers) -> None:
     p = sub.add_parser("forward", help="run the forward pass on token ids and show the logits",
                        description="Load a checkpoint directory and print the logits' top entries for each position.")
     p.add_argument("model", help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M) or .gguf file")
-    p.add_argument("--ids", type=int, nargs="+", default=[1, 2, 3, 4], help="token ids (default: 1 2 3 4)")
+    p.add_argument("--ids", type=non_negative_int, nargs="+", default=[1, 2, 3, 4], help="token ids (default: 1 2 3 4)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help=DTYPE_HELP)
-    p.add_argument("--top", type=int, default=3, help="how many top logits to show per position")
+    p.add_argument("--top", type=positive_int, default=3, help="how many top logits to show per position")
     p.set_defaults(func=_cmd_forward)
 
 
@@ -59,9 +60,9 @@ def _register_generate(sub: Subparsers) -> None:
                                    "cache (e.g. LiquidAI/LFM2-350M after `hf download LiquidAI/LFM2-350M`).")
     p.add_argument("model", help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M) or .gguf file")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", help="raw text to continue (BOS is prepended)")
-    what.add_argument("--chat", help="a user message, formatted with the checkpoint's chat template")
-    p.add_argument("--system", help="system message for --chat")
+    what.add_argument("--prompt", type=utf8_text, help="raw text to continue (BOS is prepended)")
+    what.add_argument("--chat", type=utf8_text, help="a user message, formatted with the checkpoint's chat template")
+    p.add_argument("--system", type=utf8_text, help="system message for --chat")
     add_sampling_arguments(p)
     p.set_defaults(func=_cmd_generate)
 

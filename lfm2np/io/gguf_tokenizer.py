@@ -1,4 +1,6 @@
-"""Rebuild an LFM2 ``tokenizers.Tokenizer`` from the tokenizer metadata of a GGUF file.
+"""Rebuild an LFM2 ``tokenizers.Tokenizer`` from the tokenizer metadata of a GGUF file (what
+:meth:`lfm2np.io.tokenizer.Tokenizer.from_gguf` uses; the converter's side, tokenizer.json to metadata, is
+:mod:`lfm2np.io.gguf_vocab`).
 
 What llama.cpp writes and reads (details and more references: ``/work/notes/gguf-tokenizer.md``;
 line numbers are ggml-org/llama.cpp master of 2026-08, commit 3f545bec; in older trees the converter

@@ -1,5 +1,8 @@
 """Writing small LFM2 GGUF files, for tests and for comparisons against llama.cpp (reading is
-:mod:`lfm2np.io.gguf`).
+:mod:`lfm2np.io.gguf`): the metadata and tensor layout ``convert_hf_to_gguf.py`` writes, optionally with
+fused q/k/v (``--fuse-qkv``) and with the tokenizer metadata the converter writes for a ``tokenizer.json``
+(:func:`lfm2np.io.gguf_vocab.tokenizer_metadata`, a port of the converter's ``get_vocab_base`` and gguf-py's
+``SpecialVocab``).
 
 F32, F16, BF16, Q8_0 and Q4_0 use the ``gguf`` package's own encoders. gguf-py can only DEcode the
 k-quants, so Q4_K, Q5_K and Q6_K are encoded here with a simple min/max (or absmax) scale per
@@ -10,14 +13,18 @@ are not the values ``llama-quantize`` would choose, so errors measured on them a
 from __future__ import annotations
 
 import os
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from ..config import Config
 from ..errors import Lfm2npError
-from .gguf import GGUF_ARCH
-from .gguf_names import GgufTensor, gguf_tensors, quantisable
+from .gguf import FUSED_QKV, GGUF_ARCH, gguf_layout
+from .gguf_names import GgufTensor, quantisable
+from .gguf_vocab import tokenizer_metadata, tokenizer_metadata_from_dir
+
+__all__ = ["quantize", "dequantize", "to_gguf_tensors", "default_type", "write_gguf", "tokenizer_metadata",
+           "tokenizer_metadata_from_dir"]
 
 
 def _import_gguf():
@@ -27,7 +34,7 @@ def _import_gguf():
         raise Lfm2npError("writing GGUF needs the gguf package: pip install 'lfm2np[gguf]'") from None
     return gguf
 
-# ------------------------------------------------------------------------------------ writing
+# ------------------------------------------------------------------------------------ encoding
 QK_K = 256
 
 
@@ -143,13 +150,19 @@ def dequantize(data: np.ndarray, type_name: str) -> np.ndarray:
     return np.asarray(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[type_name]), dtype=np.float32)
 
 
-def to_gguf_tensors(config: Config, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def to_gguf_tensors(config: Config, params: Mapping[str, np.ndarray], fuse_qkv: bool = False) -> dict[str, np.ndarray]:
     """Hugging Face tensors -> GGUF tensors (numpy order, float32) as ``convert_hf_to_gguf.py`` lays them out:
-    conv kernels squeezed to (D, L), experts stacked to (E, out, in), ``lm_head`` only when untied."""
+    conv kernels squeezed to (D, L), experts stacked to (E, out, in), ``lm_head`` only when untied, and with
+    ``fuse_qkv`` each attention layer's q, k, v concatenated along the output axis (``--fuse-qkv``)."""
     out: dict[str, np.ndarray] = {}
-    for g in gguf_tensors(config):
+    for g in gguf_layout(config, fuse_qkv):
         arrays = [np.asarray(params[t.name], dtype=np.float32) for t in g.holds]  # E of them when stacked
-        out[g.name] = (np.stack(arrays) if g.holds[0].part == "expert" else arrays[0]).reshape(g.shape)
+        if g.holds[0].part == "expert":
+            out[g.name] = np.stack(arrays).reshape(g.shape)
+        elif g.name.endswith(FUSED_QKV):
+            out[g.name] = np.concatenate(arrays, axis=0)  # rows q, then k, then v (torch.cat(..., dim=0))
+        else:
+            out[g.name] = arrays[0].reshape(g.shape)
     return out
 
 
@@ -164,45 +177,104 @@ def default_type(gguf_name: str, ne: tuple[int, ...], type_name: str) -> str:
     return type_name if ne[0] % block == 0 else "F16"
 
 
+def _add_tokenizer(w: Any, meta: Mapping[str, Any]) -> None:
+    """Write tokenizer metadata (:func:`tokenizer_metadata`) with the GGUF types gguf-py's setters use."""
+    gguf = _import_gguf()
+    setters = {"tokenizer.ggml.model": w.add_tokenizer_model, "tokenizer.ggml.pre": w.add_tokenizer_pre,
+               "tokenizer.ggml.tokens": w.add_token_list, "tokenizer.ggml.token_type": w.add_token_types,
+               "tokenizer.ggml.merges": w.add_token_merges, "tokenizer.ggml.bos_token_id": w.add_bos_token_id,
+               "tokenizer.ggml.eos_token_id": w.add_eos_token_id,
+               "tokenizer.ggml.padding_token_id": w.add_pad_token_id,
+               "tokenizer.ggml.add_bos_token": w.add_add_bos_token,
+               "tokenizer.ggml.add_eos_token": w.add_add_eos_token, "tokenizer.ggml.add_sep_token": w.add_add_sep_token,
+               "tokenizer.chat_template": w.add_chat_template}
+    for key, value in meta.items():
+        setter = setters.get(key)
+        if setter is None:
+            raise Lfm2npError(f"tokenizer metadata key {key!r} is not one the converter writes")
+        if key == "tokenizer.ggml.token_type":
+            value = [gguf.TokenType(int(v)) for v in value]
+        setter(value)
+
+
+def _add_metadata(w: Any, extra: Mapping[str, Any]) -> None:
+    """Extra keys (``{key: value}``, value a bool, int (UINT32; negative: INT32), float (FLOAT32), str or a
+    list of one kind) written as given: for files that exercise a reader."""
+    for key, value in extra.items():
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            (w.add_uint32 if value >= 0 else w.add_int32)(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, (list, tuple)):
+            w.add_array(key, list(value))
+        else:
+            raise Lfm2npError(f"metadata {key!r}: cannot write a {type(value).__name__}")
+
+
 def write_gguf(path: "str | os.PathLike[str]", config: Config, params: Mapping[str, np.ndarray],
                tensor_type: "str | Mapping[str, str] | Callable[[str, tuple[int, ...]], str]" = "F32",
-               *, name: str = "lfm2np", vocab: bool = True) -> dict[str, str]:
+               *, name: str = "lfm2np", vocab: bool = True,
+               tokenizer: "str | os.PathLike[str] | Mapping[str, Any] | None" = None, fuse_qkv: bool = False,
+               metadata: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Write ``params`` (Hugging Face names) as an LFM2 GGUF file with the metadata ``convert_hf_to_gguf.py``
     writes. ``tensor_type``: one ggml type name for every quantisable tensor (see :func:`default_type`), a
-    ``{gguf_name: type}`` mapping, or a function ``(gguf_name, ne) -> type``. ``vocab`` writes a placeholder
-    SentencePiece-style token list of ``vocab_size`` entries (llama.cpp refuses a file without one).
+    ``{gguf_name: type}`` mapping, or a function ``(gguf_name, ne) -> type``.
+
+    ``tokenizer``: a checkpoint directory (its tokenizer.json, tokenizer_config.json, chat_template.jinja,
+    converted as the converter does: :func:`tokenizer_metadata_from_dir`) or ready ``tokenizer.*`` metadata.
+    Without one, ``vocab`` writes a placeholder vocabulary of ``vocab_size`` tokens (llama.cpp refuses a file
+    without one). ``fuse_qkv`` stores each attention layer's q/k/v as one ``attn_qkv`` (``--fuse-qkv``).
+    ``metadata`` adds or overrides keys (written after the converter's, so an override replaces them).
     Returns ``{gguf_name: type}`` as written."""
     gguf = _import_gguf()
     c = config
     arch = GGUF_ARCH[c.model_type]
+    extra = dict(metadata or {})
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(name)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv([c.num_key_value_heads if c.is_attention(i) else 0 for i in range(c.num_hidden_layers)])
-    w.add_rope_freq_base(float(c.rope_theta))
-    w.add_layer_norm_rms_eps(float(c.norm_eps))
-    w.add_vocab_size(c.vocab_size)
-    w.add_uint32(f"{arch}.shortconv.l_cache", c.conv_L_cache)  # raw keys: older gguf-py lacks these setters
+
+    def put(key: str, write: Callable[[], None]) -> None:
+        if key not in extra:  # an override replaces the converter's value
+            write()
+
+    put("general.name", lambda: w.add_name(name))
+    put(f"{arch}.context_length", lambda: w.add_context_length(c.max_position_embeddings))
+    put(f"{arch}.embedding_length", lambda: w.add_embedding_length(c.hidden_size))
+    put(f"{arch}.block_count", lambda: w.add_block_count(c.num_hidden_layers))
+    put(f"{arch}.attention.head_count", lambda: w.add_head_count(c.num_attention_heads))
+    put(f"{arch}.attention.head_count_kv", lambda: w.add_head_count_kv(
+        [c.num_key_value_heads if c.is_attention(i) else 0 for i in range(c.num_hidden_layers)]))
+    put(f"{arch}.rope.freq_base", lambda: w.add_rope_freq_base(float(c.rope_theta)))
+    put(f"{arch}.attention.layer_norm_rms_epsilon", lambda: w.add_layer_norm_rms_eps(float(c.norm_eps)))
+    put(f"{arch}.vocab_size", lambda: w.add_vocab_size(c.vocab_size))
+    # raw keys: older gguf-py lacks these setters
+    put(f"{arch}.shortconv.l_cache", lambda: w.add_uint32(f"{arch}.shortconv.l_cache", c.conv_L_cache))
     if c.explicit_head_dim is not None:
-        w.add_key_length(c.head_dim)
-        w.add_value_length(c.head_dim)
+        put(f"{arch}.attention.key_length", lambda: w.add_key_length(c.head_dim))
+        put(f"{arch}.attention.value_length", lambda: w.add_value_length(c.head_dim))
     if c.is_moe:
-        w.add_feed_forward_length(c.intermediate_size)
-        w.add_expert_count(c.num_experts)
-        w.add_expert_used_count(c.num_experts_per_tok)
-        w.add_expert_feed_forward_length(c.moe_intermediate_size)
-        w.add_leading_dense_block_count(c.num_dense_layers)
-        w.add_uint32(f"{arch}.expert_gating_func", 2)  # gguf.ExpertGatingFuncType.SIGMOID
+        put(f"{arch}.feed_forward_length", lambda: w.add_feed_forward_length(c.intermediate_size))
+        put(f"{arch}.expert_count", lambda: w.add_expert_count(c.num_experts))
+        put(f"{arch}.expert_used_count", lambda: w.add_expert_used_count(c.num_experts_per_tok))
+        put(f"{arch}.expert_feed_forward_length",
+            lambda: w.add_expert_feed_forward_length(c.moe_intermediate_size))
+        put(f"{arch}.leading_dense_block_count", lambda: w.add_leading_dense_block_count(c.num_dense_layers))
+        put(f"{arch}.expert_gating_func", lambda: w.add_uint32(f"{arch}.expert_gating_func", 2))  # SIGMOID
         if not c.norm_topk_prob:
-            w.add_bool(f"{arch}.expert_weights_norm", False)
+            put(f"{arch}.expert_weights_norm", lambda: w.add_bool(f"{arch}.expert_weights_norm", False))
         if c.routed_scaling_factor != 1.0:
-            w.add_expert_weights_scale(float(c.routed_scaling_factor))
+            put(f"{arch}.expert_weights_scale", lambda: w.add_expert_weights_scale(float(c.routed_scaling_factor)))
     else:
-        w.add_feed_forward_length(c.ffn_dim)
-    if vocab:
+        put(f"{arch}.feed_forward_length", lambda: w.add_feed_forward_length(c.ffn_dim))
+    if tokenizer is not None:
+        meta = dict(tokenizer) if isinstance(tokenizer, Mapping) else tokenizer_metadata_from_dir(
+            tokenizer, c.vocab_size, {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id[0],
+                                      "pad_token_id": c.pad_token_id})
+        _add_tokenizer(w, {k: v for k, v in meta.items() if k not in extra})
+    elif vocab:
         # a placeholder vocabulary: llama.cpp needs one to load a model; ids are all the comparison uses
         tokens = [f"<tok{i}>" for i in range(c.vocab_size)]
         w.add_tokenizer_model("llama")
@@ -214,9 +286,10 @@ def write_gguf(path: "str | os.PathLike[str]", config: Config, params: Mapping[s
             if value is not None and 0 <= value < c.vocab_size:
                 setter(value)
         w.add_add_bos_token(False)
+    _add_metadata(w, {k: v for k, v in extra.items() if k != "general.architecture"})
 
-    tensors = to_gguf_tensors(c, params)
-    ne_of = {t.name: t.ne for t in gguf_tensors(c)}
+    tensors = to_gguf_tensors(c, params, fuse_qkv)
+    ne_of = {t.name: t.ne for t in gguf_layout(c, fuse_qkv)}
     written: dict[str, str] = {}
     for gname in ne_of:  # llama.cpp's order (by layer, then name)
         arr = tensors[gname]

@@ -1,8 +1,11 @@
 """Finding a checkpoint: a directory, or a repo id already in the local Hugging Face cache (offline).
 
-The cache layout (``huggingface_hub``) is ``$HF_HUB_CACHE/models--{org}--{name}/snapshots/{revision}/``
-with ``refs/main`` naming the revision last downloaded. ``$HF_HUB_CACHE`` defaults to
-``$HF_HOME/hub``, and ``$HF_HOME`` to ``~/.cache/huggingface``. Nothing is ever downloaded.
+The cache is found and read by ``huggingface_hub`` itself (a dependency of ``tokenizers``, and of
+lfm2np): its cache directory (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+``~/.cache/huggingface/hub``, read when huggingface_hub is imported) and
+``snapshot_download(repo_id, local_files_only=True)``, which returns the snapshot ``refs/main`` names
+and never touches the network. A cache without ``refs/main`` (copied by hand, say) is accepted when it
+holds exactly one snapshot, found with ``scan_cache_dir``. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -13,20 +16,62 @@ from pathlib import Path
 from ..errors import Lfm2npError
 
 
+def _hub():
+    """huggingface_hub, imported on first use (it takes a noticeable fraction of a second)."""
+    try:
+        import huggingface_hub
+        import huggingface_hub.constants
+    except ImportError:  # a dependency of tokenizers, so only a broken installation lacks it
+        raise Lfm2npError("finding a repo id in the Hugging Face cache needs huggingface_hub: "
+                          "pip install huggingface_hub") from None
+    return huggingface_hub
+
+
 def hub_cache() -> Path:
-    """The Hugging Face hub cache directory, following the same environment variables as huggingface_hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
+    """The Hugging Face hub cache directory, as huggingface_hub resolves it."""
+    return Path(_hub().constants.HF_HUB_CACHE).expanduser()
+
+
+def looks_like_repo_id(model: "str | os.PathLike[str]") -> bool:
+    """``org/name``, and not an existing path."""
+    text = str(model)
+    return text.count("/") == 1 and not text.startswith(("/", ".", "~")) and not text.endswith("/") \
+        and not Path(text).exists()
 
 
 def is_cached(model: str) -> bool:
-    """Whether ``model`` looks like a repo id (``org/name``) with a snapshot in the local cache."""
-    text = str(model)
-    if text.count("/") != 1 or text.startswith(("/", ".", "~")) or Path(text).exists():
+    """Whether ``model`` is a repo id (``org/name``) with a snapshot in the local cache."""
+    if not looks_like_repo_id(model):
         return False
-    return (hub_cache() / ("models--" + text.replace("/", "--")) / "snapshots").is_dir()
+    try:
+        _cached_snapshot(str(model))
+    except Lfm2npError:
+        return False
+    return True
+
+
+def _cached_snapshot(repo: str) -> Path:
+    hub = _hub()
+    cache = hub_cache()
+    try:
+        return Path(hub.snapshot_download(repo, cache_dir=cache, local_files_only=True))
+    except Exception:  # any way of not finding it locally (the error classes moved between versions)
+        pass  # not there with a refs/main: perhaps one snapshot without refs
+    if not (cache / ("models--" + repo.replace("/", "--"))).is_dir():
+        raise Lfm2npError(f"{repo}: not a directory and not in the Hugging Face cache ({cache}); "
+                          f"lfm2np never downloads: fetch it first, e.g. `hf download {repo}`")
+    try:
+        found = [r for r in hub.scan_cache_dir(cache).repos if r.repo_id == repo and r.repo_type == "model"]
+    except Exception as e:  # CacheNotFound, CorruptedCacheException, OSError
+        raise Lfm2npError(f"{repo}: the Hugging Face cache {cache} cannot be read ({e})") from None
+    revisions = sorted((r for repo_info in found for r in repo_info.revisions), key=lambda r: r.commit_hash)
+    if len(revisions) == 1:
+        return Path(revisions[0].snapshot_path)
+    if revisions:
+        raise Lfm2npError(f"{repo}: {len(revisions)} cached snapshots and no refs/main in "
+                          f"{cache / ('models--' + repo.replace('/', '--'))}; pass the snapshot directory")
+    raise Lfm2npError(f"{repo}: not a directory and not in the Hugging Face cache ({cache}) (no snapshot); "
+                      f"lfm2np never downloads: fetch it first, e.g. `hf download {repo}`")
 
 
 def resolve(model: "str | os.PathLike[str]") -> Path:
@@ -35,22 +80,6 @@ def resolve(model: "str | os.PathLike[str]") -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
-    text = str(model)
-    if text.count("/") == 1 and not text.startswith(("/", ".", "~")) and not path.exists():
-        repo = hub_cache() / ("models--" + text.replace("/", "--"))
-        snapshots = repo / "snapshots"
-        if snapshots.is_dir():
-            ref = repo / "refs" / "main"
-            if ref.is_file():
-                snap = snapshots / ref.read_text().strip()
-                if snap.is_dir():
-                    return snap
-            found = sorted(p for p in snapshots.iterdir() if p.is_dir())
-            if len(found) == 1:
-                return found[0]
-            if found:
-                raise Lfm2npError(f"{text}: {len(found)} cached snapshots and no refs/main in {repo}; "
-                                  f"pass the snapshot directory")
-        raise Lfm2npError(f"{text}: not a directory and not in the Hugging Face cache ({hub_cache()}); "
-                          f"lfm2np never downloads: fetch it first, e.g. `hf download {text}`")
-    raise Lfm2npError(f"{text}: not a checkpoint directory")
+    if looks_like_repo_id(model):
+        return _cached_snapshot(str(model))
+    raise Lfm2npError(f"{model}: not a checkpoint directory")

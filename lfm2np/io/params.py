@@ -173,6 +173,22 @@ def default_budget(total_bytes: int) -> int | None:
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+MAX_SIZE = 2**62  # bytes: far beyond any machine, inside an int64
+
+
+def parse_size(text: Any, what: str = "size") -> int:
+    """``"32GB"`` -> 32e9, ``"32GiB"`` -> 32 * 2**30, ``"1.5 TB"``, ``"123"`` (bytes): decimal units are
+    powers of 1000, binary units (KiB, MiB, GiB, TiB) powers of 1024. :class:`Lfm2npError` naming ``what``
+    otherwise (and above 2^62 bytes)."""
+    m = _SIZE.fullmatch(str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise Lfm2npError(f"{what} {text!r} is not a size; expected a number with an optional unit "
+                          f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 32GB")
+    value = float(m.group(1)) * _UNITS[unit]
+    if not value <= MAX_SIZE:  # also catches inf from hundreds of digits
+        raise Lfm2npError(f"{what} {text!r} is too large: above any machine's memory ({MAX_SIZE} bytes)")
+    return int(value)
 
 
 def parse_budget(budget: Any, total_bytes: int) -> int | None:
@@ -181,14 +197,10 @@ def parse_budget(budget: Any, total_bytes: int) -> int | None:
     if budget is None:
         return default_budget(total_bytes)
     if isinstance(budget, str):
-        text = budget.strip().lower()
-        if text in ("all", "inf", "unlimited"):
+        if budget.strip().lower() in ("all", "inf", "unlimited"):
             return None
-        m = _SIZE.fullmatch(budget)
-        if not m or m.group(2).lower() not in _UNITS:
-            raise Lfm2npError(f"memory budget {budget!r} is not a size; expected e.g. 6GiB, 500MB, 0 or 'all'")
-        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0:
+        return parse_size(budget, "memory budget")
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not 0 <= budget <= MAX_SIZE:
         raise Lfm2npError(f"memory budget is {budget!r}; expected bytes >= 0, a size such as '6GiB', or 'all'")
     return int(budget)
 

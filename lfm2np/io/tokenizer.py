@@ -2,7 +2,10 @@
 
 A checkpoint directory holds ``tokenizer.json`` (byte-level BPE), usually ``tokenizer_config.json``
 (special tokens, often the ``chat_template``) and sometimes ``chat_template.jinja`` (which wins, as in
-transformers).
+transformers): :meth:`Tokenizer.from_dir`. A GGUF file carries the same tokenizer as metadata:
+:meth:`Tokenizer.from_gguf` rebuilds it (:mod:`lfm2np.io.gguf_tokenizer`) with its ``tokenizer.chat_template``.
+:meth:`Tokenizer.load` takes any model argument (a directory, a cached repo id, a ``.gguf`` file). Every
+malformed file, field or template is an :class:`~lfm2np.errors.Lfm2npError` naming the file and the field.
 
 The LFM2 chat format is built in (:func:`format_chat`)::
 
@@ -22,15 +25,19 @@ to the built-in format only when jinja2 is missing.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from tokenizers import Tokenizer as Backend
+from tokenizers.decoders import DecodeStream
 
 from ..errors import Lfm2npError
+from . import hub
+from .chat_template import have_jinja2, read_json_object, read_text, render_template, template_from_value
+from .gguf_file import GgufFile
+from .gguf_tokenizer import tokenizer_from_gguf_metadata
 
 BOS, EOS_TEXT, IM_START, IM_END = "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 TOOL_LIST_START, TOOL_LIST_END = "<|tool_list_start|>", "<|tool_list_end|>"
@@ -88,83 +95,105 @@ def _check_messages(messages: Sequence[Message]) -> None:
         raise Lfm2npError("message 0: a system message's content must be a string")
 
 
-def render_template(template: str, messages: Sequence[Message], tools: Sequence[Any] | None = None,
-                    add_generation_prompt: bool = True, **special_tokens: str) -> str:
-    """Render a Jinja chat template as transformers does: a sandboxed environment with ``trim_blocks`` and
-    ``lstrip_blocks``, the loop-controls extension, ``tojson`` without escaping or sorting, and
-    ``raise_exception``. Needs jinja2."""
-    try:
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise Lfm2npError("rendering a checkpoint's chat template needs jinja2: pip install 'lfm2np[chat]'") from None
-
-    def raise_exception(message: str) -> None:
-        raise Lfm2npError(f"chat template: {message}")
-
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    try:
-        compiled = env.from_string(template)
-        return compiled.render(messages=list(messages), tools=list(tools) if tools else None,
-                               add_generation_prompt=add_generation_prompt, **special_tokens)
-    except jinja2.TemplateError as e:
-        raise Lfm2npError(f"chat template: {e}") from None
+def _special_token(value: Any, where: str) -> str | None:
+    """A special token of tokenizer_config.json: a string, an AddedToken object ``{"content": ...}``, or
+    absent (None)."""
+    if isinstance(value, Mapping):
+        value = value.get("content")
+        if not isinstance(value, str):
+            raise Lfm2npError(f"{where} is an object whose 'content' is {type(value).__name__}; expected a string")
+    if value is not None and not isinstance(value, str):
+        raise Lfm2npError(f"{where} is a {type(value).__name__} ({str(value)[:40]}); expected a token string or "
+                          "an {\"content\": ...} object")
+    if value == "":
+        raise Lfm2npError(f"{where} is an empty string; expected a token")
+    return value
 
 
 class Tokenizer:
     """A checkpoint's tokenizer: encode/decode with special tokens, and its chat format."""
 
     def __init__(self, backend: Any, chat_template: str | None = None, special: Mapping[str, str] | None = None,
-                 source: str | None = None):
+                 source: str | None = None, *, template_source: str | None = None):
         self.backend = backend
         self.chat_template = chat_template
         self.special = dict(special or {})
         self.source = source
+        #: where the chat template came from (a file, or a file and key), for error messages
+        self.template_source = template_source or source
         self.special.setdefault("bos_token", BOS)
 
     @classmethod
+    def load(cls, model: "str | os.PathLike[str]") -> "Tokenizer":
+        """The tokenizer of any model argument: a ``.gguf`` file (the tokenizer it carries), a checkpoint
+        directory, or a repo id in the local Hugging Face cache."""
+        if str(model).lower().endswith(".gguf"):
+            return cls.from_gguf(model)
+        return cls.from_dir(hub.resolve(model))
+
+    @classmethod
+    def from_gguf(cls, path: "str | os.PathLike[str]") -> "Tokenizer":
+        """The tokenizer a GGUF file carries (``tokenizer.ggml.*``), rebuilt for ``tokenizers`` so that it
+        encodes and decodes as the ``tokenizer.json`` the file was converted from, with the file's
+        ``tokenizer.chat_template`` and its BOS / EOS / padding tokens. A file whose pre-tokenizer is not
+        LFM2's is refused (``"llama-bpe"``, ``"llama3"``, ``"llama-v3"`` -- the same split -- warn)."""
+        path = Path(path)
+        if not path.is_file():
+            raise Lfm2npError(f"{path}: no such GGUF file")
+        with GgufFile(path) as f:
+            metadata = f.metadata
+        backend, extras = tokenizer_from_gguf_metadata(metadata, str(path))
+        special = {k: extras[k] for k in ("bos_token", "eos_token", "pad_token") if extras[k] is not None}
+        return cls(backend, extras["chat_template"], special, str(path),
+                   template_source=f"{path}: tokenizer.chat_template")
+
+    @classmethod
     def from_dir(cls, path: "str | os.PathLike[str]") -> "Tokenizer":
-        """Load ``tokenizer.json`` and, when present, ``tokenizer_config.json`` and ``chat_template.jinja``."""
+        """Load ``tokenizer.json`` and, when present, ``tokenizer_config.json`` (``bos_token``, ``eos_token``,
+        ``pad_token``: a string or an ``{"content": ...}`` object, each a token of tokenizer.json;
+        ``chat_template``), ``chat_template.json`` and ``chat_template.jinja`` (the template's sources in
+        increasing priority)."""
         directory = Path(path)
         file = directory / "tokenizer.json"
         if not file.is_file():
             raise Lfm2npError(f"{directory}: no tokenizer.json")
+        text = read_text(file, "tokenizer.json")
         try:
-            backend = Backend.from_file(str(file))
+            backend = Backend.from_str(text)
         except Exception as e:  # the tokenizers library raises its own exception types
-            raise Lfm2npError(f"{file}: not a readable tokenizer ({e})") from None
+            raise Lfm2npError(f"{file}: not a readable tokenizer ({str(e)[:200]})") from None
         special: dict[str, str] = {}
-        template = None
+        template, template_source = None, None
         config_file = directory / "tokenizer_config.json"
-        if config_file.is_file():
-            try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except ValueError as e:
-                raise Lfm2npError(f"{config_file}: not valid JSON ({e})") from None
+        if config_file.exists():
+            config = read_json_object(config_file)
             for key in ("bos_token", "eos_token", "pad_token"):
-                value = config.get(key)
-                if isinstance(value, Mapping):
-                    value = value.get("content")
-                if isinstance(value, str):
+                value = _special_token(config.get(key), f"{config_file}: {key}")
+                if value is not None and backend.token_to_id(value) is None:
+                    raise Lfm2npError(f"{config_file}: {key} {value!r} is not a token of {file.name}")
+                if value is not None:
                     special[key] = value
-            template = config.get("chat_template")
-            if isinstance(template, list):  # the named-templates form: take "default"
-                template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            where = f"{config_file}: chat_template"
+            template = template_from_value(config.get("chat_template"), where)
+            template_source = where if template is not None else None
+        json_file = directory / "chat_template.json"
+        if json_file.exists():
+            where = f"{json_file}: chat_template"
+            value = template_from_value(read_json_object(json_file).get("chat_template"), where)
+            if value is not None:
+                template, template_source = value, where
         jinja_file = directory / "chat_template.jinja"
-        if jinja_file.is_file():
-            template = jinja_file.read_text(encoding="utf-8")
-        return cls(backend, template, special, str(directory))
+        if jinja_file.exists():
+            template, template_source = read_text(jinja_file, "chat template"), str(jinja_file)
+        return cls(backend, template, special, str(directory), template_source=template_source)
 
     # ------------------------------------------------------------------ tokens
     @property
     def vocab_size(self) -> int:
-        return self.backend.get_vocab_size(with_added_tokens=True)
+        """The size of the id space: the largest token id + 1 (ids a vocabulary leaves unused count too, so a
+        model's vocabulary must be at least this large)."""
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        return max(vocab.values()) + 1 if vocab else 0
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -192,21 +221,25 @@ class Tokenizer:
 
     def stream(self, ids: Iterable[int], skip_special_tokens: bool = True) -> Iterator[str]:
         """Text pieces as ``ids`` arrive. A piece is released only once its bytes form whole characters,
-        so a multi-byte character split across tokens is never shown half-decoded."""
+        so a multi-byte character split across tokens is never shown half-decoded; the pieces joined are
+        ``decode(ids)``. Linear in the number of ids: ``tokenizers``' ``DecodeStream`` decodes each new id
+        against a short window of the previous ones, never the whole prefix again."""
+        stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         seen: list[int] = []
-        shown = ""
-        text = ""
+        shown: list[str] = []
+        pending = False  # ids fed since the last piece (an incomplete character, or nothing to show yet)
         for i in ids:
             seen.append(int(i))
-            text = self.decode(seen, skip_special_tokens=skip_special_tokens)
-            if text.endswith("\ufffd"):
-                continue  # an incomplete UTF-8 sequence: wait for the next token
-            if text.startswith(shown):
-                piece, shown = text[len(shown):], text
-                if piece:
-                    yield piece
-        if text != shown:  # the end: release what was held back (a dangling byte shows as U+FFFD)
-            yield text[len(shown):] if text.startswith(shown) else text
+            piece = stream.step(self.backend, seen[-1])
+            pending = piece is None
+            if piece:
+                shown.append(piece)
+                yield piece
+        if pending:  # the end: release what was held back (a dangling byte shows as U+FFFD)
+            text, head = self.decode(seen, skip_special_tokens=skip_special_tokens), "".join(shown)
+            tail = text[len(head):] if text.startswith(head) else ""
+            if tail:
+                yield tail
 
     # -------------------------------------------------------------------- chat
     def apply_chat_template(self, messages: Sequence[Message], tools: Sequence[Any] | None = None,
@@ -215,18 +248,16 @@ class Tokenizer:
         the built-in LFM2 format when it has none, when jinja2 is missing, or when ``use_builtin``."""
         _check_messages(messages)
         if use_builtin is None:
-            use_builtin = self.chat_template is None or not _have_jinja2()
+            use_builtin = self.chat_template is None or not have_jinja2()
         if use_builtin:
             return format_chat(messages, tools, add_generation_prompt, self.special["bos_token"])
         if self.chat_template is None:
             raise Lfm2npError(f"{self.source}: the tokenizer has no chat template")
-        return render_template(self.chat_template, messages, tools, add_generation_prompt, **self.special)
+        return render_template(self.chat_template, messages, tools, add_generation_prompt,
+                               source=self.template_source or str(self.source), **self.special)
 
     def encode_chat(self, messages: Sequence[Message], tools: Sequence[Any] | None = None,
                     add_generation_prompt: bool = True, use_builtin: bool | None = None) -> list[int]:
         """Token ids of the rendered conversation (it carries its own BOS)."""
         return self.encode(self.apply_chat_template(messages, tools, add_generation_prompt, use_builtin))
 
-
-def _have_jinja2() -> bool:
-    return importlib.util.find_spec("jinja2") is not None

@@ -4,6 +4,14 @@ Error measures per tensor: max_abs, max_rel (``max|a - b| / max|b|``, :func:`lfm
 the normalised mean squared error in dB, the cosine, and for chosen experts the routing agreement
 (fraction of tokens with the same expert set), reported separately because routing is discrete. The
 tiers are :data:`lfm2np.oracle.tolerance.COMPARE_TIERS`.
+
+Nothing passes by accident: a tensor holding a NaN or an infinity in either trace fails, whatever its
+other values, with a ``problem`` saying how many and where the first is (its error measures are then
+those of the positions where both are finite); so does a tensor that is not numeric, or a float
+intermediate held as integers or bools. :meth:`Comparison.to_json` is strict JSON: a non-finite measure
+(``nmse_db`` is ``"-inf"`` for identical tensors, ``max_rel`` ``"inf"`` against an all-zero reference)
+is written as the string ``"inf"``, ``"-inf"`` or ``"nan"``, never as the non-standard
+``Infinity``/``NaN`` tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import numpy as np
 
 from ..errors import Lfm2npError
 from .tolerance import COMPARE_TIERS, CompareTier, rel_error
-from .trace import Trace, llama_cpp_alias, matches
+from .trace import Trace, holds_integers, is_trace_name, json_number, llama_cpp_alias, matches
 
 
 @dataclass(frozen=True)
@@ -41,16 +49,40 @@ def diff_tensors(name: str, a: np.ndarray, b: np.ndarray, tier: CompareTier) -> 
     if a.shape != b.shape:
         return TensorDiff(name, a.shape, math.inf, math.inf, math.inf, math.inf, 0.0, None, False,
                           f"shape {list(a.shape)} vs reference {list(b.shape)}")
-    if name.endswith("selected_experts"):
-        same = np.all(np.sort(a, axis=-1) == np.sort(b, axis=-1), axis=-1)
-        agreement = float(same.mean()) if same.size else 1.0
+    experts = name.endswith("selected_experts") or holds_integers(name)
+    kinds = "iu" if experts else "f" if is_trace_name(name) else "fiub"
+    for which, x in (("A", a), ("reference", b)):
+        if x.dtype.kind not in kinds:
+            expected = {"iu": "integers (chosen experts)", "f": "floats (an intermediate)"}.get(kinds, "numbers")
+            return TensorDiff(name, a.shape, math.inf, math.inf, math.inf, math.inf, 0.0, None, False,
+                              f"{which} holds {x.dtype}; expected {expected}")
+    if not experts and a.dtype.kind in "iub" and b.dtype.kind in "iub":  # another tensor of integers: exact
+        d = np.abs(a.astype(np.int64) - b.astype(np.int64)) if a.size else np.zeros(1, np.int64)
+        same = bool(np.array_equal(a, b))
+        return TensorDiff(name, a.shape, float(d.max()), 0.0 if same else math.inf, 0.0 if same else math.inf,
+                          -math.inf if same else math.inf, 1.0 if same else 0.0, None, same,
+                          "" if same else "integers differ")
+    if experts:
+        if not a.size:
+            return TensorDiff(name, a.shape, 0.0, 0.0, 0.0, -math.inf, 1.0, 1.0, True)
+        # per token, the set of experts (rows of the last axis; a scalar is one token's one expert)
+        ea, eb = (np.sort(x.astype(np.int64).reshape(-1, x.shape[-1] if x.ndim else 1), axis=-1) for x in (a, b))
+        agreement = float(np.all(ea == eb, axis=-1).mean())
         ok = agreement == 1.0 or not tier.exact_routing
-        return TensorDiff(name, a.shape, float(np.max(np.abs(a - b))) if a.size else 0.0, 0.0, 0.0, -math.inf,
-                          1.0, agreement, ok)
+        return TensorDiff(name, a.shape, float(np.max(np.abs(ea - eb))), 0.0, 0.0, -math.inf, 1.0, agreement, ok)
     a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    finite = np.isfinite(a64) & np.isfinite(b64)
+    if not finite.all():
+        diff = diff_tensors(name, a64[finite], b64[finite], tier)
+        problems = [_non_finite(which, x) for which, x in (("A", a64), ("reference", b64))]
+        return TensorDiff(name, a.shape, diff.max_abs, diff.max_rel, diff.nmse, diff.nmse_db, diff.cosine, None,
+                          False, "; ".join(p for p in problems if p) + " (measures over the finite positions)")
     d = a64 - b64
     max_abs = float(np.max(np.abs(d))) if d.size else 0.0
     max_rel = rel_error(a64, b64)
+    scale = max(float(np.max(np.abs(a64))), float(np.max(np.abs(b64)))) if a64.size else 0.0
+    if scale > 1e150:  # sums of squares would overflow: measure in units of the largest value (ratios unchanged)
+        a64, b64, d = a64 / scale, b64 / scale, d / scale
     energy = float(np.sum(b64 * b64))
     nmse = float(np.sum(d * d)) / energy if energy else (0.0 if max_abs == 0 else math.inf)
     nmse_db = 10 * math.log10(nmse) if nmse > 0 else -math.inf
@@ -58,6 +90,17 @@ def diff_tensors(name: str, a: np.ndarray, b: np.ndarray, tier: CompareTier) -> 
     cosine = float(np.sum(a64 * b64) / (na * nb)) if na and nb else (1.0 if na == nb else 0.0)
     ok = max_rel <= tier.max_rel and nmse_db <= tier.nmse_db
     return TensorDiff(name, a.shape, max_abs, max_rel, nmse, nmse_db, cosine, None, ok)
+
+
+def _non_finite(which: str, x: np.ndarray) -> str:
+    """``"A has 2 NaN, 1 inf (first at index (0, 5))"``, or "" when every value is finite."""
+    bad = ~np.isfinite(x)
+    if not bad.any():
+        return ""
+    n_nan = int(np.isnan(x).sum())
+    counts = ", ".join(f"{n} {kind}" for n, kind in ((n_nan, "NaN"), (int(bad.sum()) - n_nan, "inf")) if n)
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    return f"{which} has {counts} (first at index {first[0] if len(first) == 1 else first})"
 
 
 @dataclass
@@ -80,13 +123,15 @@ class Comparison:
         return {d.name: d.routing_agreement for d in self.diffs if d.routing_agreement is not None}
 
     def to_json(self) -> dict[str, Any]:
+        """The comparison as strict JSON data: non-finite measures are the strings "inf", "-inf", "nan"."""
         first = self.first_divergence
+        n = json_number
         return {"tier": self.tier.name, "ok": self.ok, "first_divergence": first.name if first else None,
                 "compared": len(self.diffs), "only_in_a": self.only_in_a, "only_in_b": self.only_in_b,
-                "routing_agreement": self.routing(),
-                "tensors": [{"name": d.name, "shape": list(d.shape), "max_abs": d.max_abs, "max_rel": d.max_rel,
-                             "nmse": d.nmse, "nmse_db": d.nmse_db, "cosine": d.cosine, "ok": d.ok,
-                             **({"problem": d.problem} if d.problem else {})}
+                "routing_agreement": {k: n(v) for k, v in self.routing().items()},
+                "tensors": [{"name": d.name, "shape": [int(x) for x in d.shape], "max_abs": n(d.max_abs),
+                             "max_rel": n(d.max_rel), "nmse": n(d.nmse), "nmse_db": n(d.nmse_db),
+                             "cosine": n(d.cosine), "ok": d.ok, **({"problem": d.problem} if d.problem else {})}
                             for d in self.diffs]}
 
 

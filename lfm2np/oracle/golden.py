@@ -22,6 +22,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from .. import tensors
@@ -30,6 +31,14 @@ from ..ops import ROUTER_NORM_EPS
 from .trace import record
 
 FORMAT_VERSION = 1
+
+
+def _save(arrays: dict[str, np.ndarray], path: Path) -> None:
+    """One golden file; a failure to write it names the file."""
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
+    except (OSError, SafetensorError) as e:
+        raise Lfm2npError(f"{path}: cannot write ({e})") from None
 
 
 def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: Iterable[int] | None = None) -> Path:
@@ -51,7 +60,7 @@ def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: It
         fname = f"{len(ops_written):03d}_{name}.safetensors"
         arrays = {**{f"input.{k}": v for k, v in inputs.items()}, **{f"weight.{k}": v for k, v in weights.items()},
                   **{f"output.{k}": v for k, v in outputs.items()}}
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(out / fname))
+        _save(arrays, out / fname)
         ops_written.append({"name": name, "file": fname, "function": f"lfm2np.ops.{function}", "params": params,
                             "inputs": list(inputs), "weights": list(weights), "outputs": list(outputs)})
 
@@ -113,7 +122,7 @@ def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: It
     head = tensors.head_name(c)
     write("lm_head", "lm_head", {"tied": c.tie_word_embeddings}, {"h": t["model.embedding_norm"]}, {head: W[head]},
           {"logits": logits})
-    save_file({"ids": ids, "logits": np.ascontiguousarray(logits)}, str(out / "model.safetensors"))
+    _save({"ids": ids, "logits": logits}, out / "model.safetensors")
     manifest = {"format": FORMAT_VERSION, "dtype": model.numerics.name, "model": c.source, "config": c.to_dict(),
                 "ids": ids.tolist(), "layers": sorted(wanted), "operators": ops_written,
                 "note": "tensors are (T, ...) for one sequence; weights under Hugging Face names, (out, in)"}

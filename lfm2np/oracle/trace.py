@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ..errors import Lfm2npError
+from ..io.params import machine_memory
+from ..io.safetensors_file import STORAGE, SafetensorsFile
 
 # ------------------------------------------------------------------------------ aliases
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -86,6 +87,58 @@ def matches(name: str, patterns: Sequence[str] | None) -> bool:
     return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+#: Names the record protocol or llama.cpp's graph callback gives an intermediate: their values are floats,
+#: except the chosen experts (integers). A trace file may hold other tensors (a dump's token ids) too.
+_GENERIC = "|".join(sorted(set(_LLAMA_GENERIC.values()) | set(_LLAMA_MOE.values())))
+_TRACE_NAME = re.compile(r"model\.embed_tokens|model\.embedding_norm|lm_head|result_norm|result_output|"
+                         r"model\.layers\.\d+(\.[\w.]+)?|l_out-\d+|model\.layers\.\{\}\.[\w.]+-\d+|"
+                         rf"({_GENERIC})-\d+")
+_INTEGER_NAME = re.compile(r".*\.selected_experts|ffn_moe_topk-\d+")
+
+
+def is_trace_name(name: str) -> bool:
+    """Whether ``name`` is one the record protocol or llama.cpp's graph callback gives an intermediate."""
+    return _TRACE_NAME.fullmatch(name) is not None
+
+
+def holds_integers(name: str) -> bool:
+    """Whether the intermediate ``name`` holds integers (the chosen experts) rather than floats."""
+    return _INTEGER_NAME.fullmatch(name) is not None
+
+
+def _check_dtype(path: Path, name: str, dtype: str) -> None:
+    """A tensor under a trace name must hold floats (the chosen experts: integers)."""
+    if not is_trace_name(name):
+        return
+    if holds_integers(name):
+        if dtype[0] not in "IU":
+            raise Lfm2npError(f"{path}: tensor {name!r} has dtype {dtype}; chosen experts are integers")
+    elif dtype[0] != "F" and dtype != "BF16":
+        raise Lfm2npError(f"{path}: tensor {name!r} has dtype {dtype}; a trace intermediate is floating point "
+                          f"(F16, BF16, F32 or F64)")
+
+
+def json_number(x: float) -> "float | str":
+    """A float for strict JSON: itself when finite, else the string ``"inf"``, ``"-inf"`` or ``"nan"``."""
+    if math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def _json_field(path: Path, meta: dict[str, str], key: str, kind: type, default: Any) -> Any:
+    """A JSON-encoded metadata field of a trace file, checked to be a ``kind``."""
+    if key not in meta:
+        return default
+    try:
+        value = json.loads(meta[key])
+    except (ValueError, RecursionError) as e:
+        raise Lfm2npError(f"{path}: trace metadata {key!r} is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(value, kind):
+        raise Lfm2npError(f"{path}: trace metadata {key!r} is a JSON {type(value).__name__}; expected a "
+                          f"{'list' if kind is list else 'object'}")
+    return value
+
+
 # -------------------------------------------------------------------------------- Trace
 class Trace:
     """Named intermediates of one forward pass, in forward order."""
@@ -124,25 +177,53 @@ class Trace:
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors")
         order = list(self.tensors)
-        save_file({n: np.ascontiguousarray(a) for n, a in self.tensors.items()}, str(path),
-                  metadata={"lfm2np_trace": "1", "order": json.dumps(order), "meta": json.dumps(self.meta)})
-        path.with_suffix(".json").write_text(json.dumps({"meta": self.meta, "tensors": self.summary()}, indent=1))
+        try:
+            save_file({n: np.ascontiguousarray(a) for n, a in self.tensors.items()}, str(path),
+                      metadata={"lfm2np_trace": "1", "order": json.dumps(order), "meta": json.dumps(self.meta)})
+        except Exception as e:  # safetensors' own error type: a directory in the way, a full disk
+            raise Lfm2npError(f"{path}: cannot write the trace ({e})") from None
+        summary = {n: {k: json_number(v) if isinstance(v, float) else v for k, v in row.items()}
+                   for n, row in self.summary().items()}  # strict JSON: a NaN tensor's mean is "nan"
+        path.with_suffix(".json").write_text(json.dumps({"meta": self.meta, "tensors": summary}, indent=1,
+                                                        allow_nan=False))
         return path
 
     @classmethod
     def load(cls, path: "str | os.PathLike[str]") -> "Trace":
         """Read a trace written by :meth:`save`, or any safetensors file of named tensors (e.g. a dump from
-        transformers or llama.cpp whose names are trace names or llama.cpp aliases)."""
+        transformers or llama.cpp whose names are trace names or llama.cpp aliases).
+
+        Checked as it is read (an :class:`Lfm2npError` naming the file and the culprit otherwise): a valid
+        safetensors file (:mod:`lfm2np.io.safetensors_file`: bounded header, pread, no memory map); the
+        ``order`` metadata, if present, a JSON list naming each of its tensors once; ``meta`` a JSON object;
+        floating-point tensors under trace names (integers for the chosen experts; bf16 is widened to float32
+        exactly); no more data than this machine's memory. NaN and infinities are kept as they are:
+        :func:`~lfm2np.oracle.compare.compare` reports every tensor that holds one as failed."""
         path = Path(path)
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                meta = f.metadata() or {}
-                keys = list(f.keys())
-                order = json.loads(meta["order"]) if "order" in meta else keys
-                tensors = {k: f.get_tensor(k) for k in order}
-        except Exception as e:  # safetensors raises its own error types
-            raise Lfm2npError(f"{path}: not a readable trace ({e})") from None
-        return cls(tensors, json.loads(meta.get("meta", "{}")))
+        f = SafetensorsFile(path, dtypes=tuple(STORAGE))
+        order = _json_field(path, f.metadata, "order", list, list(f.tensors))
+        for name in order:
+            if not isinstance(name, str) or name not in f.tensors:
+                raise Lfm2npError(f"{path}: trace metadata 'order' lists {name!r:.80}, which the file does not hold")
+        seen: set[str] = set()
+        twice = next((n for n in order if n in seen or seen.add(n)), None)  # linear: order may be long
+        if twice is not None or len(seen) != len(f.tensors):
+            problem = f"lists {twice!r} twice" if twice is not None else \
+                f"leaves out tensor {next(n for n in f.tensors if n not in seen)!r}"
+            raise Lfm2npError(f"{path}: trace metadata 'order' {problem}; expected each tensor once")
+        meta = _json_field(path, f.metadata, "meta", dict, {})
+        need = sum((i.end - i.begin) * (2 if i.dtype == "BF16" else 1) for i in f.tensors.values())
+        if need > machine_memory():
+            raise Lfm2npError(f"{path}: the trace holds {need} bytes of tensors, more than this machine's memory")
+        tensors = {}
+        for name in order:
+            dtype = f.tensors[name].dtype
+            _check_dtype(path, name, dtype)
+            try:
+                tensors[name] = f.read(name, np.float32 if dtype == "BF16" else None)
+            except MemoryError:
+                raise Lfm2npError(f"{path}: out of memory reading tensor {name!r}") from None
+        return cls(tensors, meta)
 
 
 #: transformers forward-hook captures (module path + ".output", or a function-level step) -> trace names.
@@ -194,3 +275,30 @@ def record(model: Any, ids: Any, patterns: Sequence[str] | None = None) -> tuple
     meta = {"ids": ids.tolist(), "dtype": model.numerics.name, "model": model.config.source,
             "model_type": model.config.model_type}
     return logits, Trace(tensors, meta)
+
+
+def hidden_states(model: Any, ids: Any, *, final_norm: bool = True) -> list[np.ndarray]:
+    """The residual stream after each layer, as transformers' ``output_hidden_states=True`` gives it:
+    a list of ``num_hidden_layers + 1`` arrays ``(T, D)`` for one sequence ``ids`` (T,).
+
+    ``hidden_states[0]`` is the embedding output and ``hidden_states[i + 1]`` the output of layer ``i``,
+    except the last entry: transformers 5 ties it to ``last_hidden_state``, i.e. the final norm
+    (``model.embedding_norm``) applied to the last layer's output. ``final_norm=False`` gives the last
+    layer's raw output there instead (the trace's ``model.layers.{L-1}``). Built on the record protocol:
+    the same values as the trace names ``model.embed_tokens``, ``model.layers.{i}``, ``model.embedding_norm``."""
+    ids = model.check_ids(ids)
+    if ids.ndim != 1:
+        raise Lfm2npError(f"hidden_states takes one sequence, shape (T,); got shape {ids.shape}")
+    n = model.config.num_hidden_layers
+    wanted = ["model.embed_tokens", *(f"model.layers.{i}" for i in range(n)), "model.embedding_norm"]
+    kept: dict[str, np.ndarray] = {}
+
+    def keep(name: str, value: np.ndarray) -> None:
+        if name in wanted:
+            kept[name] = np.array(value)
+
+    model.forward(ids, record=keep)
+    states = [kept[name] for name in wanted[:-1]]
+    if final_norm:
+        states[-1] = kept["model.embedding_norm"]
+    return states

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import lfm2np
-from lfm2np import ops
+from lfm2np import calc, ops
 
 # %% [markdown]
 # ## An impulse response
@@ -26,12 +26,16 @@ print("output:", z[:, 0])
 fig, ax = plt.subplots(figsize=(6, 2.2))
 ax.stem(np.arange(10), u[:, 0], linefmt="C0-", markerfmt="C0o", basefmt=" ", label="u (input)")
 ax.stem(np.arange(10) + 0.15, z[:, 0], linefmt="C1-", markerfmt="C1s", basefmt=" ", label="z (output)")
-ax.set_xlabel("token"); ax.legend(); fig.tight_layout()
+ax.set_xlabel("token position t"); ax.set_ylabel("value"); ax.set_title("a 3-tap causal convolution of an impulse")
+ax.legend(); fig.tight_layout()
 
 # %% [markdown]
 # ## The window moves with the tokens
 # Decoding one token at a time, the state carries the last L-1 values of `u`; each step reads the
 # window, adds the new input, and keeps the last L-1 again. The result equals the one-shot convolution.
+# In the picture each row is one decoding step: the two positions of the state (blue) and the new input
+# (orange) that the step's output reads. Row t+1 starts one position to the right, so consecutive
+# windows overlap: the state after step t is the window of step t+1.
 
 # %%
 rng = np.random.default_rng(0)
@@ -46,6 +50,25 @@ for t in range(len(u)):
     steps.append(out)
 assert np.allclose(np.concatenate(steps), one_shot)
 print("token by token with a 2-row window == one shot")
+
+T = len(u)
+reads = np.zeros((T, T))                                # reads[t, s]: what step t does with u[s]
+for t in range(T):
+    reads[t, max(0, t - 2):t] = 1                       # the state: u[t-2], u[t-1] (zeros before the start)
+    reads[t, t] = 2                                     # the new input u[t]
+fig, ax = plt.subplots(figsize=(5.5, 3.6))
+ax.imshow(reads, cmap=plt.matplotlib.colors.ListedColormap(["white", "#6baed6", "#fd8d3c"]), vmin=0, vmax=2)
+for t in range(T):
+    for s_ in range(max(0, t - 2), t + 1):
+        ax.text(s_, t, f"{u[s_, 0]:+.1f}", ha="center", va="center", fontsize=7)
+ax.set_xticks(range(T)); ax.set_yticks(range(T))
+ax.set_xlabel("position s of the conv input u = b·x (channel 0 values shown)")
+ax.set_ylabel("decoding step t")
+ax.set_title("what each step reads: state (blue) + new input (orange)")
+ax.legend(handles=[plt.matplotlib.patches.Patch(color="#6baed6", label="state: last L-1 = 2 inputs"),
+                   plt.matplotlib.patches.Patch(color="#fd8d3c", label="new input u[t]")],
+          loc="upper right", fontsize=7)
+fig.tight_layout()
 
 # %% [markdown]
 # ## In a real (tiny) model
@@ -64,21 +87,35 @@ assert np.allclose(np.concatenate([logits, more]), model.forward(ids), atol=1e-4
 again, _ = model.step(ids[4:], state)            # the snapshot is untouched: restore = reuse
 assert np.array_equal(again, more)
 
-fig, axes = plt.subplots(1, 2, figsize=(8, 2.2))
-for ax, s, title in zip(axes, (state, after), ("after 4 tokens", "after 6 tokens")):
-    ax.imshow(s.conv_window(0), aspect="auto", cmap="coolwarm")
-    ax.set_title(f"layer 0 window {title}"); ax.set_ylabel("row (t-2, t-1)"); ax.set_xlabel("channel")
-fig.tight_layout()
+# %% [markdown]
+# The window of conv layer 0 after 4, 5 and 6 tokens: each row is the conv input `u` of one token (its
+# position on the left). One step later the newer row has moved up and a new row came in below.
+
+# %%
+_, after5 = model.step(ids[4:5], state)                    # one token at a time
+_, after6 = model.step(ids[5:6], after5)
+windows = [state.conv_window(0), after5.conv_window(0), after6.conv_window(0)]
+assert np.array_equal(windows[0][1], windows[1][0]) and np.array_equal(windows[1][1], windows[2][0])
+limit = max(np.abs(w).max() for w in windows)
+fig, axes = plt.subplots(3, 1, figsize=(8, 4.4), sharex=True, layout="constrained")
+for ax, w, n in zip(axes, windows, (4, 5, 6)):
+    im = ax.imshow(w, aspect="auto", cmap="coolwarm", vmin=-limit, vmax=limit)
+    ax.set_yticks([0, 1]); ax.set_yticklabels([f"u of token {n - 2}", f"u of token {n - 1}"], fontsize=8)
+    ax.set_title(f"layer 0 window after {n} tokens", fontsize=9)
+axes[-1].set_xlabel("channel (D = %d)" % model.config.hidden_size)
+fig.colorbar(im, ax=axes, label="u = b·x");
 
 # %% [markdown]
 # ## Why LFM2 decodes cheaply
 # A conv layer's state is L-1 rows whatever the context; an attention layer's KV cache grows by one row
-# of K and V per token.
+# of K and V per token. The figures come from the calculator (`lfm2np.calc`, see docs/calculators.md):
+# the conv state in float32 as llama.cpp keeps it, the KV cache in f16, one sequence, up to the 32,768
+# tokens of context the LFM2 model cards give.
 
 # %%
 c = lfm2np.load_config("LFM2-1.2B")
-contexts = np.array([1_000, 4_000, 16_000, 32_000, 128_000])
-conv_bytes = len(c.conv_layers) * (c.conv_L_cache - 1) * c.hidden_size * 2       # f16
-kv_bytes = len(c.attention_layers) * 2 * c.num_key_value_heads * c.head_dim * 2 * contexts
-print(f"LFM2-1.2B, per sequence, f16: conv state {conv_bytes / 1e3:.0f} kB (constant); "
-      f"KV cache {kv_bytes[-1] / 1e9:.2f} GB at 128K")
+conv_bytes = calc.conv_state_bytes(c)
+assert conv_bytes == len(c.conv_layers) * (c.conv_L_cache - 1) * c.hidden_size * 4     # float32
+for n in (1_024, 4_096, 16_384, 32_768):
+    print(f"LFM2-1.2B, {n:6,d} tokens: conv state {conv_bytes / 1e3:.0f} kB (constant), "
+          f"KV cache {calc.kv_cache_bytes(c, n, kv_type='f16') / 1e6:7.1f} MB")

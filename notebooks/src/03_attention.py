@@ -28,10 +28,11 @@ print("attention layers:", c.attention_layers, "| H =", c.num_attention_heads, "
 
 # %%
 cos, sin = ops.rope_tables(np.arange(64), c.head_dim, c.rope_theta)
-fig, ax = plt.subplots(figsize=(6, 2.5))
-ax.imshow(cos.T, aspect="auto", cmap="RdBu")
-ax.set_xlabel("position"); ax.set_ylabel("dimension"); ax.set_title(f"cos of the RoPE angles (theta = {c.rope_theta:g})")
-fig.tight_layout()
+fig, ax = plt.subplots(figsize=(6.5, 2.6))
+im = ax.imshow(cos.T, aspect="auto", cmap="RdBu", vmin=-1, vmax=1)
+ax.set_xlabel("position p"); ax.set_ylabel("head dimension i")
+ax.set_title(f"cos(p · theta^(-2i/hd)), theta = {c.rope_theta:g}")
+fig.colorbar(im, ax=ax, label="cos"); fig.tight_layout()
 
 rng = np.random.default_rng(0)
 q, k = rng.standard_normal((1, 1, c.head_dim)), rng.standard_normal((1, 1, c.head_dim))
@@ -73,11 +74,14 @@ for j in range(H):
     p = np.exp(s - s.max(-1, keepdims=True))
     probs[j] = p / p.sum(-1, keepdims=True)
 labels = [tok.decode([i]).replace("\n", "\\n") for i in ids]
-fig, axes = plt.subplots(1, H, figsize=(3.2 * H, 3.4))
+fig, axes = plt.subplots(1, H, figsize=(3.3 * H, 3.9), layout="constrained")
 for j, ax in enumerate(np.atleast_1d(axes)):
-    ax.imshow(probs[j], cmap="viridis")
-    ax.set_title(f"layer {layer}, head {j}")
+    im = ax.imshow(probs[j], cmap="viridis", vmin=0, vmax=1)
+    ax.set_title(f"layer {layer}, head {j} (KV head {j // (H // G)})", fontsize=9)
     ax.set_xticks(range(T)); ax.set_xticklabels(labels, rotation=90, fontsize=6)
     ax.set_yticks(range(T)); ax.set_yticklabels(labels, fontsize=6)
-fig.tight_layout()
+    ax.set_xlabel("key (attended token)", fontsize=8)
+    if j == 0:
+        ax.set_ylabel("query (attending token)", fontsize=8)
+fig.colorbar(im, ax=axes, label="attention probability", shrink=0.8)
 assert np.allclose(probs.sum(-1), 1)

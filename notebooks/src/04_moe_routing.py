@@ -63,16 +63,22 @@ print(f"layer {layer}: the bias changes the choice of {changed.sum()} of {len(id
 load = np.zeros((len(c.moe_layers), c.num_experts), int)
 for row, i in enumerate(c.moe_layers):
     np.add.at(load[row], trace[f"model.layers.{i}.feed_forward.selected_experts"].ravel(), 1)
-fig, axes = plt.subplots(1, 2, figsize=(10, 3))
-axes[0].imshow(load, cmap="Blues")
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), width_ratios=[1, 2.2], layout="constrained")
+im = axes[0].imshow(load, cmap="Blues")
+for (row, e), n in np.ndenumerate(load):
+    axes[0].text(e, row, n, ha="center", va="center", fontsize=7, color="white" if n > load.max() / 2 else "black")
 axes[0].set_xlabel("expert"); axes[0].set_ylabel("MoE layer"); axes[0].set_yticks(range(len(c.moe_layers)))
-axes[0].set_yticklabels(c.moe_layers); axes[0].set_title("tokens routed to each expert")
+axes[0].set_xticks(range(c.num_experts))
+axes[0].set_yticklabels(c.moe_layers); axes[0].set_title(f"tokens per expert ({len(ids)} tokens, top-{c.num_experts_per_tok})", fontsize=10)
+fig.colorbar(im, ax=axes[0], label="tokens", shrink=0.8)
 sel = trace[f + "selected_experts"]
 grid = np.zeros((len(ids), c.num_experts))
 for i_t, experts in enumerate(sel):
     grid[i_t, experts] = trace[f + "routing_weights"][i_t]
-axes[1].imshow(grid.T, aspect="auto", cmap="Oranges")
-axes[1].set_xticks(range(len(ids))); axes[1].set_xticklabels([tok.decode([i]) for i in ids], rotation=90, fontsize=6)
-axes[1].set_ylabel("expert"); axes[1].set_title(f"layer {layer}: routing weight per token")
-fig.tight_layout()
+im = axes[1].imshow(grid.T, aspect="auto", cmap="Oranges", vmin=0)
+axes[1].set_xticks(range(len(ids))); axes[1].set_xticklabels([tok.decode([i]) for i in ids], rotation=90, fontsize=7)
+axes[1].set_yticks(range(c.num_experts))
+axes[1].set_xlabel("token"); axes[1].set_ylabel("expert")
+axes[1].set_title(f"layer {layer}: routing weight of each chosen expert (0: not chosen)")
+fig.colorbar(im, ax=axes[1], label="routing weight", shrink=0.8)
 print("tokens per expert:", load.sum(0))

@@ -51,15 +51,28 @@ print(layer_walk(model, tok, ids, last=8))          # experts of the last 8 toke
 
 # %% [markdown]
 # ## Generation
-# Greedy decoding, then sampling with a seed (reproducible). Each new token is one `model.step` with the
-# decoding state; the prompt is one prefill.
+# Each new token is one `model.step` with the decoding state; the prompt is one prefill. On the question
+# above the model is sure of every token (it memorised that answer), so greedy decoding and sampling agree.
+# On a vaguer question its first token is open: greedy takes the most likely one ("Unlike", about one
+# chance in five) and recites the wrong help topic, while sampling from the model's own distribution
+# (temperature 1, seeded: reproducible) draws another opening and answers differently.
 
 # %%
+from lfm2np.generate import probabilities
+
 stop = tok.stop_ids(c.eos_token_id)
-greedy = Generation(model, ids, 40, Sampling(), stop)
-print("greedy :", tok.decode(list(greedy)), f"[{greedy.finish_reason}]")
-sampled = Generation(model, ids, 40, Sampling(temperature=0.8, top_k=40, top_p=0.95, seed=1), stop)
-print("sampled:", tok.decode(list(sampled)), f"[{sampled.finish_reason}]")
+sure = [tok.decode(list(Generation(model, ids, 40, s, stop))) for s in (Sampling(), Sampling(temperature=1.0, seed=1))]
+print("the while question, greedy and sampled:", sure[0], "| the same:", sure[0] == sure[1])
+question = tok.encode_chat([{"role": "user", "content": "Explain exceptions."}])
+p = probabilities(model.forward(question)[-1], Sampling(temperature=1.0))
+print("first token of the reply:", [(tok.decode([int(i)]), round(float(p[i]), 3)) for i in np.argsort(-p)[:4]])
+greedy = Generation(model, question, 40, Sampling(), stop)
+greedy_text = tok.decode(list(greedy))
+print("greedy :", greedy_text, f"[{greedy.finish_reason}]")
+sampled = Generation(model, question, 40, Sampling(temperature=1.0, seed=1), stop)
+sampled_text = tok.decode(list(sampled))
+print("sampled:", sampled_text, f"[{sampled.finish_reason}]")
+assert greedy.tokens[0] != sampled.tokens[0] and greedy_text.split()[0] != sampled_text.split()[0]
 
 # %% [markdown]
 # ## The state is a value

@@ -1,0 +1,199 @@
+"""``lfm2np chat``: a conversation on the terminal that keeps the decoding state between turns.
+
+Each turn renders the whole conversation with the checkpoint's chat template and encodes it, exactly as
+a from-scratch run would, but feeds the model only the ids its state does not hold yet. LFM2's template
+is prefix-stable (the rendering of turns 1..n is a prefix of the rendering of 1..n+1, and the reply's
+tokens usually re-encode to themselves), so a turn normally feeds just ``<|im_end|>``, the new user turn
+and the assistant header. When the rendering differs from what the state holds (a template that rewrites
+earlier turns, e.g. one that strips past thinking, or a reply whose text encodes to other tokens), the
+state goes back to the first differing id: by ``State.rollback`` when that is within its rollback
+limit, else from the snapshot kept at the start of the last reply, else from the start. Either way the
+model sees exactly the ids of the rendered conversation, so a reply equals the one a from-scratch run
+on the whole conversation gives (to float rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from ..embedded import embedded_model_path
+from ..errors import Lfm2npError
+from ..generate import Generation, Sampling
+from ..state import State
+from .common import Subparsers, add_sampling_arguments, describe_sampling, generation_defaults_for, \
+    load_for_generation, progress, sampling_from
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix of two id lists."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+class Conversation:
+    """The messages so far, the ids the decoding state holds (``fed``) and the state itself."""
+
+    def __init__(self, model: Any, tokenizer: Any, system: str | None = None):
+        self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system message stays)."""
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
+        self.fed: list[int] = []
+        self.state: State | None = None
+        self.snapshot: tuple[int, State] | None = None  # (len(fed), state) at the start of the last reply
+        self.last: dict[str, int] = {}
+
+    def rendered(self) -> list[int]:
+        """The ids of the whole conversation as the chat template renders it, with the assistant header."""
+        return self.tokenizer.encode_chat(self.messages)
+
+    def _rewind(self, n: int) -> None:
+        """Make the state hold ``fed[:n]`` (or fewer ids: then more are fed next)."""
+        back = len(self.fed) - n
+        if back == 0:
+            return
+        self.last["rolled_back"] = back
+        if self.state is not None and back <= self.state.rollback_limit:
+            self.state = self.state.rollback(back)
+        elif self.snapshot is not None and self.snapshot[0] <= n:
+            self.last["from_snapshot"] = 1
+            self.state = self.snapshot[1]
+            n = self.snapshot[0]
+        else:
+            self.last["from_start"] = 1
+            self.state, n = None, 0
+        self.fed = self.fed[:n]
+
+    def ask(self, text: str, max_new_tokens: int, sampling: Sampling, stop_ids: set[int],
+            rng: np.random.Generator | None = None) -> Generation:
+        """Add a user turn and return the Generation of the reply (iterate it, then call :meth:`record`).
+        Feeds the rendered conversation's ids the state does not hold, all but the last; the Generation
+        feeds that one and samples."""
+        self.messages.append({"role": "user", "content": text})
+        ids = self.rendered()
+        context = self.model.config.max_position_embeddings
+        if len(ids) >= context:
+            self.messages.pop()
+            raise ContextFull(f"the conversation would be {len(ids)} tokens, the model's context is {context}")
+        self.last = {"rendered": len(ids)}
+        self._rewind(min(common_prefix(self.fed, ids), len(ids) - 1))
+        self.last["reused"] = len(self.fed)
+        new = ids[len(self.fed):]
+        self.last["fed"] = len(new)
+        if len(new) > 1:
+            _, self.state = self.model.step(new[:-1], self.state)
+            self.fed = ids[:-1]
+        self.snapshot = (len(self.fed), self.state) if self.state is not None else None
+        return Generation(self.model, new[-1:], min(max_new_tokens, context - len(ids)), sampling, stop_ids,
+                          state=self.state, context_ids=self.fed, rng=rng)
+
+    def record(self, gen: Generation) -> str:
+        """After the reply's Generation ran: keep its state and ids, and add the reply to the messages."""
+        tokens = gen.tokens if gen.finish_reason == "stop" else gen.tokens[:-1]  # the ids the state holds
+        self.fed = self.fed + gen.prompt.tolist() + tokens
+        self.state = gen.state
+        assert self.state is None or self.state.position == len(self.fed)
+        reply = self.tokenizer.decode(gen.tokens, skip_special_tokens=True)
+        self.messages.append({"role": "assistant", "content": reply})
+        return reply
+
+
+class ContextFull(Lfm2npError):
+    """The next turn does not fit the model's context (the chat goes on: /reset starts again)."""
+
+
+def _lines(stream, interactive: bool, out):
+    while True:
+        if interactive:
+            out.write("user: ")
+            out.flush()
+        line = stream.readline()
+        if not line:
+            return
+        line = line.rstrip("\r\n")
+        if not interactive:
+            out.write(f"user: {line}\n")
+        yield line
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    sampling_from(args)  # validate the options before loading
+    model_arg = args.model or str(embedded_model_path())
+    model, tokenizer = load_for_generation(model_arg, args.dtype)
+    defaults = generation_defaults_for(model_arg)
+    sampling = sampling_from(args, defaults)
+    stop = tokenizer.stop_ids(model.config.eos_token_id) | set(defaults.get("stop_ids", ()))
+    rng = np.random.default_rng(sampling.seed)
+    conversation = Conversation(model, tokenizer, args.system)
+    interactive = sys.stdin.isatty()
+    out = sys.stdout
+    progress(f"chat: one message per line; /reset starts again, /exit (or the end of input) quits. "
+             f"sampling: {describe_sampling(sampling)}")
+    turn = 0
+    for line in _lines(sys.stdin, interactive, out):
+        command = line.strip()
+        if command == "/exit":
+            break
+        if command == "/reset":
+            conversation.reset()
+            turn = 0
+            progress("[conversation reset]")
+            continue
+        if not command:
+            continue
+        t0 = time.perf_counter()
+        try:
+            gen = conversation.ask(line, args.max_new_tokens, sampling, stop, rng)
+        except ContextFull as e:
+            progress(f"lfm2np: {e}: /reset to start again")
+            continue
+        turn += 1
+        out.write("assistant: ")
+        out.flush()
+        first = None
+
+        def timed():
+            nonlocal first
+            for token in gen:
+                first = first or time.perf_counter()
+                yield token
+
+        for piece in tokenizer.stream(timed()):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+        end = time.perf_counter()
+        conversation.record(gen)
+        s = conversation.last
+        how = ""
+        if s.get("rolled_back"):
+            how = (f", went back {s['rolled_back']} tokens " +
+                   ("from the start" if s.get("from_start") else "to the last reply's start"
+                    if s.get("from_snapshot") else "by rollback"))
+        n = len(gen.tokens)
+        progress(f"[turn {turn}: conversation {s['rendered']} tokens, {s['reused']} reused from the state, "
+                 f"{s['fed']} fed{how}; generated {n} tokens in {end - t0:.2f} s "
+                 f"({max(n - 1, 0) / max(end - (first or end), 1e-9):.1f} tokens/s); finish: {gen.finish_reason}]")
+    return 0
+
+
+def register(sub: Subparsers) -> None:
+    p = sub.add_parser("chat", help="a conversation on the terminal (keeps the decoding state between turns)",
+                       description="Chat with a model, one message per line on stdin (a terminal or a pipe: "
+                                   "printf 'hi\\n/exit\\n' | lfm2np chat). Each turn feeds only the new ids of "
+                                   "the conversation rendered with the checkpoint's chat template; the decoding "
+                                   "state is kept between turns. /reset starts again, /exit quits.")
+    p.add_argument("model", nargs="?", help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M) or "
+                                            ".gguf file (default: the embedded tiny model)")
+    p.add_argument("--system", help="a system message")
+    add_sampling_arguments(p, max_new_tokens=256)
+    p.set_defaults(func=_cmd_chat)

@@ -1,0 +1,106 @@
+"""Perplexity of a token sequence under a model, in sliding windows for sequences longer than the context.
+
+The definition (the Hugging Face "perplexity of fixed-length models" recipe, made exact). For ids
+``x_0 .. x_{N-1}``, a window of ``W`` tokens and a stride ``S`` (``1 <= S < W``):
+
+- window ``k`` reads ``x[b_k : e_k]`` with ``b_k = k*S`` and ``e_k = min(b_k + W, N)``; the last window is
+  the first that reaches ``e_k = N``;
+- it scores the targets ``t`` with ``e_{k-1} <= t < e_k`` (``e_{-1} = 1``): each of ``x_1 .. x_{N-1}`` is
+  scored exactly once, by ``-log p(x_t | x_{b_k} .. x_{t-1})``, with at least ``W - S`` tokens of context
+  once past the first window (``x_0`` has no context and is never scored);
+- ``nll`` is the mean over the ``N - 1`` scored tokens (nats per token), ``perplexity = exp(nll)``.
+
+With ``W >= N`` it is one window over the whole sequence. The published recipe weights every window
+after the first by one token too few (it subtracts the label shift in windows whose first label is
+already masked); this module counts exactly, and ``tools/make_perplexity_reference.py`` computes the same
+windows with transformers' own loss. ``S = W`` (disjoint windows) would leave each window's first token
+without context, so the stride must be smaller than the window.
+
+Log-probabilities are computed stably in float64: ``(z_t - max z) - log sum exp(z - max z)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from .errors import Lfm2npError
+
+#: The default window: the model's context, at most this many tokens (a NumPy forward stays quick).
+DEFAULT_WINDOW = 2048
+
+#: ``progress(window_index, windows, result_so_far)`` after each window.
+Progress = Callable[[int, int, dict], None]
+
+
+def log_probs(logits: np.ndarray, targets: np.ndarray, rows: int = 256) -> np.ndarray:
+    """``log softmax(logits)[t, targets[t]]`` for each row, in float64, ``rows`` rows at a time (bounded
+    temporaries for large vocabularies). ``(T, V), (T,) -> (T,)``"""
+    out = np.empty(len(targets), dtype=np.float64)
+    for a in range(0, len(targets), rows):
+        z = np.asarray(logits[a:a + rows], dtype=np.float64)
+        z = z - z.max(axis=-1, keepdims=True)  # the largest is 0: exp never overflows
+        out[a:a + rows] = z[np.arange(len(z)), targets[a:a + rows]] - np.log(np.exp(z).sum(axis=-1))
+    return out
+
+
+def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """The windows of the module docstring: ``(begin, end, first_target)`` each; the window reads
+    ``ids[begin:end]`` and scores ``first_target .. end - 1``."""
+    _check_windowing(n_tokens, window, stride)
+    out, prev_end, begin = [], 1, 0
+    while True:
+        end = min(begin + window, n_tokens)
+        out.append((begin, end, prev_end))
+        if end == n_tokens:
+            return out
+        prev_end, begin = end, begin + stride
+
+
+def _check_windowing(n_tokens: int, window: int, stride: int) -> None:
+    for name, v in (("window", window), ("stride", stride)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise Lfm2npError(f"{name} is {v!r}; expected an integer")
+    if n_tokens < 2:
+        raise Lfm2npError(f"perplexity needs at least 2 tokens (the first is never scored); got {n_tokens}")
+    if window < 2:
+        raise Lfm2npError(f"window is {window}; expected at least 2 tokens")
+    if not 1 <= stride < window:
+        raise Lfm2npError(f"stride is {stride}; expected 1 <= stride < window ({window}), so that every "
+                          f"token is scored with context")
+
+
+def perplexity(model: Any, ids: Iterable[int], window: int | None = None, stride: int | None = None,
+               progress: Progress | None = None) -> dict[str, Any]:
+    """Perplexity of ``ids`` under ``model`` (see the module docstring).
+
+    ``window`` defaults to the model's context (``max_position_embeddings``, at most
+    :data:`DEFAULT_WINDOW`), ``stride`` to half the window. Returns ``perplexity``, ``nll`` (mean nats per
+    scored token), ``nll_sum``, ``tokens`` (scored: N - 1), ``input_tokens`` (N), ``window``, ``stride`` and
+    ``windows`` (how many forward passes). ``progress`` is called after each window."""
+    ids = model.check_ids(list(ids))
+    if ids.ndim != 1:
+        raise Lfm2npError(f"perplexity takes one sequence of ids; got shape {ids.shape}")
+    context = model.config.max_position_embeddings
+    if window is None:
+        window = min(context, DEFAULT_WINDOW)
+    if window > context:
+        raise Lfm2npError(f"window is {window}; the model's context (max_position_embeddings) is {context}")
+    if stride is None:
+        stride = max(1, window // 2)
+    plan = windows(len(ids), window, stride)
+    nll_sum, scored = 0.0, 0
+    result: dict[str, Any] = {}
+    for k, (begin, end, first) in enumerate(plan):
+        logits = model.forward(ids[begin:end])  # (end - begin, V): row j predicts ids[begin + j + 1]
+        rows = np.arange(first - 1 - begin, end - 1 - begin)
+        nll_sum -= float(log_probs(logits[rows], ids[rows + begin + 1]).sum())
+        scored += len(rows)
+        result = {"perplexity": math.exp(nll_sum / scored), "nll": nll_sum / scored, "nll_sum": nll_sum,
+                  "tokens": scored, "input_tokens": int(len(ids)), "window": int(window), "stride": int(stride),
+                  "windows": len(plan)}
+        if progress is not None:
+            progress(k + 1, len(plan), result)
+    return result

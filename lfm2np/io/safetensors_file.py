@@ -1,0 +1,297 @@
+"""One safetensors file: its header validated, its tensor bytes read with positioned reads (no memory map).
+
+The format is an 8-byte little-endian header length, a UTF-8 JSON header and raw little-endian data. What
+the header must be (each failure is an :class:`~lfm2np.errors.Lfm2npError` naming the file and the
+culprit):
+
+- a length of at most 100 MB (the safetensors library's limit) inside the file;
+- valid UTF-8 JSON, no key repeated in one object (``json`` would keep the last one silently), nesting
+  the parser can follow (deeper is an error, not a RecursionError);
+- an object whose ``__metadata__``, if present, maps strings to strings, and whose other entries each give
+  a ``dtype`` string the reader accepts (weights: ``F64 F32 F16 BF16``), a ``shape`` list of at most 32
+  non-negative integers and ``data_offsets`` ``[begin, end]`` integers (not floats, not bools);
+- byte ranges that match the shapes exactly and tile the data section: no overlap, no gap, nothing after
+  the last tensor (as the safetensors library requires). Sizes are Python integers: nothing overflows, and
+  every tensor lies inside the file, so what a header claims never allocates more than the file holds.
+
+Reading tensor bytes: positioned reads, not a memory map
+--------------------------------------------------------
+A memory map of a file that shrinks after loading turns the next access past its new end into SIGBUS,
+which kills the process. So every read is ``os.preadv`` into a fresh array: the file is first checked
+(``fstat``) to have the size and modification time it had when its header was validated, else the read
+is refused with "changed since it was loaded"; a short read (the file shrank in between) is an error too,
+never a signal. The file stays open, so a file replaced by renaming another one over it keeps being read
+from the original, which is still the data that was validated. ``raw(name, rows)`` reads only those rows,
+one read per run of consecutive rows. Large sequential reads are as fast as paging a map in
+(docs/reliability.md has the measurements); a tensor costs its size in memory when read, as a widened or
+converted one did anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import Lfm2npError
+from ..numerics import bfloat16_to_float32
+
+#: Every safetensors dtype code NumPy can hold, and its storage dtype (bf16 is stored as raw uint16).
+STORAGE = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("u1"),  # read as bytes, checked to be 0 or 1, then viewed as bool
+}
+#: The dtypes of weights (and the default of :class:`SafetensorsFile`).
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+MAX_HEADER = 100_000_000  #: the safetensors library's limit on the JSON header (and lfm2np's on an index)
+MAX_DIMS = 32  #: more dimensions than any tensor needs (numpy's own limit is 32 or 64)
+_MAX_READ = 1 << 30  # largest single read (Linux caps one read at ~2 GiB)
+_CHUNK = 1 << 18  # bytes of stored data converted at a time (a buffer that stays in the CPU's cache)
+
+
+def parse_json(raw: bytes, where: str, what: str) -> Any:
+    """Strict JSON from UTF-8 bytes: an Lfm2npError naming ``where`` for bad UTF-8, bad JSON, a key repeated
+    in one object, or nesting too deep for the parser."""
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise ValueError(f"key {key!r} appears twice in one object")
+            out[key] = value
+        return out
+
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except UnicodeDecodeError as e:
+        raise Lfm2npError(f"{where}: corrupt {what}: not UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r})") \
+            from None
+    except RecursionError:
+        raise Lfm2npError(f"{where}: corrupt {what}: JSON nested too deeply") from None
+    except ValueError as e:
+        raise Lfm2npError(f"{where}: corrupt {what} ({e})") from None
+
+
+# ------------------------------------------------------------------------- the file
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, safetensors dtype code, shape and byte range in the data section."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+class SafetensorsFile:
+    """One safetensors file, open, with a validated header; tensor bytes are read on demand (pread)."""
+
+    def __init__(self, path: "str | os.PathLike[str]", dtypes: "tuple[str, ...]" = FLOAT_DTYPES):
+        self.path = Path(path)
+        self.dtypes = dtypes
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        except OSError as e:
+            raise Lfm2npError(f"{self.path}: cannot open ({e.strerror or e})") from None
+        self._fd = fd
+        self._lock = threading.Lock()  # only for the seek+read fallback (no pread on Windows)
+        weakref.finalize(self, os.close, fd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Lfm2npError(f"{self.path}: not a regular file")
+        self.size, self.mtime_ns = st.st_size, st.st_mtime_ns
+        if self.size < 8:
+            raise Lfm2npError(f"{self.path}: {self.size} bytes, too short for a safetensors file (truncated?)")
+        n = int.from_bytes(self._pread(0, 8, "the header length"), "little")
+        if n > MAX_HEADER:
+            raise Lfm2npError(f"{self.path}: header length {n} exceeds the safetensors limit of {MAX_HEADER} "
+                              f"bytes: not a safetensors file?")
+        if n > self.size - 8:
+            raise Lfm2npError(f"{self.path}: header length {n} exceeds the file ({self.size} bytes): "
+                              f"truncated or not safetensors")
+        header = parse_json(self._pread(8, n, "the header"), str(self.path), "safetensors header")
+        if not isinstance(header, dict):
+            raise Lfm2npError(f"{self.path}: corrupt safetensors header: a JSON {type(header).__name__}, "
+                              f"expected an object")
+        self.metadata = self._metadata(header.pop("__metadata__", {}))
+        self.data_start = 8 + n
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, entry in header.items():
+            dtype, shape, begin, end = self._entry(name, entry)
+            nbytes = math.prod(shape) * STORAGE[dtype].itemsize  # Python ints: no overflow
+            if not (0 <= begin <= end) or end - begin != nbytes:
+                raise Lfm2npError(
+                    f"{self.path}: tensor {name!r} byte range {begin}..{end} does not fit shape {list(shape)} {dtype}"
+                )
+            if end > self.size - self.data_start:
+                raise Lfm2npError(
+                    f"{self.path}: tensor {name!r} ends at byte {end} of the data but the file holds only "
+                    f"{self.size - self.data_start}: the file is truncated"
+                )
+            self.tensors[name] = TensorInfo(self.path, dtype, shape, begin, end)
+        self._check_layout(self.size - self.data_start)
+
+    def _metadata(self, value: Any) -> dict[str, str]:
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise Lfm2npError(f"{self.path}: corrupt safetensors header: __metadata__ is {value!r:.80}; "
+                              f"expected an object of strings")
+        return value
+
+    def _entry(self, name: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
+        """dtype, shape and byte range of one header entry, each checked for its type."""
+        def bad(field: str, value: Any) -> Lfm2npError:
+            return Lfm2npError(f"{self.path}: corrupt header entry for tensor {name!r}: {field} is {value!r:.80}")
+
+        if not isinstance(entry, dict):
+            raise bad("the entry", entry)
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise bad("dtype", dtype)
+        if dtype not in self.dtypes:
+            raise Lfm2npError(f"{self.path}: tensor {name!r} has dtype {dtype!r:.40}; lfm2np reads "
+                              f"{', '.join(self.dtypes)} here")
+        is_int = lambda v: type(v) is int  # noqa: E731  (not bool, not float, not str)
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(is_int(d) and d >= 0 for d in shape):
+            raise bad("shape", shape)
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) for o in offsets):
+            raise bad("data_offsets", offsets)
+        return dtype, tuple(shape), offsets[0], offsets[1]
+
+    def _check_layout(self, data_size: int) -> None:
+        """Tensors must tile the data section: no overlap, no gap, nothing after the last one (as the
+        safetensors library requires)."""
+        position = 0
+        for name, info in sorted(self.tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+            if info.begin != position:
+                what = "overlaps the previous tensor" if info.begin < position else f"leaves a gap at byte {position}"
+                raise Lfm2npError(f"{self.path}: corrupt header: tensor {name!r} at byte {info.begin} {what}")
+            position = info.end
+        if position != data_size:
+            raise Lfm2npError(f"{self.path}: corrupt file: {data_size - position} bytes after the last tensor "
+                              f"(the data section ends at byte {position} of {data_size})")
+
+    # ------------------------------------------------------------------ reading
+    def check_unchanged(self) -> None:
+        """Raise unless the file still has the size and modification time its header was validated with."""
+        st = os.fstat(self._fd)
+        if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
+            what = (f"its size went from {self.size} to {st.st_size} bytes" if st.st_size != self.size
+                    else "it was modified")
+            raise Lfm2npError(f"{self.path}: the file changed since it was loaded ({what}); load the model again")
+
+    def _pread(self, offset: int, n: int, what: str) -> bytes:
+        out = np.empty(n, np.uint8)
+        self._read_into(memoryview(out), offset, what)
+        return out.tobytes()
+
+    def _read_into(self, view: memoryview, offset: int, what: str) -> None:
+        """Fill ``view`` with the file's bytes at ``offset``; an error, never a signal, if the file ends first."""
+        done, n = 0, len(view)
+        while done < n:
+            chunk = view[done:done + _MAX_READ]
+            try:
+                if hasattr(os, "preadv"):
+                    got = os.preadv(self._fd, [chunk], offset + done)
+                else:
+                    with self._lock:
+                        os.lseek(self._fd, offset + done, os.SEEK_SET)
+                        data = os.read(self._fd, len(chunk))
+                    chunk[:len(data)] = data
+                    got = len(data)
+            except OSError as e:
+                raise Lfm2npError(f"{self.path}: cannot read {what} ({e.strerror or e})") from None
+            if got == 0:
+                raise Lfm2npError(f"{self.path}: {what}: read {done} of {n} bytes at offset {offset}: the file "
+                                  f"ends at {os.fstat(self._fd).st_size} bytes (changed since it was loaded?)")
+            done += got
+
+    def read(self, name: str, dtype: Any = None, rows: Any = None) -> np.ndarray:
+        """Tensor ``name`` in ``dtype`` (None: as stored, bf16 as uint16) in a fresh array, or only ``rows`` of
+        its first axis (any integer array: the result has shape ``(*rows.shape, *shape[1:])``), one read per
+        run of consecutive rows. A conversion (bf16 widening: :func:`widen`) goes through a small buffer,
+        chunk by chunk, so no full-size copy of the stored bytes is ever made."""
+        info = self.tensors[name]
+        storage = STORAGE[info.dtype]
+        target = storage if dtype is None else np.dtype(dtype)
+        self.check_unchanged()
+        row_shape = info.shape[1:]
+        if rows is None:
+            index, shape, segments = None, info.shape, [(0, math.prod(info.shape), f"tensor {name!r}")]
+        else:
+            index = self._row_index(info, name, rows)
+            wanted, inverse = np.unique(index.reshape(-1), return_inverse=True)
+            shape, per_row = (wanted.size, *row_shape), math.prod(row_shape)
+            firsts = np.flatnonzero(np.diff(wanted, prepend=-2) != 1)  # where each run of consecutive rows starts
+            segments = [(int(wanted[a]) * per_row, (b - a) * per_row,
+                         f"tensor {name!r} rows {int(wanted[a])}..{int(wanted[b - 1])}")
+                        for a, b in zip(firsts.tolist(), [*firsts[1:].tolist(), wanted.size])]
+        out = np.empty(shape, target)
+        self._fill(out.reshape(-1), segments, info)
+        if info.dtype == "BOOL" and dtype is None:
+            out = self._bool(out, name)
+        return out if index is None else out[inverse.reshape(-1)].reshape((*index.shape, *row_shape))
+
+    def raw(self, name: str, rows: Any = None) -> np.ndarray:
+        """Tensor ``name`` (or its ``rows``) as stored: :meth:`read` with ``dtype=None``."""
+        return self.read(name, None, rows)
+
+    def _fill(self, flat: np.ndarray, segments: list[tuple[int, int, str]], info: TensorInfo) -> None:
+        """Fill ``flat`` with the segments (first element, element count, what) of a tensor, in order."""
+        storage = STORAGE[info.dtype]
+        base, pos = self.data_start + info.begin, 0
+        if not flat.size:
+            return
+        if flat.dtype == storage:  # no conversion: straight into the result
+            for first, count, what in segments:
+                self._read_into(memoryview(flat[pos:pos + count].view(np.uint8)), base + first * storage.itemsize,
+                                what)
+                pos += count
+            return
+        scratch = np.empty(min(_CHUNK // storage.itemsize, max(c for _, c, _ in segments)), storage)
+        for first, count, what in segments:
+            for done in range(0, count, scratch.size):
+                k = min(scratch.size, count - done)
+                self._read_into(memoryview(scratch[:k].view(np.uint8)), base + (first + done) * storage.itemsize,
+                                what)
+                flat[pos + done:pos + done + k] = widen(scratch[:k], info.dtype, flat.dtype)
+            pos += count
+
+    def _bool(self, raw: np.ndarray, name: str) -> np.ndarray:
+        bad = np.flatnonzero(raw.reshape(-1) > 1)
+        if bad.size:
+            raise Lfm2npError(f"{self.path}: tensor {name!r} is BOOL but element {int(bad[0])} is byte "
+                              f"{int(raw.reshape(-1)[bad[0]])}, expected 0 or 1")
+        return raw.view(np.bool_)
+
+    def _row_index(self, info: TensorInfo, name: str, rows: Any) -> np.ndarray:
+        """``rows`` as non-negative int64 indices into the first axis (negatives count from the end)."""
+        index = np.asarray(rows)
+        if not info.shape:
+            raise Lfm2npError(f"{self.path}: tensor {name!r} is a scalar; it has no rows")
+        if index.dtype == bool or not (np.issubdtype(index.dtype, np.integer) or index.size == 0):
+            raise Lfm2npError(f"{self.path}: tensor {name!r}: row indices must be integers, got {index.dtype}")
+        index = index.astype(np.int64)
+        n = info.shape[0]
+        bad = index[(index < -n) | (index >= n)]
+        if bad.size:
+            raise Lfm2npError(f"{self.path}: tensor {name!r}: row {int(bad[0])} is out of range for its first axis "
+                              f"of length {n}")
+        return np.where(index < 0, index + n, index)
+
+
+def widen(raw: np.ndarray, stored: str, dtype: np.dtype) -> np.ndarray:
+    """A stored tensor converted to the compute dtype. bf16 -> f32 is exact: the 16 bits become the high
+    half of a float32. Returns ``raw`` itself when the stored dtype already is the compute dtype."""
+    if stored == "BF16":
+        return bfloat16_to_float32(raw).astype(dtype, copy=False)
+    return raw.astype(dtype, copy=False)
