@@ -22,12 +22,13 @@ from safetensors import SafetensorError
 
 from ..errors import Lfm2npError
 from ..version import __version__
-from . import calc, chat, demo, evaluate, oracle, run
+from . import calc, chat, demo, diagnose, evaluate, oracle, run
 from .common import Subparsers
 
 #: Modules that add subcommands: each ``register`` is called with the subparsers object.
 REGISTRARS: list[Callable[[Subparsers], None]] = [run.register, chat.register, demo.register,
-                                                   evaluate.register, calc.register, oracle.register]
+                                                   evaluate.register, calc.register, oracle.register,
+                                                   diagnose.register]
 
 
 def one_line(message: str) -> str:

@@ -1,0 +1,85 @@
+"""``lfm2np diagnose``: from a backend's dump (logits, a trace, or its greedy tokens) to the porting mistake."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import Lfm2npError
+from ..loading import load
+from ..oracle.diagnose import diagnose, format_diagnosis
+from ..oracle.dumps import load_dump, token_stream
+from ..oracle.mistakes import BY_ID, CATALOGUE
+from ..oracle.tolerance import COMPARE_TIERS
+from .common import DTYPE_CHOICES, DTYPE_HELP, Subparsers
+
+
+def _position(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _mistake_id(text: str) -> str:
+    if text not in BY_ID:
+        raise argparse.ArgumentTypeError(f"unknown mistake {text!r} (see --catalogue)")
+    return text
+
+
+def _catalogue(model) -> int:
+    c = model.config
+    for m in CATALOGUE:
+        status = "applies" if m.applies(c) else f"not applicable: needs {m.requires}"
+        print(f"{m.id:26s} {status}\n    {m.description}\n    shipped by: {m.shipped_by}\n    in a trace: {m.in_a_trace}")
+    return 0
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    given = sum(x is not None for x in (args.dump, args.tokens)) + bool(args.catalogue)
+    if given != 1:
+        raise Lfm2npError("give exactly one of --dump FILE, --tokens IDS (with --ids) or --catalogue")
+    if args.tokens is not None and args.ids is None:
+        raise Lfm2npError("--tokens needs --ids: the prompt ids the backend generated the tokens after")
+    model = load(args.model, dtype=args.dtype)
+    if args.catalogue:
+        return _catalogue(model)
+    if args.dump is not None:
+        dump = load_dump(args.dump, args.ids, args.prefill)
+    else:
+        dump = token_stream(args.ids, args.tokens, args.prefill, source="--tokens")
+    result = diagnose(model, dump, args.tier, only=args.only, combine=not args.no_combine)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1, allow_nan=False))
+    else:
+        print(format_diagnosis(result))
+    return 0 if result.agrees else 1
+
+
+def register(sub: Subparsers) -> None:
+    """Add the ``diagnose`` subcommand."""
+    p = sub.add_parser(
+        "diagnose", help="name the porting mistake behind a backend's logits, trace or tokens",
+        description="Compare a backend's dump with the reference and rank the catalogue of porting mistakes "
+                    "(router softmax, conv taps reversed, interleaved RoPE, ...) by how well each, applied to the "
+                    "reference, reproduces it. Exit 0 when the dump agrees with the reference, 1 when not.")
+    p.add_argument("model", help="the reference: checkpoint directory, cached repo id or .gguf file")
+    p.add_argument("--dump", help=".npz or .safetensors: 'ids' + 'logits' (T, V); 'ids' + 'tokens'; or a trace "
+                                  "(lfm2np, transformers or llama.cpp names)")
+    p.add_argument("--ids", type=int, nargs="+",
+                   help="with --tokens: the prompt ids; with --dump: the ids, when the file does not say")
+    p.add_argument("--tokens", type=int, nargs="+", help="the tokens the backend generated greedily after --ids")
+    p.add_argument("--prefill", type=_position,
+                   help="how many ids the backend processed in its first call (where its second call began); "
+                        "default: the end of the prompt for tokens, the first divergence for dumps")
+    p.add_argument("--tier", default="fp32", choices=list(COMPARE_TIERS), help="tolerance tier (default fp32)")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    p.add_argument("--only", type=_mistake_id, nargs="+", metavar="ID", help="test only these catalogue ids")
+    p.add_argument("--no-combine", action="store_true",
+                   help="do not try combinations of mistakes when no single one reproduces the dump")
+    p.add_argument("--catalogue", action="store_true", help="list the catalogue of mistakes and which apply")
+    p.add_argument("--json", action="store_true", help="print the diagnosis as JSON (strict: no NaN/Infinity)")
+    p.set_defaults(func=_cmd_diagnose)

@@ -1,0 +1,194 @@
+"""What a backend can give the diagnosis: its logits, a trace of named intermediates, or the tokens it generated.
+
+A dump file is an ``.npz`` or a ``.safetensors`` file:
+
+- with ``logits`` ``(T, V)`` and ``ids`` ``(T,)``: a **logits dump** (the backend's logits for those ids);
+- with ``tokens`` ``(N,)`` and ``ids`` ``(P,)``: a **token stream** (its greedy output after the prompt ``ids``);
+- otherwise a **trace**: named intermediates as ``lfm2np compare`` reads them: lfm2np's own trace names
+  (``lfm2np trace``, ``tools/dump_transformers_trace.py``), llama.cpp's eval-callback names
+  (:func:`lfm2np.oracle.trace.llama_cpp_alias`, ``tools/dump_llama_cpp_trace.py``) or transformers' forward-hook
+  names (:func:`lfm2np.oracle.trace.from_transformers`); the ids come from the trace's metadata, an ``ids``
+  tensor, or the caller.
+
+Any of them may carry ``prefill``, a scalar: the number of ids the backend processed in its first call (where
+its second call, a decode or a second prefill, began). Every problem with a file is an
+:class:`~lfm2np.Lfm2npError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from safetensors import safe_open
+
+from ..errors import Lfm2npError
+from .trace import Trace, from_transformers, llama_cpp_alias
+
+KINDS = ("logits", "trace", "tokens")
+
+
+@dataclass(frozen=True)
+class Dump:
+    """What a backend produced. ``kind`` is ``logits`` (``logits`` for ``ids``), ``trace`` (``trace`` of a run
+    on ``ids``) or ``tokens`` (``tokens`` generated greedily after the prompt ``ids``). ``prefill``: where the
+    backend's second call began, when known."""
+
+    kind: str
+    ids: np.ndarray
+    logits: np.ndarray | None = None
+    trace: Trace | None = None
+    tokens: np.ndarray | None = None
+    prefill: int | None = None
+    source: str = field(default="", compare=False)
+
+    @property
+    def length(self) -> int:
+        """The number of positions the backend computed."""
+        return len(self.ids) + (len(self.tokens) - 1 if self.tokens is not None else 0)
+
+
+def _int_array(value: Any, what: str, ndim: int = 1) -> np.ndarray:
+    try:
+        a = np.asarray(value)
+    except (ValueError, TypeError):
+        raise Lfm2npError(f"{what} must be an array of integers") from None
+    if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or (a.size and np.issubdtype(a.dtype, np.floating)
+                                                                       and np.all(a == np.round(a)))):
+        raise Lfm2npError(f"{what} must hold integers; got {a.dtype}")
+    if a.ndim != ndim or a.size == 0:
+        raise Lfm2npError(f"{what} must have {ndim} non-empty axis; got shape {list(a.shape)}")
+    return a.astype(np.int64)
+
+
+def _prefill(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    a = np.asarray(value)
+    if a.size != 1 or not np.issubdtype(a.dtype, np.integer) or int(a.reshape(-1)[0]) < 1:
+        raise Lfm2npError(f"{what} must be one integer >= 1 (the ids in the backend's first call); got {value!r}")
+    return int(a.reshape(-1)[0])
+
+
+def logits_dump(ids: Any, logits: Any, prefill: Any = None, source: str = "logits") -> Dump:
+    """A logits dump: ``logits`` ``(T, V)`` computed by the backend for ``ids`` ``(T,)``."""
+    ids = _int_array(ids, f"{source}: ids")
+    try:
+        logits = np.asarray(logits, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise Lfm2npError(f"{source}: logits must be an array of numbers") from None
+    if logits.ndim != 2 or logits.shape[0] != ids.shape[0]:
+        raise Lfm2npError(f"{source}: logits must have shape (T, V) with T = {ids.shape[0]} ids; "
+                          f"got {list(logits.shape)}")
+    return Dump("logits", ids, logits=logits, prefill=_prefill(prefill, f"{source}: prefill"), source=source)
+
+
+def token_stream(prompt: Any, tokens: Any, prefill: Any = None, source: str = "tokens") -> Dump:
+    """A token stream: ``tokens`` generated greedily by the backend after ``prompt``."""
+    return Dump("tokens", _int_array(prompt, f"{source}: prompt ids"), tokens=_int_array(tokens, f"{source}: tokens"),
+                prefill=_prefill(prefill, f"{source}: prefill"), source=source)
+
+
+def trace_dump(trace: Trace, ids: Any = None, prefill: Any = None, source: str = "trace") -> Dump:
+    """A trace of named intermediates computed by the backend for ``ids`` (default: the trace's own)."""
+    if ids is None:
+        ids = trace.meta.get("ids") if "ids" not in trace else trace["ids"]
+    if ids is None:
+        raise Lfm2npError(f"{source}: the trace does not say which ids it ran (no 'ids' in its metadata or "
+                          f"tensors): pass them (--ids)")
+    tensors = {k: v for k, v in trace.tensors.items() if k not in ("ids", "prefill")}
+    if not tensors:
+        raise Lfm2npError(f"{source}: the trace holds no tensors")
+    if prefill is None and "prefill" in trace:
+        prefill = trace["prefill"]
+    return Dump("trace", _int_array(ids, f"{source}: ids"), trace=Trace(tensors, trace.meta),
+                prefill=_prefill(prefill, f"{source}: prefill"), source=source)
+
+
+def load_dump(path: "str | os.PathLike[str]", ids: Sequence[int] | None = None, prefill: int | None = None) -> Dump:
+    """Read a dump file (see the module docstring). ``ids`` / ``prefill`` override what the file says."""
+    path = Path(path)
+    if not path.is_file():
+        raise Lfm2npError(f"{path}: no such dump file")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except Exception as e:  # zipfile, pickle and format errors alike
+            raise Lfm2npError(f"{path}: not a readable .npz file ({e})") from None
+        meta: dict[str, Any] = {}
+    elif suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                header = f.metadata() or {}
+                keys = list(f.keys())
+                order = json.loads(header["order"]) if "order" in header else keys
+                arrays = {k: f.get_tensor(k) for k in order if k in keys}
+            meta = json.loads(header.get("meta", "{}"))
+        except Exception as e:  # safetensors raises its own error types; bad JSON metadata too
+            raise Lfm2npError(f"{path}: not a readable safetensors file ({e})") from None
+    else:
+        raise Lfm2npError(f"{path}: a dump is an .npz or a .safetensors file")
+    src = str(path)
+    if "logits" in arrays:
+        if ids is None and "ids" not in arrays:
+            raise Lfm2npError(f"{path}: a logits dump needs 'ids' (the T ids the logits are for)")
+        return logits_dump(arrays["ids"] if ids is None else ids, arrays["logits"],
+                           prefill if prefill is not None else arrays.get("prefill"), src)
+    if "tokens" in arrays:
+        if ids is None and "ids" not in arrays:
+            raise Lfm2npError(f"{path}: a token stream needs 'ids' (the prompt before the tokens)")
+        return token_stream(arrays["ids"] if ids is None else ids, arrays["tokens"],
+                            prefill if prefill is not None else arrays.get("prefill"), src)
+    return trace_dump(Trace(arrays, meta if isinstance(meta, dict) else {}), ids, prefill, src)
+
+
+# ------------------------------------------------------------------------------------- names
+def align(trace: Trace, reference: "dict[str, np.ndarray]") -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors of a backend's ``trace`` under lfm2np's names, in ``reference``'s forward order, shaped as
+    the reference's (axes of length 1 dropped or added), with routing in a canonical order
+    (:func:`canonical_routing`); and the names left out, each with the reason."""
+    alias = {a: n for n in reference if (a := llama_cpp_alias(n))}
+    out: dict[str, np.ndarray] = {}
+    skipped: dict[str, str] = {}
+    for key, value in trace.tensors.items():
+        name = key if key in reference else alias.get(key)
+        if name is None:
+            mapped = from_transformers({key: value}).names()
+            name = mapped[0] if mapped and mapped[0] in reference else None
+        if name is None:
+            skipped[key] = "not an intermediate of this model"
+            continue
+        value, want = np.asarray(value), reference[name].shape
+        if value.shape != want:
+            if value.size != int(np.prod(want)) or np.squeeze(value).shape != tuple(d for d in want if d != 1):
+                skipped[key] = f"shape {list(value.shape)}, the reference's is {list(want)}"
+                continue
+            value = value.reshape(want)
+        out[name] = value
+    order = {n: i for i, n in enumerate(reference)}
+    return canonical_routing({n: out[n] for n in sorted(out, key=order.__getitem__)}), skipped
+
+
+_EXPERTS = re.compile(r"^(model\.layers\.\d+\.feed_forward\.)selected_experts$")
+
+
+def canonical_routing(tensors: "dict[str, np.ndarray]") -> dict[str, np.ndarray]:
+    """``tensors`` with each layer's chosen experts in increasing order and its routing weights in the same
+    order (backends list the top-k in different orders). A new dict; other tensors are shared."""
+    out = dict(tensors)
+    for name, experts in tensors.items():
+        m = _EXPERTS.match(name)
+        weights = m and m.group(1) + "routing_weights"
+        if not m or weights not in tensors or tensors[weights].shape != experts.shape:
+            continue
+        order = np.argsort(experts, axis=-1, kind="stable")
+        out[name] = np.take_along_axis(experts, order, axis=-1)
+        out[weights] = np.take_along_axis(tensors[weights], order, axis=-1)
+    return out

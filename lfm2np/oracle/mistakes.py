@@ -1,0 +1,256 @@
+"""The catalogue of porting mistakes, each a small named variant plugged into the one forward pass.
+
+A :class:`Mistake` is a documented, named setting of some switches of :class:`~lfm2np.oracle.port.Port`,
+the policy that says how a port computes each operator (router-softmax is
+``Port(router_scores="softmax")``), applied through the record protocol by
+:func:`~lfm2np.oracle.port.run`: no second copy of the forward pass exists.
+
+Ports compose: several mistakes are one ``Port`` with all their switches (:func:`port_of`), e.g. the three
+router slips of ml-explore/mlx-lm#1883 at once; two mistakes that set the same switch differently cannot
+be combined. Adding a mistake is: a switch on ``Port`` with its handler (:mod:`lfm2np.oracle.port`), and an
+entry in :data:`CATALOGUE` whose ``applies`` names the configs it concerns.
+
+The router entries concern LFM2-MoE; the conv, RoPE, QK-norm, attention-scale, SwiGLU and final-norm entries
+every model type with such a layer, LFM3 included (the handlers recompute RoPE with the tables of the
+layer's type and attention with its window and output gate); the ``lfm3-*`` entries LFM3's own operators
+(output gate, sandwich norms, proportional RoPE, sliding window).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..config import Config
+from ..errors import Lfm2npError
+from .port import REFERENCE, Port, merge, route, run
+
+__all__ = ["BY_ID", "CATALOGUE", "LFM2_TYPES", "Mistake", "PLAUSIBLE_THETAS", "Port", "REFERENCE", "merge",
+           "mistake", "port_of", "route", "run"]
+
+# ----------------------------------------------------------------------------------- catalogue
+Variant = tuple[str, dict[str, Any]]  # (label, Port switches)
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A named porting mistake: what it is, who shipped it, what it looks like in a trace, the configs it
+    concerns (``applies``; ``requires`` says which in words) and its variants (``variants(config, prefill)``:
+    ``(label, Port switches)`` pairs; ``prefill`` is the position where a backend's second call began, when
+    known). ``ambiguous``: trace names (globs below ``model.layers.{i}.``, or top-level names) whose value a
+    backend with this mistake may dump under another meaning; they are not used to judge this hypothesis."""
+
+    id: str
+    description: str
+    shipped_by: str
+    in_a_trace: str
+    requires: str
+    applies: Callable[[Config], bool]
+    variants: Callable[[Config, "int | None"], list[Variant]]
+    ambiguous: tuple[str, ...] = field(default=())
+
+
+LFM2_TYPES = ("lfm2", "lfm2_moe")
+#: Plausible wrong RoPE bases: the original RoPE / Llama 2 default, Llama 3's, and LFM2's own 1e6 (wrong on a
+#: model with another base).
+PLAUSIBLE_THETAS = (1e4, 5e5, 1e6)
+
+
+def _lfm2(c: Config) -> bool:
+    return c.model_type in LFM2_TYPES
+
+
+def _lfm3(c: Config) -> bool:
+    return c.model_type == "lfm3"
+
+
+def _attention_kinds(c: Config) -> list[str]:
+    """The attention layer types ``c`` uses, in layer order."""
+    return list(dict.fromkeys(c.layer_types[i] for i in c.attention_layers))
+
+
+def _partial(c: Config) -> bool:
+    """Whether some attention layer type of ``c`` turns only part of its pairs (LFM3's proportional RoPE)."""
+    return _lfm3(c) and any(c.rotated_pairs(k) is not None for k in _attention_kinds(c))
+
+
+def _any(c: Config) -> bool:
+    return True
+
+
+def _has_conv(c: Config) -> bool:
+    return bool(c.conv_layers)
+
+
+def _has_attention(c: Config) -> bool:
+    return bool(c.attention_layers)
+
+
+def _fixed(label: str, **switches: Any) -> Callable[[Config, "int | None"], list[Variant]]:
+    return lambda c, prefill: [(label, switches)]
+
+
+def _thetas(c: Config, prefill: int | None) -> list[Variant]:
+    """One base for every attention layer: the plausible ones, and on LFM3 each layer type's own base (a
+    backend that reads one theta for all types: the full layers' on the sliding ones, or the other way);
+    those that change the base of some layer."""
+    own = [c.rope(k).theta for k in _attention_kinds(c)]
+    candidates = dict.fromkeys([*PLAUSIBLE_THETAS, *own])
+    return [(f"theta {t:g}", {"rope_theta": t}) for t in candidates if any(t != o for o in own)]
+
+
+def _scales(c: Config, prefill: int | None) -> list[Variant]:
+    return [("no scale (1)", {"attention_scale": 1.0}),
+            (f"1/hd = {1 / c.head_dim:g}", {"attention_scale": 1.0 / c.head_dim}),
+            (f"1/sqrt(D) = {c.hidden_size ** -0.5:g}", {"attention_scale": c.hidden_size ** -0.5})]
+
+
+def _restart(c: Config, prefill: int | None) -> list[Variant]:
+    return [] if not prefill else [(f"restart at position {prefill}", {"conv_restart": int(prefill)})]
+
+
+_MLX = "mlx-lm's lfm2_moe.py until ml-explore/mlx-lm#1354, reported as ml-explore/mlx-lm#1883; mlx-swift-lm " \
+       "until ml-explore/mlx-swift-lm#332"
+CATALOGUE: tuple[Mistake, ...] = (
+    Mistake("router-softmax", "router scores are softmax over the experts instead of a sigmoid per expert",
+            _MLX, "router_logits agree; routing_weights differ in every MoE layer, and selected_experts where "
+            "the expert bias reorders the top-k", "a MoE model",
+            lambda c: _lfm2(c) and bool(c.moe_layers), _fixed("softmax", router_scores="softmax")),
+    Mistake("router-bias-in-weights", "the expert bias, meant for choosing the top-k only, also added to the "
+            "weights the chosen experts are mixed with", _MLX,
+            "selected_experts agree; routing_weights differ (by the bias before renormalisation)",
+            "a MoE model with use_expert_bias", lambda c: _lfm2(c) and bool(c.moe_layers) and c.use_expert_bias,
+            _fixed("bias in weights", router_bias_in_weights=True)),
+    Mistake("router-no-scaling", "routed_scaling_factor never applied to the routing weights",
+            _MLX + " (invisible on released checkpoints, whose factor is 1.0)",
+            "selected_experts agree; routing_weights off by exactly the factor",
+            "a MoE model with routed_scaling_factor != 1",
+            lambda c: _lfm2(c) and bool(c.moe_layers) and c.routed_scaling_factor != 1,
+            _fixed("no scaling", router_scaling=False)),
+    Mistake("router-no-renorm", "the top-k weights not renormalised to sum to 1 although norm_topk_prob is set",
+            "no public LFM2 report; the norm_topk_prob default differs between MoE families (Qwen2-MoE: false)",
+            "selected_experts agree; routing_weights are the raw sigmoid scores (times the factor)",
+            "a MoE model with norm_topk_prob", lambda c: _lfm2(c) and bool(c.moe_layers) and c.norm_topk_prob,
+            _fixed("no renormalisation", router_renorm=False)),
+    Mistake("conv-taps-reversed", "the conv kernel applied back to front: the first tap on the current token",
+            "no public report; the GGUF shortconv.conv is [L, D] in ggml order, and reading it the other way, or "
+            "flipping it for a 'true' convolution, reverses the taps", "bx agrees; conv_out of the first conv "
+            "layer differs at every position", "a conv layer", _has_conv,
+            _fixed("reversed", conv_taps="reversed")),
+    Mistake("conv-gates-swapped", "the B and C gates exchanged: u = C*x before the conv, y = B*z after it",
+            "no public report; B and C collide with batch/channel names (LFM2-FACTS)", "in_proj agrees (or is "
+            "permuted, if the weights were); bx differs in the first conv layer; without conv biases its y "
+            "agrees at position 0 (y = b c w x there)", "a conv layer",
+            _has_conv, _fixed("c before b", conv_gates="c,b"),
+            ambiguous=("conv.in_proj", "conv.b_gate", "conv.c_gate")),
+    Mistake("conv-state-dropped", "a second call (decode after a prefill, or a second prefill) starts its conv "
+            "window from zeros instead of the first call's last L-1 values of b*x; attention keeps its KV "
+            "cache, and the window is kept from then on", "transformers#42017 (a second prefill on an existing "
+            "cache: a follow-up question); LFM2-FACTS lists the family (vmlx-swift#210, llama.cpp#14670, ...)",
+            "everything agrees before the second call's first position P; at P the first conv layer's conv_out "
+            "differs while its bx agrees", "a conv layer, and a known second-call position",
+            _has_conv, _restart),
+    Mistake("rope-interleaved", "RoPE rotates adjacent pairs (2i, 2i+1), GPT-J style, instead of split halves "
+            "(i, i + hd/2), NeoX style", "no public LFM2 report; one flag away in every library (llama.cpp "
+            "rope type NORM vs NEOX, mlx nn.RoPE(traditional=True))", "q_normed agrees; q_rope and k_rope differ "
+            "from position 1 on (position 0 is not rotated)", "an attention layer",
+            _has_attention, _fixed("interleaved", rope_pairs="interleaved")),
+    Mistake("rope-theta", "RoPE with a wrong base: another family's default (1e4, 5e5) or LFM2's 1e6 on a model "
+            "with another base; on LFM3 one base for every layer type (e.g. the full layers' 1e6 on the sliding "
+            "layers too)", "no public LFM2 report; configs spell it theta, rope_theta or "
+            "rope_parameters.rope_theta (LFM2-FACTS), and a reader that misses it falls back to a default; LFM3 "
+            "keys rope_parameters by layer type (GGUF: rope.freq_base_swa for the sliding layers)",
+            "q_rope and k_rope differ from position 1 on, most in the slow (high) pairs", "an attention layer",
+            _has_attention, _thetas),
+    Mistake("no-qk-norm", "the per-head q_layernorm / k_layernorm (LFM3: q_norm / k_norm) skipped (a Llama-style "
+            "attention)",
+            "no public LFM2 report; Llama-derived ports have no QK-norm", "q_normed equals q_proj; attn_out "
+            "differs from position 1 on", "an attention layer",
+            _has_attention, _fixed("none", qk_norm="none")),
+    Mistake("qk-norm-after-rope", "the per-head norm applied after RoPE instead of before",
+            "no public LFM2 report; the order differs between model families", "q_proj agrees; q_rope/k_rope "
+            "differ from position 1 on (the norm weights are not rotation-invariant)", "an attention layer",
+            _has_attention, _fixed("after RoPE", qk_norm="after-rope"),
+            ambiguous=("self_attn.q_normed", "self_attn.k_normed", "self_attn.q_rope", "self_attn.k_rope")),
+    Mistake("embedding-norm-at-start", "model.embedding_norm applied to the embeddings, as its name suggests, and "
+            "no norm after the last layer", "no public report; LFM2-FACTS warns that the name misleads",
+            "the first layer's operator_norm differs (the norm weights are not all ones); the embeddings "
+            "themselves agree unless the dump names the normed ones model.embed_tokens", "any model",
+            _any, _fixed("at the start", final_norm="start"),
+            ambiguous=("model.embed_tokens", "model.embedding_norm")),
+    Mistake("swiglu-gate-up-swapped", "silu applied to the up projection: w2(silu(w3 x) * w1 x); w1 (gate) and "
+            "w3 (up) exchanged in a weight-name mapping", "no public LFM2 report; w1/w3/w2 map to "
+            "gate/up/down, not in numeric order", "w1 and w3 agree (or appear exchanged, if the weights were); "
+            "act differs in the first layer (in the experts' output on MoE layers)", "any model",
+            _any, _fixed("silu on w3", swiglu_silu_on="w3"),
+            ambiguous=("feed_forward.w1", "feed_forward.w3")),
+    Mistake("attention-scale", "attention scores scaled by something else than hd^-0.5: not at all, by 1/hd "
+            "(the scale applied twice), or by 1/sqrt(D)", "no public LFM2 report; kernels that take the scale "
+            "as an argument and also apply their own", "q_rope and k_rope agree; attn_out differs from "
+            "position 1 on (one key: the softmax is 1 whatever the scale)", "an attention layer",
+            _has_attention, _scales),
+    # ------------------------------------------------------------------------------------ LFM3's own
+    Mistake("lfm3-gate-missing", "the per-head output gate not applied: attn_out is the ungated attention, "
+            "o_proj(concat_j o_j) instead of o_proj(concat_j sigmoid(gate_proj x)_j * o_j)",
+            "no public report; LFM2 attention has no gate, so a port grown from an LFM2 one lacks it (the "
+            "llama.cpp of llama-cpp-python 0.3.36 has no lfm3 at all), and transformers renames the "
+            "checkpoint's gate_proj to g_proj on load, so a name mapping can miss it",
+            "q_rope, k_rope and v_proj agree; attn_out of the first attention layer differs at every position "
+            "(its heads not scaled by a sigmoid in (0, 1)); the dump has no self_attn.gate",
+            "an LFM3 model with use_attention_gate",
+            lambda c: _lfm3(c) and c.use_attention_gate and bool(c.attention_layers),
+            _fixed("ungated", output_gate=False)),
+    Mistake("lfm3-sandwich-norms-missing", "post_operator_norm and post_ffn_norm skipped: each block's output "
+            "joins the residual stream un-normed (LFM2's pre-norm layer)",
+            "no public report; LFM2 has no post-norms, so a port grown from an LFM2 one lacks them (the "
+            "llama.cpp of llama-cpp-python 0.3.36 has no lfm3)",
+            "the first layer's mixer output (conv.out_proj or self_attn.out_proj) agrees, its mixer_residual "
+            "differs at every position; the dump has no post_operator_norm / post_ffn_norm",
+            "an LFM3 model with use_sandwich_norm", lambda c: _lfm3(c) and c.use_sandwich_norm,
+            _fixed("no post-norms", sandwich_norms=False)),
+    Mistake("lfm3-rope-full", "the layers with a partial (proportional) RoPE, LFM3's full-attention layers, "
+            "rotate every frequency pair instead of the first int(partial_rotary_factor * hd // 2): "
+            "inv_freq_i = theta^(-2i/hd) for all i < hd/2",
+            "transformers 5.24 itself on configs that label the full-attention RoPE 'default' with "
+            "partial_rotary_factor 0.5, as released LFM3 configs are reported to (its 'default' ignores the "
+            "factor; NeMo AutoModel's LFM3 config documents this and relabels such entries 'proportional'; see "
+            "docs/ops/rope.md); lfm2np.load(..., rope_reading='transformers') computes the same. The family "
+            "elsewhere: AI-Hypercomputer/maxtext#4616 (partial_rotary_factor ignored, Qwen3.5)",
+            "q_normed and k_normed agree; q_rope and k_rope of the first full-attention layer differ from "
+            "position 1 on, only in the dims past the rotated pairs (i and i + hd/2 for i >= rotated), which "
+            "turn slowly: by little at short positions when the base is large; sliding layers agree",
+            "an LFM3 model with a partial RoPE rotation (partial_rotary_factor < 1)",
+            _partial, _fixed("every pair turns", partial_rotation=False)),
+    Mistake("lfm3-window-ignored", "sliding-window layers attend to every earlier position instead of the last "
+            "sliding_window ones",
+            "no public LFM3 report; the family: llama.cpp ran Mistral 7B and Gemma 2 without their sliding "
+            "windows at first (ggml-org/llama.cpp#3371, #3377), and kernels or KV caches without a window "
+            "argument drop it silently",
+            "everything agrees before position W (no query has more than W keys to see there); from W on, "
+            "attn_out of the first sliding layer differs while its q_rope, k_rope and v_proj agree",
+            "an LFM3 model with a sliding-window layer", lambda c: _lfm3(c) and bool(c.sliding_layers),
+            _fixed("no window", sliding_window=False)),
+)
+BY_ID = {m.id: m for m in CATALOGUE}
+
+
+def mistake(mistake_id: str) -> Mistake:
+    """The catalogue entry called ``mistake_id``."""
+    if mistake_id not in BY_ID:
+        raise Lfm2npError(f"unknown mistake {mistake_id!r}; the catalogue has {', '.join(BY_ID)}")
+    return BY_ID[mistake_id]
+
+
+def port_of(config: Config, *mistake_ids: str, prefill: int | None = None) -> Port:
+    """The Port that makes all of ``mistake_ids`` (each entry's first variant) on a model with ``config``.
+    :class:`Lfm2npError` for an unknown id, an entry that does not apply to ``config`` (or has no variant:
+    conv-state-dropped without ``prefill``), or two entries that set the same switch differently."""
+    switch_sets = []
+    for mistake_id in mistake_ids:
+        m = mistake(mistake_id)
+        variants = m.variants(config, prefill) if m.applies(config) else []
+        if not variants:
+            raise Lfm2npError(f"mistake {mistake_id!r} needs {m.requires}"
+                              + (" (pass prefill=)" if mistake_id == "conv-state-dropped" and m.applies(config) else ""))
+        switch_sets.append(variants[0][1])
+    return merge(*switch_sets)
