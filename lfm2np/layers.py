@@ -72,11 +72,13 @@ class SwiGLUWeights:
 @dataclass(frozen=True)
 class MoEWeights:
     """A mixture of experts: the router ``gate (E, D)``, the selection-only ``expert_bias (E,)`` (or None),
-    and ``expert(e)`` giving expert e's :class:`SwiGLUWeights` when it is first chosen."""
+    and ``expert(e)`` giving expert e's :class:`SwiGLUWeights` when it is first chosen; ``prefetch``, when
+    given, is told which experts were chosen, before the first is asked for (an I/O hint, no numbers)."""
 
     gate: np.ndarray
     expert_bias: np.ndarray | None
     expert: Callable[[int], SwiGLUWeights]
+    prefetch: Callable[[np.ndarray], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,8 @@ def moe_ffn(x: np.ndarray, w: MoEWeights, c: Config, rnd: Rounding = ops.exact, 
                                           c.routed_scaling_factor, rnd)
     experts = tap("selected_experts", experts)
     weights = tap("routing_weights", weights)
+    if w.prefetch is not None:
+        w.prefetch(np.unique(experts))
 
     def expert(e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ew = w.expert(e)

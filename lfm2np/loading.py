@@ -80,7 +80,8 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
     params = LazyParams(list(expected), lambda name: checkpoint.read(name, dt), mode,
                         parse_budget(memory_budget, sum(sizes.values())),
                         lambda name, rows: checkpoint.read(name, dt, rows=rows),
-                        lambda name: checkpoint.tensors[name].dtype, sizes, evictable_tensors(config))
+                        lambda name: checkpoint.tensors[name].dtype, sizes, evictable_tensors(config),
+                        checkpoint.prefetch)
     return Model(config, params, mode)
 
 

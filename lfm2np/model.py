@@ -217,7 +217,10 @@ class Model:
             layer = LAYERS[c.model_type]  # lfm2_layer or lfm3_layer
             h = tap("model.embed_tokens", self.embed(ids))  # (T, D)
             layer_states = []
+            ahead = getattr(self.params, "prefetch", None)  # read the next layer's tensors while this one runs
             for i, kind in enumerate(c.layer_types):
+                if ahead is not None and i + 1 < c.num_hidden_layers:
+                    ahead(list(self._names[i + 1].values()))
                 layer_past = None if past is None else past[i]
                 h, layer_state = layer(h, self.layer_weights(i), c, rope.get(kind), layer_past, rnd,
                                        prefixed(tap, f"model.layers.{i}."), c.window(i))
@@ -300,7 +303,10 @@ class Model:
                 w1, w3, w2 = tensors.expert_names(i, e)
                 return SwiGLUWeights(W[w1], W[w3], W[w2])
 
-            ffn: SwiGLUWeights | MoEWeights = MoEWeights(W[n["gate"]], opt("expert_bias"), expert)
+            prefetch = getattr(W, "prefetch", None)  # a lazily read checkpoint can read the chosen ones ahead
+            ahead = None if prefetch is None else (
+                lambda chosen: prefetch([n for e in chosen for n in tensors.expert_names(i, int(e))]))
+            ffn: SwiGLUWeights | MoEWeights = MoEWeights(W[n["gate"]], opt("expert_bias"), expert, ahead)
         else:
             ffn = SwiGLUWeights(W[n["w1"]], W[n["w3"]], W[n["w2"]])
         return LayerWeights(W[n["operator_norm"]], mixer, W[n["ffn_norm"]], ffn,

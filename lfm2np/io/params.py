@@ -44,10 +44,11 @@ class LazyParams(Mapping[str, np.ndarray]):
 
     def __init__(self, names: "list[str]", read: Reader, numerics: Numerics, budget: int | None = None,
                  read_rows: RowReader | None = None, stored: Callable[[str], str] | None = None,
-                 sizes: Mapping[str, int] | None = None, evictable: "set[str] | frozenset[str]" = frozenset()):
+                 sizes: Mapping[str, int] | None = None, evictable: "set[str] | frozenset[str]" = frozenset(),
+                 prefetch: Callable[[list[str]], None] | None = None):
         self._names = list(names)
         self._known = set(self._names)
-        self._read, self._read_rows, self._stored = read, read_rows, stored
+        self._read, self._read_rows, self._stored, self._prefetch = read, read_rows, stored, prefetch
         self.numerics, self.mode = numerics, numerics.name
         if isinstance(budget, bool):  # keep everything / nothing
             budget = None if budget else 0
@@ -85,6 +86,13 @@ class LazyParams(Mapping[str, np.ndarray]):
         if name in self._pinned or name in self._cached or self._read_rows is None or self._fits(name):
             return self[name][index]
         return self.numerics.weight(name, self._read_rows(name, index))
+
+    def prefetch(self, names: "list[str]") -> None:
+        """A hint: these tensors are needed next; those not resident may be read ahead in the background."""
+        if self._prefetch is not None:
+            cold = [n for n in names if n not in self._pinned and n not in self._cached and n in self._known]
+            if cold:
+                self._prefetch(cold)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)

@@ -126,6 +126,14 @@ class Checkpoint:
         out.flags.writeable = False
         return out
 
+    def prefetch(self, names: "list[str]") -> None:
+        """Start reading these tensors into the page cache in the background (a hint; see
+        :meth:`SafetensorsFile.prefetch`), e.g. the experts a layer just chose while the first computes."""
+        for name in names:
+            info = self.tensors.get(name)
+            if info is not None:
+                self.files[info.file.name].prefetch(name)
+
     def stored_dtypes(self) -> dict[str, int]:
         """How many tensors of each stored dtype the checkpoint holds."""
         counts: dict[str, int] = {}

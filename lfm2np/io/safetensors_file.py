@@ -236,10 +236,29 @@ class SafetensorsFile:
                          f"tensor {name!r} rows {int(wanted[a])}..{int(wanted[b - 1])}")
                         for a, b in zip(firsts.tolist(), [*firsts[1:].tolist(), wanted.size])]
         out = np.empty(shape, target)
+        self._advise(segments, info)  # the kernel fetches the whole range while the first chunks convert
         self._fill(out.reshape(-1), segments, info)
         if info.dtype == "BOOL" and dtype is None:
             out = self._bool(out, name)
         return out if index is None else out[inverse.reshape(-1)].reshape((*index.shape, *row_shape))
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to read tensor ``name`` into the page cache now, in the background
+        (``posix_fadvise(WILLNEED)``; nothing where the platform has no such call): a later :meth:`read`
+        then finds it there. A hint only: nothing is read into this process."""
+        info = self.tensors[name]
+        self._advise([(0, math.prod(info.shape), name)], info)
+
+    def _advise(self, segments: list[tuple[int, int, str]], info: TensorInfo) -> None:
+        if not hasattr(os, "posix_fadvise"):
+            return
+        size = STORAGE[info.dtype].itemsize
+        for first, count, _ in segments:
+            try:
+                os.posix_fadvise(self._fd, self.data_start + info.begin + first * size, count * size,
+                                 os.POSIX_FADV_WILLNEED)
+            except OSError:  # a hint: a file system without it reads on demand as before
+                return
 
     def raw(self, name: str, rows: Any = None) -> np.ndarray:
         """Tensor ``name`` (or its ``rows``) as stored: :meth:`read` with ``dtype=None``."""
