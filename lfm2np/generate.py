@@ -169,8 +169,9 @@ class Generation:
     def __init__(self, model: Any, prompt_ids: Iterable[int], max_new_tokens: int,
                  sampling: Sampling = Sampling(), stop_ids: Iterable[int] | None = None,
                  state: State | None = None, context_ids: Iterable[int] = (),
-                 rng: np.random.Generator | None = None):
+                 rng: np.random.Generator | None = None, progress: Any = None):
         self.model = model
+        self.progress = progress  # the prefill's progress(done, total) callback (Model.step), or None
         self.prompt = model.check_ids(list(prompt_ids))
         if self.prompt.ndim != 1:
             raise Lfm2npError(f"the prompt must be one sequence of ids; got shape {self.prompt.shape}")
@@ -196,7 +197,8 @@ class Generation:
         if self.max_new_tokens == 0:
             self.finish_reason = "length"
             return
-        logits, self.state = self.model.step(self.prompt, self.state)
+        extra = {} if self.progress is None else {"progress": self.progress}  # (models that take it)
+        logits, self.state = self.model.step(self.prompt, self.state, **extra)
         while True:
             token = self.choose(logits[-1])
             if token is None:

@@ -45,3 +45,50 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(argv, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lfm2np: error:") and message in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def _forward_argmax(capsys, argv):
+    assert main(argv) == 0
+    return [line for line in capsys.readouterr().out.splitlines() if "next-token argmax" in line]
+
+
+def test_rope_reading_option_reaches_the_model(capsys):
+    # the trap checkpoint: a partial RoPE labelled "default"; the two readings give different logits
+    case = GOLDEN / "lfm3-default-label"
+    ids = [3, 17, 42, 5, 60, 11]
+    for reading in ("trained", "transformers"):
+        lines = _forward_argmax(capsys, ["forward", str(case), "--ids", *map(str, ids), "--rope-reading", reading,
+                                         "--top", "1"])
+        logits = lfm2np.load(case, rope_reading=reading).forward(ids)
+        for t, line in enumerate(lines):
+            assert f"next-token argmax {int(np.argmax(logits[t]))};" in line
+    a = lfm2np.load(case, rope_reading="trained").forward(ids)
+    b = lfm2np.load(case, rope_reading="transformers").forward(ids)
+    assert not np.allclose(a, b)
+
+
+@pytest.mark.parametrize("budget", ["0", "1KiB", "all"])
+def test_memory_budget_option_gives_the_same_logits(capsys, budget):
+    case = GOLDEN / "moe-allk-convbias"
+    want = _forward_argmax(capsys, ["forward", str(case), "--ids", "1", "5", "9"])
+    assert _forward_argmax(capsys, ["forward", str(case), "--ids", "1", "5", "9", "--memory-budget", budget]) == want
+
+
+@pytest.mark.parametrize("budget", ["lots", "-1GB", "10 parsecs"])
+def test_bad_memory_budget_is_a_usage_error(capsys, budget):
+    assert main(["forward", str(GOLDEN / "dense-legacy"), f"--memory-budget={budget}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--memory-budget" in err[0] and f"'{budget}' is not a size" in err[0]
+
+
+def test_layer_progress_is_silent_at_first_then_reports(capsys, monkeypatch):
+    from lfm2np.cli import common
+    clock = iter([0.0, 1.0, 2.0, 10.0, 11.0, 20.0])
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    report = common.LayerProgress("prefill", quiet_for=3.0, every=5.0)   # reads the clock once: t0 = 0
+    report(1, 4)        # t=1: still quiet
+    report(2, 4)        # t=2: still quiet
+    report(3, 4)        # t=10: reports
+    report(4, 4)        # t=11: the last layer reports even within `every`
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["[prefill: layer 3/4, 10 s]", "[prefill: layer 4/4, 11 s]"]

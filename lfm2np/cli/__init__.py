@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else "cannot write the output: "
         return fail(f"{where}{e.strerror or e}")
     except MemoryError:
-        return fail("out of memory (fewer tokens, a smaller model or keep_weights=False may fit)")
+        return fail("out of memory (fewer tokens, a smaller --memory-budget or a smaller model may fit)")
     except UnicodeEncodeError as e:  # printing a name that is not UTF-8 to a strict stream
         return fail(f"cannot print {e.object[max(0, e.start - 20):e.end + 20]!r}: not valid UTF-8")
     except SafetensorError as e:  # the safetensors library writing an output (a directory in the way, a full disk)

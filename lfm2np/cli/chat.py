@@ -127,7 +127,7 @@ def _lines(stream, interactive: bool, out):
 def _cmd_chat(args: argparse.Namespace) -> int:
     sampling_from(args)  # validate the options before loading
     model_arg = args.model or str(embedded_model_path())
-    model, tokenizer = load_for_generation(model_arg, args.dtype)
+    model, tokenizer = load_for_generation(model_arg, args)
     defaults = generation_defaults_for(model_arg)
     sampling = sampling_from(args, defaults)
     stop = tokenizer.stop_ids(model.config.eos_token_id) | set(defaults.get("stop_ids", ()))

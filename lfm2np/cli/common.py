@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..config import ROPE_READINGS
 from ..errors import Lfm2npError
 from ..generate import Generation, Sampling, generation_defaults, sampling_for
 from ..io.hub import resolve
+from ..io.params import parse_budget
 from ..io.tokenizer import Tokenizer
 from ..loading import load
 from ..numerics import MODES
@@ -167,12 +169,54 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def load_for_generation(model_arg: str, dtype: str):
+def memory_budget(value: str) -> str:
+    """``--memory-budget``: a size ("6GiB", "500MB", bytes) or "all"; checked now, used by :func:`load_model`."""
+    try:
+        parse_budget(value, 0)
+    except Lfm2npError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of every command that runs a model: --dtype, --memory-budget, --rope-reading."""
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    p.add_argument("--memory-budget", type=memory_budget, default=None, metavar="SIZE",
+                   help="converted weights kept in memory: a size such as 6GiB, or 'all' (default: everything "
+                        "when it fits a fifth of the available memory, else a fifth of it)")
+    p.add_argument("--rope-reading", choices=ROPE_READINGS, default="trained",
+                   help="an LFM3 RoPE labelled 'default' with a partial factor: as trained (default) or as "
+                        "transformers 5.24 reads it")
+
+
+def load_model(args: argparse.Namespace, source: Any = None) -> Any:
+    """:func:`lfm2np.load` of ``source`` (default ``args.model``) with the options of :func:`add_model_arguments`."""
+    return load(args.model if source is None else source, dtype=getattr(args, "dtype", "float32"),
+                memory_budget=getattr(args, "memory_budget", None),
+                rope_reading=getattr(args, "rope_reading", "trained"))
+
+
+class LayerProgress:
+    """A forward pass's progress callback for the commands: silent for the first seconds, then a line on
+    stderr every few seconds ("layer 12/40, 9 s"), so a long prefill of a large model shows it is moving."""
+
+    def __init__(self, what: str = "forward", quiet_for: float = 3.0, every: float = 5.0):
+        self.what, self.quiet_for, self.every = what, quiet_for, every
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - self.t0 >= self.quiet_for and (now - self.last >= self.every or done == total):
+            progress(f"[{self.what}: layer {done}/{total}, {now - self.t0:.0f} s]")
+            self.last = now
+
+
+def load_for_generation(model_arg: str, args: argparse.Namespace | None = None):
     """The model and its tokenizer for a MODEL argument: a checkpoint directory, a cached repo id, or a .gguf
-    file (its weights and the tokenizer and chat template it carries)."""
+    file (its weights and the tokenizer and chat template it carries); ``args`` gives the model options."""
     t0 = time.perf_counter()
     source = model_arg if str(model_arg).lower().endswith(".gguf") else resolve(model_arg)
-    model = load(source, dtype=dtype)
+    model = load_model(args if args is not None else argparse.Namespace(model=model_arg), source)
     tokenizer = Tokenizer.load(source)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise Lfm2npError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
@@ -190,7 +234,7 @@ def run_generation(model, tokenizer, prompt_ids: list[int], args: argparse.Names
         defaults = generation_defaults_for(args.model)
     sampling = sampling_from(args, defaults)
     stop = tokenizer.stop_ids(model.config.eos_token_id) | set(defaults.get("stop_ids", ()))
-    gen = Generation(model, prompt_ids, args.max_new_tokens, sampling, stop)
+    gen = Generation(model, prompt_ids, args.max_new_tokens, sampling, stop, progress=LayerProgress("prefill"))
     t0 = time.perf_counter()
     first = None
 
@@ -249,7 +293,7 @@ def describe_sampling(s: Sampling) -> str:
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
-    """--max-new-tokens, the sampling options and --dtype. The sampling options default to the
+    """--max-new-tokens, the sampling options and the model options. The sampling options default to the
     checkpoint's generation_config.json (read as transformers reads it), else greedy."""
     p.add_argument("--max-new-tokens", type=non_negative_int, default=max_new_tokens, help=f"default {max_new_tokens}")
     p.add_argument("--temperature", type=temperature, help="0 is greedy (default: the checkpoint's "
@@ -260,4 +304,4 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64)
     p.add_argument("--repetition-penalty", type=repetition_penalty, help="divide the logits of tokens already seen "
                    "(prompt and reply) by this, as transformers does (1: off)")
     p.add_argument("--seed", type=seed, default=None, help=f"makes sampling reproducible (0 .. {MAX_SEED})")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    add_model_arguments(p)

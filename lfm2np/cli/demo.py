@@ -13,7 +13,7 @@ from .common import positive_int, utf8_text
 def _cmd_demo(args: argparse.Namespace) -> int:
     sampling_from(args)
     path = str(embedded_model_path())
-    model, tokenizer = load_for_generation(path, args.dtype)
+    model, tokenizer = load_for_generation(path, args)
     c = model.config
     print(f"layers: {c.layer_pattern()}  (C conv, A attention; lower case: MoE feed-forward, "
           f"{c.num_experts} experts, top-{c.num_experts_per_tok})")

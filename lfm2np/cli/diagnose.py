@@ -6,12 +6,11 @@ import argparse
 import json
 
 from ..errors import Lfm2npError
-from ..loading import load
 from ..oracle.diagnose import diagnose, format_diagnosis
 from ..oracle.dumps import load_dump, token_stream
 from ..oracle.mistakes import BY_ID, CATALOGUE
 from ..oracle.tolerance import COMPARE_TIERS
-from .common import DTYPE_CHOICES, DTYPE_HELP, Subparsers
+from .common import LayerProgress, Subparsers, add_model_arguments, load_model
 
 
 def _position(text: str) -> int:
@@ -44,7 +43,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
         raise Lfm2npError("give exactly one of --dump FILE, --tokens IDS (with --ids) or --catalogue")
     if args.tokens is not None and args.ids is None:
         raise Lfm2npError("--tokens needs --ids: the prompt ids the backend generated the tokens after")
-    model = load(args.model, dtype=args.dtype)
+    model = load_model(args)
     if args.catalogue:
         return _catalogue(model)
     if args.dump is not None:
@@ -76,7 +75,7 @@ def register(sub: Subparsers) -> None:
                    help="how many ids the backend processed in its first call (where its second call began); "
                         "default: the end of the prompt for tokens, the first divergence for dumps")
     p.add_argument("--tier", default="fp32", choices=list(COMPARE_TIERS), help="tolerance tier (default fp32)")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    add_model_arguments(p)
     p.add_argument("--only", type=_mistake_id, nargs="+", metavar="ID", help="test only these catalogue ids")
     p.add_argument("--no-combine", action="store_true",
                    help="do not try combinations of mistakes when no single one reproduces the dump")

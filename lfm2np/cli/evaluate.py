@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import Lfm2npError
 from ..evaluate import perplexity
-from .common import DTYPE_CHOICES, DTYPE_HELP, Subparsers, input_file, load_for_generation, positive_int, progress
+from .common import Subparsers, add_model_arguments, input_file, load_for_generation, positive_int, progress
 
 
 def read_text(path: "str | Path") -> str:
@@ -26,7 +26,7 @@ def read_text(path: "str | Path") -> str:
 
 def _cmd_perplexity(args: argparse.Namespace) -> int:
     text = read_text(args.file)
-    model, tokenizer = load_for_generation(args.model, args.dtype)
+    model, tokenizer = load_for_generation(args.model, args)
     ids = tokenizer.encode(text, add_bos=not args.no_bos)
     t0 = time.perf_counter()
 
@@ -60,7 +60,7 @@ def register(sub: Subparsers) -> None:
                                                       "the window)")
     p.add_argument("--no-bos", action="store_true", help="do not prepend BOS (by default it is, as "
                                                          "transformers' tokenizer does)")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    add_model_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON (fields: perplexity, nll, nll_sum, tokens, "
                                                         "input_tokens, window, stride, windows, bos, file, model)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

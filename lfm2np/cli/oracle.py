@@ -8,12 +8,11 @@ import json
 import numpy as np
 
 from ..io.tokenizer import Tokenizer
-from ..loading import load
 from ..oracle.compare import compare, format_comparison
 from ..oracle.golden import write_golden
 from ..oracle.tolerance import COMPARE_TIERS
 from ..oracle.trace import Trace, record
-from .common import DTYPE_CHOICES, DTYPE_HELP, Subparsers
+from .common import LayerProgress, Subparsers, add_model_arguments, load_model
 from .common import index_list, input_file, non_negative_int, output_dir, output_file, utf8_text
 
 
@@ -24,8 +23,8 @@ def _ids(args: argparse.Namespace, model) -> np.ndarray:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    model = load(args.model, dtype=args.dtype)
-    _, trace = record(model, _ids(args, model), args.pattern)
+    model = load_model(args)
+    _, trace = record(model, _ids(args, model), args.pattern, progress=LayerProgress("trace"))
     path = trace.save(args.out)
     print(f"wrote {len(trace)} tensors to {path} (summary: {path.with_suffix('.json')})")
     return 0
@@ -41,7 +40,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_golden(args: argparse.Namespace) -> int:
-    model = load(args.model, dtype=args.dtype)
+    model = load_model(args)
     out = write_golden(model, _ids(args, model), args.out, args.layers)
     print(f"wrote golden vectors to {out} (manifest.json lists the operators)")
     return 0
@@ -52,7 +51,7 @@ def _add_input(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ids", type=non_negative_int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8], help="token ids")
     src.add_argument("--text", type=utf8_text, help="text to tokenize with the checkpoint's tokenizer (BOS prepended)")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    add_model_arguments(p)
 
 
 def register(sub: Subparsers) -> None:

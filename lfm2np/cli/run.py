@@ -7,18 +7,18 @@ import time
 
 import numpy as np
 
-from ..loading import load
-from .common import DTYPE_CHOICES, DTYPE_HELP, Subparsers, add_sampling_arguments, load_for_generation, run_generation, \
+from .common import LayerProgress, Subparsers, add_model_arguments, add_sampling_arguments, load_for_generation, \
+    load_model, run_generation, \
     sampling_from
 from .common import non_negative_int, positive_int, utf8_text
 
 
 def _cmd_forward(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    model = load(args.model, dtype=args.dtype)
+    model = load_model(args)
     t1 = time.perf_counter()
     ids = np.array(args.ids, dtype=np.int64)
-    logits = model.forward(ids)
+    logits = model.forward(ids, progress=LayerProgress())
     t2 = time.perf_counter()
     print(model)
     print(f"loaded in {t1 - t0:.2f} s; forward of {len(ids)} tokens in {t2 - t1:.2f} s "
@@ -36,14 +36,14 @@ def _register_forward(sub: Subparsers) -> None:
                        description="Load a checkpoint directory and print the logits' top entries for each position.")
     p.add_argument("model", help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M) or .gguf file")
     p.add_argument("--ids", type=non_negative_int, nargs="+", default=[1, 2, 3, 4], help="token ids (default: 1 2 3 4)")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    add_model_arguments(p)
     p.add_argument("--top", type=positive_int, default=3, help="how many top logits to show per position")
     p.set_defaults(func=_cmd_forward)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     sampling_from(args)
-    model, tokenizer = load_for_generation(args.model, args.dtype)
+    model, tokenizer = load_for_generation(args.model, args)
     if args.chat is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.chat})

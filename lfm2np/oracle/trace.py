@@ -258,7 +258,8 @@ def from_transformers(captured: "dict[str, np.ndarray]") -> Trace:
     return Trace(tensors, {"source": "transformers"})
 
 
-def record(model: Any, ids: Any, patterns: Sequence[str] | None = None) -> tuple[np.ndarray, Trace]:
+def record(model: Any, ids: Any, patterns: Sequence[str] | None = None,
+           progress: Any = None) -> tuple[np.ndarray, Trace]:
     """Run ``model`` on one sequence ``ids`` (T,) and record the intermediates whose names match one of
     ``patterns`` (fnmatch globs, e.g. ``"model.layers.3.*"``; None: all). Returns the logits and the trace.
     (The names and the recording protocol are :meth:`lfm2np.Model.forward`'s ``record``.)"""
@@ -271,7 +272,9 @@ def record(model: Any, ids: Any, patterns: Sequence[str] | None = None) -> tuple
         if matches(name, patterns):
             tensors[name] = np.array(value)
 
-    logits = model.forward(ids, record=keep)
+    # progress goes only to a model that asked for it: a stand-in model need not know the keyword
+    extra = {} if progress is None else {"progress": progress}
+    logits = model.forward(ids, record=keep, **extra)
     meta = {"ids": ids.tolist(), "dtype": model.numerics.name, "model": model.config.source,
             "model_type": model.config.model_type}
     return logits, Trace(tensors, meta)
