@@ -138,14 +138,16 @@ class Model:
             return self.run(ids, record=record, progress=progress)[0]
         # a long prompt in chunks, each continuing the state of the last: the temporaries of a layer are
         # bounded by the chunk (the FFN's T x F, the conv's T x 3D), the result is the same rows
-        logits, state = [], State.start(self.config, self.dtype, max_rollback=0)
+        logits, state = None, State.start(self.config, self.dtype, max_rollback=0)
         starts = range(0, ids.shape[0], chunk)
         L = self.config.num_hidden_layers
         for n, t0 in enumerate(starts):
             each = None if progress is None else (lambda done, _, n=n: progress(n * L + done, len(starts) * L))
             out, state = self.step(ids[t0:t0 + chunk], state, progress=each)
-            logits.append(out)
-        return np.concatenate(logits)
+            if logits is None:  # filled chunk by chunk (np.concatenate of a few GB is far slower)
+                logits = np.empty((ids.shape[0], out.shape[1]), out.dtype)
+            logits[t0:t0 + out.shape[0]] = out
+        return logits
 
     def new_state(self, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> State:
         """The decoding state of an empty sequence (see :mod:`lfm2np.state`)."""
@@ -231,7 +233,11 @@ class Model:
             h = tap("model.embedding_norm", ops.rms_norm(h, self.params["model.embedding_norm.weight"], c.norm_eps,
                                                          rnd))
             logits = tap("lm_head", ops.lm_head(h, self.params[tensors.head_name(c)], rnd))  # (T, V)
-        if not np.isfinite(logits).all():  # the one check on the way (T x V); the search only on failure
+        # the one check on the way: a sum (one pass, no buffer) is finite unless a value is NaN or infinite, or
+        # finite values overflow it, which the exact check then tells apart; the search only on failure
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = logits.sum()
+        if not np.isfinite(total) and not np.isfinite(logits).all():
             raise self._non_finite(ids, past, start, record is not None)
         return logits, layer_states
 

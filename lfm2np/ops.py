@@ -64,24 +64,26 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndar
     return y
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """``1 / (1 + exp(-x))``; exp overflows to inf for very negative x, which gives the right 0.
-    (Computed in one buffer: these run on every FFN activation of long prompts.)"""
-    t = np.array(x, dtype=np.result_type(x, np.float32))  # a copy, also of 0-d input
-    np.negative(t, out=t)
+def _exp_neg_plus_one(x: np.ndarray) -> np.ndarray:
+    """``1 + exp(-x)`` in one new buffer (exp overflows to inf for very negative x, which is right)."""
+    t = np.empty(np.shape(x), dtype=np.result_type(x, np.float32))
+    np.negative(x, out=t)
     with np.errstate(over="ignore"):
         np.exp(t, out=t)
     t += 1.0
+    return t
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-x))``; exp overflows to inf for very negative x, which gives the right 0.
+    (Computed in one buffer: these run on every FFN activation of long prompts.)"""
+    t = _exp_neg_plus_one(x)
     return np.reciprocal(t, out=t)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
     """``x * sigmoid(x)``, written ``x / (1 + exp(-x))`` as torch computes it (in one buffer)."""
-    t = np.array(x, dtype=np.result_type(x, np.float32))  # a copy, also of 0-d input
-    np.negative(t, out=t)
-    with np.errstate(over="ignore"):
-        np.exp(t, out=t)
-    t += 1.0
+    t = _exp_neg_plus_one(x)
     return np.divide(x, t, out=t)
 
 
@@ -152,9 +154,11 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rnd: Rounding = 
 
 
 # -------------------------------------------------------------------------- attention
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax; rows that are entirely -inf are not expected (causality keeps one key)."""
-    e = x - np.max(x, axis=axis, keepdims=True)
+def softmax(x: np.ndarray, axis: int = -1, in_place: bool = False) -> np.ndarray:
+    """Numerically stable softmax; rows that are entirely -inf are not expected (causality keeps one key).
+    ``in_place`` overwrites ``x`` (the attention scores, a fresh buffer) instead of allocating another."""
+    e = x if in_place else x.copy()
+    e -= np.max(x, axis=axis, keepdims=True)
     np.exp(e, out=e)
     e /= np.sum(e, axis=axis, keepdims=True)
     return e
@@ -175,16 +179,24 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None = 
     start = S - T if start is None else start
     qg = q.reshape(T, G, R, hd).transpose(1, 2, 0, 3).reshape(G, R * T, hd)  # rows (r, t) of each KV group
     kg, vg = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (G, S, hd)
-    scores = rnd(rnd(qg @ kg.transpose(0, 2, 1)).reshape(G, R, T, S) * q.dtype.type(hd ** -0.5))
-    pos, key = start + np.arange(T)[:, None], np.arange(S)[None, :]
-    hidden = key > pos if window is None else (key > pos) | (key <= pos - window)  # (T, S)
-    scores[..., hidden] = -np.inf
-    probs = rnd(softmax(scores, axis=-1)).reshape(G, R * T, S)
+    scores = rnd(qg @ kg.transpose(0, 2, 1)).reshape(G, R, T, S)
+    scores *= q.dtype.type(hd ** -0.5)
+    scores = rnd(scores)
+    # -inf where a key is hidden: in the columns where that can happen only (the causal diagonal, and the
+    # window's left edge), one pass over them
+    pos = start + np.arange(T)[:, None]
+    for lo, hi in ((start + 1, S), (0, start + T - window if window else 0)):
+        lo, hi = max(lo, 0), min(hi, S)
+        if lo < hi:
+            key = np.arange(lo, hi)[None, :]
+            hidden = (key > pos) if window is None else (key > pos) | (key <= pos - window)
+            scores[..., lo:hi] += np.where(hidden, -np.inf, 0).astype(scores.dtype)
+    probs = rnd(softmax(scores, axis=-1, in_place=True)).reshape(G, R * T, S)
     out = rnd(probs @ vg).reshape(G, R, T, hd)  # (G, R, T, hd)
     return out.transpose(2, 0, 1, 3).reshape(T, H * hd)
 
 
-def attention_blocked(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 256, window: int | None = None,
+def attention_blocked(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 128, window: int | None = None,
                       rnd: Rounding = exact) -> np.ndarray:
     """:func:`attention` computed ``block`` queries at a time, so the score matrix takes ``block x S``
     instead of ``T x S`` memory. Each block of queries reads only the keys it can see (up to its last
@@ -194,14 +206,14 @@ def attention_blocked(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 
     T, S = q.shape[0], k.shape[0]
     if T <= block and window is None:
         return attention(q, k, v, rnd=rnd)
-    rows = []
+    out = np.empty((T, q.shape[1] * q.shape[2]), q.dtype)
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
         first = S - T + t0  # position of this block's first query
         lo = 0 if window is None else max(0, first - window + 1)
         end = S - T + t1  # keys visible to the last query of this block
-        rows.append(attention(q[t0:t1], k[lo:end], v[lo:end], window, rnd, start=first - lo))
-    return np.concatenate(rows, axis=0)
+        out[t0:t1] = attention(q[t0:t1], k[lo:end], v[lo:end], window, rnd, start=first - lo)
+    return out
 
 
 def attention_block(
@@ -210,7 +222,7 @@ def attention_block(
     q_norm: np.ndarray, k_norm: np.ndarray,
     cos: np.ndarray, sin: np.ndarray, eps: float,
     past_k: np.ndarray | None = None, past_v: np.ndarray | None = None,
-    tap: Tap = untapped, attention_block_size: int = 256, rnd: Rounding = exact,
+    tap: Tap = untapped, attention_block_size: int = 128, rnd: Rounding = exact,
     window: int | None = None, gate_proj: np.ndarray | None = None,
     biases: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None] = (None,) * 4,
     wide_rope: bool = False,
@@ -305,7 +317,8 @@ def swiglu(h: np.ndarray, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray,
     ``tap`` sees w1 (the gate projection), w3 (the up projection), act (``silu(w1 h) * w3 h``) and w2."""
     gate = tap("w1", rnd(linear(h, w1)))
     up = tap("w3", rnd(linear(h, w3)))
-    act = tap("act", rnd(rnd(silu(gate)) * up))
+    act = rnd(silu(gate))
+    act = tap("act", rnd(np.multiply(act, up, out=act)))  # in silu's fresh buffer
     return tap("w2", rnd(linear(act, w2)))
 
 
