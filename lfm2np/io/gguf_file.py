@@ -84,6 +84,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import Lfm2npError
+from . import kquants
 
 __all__ = ["GgufFile", "TensorInfo", "open_gguf", "VALUE_TYPE_NAMES"]
 
@@ -678,11 +679,14 @@ class GgufFile:
         return _shaped(out, t, len(index))
 
     def _float32(self, data: np.ndarray, t: TensorInfo, shape: tuple[int, ...]) -> np.ndarray:
-        """Stored values (as :meth:`data` shapes them) -> float32 of ``shape``, through gguf-py if quantised."""
+        """Stored values (as :meth:`data` shapes them) -> float32 of ``shape``: Q4_K and Q6_K by
+        :mod:`lfm2np.io.kquants`, other quantised types through gguf-py."""
         if t.ggml_type == "F32":
             return data.reshape(shape)
         if t.ggml_type in ELEMENT_DTYPES:
             return data.astype(np.float32).reshape(shape)
+        if t.ggml_type in kquants.DEQUANTIZERS:  # Q4_K, Q6_K: the same values as gguf-py's, faster
+            return kquants.dequantize(data, t.ggml_type).reshape(shape)
         gguf = _import_gguf(self.path)
         try:
             values = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(t.type_id))
