@@ -143,6 +143,22 @@ def test_blocked_attention_equals_attention(seed, S, T, block):
     np.testing.assert_allclose(ops.attention_blocked(q, k, v, block), ops.attention(q, k, v), rtol=1e-12, atol=1e-14)
 
 
+@SETTINGS
+@given(seed=seeds, S=st.integers(1, 30), T=st.integers(1, 30), block=st.integers(1, 9),
+       window=st.one_of(st.none(), st.integers(1, 12)), score_bytes=st.integers(1, 4096))
+def test_blocked_attention_split_by_kv_groups_equals_attention(seed, S, T, block, window, score_bytes):
+    # a tiny score budget makes every block run one or a few KV groups (with their query heads) at a time
+    T = min(T, S)
+    q, k, v = rng_arrays(seed, (T, 6, 4), (S, 3, 4), (S, 3, 4))
+    want = ops.attention(q, k, v, window)
+    saved, ops.SCORE_BYTES = ops.SCORE_BYTES, score_bytes
+    try:
+        got = ops.attention_blocked(q, k, v, block, window)
+    finally:
+        ops.SCORE_BYTES = saved
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
 def test_attention_matches_a_per_head_loop():
     """The batched-matmul formulation against the textbook loop over heads and queries."""
     rng = np.random.default_rng(0)
@@ -272,3 +288,25 @@ def test_untied_head_is_used_when_present():
     assert not np.allclose(m.forward(ids), tied.forward(ids))
     params["lm_head.weight"] = params["model.embed_tokens.weight"]
     np.testing.assert_array_equal(lfm2np.Model(config, params).forward(ids), tied.forward(ids))
+
+
+@SETTINGS
+@given(seed=seeds, shape=st.sampled_from([(), (1,), (5, 3), (4, 7, 2)]), chunk=st.integers(1, 9),
+       transpose=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]))
+def test_silu_and_sigmoid_in_slices_equal_the_formula(seed, shape, chunk, transpose, dtype):
+    # slices of `chunk` elements (any remainder, non-contiguous input, 0-d input) give the formula's values
+    x = np.asarray(8 * np.random.default_rng(seed).standard_normal(shape), dtype=dtype)
+    if x.ndim:
+        x[..., :1] = -800.0  # exp(800) overflows: sigmoid 0, silu -0
+    if transpose:
+        x = x.T
+    saved, ops.ELEMENTWISE_CHUNK = ops.ELEMENTWISE_CHUNK, chunk
+    try:
+        got_silu, got_sigmoid = ops.silu(x), ops.sigmoid(x)
+    finally:
+        ops.ELEMENTWISE_CHUNK = saved
+    with np.errstate(over="ignore"):
+        denominator = 1 + np.exp(-x)
+    assert got_silu.shape == got_sigmoid.shape == np.shape(x) and got_silu.dtype == dtype
+    np.testing.assert_array_equal(got_silu, x / denominator)
+    np.testing.assert_array_equal(got_sigmoid, 1 / denominator)
