@@ -5,6 +5,7 @@ One command::
     python benchmarks/bench.py                          # everything, ~30-40 min on 2 cores
     python benchmarks/bench.py --quick                  # smoke run: small T, one repetition, < 3 min
     python benchmarks/bench.py --models 350m,1.2b,8b-cut --checks moe,long,memory
+    python benchmarks/bench.py --models '' --checks real,gguf   # the real-scale and GGUF checks only
 
 What it does:
 
@@ -32,8 +33,13 @@ What it does:
      transformers.
    - ``long``: an 8K-token prefill of the 350M checkpoint, peak RSS (target: a few GB); one-shot
      ``forward`` and ``step`` in chunks of 512, and transformers for reference.
-   - ``memory``: the 8B-A1B(cut) bf16 checkpoint with ``keep_weights=False`` (peak RSS vs file size,
-     target <= ~1.25x) next to ``keep_weights=True``.
+   - ``memory``: the 8B-A1B(cut) bf16 checkpoint with ``memory_budget=0`` (peak RSS vs file size,
+     target <= ~1.25x) next to ``memory_budget="all"`` (``--budgets`` gives other budgets to compare).
+   - ``real`` (not in the default list): ``benchmarks/real_scale.py``, LFM2-24B-A2B's shapes in bf16
+     (47.7 GB; built once on demand, about 8 minutes and 48 GB of disk), cold page cache, default budget:
+     prefill of 64 tokens, decode, peak resident memory (targets of issue 15: <= 70 s, <= 2.5 s/token, <= 6 GB).
+   - ``gguf`` (not in the default list): ``benchmarks/gguf_decode.py --against-safetensors``, LFM2-8B-A1B cut to
+     4 layers as a Q4_K_M GGUF next to the same weights as bf16 safetensors: decode within 2x (issue 15).
 
 Threads: every child gets OPENBLAS_NUM_THREADS = OMP_NUM_THREADS = MKL_NUM_THREADS = ``--threads``
 (default 2) and torch.set_num_threads(threads). ``--unset-coretype`` removes OPENBLAS_CORETYPE and
@@ -221,14 +227,15 @@ def child_run(spec: dict) -> dict:
 
         res["blas"] = blas_info()
         t0 = time.perf_counter()
-        model = lfm2np.load(directory, keep_weights=spec.get("keep_weights"))
+        model = lfm2np.load(directory, memory_budget=spec.get("memory_budget"))
         res["load_s"] = time.perf_counter() - t0
-        res["keep_weights"] = model.params.keep if hasattr(model.params, "keep") else None
+        report = model.memory_report()
+        res["budget_bytes"] = report["budget_bytes"]
         t0 = time.perf_counter()
-        if res["keep_weights"]:
+        if report["budget_bytes"] is None or report["budget_bytes"] >= (report["all_tensors_bytes"] or 0):
             for name in model.params:  # widen and keep every tensor now (a 1-token forward skips experts)
                 model.params[name]
-        model.forward(prompt[:1])  # first use: bf16 tensors are widened (and kept with keep_weights)
+        model.forward(prompt[:1])  # first use: bf16 tensors are widened (and kept, within the budget)
         res["first_call_s"] = time.perf_counter() - t0
         prefill = lambda ids: model.forward(ids)
 
@@ -546,7 +553,7 @@ def print_checks(results: dict) -> None:
             print(f"| {label} | {r['T']} | {r['s']:.1f} | {r['tok_s']:.1f} | {gb(r['rss_after_load'])} | "
                   f"{gb(r['peak_rss'])} | {gb(r['logits_bytes'])} | {r['other_cores']:.2f} |")
     if results.get("memory"):
-        print("\n## 8B-A1B(cut) bf16 checkpoint: peak RSS vs file size (target <= ~1.25x with keep_weights=False)")
+        print("\n## 8B-A1B(cut) bf16 checkpoint: peak RSS vs file size (target <= ~1.25x with memory_budget=0)")
         print("| run | file GB | peak RSS GB | RSS / file | decode tok/s | prefill tok/s (largest T) |")
         print("|---|---|---|---|---|---|")
         for label, r in results["memory"].items():
@@ -562,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="350m,1.2b,8b-cut", help="comma list of " + ", ".join(MODELS))
     ap.add_argument("--frameworks", default="lfm2np,transformers")
-    ap.add_argument("--checks", default="moe,long,memory", help="comma list of moe, long, memory ('' for none)")
+    ap.add_argument("--checks", default="moe,long,memory", help="comma list of moe, long, memory, real, gguf ('' for none; real and gguf run their "
+                    "own scripts: benchmarks/real_scale.py, benchmarks/gguf_decode.py)")
     ap.add_argument("--quick", action="store_true", help="smoke run: T=32,128, decode 4 steps @64, 1 rep, long T=1024")
     ap.add_argument("--cache", default="/tmp/lfm2np-bench")
     ap.add_argument("--threads", type=int, default=2)
@@ -574,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="rerun a child when other processes used more cores than this meanwhile")
     ap.add_argument("--retries", type=int, default=2, help="reruns at most (the least disturbed run is kept)")
     ap.add_argument("--long-T", type=int, default=None)
+    ap.add_argument("--budgets", default="0,all", help="memory budgets of the memory check (e.g. 0,1GiB,4GiB,all)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -660,13 +669,25 @@ def main(argv: list[str] | None = None) -> int:
         d = dirs["8b-cut"]
         size = (d / "model.safetensors").stat().st_size
         mem_params = {**params, "prefill": [p for p in params["prefill"] if p <= 512], "reps": 1}
-        for label, keep in (("keep_weights=False", False), ("keep_weights=True", True)):
+        for budget in args.budgets.split(","):
+            label = f"memory_budget={budget}"
             print(f"[memory] 8b-cut {label} ...", flush=True)
-            r = child("run", {"framework": "lfm2np", "dir": str(d), "keep_weights": keep, **mem_params}, npy)
+            r = child("run", {"framework": "lfm2np", "dir": str(d), "memory_budget": budget, **mem_params}, npy)
             r["file_bytes"] = size
             results["memory"][label] = r
             if "error" in r:
                 print(f"  error: {r['error']}\n{r.get('stderr', '')}", flush=True)
+
+    for check, script, extra in (("real", "real_scale.py", []), ("gguf", "gguf_decode.py", ["--against-safetensors"])):
+        if check in checks:  # scripts of their own (their own checkpoints, their own processes)
+            print(f"[{check}] benchmarks/{script} ...", flush=True)
+            env = {**os.environ, "OPENBLAS_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads),
+                   "MKL_NUM_THREADS": str(args.threads)}
+            proc = subprocess.run([npy, str(HERE / script), *extra, "--threads", str(args.threads)]
+                                  + (["--cache", str(cache)] if check == "real" else ["--dir", str(cache)]),
+                                  env=env, capture_output=True, text=True)
+            print(proc.stdout, proc.stderr[-3000:] if proc.returncode else "", flush=True)
+            results[check] = {"returncode": proc.returncode, "stdout": proc.stdout}
 
     results["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     out = Path(args.out) if args.out else cache / ("results-quick.json" if args.quick else "results.json")

@@ -2,7 +2,7 @@
 
     python benchmarks/profile_step.py /tmp/lfm2np-bench/350m                      # 8 decode steps @512
     python benchmarks/profile_step.py /tmp/lfm2np-bench/350m --prefill 512        # one 512-token prefill
-    python benchmarks/profile_step.py /tmp/lfm2np-bench/8b-cut --keep-weights false
+    python benchmarks/profile_step.py /tmp/lfm2np-bench/8b-cut --memory-budget 0
     python benchmarks/profile_step.py moe64 --prefill 128                         # one-layer 64-expert model
 
 Checkpoints are the ones ``benchmarks/bench.py`` builds. Set OPENBLAS_NUM_THREADS=2 as the benchmark does.
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--prefill", type=int, default=0, help="profile one prefill of this length instead")
-    ap.add_argument("--keep-weights", choices=["true", "false", "auto"], default="auto")
+    ap.add_argument("--memory-budget", default=None, help="e.g. 0, 2GiB, all (default: lfm2np's default)")
     ap.add_argument("--top", type=int, default=18)
     args = ap.parse_args()
 
@@ -45,8 +45,7 @@ def main() -> None:
             num_hidden_layers=1, layer_types=("full_attention",), num_dense_layers=0, num_experts=E, vocab_size=256)
         model = random_model(config)
     else:
-        keep = {"true": True, "false": False, "auto": None}[args.keep_weights]
-        model = lfm2np.load(args.checkpoint, keep_weights=keep)
+        model = lfm2np.load(args.checkpoint, memory_budget=args.memory_budget)
     V = model.config.vocab_size
     rng = np.random.default_rng(0)
     ids = rng.integers(0, V, size=max(args.context, args.prefill, 1))

@@ -54,10 +54,15 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
     everything when the converted model fits a fifth of the available memory, else a fifth of it.
     ``model.params.report()`` says what is resident. ``rope_reading`` decides how an LFM3 RoPE
     entry labelled "default" with a partial_rotary_factor is read (see :data:`lfm2np.config.ROPE_READINGS`:
-    "trained", the default, or "transformers"); such a config warns.
+    "trained", the default, or "transformers"); such a config warns. ``keep_weights`` is the deprecated
+    switch the budget replaced (True: "all", False: 0).
     """
     mode = numerics(dtype)
     if keep_weights is not None:  # the switch the budget replaced: True keeps everything, False nothing
+        if memory_budget is not None:
+            raise Lfm2npError("give memory_budget or keep_weights (its deprecated older form), not both")
+        warnings.warn("keep_weights is deprecated: memory_budget='all' keeps every converted tensor, "
+                      "memory_budget=0 none", DeprecationWarning, stacklevel=2)
         memory_budget = "all" if keep_weights else 0
     if is_gguf(path):
         config, params = read_gguf(path, mode, strict=strict, memory_budget=memory_budget)

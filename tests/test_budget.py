@@ -71,9 +71,13 @@ def test_the_default_budget_follows_available_memory(monkeypatch):
     assert P.default_budget(50 * 2**30) == 2**30  # at least 1 GiB
 
 
-def test_keep_weights_still_means_everything_or_nothing(moe_checkpoint):
-    assert lfm2np.load(moe_checkpoint, keep_weights=True).memory_report()["budget_bytes"] is None
-    assert lfm2np.load(moe_checkpoint, keep_weights=False).memory_report()["budget_bytes"] == 0
+def test_keep_weights_still_means_everything_or_nothing_and_warns(moe_checkpoint):
+    with pytest.warns(DeprecationWarning, match="memory_budget"):
+        assert lfm2np.load(moe_checkpoint, keep_weights=True).memory_report()["budget_bytes"] is None
+    with pytest.warns(DeprecationWarning, match="memory_budget"):
+        assert lfm2np.load(moe_checkpoint, keep_weights=False).memory_report()["budget_bytes"] == 0
+    with pytest.raises(lfm2np.Lfm2npError, match="not both"):
+        lfm2np.load(moe_checkpoint, keep_weights=True, memory_budget="1GiB")
 
 
 def test_an_in_memory_model_reports_everything():

@@ -56,7 +56,7 @@ WORKER = textwrap.dedent("""
                 f.raw(name, rows=np.array([0, info.shape[0] - 1, 0]))
 
     def load_and_run(path):
-        model = lfm2np.load(path, keep_weights=False)
+        model = lfm2np.load(path, memory_budget=0)
         model.forward([1, 2, 3])
         model.step([4], model.step([1, 2])[1])
 

@@ -170,8 +170,8 @@ def test_load_dispatch_on_suffix(tmp_path):
 
 def test_float64_mode_and_kept_weights(tmp_path):
     config, params, path, _ = write(tmp_path, "dense-tied", 64, "Q8_0")
-    m32 = lfm2np.load(path, keep_weights=False)
-    m64 = lfm2np.load(path, dtype="float64", keep_weights=True)
+    m32 = lfm2np.load(path, memory_budget=0)
+    m64 = lfm2np.load(path, dtype="float64", memory_budget="all")
     a = m32.forward(IDS)
     b = m64.forward(IDS)
     assert b.dtype == np.float64
@@ -839,11 +839,11 @@ def test_embedding_rows_alone_and_kept_tensors_dequantised_once(tmp_path, monkey
         return real(self, name, rows)
 
     monkeypatch.setattr(GgufFile, "dequantize", spy)
-    lean = lfm2np.load(path, keep_weights=False)
+    lean = lfm2np.load(path, memory_budget=0)
     assert np.array_equal(lean.embed(np.array([5, 17, 5])), lfm2np.load(path).params["model.embed_tokens.weight"][[5, 17, 5]])
     assert calls[0] == ("token_embd.weight", (5, 17, 5))
     calls.clear()
-    model = lfm2np.load(path, keep_weights=True)
+    model = lfm2np.load(path, memory_budget="all")
     logits, state = model.step(IDS[:5])
     for token in IDS[5:]:
         logits, state = model.step(np.array([token]), state)

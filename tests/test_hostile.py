@@ -645,20 +645,20 @@ def test_checkpoint_changed_after_loading(dense_copy, case, keep):
     """Whatever happens to the file after load(), the next read is an Lfm2npError naming it (a memory map
     would have delivered SIGBUS for the truncations)."""
     change, needles = CHANGES[case]
-    model = lfm2np.load(dense_copy, keep_weights=keep)
+    model = lfm2np.load(dense_copy, memory_budget="all" if keep else 0)
     change(dense_copy / "model.safetensors")
     refused(lambda: model.forward([1, 2, 3]), str(dense_copy / "model.safetensors"), *needles)
 
 
 def test_embedding_rows_after_the_file_shrank(dense_copy):
-    model = lfm2np.load(dense_copy, keep_weights=False)
+    model = lfm2np.load(dense_copy, memory_budget=0)
     os.truncate(dense_copy / "model.safetensors", 4096)
     refused(lambda: model.embed(np.array([5])), "model.safetensors", "changed since it was loaded")
 
 
 def test_shard_truncated_after_loading(tmp_path):
     path = save_checkpoint(tmp_path / "s", TINY_DENSE, random_params(TINY_DENSE, seed=2), shards=3)
-    model = lfm2np.load(path, keep_weights=False)
+    model = lfm2np.load(path, memory_budget=0)
     shard = sorted(path.glob("model-*.safetensors"))[1]
     os.truncate(shard, 100)
     refused(lambda: model.forward([1, 2]), str(shard), "changed since it was loaded")
@@ -667,7 +667,7 @@ def test_shard_truncated_after_loading(tmp_path):
 def test_gguf_truncated_after_loading(tmp_path, valid_gguf):
     path = tmp_path / "shrinks.gguf"
     path.write_bytes(valid_gguf)
-    model = lfm2np.load(path, keep_weights=False)
+    model = lfm2np.load(path, memory_budget=0)
     os.truncate(path, len(valid_gguf) // 2)
     refused(lambda: model.forward([1, 2]), str(path))
 
@@ -676,7 +676,7 @@ def test_deleted_or_replaced_file_keeps_its_validated_data(dense_copy):
     """Not an error: the open file is still the one that was validated (unlinked or renamed over)."""
     f = dense_copy / "model.safetensors"
     want = lfm2np.load(dense_copy).forward([1, 2, 3])
-    model = lfm2np.load(dense_copy, keep_weights=False)
+    model = lfm2np.load(dense_copy, memory_budget=0)
     replacement = dense_copy / "other.safetensors"
     replacement.write_bytes(f.read_bytes()[:100])
     os.replace(replacement, f)

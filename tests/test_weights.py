@@ -91,11 +91,11 @@ def test_reduced_precision_checkpoints_load_and_keep_the_float32_bias(tmp_path, 
     np.testing.assert_allclose(w, params["model.embed_tokens.weight"], rtol=2 ** -7 if dtype == "bfloat16" else 1e-3)
 
 
-def test_keep_weights_false_gives_identical_logits(tiny):
+def test_a_zero_memory_budget_gives_identical_logits(tiny):
     path, _, _ = tiny
     ids = np.array([5, 9, 1, 0, 44])
-    a = lfm2np.load(path, keep_weights=True)
-    b = lfm2np.load(path, keep_weights=False)
+    a = lfm2np.load(path, memory_budget="all")
+    b = lfm2np.load(path, memory_budget=0)
     np.testing.assert_array_equal(a.forward(ids), b.forward(ids))
     assert b.memory_report()["resident_bytes"] == 0 and a.memory_report()["resident_bytes"] > 0
 
@@ -266,15 +266,15 @@ def reads(monkeypatch) -> list[tuple[int, int]]:
 
 
 def test_embedding_lookup_without_kept_weights_reads_only_the_rows(tmp_path, monkeypatch):
-    """With keep_weights=False an embedding lookup reads and converts the looked-up rows, not the whole table."""
+    """With memory_budget=0 an embedding lookup reads and converts the looked-up rows, not the whole table."""
     config = lfm2np.load_config("tiny-moe")
     params = random_params(config, seed=9)
     path = save_checkpoint(tmp_path / "bf", config, params, dtype="bfloat16")
-    lean = lfm2np.load(path, keep_weights=False)
+    lean = lfm2np.load(path, memory_budget=0)
     calls = reads(monkeypatch)
     h = lean.embed(np.array([3, 5, 3]))
     assert [n for _, n in calls] == [2 * config.hidden_size] * 2  # rows 3 and 5, bf16, once each
-    np.testing.assert_array_equal(h, lfm2np.load(path, keep_weights=True).embed(np.array([3, 5, 3])))
+    np.testing.assert_array_equal(h, lfm2np.load(path, memory_budget="all").embed(np.array([3, 5, 3])))
 
 
 def test_row_reads_coalesce_consecutive_rows(tiny, monkeypatch):
@@ -325,7 +325,7 @@ TRUNCATE_AFTER_LOAD = textwrap.dedent("""
     import os, sys
     import lfm2np
     path, keep = sys.argv[1], sys.argv[2] == "keep"
-    model = lfm2np.load(path, keep_weights=keep)
+    model = lfm2np.load(path, memory_budget="all" if keep else 0)
     os.truncate(os.path.join(path, "model.safetensors"), 1000)  # the checkpoint shrinks under the model
     try:
         model.forward([1, 2, 3])
