@@ -27,7 +27,7 @@ What it does:
    same thread count, when torch and transformers are importable in the interpreter given by ``--torch-python``
    (default: this one, else /work/venv-ref/bin/python).
 
-3. Checks of the targets of issue 7:
+3. Checks of the targets of issues 7 and 15:
    - ``moe``: a one-layer MoE model (8B-A1B widths, attention mixer, vocab 256) with 64 experts vs 8 experts at
      top-4: time ratio for decode and prefill (target <= 1.5x), lfm2np and (randomly initialised)
      transformers.
