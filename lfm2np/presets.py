@@ -98,13 +98,16 @@ _RELEASED: dict[str, dict] = {
                                   else "conv" for i in range(24)]},
 }
 # Checkpoints with the shape of another preset (fine-tunes, re-releases): name -> preset it equals. That the
-# LFM2.5-350M and LFM2.5-2.6B configs equal LFM2-350M's and LFM2-2.6B's is itself unconfirmed (third-party).
+# LFM2.5-350M, LFM2.5-2.6B and LFM2-2.6B-Exp configs equal LFM2-350M's and LFM2-2.6B's is itself unconfirmed
+# (third-party copies): UNCONFIRMED lists their shape fields.
 ALIASES: dict[str, str] = {
     "LFM2.5-350M": "LFM2-350M",
     "LFM2.5-1.2B-Base": "LFM2.5-1.2B", "LFM2.5-1.2B-Instruct": "LFM2.5-1.2B",
     "LFM2.5-1.2B-Thinking": "LFM2.5-1.2B", "LFM2.5-1.2B-JP": "LFM2.5-1.2B",
     "LFM2.5-2.6B": "LFM2-2.6B", "LFM2-2.6B-Exp": "LFM2-2.6B",
 }
+
+_SHAPE = ("hidden_size", "num_hidden_layers", "layer_types", "intermediate_size")
 
 #: Preset values not confirmed by Liquid AI (from third-party copies of the configs). Keep this list
 #: in step with ``_RELEASED`` above: it is what the docs and the calculators cite as uncertain.
@@ -114,6 +117,8 @@ UNCONFIRMED: dict[str, tuple[str, ...]] = {
                      "norm_topk_prob", "routed_scaling_factor", "use_expert_bias"),
     "LFM2.5-230M": ("layer_types", "intermediate_size", "num_hidden_layers"),
     "LFM3-1.7B": ("max_position_embeddings", "rope_parameters"),
+    # aliases whose equality with their preset is itself from third-party copies of the configs
+    "LFM2.5-350M": _SHAPE, "LFM2.5-2.6B": _SHAPE, "LFM2-2.6B-Exp": _SHAPE,
 }
 
 #: The context each model card states as supported (trained), where it differs from what the config allows:
@@ -161,6 +166,25 @@ def _key(name: str) -> str:
 
 
 _BY_KEY = {_key(n): n for n in [*PRESETS, *ALIASES]}
+
+
+def supported_context(config: Config) -> tuple[int, str]:
+    """The longest context ``config`` is meant to run at, and where that number comes from: the model card's
+    (:data:`SUPPORTED_CONTEXT`) for a preset or alias, else the config's ``max_position_embeddings``."""
+    name = canonical(config.source or "")
+    if name in SUPPORTED_CONTEXT:
+        return SUPPORTED_CONTEXT[name], "model card"
+    return config.max_position_embeddings, "config"
+
+
+def unconfirmed(config: Config) -> tuple[str, ...]:
+    """The fields of the preset ``config`` came from that Liquid AI has not confirmed (:data:`UNCONFIRMED`;
+    an alias inherits its preset's and adds its own); empty for a checkpoint's own config."""
+    found = _BY_KEY.get(_key(config.source or ""))
+    if found is None:
+        return ()
+    fields = UNCONFIRMED.get(ALIASES.get(found, found), ()) + UNCONFIRMED.get(found, ())
+    return tuple(dict.fromkeys(fields))
 
 
 def names() -> list[str]:

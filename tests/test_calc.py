@@ -285,6 +285,47 @@ def test_cli_memory_table(capsys):
     assert "does NOT fit" in out and "KV cache" in out and "conv state" in out and "all-attention" in out
 
 
+def test_the_supported_context_is_the_cards_not_the_configs(capsys):
+    # LFM2-24B-A2B: its config allows 128,000 positions, its card supports 32,768; in 32 GB, memory alone
+    # would allow far more than either
+    c = load_config("LFM2-24B-A2B")
+    assert presets.supported_context(c) == (32_768, "model card")
+    assert calc.max_context(c, "Q4_K_M", 32 * 10**9) > 128_000
+    assert calc.max_context(c, "Q4_K_M", 32 * 10**9, limit=32_768) == 32_768
+    assert calc.max_context(c, "F16", 32 * 10**9, limit=32_768) == 0
+    code, out, _ = run(capsys, "memory", "LFM2-24B-A2B", "--budget", "32GB", "--context", "131072", "--json")
+    d = json.loads(out)
+    assert (d["supported_context"], d["supported_context_from"], d["max_context"]) == (32_768, "model card", 32_768)
+    code, out, _ = run(capsys, "memory", "LFM2-24B-A2B", "--budget", "32GB", "--context", "131072")
+    assert "beyond the 32,768 tokens the model card gives as supported" in out
+    assert "longest context that fits: 32,768 tokens" in out
+    code, out, _ = run(capsys, "params", "LFM2-24B-A2B")
+    assert "supported context: 32,768 tokens (model card; the config allows 128,000 positions)" in out
+    # a checkpoint's own config: its max_position_embeddings, said to come from the config
+    assert presets.supported_context(load_config("tiny-dense").replace(source="x/config.json")) == (512, "config")
+
+
+def test_unconfirmed_fields_are_shown_aliases_included(capsys):
+    code, out, _ = run(capsys, "params", "LFM2.5-350M", "--json")
+    d = json.loads(out)
+    assert "hidden_size" in d["unconfirmed"] and d["total"] == calc.param_counts(load_config("LFM2-350M"))["total"]
+    assert d["model_card"] == presets.MODEL_CARD_PARAMS["LFM2-350M"]
+    code, out, _ = run(capsys, "params", "LFM2-24B-A2B")
+    assert "unconfirmed (third-party copies of the config): layer_types" in out
+    assert json.loads(run(capsys, "params", "LFM2-350M", "--json")[1])["unconfirmed"] == []
+
+
+def test_the_kv_line_of_a_sliding_model_multiplies_out(capsys):
+    c = load_config("LFM3-1.7B")
+    code, out, _ = run(capsys, "memory", "LFM3-1.7B", "--context", "131072", "--parallel", "2")
+    line = next(x for x in out.splitlines() if x.startswith("KV cache"))
+    per_token = calc.kv_bytes_per_token(c)
+    row = per_token // len(c.full_attention_layers)
+    assert (f"{per_token:,} B/token ({len(c.full_attention_layers)} full-attention layers) x 131,072 + "
+            f"{len(c.sliding_layers)} sliding layers x {c.sliding_window:,} positions x {row:,} B x 2 sequences") in line
+    assert f"{(per_token * 131072 + len(c.sliding_layers) * c.sliding_window * row) * 2:,}" in line
+
+
 @pytest.mark.parametrize("argv, bad", [
     (["memory", "LFM2-350M", "--quant", "Q4_K_X"], "Q4_K_X"),
     (["memory", "LFM2-350M", "--budget", "lots"], "lots"),

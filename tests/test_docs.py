@@ -1,6 +1,6 @@
-"""Every ```python block in README.md and docs/*.md runs (blocks of one file share a namespace, in order;
-README.md's from an empty temporary directory, so its examples work from anywhere, the docs' from the
-repository root), and the numbers in the docs that come from code are current."""
+"""Every ```python block in README.md and docs/*.md runs, from an empty temporary directory (so the examples
+work from anywhere): README.md's each on its own (a reader copies one), a docs page's in order in one namespace
+(a page reads as one session); and the numbers in the docs that come from code are current."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ def python_blocks(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("path", [p for p in DOCS if python_blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
 def test_python_blocks_run(path, monkeypatch, capsys, tmp_path):
-    monkeypatch.chdir(tmp_path if path.name == "README.md" else ROOT)
+    monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__docs__"}
     for i, block in enumerate(python_blocks(path)):
+        if path.name == "README.md":
+            namespace = {"__name__": "__docs__"}
         exec(compile(block, f"{path.name}[block {i}]", "exec"), namespace)
 
 

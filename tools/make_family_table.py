@@ -29,6 +29,9 @@ def family_markdown() -> str:
            "See [calculators.md](calculators.md) for what is exact and what is estimated.", ""]
     unconfirmed = ", ".join(f"{m}: {', '.join(v)}" for m, v in presets.UNCONFIRMED.items())
     out += [f"Unconfirmed preset values (third-party configs): {unconfirmed}.", ""]
+    aliases = "; ".join(f"{a} = {p}" for a, p in presets.ALIASES.items())
+    out += ["Other released names with the shape of a preset (every command takes them; `lfm2np params NAME` "
+            f"prints the unconfirmed fields): {aliases}.", ""]
 
     out += ["## Parameters", "",
             "| model | layers (conv+attn) | total | active per token | active w/o embedding | model card |",
@@ -94,13 +97,13 @@ def family_markdown() -> str:
             "the OS and other programs need part of the RAM too.", "",
             "| quant | weights | total at 32K context | max context in 32 GB (10^9) | max context in 32 GiB |",
             "|---|---:|---:|---:|---:|"]
-    cap = presets.SUPPORTED_CONTEXT["LFM2-24B-A2B"]
+    cap, _ = presets.supported_context(c)
     for q in FAMILY_QUANTS:
         m32 = calc.memory(c, q, context=32768)
         cells = []
         for budget in (32 * 10**9, 32 * 2**30):
-            n = calc.max_context(c, q, budget)
-            cells.append("does not fit" if n == 0 else (f"{_n(cap)} (cap)" if n >= cap else _n(n)))
+            n = calc.max_context(c, q, budget, limit=cap)
+            cells.append("does not fit" if n == 0 else (f"{_n(cap)} (cap)" if n == cap else _n(n)))
         out.append(f"| {q} | {calc.format_bytes(m32['weights_bytes'])} | {calc.format_bytes(m32['total_bytes'])} | "
                    + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"

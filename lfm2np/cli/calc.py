@@ -4,9 +4,14 @@ MODEL is a preset name (``LFM2-24B-A2B``), a ``config.json``, a checkpoint direc
 config from its metadata checked against its tensor shapes; ``memory`` reads its real tensor types). The default output is
 a readable table; ``--json`` prints one JSON object whose field names are a stable interface:
 
-- params: total, active, active_without_embedding, embedding, breakdown (plus lm_head, total_without_embedding)
+- params: total, active, active_without_embedding, embedding, breakdown (plus lm_head, total_without_embedding,
+  supported_context, supported_context_from, unconfirmed)
 - memory: quant, weights_bytes, kv_bytes_per_token, kv_cache_bytes, conv_state_bytes, total_bytes, fits
-  (plus compute_bytes, attention_only_kv_cache_bytes and the inputs)
+  (plus compute_bytes, attention_only_kv_cache_bytes, supported_context, supported_context_from, and with a
+  budget max_context: the longest context that fits it, at most the supported one; and the inputs)
+
+The supported context is the model card's where it is known (LFM2's configs allow 128,000 positions, the
+cards state 32,768), else the config's ``max_position_embeddings``; a ``--context`` beyond it is reported.
 """
 
 from __future__ import annotations
@@ -35,6 +40,18 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
+def _context_notes(c) -> dict[str, Any]:
+    n, source = presets.supported_context(c)
+    return {"supported_context": n, "supported_context_from": source, "unconfirmed": list(presets.unconfirmed(c))}
+
+
+def _context_line(c, notes: dict[str, Any]) -> str:
+    line = f"supported context: {_n(notes['supported_context'])} tokens ({notes['supported_context_from']}"
+    if notes["supported_context_from"] != "config" and c.max_position_embeddings != notes["supported_context"]:
+        line += f"; the config allows {_n(c.max_position_embeddings)} positions"
+    return line + ")"
+
+
 def _describe(c) -> str:
     kinds = f"{len(c.conv_layers)} conv + {len(c.attention_layers)} attention"
     moe = (f", {len(c.moe_layers)} MoE layers ({c.num_experts} experts, top-{c.num_experts_per_tok})"
@@ -46,9 +63,10 @@ def _describe(c) -> str:
 def _cmd_params(args: argparse.Namespace) -> int:
     c = load_config(args.model)
     p = calc.param_counts(c)
-    card = presets.MODEL_CARD_PARAMS.get(c.source or "")
+    card = presets.MODEL_CARD_PARAMS.get(presets.canonical(c.source or "") or "")
+    notes = _context_notes(c)
     if args.json:
-        out: dict[str, Any] = {"model": c.source, **p}
+        out: dict[str, Any] = {"model": c.source, **p, **notes}
         if card is not None:
             out["model_card"] = card
         print(json.dumps(out, indent=2))
@@ -80,6 +98,9 @@ def _cmd_params(args: argparse.Namespace) -> int:
     print(_table(rows))
     if card is not None:
         print(f"model card: {card if isinstance(card, str) else _n(card)}")
+    print(_context_line(c, notes))
+    if notes["unconfirmed"]:
+        print(f"unconfirmed (third-party copies of the config): {', '.join(notes['unconfirmed'])}")
     if args.layers:
         lrows = [("layer", "kind", "mixer", "ffn", "ffn active", "total")]
         for layer in b["layers"]:
@@ -110,6 +131,12 @@ def _cmd_memory(args: argparse.Namespace) -> int:
         m["fuse_qkv"] = True
     full = calc.attention_only(c)
     m["attention_only_kv_cache_bytes"] = calc.kv_cache_bytes(full, args.context, args.parallel, args.kv_type)
+    notes = _context_notes(c)
+    m.update(notes)
+    if budget is not None:
+        m["max_context"] = calc.max_context(c, quant_arg, budget, parallel=args.parallel, kv_type=args.kv_type,
+                                            chunk=args.chunk, flash_attention=not args.no_flash_attn,
+                                            limit=notes["supported_context"])
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
@@ -120,9 +147,16 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     seqs = f"{args.parallel} sequence{'s' if args.parallel != 1 else ''}"
     rows = [("item", "bytes", "size", "how")]
     rows.append(("weights", _n(m["weights_bytes"]), fb(m["weights_bytes"]), what))
+    # kv_bytes_per_token already sums K and V over the full-attention layers
+    full_layers = len(c.full_attention_layers)
+    kind = "full-attention" if c.sliding_layers else "attention"
+    how = f"{_n(m['kv_bytes_per_token'])} B/token ({full_layers} {kind} layers) x {_n(args.context)}"
+    if c.sliding_layers:  # sliding-window layers keep at most their window
+        kept = min(args.context, c.sliding_window)
+        how += (f" + {len(c.sliding_layers)} sliding layers x {_n(kept)} positions x "
+                f"{_n(m['sliding_kv_bytes'] // args.parallel // (kept * len(c.sliding_layers)))} B")
     rows.append(("KV cache", _n(m["kv_cache_bytes"]), fb(m["kv_cache_bytes"]),
-                 f"{len(c.attention_layers)} attention layers x {_n(m['kv_bytes_per_token'])} B/token "
-                 f"x {_n(args.context)} x {seqs}, {m['kv_type']}"))
+                 f"{how} x {seqs}, {m['kv_type']}"))
     rows.append(("conv state", _n(m["conv_state_bytes"]), fb(m["conv_state_bytes"]),
                  f"{len(c.conv_layers)} conv layers x {c.conv_L_cache - 1} x {c.hidden_size} f32 x {seqs}"))
     rows.append(("compute buffer", _n(m["compute_bytes"]), fb(m["compute_bytes"]),
@@ -135,9 +169,14 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     print(f"all-attention equivalent KV cache: {fb(m['attention_only_kv_cache_bytes'])} "
           f"(the hybrid saves {fb(saved)})")
     print("not counted: GGUF key/value metadata (tokenizer, ~2.4 MB for LFM2), runtime and OS overhead")
+    print(_context_line(c, notes))
+    if args.context > notes["supported_context"]:
+        print(f"note: a context of {_n(args.context)} is beyond the {_n(notes['supported_context'])} tokens "
+              f"the {notes['supported_context_from']} gives as supported")
     if budget is not None:
         verdict = "fits" if m["fits"] else "does NOT fit"
-        print(f"budget {args.budget[0]} = {fb(budget)}: {verdict} (headroom {fb(budget - m['total_bytes'])})")
+        print(f"budget {args.budget[0]} = {fb(budget)}: {verdict} (headroom {fb(budget - m['total_bytes'])}); "
+              f"longest context that fits: {_n(m['max_context'])} tokens (at most the supported context)")
     return 0
 
 
