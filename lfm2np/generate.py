@@ -21,7 +21,7 @@ transformers' own processors (``tools/make_sampling_reference.py``). Everything 
 
 :class:`Generation` runs the loop with the decoding state: one prefill of the prompt, then one token per
 step. Iterating it yields token ids as they are produced (streaming); it stops at a stop id (not yielded)
-or after ``max_new_tokens``, and records why in ``finish_reason``. :func:`generate` returns the ids, for
+or after ``max_new_tokens`` or when the context is full, and records why in ``finish_reason``. :func:`generate` returns the ids, for
 one prompt or several of different lengths (each row is exactly its own run).
 
 A checkpoint's ``generation_config.json`` gives the defaults (:func:`generation_defaults`), read as
@@ -153,6 +153,25 @@ def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator, see
 
 
 # ------------------------------------------------------------------------------ the loop
+def checked_stop_ids(ids: Any, vocab_size: int, what: str = "stop id") -> frozenset[int]:
+    """``ids`` (an id or several) as a set of token ids, each an integer inside the vocabulary: a stop id the
+    model can never produce would make a stop condition that silently never fires."""
+    items = [ids] if isinstance(ids, (int, np.integer)) else ids
+    try:
+        items = list(items)
+    except TypeError:
+        raise Lfm2npError(f"{what}s must be token ids; got {ids!r:.80}") from None
+    out = set()
+    for i in items:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise Lfm2npError(f"{what} {i!r:.80} is not a token id (an integer)")
+        if not 0 <= int(i) < vocab_size:
+            raise Lfm2npError(f"{what} {int(i)} is outside the vocabulary of size {vocab_size} "
+                              f"(valid ids are 0..{vocab_size - 1}): it could never be generated")
+        out.add(int(i))
+    return frozenset(out)
+
+
 class Generation:
     """An iterator over generated token ids; see the module docstring.
 
@@ -160,7 +179,8 @@ class Generation:
     holds, which the repetition penalty counts as seen (with the prompt and the generated ids). ``rng``
     replaces the generator seeded with ``sampling.seed`` (e.g. one generator for a whole conversation).
 
-    After iteration: ``tokens`` (the generated ids), ``finish_reason`` ("stop" or "length"),
+    After iteration: ``tokens`` (the generated ids), ``finish_reason`` ("stop", "length", or "context"
+    when the model's context, ``max_position_embeddings``, is full: the last token has no position left),
     ``stop_id`` (the id that stopped it, if any) and ``state`` (the decoding state after the last token
     fed to the model: the prompt and every generated id but the last, or all of them when a stop id
     ended the generation; it can continue the conversation).
@@ -181,7 +201,8 @@ class Generation:
             raise Lfm2npError(f"sampling must be an lfm2np Sampling; got {type(sampling).__name__}")
         self.max_new_tokens = int(max_new_tokens)
         self.sampling = sampling
-        self.stop_ids = frozenset(model.config.eos_token_id if stop_ids is None else stop_ids)
+        self.stop_ids = checked_stop_ids(model.config.eos_token_id if stop_ids is None else stop_ids,
+                                         model.config.vocab_size)
         self.state = state
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
@@ -207,7 +228,18 @@ class Generation:
             if len(self.tokens) >= self.max_new_tokens:
                 self.finish_reason = "length"
                 return
+            if self.context_full(self.state):
+                return
             logits, self.state = self.model.step([token], self.state)
+
+    def context_full(self, state: Any) -> bool:
+        """True (and ``finish_reason`` "context") when ``state`` fills the model's context: the token just
+        chosen has no position left to be fed at (it is kept: the model produced it)."""
+        position = getattr(state, "position", None)
+        if position is None or position < self.model.config.max_position_embeddings:
+            return False
+        self.finish_reason = "context"
+        return True
 
     def choose(self, logits: np.ndarray) -> int | None:
         """The next token from the last position's logits; None (and ``finish_reason`` "stop") at a stop
@@ -252,6 +284,8 @@ def generate(model: Any, prompt_ids: "Iterable[int] | Sequence[Iterable[int]]", 
                 continue
             if len(gens[i].tokens) >= max_new_tokens:
                 gens[i].finish_reason = "length"
+                continue
+            if gens[i].context_full(state):
                 continue
             feed[i] = [token]
             still.append(i)

@@ -57,6 +57,9 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
     "trained", the default, or "transformers"); such a config warns. ``keep_weights`` is the deprecated
     switch the budget replaced (True: "all", False: 0).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise Lfm2npError(f"path must be a checkpoint directory, a cached repo id or a .gguf file (a str or a "
+                          f"path); got {type(path).__name__}")
     mode = numerics(dtype)
     if keep_weights is not None:  # the switch the budget replaced: True keeps everything, False nothing
         if memory_budget is not None:
@@ -117,7 +120,9 @@ def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config", rope_r
     if path.is_dir():
         path = path / "config.json"
         if not path.is_file():
-            raise Lfm2npError(f"{path.parent}: no config.json in this directory")
+            ggufs = sorted(p.name for p in path.parent.glob("*.gguf"))[:3]
+            hint = f"; it holds GGUF files ({', '.join(ggufs)}): give one of them" if ggufs else ""
+            raise Lfm2npError(f"{path.parent}: no config.json in this directory{hint}")
     if path.is_file():
         return Config.from_dict(_read_json(path), source=str(path), rope_reading=rope_reading)
     raise Lfm2npError(

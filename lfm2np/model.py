@@ -63,12 +63,14 @@ def tap_for(record: Recorder | None) -> Tap:
         out = record(name, value)
         if out is None:
             return value
+        tap.replaced = True  # type: ignore[attr-defined]  # an intervention: the run is no longer the model's
         out = np.asarray(out)
         if out.shape != value.shape:
             raise Lfm2npError(f"the replacement for {name} has shape {list(out.shape)}; "
                               f"expected {list(value.shape)}")
         return out.astype(value.dtype, copy=False)
 
+    tap.replaced = False  # type: ignore[attr-defined]
     return tap
 
 
@@ -138,7 +140,7 @@ class Model:
             return self.run(ids, record=record, progress=progress)[0]
         # a long prompt in chunks, each continuing the state of the last: the temporaries of a layer are
         # bounded by the chunk (the FFN's T x F, the conv's T x 3D), the result is the same rows
-        logits, state = None, State.start(self.config, self.dtype, max_rollback=0)
+        logits, state = None, State.start(self.config, self.dtype, max_rollback=0, numerics=self.numerics.name)
         starts = range(0, ids.shape[0], chunk)
         L = self.config.num_hidden_layers
         for n, t0 in enumerate(starts):
@@ -151,7 +153,7 @@ class Model:
 
     def new_state(self, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> State:
         """The decoding state of an empty sequence (see :mod:`lfm2np.state`)."""
-        return State.start(self.config, self.dtype, max_rollback)
+        return State.start(self.config, self.dtype, max_rollback, self.numerics.name)
 
     def step(self, ids: Any, state: State | None = None, *, record: Recorder | None = None,
              progress: Progress | None = None) -> tuple[np.ndarray, State]:
@@ -168,7 +170,7 @@ class Model:
             state = self.new_state()
         if not isinstance(state, State):
             raise Lfm2npError(f"state must be an lfm2np State (or None); got {type(state).__name__}")
-        state.check_for(self.config, self.dtype)
+        state.check_for(self.config, self.dtype, self.numerics.name)
         logits, layers = self.run(ids, state.layer_pasts(), state.position, record, progress)
         return logits, state.advance(ids.shape[0], layers)
 
@@ -238,7 +240,9 @@ class Model:
         with np.errstate(over="ignore", invalid="ignore"):
             total = logits.sum()
         if not np.isfinite(total) and not np.isfinite(logits).all():
-            raise self._non_finite(ids, past, start, record is not None)
+            if getattr(record, "searching", False):  # the search below, already under way
+                raise Lfm2npError("non-finite values")
+            raise self._non_finite(ids, past, start, getattr(tap, "replaced", False))
         return logits, layer_states
 
     def _non_finite(self, ids: np.ndarray, past: list | None, start: int, intervened: bool) -> Lfm2npError:
@@ -249,6 +253,8 @@ class Model:
         def find(name: str, value: np.ndarray) -> None:
             if not first and np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
                 first.append(name)
+
+        find.searching = True  # type: ignore[attr-defined]
 
         if not intervened:
             try:

@@ -67,6 +67,7 @@ class State:
     conv_L_cache: int
     max_rollback: int = DEFAULT_MAX_ROLLBACK
     windows: tuple[int | None, ...] = ()  # per layer: the sliding window, None elsewhere (empty: none)
+    numerics: str = ""  # the numerics mode that made it ("float32", "bfloat16", ...; "" for any)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "conv", tuple(None if a is None else _frozen(a) for a in self.conv))
@@ -80,8 +81,10 @@ class State:
                                   f"{self.position}")
 
     @classmethod
-    def start(cls, config: Config, dtype=np.float32, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> "State":
-        """The state before the first token: empty histories and caches, position 0."""
+    def start(cls, config: Config, dtype=np.float32, max_rollback: int = DEFAULT_MAX_ROLLBACK,
+              numerics: str = "") -> "State":
+        """The state before the first token: empty histories and caches, position 0; ``numerics`` names the
+        mode of the model that will fill it (a bf16-emulated state holds float32 arrays too)."""
         if isinstance(max_rollback, bool) or not isinstance(max_rollback, (int, np.integer)) or max_rollback < 0:
             raise Lfm2npError(f"max_rollback is {max_rollback!r}; expected an integer >= 0")
         D, G, hd = config.hidden_size, config.num_key_value_heads, config.head_dim
@@ -96,7 +99,7 @@ class State:
                 keys.append(None)
                 values.append(None)
         windows = tuple(config.window(i) for i in range(config.num_hidden_layers))
-        return cls(0, tuple(conv), tuple(keys), tuple(values), config.conv_L_cache, max_rollback, windows)
+        return cls(0, tuple(conv), tuple(keys), tuple(values), config.conv_L_cache, max_rollback, windows, numerics)
 
     # ------------------------------------------------------------------ views
     def conv_window(self, layer: int) -> np.ndarray:
@@ -132,9 +135,10 @@ class State:
         return sum(a.nbytes for group in (self.conv, self.keys, self.values) for a in group if a is not None)
 
     # ---------------------------------------------------------------- the model's view
-    def check_for(self, config: Config, dtype: np.dtype) -> None:
+    def check_for(self, config: Config, dtype: np.dtype, numerics: str = "") -> None:
         """Raise :class:`Lfm2npError` unless this state can continue a sequence of a model with ``config``
-        computing in ``dtype``: same layer kinds, row shapes, conv kernel and dtype, position in range."""
+        computing in ``dtype`` (numerics mode ``numerics``): same layer kinds, row shapes, conv kernel, dtype
+        and mode, position in range."""
         c = config
         if len(self.conv) != c.num_hidden_layers:
             raise Lfm2npError(f"state does not belong to this model: it has {len(self.conv)} layers, the config "
@@ -161,6 +165,9 @@ class State:
         if any(a.dtype != dtype for a in arrays):
             odd = next(a.dtype for a in arrays if a.dtype != dtype)
             raise Lfm2npError(f"state holds {odd} arrays but the model computes in {np.dtype(dtype)}")
+        if numerics and self.numerics and numerics != self.numerics:
+            raise Lfm2npError(f"state does not belong to this model: it was made in {self.numerics} numerics, "
+                              f"the model computes in {numerics}")
 
     def layer_pasts(self) -> list:
         """Per layer, what the forward pass continues from: the conv history, or the (K, V) pair."""
@@ -176,7 +183,7 @@ class State:
               else (_tail(x[0], w - 1 + self.max_rollback), _tail(x[1], w - 1 + self.max_rollback))
               for x, w in zip(layers, self.windows)]
         return State(self.position + tokens, conv, tuple(k for k, _ in kv), tuple(v for _, v in kv),
-                     self.conv_L_cache, self.max_rollback, self.windows)
+                     self.conv_L_cache, self.max_rollback, self.windows, self.numerics)
 
     def rollback(self, n: int) -> "State":
         """The state as it was ``n`` tokens ago: as if those tokens had never been fed."""
@@ -194,4 +201,5 @@ class State:
             return self
         drop = lambda a: None if a is None else a[: max(0, a.shape[0] - n)]  # noqa: E731  (the last n rows)
         return State(self.position - n, tuple(drop(u) for u in self.conv), tuple(drop(k) for k in self.keys),
-                     tuple(drop(v) for v in self.values), self.conv_L_cache, self.max_rollback, self.windows)
+                     tuple(drop(v) for v in self.values), self.conv_L_cache, self.max_rollback, self.windows,
+                     self.numerics)

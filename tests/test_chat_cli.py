@@ -156,7 +156,18 @@ def test_a_full_context_is_reported_and_the_chat_goes_on(tmp_path):
     assert proc.stdout.count("assistant: ") == 1  # "hi" was answered
 
 
+def test_a_line_that_is_not_utf8_is_named_and_skipped_and_the_chat_goes_on():
+    stdin = b"\xff\xfe hi\nWhat is a list?\n/exit\n"
+    proc = subprocess.run([sys.executable, "-m", "lfm2np", "chat", "--max-new-tokens", "4"], input=stdin,
+                          capture_output=True)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "input line 1 is not valid UTF-8 text" in err
+    assert proc.stdout.decode().count("assistant: ") == 1
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["chat", "--system", "caf\udce9"], "--system: not valid UTF-8"),
     (["chat", "--top-p", "0"], "--top-p"),
     (["chat", "--min-p", "1.5"], "--min-p"),
     (["chat", "--repetition-penalty", "0"], "--repetition-penalty"),

@@ -35,6 +35,24 @@ def test_a_non_finite_weight_is_named(name, value):
         m.forward([1, 2, 3, 4])
 
 
+def test_a_recording_forward_names_the_weight_too_and_an_intervention_is_blamed():
+    """A trace (a recorder that only looks) is the model's own run: the weight is named as without one. A
+    recorder that replaces a value is an intervention: a non-finite value it brings in is put on it."""
+    from lfm2np.oracle.trace import record
+
+    name = "model.layers.1.self_attn.k_proj.weight"
+    m = model_with("tiny-dense", name, (3, 4), np.nan)
+    with pytest.raises(lfm2np.Lfm2npError, match="first appear in model.layers.1.* weight " + name.replace(".", r"\.")):
+        record(m, [1, 2, 3, 4])
+    fine = model_with("tiny-dense", name, (3, 4), 0.5)
+
+    def poison(n, value):
+        return np.full_like(value, np.nan) if n == "model.layers.2" else None
+
+    with pytest.raises(lfm2np.Lfm2npError, match=r"a value returned by record"):
+        fine.forward([1, 2, 3, 4], record=poison)
+
+
 def test_a_broken_expert_is_named_when_it_is_chosen():
     m = model_with("tiny-moe", "model.layers.2.feed_forward.experts.4.w1.weight", (0, 0), np.nan)
     with pytest.raises(lfm2np.Lfm2npError, match=r"experts\.4\.w1\.weight"):

@@ -92,3 +92,38 @@ def test_layer_progress_is_silent_at_first_then_reports(capsys, monkeypatch):
     report(4, 4)        # t=11: the last layer reports even within `every`
     err = capsys.readouterr().err.splitlines()
     assert err == ["[prefill: layer 3/4, 10 s]", "[prefill: layer 4/4, 11 s]"]
+
+
+def _embedded_copy(tmp_path, **config):
+    import json
+    import shutil
+
+    from lfm2np.embedded import embedded_model_path
+
+    copy = tmp_path / "copy"
+    shutil.copytree(embedded_model_path(), copy)
+    c = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**c, **config}))
+    return copy
+
+
+def test_generate_ends_at_a_full_context_and_says_so(tmp_path):
+    copy = _embedded_copy(tmp_path, max_position_embeddings=40)
+    proc = subprocess.run([sys.executable, "-m", "lfm2np", "generate", str(copy), "--prompt",
+                           "What is the for statement? " * 3, "--max-new-tokens", "60"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "finish: context" in proc.stderr
+
+
+def test_a_generation_config_eos_outside_the_vocabulary_is_named(tmp_path):
+    import json
+
+    copy = _embedded_copy(tmp_path)
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": 99999}))
+    proc = subprocess.run([sys.executable, "-m", "lfm2np", "generate", str(copy), "--prompt", "hi"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "lfm2np: error: generation_config.json: eos_token_id 99999 is outside the vocabulary of size 3072 "
+        "(valid ids are 0..3071): it could never be generated")

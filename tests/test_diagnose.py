@@ -423,6 +423,69 @@ def test_bad_dump_files_name_the_file_and_the_field(tmp_path, content, message):
     assert "bad.npz" in str(e.value)
 
 
+def test_a_dump_is_checked_from_its_headers_before_anything_is_read(tmp_path, monkeypatch):
+    import tracemalloc
+    import zipfile
+
+    import lfm2np.oracle.dumps as dumps
+
+    # 3 x 40M zeros: 480 MB of logits in a file of under 1 MB; refused from the header (the model's V)
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ids.npy", _npy(np.array([1, 2, 3])))
+        with zf.open("logits.npy", "w", force_zip64=True) as f:
+            f.write(_npy_header((3, 40_000_000)))
+            zero = bytes(1 << 22)
+            for _ in range(480_000_000 // len(zero) + 1):
+                f.write(zero)
+    assert bomb.stat().st_size < 2_000_000
+    tracemalloc.start()
+    with pytest.raises(lfm2np.Lfm2npError, match="40000000 columns; the model's vocabulary is 64"):
+        load_dump(bomb, vocab_size=64)
+    assert tracemalloc.get_traced_memory()[1] < 50_000_000
+    tracemalloc.stop()
+    # more than the memory available: refused before reading, whatever the shapes
+    monkeypatch.setattr(dumps, "available_memory", lambda: 1000)
+    with pytest.raises(lfm2np.Lfm2npError, match="more than the memory available"):
+        load_dump(bomb)
+    monkeypatch.undo()
+    # object arrays (pickles) and members that are not arrays
+    with zipfile.ZipFile(tmp_path / "obj.npz", "w") as zf:
+        zf.writestr("ids.npy", _npy_header((2,), "|O"))
+    with pytest.raises(lfm2np.Lfm2npError, match="holds Python objects"):
+        load_dump(tmp_path / "obj.npz")
+    with zipfile.ZipFile(tmp_path / "odd.npz", "w") as zf:
+        zf.writestr("readme.txt", "hello")
+    with pytest.raises(lfm2np.Lfm2npError, match="is not an .npy array"):
+        load_dump(tmp_path / "odd.npz")
+    # rows against ids, from the headers
+    np.savez(tmp_path / "rows.npz", ids=[1, 2, 3], logits=np.zeros((2, 64), np.float32))
+    with pytest.raises(lfm2np.Lfm2npError, match="logits have 2 rows but ids has shape \\[3\\]"):
+        load_dump(tmp_path / "rows.npz")
+    # a safetensors dump is read as a trace is: its metadata checked, no memory map
+    save_file({"ids": IDS, "logits": np.zeros((len(IDS), 64), np.float32)}, str(tmp_path / "o.safetensors"),
+              metadata={"order": '["logits"]'})
+    with pytest.raises(lfm2np.Lfm2npError, match="leaves out tensor 'ids'"):
+        load_dump(tmp_path / "o.safetensors")
+    save_file({"ids": IDS, "logits": np.zeros((len(IDS), 65), np.float32)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(lfm2np.Lfm2npError, match="65 columns; the model's vocabulary is 64"):
+        load_dump(tmp_path / "w.safetensors", vocab_size=64)
+
+
+def _npy_header(shape, descr="<f4") -> bytes:
+    head = repr({"descr": descr, "fortran_order": False, "shape": tuple(shape)}).encode("latin1")
+    head += b" " * (63 - (10 + len(head)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head
+
+
+def _npy(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
 def test_the_json_is_strict():
     model = setup("moe")[2]
     bad = model.forward(IDS)

@@ -235,3 +235,32 @@ def test_bad_generation_arguments():
     assert list(g) == [] and g.finish_reason == "length"
     with pytest.raises(lfm2np.Lfm2npError, match="iterated once"):
         list(g)
+
+
+@pytest.mark.parametrize("stop_ids, message", [
+    ([10**9], "stop id 1000000000 is outside the vocabulary of size 97"),
+    ([-1], "stop id -1 is outside the vocabulary"),
+    (["x"], "stop id 'x' is not a token id"),
+    ([True], "stop id True is not a token id"),
+    (3.5, "stop ids must be token ids"),
+])
+def test_stop_ids_the_model_can_never_produce_are_refused(stop_ids, message):
+    m = random_model(lfm2np.load_config("tiny-dense"), seed=0)
+    with pytest.raises(lfm2np.Lfm2npError, match=message):
+        Generation(m, [1], 3, stop_ids=stop_ids)
+    assert Generation(m, [1], 3, stop_ids=np.int64(5)).stop_ids == {5}
+
+
+def test_generation_ends_when_the_context_is_full():
+    """At max_position_embeddings the last token chosen has no position left: the generation ends there
+    ("context"), one prompt or several, and what came before equals an unbounded model's output."""
+    config = lfm2np.load_config("tiny-moe")
+    small = random_model(config.replace(max_position_embeddings=12), seed=5)
+    big = random_model(config, seed=5)
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    g = Generation(small, prompt, 20, stop_ids=[])
+    out = list(g)
+    assert g.finish_reason == "context" and len(out) == 12 - len(prompt) + 1
+    assert out == generate(big, prompt, len(out), stop_ids=[]) and g.state.position == 12
+    rows = generate(small, [prompt, [1, 2]], 20, stop_ids=[])
+    assert rows == [out, generate(big, [1, 2], 11, stop_ids=[])]

@@ -15,6 +15,8 @@ import functools
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -796,6 +798,11 @@ def test_a_lying_feed_forward_length_in_a_real_file(tmp_path, capsys):
     with pytest.warns(UserWarning, match="feed_forward_length"):
         assert main(["params", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["total"] == sum(v.size for v in params.values())
+    # on the command line the warning is one line naming the file and the key, no Python source shown
+    proc = subprocess.run([sys.executable, "-m", "lfm2np", "params", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert proc.stderr.splitlines() == [f"lfm2np: warning: {path}: lfm2.feed_forward_length is 240 but the FFN "
+                                        f"tensors are 80 wide (blk.0.ffn_gate.weight); the tensors' width 80 is used"], proc.stderr
 
 
 def test_pre_tokenizer_names_in_a_real_file(converted, tmp_path, capsys):

@@ -5,7 +5,7 @@ names the culprit: the file, and the tensor, field, key, argument or layer at fa
 Classes: safetensors files, safetensors index files, config.json files, GGUF files read through
 ``lfm2np.load`` and the CLI (the GGUF container itself has its own corpus in tests/test_gguf_file.py),
 files that change under a loaded model, decoding states, sequence lengths, non-finite weights, traces for
-compare, and the command line. tests/test_fuzz.py mutates real files byte by byte on top of this.
+compare, the arguments of load and generation, backend dumps for diagnose, and the command line. tests/test_fuzz.py mutates real files byte by byte on top of this.
 """
 
 from __future__ import annotations
@@ -709,6 +709,8 @@ STATES: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
                                          ("layer 1",)),
     "a float64 state for a float32 model": (lambda m: m.step([1], lfm2np.synthetic.random_model(
         TINY_DENSE, seed=4, dtype="float64").step([1])[1]), ("float64",)),
+    "a bf16-emulated state for a float32 model": (lambda m: m.step([1], lfm2np.synthetic.random_model(
+        TINY_DENSE, seed=4, dtype="bfloat16").step([1])[1]), ("bfloat16 numerics", "float32")),
     "a dict as the state": (lambda m: m.step([1], {"position": 0}), ("state must be an lfm2np State", "dict")),
     "a string as the state": (lambda m: m.step([1], "state"), ("state must be an lfm2np State", "str")),
     "rollback by 1.5": (lambda m: m.step([1, 2])[1].rollback(1.5), ("rollback", "1.5")),
@@ -741,8 +743,8 @@ LENGTHS: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
     "a batch of 9 tokens": (lambda m: m.forward([list(range(1, 10))] * 2), ("max_position_embeddings 8",)),
     "record of 9 tokens": (lambda m: record(m, list(range(1, 10))), ("max_position_embeddings 8",)),
     "step past the end": (lambda m: m.step([1, 2, 3], m.step(list(range(1, 7)))[1]), ("max_position_embeddings 8",)),
-    "generate past the end": (lambda m: lfm2np.generate.generate(m, list(range(1, 7)), 5, stop_ids=[]),
-                              ("max_position_embeddings 8",)),
+    "generate from a prompt past the end": (lambda m: lfm2np.generate.generate(m, list(range(1, 10)), 5, stop_ids=[]),
+                                            ("max_position_embeddings 8",)),
 }
 
 
@@ -1061,6 +1063,70 @@ def test_cli_stdout_on_a_full_disk():
         "lfm2np: error: cannot write the output: No space left on device"], proc.stderr
 
 
+# ======================================================================= what load and diagnose are given
+def _npz_member(tmp_path, name, data) -> Path:
+    import zipfile
+
+    path = tmp_path / "dump.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(name, data)
+    return path
+
+
+def _npy_header(shape, descr="<f4", version=b"\x01\x00") -> bytes:
+    head = repr({"descr": descr, "fortran_order": False, "shape": tuple(shape)}).encode("latin1")
+    head += b" " * (63 - (10 + len(head)) % 64) + b"\n"
+    return b"\x93NUMPY" + version + len(head).to_bytes(2, "little") + head
+
+
+ARGUMENTS: dict[str, tuple[Callable[[Path], Any], tuple[str, ...]]] = {
+    "load(None)": (lambda d: lfm2np.load(None), ("path must be", "NoneType")),
+    "load(5)": (lambda d: lfm2np.load(5), ("path must be", "int")),
+    "load of a folder holding only a GGUF": (lambda d: (d / "m.gguf").write_bytes(b"GGUF") and lfm2np.load(d),
+                                             ("no config.json", "m.gguf", "give one of them")),
+    "a stop id beyond the vocabulary": (lambda d: lfm2np.generate.Generation(
+        lfm2np.synthetic.random_model(TINY_DENSE, seed=0), [1], 2, stop_ids=[97]), ("stop id 97", "vocabulary")),
+    "a stop id that is text": (lambda d: lfm2np.generate.Generation(
+        lfm2np.synthetic.random_model(TINY_DENSE, seed=0), [1], 2, stop_ids=["2"]), ("stop id '2'",)),
+}
+
+DUMPS: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
+    "an npz member that is not an array": (lambda d: _npz_member(d, "notes.txt", b"hi"), ("notes.txt", "not an .npy")),
+    "an npz of pickled objects": (lambda d: _npz_member(d, "ids.npy", _npy_header((2,), "|O")), ("Python objects",)),
+    "an npz array of .npy version 9": (lambda d: _npz_member(d, "ids.npy", _npy_header((2,), version=b"\x09\x00")),
+                                       ("ids.npy", "format")),
+    "an npz array header cut short": (lambda d: _npz_member(d, "ids.npy", _npy_header((2,))[:20]), ("not a readable",)),
+    "an npz promising terabytes": (lambda d: _npz_member(d, "logits.npy", _npy_header((10**6, 10**6))),
+                                   ("bytes of arrays", "memory available")),
+    "an npz of 3-D logits": (lambda d: _npz_member(d, "logits.npy", _npy_header((2, 3, 4))), ("logits must have shape",)),
+    "logits wider than the vocabulary": (lambda d: _npz_member(d, "logits.npy", _npy_header((2, 98))),
+                                         ("98 columns", "vocabulary is 97")),
+    "a safetensors dump with a bad order": (lambda d: (save_file(
+        {"ids": np.arange(2), "logits": np.zeros((2, 97), np.float32)}, str(d / "dump.safetensors"),
+        metadata={"order": '["ids", "ids"]'}), d / "dump.safetensors")[1], ("order", "twice")),
+    "a safetensors dump of strings": (lambda d: ((d / "dump.safetensors").write_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'"not an object"  '), d / "dump.safetensors")[1],
+        ("dump.safetensors",)),
+    "a dump that is a text file": (lambda d: ((d / "dump.txt").write_text("1 2 3"), d / "dump.txt")[1],
+                                   (".npz or a .safetensors",)),
+}
+
+
+@pytest.mark.parametrize("case", list(ARGUMENTS))
+def test_hostile_arguments(tmp_path, case):
+    action, needles = ARGUMENTS[case]
+    refused(lambda: action(tmp_path), *needles)
+
+
+@pytest.mark.parametrize("case", list(DUMPS))
+def test_hostile_dump(tmp_path, case):
+    from lfm2np.oracle.dumps import load_dump
+
+    make, needles = DUMPS[case]
+    path = make(tmp_path)
+    refused(lambda: load_dump(path, vocab_size=TINY_DENSE.vocab_size), path.name, *needles)
+
+
 # ==================================================================================== the count
 def test_the_corpus_has_at_least_150_distinct_inputs():
     counts = {
@@ -1070,6 +1136,8 @@ def test_the_corpus_has_at_least_150_distinct_inputs():
         "GGUF files": len(GGUF_METADATA) + len(GGUF_MOE_METADATA) + 6,
         "files changed after loading": 2 * len(CHANGES) + 3,
         "decoding states": len(STATES),
+        "load and generation arguments": len(ARGUMENTS),
+        "backend dumps": len(DUMPS),
         "sequence length": len(LENGTHS),
         "non-finite weights": len(NON_FINITE) + 3,
         "traces": len(TRACES) + 2 + len(TRACE_FILES) + 1 + len(NON_FINITE_TRACES) + 3,

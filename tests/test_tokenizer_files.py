@@ -118,6 +118,7 @@ FILE_CASES = {
     "tokenizer.json missing": (lambda p: (p / TJ).unlink(), ["no tokenizer.json"]),
     "tokenizer.json a directory": (_mkdir(TJ), ["no tokenizer.json"]),
     # templates that fail while rendering
+    "template renders nothing": (_template("{# nothing #}"), [CT, "renders this conversation as no text at all"]),
     "template syntax error": (_template("{% if %}"), [CT, "chat template syntax error at line 1"]),
     "template undefined": (_template("{{ nothing.here }}"), [CT, "UndefinedError", "'nothing' is undefined"]),
     "template TypeError": (_template("{{ 1 + 'a' }}"), [CT, "TypeError"]),
@@ -137,7 +138,7 @@ FILE_CASES = {
 }
 def _load_and_chat(path: Path) -> None:
     tok = Tokenizer.from_dir(path)
-    tok.apply_chat_template(CHAT)
+    tok.encode_chat(CHAT)
     model = lfm2np.load(path)
     if tok.vocab_size > model.config.vocab_size:  # what the CLI checks before generating
         raise lfm2np.Lfm2npError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is "

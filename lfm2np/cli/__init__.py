@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Callable, NoReturn, Sequence
 
 from safetensors import SafetensorError
@@ -64,7 +65,21 @@ def fail(message: str) -> int:
     return 2
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A warning as the commands print it: one line naming what it is about, no source file or code."""
+    return f"lfm2np: warning: {one_line(str(message))}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    shown_as = warnings.formatwarning
+    warnings.formatwarning = _warning_line  # type: ignore[assignment]
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = shown_as
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         try:

@@ -26,7 +26,7 @@ from ..errors import Lfm2npError
 from ..generate import Generation, Sampling
 from ..state import State
 from .common import Subparsers, add_sampling_arguments, describe_sampling, generation_defaults_for, \
-    load_for_generation, progress, sampling_from
+    load_for_generation, progress, sampling_from, stop_ids_for, utf8_text
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -111,13 +111,23 @@ class ContextFull(Lfm2npError):
 
 
 def _lines(stream, interactive: bool, out):
+    """The messages on ``stream`` (a text stream; its bytes are read and decoded here, one line at a time, so
+    a line that is not UTF-8 is reported and skipped rather than ending the conversation)."""
+    raw = getattr(stream, "buffer", None)
+    number = 0
     while True:
         if interactive:
             out.write("user: ")
             out.flush()
-        line = stream.readline()
+        line = stream.readline() if raw is None else raw.readline()
         if not line:
             return
+        number += 1
+        try:  # bytes from a terminal or pipe; a text stream's lone surrogates are undecodable bytes too
+            line = line.decode("utf-8") if isinstance(line, bytes) else line.encode("utf-8") and line
+        except UnicodeError as e:
+            progress(f"lfm2np: input line {number} is not valid UTF-8 text (position {e.start}); skipped")
+            continue
         line = line.rstrip("\r\n")
         if not interactive:
             out.write(f"user: {line}\n")
@@ -130,7 +140,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_generation(model_arg, args)
     defaults = generation_defaults_for(model_arg)
     sampling = sampling_from(args, defaults)
-    stop = tokenizer.stop_ids(model.config.eos_token_id) | set(defaults.get("stop_ids", ()))
+    stop = stop_ids_for(model, tokenizer, defaults)
     rng = np.random.default_rng(sampling.seed)
     conversation = Conversation(model, tokenizer, args.system)
     interactive = sys.stdin.isatty()
@@ -194,6 +204,6 @@ def register(sub: Subparsers) -> None:
                                    "state is kept between turns. /reset starts again, /exit quits.")
     p.add_argument("model", nargs="?", help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M) or "
                                             ".gguf file (default: the embedded tiny model)")
-    p.add_argument("--system", help="a system message")
+    p.add_argument("--system", type=utf8_text, help="a system message")
     add_sampling_arguments(p, max_new_tokens=256)
     p.set_defaults(func=_cmd_chat)

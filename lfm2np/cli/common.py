@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from ..config import ROPE_READINGS
 from ..errors import Lfm2npError
-from ..generate import Generation, Sampling, generation_defaults, sampling_for
+from ..generate import Generation, Sampling, checked_stop_ids, generation_defaults, sampling_for
 from ..io.hub import resolve
 from ..io.params import parse_budget
 from ..io.tokenizer import Tokenizer
@@ -233,7 +233,7 @@ def run_generation(model, tokenizer, prompt_ids: list[int], args: argparse.Names
     if defaults is None:
         defaults = generation_defaults_for(args.model)
     sampling = sampling_from(args, defaults)
-    stop = tokenizer.stop_ids(model.config.eos_token_id) | set(defaults.get("stop_ids", ()))
+    stop = stop_ids_for(model, tokenizer, defaults)
     gen = Generation(model, prompt_ids, args.max_new_tokens, sampling, stop, progress=LayerProgress("prefill"))
     t0 = time.perf_counter()
     first = None
@@ -271,6 +271,15 @@ def sampling_from(args: argparse.Namespace, defaults: dict | None = None) -> Sam
     if args.max_new_tokens < 0:
         raise Lfm2npError(f"--max-new-tokens is {args.max_new_tokens}; expected >= 0")
     return sampling_for(defaults, **{field: getattr(args, field) for _, field in SAMPLING_OPTIONS})
+
+
+def stop_ids_for(model, tokenizer, defaults: dict) -> frozenset[int]:
+    """The ids that end a reply: the tokenizer's end-of-turn ids and the config's eos, plus the
+    generation_config.json's eos_token_id (checked against the vocabulary, naming the file)."""
+    extra = checked_stop_ids(defaults.get("stop_ids", ()), model.config.vocab_size,
+                             "generation_config.json: eos_token_id")
+    V = model.config.vocab_size  # a tokenizer's special id beyond the model's vocabulary can never come
+    return frozenset(i for i in tokenizer.stop_ids(model.config.eos_token_id) if 0 <= i < V) | extra
 
 
 def generation_defaults_for(model_arg: str) -> dict:

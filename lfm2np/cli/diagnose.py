@@ -47,7 +47,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     if args.catalogue:
         return _catalogue(model)
     if args.dump is not None:
-        dump = load_dump(args.dump, args.ids, args.prefill)
+        dump = load_dump(args.dump, args.ids, args.prefill, vocab_size=model.config.vocab_size)
     else:
         dump = token_stream(args.ids, args.tokens, args.prefill, source="--tokens")
     result = diagnose(model, dump, args.tier, only=args.only, combine=not args.no_combine)

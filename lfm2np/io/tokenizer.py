@@ -259,5 +259,9 @@ class Tokenizer:
     def encode_chat(self, messages: Sequence[Message], tools: Sequence[Any] | None = None,
                     add_generation_prompt: bool = True, use_builtin: bool | None = None) -> list[int]:
         """Token ids of the rendered conversation (it carries its own BOS)."""
-        return self.encode(self.apply_chat_template(messages, tools, add_generation_prompt, use_builtin))
+        ids = self.encode(self.apply_chat_template(messages, tools, add_generation_prompt, use_builtin))
+        if not ids:
+            raise Lfm2npError(f"{self.template_source or self.source}: the chat template renders this conversation "
+                              f"as no text at all")
+        return ids
 

@@ -17,17 +17,19 @@ its second call, a decode or a second prefill, began). Every problem with a file
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from safetensors import safe_open
 
 from ..errors import Lfm2npError
+from ..io.params import available_memory
+from ..io.safetensors_file import STORAGE, SafetensorsFile
 from .trace import Trace, from_transformers, llama_cpp_alias
 
 KINDS = ("logits", "trace", "tokens")
@@ -110,29 +112,72 @@ def trace_dump(trace: Trace, ids: Any = None, prefill: Any = None, source: str =
                 prefill=_prefill(prefill, f"{source}: prefill"), source=source)
 
 
-def load_dump(path: "str | os.PathLike[str]", ids: Sequence[int] | None = None, prefill: int | None = None) -> Dump:
-    """Read a dump file (see the module docstring). ``ids`` / ``prefill`` override what the file says."""
+def _npz_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Each array of an ``.npz`` file: its shape and item size, from the ``.npy`` headers alone (nothing is
+    decompressed beyond them). Object arrays (pickles) and anything that is not an ``.npy`` member are refused."""
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise Lfm2npError(f"{path}: member {info.filename!r:.80} is not an .npy array")
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version not in ((1, 0), (2, 0)):
+                        raise Lfm2npError(f"{path}: member {info.filename!r:.80} has .npy format {version}")
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                if dtype.hasobject:
+                    raise Lfm2npError(f"{path}: array {info.filename[:-4]!r:.80} holds Python objects; "
+                                      f"a dump holds numbers")
+                out[info.filename[:-4]] = (tuple(int(n) for n in shape), dtype.itemsize)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError) as e:
+        raise Lfm2npError(f"{path}: not a readable .npz file ({e})") from None
+    return out
+
+
+def _check_shapes(path: Path, shapes: dict[str, tuple[tuple[int, ...], int]], ids_given: bool,
+                  vocab_size: int | None) -> None:
+    """What the arrays of a dump say they are, checked before any is read: no more data than this machine
+    has memory available for; a logits dump's ``logits`` (T, V) against its ``ids`` (T,) and the model's V."""
+    need = sum(math.prod(shape) * size for shape, size in shapes.values())
+    if need > available_memory():
+        raise Lfm2npError(f"{path}: the dump holds {need} bytes of arrays, more than the memory available")
+    if "logits" in shapes:
+        logits = shapes["logits"][0]
+        if len(logits) != 2:
+            raise Lfm2npError(f"{path}: logits must have shape (T, V); got {list(logits)}")
+        if not ids_given and "ids" in shapes and shapes["ids"][0] != logits[:1]:
+            raise Lfm2npError(f"{path}: logits have {logits[0]} rows but ids has shape {list(shapes['ids'][0])}")
+        if vocab_size is not None and logits[1] != vocab_size:
+            raise Lfm2npError(f"{path}: logits have {logits[1]} columns; the model's vocabulary is {vocab_size}")
+
+
+def load_dump(path: "str | os.PathLike[str]", ids: Sequence[int] | None = None, prefill: int | None = None,
+              vocab_size: int | None = None) -> Dump:
+    """Read a dump file (see the module docstring). ``ids`` / ``prefill`` override what the file says; with
+    ``vocab_size`` a logits dump's width is checked before its logits are read. The file is untrusted: sizes
+    and shapes are checked from its headers before anything is read, and safetensors files are read as
+    :meth:`lfm2np.oracle.trace.Trace.load` reads traces (pread, no memory map)."""
     path = Path(path)
     if not path.is_file():
         raise Lfm2npError(f"{path}: no such dump file")
     suffix = path.suffix.lower()
     if suffix == ".npz":
+        _check_shapes(path, _npz_shapes(path), ids is not None, vocab_size)
         try:
             with np.load(path, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in f.files}
-        except Exception as e:  # zipfile, pickle and format errors alike
+        except Exception as e:  # zipfile and format errors alike (the headers were read above)
             raise Lfm2npError(f"{path}: not a readable .npz file ({e})") from None
         meta: dict[str, Any] = {}
     elif suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                header = f.metadata() or {}
-                keys = list(f.keys())
-                order = json.loads(header["order"]) if "order" in header else keys
-                arrays = {k: f.get_tensor(k) for k in order if k in keys}
-            meta = json.loads(header.get("meta", "{}"))
-        except Exception as e:  # safetensors raises its own error types; bad JSON metadata too
-            raise Lfm2npError(f"{path}: not a readable safetensors file ({e})") from None
+        header = SafetensorsFile(path, dtypes=tuple(STORAGE))
+        _check_shapes(path, {k: (i.shape, 4 if i.dtype == "BF16" else STORAGE[i.dtype].itemsize)  # bf16 widens
+                             for k, i in header.tensors.items()}, ids is not None, vocab_size)
+        trace = Trace.load(path)
+        arrays, meta = dict(trace.tensors), trace.meta
     else:
         raise Lfm2npError(f"{path}: a dump is an .npz or a .safetensors file")
     src = str(path)
