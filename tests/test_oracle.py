@@ -258,7 +258,7 @@ def test_golden_vectors_let_each_operator_be_recomputed_alone(tmp_path):
             p = op["name"] + "."
             y, _ = ops.short_conv(f["input.h"], w[p + "in_proj.weight"], w[p + "conv.weight"], w[p + "out_proj.weight"])
             np.testing.assert_array_equal(y, f["output.out_proj"])
-        elif op["function"] == "lfm2np.ops.route+moe":
+        elif op["function"] == "lfm2np.layers.moe_ffn":
             p = op["name"] + "."
             _, experts, weights = ops.route(f["input.h"], w[p + "gate.weight"], w.get(p + "expert_bias"),
                                             op["params"]["num_experts_per_tok"], op["params"]["norm_topk_prob"],

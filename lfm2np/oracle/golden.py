@@ -3,7 +3,8 @@
 ``write_golden(model, ids, out)`` writes to the directory ``out``:
 
 - ``manifest.json``: the config, the ids, the compute dtype, and one entry per operator instance in
-  forward order: its file, the ``lfm2np.ops`` function that computes it, its scalar parameters (eps,
+  forward order: its file, the function that computes it (in ``lfm2np.ops``; a whole decoder layer and the MoE
+  block in ``lfm2np.layers``), its scalar parameters (eps,
   theta, top-k, ...) and the names of its inputs, weights and outputs;
 - ``NNN_<name>.safetensors`` per operator: tensors ``input.*``, ``weight.*`` (Hugging Face names) and
   ``output.*``, so one kernel can be tested without running lfm2np or loading the checkpoint;
@@ -27,6 +28,7 @@ from safetensors.numpy import save_file
 
 from .. import tensors
 from ..errors import Lfm2npError
+from ..layers import LAYERS
 from ..ops import ROUTER_NORM_EPS
 from .trace import record
 
@@ -61,7 +63,8 @@ def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: It
         arrays = {**{f"input.{k}": v for k, v in inputs.items()}, **{f"weight.{k}": v for k, v in weights.items()},
                   **{f"output.{k}": v for k, v in outputs.items()}}
         _save(arrays, out / fname)
-        ops_written.append({"name": name, "file": fname, "function": f"lfm2np.ops.{function}", "params": params,
+        qualified = function if "." in function else f"lfm2np.ops.{function}"  # the layer and MoE: lfm2np.layers
+        ops_written.append({"name": name, "file": fname, "function": qualified, "params": params,
                             "inputs": list(inputs), "weights": list(weights), "outputs": list(outputs)})
 
     positions = np.arange(len(ids))
@@ -103,7 +106,7 @@ def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: It
             weights = {names[r]: W[names[r]] for r in ("gate", "expert_bias") if r in names}
             for e in chosen:
                 weights.update({n: W[n] for n in tensors.expert_names(i, e)})
-            write(f[:-1], "route+moe", {"num_experts": c.num_experts, "num_experts_per_tok": c.num_experts_per_tok,
+            write(f[:-1], "lfm2np.layers.moe_ffn", {"num_experts": c.num_experts, "num_experts_per_tok": c.num_experts_per_tok,
                                          "norm_topk_prob": c.norm_topk_prob, "router_norm_eps": ROUTER_NORM_EPS,
                                          "routed_scaling_factor": c.routed_scaling_factor,
                                          "experts_written": chosen},
@@ -115,7 +118,7 @@ def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: It
         if "post_ffn_norm" in names:
             write(p + "post_ffn_norm", "rms_norm", {"eps": c.norm_eps}, {"x": t[f + "output"]},
                   {names["post_ffn_norm"]: W[names["post_ffn_norm"]]}, {"y": t[p + "post_ffn_norm"]})
-        write(p[:-1], "decoder layer (residual stream)", {}, {"h": h_in}, {}, {"h": t[p[:-1]]})
+        write(p[:-1], f"lfm2np.layers.{LAYERS[c.model_type].__name__}", {}, {"h": h_in}, {}, {"h": t[p[:-1]]})
     last = f"model.layers.{c.num_hidden_layers - 1}"
     write("model.embedding_norm", "rms_norm", {"eps": c.norm_eps}, {"x": t[last]},
           {"model.embedding_norm.weight": W["model.embedding_norm.weight"]}, {"y": t["model.embedding_norm"]})

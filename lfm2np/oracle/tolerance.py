@@ -78,7 +78,7 @@ class CompareTier:
 COMPARE_TIERS = {t.name: t for t in (
     CompareTier("fp32", 1e-4, -70.0, True,
                 "float32 vs float32 (other summation orders): measured 2e-7..1e-6 on the fixtures; "
-                "1e-4 is the whole-model logits tier of lfm2np.tolerance.FP32"),
+                "1e-4 is the whole-model logits tier of lfm2np.oracle.tolerance.FP32"),
     CompareTier("fp16", 2e-2, -40.0, False,
                 "float16 activations: unit roundoff 4.9e-4, grown by depth and by softmax/normalisation"),
     CompareTier("bf16", 8e-2, -30.0, False,
