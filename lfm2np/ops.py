@@ -242,6 +242,15 @@ def attention_blocked(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 
     return out
 
 
+def output_gate(attn: np.ndarray, gate: np.ndarray, rnd: Rounding = exact) -> np.ndarray:
+    """LFM3's per-head output gate: each head's attention output scaled by its gate,
+    ``o[t, h, :] <- o[t, h, :] * gate[t, h]``, with ``gate = sigmoid(h_in @ gate_proj^T)`` one number per head
+    and position in (0, 1) (the attention block computes it; a head can be switched off for a token).
+    (T, H*hd), (T, H) -> (T, H*hd)"""
+    T, H = gate.shape
+    return rnd(attn.reshape(T, H, -1) * gate[:, :, None]).reshape(T, -1)
+
+
 def attention_block(
     h: np.ndarray,
     q_proj: np.ndarray, k_proj: np.ndarray, v_proj: np.ndarray, out_proj: np.ndarray,
@@ -281,7 +290,7 @@ def attention_block(
     attn = attention_blocked(q, k, v, attention_block_size, window, rnd)  # (T, H*hd)
     if gate_proj is not None:
         gate = tap("gate", rnd(sigmoid(rnd(linear(h, gate_proj)))))  # (T, H)
-        attn = rnd(attn.reshape(T, -1, hd) * gate[:, :, None]).reshape(T, -1)
+        attn = output_gate(attn, gate, rnd)
     attn = tap("attn_out", attn)
     return tap("out_proj", rnd(linear(attn, out_proj, out_bias))), k, v
 

@@ -52,8 +52,8 @@ def test_the_fixtures_cover_what_the_issue_lists():
     cfgs = {n: model(n).config for n in CASES}
     assert any(c.sliding_window < MANIFEST["cases"][n]["capture_length"] for n, c in cfgs.items())
     assert {c.rope("full_attention").partial_rotary_factor for c in cfgs.values()} >= {0.5, 0.25, 0.75}
-    assert {c.use_attention_gate for c in cfgs.values()} == {True, False}
-    assert {c.use_sandwich_norm for c in cfgs.values()} == {True, False}
+    assert {(c.use_attention_gate, c.use_sandwich_norm) for c in cfgs.values()} == {(True, True), (True, False),
+                                                                                     (False, True), (False, False)}
     assert any(c.conv_L_cache != 7 for c in cfgs.values()) and any(c.conv_L_cache == 7 for c in cfgs.values())
     assert any(c.conv_bias for c in cfgs.values()) and any(c.attention_bias for c in cfgs.values())
     assert any(not c.tie_word_embeddings for c in cfgs.values())
@@ -109,7 +109,7 @@ def test_each_operator(case):
             assert rel_error(core, cap(case, a + "attn_core")) < FP32.op_rel
             if c.use_attention_gate:
                 gate = ops.sigmoid(cap(case, a + "g_proj.output"))
-                gated = (core.reshape(T, c.num_attention_heads, -1) * gate[:, :, None]).reshape(T, -1)
+                gated = ops.output_gate(core, gate)
                 assert rel_error(gated, cap(case, a + "o_proj.input")) < FP32.op_rel
         if c.use_sandwich_norm:
             for norm in ("post_operator_norm", "post_ffn_norm"):
@@ -352,3 +352,8 @@ def test_golden_fixture_files_are_complete():
         assert {p.name for p in d.iterdir()} == {"config.json", "model.safetensors", "golden.safetensors"}
     with tempfile.TemporaryDirectory():
         pass
+
+
+def test_every_fixture_is_described_in_the_docs():
+    text = (GOLDEN.parent.parent / "docs" / "fixtures.md").read_text(encoding="utf-8")
+    assert all(f"| {case} |" in text for case in CASES), [c for c in CASES if f"| {case} |" not in text]

@@ -86,6 +86,20 @@ CASES: dict[str, dict] = {
                     num_key_value_heads=2, head_dim=16, intermediate_size=48, layer_types=[C, A, S, A],
                     sliding_window=5, conv_L_cache=4, use_sandwich_norm=True, use_attention_gate=True,
                     rope_parameters=rope(100.0, 200.0, "default", 0.5), tie_word_embeddings=True)),
+    "lfm3-gate-only": dict(
+        seed=705, dtype="float32",
+        what="lfm3; the output gate on, sandwich norms off (the two switched independently); window 3; GQA 6/2",
+        config=dict(vocab_size=67, hidden_size=36, num_hidden_layers=4, num_attention_heads=6,
+                    num_key_value_heads=2, head_dim=8, intermediate_size=56, layer_types=[S, C, A, S],
+                    sliding_window=3, conv_L_cache=4, use_sandwich_norm=False, use_attention_gate=True,
+                    rope_parameters=rope(300.0, 30_000.0, "proportional", 0.5), tie_word_embeddings=True)),
+    "lfm3-sandwich-only": dict(
+        seed=706, dtype="float32",
+        what="lfm3; sandwich norms on, the output gate off; window 5; conv_L_cache 6",
+        config=dict(vocab_size=73, hidden_size=40, num_hidden_layers=4, num_attention_heads=5,
+                    num_key_value_heads=1, head_dim=8, intermediate_size=64, layer_types=[C, S, C, A],
+                    sliding_window=5, conv_L_cache=6, use_sandwich_norm=True, use_attention_gate=False,
+                    rope_parameters=rope(700.0, 70_000.0, "proportional", 0.5), tie_word_embeddings=True)),
 }
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
