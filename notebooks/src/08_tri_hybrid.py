@@ -54,6 +54,7 @@ for ax, (title, m) in zip(axes, [("full attention", full), (f"sliding window W =
                                  (f"short conv, L = {L} taps", conv)]):
     ax.imshow(m, cmap="Greys", vmin=0, vmax=1)
     ax.set_title(title); ax.set_xlabel("key / input position"); ax.set_ylabel("query / output position")
+fig.suptitle("black: the positions an output reads (white: hidden)", y=1.0)
 fig.tight_layout()
 # the mask lfm2np applies is this band: check it against ops.attention on a one-hot probe
 rng = np.random.default_rng(0)
