@@ -142,6 +142,30 @@ for bug in BUGS:
     assert [h.id for h in found] == [bug] * 3
 
 # %% [markdown]
+# The same for LFM3's own mistakes, on a small random LFM3 (a sliding layer with a window of 4, shorter than
+# the 12 ids; a full layer with a proportional RoPE of small base, so the pairs it leaves unrotated would
+# turn visibly; sandwich norms and the output gate):
+
+# %%
+from buggy_backends import LFM3_BUGS  # noqa: E402
+
+config3 = lfm2np.Config.from_dict(dict(
+    model_type="lfm3", vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, intermediate_size=64, sliding_window=4, tie_word_embeddings=False,
+    layer_types=["conv", "sliding_attention", "conv", "full_attention"], max_position_embeddings=256,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0, rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        "full_attention": {"rope_type": "proportional", "rope_theta": 100.0, "partial_rotary_factor": 0.5}}))
+weights3 = random_params(config3, seed=0)
+small3 = lfm2np.Model(config3, weights3)
+print(f"{'mistake made':28s} {'from its logits':28s} {'from its trace':28s}")
+for bug in LFM3_BUGS:
+    logits, trace = Backend(config3, weights3, [bug]).run(run_ids, prefill=7)
+    found = [diagnose(small3, dump).best for dump in (logits_dump(run_ids, logits), trace_dump(Trace(trace), run_ids))]
+    print(f"{bug:28s} " + " ".join(f"{(h.id if h else '-'):28s}" for h in found))
+    assert [h.id for h in found] == [bug] * 2
+
+# %% [markdown]
 # ## Two published bugs, reproduced from their issue descriptions
 #
 # **mlx-lm #1883** (ml-explore/mlx-lm): its `Lfm2MoeSparseMoeBlock` routed with `softmax` instead of a
