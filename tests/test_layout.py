@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lfm2np"
 CORE = {"errors", "numerics", "config", "config_keys", "ops", "layers", "tensors", "state", "model", "version"}
 MIDDLE = {"loading", "presets", "generate", "embedded", "synthetic", "evaluate"}
-OPTIONAL = {"gguf", "jinja2", "huggingface_hub"}
+OPTIONAL = {"gguf", "jinja2"}
 
 
 def module_name(path: Path) -> str:

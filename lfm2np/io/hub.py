@@ -13,23 +13,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import huggingface_hub
+import huggingface_hub.constants
+
 from ..errors import Lfm2npError
-
-
-def _hub():
-    """huggingface_hub, imported on first use (it takes a noticeable fraction of a second)."""
-    try:
-        import huggingface_hub
-        import huggingface_hub.constants
-    except ImportError:  # a dependency of tokenizers, so only a broken installation lacks it
-        raise Lfm2npError("finding a repo id in the Hugging Face cache needs huggingface_hub: "
-                          "pip install huggingface_hub") from None
-    return huggingface_hub
 
 
 def hub_cache() -> Path:
     """The Hugging Face hub cache directory, as huggingface_hub resolves it."""
-    return Path(_hub().constants.HF_HUB_CACHE).expanduser()
+    return Path(huggingface_hub.constants.HF_HUB_CACHE).expanduser()
 
 
 def looks_like_repo_id(model: "str | os.PathLike[str]") -> bool:
@@ -51,7 +43,7 @@ def is_cached(model: str) -> bool:
 
 
 def _cached_snapshot(repo: str) -> Path:
-    hub = _hub()
+    hub = huggingface_hub
     cache = hub_cache()
     try:
         return Path(hub.snapshot_download(repo, cache_dir=cache, local_files_only=True))
