@@ -98,7 +98,8 @@ def perplexity(model: Any, ids: Iterable[int], window: int | None = None, stride
         rows = np.arange(first - 1 - begin, end - 1 - begin)
         nll_sum -= float(log_probs(logits[rows], ids[rows + begin + 1]).sum())
         scored += len(rows)
-        result = {"perplexity": math.exp(nll_sum / scored), "nll": nll_sum / scored, "nll_sum": nll_sum,
+        mean = nll_sum / scored  # beyond ~709 nats per token the perplexity is past float range: inf
+        result = {"perplexity": math.exp(mean) if mean < 709.78 else math.inf, "nll": mean, "nll_sum": nll_sum,
                   "tokens": scored, "input_tokens": int(len(ids)), "window": int(window), "stride": int(stride),
                   "windows": len(plan)}
         if progress is not None:

@@ -32,7 +32,6 @@ values override it (:func:`sampling_for`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, fields, replace
@@ -42,6 +41,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .errors import Lfm2npError
+from .io.chat_template import read_json_object
 from .state import State
 
 GENERATION_CONFIG = "generation_config.json"
@@ -94,7 +94,8 @@ def apply_repetition_penalty(logits: np.ndarray, seen: Iterable[int], penalty: f
     ids = ids[(ids >= 0) & (ids < z.shape[-1])]  # ids outside the head's rows cannot be generated anyway
     if penalty != 1 and ids.size:
         s = z[ids]
-        z[ids] = np.where(s < 0, s * penalty, s / penalty)
+        with np.errstate(over="ignore"):  # an overflow is refused by process_logits
+            z[ids] = np.where(s < 0, s * penalty, s / penalty)
     return z
 
 
@@ -109,10 +110,15 @@ def process_logits(logits: np.ndarray, sampling: Sampling, seen: Iterable[int] =
     """Steps 1-6 of the module docstring on one row of logits ``(V,)``: the processed logits in float64,
     ``-inf`` where a filter removed a token. In greedy mode only the repetition penalty applies."""
     z = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+    if sampling.temperature not in (0, 1):
+        with np.errstate(over="ignore"):
+            z = z / sampling.temperature
+    if not np.isfinite(z[np.isfinite(np.asarray(logits))]).all():  # a tiny temperature or penalty overflowed:
+        raise Lfm2npError(f"temperature {sampling.temperature!r} with repetition_penalty "  # the top's order is lost
+                          f"{sampling.repetition_penalty!r} overflows these logits (float64); use a larger "
+                          f"temperature (0 for greedy) or penalty")
     if sampling.greedy:
         return z
-    if sampling.temperature != 1:
-        z = z / sampling.temperature
     V = z.shape[-1]
     if sampling.top_k and sampling.top_k < V:
         kth = np.partition(z, V - sampling.top_k)[V - sampling.top_k]  # the k-th largest
@@ -172,6 +178,15 @@ def checked_stop_ids(ids: Any, vocab_size: int, what: str = "stop id") -> frozen
     return frozenset(out)
 
 
+def _id_list(ids: Any, what: str) -> list:
+    """``ids`` as a list (of ids, or of prompts): a sequence or an array with an axis, never text or bytes."""
+    if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, (Sequence, np.ndarray, Iterable)) \
+            or (isinstance(ids, np.ndarray) and ids.ndim == 0):
+        raise Lfm2npError(f"{what} must be a list of token ids; got {type(ids).__name__}"
+                          + (" (encode text with a tokenizer first)" if isinstance(ids, (str, bytes)) else ""))
+    return list(ids)
+
+
 class Generation:
     """An iterator over generated token ids; see the module docstring.
 
@@ -191,8 +206,10 @@ class Generation:
                  state: State | None = None, context_ids: Iterable[int] = (),
                  rng: np.random.Generator | None = None, progress: Any = None):
         self.model = model
+        if progress is not None and not callable(progress):
+            raise Lfm2npError(f"progress must be a function progress(done, total); got {type(progress).__name__}")
         self.progress = progress  # the prefill's progress(done, total) callback (Model.step), or None
-        self.prompt = model.check_ids(list(prompt_ids))
+        self.prompt = model.check_ids(_id_list(prompt_ids, "the prompt"))
         if self.prompt.ndim != 1:
             raise Lfm2npError(f"the prompt must be one sequence of ids; got shape {self.prompt.shape}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
@@ -207,7 +224,10 @@ class Generation:
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self.stop_id: int | None = None
-        self._seen = [int(i) for i in context_ids] + self.prompt.tolist()
+        context = _id_list(context_ids, "context_ids")
+        self._seen = (model.check_ids(context).tolist() if context else []) + self.prompt.tolist()
+        if rng is not None and not isinstance(rng, np.random.Generator):
+            raise Lfm2npError(f"rng must be a numpy Generator (np.random.default_rng); got {type(rng).__name__}")
         self._rng = np.random.default_rng(sampling.seed) if rng is None else rng
         self._started = False
 
@@ -265,7 +285,8 @@ def generate(model: Any, prompt_ids: "Iterable[int] | Sequence[Iterable[int]]", 
     one :meth:`Model.step_batch` per token. ``sampling`` replaces the individual options."""
     if sampling is None:
         sampling = Sampling(temperature, top_k, top_p, seed, min_p, repetition_penalty)
-    prompts = list(prompt_ids.tolist() if isinstance(prompt_ids, np.ndarray) else prompt_ids)
+    prompts = _id_list(prompt_ids.tolist() if isinstance(prompt_ids, np.ndarray) and prompt_ids.ndim else prompt_ids,
+                       "prompt_ids")
     if not prompts or not all(isinstance(p, (list, tuple, np.ndarray)) for p in prompts):
         return list(Generation(model, prompts, max_new_tokens, sampling, stop_ids))
     gens = [Generation(model, p, max_new_tokens, sampling, stop_ids) for p in prompts]
@@ -322,14 +343,7 @@ def read_generation_config(path: "str | os.PathLike[str]") -> dict[str, Any]:
     file = _config_file(path)
     if not file.is_file():
         return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise Lfm2npError(f"{file}: cannot read it ({e})") from None
-    except ValueError as e:
-        raise Lfm2npError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise Lfm2npError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    data = read_json_object(file)  # bounded, UTF-8, no key twice, no nesting too deep
     out = {}
     for key, (ok, expected) in _FIELDS.items():
         value = data.get(key)

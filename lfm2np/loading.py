@@ -60,12 +60,20 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
     if not isinstance(path, (str, os.PathLike)):
         raise Lfm2npError(f"path must be a checkpoint directory, a cached repo id or a .gguf file (a str or a "
                           f"path); got {type(path).__name__}")
+    try:
+        return _load(path, dtype, strict, memory_budget, rope_reading, keep_weights)
+    except OSError as e:  # a name too long, a loop of links, a permission: the path at fault, never a traceback
+        raise Lfm2npError(f"{str(path)[:200]}: {e.strerror or e}") from None
+
+
+def _load(path: "str | os.PathLike[str]", dtype: Any, strict: bool, memory_budget: Any, rope_reading: str,
+          keep_weights: bool | None) -> Model:
     mode = numerics(dtype)
     if keep_weights is not None:  # the switch the budget replaced: True keeps everything, False nothing
         if memory_budget is not None:
             raise Lfm2npError("give memory_budget or keep_weights (its deprecated older form), not both")
         warnings.warn("keep_weights is deprecated: memory_budget='all' keeps every converted tensor, "
-                      "memory_budget=0 none", DeprecationWarning, stacklevel=2)
+                      "memory_budget=0 none", DeprecationWarning, stacklevel=3)
         memory_budget = "all" if keep_weights else 0
     if is_gguf(path):
         config, params = read_gguf(path, mode, strict=strict, memory_budget=memory_budget)
@@ -108,6 +116,16 @@ def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config", rope_r
     """
     if isinstance(x, Config):
         return x if x.rope_reading == rope_reading else x.replace(rope_reading=rope_reading)
+    if not isinstance(x, (str, os.PathLike, Mapping)):
+        raise Lfm2npError(f"a config is a config.json path, a checkpoint directory, a repo id, a .gguf file, a "
+                          f"preset name, a dict or a Config; got {type(x).__name__}")
+    try:
+        return _load_config(x, rope_reading)
+    except OSError as e:
+        raise Lfm2npError(f"{str(x)[:200]}: {e.strerror or e}") from None
+
+
+def _load_config(x: "str | os.PathLike[str] | Mapping[str, Any]", rope_reading: str) -> Config:
     if isinstance(x, Mapping):
         return Config.from_dict(x, rope_reading=rope_reading)
     if is_gguf(x):

@@ -58,6 +58,8 @@ def tap_for(record: Recorder | None) -> Tap:
     """The operators' tap for a user's recorder: None keeps the value, an array replaces it (same shape)."""
     if record is None:
         return untapped
+    if not callable(record):
+        raise Lfm2npError(f"record must be a function record(name, value); got {type(record).__name__}")
 
     def tap(name: str, value: np.ndarray) -> np.ndarray:
         out = record(name, value)
@@ -211,6 +213,8 @@ class Model:
         ``past`` (per layer: what the previous call returned, None for a fresh sequence). Returns the
         logits (T, V) and, per layer, its state after these tokens."""
         c, rnd, tap = self.config, self.numerics.round, tap_for(record)
+        if progress is not None and not callable(progress):
+            raise Lfm2npError(f"progress must be a function progress(done, total); got {type(progress).__name__}")
         T = ids.shape[0]
         if start + T > c.max_position_embeddings:
             raise Lfm2npError(f"positions {start}..{start + T - 1} go past max_position_embeddings "

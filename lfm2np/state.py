@@ -70,15 +70,35 @@ class State:
     numerics: str = ""  # the numerics mode that made it ("float32", "bfloat16", ...; "" for any)
 
     def __post_init__(self) -> None:
+        # a State is made by start/advance/rollback, but may be built or replaced by hand: check it holds
+        # together, so that a broken one is an error rather than wrong logits
+        for name in ("position", "conv_L_cache", "max_rollback"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0 \
+                    or (name == "conv_L_cache" and value < 1):
+                raise Lfm2npError(f"state: {name} is {value!r}; expected an integer >= {int(name == 'conv_L_cache')}")
+        if not (isinstance(self.conv, tuple) and isinstance(self.keys, tuple) and isinstance(self.values, tuple)
+                and len(self.conv) == len(self.keys) == len(self.values)):
+            raise Lfm2npError("state: conv, keys and values must be tuples with one entry per layer")
+        for i, (u, k, v) in enumerate(zip(self.conv, self.keys, self.values)):
+            if (u is None) == (k is None) or (k is None) != (v is None) or \
+                    (k is not None and np.shape(k) != np.shape(v)):
+                raise Lfm2npError(f"state: layer {i} must hold either a conv history or keys and values of "
+                                  f"one shape")
         object.__setattr__(self, "conv", tuple(None if a is None else _frozen(a) for a in self.conv))
         object.__setattr__(self, "keys", tuple(None if a is None else _frozen(a) for a in self.keys))
         object.__setattr__(self, "values", tuple(None if a is None else _frozen(a) for a in self.values))
         if not self.windows:
             object.__setattr__(self, "windows", tuple(None for _ in self.conv))
         for i, (k, w) in enumerate(zip(self.keys, self.windows)):
-            if k is not None and (k.shape[0] != self.position if w is None else k.shape[0] > self.position):
+            if k is not None and (k.shape[0] != self.position if w is None else
+                                  not min(self.position, w - 1) <= k.shape[0] <= self.position):
                 raise Lfm2npError(f"state: layer {i}'s keys hold {k.shape[0]} positions but position is "
                                   f"{self.position}")
+        for i, u in enumerate(self.conv):  # the conv window needs the last L-1 inputs (fewer at the start)
+            if u is not None and not min(self.position, self.conv_L_cache - 1) <= u.shape[0] <= self.position:
+                raise Lfm2npError(f"state: layer {i}'s conv history holds {u.shape[0]} rows at position "
+                                  f"{self.position}; it needs {min(self.position, self.conv_L_cache - 1)}")
 
     @classmethod
     def start(cls, config: Config, dtype=np.float32, max_rollback: int = DEFAULT_MAX_ROLLBACK,

@@ -152,6 +152,7 @@ def test_a_full_context_is_reported_and_the_chat_goes_on(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lfm2np", "chat", str(small), "--max-new-tokens", "4"],
                           input=stdin, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    assert "lfm2np: warning: the conversation would be" in proc.stderr
     assert "the model's context is 24: /reset to start again" in proc.stderr
     assert proc.stdout.count("assistant: ") == 1  # "hi" was answered
 
@@ -162,8 +163,25 @@ def test_a_line_that_is_not_utf8_is_named_and_skipped_and_the_chat_goes_on():
                           capture_output=True)
     err = proc.stderr.decode()
     assert proc.returncode == 0 and "Traceback" not in err, err
-    assert "input line 1 is not valid UTF-8 text" in err
+    assert "lfm2np: warning: input line 1 is not valid UTF-8 text" in err
     assert proc.stdout.decode().count("assistant: ") == 1
+
+
+@pytest.mark.parametrize("length", [(1 << 20) + 1, 5 << 20])  # over the limit; over what one read takes
+def test_a_line_too_long_to_be_a_message_is_named_and_skipped(length):
+    stdin = b"x" * length + b"\nWhat is a list?\n"
+    proc = subprocess.run([sys.executable, "-m", "lfm2np", "chat", "--max-new-tokens", "2"], input=stdin,
+                          capture_output=True)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0 and "lfm2np: warning: input line 1 is longer than 1,048,576 characters" in err
+    assert proc.stdout.decode().count("assistant: ") == 1
+
+
+def test_chat_without_a_standard_input_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "lfm2np", "chat"], stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, preexec_fn=lambda: __import__("os").close(0))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == \
+        "lfm2np: error: chat reads its messages from standard input, which is closed"
 
 
 @pytest.mark.parametrize("argv, message", [

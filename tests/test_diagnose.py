@@ -429,7 +429,7 @@ def test_a_dump_is_checked_from_its_headers_before_anything_is_read(tmp_path, mo
 
     import lfm2np.oracle.dumps as dumps
 
-    # 3 x 40M zeros: 480 MB of logits in a file of under 1 MB; refused from the header (the model's V)
+    # 3 x 40M zeros: 480 MB of logits in a file of under 1 MB; refused from the headers, before inflating
     bomb = tmp_path / "bomb.npz"
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("ids.npy", _npy(np.array([1, 2, 3])))
@@ -440,15 +440,27 @@ def test_a_dump_is_checked_from_its_headers_before_anything_is_read(tmp_path, mo
                 f.write(zero)
     assert bomb.stat().st_size < 2_000_000
     tracemalloc.start()
-    with pytest.raises(lfm2np.Lfm2npError, match="40000000 columns; the model's vocabulary is 64"):
+    with pytest.raises(lfm2np.Lfm2npError, match="would inflate .* stored bytes to 480000000"):
         load_dump(bomb, vocab_size=64)
     assert tracemalloc.get_traced_memory()[1] < 50_000_000
     tracemalloc.stop()
-    # more than the memory available: refused before reading, whatever the shapes
+    # the width against the model's vocabulary, and the memory available, before reading
+    np.savez(tmp_path / "wide.npz", ids=[1, 2, 3], logits=np.ones((3, 100), np.float32))
+    with pytest.raises(lfm2np.Lfm2npError, match="100 columns; the model's vocabulary is 64"):
+        load_dump(tmp_path / "wide.npz", vocab_size=64)
     monkeypatch.setattr(dumps, "available_memory", lambda: 1000)
     with pytest.raises(lfm2np.Lfm2npError, match="more than the memory available"):
-        load_dump(bomb)
+        load_dump(tmp_path / "wide.npz")
     monkeypatch.undo()
+    # numbers only: strings, booleans, complex logits; float ids that would wrap
+    for bad, message in (({"ids": [1, 2], "logits": np.array([["a"] * 64] * 2)}, "'logits' has dtype kind 'U'"),
+                         ({"ids": [1, 2], "logits": np.ones((2, 64), complex)}, "'logits' has dtype kind 'c'"),
+                         ({"ids": [True, False], "logits": np.ones((2, 64))}, "'ids' has dtype kind 'b'"),
+                         ({"model.layers.0": np.array(["abc"] * 3), "ids": [1]}, "'model.layers.0' has dtype"),
+                         ({"ids": [1e30, 2], "logits": np.ones((2, 64))}, "1e\\+30 is no token id")):
+        np.savez(tmp_path / "bad.npz", **bad)
+        with pytest.raises(lfm2np.Lfm2npError, match=message):
+            load_dump(tmp_path / "bad.npz")
     # object arrays (pickles) and members that are not arrays
     with zipfile.ZipFile(tmp_path / "obj.npz", "w") as zf:
         zf.writestr("ids.npy", _npy_header((2,), "|O"))

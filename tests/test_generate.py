@@ -177,7 +177,9 @@ def test_generation_config_defaults_as_transformers_reads_them(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("{", "not valid JSON"),
-    ("[1]", "expected a JSON object"),
+    ("[1]", "expected an object"),
+    ("[" * 100000, "not valid JSON"),
+    ('{"do_sample": false, "do_sample": true}', "appears twice"),
     ('{"temperature": "hot"}', "temperature is 'hot'"),
     ('{"top_k": 2.5}', "top_k is 2.5"),
     ('{"top_p": 0}', "top_p is 0"),
@@ -264,3 +266,14 @@ def test_generation_ends_when_the_context_is_full():
     assert out == generate(big, prompt, len(out), stop_ids=[]) and g.state.position == 12
     rows = generate(small, [prompt, [1, 2]], 20, stop_ids=[])
     assert rows == [out, generate(big, [1, 2], 11, stop_ids=[])]
+
+
+@pytest.mark.parametrize("temperature, penalty", [(1e-320, 1.0), (1e-307, 1.0), (0.0, 1e-310), (0.5, 1e-308)])
+def test_settings_that_overflow_the_logits_are_refused_not_misread(temperature, penalty):
+    """Dividing by a tiny temperature (or penalty) sends the top logits to +inf, where their order is lost:
+    an error, never a wrong token or an IndexError."""
+    s = Sampling(temperature=temperature, repetition_penalty=penalty)
+    logits = np.array([30.0, 10.0, 5.0, -4.0], np.float32)
+    with pytest.raises(lfm2np.Lfm2npError, match="overflows these logits"):
+        sample(logits, s, np.random.default_rng(0), seen=[0, 1])
+    assert sample(logits, Sampling(temperature=1e-3), np.random.default_rng(0)) == 0  # small, not tiny: near greedy

@@ -10,6 +10,7 @@ compare, the arguments of load and generation, backend dumps for diagnose, and t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -711,6 +712,18 @@ STATES: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
         TINY_DENSE, seed=4, dtype="float64").step([1])[1]), ("float64",)),
     "a bf16-emulated state for a float32 model": (lambda m: m.step([1], lfm2np.synthetic.random_model(
         TINY_DENSE, seed=4, dtype="bfloat16").step([1])[1]), ("bfloat16 numerics", "float32")),
+    "a state given a negative max_rollback": (lambda m: dataclasses.replace(m.new_state(), max_rollback=-10),
+                                              ("max_rollback is -10",)),
+    "a state given max_rollback 2.5": (lambda m: dataclasses.replace(m.new_state(), max_rollback=2.5),
+                                       ("max_rollback is 2.5",)),
+    "a state whose conv history was emptied": (lambda m: dataclasses.replace(
+        m.step([1, 2, 3])[1], conv=tuple(None if u is None else u[:0] for u in m.step([1, 2, 3])[1].conv)),
+        ("conv history holds 0 rows at position 3",)),
+    "a state whose values are missing": (lambda m: dataclasses.replace(
+        m.step([1, 2])[1], values=tuple(None for _ in m.step([1, 2])[1].values)), ("layer 1",)),
+    "a state with values shorter than the keys": (lambda m: dataclasses.replace(
+        m.step([1, 2])[1], values=tuple(None if v is None else v[:1] for v in m.step([1, 2])[1].values)),
+        ("layer 1", "one shape")),
     "a dict as the state": (lambda m: m.step([1], {"position": 0}), ("state must be an lfm2np State", "dict")),
     "a string as the state": (lambda m: m.step([1], "state"), ("state must be an lfm2np State", "str")),
     "rollback by 1.5": (lambda m: m.step([1, 2])[1].rollback(1.5), ("rollback", "1.5")),
@@ -955,7 +968,15 @@ GEN = ["generate", EMBEDDED, "--prompt", "hi"]
 CLI: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "no command": ([], ("COMMAND",)),
     "unknown command": (["fly"], ("'fly'",)),
-    "unknown option": (["forward", GOLDEN_MOE, "--nope"], ("--nope",)),
+    "unknown option": (["forward", GOLDEN_MOE, "--nope"], ("forward: unrecognized arguments: --nope",
+                                                           "lfm2np forward --help")),
+    "golden --out ''": (["golden", GOLDEN_MOE, "--out", ""], ("--out", "an empty path")),
+    "golden --layers past the model": (["golden", GOLDEN_MOE, "--out", "/tmp/lfm2np-never-made", "--layers", "99"],
+                                       ("layers [99]",)),
+    "trace --pattern matching nothing": (["trace", GOLDEN_MOE, "--out", "/tmp/lfm2np-never.st", "--pattern", "x*"],
+                                         ("--pattern x*", "matches no intermediate")),
+    "memory --quant ''": (["memory", "LFM2-350M", "--quant", ""], ("--quant is empty",)),
+    "a temperature that overflows the logits": ([*GEN, "--temperature", "1e-320"], ("overflows these logits",)),
     "forward without a model": (["forward"], ("model",)),
     "forward of a missing directory": (["forward", "/nonexistent/ckpt"], ("/nonexistent/ckpt",)),
     "forward of a file": (["forward", str(ROOT / "README.md")], ("README.md",)),
@@ -1097,7 +1118,8 @@ DUMPS: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
                                        ("ids.npy", "format")),
     "an npz array header cut short": (lambda d: _npz_member(d, "ids.npy", _npy_header((2,))[:20]), ("not a readable",)),
     "an npz promising terabytes": (lambda d: _npz_member(d, "logits.npy", _npy_header((10**6, 10**6))),
-                                   ("bytes of arrays", "memory available")),
+                                   ("'logits'", "would inflate")),
+    "an npz of strings": (lambda d: _npz_member(d, "logits.npy", _npy_header((2, 97), "<U3")), ("dtype kind 'U'",)),
     "an npz of 3-D logits": (lambda d: _npz_member(d, "logits.npy", _npy_header((2, 3, 4))), ("logits must have shape",)),
     "logits wider than the vocabulary": (lambda d: _npz_member(d, "logits.npy", _npy_header((2, 98))),
                                          ("98 columns", "vocabulary is 97")),

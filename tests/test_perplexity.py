@@ -119,3 +119,10 @@ def test_command_errors_are_one_line(tmp_path, content, extra, message):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("lfm2np: error:") and message in proc.stderr
+
+
+def test_a_perplexity_past_float_range_is_inf_not_an_error():
+    m = random_model(lfm2np.load_config("tiny-dense"), seed=3)
+    m.params["model.embedding_norm.weight"] = m.params["model.embedding_norm.weight"] * 1e5  # logits ~1e5 apart
+    r = perplexity(m, list(range(1, 40)))
+    assert r["nll"] > 710 and math.isfinite(r["nll"]) and r["perplexity"] == math.inf

@@ -86,6 +86,8 @@ TC, CT, TJ = "tokenizer_config.json", "chat_template.jinja", "tokenizer.json"
 #: case -> (break the checkpoint, what the message must contain; "{path}" is the checkpoint directory)
 FILE_CASES = {
     "config not JSON": (_write(TC, "{"), [TC, "not valid JSON"]),
+    "config with a key twice": (_write(TC, '{"bos_token": "<|startoftext|>", "bos_token": "<|im_end|>"}'),
+                                [TC, "key 'bos_token' appears twice"]),
     "config not UTF-8": (_write(TC, b'{"bos_token": "\xff"}'), [TC, "not UTF-8"]),
     "config a list": (_write(TC, "[]"), [TC, "the top level is a JSON list; expected an object"]),
     "config a number": (_write(TC, "5"), [TC, "the top level is a JSON int"]),

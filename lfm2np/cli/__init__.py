@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for register in REGISTRARS:
         register(sub)
+    parser.commands = sub.choices  # type: ignore[attr-defined]
     return parser
 
 
@@ -83,7 +84,9 @@ def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         try:
-            args = parser.parse_args(argv)
+            args, extra = parser.parse_known_args(argv)
+            if extra:  # said by the command's own parser, so the message names the command
+                parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
         except SystemExit as e:  # a usage error, already printed as one line by Parser.error: its status
             if e.code == 2:
                 return 2

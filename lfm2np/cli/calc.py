@@ -114,6 +114,8 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------- memory
 def _cmd_memory(args: argparse.Namespace) -> int:
+    if args.quant is not None and not args.quant.strip():
+        raise Lfm2npError("--quant is empty; give a type such as Q4_K_M, Q8_0 or bfloat16")
     quant_arg = args.quant or "Q4_K_M"
     if is_gguf(args.model):  # a GGUF file: its config and its real tensor types
         if args.quant is not None:

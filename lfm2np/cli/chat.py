@@ -110,6 +110,10 @@ class ContextFull(Lfm2npError):
     """The next turn does not fit the model's context (the chat goes on: /reset starts again)."""
 
 
+#: the longest message a line may hold, in characters (the chat template's output is bounded at 16 MiB)
+MAX_MESSAGE = 1 << 20
+
+
 def _lines(stream, interactive: bool, out):
     """The messages on ``stream`` (a text stream; its bytes are read and decoded here, one line at a time, so
     a line that is not UTF-8 is reported and skipped rather than ending the conversation)."""
@@ -119,14 +123,25 @@ def _lines(stream, interactive: bool, out):
         if interactive:
             out.write("user: ")
             out.flush()
-        line = stream.readline() if raw is None else raw.readline()
+        try:
+            line = stream.readline() if raw is None else raw.readline(4 * MAX_MESSAGE + 2)
+        except OSError as e:
+            raise Lfm2npError(f"cannot read the messages from standard input ({e.strerror or e})") from None
         if not line:
             return
         number += 1
+        if len(line) > 4 * MAX_MESSAGE and not line.endswith(b"\n" if isinstance(line, bytes) else "\n"):
+            while line and not line.endswith(b"\n" if isinstance(line, bytes) else "\n"):  # skip the rest
+                line = stream.readline(1 << 20) if raw is None else raw.readline(1 << 20)
+            progress(f"lfm2np: warning: input line {number} is longer than {MAX_MESSAGE:,} characters; skipped")
+            continue
         try:  # bytes from a terminal or pipe; a text stream's lone surrogates are undecodable bytes too
             line = line.decode("utf-8") if isinstance(line, bytes) else line.encode("utf-8") and line
         except UnicodeError as e:
-            progress(f"lfm2np: input line {number} is not valid UTF-8 text (position {e.start}); skipped")
+            progress(f"lfm2np: warning: input line {number} is not valid UTF-8 text (position {e.start}); skipped")
+            continue
+        if len(line.rstrip("\r\n")) > MAX_MESSAGE:
+            progress(f"lfm2np: warning: input line {number} is longer than {MAX_MESSAGE:,} characters; skipped")
             continue
         line = line.rstrip("\r\n")
         if not interactive:
@@ -135,6 +150,8 @@ def _lines(stream, interactive: bool, out):
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
+    if sys.stdin is None or sys.stdin.closed:
+        raise Lfm2npError("chat reads its messages from standard input, which is closed")
     sampling_from(args)  # validate the options before loading
     model_arg = args.model or str(embedded_model_path())
     model, tokenizer = load_for_generation(model_arg, args)
@@ -163,7 +180,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         try:
             gen = conversation.ask(line, args.max_new_tokens, sampling, stop, rng)
         except ContextFull as e:
-            progress(f"lfm2np: {e}: /reset to start again")
+            progress(f"lfm2np: warning: {e}: /reset to start again")
             continue
         turn += 1
         out.write("assistant: ")

@@ -110,6 +110,8 @@ def _path_type(check):
     """An argparse type from ``check(value, path)``; an OSError (a name too long, a loop of links) is the
     argument's error too."""
     def convert(value: str) -> Path:
+        if not value.strip():  # Path("") is the current directory: never what an empty argument meant
+            raise argparse.ArgumentTypeError("an empty path")
         try:
             path = Path(value).expanduser()
             check(value, path)

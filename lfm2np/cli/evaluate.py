@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import Lfm2npError
 from ..evaluate import perplexity
+from ..oracle.trace import json_number
 from .common import Subparsers, add_model_arguments, input_file, load_for_generation, positive_int, progress
 
 
@@ -38,7 +39,8 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     result = perplexity(model, ids, args.window, args.stride, progress=report)
     result = {**result, "bos": not args.no_bos, "file": str(args.file), "model": args.model}
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps({k: json_number(v) if isinstance(v, float) else v for k, v in result.items()},
+                         indent=1, allow_nan=False))
     else:
         print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens of {args.file} "
               f"(mean NLL {result['nll']:.6f} nats/token; window {result['window']}, stride {result['stride']}, "

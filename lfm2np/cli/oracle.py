@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 
+from ..errors import Lfm2npError
 from ..io.tokenizer import Tokenizer
 from ..oracle.compare import compare, format_comparison
 from ..oracle.golden import write_golden
@@ -25,6 +26,9 @@ def _ids(args: argparse.Namespace, model) -> np.ndarray:
 def _cmd_trace(args: argparse.Namespace) -> int:
     model = load_model(args)
     _, trace = record(model, _ids(args, model), args.pattern, progress=LayerProgress("trace"))
+    if not len(trace):
+        raise Lfm2npError(f"--pattern {' '.join(args.pattern)} matches no intermediate of this model "
+                          f"(names look like model.layers.0.conv.conv_out; see docs/oracle.md)")
     path = trace.save(args.out)
     print(f"wrote {len(trace)} tensors to {path} (summary: {path.with_suffix('.json')})")
     return 0

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import Lfm2npError
 from ..io.params import available_memory
 from ..io.safetensors_file import STORAGE, SafetensorsFile
-from .trace import Trace, from_transformers, llama_cpp_alias
+from .trace import Trace, from_transformers, holds_integers, llama_cpp_alias
 
 KINDS = ("logits", "trace", "tokens")
 
@@ -65,6 +65,9 @@ def _int_array(value: Any, what: str, ndim: int = 1) -> np.ndarray:
         raise Lfm2npError(f"{what} must hold integers; got {a.dtype}")
     if a.ndim != ndim or a.size == 0:
         raise Lfm2npError(f"{what} must have {ndim} non-empty axis; got shape {list(a.shape)}")
+    big = np.abs(a.astype(np.float64)) >= 2.0 ** 63  # would wrap around in int64 (uint64, huge floats)
+    if big.any():
+        raise Lfm2npError(f"{what}: {a.reshape(-1)[np.argmax(big.reshape(-1))].item()!r} is no token id (too large)")
     return a.astype(np.int64)
 
 
@@ -112,15 +115,22 @@ def trace_dump(trace: Trace, ids: Any = None, prefill: Any = None, source: str =
                 prefill=_prefill(prefill, f"{source}: prefill"), source=source)
 
 
-def _npz_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
-    """Each array of an ``.npz`` file: its shape and item size, from the ``.npy`` headers alone (nothing is
-    decompressed beyond them). Object arrays (pickles) and anything that is not an ``.npy`` member are refused."""
+#: how many times its stored size an .npz array may declare (float data barely compresses; zeros do: a bomb)
+INFLATION = 100
+
+
+def _npz_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], int, str]]:
+    """Each array of an ``.npz`` file: its shape, item size and dtype kind, from the ``.npy`` headers alone
+    (nothing is decompressed beyond them). Object arrays (pickles), anything that is not an ``.npy`` member,
+    encrypted members and arrays that would inflate :data:`INFLATION` times their stored size are refused."""
     out = {}
     try:
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
                 if not info.filename.endswith(".npy"):
                     raise Lfm2npError(f"{path}: member {info.filename!r:.80} is not an .npy array")
+                if info.flag_bits & 0x1:
+                    raise Lfm2npError(f"{path}: member {info.filename!r:.80} is encrypted")
                 with zf.open(info) as f:
                     version = np.lib.format.read_magic(f)
                     if version not in ((1, 0), (2, 0)):
@@ -131,17 +141,30 @@ def _npz_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
                 if dtype.hasobject:
                     raise Lfm2npError(f"{path}: array {info.filename[:-4]!r:.80} holds Python objects; "
                                       f"a dump holds numbers")
-                out[info.filename[:-4]] = (tuple(int(n) for n in shape), dtype.itemsize)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError) as e:
+                shape = tuple(int(n) for n in shape)
+                declared = math.prod(shape) * dtype.itemsize
+                if declared > INFLATION * info.compress_size + (16 << 20):
+                    raise Lfm2npError(f"{path}: array {info.filename[:-4]!r:.80} would inflate {info.compress_size} "
+                                      f"stored bytes to {declared}: refused (a dump of real numbers does not "
+                                      f"compress {INFLATION}-fold)")
+                out[info.filename[:-4]] = (shape, dtype.itemsize, dtype.kind)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError,
+            RuntimeError) as e:  # RuntimeError: zipfile's compression methods it cannot read
         raise Lfm2npError(f"{path}: not a readable .npz file ({e})") from None
     return out
 
 
-def _check_shapes(path: Path, shapes: dict[str, tuple[tuple[int, ...], int]], ids_given: bool,
+def _check_shapes(path: Path, shapes: dict[str, tuple[tuple[int, ...], int, str]], ids_given: bool,
                   vocab_size: int | None) -> None:
-    """What the arrays of a dump say they are, checked before any is read: no more data than this machine
-    has memory available for; a logits dump's ``logits`` (T, V) against its ``ids`` (T,) and the model's V."""
-    need = sum(math.prod(shape) * size for shape, size in shapes.values())
+    """What the arrays of a dump say they are, checked before any is read: real numbers (ids and chosen
+    experts integers, logits and intermediates floating point); no more data than this machine has memory
+    available for; a logits dump's ``logits`` (T, V) against its ``ids`` (T,) and the model's V."""
+    for name, (_, _, kind) in shapes.items():
+        integers = name in ("ids", "tokens", "prefill") or holds_integers(name)
+        if kind not in ("iuf" if integers else "f"):
+            want = "integers" if integers else "floating-point numbers"
+            raise Lfm2npError(f"{path}: array {name!r:.80} has dtype kind {kind!r}; expected {want}")
+    need = sum(math.prod(shape) * size for shape, size, _ in shapes.values())
     if need > available_memory():
         raise Lfm2npError(f"{path}: the dump holds {need} bytes of arrays, more than the memory available")
     if "logits" in shapes:
@@ -174,7 +197,8 @@ def load_dump(path: "str | os.PathLike[str]", ids: Sequence[int] | None = None, 
         meta: dict[str, Any] = {}
     elif suffix == ".safetensors":
         header = SafetensorsFile(path, dtypes=tuple(STORAGE))
-        _check_shapes(path, {k: (i.shape, 4 if i.dtype == "BF16" else STORAGE[i.dtype].itemsize)  # bf16 widens
+        _check_shapes(path, {k: (i.shape, 4 if i.dtype == "BF16" else STORAGE[i.dtype].itemsize,  # bf16 widens
+                                 "f" if i.dtype == "BF16" else STORAGE[i.dtype].kind)
                              for k, i in header.tensors.items()}, ids is not None, vocab_size)
         trace = Trace.load(path)
         arrays, meta = dict(trace.tensors), trace.meta

@@ -47,15 +47,15 @@ def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: It
     if model.numerics.round_weights:
         raise Lfm2npError("golden vectors are written from the float32 or float64 model, not the bf16 emulation")
     c, W = model.config, model.params
+    wanted = set(range(c.num_hidden_layers) if layers is None else layers)
+    bad = sorted(i for i in wanted if not 0 <= i < c.num_hidden_layers)
+    if bad:  # before anything is computed or created
+        raise Lfm2npError(f"layers {bad} do not exist; the model has {c.num_hidden_layers}")
     logits, trace = record(model, ids)
     t = trace.tensors
     ids = np.asarray(trace.meta["ids"], dtype=np.int64)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    wanted = set(range(c.num_hidden_layers) if layers is None else layers)
-    bad = sorted(i for i in wanted if not 0 <= i < c.num_hidden_layers)
-    if bad:
-        raise Lfm2npError(f"layers {bad} do not exist; the model has {c.num_hidden_layers}")
     ops_written: list[dict[str, Any]] = []
 
     def write(name: str, function: str, params: dict, inputs: dict, weights: dict, outputs: dict) -> None:
