@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import Lfm2npError
+from .safetensors_file import no_duplicate_keys
 
 MAX_SECONDS = 10.0  #: wall-clock limit of one rendering
 MAX_CHARS = 1 << 24  #: limit on the output and on any one repeated / formatted string (16 Mi characters)
@@ -70,17 +71,8 @@ def read_text(path: Path, what: str = "file") -> str:
 def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON file whose top level is an object (``tokenizer_config.json``, ``chat_template.json``)."""
     text = read_text(path, "JSON file")
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:  # Python's json keeps the last one silently; which one did the author mean?
-                raise ValueError(f"key {key!r} appears twice in one object")
-            out[key] = value
-        return out
-
     try:
-        value = json.loads(text, object_pairs_hook=no_duplicates)
+        value = json.loads(text, object_pairs_hook=no_duplicate_keys)
     except (ValueError, RecursionError) as e:
         raise Lfm2npError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(value, dict):

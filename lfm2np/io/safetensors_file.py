@@ -59,19 +59,22 @@ _MAX_READ = 1 << 30  # largest single read (Linux caps one read at ~2 GiB)
 _CHUNK = 1 << 18  # bytes of stored data converted at a time (a buffer that stays in the CPU's cache)
 
 
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' ``object_pairs_hook`` that refuses a key given twice in one object (Python's json keeps
+    the last one silently: which one did the file's author mean?)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
 def parse_json(raw: bytes, where: str, what: str) -> Any:
     """Strict JSON from UTF-8 bytes: an Lfm2npError naming ``where`` for bad UTF-8, bad JSON, a key repeated
     in one object, or nesting too deep for the parser."""
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise ValueError(f"key {key!r} appears twice in one object")
-            out[key] = value
-        return out
-
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
     except UnicodeDecodeError as e:
         raise Lfm2npError(f"{where}: corrupt {what}: not UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r})") \
             from None
