@@ -142,15 +142,16 @@ class Model:
             return self.run(ids, record=record, progress=progress)[0]
         # a long prompt in chunks, each continuing the state of the last: the temporaries of a layer are
         # bounded by the chunk (the FFN's T x F, the conv's T x 3D), the result is the same rows
-        logits, state = None, State.start(self.config, self.dtype, max_rollback=0, numerics=self.numerics.name)
+        state = State.start(self.config, self.dtype, max_rollback=0, numerics=self.numerics.name)
+        # each chunk's logits are written in place (copying, or concatenating, gigabytes is slow)
+        logits = np.empty((ids.shape[0], self.config.vocab_size), self.dtype)
         starts = range(0, ids.shape[0], chunk)
         L = self.config.num_hidden_layers
         for n, t0 in enumerate(starts):
             each = None if progress is None else (lambda done, _, n=n: progress(n * L + done, len(starts) * L))
-            out, state = self.step(ids[t0:t0 + chunk], state, progress=each)
-            if logits is None:  # filled chunk by chunk (np.concatenate of a few GB is far slower)
-                logits = np.empty((ids.shape[0], out.shape[1]), out.dtype)
-            logits[t0:t0 + out.shape[0]] = out
+            part = ids[t0:t0 + chunk]
+            _, layers = self.run(part, state.layer_pasts(), state.position, None, each, logits[t0:t0 + len(part)])
+            state = state.advance(len(part), layers)
         return logits
 
     def new_state(self, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> State:
@@ -208,10 +209,10 @@ class Model:
 
     # ------------------------------------------------------------- the forward pass
     def run(self, ids: np.ndarray, past: list | None = None, start: int = 0, record: Recorder | None = None,
-            progress: Progress | None = None) -> tuple[np.ndarray, list]:
+            progress: Progress | None = None, out: np.ndarray | None = None) -> tuple[np.ndarray, list]:
         """The forward pass of ``ids`` (T,) (already checked) at positions ``start ..``, continuing from
         ``past`` (per layer: what the previous call returned, None for a fresh sequence). Returns the
-        logits (T, V) and, per layer, its state after these tokens."""
+        logits (T, V) (written into ``out`` when given) and, per layer, its state after these tokens."""
         c, rnd, tap = self.config, self.numerics.round, tap_for(record)
         if progress is not None and not callable(progress):
             raise Lfm2npError(f"progress must be a function progress(done, total); got {type(progress).__name__}")
@@ -238,7 +239,7 @@ class Model:
                     progress(i + 1, c.num_hidden_layers)
             h = tap("model.embedding_norm", ops.rms_norm(h, self.params["model.embedding_norm.weight"], c.norm_eps,
                                                          rnd))
-            logits = tap("lm_head", ops.lm_head(h, self.params[tensors.head_name(c)], rnd))  # (T, V)
+            logits = tap("lm_head", ops.lm_head(h, self.params[tensors.head_name(c)], rnd, out))  # (T, V)
         # the one check on the way: a sum (one pass, no buffer) is finite unless a value is NaN or infinite, or
         # finite values overflow it, which the exact check then tells apart; the search only on failure
         with np.errstate(over="ignore", invalid="ignore"):

@@ -68,23 +68,31 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndar
 #: through its four passes; whole activations of a long prompt (tens of MB) would go to memory each time
 ELEMENTWISE_CHUNK = 1 << 18
 
-
-def _logistic(x: np.ndarray, numerator: bool) -> np.ndarray:
-    """``1 / (1 + exp(-x))`` (``numerator`` False) or ``x / (1 + exp(-x))`` (True) in one new buffer, a
-    cache-sized slice at a time. exp overflows to inf for very negative x, which gives the right 0."""
+def _logistic(x: np.ndarray, numerator: bool, times: np.ndarray | None = None,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """``1 / (1 + exp(-x))`` (``numerator`` False) or ``x / (1 + exp(-x))`` (True), then times ``times`` if
+    given, a cache-sized slice at a time, into ``out`` (a new buffer, or ``x`` itself). exp overflows to inf
+    for very negative x, which gives the right 0. Each element sees the same operations in the same order
+    whatever the slicing, so the result does not depend on it."""
     x = np.asarray(x)
-    out = np.empty(x.shape, dtype=np.result_type(x, np.float32))
+    if out is None or not out.flags.c_contiguous:  # (a strided out would be written through a copy)
+        out = np.empty(x.shape, dtype=np.result_type(x, np.float32))
     flat_x, flat = x.reshape(-1), out.reshape(-1)
+    flat_times = None if times is None else times.reshape(-1)
+    scratch = np.empty(min(ELEMENTWISE_CHUNK, flat.size), out.dtype)  # 1 + exp(-x) of a slice, in cache
     for i in range(0, flat.size, ELEMENTWISE_CHUNK):
-        xs, t = flat_x[i:i + ELEMENTWISE_CHUNK], flat[i:i + ELEMENTWISE_CHUNK]
-        np.negative(xs, out=t)
+        j = min(i + ELEMENTWISE_CHUNK, flat.size)
+        xs, t, d = flat_x[i:j], flat[i:j], scratch[:j - i]
+        np.negative(xs, out=d)
         with np.errstate(over="ignore"):
-            np.exp(t, out=t)
-        t += 1.0
+            np.exp(d, out=d)
+        d += 1.0
         if numerator:
-            np.divide(xs, t, out=t)
+            np.divide(xs, d, out=t)
         else:
-            np.reciprocal(t, out=t)
+            np.reciprocal(d, out=t)
+        if flat_times is not None:
+            t *= flat_times[i:j]
     return out
 
 
@@ -115,10 +123,15 @@ def embed(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
     return table[ids]
 
 
-def lm_head(h: np.ndarray, head: np.ndarray, rnd: Rounding = exact) -> np.ndarray:
+def lm_head(h: np.ndarray, head: np.ndarray, rnd: Rounding = exact, out: np.ndarray | None = None) -> np.ndarray:
     """Logits from the final hidden states. ``head`` is ``lm_head.weight`` or, when tied (every released
-    model), ``model.embed_tokens.weight``.  (T, D), (V, D) -> (T, V)"""
-    return rnd(h @ head.T)
+    model), ``model.embed_tokens.weight``. ``out``: a (T, V) array to write them into (the rows of a long
+    prompt's logits: no copy of gigabytes afterwards).  (T, D), (V, D) -> (T, V)"""
+    logits = rnd(np.matmul(h, head.T, out=out))
+    if out is not None and logits is not out:
+        out[...] = logits
+        return out
+    return logits
 
 
 # ------------------------------------------------------------------------------- RoPE
@@ -352,8 +365,12 @@ def swiglu(h: np.ndarray, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray,
     ``tap`` sees w1 (the gate projection), w3 (the up projection), act (``silu(w1 h) * w3 h``) and w2."""
     gate = tap("w1", rnd(linear(h, w1)))
     up = tap("w3", rnd(linear(h, w3)))
-    act = rnd(silu(gate))
-    act = tap("act", rnd(np.multiply(act, up, out=act)))  # in silu's fresh buffer
+    if rnd is exact:  # the same operations per element, fused into one pass (and into gate's buffer when
+        # nothing recorded it): silu(gate) * up, bit for bit as the two steps below
+        act = _logistic(gate, True, times=up, out=gate if tap is untapped else None)
+    else:  # a bf16 backend rounds silu's output before the product
+        act = rnd(np.multiply(rnd(silu(gate)), up))
+    act = tap("act", act)
     return tap("w2", rnd(linear(act, w2)))
 
 

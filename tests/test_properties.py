@@ -310,3 +310,29 @@ def test_silu_and_sigmoid_in_slices_equal_the_formula(seed, shape, chunk, transp
     assert got_silu.shape == got_sigmoid.shape == np.shape(x) and got_silu.dtype == dtype
     np.testing.assert_array_equal(got_silu, x / denominator)
     np.testing.assert_array_equal(got_sigmoid, 1 / denominator)
+
+
+@SETTINGS
+@given(seed=seeds, T=st.integers(1, 6), chunk=st.integers(1, 40), dtype=st.sampled_from([np.float32, np.float64]))
+def test_swiglu_fused_in_place_equals_the_two_steps_and_spares_what_was_recorded(seed, T, chunk, dtype):
+    rng = np.random.default_rng(seed)
+    D, F = 5, 7
+    h = rng.standard_normal((T, D)).astype(dtype)
+    w1, w3, w2 = (rng.standard_normal(s).astype(dtype) for s in ((F, D), (F, D), (D, F)))
+    gate, up = h @ w1.T, h @ w3.T
+    with np.errstate(over="ignore"):
+        expected = (gate / (1 + np.exp(-gate)) * up) @ w2.T
+    seen = {}
+
+    def keep(name, value):  # an operator's tap: records and goes on with the value
+        seen[name] = value
+        return value
+
+    saved, ops.ELEMENTWISE_CHUNK = ops.ELEMENTWISE_CHUNK, chunk
+    try:
+        plain, recorded = ops.swiglu(h, w1, w3, w2), ops.swiglu(h, w1, w3, w2, keep)
+    finally:
+        ops.ELEMENTWISE_CHUNK = saved
+    np.testing.assert_array_equal(plain, expected)
+    np.testing.assert_array_equal(recorded, expected)
+    np.testing.assert_array_equal(seen["w1"], gate)  # the recorded gate is not overwritten by the fused pass
