@@ -113,10 +113,14 @@ def process_logits(logits: np.ndarray, sampling: Sampling, seen: Iterable[int] =
     if sampling.temperature not in (0, 1):
         with np.errstate(over="ignore"):
             z = z / sampling.temperature
-    if not np.isfinite(z[np.isfinite(np.asarray(logits))]).all():  # a tiny temperature or penalty overflowed:
-        raise Lfm2npError(f"temperature {sampling.temperature!r} with repetition_penalty "  # the top's order is lost
-                          f"{sampling.repetition_penalty!r} overflows these logits (float64); use a larger "
-                          f"temperature (0 for greedy) or penalty")
+    finite = z[np.isfinite(np.asarray(logits))]
+    # a tiny temperature or penalty overflowed: logits sent to +inf lose their order (and all sent to -inf
+    # leave nothing to draw); one sent to -inf alone changes nothing, its probability was 0 already
+    if (finite == np.inf).any() or (finite.size and np.isneginf(finite).all()):
+        what = (f"temperature {sampling.temperature!r} with repetition_penalty {sampling.repetition_penalty!r}"
+                if sampling.temperature not in (0, 1) else f"repetition_penalty {sampling.repetition_penalty!r}")
+        raise Lfm2npError(f"{what} overflows these logits (float64); use a larger value (temperature 0 for "
+                          f"greedy, repetition_penalty 1 for none)")
     if sampling.greedy:
         return z
     V = z.shape[-1]

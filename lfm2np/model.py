@@ -133,6 +133,8 @@ class Model:
         outside ``0 .. vocab_size - 1``.
         """
         ids = self.check_ids(ids)
+        if progress is not None and not callable(progress):
+            raise Lfm2npError(f"progress must be a function progress(done, total); got {type(progress).__name__}")
         if ids.ndim == 2:
             if record is not None:
                 raise Lfm2npError(f"record traces one sequence, shape (T,); got ids of shape {ids.shape}")

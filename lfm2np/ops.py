@@ -75,8 +75,9 @@ def _logistic(x: np.ndarray, numerator: bool, times: np.ndarray | None = None,
     for very negative x, which gives the right 0. Each element sees the same operations in the same order
     whatever the slicing, so the result does not depend on it."""
     x = np.asarray(x)
-    if out is None or not out.flags.c_contiguous:  # (a strided out would be written through a copy)
-        out = np.empty(x.shape, dtype=np.result_type(x, np.float32))
+    dtype = np.result_type(x, np.float32)  # float16 computes in float32
+    if out is None or not out.flags.c_contiguous or out.dtype != dtype:  # (a strided out: written via a copy)
+        out = np.empty(x.shape, dtype=dtype)
     flat_x, flat = x.reshape(-1), out.reshape(-1)
     flat_times = None if times is None else times.reshape(-1)
     scratch = np.empty(min(ELEMENTWISE_CHUNK, flat.size), out.dtype)  # 1 + exp(-x) of a slice, in cache

@@ -82,9 +82,10 @@ class State:
             raise Lfm2npError("state: conv, keys and values must be tuples with one entry per layer")
         for i, (u, k, v) in enumerate(zip(self.conv, self.keys, self.values)):
             if (u is None) == (k is None) or (k is None) != (v is None) or \
-                    (k is not None and np.shape(k) != np.shape(v)):
-                raise Lfm2npError(f"state: layer {i} must hold either a conv history or keys and values of "
-                                  f"one shape")
+                    (k is not None and (np.ndim(k) != 3 or np.shape(k) != np.shape(v))) or \
+                    (u is not None and np.ndim(u) != 2):
+                raise Lfm2npError(f"state: layer {i} must hold either a conv history (n, D) or keys and values "
+                                  f"of one shape (S, G, hd)")
         object.__setattr__(self, "conv", tuple(None if a is None else _frozen(a) for a in self.conv))
         object.__setattr__(self, "keys", tuple(None if a is None else _frozen(a) for a in self.keys))
         object.__setattr__(self, "values", tuple(None if a is None else _frozen(a) for a in self.values))

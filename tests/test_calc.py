@@ -301,6 +301,12 @@ def test_the_supported_context_is_the_cards_not_the_configs(capsys):
     assert "longest context that fits: 32,768 tokens" in out
     code, out, _ = run(capsys, "params", "LFM2-24B-A2B")
     assert "supported context: 32,768 tokens (model card; the config allows 128,000 positions)" in out
+    # the longest context that fits is one the same command then says fits (fused QKV counted too)
+    small = load_config("LFM2-1.2B")
+    for fuse in (False, True):
+        budget = calc.memory(small, "Q4_K_M", context=20_000, fuse_qkv=fuse)["total_bytes"]
+        n = calc.max_context(small, "Q4_K_M", budget, fuse_qkv=fuse, limit=32_768)
+        assert n == 20_000 and calc.memory(small, "Q4_K_M", context=n + 1, fuse_qkv=fuse)["total_bytes"] > budget
     # a checkpoint's own config: its max_position_embeddings, said to come from the config
     assert presets.supported_context(load_config("tiny-dense").replace(source="x/config.json")) == (512, "config")
 

@@ -474,6 +474,10 @@ def test_a_dump_is_checked_from_its_headers_before_anything_is_read(tmp_path, mo
     np.savez(tmp_path / "rows.npz", ids=[1, 2, 3], logits=np.zeros((2, 64), np.float32))
     with pytest.raises(lfm2np.Lfm2npError, match="logits have 2 rows but ids has shape \\[3\\]"):
         load_dump(tmp_path / "rows.npz")
+    # tensors the diagnosis does not read may be integers (llama.cpp's argsort, an attention mask)
+    np.savez(tmp_path / "extra.npz", ids=[1, 2], logits=np.ones((2, 64), np.float16),
+             **{"ffn_moe_argsort-0": np.zeros((2, 4), np.int32), "attention_mask": np.ones(2, bool)})
+    assert load_dump(tmp_path / "extra.npz", vocab_size=64).kind == "logits"
     # a safetensors dump is read as a trace is: its metadata checked, no memory map
     save_file({"ids": IDS, "logits": np.zeros((len(IDS), 64), np.float32)}, str(tmp_path / "o.safetensors"),
               metadata={"order": '["logits"]'})

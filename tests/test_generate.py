@@ -277,3 +277,15 @@ def test_settings_that_overflow_the_logits_are_refused_not_misread(temperature, 
     with pytest.raises(lfm2np.Lfm2npError, match="overflows these logits"):
         sample(logits, s, np.random.default_rng(0), seen=[0, 1])
     assert sample(logits, Sampling(temperature=1e-3), np.random.default_rng(0)) == 0  # small, not tiny: near greedy
+
+
+def test_logits_sent_to_minus_inf_are_not_an_overflow():
+    """A masked token (transformers' float64 minimum) divided by a temperature, or scaled by a penalty, goes
+    to -inf: its probability was 0 already, so nothing is refused; all of them going there is."""
+    masked = np.array([1.0, 2.0, np.finfo(np.float64).min, 0.5])
+    assert sample(masked, Sampling(temperature=0.7, seed=1), np.random.default_rng(0)) in (0, 1, 3)
+    assert sample(masked, Sampling(repetition_penalty=1.3), np.random.default_rng(0), seen=[2]) == 1
+    with pytest.raises(lfm2np.Lfm2npError, match="temperature 1e-320 with repetition_penalty 1.0 overflows"):
+        sample(np.array([-1.0, -2.0, -3.0]), Sampling(temperature=1e-320), np.random.default_rng(0))
+    with pytest.raises(lfm2np.Lfm2npError, match="^repetition_penalty 1e-310 overflows"):
+        sample(np.array([3.0, 1.0]), Sampling(repetition_penalty=1e-310), np.random.default_rng(0), seen=[0])

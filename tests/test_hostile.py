@@ -724,6 +724,8 @@ STATES: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
     "a state with values shorter than the keys": (lambda m: dataclasses.replace(
         m.step([1, 2])[1], values=tuple(None if v is None else v[:1] for v in m.step([1, 2])[1].values)),
         ("layer 1", "one shape")),
+    "a state whose conv history is a number": (lambda m: dataclasses.replace(
+        m.new_state(), conv=tuple(None if u is None else np.float32(0) for u in m.new_state().conv)), ("(n, D)",)),
     "a dict as the state": (lambda m: m.step([1], {"position": 0}), ("state must be an lfm2np State", "dict")),
     "a string as the state": (lambda m: m.step([1], "state"), ("state must be an lfm2np State", "str")),
     "rollback by 1.5": (lambda m: m.step([1, 2])[1].rollback(1.5), ("rollback", "1.5")),
@@ -1100,8 +1102,15 @@ def _npy_header(shape, descr="<f4", version=b"\x01\x00") -> bytes:
     return b"\x93NUMPY" + version + len(head).to_bytes(2, "little") + head
 
 
+def _chunked(model):
+    model.prefill_chunk = 4
+    return model
+
+
 ARGUMENTS: dict[str, tuple[Callable[[Path], Any], tuple[str, ...]]] = {
     "load(None)": (lambda d: lfm2np.load(None), ("path must be", "NoneType")),
+    "a number as the progress of a chunked forward": (lambda d: _chunked(lfm2np.synthetic.random_model(
+        TINY_DENSE, seed=0)).forward([1, 2, 3, 4, 5, 6], progress=5), ("progress must be a function",)),
     "load(5)": (lambda d: lfm2np.load(5), ("path must be", "int")),
     "load of a folder holding only a GGUF": (lambda d: (d / "m.gguf").write_bytes(b"GGUF") and lfm2np.load(d),
                                              ("no config.json", "m.gguf", "give one of them")),

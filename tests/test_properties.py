@@ -336,3 +336,11 @@ def test_swiglu_fused_in_place_equals_the_two_steps_and_spares_what_was_recorded
     np.testing.assert_array_equal(plain, expected)
     np.testing.assert_array_equal(recorded, expected)
     np.testing.assert_array_equal(seen["w1"], gate)  # the recorded gate is not overwritten by the fused pass
+
+
+def test_swiglu_of_float16_computes_in_float32_as_silu_does():
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((3, 5)).astype(np.float16)
+    w1, w3, w2 = (rng.standard_normal(s).astype(np.float16) for s in ((7, 5), (7, 5), (5, 7)))
+    gate, up = h @ w1.T, h @ w3.T
+    np.testing.assert_array_equal(ops.swiglu(h, w1, w3, w2), (ops.silu(gate) * up) @ w2.T)

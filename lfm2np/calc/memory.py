@@ -158,26 +158,24 @@ def memory(config: Config, quant_name: str = "Q4_K_M", *, context: int = 4096, p
 
 
 def max_context(config: Config, quant_name: str, budget: int, *, parallel: int = 1, kv_type: str = "f16",
-                chunk: int = 512, flash_attention: bool = True, limit: int | None = None) -> int:
+                chunk: int = 512, flash_attention: bool = True, fuse_qkv: bool = False,
+                limit: int | None = None) -> int:
     """The longest context (per sequence) whose :func:`memory` total fits ``budget`` bytes (0 if none does),
     at most ``limit`` tokens when given (the context the model supports: memory alone would allow contexts a
     model was never trained for; :func:`lfm2np.presets.supported_context`)."""
-    if limit is not None:
-        positive("limit", limit)
-        found = max_context(config, quant_name, budget, parallel=parallel, kv_type=kv_type, chunk=chunk,
-                            flash_attention=flash_attention)
-        return min(found, limit)
+    top = 1 << 40 if limit is None else positive("limit", limit)
 
     def fits(n: int) -> bool:
         return memory(config, quant_name, context=n, parallel=parallel, kv_type=kv_type, chunk=chunk,
-                      flash_attention=flash_attention)["total_bytes"] <= budget
+                      flash_attention=flash_attention, fuse_qkv=fuse_qkv)["total_bytes"] <= budget
     if not fits(1):
         return 0
-    lo, hi = 1, 2
-    while fits(hi):
+    if fits(top):
+        return top
+    lo, hi = 1, 2  # fits(lo), and below top
+    while hi < top and fits(hi):
         lo, hi = hi, hi * 2
-        if hi > 1 << 40:
-            return lo
+    hi = min(hi, top)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)

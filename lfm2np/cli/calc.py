@@ -138,7 +138,7 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     if budget is not None:
         m["max_context"] = calc.max_context(c, quant_arg, budget, parallel=args.parallel, kv_type=args.kv_type,
                                             chunk=args.chunk, flash_attention=not args.no_flash_attn,
-                                            limit=notes["supported_context"])
+                                            fuse_qkv=args.fuse_qkv, limit=notes["supported_context"])
     if args.json:
         print(json.dumps(m, indent=2))
         return 0

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import Lfm2npError
 from ..io.params import available_memory
 from ..io.safetensors_file import STORAGE, SafetensorsFile
-from .trace import Trace, from_transformers, holds_integers, llama_cpp_alias
+from .trace import Trace, from_transformers, holds_integers, is_trace_name, llama_cpp_alias
 
 KINDS = ("logits", "trace", "tokens")
 
@@ -160,9 +160,13 @@ def _check_shapes(path: Path, shapes: dict[str, tuple[tuple[int, ...], int, str]
     experts integers, logits and intermediates floating point); no more data than this machine has memory
     available for; a logits dump's ``logits`` (T, V) against its ``ids`` (T,) and the model's V."""
     for name, (_, _, kind) in shapes.items():
-        integers = name in ("ids", "tokens", "prefill") or holds_integers(name)
-        if kind not in ("iuf" if integers else "f"):
-            want = "integers" if integers else "floating-point numbers"
+        if name in ("ids", "tokens", "prefill") or holds_integers(name):
+            allowed, want = "iuf", "integers"
+        elif name == "logits" or is_trace_name(name):
+            allowed, want = "f", "floating-point numbers"
+        else:  # a tensor the diagnosis does not read (llama.cpp's argsort, an attention mask): any number
+            allowed, want = "biuf", "numbers"
+        if kind not in allowed:
             raise Lfm2npError(f"{path}: array {name!r:.80} has dtype kind {kind!r}; expected {want}")
     need = sum(math.prod(shape) * size for shape, size, _ in shapes.values())
     if need > available_memory():
