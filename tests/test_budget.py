@@ -84,3 +84,23 @@ def test_an_in_memory_model_reports_everything():
     c = lfm2np.load_config("tiny-dense")
     r = lfm2np.Model(c, random_params(c)).memory_report()
     assert r["resident_bytes"] == r["all_tensors_bytes"] > 0
+
+
+def test_a_lazy_checkpoint_reads_the_next_layer_and_the_chosen_experts_ahead(moe_checkpoint, monkeypatch):
+    """With tensors read at use, the forward asks the kernel (posix_fadvise WILLNEED) for what comes next:
+    the next layer's tensors while a layer runs, and an MoE layer's chosen experts once the router chose."""
+    import os
+
+    from lfm2np.io.safetensors_file import SafetensorsFile
+
+    asked: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: asked.append((off, n)), raising=False)
+    monkeypatch.setattr(os, "POSIX_FADV_WILLNEED", getattr(os, "POSIX_FADV_WILLNEED", 3), raising=False)
+    m = lfm2np.load(moe_checkpoint, memory_budget=0)
+    m.forward([1, 2, 3])
+    f = SafetensorsFile(moe_checkpoint / "model.safetensors")
+    ranges = {name: (f.data_start + t.begin, t.end - t.begin) for name, t in f.tensors.items()}
+    chosen = {n for n, r in ranges.items() if r in asked}
+    assert "model.layers.1.operator_norm.weight" in chosen  # the next layer, ahead of it
+    experts = {n for n in chosen if ".experts." in n}
+    assert experts and len(experts) < sum(".experts." in n for n in ranges)  # the chosen ones, not all

@@ -858,3 +858,26 @@ def test_embedding_rows_alone_and_kept_tensors_dequantised_once(tmp_path, monkey
     assert counts[("token_embd.weight", None)] == 1 and max(counts.values()) == 1, counts.most_common(3)
     assert any(isinstance(rows, int) for _, rows in counts)  # experts are read one at a time
     assert np.allclose(logits, lfm2np.load(path).forward(IDS)[-1:], rtol=1e-4, atol=1e-4)
+
+
+def test_the_next_layer_and_the_chosen_experts_are_read_ahead(tmp_path, monkeypatch):
+    """Loading lazily from a GGUF asks the kernel (posix_fadvise WILLNEED) for the byte ranges the forward
+    needs next: a layer's tensors, and of a stacked expert tensor only the rows of the experts chosen."""
+    import os
+
+    from lfm2np.io.gguf_file import GgufFile
+
+    config, params, path, _ = write(tmp_path, "moe-tied", 64, "F32")
+    asked: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: asked.append((off, n)), raising=False)
+    monkeypatch.setattr(os, "POSIX_FADV_WILLNEED", getattr(os, "POSIX_FADV_WILLNEED", 3), raising=False)
+    model = lfm2np.load(path, memory_budget=0)
+    out = model.forward(IDS[:5])
+    np.testing.assert_array_equal(out, lfm2np.Model(config, params).forward(IDS[:5]))
+    with GgufFile(path) as f:
+        t = next(t for t in f.tensors.values() if t.name.endswith("ffn_gate_exps.weight"))
+        row = t.nbytes // t.shape[0]
+        whole = {(f.tensors[n].offset, f.tensors[n].nbytes) for n in f.tensors}
+    expert_ranges = [(o, n) for o, n in asked if t.offset <= o < t.offset + t.nbytes]
+    assert expert_ranges and all(n % row == 0 and n < t.nbytes for _, n in expert_ranges)  # experts, not all
+    assert any(r in whole for r in asked)  # the next layer's (unstacked) tensors whole

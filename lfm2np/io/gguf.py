@@ -189,8 +189,16 @@ def _params(f: GgufFile, config: Config, mode: Any, strict: bool, memory_budget:
     sizes = {name: math.prod(shape) * dt.itemsize for name, shape in shapes.items()}
     budget = parse_budget(memory_budget, sum(sizes.values()))
     experts = frozenset(t.name for t in layout(config) if t.expert is not None)
+    def prefetch(names: "list[str]") -> None:  # the next layer's tensors, or the experts just chosen
+        asked = {}  # (slices are not hashable before Python 3.12: keyed by their text)
+        for n in names:
+            if n in where:
+                asked.setdefault(f"{where[n][0]}{where[n][1]!r}", where[n])
+        for gname, rows in asked.values():
+            f.prefetch(gname, rows)
+
     params = LazyParams(list(shapes), read, mode, budget, read_rows,
-                        lambda name: f.tensors[where[name][0]].ggml_type, sizes, experts)
+                        lambda name: f.tensors[where[name][0]].ggml_type, sizes, experts, prefetch)
     weakref.finalize(params, f.close)  # the file stays open while its tensors can be read
     return params
 

@@ -661,6 +661,26 @@ class GgufFile:
             values = self._float32(self._read_rows(t, index), t, (len(index), *t.shape[1:]))
         return values[0] if isinstance(rows, (int, np.integer)) else values
 
+    def prefetch(self, name: str, rows: "int | slice | None" = None) -> None:
+        """Ask the kernel to read tensor ``name`` (or those ``rows`` of its outermost axis: one expert, one
+        of q/k/v) into the page cache now, in the background (``posix_fadvise(WILLNEED)``); a later read
+        finds it there. A hint only: nothing is read into this process, and nothing happens where the
+        platform has no such call."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        t = self.info(name)
+        offset, nbytes = t.offset, t.nbytes
+        if rows is not None and t.shape:
+            index = _row_indices(self.path, t, rows if isinstance(rows, slice) else [rows])
+            if not index:
+                return
+            row_bytes = t.nbytes // t.shape[0]
+            offset, nbytes = t.offset + index[0] * row_bytes, (index[-1] - index[0] + 1) * row_bytes
+        try:
+            os.posix_fadvise(self._source._fileno(), offset, nbytes, os.POSIX_FADV_WILLNEED)
+        except (OSError, Lfm2npError):  # a hint: a file system without it (or a closed file) reads on demand
+            pass
+
     def _read_rows(self, t: TensorInfo, index: Sequence[int]) -> np.ndarray:
         """Rows ``index`` of the outermost numpy axis, their bytes read run by run of consecutive indices."""
         row_bytes = t.nbytes // t.shape[0]
