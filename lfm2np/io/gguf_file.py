@@ -189,6 +189,13 @@ class _Source:
             raise self.error("the GGUF file has been closed")
         return self._file.fileno()
 
+    def will_need(self, offset: int, nbytes: int) -> None:
+        """Hint the kernel to read these bytes into the page cache (``posix_fadvise(WILLNEED)``), if it can."""
+        try:
+            os.posix_fadvise(self._fileno(), offset, nbytes, os.POSIX_FADV_WILLNEED)
+        except (OSError, Lfm2npError, AttributeError):  # no such call, a file system without it, a closed file
+            pass
+
     def size_now(self) -> int:
         """The file's size at this moment (it may have changed since opening)."""
         return os.fstat(self._fileno()).st_size
@@ -666,8 +673,6 @@ class GgufFile:
         of q/k/v) into the page cache now, in the background (``posix_fadvise(WILLNEED)``); a later read
         finds it there. A hint only: nothing is read into this process, and nothing happens where the
         platform has no such call."""
-        if not hasattr(os, "posix_fadvise"):
-            return
         t = self.info(name)
         offset, nbytes = t.offset, t.nbytes
         if rows is not None and t.shape:
@@ -676,10 +681,7 @@ class GgufFile:
                 return
             row_bytes = t.nbytes // t.shape[0]
             offset, nbytes = t.offset + index[0] * row_bytes, (index[-1] - index[0] + 1) * row_bytes
-        try:
-            os.posix_fadvise(self._source._fileno(), offset, nbytes, os.POSIX_FADV_WILLNEED)
-        except (OSError, Lfm2npError):  # a hint: a file system without it (or a closed file) reads on demand
-            pass
+        self._source.will_need(offset, nbytes)
 
     def _read_rows(self, t: TensorInfo, index: Sequence[int]) -> np.ndarray:
         """Rows ``index`` of the outermost numpy axis, their bytes read run by run of consecutive indices."""
