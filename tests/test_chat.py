@@ -76,3 +76,21 @@ def test_template_errors_are_lfm2np_errors():
         render_template("{{ raise_exception('no tools here') }}", [])
     with pytest.raises(lfm2np.Lfm2npError, match="chat template"):
         render_template("{% if %}", [])
+
+
+def test_without_jinja2_a_checkpoints_own_template_is_replaced_by_the_builtin_one_with_a_warning(monkeypatch):
+    import lfm2np.io.tokenizer as T
+    from lfm2np.embedded import embedded_model_path
+
+    tok = T.Tokenizer.from_dir(embedded_model_path())
+    assert tok.chat_template is not None
+    monkeypatch.setattr(T, "have_jinja2", lambda: False)
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.warns(UserWarning, match="its own chat template, but jinja2 is not installed.*lfm2np\\[chat\\]"):
+        text = tok.apply_chat_template(messages)
+    assert text == T.format_chat(messages, None, True, tok.special["bos_token"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per tokenizer, not at every turn
+        tok.apply_chat_template(messages)

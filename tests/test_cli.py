@@ -127,3 +127,19 @@ def test_a_generation_config_eos_outside_the_vocabulary_is_named(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "lfm2np: error: generation_config.json: eos_token_id 99999 is outside the vocabulary of size 3072 "
         "(valid ids are 0..3071): it could never be generated")
+
+
+@pytest.mark.parametrize("argv", [["forward", "embedded", "--ids", "1", "2"], ["params", "embedded", "--json"],
+                                  ["diagnose", "embedded", "--catalogue"]])
+def test_embedded_is_a_model_name_for_every_command(capsys, argv):
+    from lfm2np.embedded import embedded_model_path
+
+    import re
+
+    def without_timings(text):  # forward prints its speed
+        return re.sub(r"[0-9.]+ s \([0-9.]+ tokens/s", "", text)
+
+    assert main(argv) == 0
+    out = without_timings(capsys.readouterr().out)
+    assert main([argv[0], str(embedded_model_path()), *argv[2:]]) == 0
+    assert without_timings(capsys.readouterr().out) == out

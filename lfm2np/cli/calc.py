@@ -24,7 +24,7 @@ from .. import calc, presets
 from ..calc import quant
 from ..errors import Lfm2npError
 from ..loading import is_gguf, load_config
-from .common import Subparsers, positive_int, shown
+from .common import Subparsers, model_argument, positive_int, shown
 
 
 def _n(x: int) -> str:
@@ -170,7 +170,8 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     saved = m["attention_only_kv_cache_bytes"] - m["kv_cache_bytes"] - m["conv_state_bytes"]
     print(f"all-attention equivalent KV cache: {fb(m['attention_only_kv_cache_bytes'])} "
           f"(the hybrid saves {fb(saved)})")
-    print("not counted: GGUF key/value metadata (tokenizer, ~2.4 MB for LFM2), runtime and OS overhead")
+    tokenizer = "~2.4 MB for LFM2's 65,536 tokens" if c.vocab_size == 65536 else "its size not modelled"
+    print(f"not counted: GGUF key/value metadata (the tokenizer: {tokenizer}), runtime and OS overhead")
     print(_context_line(c, notes))
     if args.context > notes["supported_context"]:
         print(f"note: a context of {_n(args.context)} is beyond the {_n(notes['supported_context'])} tokens "
@@ -197,7 +198,7 @@ def register(sub: Subparsers) -> None:
     """Add the ``params`` and ``memory`` subcommands."""
     p = sub.add_parser("params", help="parameter counts: breakdown, total and active per token",
                        description="Exact parameter counts from the config (no weights needed).")
-    p.add_argument("model", help="preset name, config.json, checkpoint directory or .gguf file (its metadata, "
+    p.add_argument("model", type=model_argument, help="preset name, config.json, checkpoint directory or .gguf file (its metadata, "
                    "checked against its tensor shapes)")
     p.add_argument("--json", action="store_true", help="print JSON (fields: total, active, "
                    "active_without_embedding, embedding, breakdown)")
@@ -207,7 +208,7 @@ def register(sub: Subparsers) -> None:
     m = sub.add_parser("memory", help="memory to run a model: weights, KV cache, conv state, compute",
                        description="Weights per dtype or GGUF file type (llama.cpp's per-tensor rules), KV cache, "
                                    "conv state and a compute-buffer estimate; whether it fits a budget.")
-    m.add_argument("model", help="preset name, config.json, checkpoint directory, or a .gguf file (its real tensor types)")
+    m.add_argument("model", type=model_argument, help="preset name, config.json, checkpoint directory, or a .gguf file (its real tensor types)")
     m.add_argument("--quant", default=None,
                    help="float32, float16, bfloat16 or a GGUF file type: " + ", ".join(quant.FILE_TYPES)
                    + " (default Q4_K_M)")

@@ -26,7 +26,7 @@ from ..errors import Lfm2npError
 from ..generate import Generation, Sampling
 from ..state import State
 from .common import Subparsers, add_sampling_arguments, describe_sampling, generation_defaults_for, \
-    load_for_generation, progress, sampling_from, stop_ids_for, utf8_text
+    load_for_generation, model_argument, progress, sampling_from, stop_ids_for, utf8_text
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -219,7 +219,7 @@ def register(sub: Subparsers) -> None:
                                    "printf 'hi\\n/exit\\n' | lfm2np chat). Each turn feeds only the new ids of "
                                    "the conversation rendered with the checkpoint's chat template; the decoding "
                                    "state is kept between turns. /reset starts again, /exit quits.")
-    p.add_argument("model", nargs="?", help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M) or "
+    p.add_argument("model", type=model_argument, nargs="?", help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M) or "
                                             ".gguf file (default: the embedded tiny model)")
     p.add_argument("--system", type=utf8_text, help="a system message")
     add_sampling_arguments(p, max_new_tokens=256)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from ..config import ROPE_READINGS
 from ..errors import Lfm2npError
+from ..embedded import embedded_model_path
 from ..generate import Generation, Sampling, checked_stop_ids, generation_defaults, sampling_for
 from ..io.hub import resolve
 from ..io.params import parse_budget
@@ -104,6 +105,17 @@ def utf8_text(value: str) -> str:
     except UnicodeEncodeError as e:
         raise argparse.ArgumentTypeError(f"not valid UTF-8 text (position {e.start})") from None
     return value
+
+
+#: the MODEL name that means the tiny model shipped inside the package (no download, no path to find)
+EMBEDDED = "embedded"
+
+
+def model_argument(value: str) -> str:
+    """A MODEL argument: a checkpoint directory, a cached repo id, a .gguf file, a preset name (for the
+    calculators), or ``embedded`` for the shipped tiny model."""
+    value = utf8_text(value)
+    return str(embedded_model_path()) if value == EMBEDDED else value
 
 
 def _path_type(check):

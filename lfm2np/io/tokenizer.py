@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -249,6 +250,11 @@ class Tokenizer:
         _check_messages(messages)
         if use_builtin is None:
             use_builtin = self.chat_template is None or not have_jinja2()
+            if self.chat_template is not None and use_builtin and not getattr(self, "_said_builtin", False):
+                self._said_builtin = True  # once per tokenizer: a chat would say it every turn
+                warnings.warn(f"{self.template_source or self.source}: the checkpoint has its own chat template, "
+                              f"but jinja2 is not installed: the built-in LFM2 format is used instead "
+                              f"(pip install 'lfm2np[chat]' to render the checkpoint's)", stacklevel=2)
         if use_builtin:
             return format_chat(messages, tools, add_generation_prompt, self.special["bos_token"])
         if self.chat_template is None:
