@@ -328,10 +328,11 @@ def cli_paths(tmp_path_factory, checkpoint) -> list[str]:
     trace = record(lfm2np.load(checkpoint), [1, 2, 3])[1].save(d / "trace.safetensors")
     root = Path(PACKAGE_ROOT)
     written = [str(d / "out"), str(d / "out" / "new"), str(d / "garbage.bin" / "x"), str(d / "empty"),
-               "/nonexistent/x", "9" * 300, "a\nb"]  # outputs only here: never into the repository or /dev
+               str(d / "missing" / "x"), "9" * 300, "a\nb"]  # outputs only here: never into the repository,
+    # /dev or / (run as root, golden --out /nonexistent/x would make /nonexistent, and other tests need it absent)
     read = [str(embedded_model_path()), str(checkpoint), str(trace), str(d / "garbage.bin"), str(root / "README.md"),
             "/nonexistent", "/dev/null", "LFM2-350M", "tiny-moe", "org/not-cached", "\udcff", *written]
-    return {"read": read, "written": written}
+    return {"read": read, "written": written, "cwd": str(d)}
 
 
 @fuzz_settings(8 * EXAMPLES)
@@ -360,10 +361,14 @@ def test_fuzzed_command_lines_end_in_one_line(capsys, cli_paths, data):
         argv += ["--out", data.draw(st.sampled_from(cli_paths["written"]), label="out")]
     if command in ("generate", "demo"):
         argv += ["--max-new-tokens", "2"]
+    here = os.getcwd()
+    os.chdir(cli_paths["cwd"])  # relative outputs ("a\nb") land in the fixture's directory, not the repository
     try:
         status = main(argv)
     except SystemExit as e:
         status = e.code
+    finally:
+        os.chdir(here)
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert status in (0, 1, 2), (argv, status, err)
