@@ -21,6 +21,7 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 GOLDEN = Path(__file__).parent / "golden"
+PACKAGE_ROOT = str(Path(lfm2np.__file__).resolve().parents[1])  # the lfm2np under test, for subprocesses
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())
 CASES = sorted(MANIFEST["cases"])
 DENSE = [c for c in CASES if MANIFEST["cases"][c]["reference_config"]["model_type"] == "lfm2"]
@@ -45,3 +46,10 @@ def captured(case: str, name: str) -> np.ndarray:
 @pytest.fixture(params=CASES)
 def case(request) -> str:
     return request.param
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a test's child Python: one BLAS thread, and the lfm2np under test first on the path."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([PACKAGE_ROOT, *filter(None, [env.get("PYTHONPATH")])])
+    return env

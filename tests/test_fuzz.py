@@ -26,7 +26,8 @@ import lfm2np
 from lfm2np.io.safetensors import save_checkpoint
 from lfm2np.synthetic import random_params
 
-PACKAGE_ROOT = str(Path(lfm2np.__file__).resolve().parents[1])  # the lfm2np under test, for subprocesses
+from conftest import PACKAGE_ROOT, subprocess_env
+
 EXAMPLES = int(os.environ.get("LFM2NP_FUZZ_EXAMPLES", "10"))
 BATCH = 100
 
@@ -93,11 +94,6 @@ WORKER = textwrap.dedent("""
 ADDRESS_SPACE = 1 << 30
 PER_ENTRY_SECONDS = 5.0
 
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([PACKAGE_ROOT, *filter(None, [env.get("PYTHONPATH")])])
-    return env
 
 
 def run_limited(target: str, folder: Path) -> dict[str, str]:

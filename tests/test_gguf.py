@@ -31,7 +31,7 @@ from lfm2np.io import gguf as G
 from lfm2np.io import gguf_write as W
 from lfm2np.synthetic import random_params
 from lfm2np.cli import main
-from lfm2np.generate import Generation, Sampling
+from lfm2np.generate import Generation, Sampling, generate
 from lfm2np.io.tokenizer import Tokenizer
 
 from tokenizer_fixture import MODEL_VOCAB, TEXTS, tiny_checkpoint, tiny_config, tiny_params
@@ -468,21 +468,12 @@ def test_gguf_tokenizer_encodes_like_its_tokenizer_json(converted):
     assert Tokenizer.load(path).encode("hello") == Tokenizer.load(checkpoint).encode("hello")
 
 
-def _greedy(model, ids, n):
-    logits, state = model.step(np.array(ids))
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(logits[-1])))
-        logits, state = model.step(np.array(out[-1:]), state)
-    return out
-
-
 def test_greedy_generation_from_an_f32_gguf_equals_its_checkpoint(converted, capsys):
     checkpoint, path = converted
     a, b = lfm2np.load(path), lfm2np.load(checkpoint)
     assert a.config == b.config
     prompt = Tokenizer.from_gguf(path).encode_chat([{"role": "user", "content": "Tell me a story."}])
-    assert _greedy(a, prompt, 12) == _greedy(b, prompt, 12)
+    assert generate(a, prompt, 12, stop_ids=[]) == generate(b, prompt, 12, stop_ids=[])
     assert Generation(a, prompt, 12, Sampling(), {7}).tokens == Generation(b, prompt, 12, Sampling(), {7}).tokens
     texts = {}
     for what in ("--chat", "--prompt"):

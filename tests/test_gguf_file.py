@@ -22,13 +22,13 @@ from hypothesis import strategies as st
 
 gguf = pytest.importorskip("gguf")
 
-import lfm2np.io.gguf_file as gf  # noqa: E402
 from lfm2np.errors import Lfm2npError  # noqa: E402
 from lfm2np.io.gguf_file import GgufFile, TensorInfo, open_gguf  # noqa: E402
 
+from conftest import subprocess_env  # noqa: E402
+
 VT = gguf.GGUFValueType
 QT = gguf.GGMLQuantizationType
-PACKAGE_ROOT = str(Path(gf.__file__).resolve().parents[2])  # the lfm2np under test, for subprocesses
 
 
 # ------------------------------------------------------------------------------------ raw GGUF builder
@@ -522,11 +522,6 @@ WORKER = textwrap.dedent("""
 ADDRESS_SPACE = 1 << 30
 PER_FILE_SECONDS = 5.0
 
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([PACKAGE_ROOT, *filter(None, [env.get("PYTHONPATH")])])
-    return env
 
 
 def run_limited(folder: Path) -> dict[str, str]:

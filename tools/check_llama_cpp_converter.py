@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import lfm2np  # noqa: E402
 from lfm2np.embedded import embedded_model_path  # noqa: E402
+from lfm2np.generate import generate  # noqa: E402
 from lfm2np.io.gguf_file import GgufFile  # noqa: E402
 from lfm2np.io.gguf_write import write_gguf  # noqa: E402
 from lfm2np.io.safetensors import save_checkpoint  # noqa: E402
@@ -146,15 +147,6 @@ def same_file(real: Path, ours: Path) -> list[str]:
     return problems
 
 
-def greedy(model, ids, n=12):
-    logits, state = model.step(np.array(ids))
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(logits[-1])))
-        logits, state = model.step(np.array(out[-1:]), state)
-    return out
-
-
 def check(name: str, checkpoint: Path, real: Path, ours: Path, outtype: str) -> list[str]:
     problems = same_file(real, ours)
     reference = lfm2np.load(checkpoint)
@@ -180,7 +172,8 @@ def check(name: str, checkpoint: Path, real: Path, ours: Path, outtype: str) -> 
     chat = [{"role": "user", "content": "Hello!"}]
     if tok.chat_template != ref_tok.chat_template or tok.encode_chat(chat) != ref_tok.encode_chat(chat):
         problems.append("chat template")
-    if outtype == "f32" and greedy(model, tok.encode_chat(chat)) != greedy(reference, ref_tok.encode_chat(chat)):
+    if outtype == "f32" and generate(model, tok.encode_chat(chat), 12, stop_ids=[]) != \
+            generate(reference, ref_tok.encode_chat(chat), 12, stop_ids=[]):
         problems.append("greedy generation")
     return problems
 
