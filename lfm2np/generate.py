@@ -42,6 +42,7 @@ import numpy as np
 
 from .errors import Lfm2npError
 from .io.chat_template import read_json_object
+from .model import check_progress
 from .state import State
 
 GENERATION_CONFIG = "generation_config.json"
@@ -184,8 +185,8 @@ def checked_stop_ids(ids: Any, vocab_size: int, what: str = "stop id") -> frozen
 
 def _id_list(ids: Any, what: str) -> list:
     """``ids`` as a list (of ids, or of prompts): a sequence or an array with an axis, never text or bytes."""
-    if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, (Sequence, np.ndarray, Iterable)) \
-            or (isinstance(ids, np.ndarray) and ids.ndim == 0):
+    zero_d = isinstance(ids, np.ndarray) and ids.ndim == 0  # an ndarray, but no axis to iterate
+    if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Iterable) or zero_d:
         raise Lfm2npError(f"{what} must be a list of token ids; got {type(ids).__name__}"
                           + (" (encode text with a tokenizer first)" if isinstance(ids, (str, bytes)) else ""))
     return list(ids)
@@ -210,8 +211,7 @@ class Generation:
                  state: State | None = None, context_ids: Iterable[int] = (),
                  rng: np.random.Generator | None = None, progress: Any = None):
         self.model = model
-        if progress is not None and not callable(progress):
-            raise Lfm2npError(f"progress must be a function progress(done, total); got {type(progress).__name__}")
+        check_progress(progress)
         self.progress = progress  # the prefill's progress(done, total) callback (Model.step), or None
         self.prompt = model.check_ids(_id_list(prompt_ids, "the prompt"))
         if self.prompt.ndim != 1:

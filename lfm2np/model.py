@@ -54,6 +54,13 @@ Recorder = Callable[[str, np.ndarray], "np.ndarray | None"]
 Progress = Callable[[int, int], None]
 
 
+def check_progress(progress: Any) -> None:
+    """A progress callback must be a function ``progress(done, total)`` (or None): an error otherwise, before
+    any work rather than a TypeError in the middle of it."""
+    if progress is not None and not callable(progress):
+        raise Lfm2npError(f"progress must be a function progress(done, total); got {type(progress).__name__}")
+
+
 def tap_for(record: Recorder | None) -> Tap:
     """The operators' tap for a user's recorder: None keeps the value, an array replaces it (same shape)."""
     if record is None:
@@ -133,8 +140,7 @@ class Model:
         outside ``0 .. vocab_size - 1``.
         """
         ids = self.check_ids(ids)
-        if progress is not None and not callable(progress):
-            raise Lfm2npError(f"progress must be a function progress(done, total); got {type(progress).__name__}")
+        check_progress(progress)
         if ids.ndim == 2:
             if record is not None:
                 raise Lfm2npError(f"record traces one sequence, shape (T,); got ids of shape {ids.shape}")
@@ -216,8 +222,7 @@ class Model:
         ``past`` (per layer: what the previous call returned, None for a fresh sequence). Returns the
         logits (T, V) (written into ``out`` when given) and, per layer, its state after these tokens."""
         c, rnd, tap = self.config, self.numerics.round, tap_for(record)
-        if progress is not None and not callable(progress):
-            raise Lfm2npError(f"progress must be a function progress(done, total); got {type(progress).__name__}")
+        check_progress(progress)
         T = ids.shape[0]
         if start + T > c.max_position_embeddings:
             raise Lfm2npError(f"positions {start}..{start + T - 1} go past max_position_embeddings "

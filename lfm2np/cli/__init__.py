@@ -50,8 +50,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="lfm2np", description="NumPy reference interpreter for Liquid AI's LFM2, LFM2.5 and LFM3 models. "
-                                                "MODEL 'embedded' is the tiny model shipped inside lfm2np.")
+    parser = Parser(prog="lfm2np", description="NumPy reference interpreter for Liquid AI's LFM2, LFM2.5 and LFM3 "
+                                                "models. MODEL 'embedded' is the tiny model shipped inside lfm2np.")
     parser.add_argument("--version", action="version", version=f"lfm2np {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

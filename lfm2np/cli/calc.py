@@ -155,8 +155,8 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     how = f"{_n(m['kv_bytes_per_token'])} B/token ({full_layers} {kind} layers) x {_n(args.context)}"
     if c.sliding_layers:  # sliding-window layers keep at most their window
         kept = min(args.context, c.sliding_window)
-        how += (f" + {len(c.sliding_layers)} sliding layers x {_n(kept)} positions x "
-                f"{_n(m['sliding_kv_bytes'] // args.parallel // (kept * len(c.sliding_layers)))} B")
+        per_position = calc.sliding_kv_bytes(c, 1, args.kv_type) // len(c.sliding_layers)  # one layer's K and V
+        how += f" + {len(c.sliding_layers)} sliding layers x {_n(kept)} positions x {_n(per_position)} B"
     rows.append(("KV cache", _n(m["kv_cache_bytes"]), fb(m["kv_cache_bytes"]),
                  f"{how} x {seqs}, {m['kv_type']}"))
     rows.append(("conv state", _n(m["conv_state_bytes"]), fb(m["conv_state_bytes"]),
@@ -198,8 +198,8 @@ def register(sub: Subparsers) -> None:
     """Add the ``params`` and ``memory`` subcommands."""
     p = sub.add_parser("params", help="parameter counts: breakdown, total and active per token",
                        description="Exact parameter counts from the config (no weights needed).")
-    p.add_argument("model", type=model_argument, help="preset name, config.json, checkpoint directory or .gguf file (its metadata, "
-                   "checked against its tensor shapes)")
+    p.add_argument("model", type=model_argument, help="preset name, config.json, checkpoint directory or .gguf "
+                   "file (its metadata, checked against its tensor shapes)")
     p.add_argument("--json", action="store_true", help="print JSON (fields: total, active, "
                    "active_without_embedding, embedding, breakdown)")
     p.add_argument("--layers", action="store_true", help="also print one row per layer")
@@ -208,7 +208,8 @@ def register(sub: Subparsers) -> None:
     m = sub.add_parser("memory", help="memory to run a model: weights, KV cache, conv state, compute",
                        description="Weights per dtype or GGUF file type (llama.cpp's per-tensor rules), KV cache, "
                                    "conv state and a compute-buffer estimate; whether it fits a budget.")
-    m.add_argument("model", type=model_argument, help="preset name, config.json, checkpoint directory, or a .gguf file (its real tensor types)")
+    m.add_argument("model", type=model_argument, help="preset name, config.json, checkpoint directory, or a .gguf "
+                   "file (its real tensor types)")
     m.add_argument("--quant", default=None,
                    help="float32, float16, bfloat16 or a GGUF file type: " + ", ".join(quant.FILE_TYPES)
                    + " (default Q4_K_M)")

@@ -26,7 +26,7 @@ from ..errors import Lfm2npError
 from ..generate import Generation, Sampling
 from ..state import State
 from .common import Subparsers, add_sampling_arguments, describe_sampling, generation_defaults_for, \
-    load_for_generation, model_argument, progress, sampling_from, stop_ids_for, utf8_text
+    load_for_generation, MODEL_HELP, model_argument, progress, sampling_from, stop_ids_for, utf8_text
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -116,37 +116,38 @@ MAX_MESSAGE = 1 << 20
 
 def _lines(stream, interactive: bool, out):
     """The messages on ``stream`` (a text stream; its bytes are read and decoded here, one line at a time, so
-    a line that is not UTF-8 is reported and skipped rather than ending the conversation)."""
+    a line that is not UTF-8, or longer than :data:`MAX_MESSAGE`, is reported and skipped rather than ending
+    the conversation). Reads are bounded: a longer line is never held whole."""
     raw = getattr(stream, "buffer", None)
+    source, newline = (stream, "\n") if raw is None else (raw, b"\n")
+    limit = 4 * MAX_MESSAGE + 2  # a UTF-8 character takes at most 4 bytes
     number = 0
     while True:
         if interactive:
             out.write("user: ")
             out.flush()
         try:
-            line = stream.readline() if raw is None else raw.readline(4 * MAX_MESSAGE + 2)
+            line = source.readline(limit)
+            too_long = len(line) >= limit and not line.endswith(newline)
+            while too_long and line and not line.endswith(newline):  # skip the rest, a bounded piece at a time
+                line = source.readline(limit)
         except OSError as e:
             raise Lfm2npError(f"cannot read the messages from standard input ({e.strerror or e})") from None
         if not line:
             return
         number += 1
-        if len(line) > 4 * MAX_MESSAGE and not line.endswith(b"\n" if isinstance(line, bytes) else "\n"):
-            while line and not line.endswith(b"\n" if isinstance(line, bytes) else "\n"):  # skip the rest
-                line = stream.readline(1 << 20) if raw is None else raw.readline(1 << 20)
-            progress(f"lfm2np: warning: input line {number} is longer than {MAX_MESSAGE:,} characters; skipped")
-            continue
         try:  # bytes from a terminal or pipe; a text stream's lone surrogates are undecodable bytes too
-            line = line.decode("utf-8") if isinstance(line, bytes) else line.encode("utf-8") and line
+            text = line if too_long else line.decode("utf-8") if raw is not None else line.encode("utf-8") and line
         except UnicodeError as e:
             progress(f"lfm2np: warning: input line {number} is not valid UTF-8 text (position {e.start}); skipped")
             continue
-        if len(line.rstrip("\r\n")) > MAX_MESSAGE:
+        if too_long or len(text.rstrip("\r\n")) > MAX_MESSAGE:
             progress(f"lfm2np: warning: input line {number} is longer than {MAX_MESSAGE:,} characters; skipped")
             continue
-        line = line.rstrip("\r\n")
+        text = text.rstrip("\r\n")
         if not interactive:
-            out.write(f"user: {line}\n")
-        yield line
+            out.write(f"user: {text}\n")
+        yield text
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
@@ -219,8 +220,7 @@ def register(sub: Subparsers) -> None:
                                    "printf 'hi\\n/exit\\n' | lfm2np chat). Each turn feeds only the new ids of "
                                    "the conversation rendered with the checkpoint's chat template; the decoding "
                                    "state is kept between turns. /reset starts again, /exit quits.")
-    p.add_argument("model", type=model_argument, nargs="?", help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M) or "
-                                            ".gguf file (default: the embedded tiny model)")
+    p.add_argument("model", type=model_argument, nargs="?", help=MODEL_HELP + " (the default)")
     p.add_argument("--system", type=utf8_text, help="a system message")
     add_sampling_arguments(p, max_new_tokens=256)
     p.set_defaults(func=_cmd_chat)

@@ -111,6 +111,11 @@ def utf8_text(value: str) -> str:
 EMBEDDED = "embedded"
 
 
+#: the help of a MODEL argument that runs a model (the calculators take presets and configs too)
+MODEL_HELP = ("checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M), .gguf file, or 'embedded' "
+              "(the tiny model shipped inside lfm2np)")
+
+
 def model_argument(value: str) -> str:
     """A MODEL argument: a checkpoint directory, a cached repo id, a .gguf file, a preset name (for the
     calculators), or ``embedded`` for the shipped tiny model."""

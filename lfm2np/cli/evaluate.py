@@ -10,8 +10,8 @@ from pathlib import Path
 from ..errors import Lfm2npError
 from ..evaluate import perplexity
 from ..oracle.trace import json_number
-from .common import Subparsers, add_model_arguments, input_file, load_for_generation, model_argument, positive_int, \
-    progress
+from .common import Subparsers, add_model_arguments, input_file, load_for_generation, MODEL_HELP, \
+    model_argument, positive_int, progress
 
 
 def read_text(path: "str | Path") -> str:
@@ -55,8 +55,7 @@ def register(sub: Subparsers) -> None:
                                    "log-likelihood of every token after the first, each scored once in windows of "
                                    "WINDOW tokens that advance by STRIDE (the Hugging Face recipe; "
                                    "docs/cli.md defines it). Progress goes to stderr.")
-    p.add_argument("model", type=model_argument, help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M), .gguf file, or "
-                   "'embedded' (the tiny model shipped inside lfm2np)")
+    p.add_argument("model", type=model_argument, help=MODEL_HELP)
     p.add_argument("file", type=input_file, help="a UTF-8 text file")
     p.add_argument("--window", type=positive_int, help="tokens per forward pass (default: the model's context, "
                                                       "at most 2048)")

@@ -14,7 +14,8 @@ from ..oracle.golden import write_golden
 from ..oracle.tolerance import COMPARE_TIERS
 from ..oracle.trace import Trace, record
 from .common import LayerProgress, Subparsers, add_model_arguments, load_model
-from .common import index_list, input_file, model_argument, non_negative_int, output_dir, output_file, utf8_text
+from .common import MODEL_HELP, index_list, input_file, model_argument, non_negative_int, output_dir, \
+    output_file, utf8_text
 
 
 def _ids(args: argparse.Namespace, model) -> np.ndarray:
@@ -51,8 +52,7 @@ def _cmd_golden(args: argparse.Namespace) -> int:
 
 
 def _add_input(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=model_argument, help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M), .gguf file, or "
-                   "'embedded' (the tiny model shipped inside lfm2np)")
+    p.add_argument("model", type=model_argument, help=MODEL_HELP)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ids", type=non_negative_int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8], help="token ids")
     src.add_argument("--text", type=utf8_text, help="text to tokenize with the checkpoint's tokenizer (BOS prepended)")

@@ -10,7 +10,7 @@ import numpy as np
 from .common import LayerProgress, Subparsers, add_model_arguments, add_sampling_arguments, load_for_generation, \
     load_model, run_generation, \
     sampling_from
-from .common import model_argument, non_negative_int, positive_int, utf8_text
+from .common import MODEL_HELP, model_argument, non_negative_int, positive_int, utf8_text
 
 
 def _cmd_forward(args: argparse.Namespace) -> int:
@@ -34,8 +34,7 @@ def _cmd_forward(args: argparse.Namespace) -> int:
 def _register_forward(sub: Subparsers) -> None:
     p = sub.add_parser("forward", help="run the forward pass on token ids and show the logits",
                        description="Load a checkpoint directory and print the logits' top entries for each position.")
-    p.add_argument("model", type=model_argument, help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M), .gguf file, or "
-                   "'embedded' (the tiny model shipped inside lfm2np)")
+    p.add_argument("model", type=model_argument, help=MODEL_HELP)
     p.add_argument("--ids", type=non_negative_int, nargs="+", default=[1, 2, 3, 4], help="token ids (default: 1 2 3 4)")
     add_model_arguments(p)
     p.add_argument("--top", type=positive_int, default=3, help="how many top logits to show per position")
@@ -59,8 +58,7 @@ def _register_generate(sub: Subparsers) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt or a chat message, streaming",
                        description="Generate from a checkpoint directory or a repo id in the local Hugging Face "
                                    "cache (e.g. LiquidAI/LFM2-350M after `hf download LiquidAI/LFM2-350M`).")
-    p.add_argument("model", type=model_argument, help="checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M), .gguf file, or "
-                   "'embedded' (the tiny model shipped inside lfm2np)")
+    p.add_argument("model", type=model_argument, help=MODEL_HELP)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", type=utf8_text, help="raw text to continue (BOS is prepended)")
     what.add_argument("--chat", type=utf8_text, help="a user message, formatted with the checkpoint's chat template")

@@ -123,6 +123,7 @@ class Tokenizer:
         #: where the chat template came from (a file, or a file and key), for error messages
         self.template_source = template_source or source
         self.special.setdefault("bos_token", BOS)
+        self._said_builtin = False  # warned that jinja2 is missing and the built-in format stands in
 
     @classmethod
     def load(cls, model: "str | os.PathLike[str]") -> "Tokenizer":
@@ -250,7 +251,7 @@ class Tokenizer:
         _check_messages(messages)
         if use_builtin is None:
             use_builtin = self.chat_template is None or not have_jinja2()
-            if self.chat_template is not None and use_builtin and not getattr(self, "_said_builtin", False):
+            if self.chat_template is not None and use_builtin and not self._said_builtin:
                 self._said_builtin = True  # once per tokenizer: a chat would say it every turn
                 warnings.warn(f"{self.template_source or self.source}: the checkpoint has its own chat template, "
                               f"but jinja2 is not installed: the built-in LFM2 format is used instead "
