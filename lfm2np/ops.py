@@ -20,7 +20,7 @@ Two optional arguments thread through the operators, and cost nothing when left 
   with: the value itself (recording), or a replacement (an intervention). :func:`untapped` is the
   default. :mod:`lfm2np.model` documents the protocol and the names.
 
-This module imports nothing from lfm2np.
+This module imports nothing from lfm2np but :mod:`lfm2np.passes` (how its long elementwise passes run).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
+
+from .passes import in_parallel, logistic
 
 #: ``tap(name, value) -> value``: sees a named intermediate and returns what the computation continues with.
 Tap = Callable[[str, np.ndarray], np.ndarray]
@@ -64,48 +66,15 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndar
     return y
 
 
-#: elements per pass of the elementwise chains below: a slice stays in a core's L2 cache (1 MiB of float32)
-#: through its four passes; whole activations of a long prompt (tens of MB) would go to memory each time
-ELEMENTWISE_CHUNK = 1 << 18
-
-def _logistic(x: np.ndarray, numerator: bool, times: np.ndarray | None = None,
-              out: np.ndarray | None = None) -> np.ndarray:
-    """``1 / (1 + exp(-x))`` (``numerator`` False) or ``x / (1 + exp(-x))`` (True), then times ``times`` if
-    given, a cache-sized slice at a time, into ``out`` (a new buffer, or ``x`` itself). exp overflows to inf
-    for very negative x, which gives the right 0. Each element sees the same operations in the same order
-    whatever the slicing, so the result does not depend on it."""
-    x = np.asarray(x)
-    dtype = np.result_type(x, np.float32)  # float16 computes in float32
-    if out is None or not out.flags.c_contiguous or out.dtype != dtype:  # (a strided out: written via a copy)
-        out = np.empty(x.shape, dtype=dtype)
-    flat_x, flat = x.reshape(-1), out.reshape(-1)
-    flat_times = None if times is None else times.reshape(-1)
-    scratch = np.empty(min(ELEMENTWISE_CHUNK, flat.size), out.dtype)  # 1 + exp(-x) of a slice, in cache
-    for i in range(0, flat.size, ELEMENTWISE_CHUNK):
-        j = min(i + ELEMENTWISE_CHUNK, flat.size)
-        xs, t, d = flat_x[i:j], flat[i:j], scratch[:j - i]
-        np.negative(xs, out=d)
-        with np.errstate(over="ignore"):
-            np.exp(d, out=d)
-        d += 1.0
-        if numerator:
-            np.divide(xs, d, out=t)
-        else:
-            np.reciprocal(d, out=t)
-        if flat_times is not None:
-            t *= flat_times[i:j]
-    return out
-
-
 def sigmoid(x: np.ndarray) -> np.ndarray:
     """``1 / (1 + exp(-x))``; exp overflows to inf for very negative x, which gives the right 0.
     (In one buffer, a cache-sized slice at a time: these run on every FFN activation of long prompts.)"""
-    return _logistic(x, numerator=False)
+    return logistic(x, numerator=False)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
     """``x * sigmoid(x)``, written ``x / (1 + exp(-x))`` as torch computes it (one buffer, in slices)."""
-    return _logistic(x, numerator=True)
+    return logistic(x, numerator=True)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, rnd: Rounding = exact) -> np.ndarray:
@@ -180,13 +149,22 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rnd: Rounding = 
 
 
 # -------------------------------------------------------------------------- attention
-def softmax(x: np.ndarray, axis: int = -1, in_place: bool = False) -> np.ndarray:
-    """Numerically stable softmax; rows that are entirely -inf are not expected (causality keeps one key).
-    ``in_place`` overwrites ``x`` (the attention scores, a fresh buffer) instead of allocating another."""
-    e = x if in_place else x.copy()
-    e -= np.max(x, axis=axis, keepdims=True)
+def _softmax_in_place(e: np.ndarray, axis: int = -1) -> None:
+    e -= np.max(e, axis=axis, keepdims=True)
     np.exp(e, out=e)
     e /= np.sum(e, axis=axis, keepdims=True)
+
+
+def softmax(x: np.ndarray, axis: int = -1, in_place: bool = False) -> np.ndarray:
+    """Numerically stable softmax; rows that are entirely -inf are not expected (causality keeps one key).
+    ``in_place`` overwrites ``x`` (the attention scores, a fresh buffer) instead of allocating another.
+    Along a contiguous last axis, the rows are shared among threads (:mod:`lfm2np.passes`) (the same bits)."""
+    e = x if in_place else x.copy()
+    if e.size and e.flags.c_contiguous and axis in (-1, e.ndim - 1):
+        rows = e.reshape(-1, e.shape[-1])
+        in_parallel(rows.shape[0], lambda lo, hi: _softmax_in_place(rows[lo:hi]), e.size)
+    else:
+        _softmax_in_place(e, axis)
     return e
 
 
@@ -368,7 +346,7 @@ def swiglu(h: np.ndarray, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray,
     up = tap("w3", rnd(linear(h, w3)))
     if rnd is exact:  # the same operations per element, fused into one pass (and into gate's buffer when
         # nothing recorded it): silu(gate) * up, bit for bit as the two steps below
-        act = _logistic(gate, True, times=up, out=gate if tap is untapped else None)
+        act = logistic(gate, True, times=up, out=gate if tap is untapped else None)
     else:  # a bf16 backend rounds silu's output before the product
         act = rnd(np.multiply(rnd(silu(gate)), up))
     act = tap("act", act)

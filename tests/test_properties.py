@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
 import lfm2np
-from lfm2np import ops
+from lfm2np import ops, passes
 from lfm2np.synthetic import random_model, random_params
 from lfm2np.oracle.tolerance import FP32, rel_error
 
@@ -290,21 +292,30 @@ def test_untied_head_is_used_when_present():
     np.testing.assert_array_equal(lfm2np.Model(config, params).forward(ids), tied.forward(ids))
 
 
+@contextlib.contextmanager
+def split(chunk: int, threads: int):
+    """Long passes in slices of ``chunk`` elements, shared among ``threads`` threads however small."""
+    saved = passes.ELEMENTWISE_CHUNK, passes.THREADS, passes.PARALLEL_MIN
+    passes.ELEMENTWISE_CHUNK, passes.THREADS, passes.PARALLEL_MIN = chunk, threads, 1
+    try:
+        yield
+    finally:
+        passes.ELEMENTWISE_CHUNK, passes.THREADS, passes.PARALLEL_MIN = saved
+
+
 @SETTINGS
 @given(seed=seeds, shape=st.sampled_from([(), (1,), (5, 3), (4, 7, 2)]), chunk=st.integers(1, 9),
-       transpose=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]))
-def test_silu_and_sigmoid_in_slices_equal_the_formula(seed, shape, chunk, transpose, dtype):
-    # slices of `chunk` elements (any remainder, non-contiguous input, 0-d input) give the formula's values
+       threads=st.integers(1, 4), transpose=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]))
+def test_silu_and_sigmoid_in_slices_equal_the_formula(seed, shape, chunk, threads, transpose, dtype):
+    # slices of `chunk` elements shared among threads (any remainder, non-contiguous input, 0-d input) give
+    # the formula's values
     x = np.asarray(8 * np.random.default_rng(seed).standard_normal(shape), dtype=dtype)
     if x.ndim:
         x[..., :1] = -800.0  # exp(800) overflows: sigmoid 0, silu -0
     if transpose:
         x = x.T
-    saved, ops.ELEMENTWISE_CHUNK = ops.ELEMENTWISE_CHUNK, chunk
-    try:
+    with split(chunk, threads):
         got_silu, got_sigmoid = ops.silu(x), ops.sigmoid(x)
-    finally:
-        ops.ELEMENTWISE_CHUNK = saved
     with np.errstate(over="ignore"):
         denominator = 1 + np.exp(-x)
     assert got_silu.shape == got_sigmoid.shape == np.shape(x) and got_silu.dtype == dtype
@@ -313,8 +324,9 @@ def test_silu_and_sigmoid_in_slices_equal_the_formula(seed, shape, chunk, transp
 
 
 @SETTINGS
-@given(seed=seeds, T=st.integers(1, 6), chunk=st.integers(1, 40), dtype=st.sampled_from([np.float32, np.float64]))
-def test_swiglu_fused_in_place_equals_the_two_steps_and_spares_what_was_recorded(seed, T, chunk, dtype):
+@given(seed=seeds, T=st.integers(1, 6), chunk=st.integers(1, 40), threads=st.integers(1, 4),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_swiglu_fused_in_place_equals_the_two_steps_and_spares_what_was_recorded(seed, T, chunk, threads, dtype):
     rng = np.random.default_rng(seed)
     D, F = 5, 7
     h = rng.standard_normal((T, D)).astype(dtype)
@@ -328,11 +340,8 @@ def test_swiglu_fused_in_place_equals_the_two_steps_and_spares_what_was_recorded
         seen[name] = value
         return value
 
-    saved, ops.ELEMENTWISE_CHUNK = ops.ELEMENTWISE_CHUNK, chunk
-    try:
+    with split(chunk, threads):
         plain, recorded = ops.swiglu(h, w1, w3, w2), ops.swiglu(h, w1, w3, w2, keep)
-    finally:
-        ops.ELEMENTWISE_CHUNK = saved
     np.testing.assert_array_equal(plain, expected)
     np.testing.assert_array_equal(recorded, expected)
     np.testing.assert_array_equal(seen["w1"], gate)  # the recorded gate is not overwritten by the fused pass

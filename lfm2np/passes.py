@@ -1,0 +1,118 @@
+"""How the long elementwise passes run: in cache-sized slices, shared among threads (softmax rows, the
+SwiGLU and gate activations of :mod:`lfm2np.ops`).
+
+NumPy runs a ufunc on one core; the BLAS runs its matrix products on all of them. On a long prompt the
+passes between the products (the softmax over the attention scores above all) would then leave the other
+cores idle, where torch spreads its own kernels over every thread. :func:`in_parallel` hands contiguous,
+independent pieces of such a pass to a small pool of threads (NumPy releases the interpreter lock inside
+its loops). Each element sees the same operations whatever the split, so the results are the same bits
+with one thread or many; small passes (decoding) run whole, in the calling thread.
+
+With OpenBLAS, an idle BLAS worker keeps polling its core for a while after each product (about 2^28
+cycles by default) before it sleeps, which leaves the pool little of that core; ``OPENBLAS_THREAD_TIMEOUT``
+(read when NumPy loads) shortens the wait: see docs/performance.md for the measured trade-off.
+
+This module imports nothing from lfm2np.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+
+#: the fewest elements an elementwise pass splits between threads (below, handing out the work costs more)
+PARALLEL_MIN = 1 << 16
+
+
+def _thread_count() -> int:
+    """Threads for the elementwise passes: the BLAS's count when the environment sets one (so
+    ``OPENBLAS_NUM_THREADS=1`` means one thread everywhere), else the cores this process may use."""
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return min(int(value), 16)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 16))
+
+
+#: threads :func:`in_parallel` uses (fixed at import, like the BLAS's own; 1 turns the splitting off)
+THREADS = _thread_count()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:  # a forked child has none of its parent's threads
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def in_parallel(n: int, work: Callable[[int, int], None], size: int | None = None) -> None:
+    """``work(lo, hi)`` over ``0 .. n`` in :data:`THREADS` contiguous pieces at once, this thread taking the
+    first. For passes whose pieces are independent (rows of a softmax, slices of an elementwise chain):
+    each element sees the same operations whatever the split, so the result is the same bits. ``size``
+    (elements in all; default n) below :data:`PARALLEL_MIN` runs in one piece here. ``work`` must not call
+    in_parallel itself (the pool's threads would wait on each other)."""
+    global _pool
+    parts = min(THREADS, n, max(1, (n if size is None else size) // PARALLEL_MIN))
+    if parts <= 1:
+        work(0, n)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(THREADS - 1, thread_name_prefix="lfm2np")
+    bounds = [n * i // parts for i in range(parts + 1)]
+    errors = np.geterr()  # the caller's floating-point error handling holds in the other threads too
+
+    def piece(lo: int, hi: int) -> None:
+        with np.errstate(**errors):
+            work(lo, hi)
+
+    futures = [_pool.submit(piece, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+    try:
+        work(bounds[0], bounds[1])
+    finally:  # no piece still writing when this returns or raises
+        for future in futures:
+            future.result()
+
+
+#: elements per pass of the elementwise chains below: a slice stays in a core's L2 cache (1 MiB of float32)
+#: through its four passes; whole activations of a long prompt (tens of MB) would go to memory each time
+ELEMENTWISE_CHUNK = 1 << 18
+
+
+def logistic(x: np.ndarray, numerator: bool, times: np.ndarray | None = None,
+             out: np.ndarray | None = None) -> np.ndarray:
+    """``1 / (1 + exp(-x))`` (``numerator`` False) or ``x / (1 + exp(-x))`` (True), then times ``times`` if
+    given, into ``out`` (a new buffer, or ``x`` itself), a cache-sized slice at a time, the elements shared
+    among :func:`in_parallel`'s threads: each sees the same operations whatever the split, so the result
+    does not depend on it. exp overflows to inf for very negative x, which gives the right 0."""
+    x = np.asarray(x)
+    dtype = np.result_type(x, np.float32)  # float16 computes in float32
+    if out is None or not out.flags.c_contiguous or out.dtype != dtype:  # (a strided out: written via a copy)
+        out = np.empty(x.shape, dtype=dtype)
+    flat_x, flat = x.reshape(-1), out.reshape(-1)
+    flat_times = None if times is None else times.reshape(-1)
+
+    def elements(lo: int, hi: int) -> None:  # flat[lo:hi], a slice at a time
+        scratch = np.empty(min(ELEMENTWISE_CHUNK, hi - lo), out.dtype)  # 1 + exp(-x) of a slice, in cache
+        for i in range(lo, hi, ELEMENTWISE_CHUNK):
+            j = min(i + ELEMENTWISE_CHUNK, hi)
+            xs, t, d = flat_x[i:j], flat[i:j], scratch[:j - i]
+            np.negative(xs, out=d)
+            with np.errstate(over="ignore"):
+                np.exp(d, out=d)
+            d += 1.0
+            if numerator:
+                np.divide(xs, d, out=t)
+            else:
+                np.reciprocal(d, out=t)
+            if flat_times is not None:
+                t *= flat_times[i:j]
+
+    in_parallel(flat.size, elements)
+    return out

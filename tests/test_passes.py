@@ -1,0 +1,101 @@
+"""lfm2np.passes: long elementwise passes shared among threads give the same bits as one thread."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from lfm2np import ops, passes
+from test_properties import split
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), shape=st.sampled_from([(7,), (3, 5), (4, 3, 6), (2, 1, 9)]),
+       axis=st.integers(-3, 2), threads=st.integers(1, 5), transpose=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_softmax_shared_among_threads_equals_the_formula(seed, shape, axis, threads, transpose, dtype):
+    x = (6 * np.random.default_rng(seed).standard_normal(shape)).astype(dtype)
+    x = x.T if transpose else x
+    axis = axis % x.ndim
+    with split(4, 1):
+        alone = ops.softmax(x, axis=axis)
+    with split(4, threads):
+        got = ops.softmax(x, axis=axis)
+        in_place = x.copy()
+        returned = ops.softmax(in_place, axis=axis, in_place=True)
+    np.testing.assert_array_equal(got, alone)  # the same bits with one thread or many
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    np.testing.assert_allclose(got, e / e.sum(axis=axis, keepdims=True), rtol=4 * np.finfo(dtype).eps, atol=0)
+    np.testing.assert_array_equal(in_place, got)
+    assert returned is in_place
+
+
+def test_attention_of_a_long_prompt_is_the_same_with_one_thread_or_three():
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((300, h, 16)).astype(np.float32) for h in (4, 2, 2))
+    with split(1 << 18, 1):
+        one = ops.attention_blocked(q, k, v, block=64)
+    with split(1 << 18, 3):
+        three = ops.attention_blocked(q, k, v, block=64)
+    np.testing.assert_array_equal(one, three)
+
+
+def test_every_piece_runs_once_and_errors_reach_the_caller():
+    seen = []
+    with split(1, 3):
+        passes.in_parallel(10, lambda lo, hi: seen.append((lo, hi)))
+        assert sorted(seen) == [(0, 3), (3, 6), (6, 10)]
+
+        def fail(lo, hi):
+            if lo:
+                raise ValueError(f"piece {lo}")
+
+        with pytest.raises(ValueError, match="piece"):
+            passes.in_parallel(9, fail)
+
+
+def test_small_passes_run_whole_in_the_calling_thread():
+    seen = []
+    passes.in_parallel(100, lambda lo, hi: seen.append((lo, hi)), size=passes.PARALLEL_MIN - 1)
+    assert seen == [(0, 100)]
+
+
+def test_the_callers_floating_point_settings_hold_in_every_thread():
+    x = np.full((8, 8), np.inf, np.float32)  # inf - inf: "invalid value"
+    with split(1, 2), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(all="ignore"):
+            ops.softmax(x)  # silent in every piece
+        with pytest.raises(RuntimeWarning):
+            ops.softmax(x)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_starts_its_own_threads():
+    with split(1, 2):
+        ops.softmax(np.ones((4, 4)))  # the parent's pool exists now
+        pid = os.fork()
+        if pid == 0:  # the child: the parent's threads are gone, the pass must still finish
+            try:
+                ok = np.array_equal(ops.softmax(np.zeros((4, 4))), np.full((4, 4), 0.25))
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"OPENBLAS_NUM_THREADS": "1"}, 1), ({"OPENBLAS_NUM_THREADS": "3", "OMP_NUM_THREADS": "1"}, 3),
+    ({"OMP_NUM_THREADS": "2"}, 2), ({"OPENBLAS_NUM_THREADS": "many"}, None), ({}, None),
+])
+def test_threads_follow_the_blas_setting_or_the_cores(monkeypatch, env, expected):
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert passes._thread_count() == (expected if expected is not None else min(cores, 16))
