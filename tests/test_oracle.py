@@ -288,3 +288,18 @@ def test_golden_command_and_layer_selection(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lfm2np", "golden", str(GOLDEN / "dense-legacy"), "--out",
                           str(out), "--layers", "9"], capture_output=True, text=True)
     assert bad.returncode == 2 and "layers [9] do not exist" in bad.stderr
+
+
+def test_integer_tensors_far_apart_report_their_true_distance():
+    # an int64 difference would wrap: 2^64 - 1 against 0 read as a distance of 1
+    from lfm2np.oracle.compare import diff_tensors
+    from lfm2np.oracle.tolerance import COMPARE_TIERS
+
+    far = diff_tensors("input_ids", np.array([2**64 - 1], np.uint64), np.array([0], np.uint64), COMPARE_TIERS["fp32"])
+    assert not far.ok and far.max_abs == float(2**64 - 1)
+    extremes = diff_tensors("input_ids", np.array([2**63 - 1], np.int64), np.array([-2**63], np.int64),
+                            COMPARE_TIERS["fp32"])
+    assert not extremes.ok and extremes.max_abs == float(2**64 - 1)
+    same = diff_tensors("input_ids", np.array([2**64 - 1], np.uint64), np.array([2**64 - 1], np.uint64),
+                        COMPARE_TIERS["fp32"])
+    assert same.ok and same.max_abs == 0.0

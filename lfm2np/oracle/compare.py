@@ -57,7 +57,8 @@ def diff_tensors(name: str, a: np.ndarray, b: np.ndarray, tier: CompareTier) -> 
             return TensorDiff(name, a.shape, math.inf, math.inf, math.inf, math.inf, 0.0, None, False,
                               f"{which} holds {x.dtype}; expected {expected}")
     if not experts and a.dtype.kind in "iub" and b.dtype.kind in "iub":  # another tensor of integers: exact
-        d = np.abs(a.astype(np.int64) - b.astype(np.int64)) if a.size else np.zeros(1, np.int64)
+        # in float64: an int64 difference wraps for uint64 values past 2^63 (or opposite int64 extremes)
+        d = np.abs(a.astype(np.float64) - b.astype(np.float64)) if a.size else np.zeros(1)
         same = bool(np.array_equal(a, b))
         return TensorDiff(name, a.shape, float(d.max()), 0.0 if same else math.inf, 0.0 if same else math.inf,
                           -math.inf if same else math.inf, 1.0 if same else 0.0, None, same,
@@ -69,7 +70,8 @@ def diff_tensors(name: str, a: np.ndarray, b: np.ndarray, tier: CompareTier) -> 
         ea, eb = (np.sort(x.astype(np.int64).reshape(-1, x.shape[-1] if x.ndim else 1), axis=-1) for x in (a, b))
         agreement = float(np.all(ea == eb, axis=-1).mean())
         ok = agreement == 1.0 or not tier.exact_routing
-        return TensorDiff(name, a.shape, float(np.max(np.abs(ea - eb))), 0.0, 0.0, -math.inf, 1.0, agreement, ok)
+        gap = float(np.max(np.abs(ea.astype(np.float64) - eb.astype(np.float64))))  # (no int64 wrap-around)
+        return TensorDiff(name, a.shape, gap, 0.0, 0.0, -math.inf, 1.0, agreement, ok)
     a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
     finite = np.isfinite(a64) & np.isfinite(b64)
     if not finite.all():
