@@ -21,7 +21,8 @@ What it does:
 
 2. For each model and framework, in a separate process (so peak RSS is per framework and per run):
    load time, prefill tokens/s at T = 128, 512, 2048, decode tokens/s at a context of 512 (32 single-token
-   steps after a 512-token prefill, with lfm2np's State / transformers' cache), "ready" time (load, plus
+   steps after a 512-token prefill, with lfm2np's State / transformers' cache; prefill up to 512 and decode:
+   the best of 3 runs), "ready" time (load, plus
    widening every kept tensor and a 1-token forward: what transformers' load does), peak RSS (VmHWM; it counts
    memory-mapped file pages that were read), checkpoint size. transformers runs in float32 on CPU with the
    same thread count, when torch and transformers are importable in the interpreter given by ``--torch-python``
@@ -44,7 +45,9 @@ What it does:
 Threads: every child gets OPENBLAS_NUM_THREADS = OMP_NUM_THREADS = MKL_NUM_THREADS = ``--threads``
 (default 2) and torch.set_num_threads(threads). ``--unset-coretype`` removes OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE from the children's environment (never do that in tests or CI). Each child reports the
-BLAS library and kernel numpy uses (threadpoolctl, if installed).
+BLAS library and kernel numpy uses (threadpoolctl, if installed). The children inherit the rest of the
+environment: ``OPENBLAS_THREAD_TIMEOUT=4 python benchmarks/bench.py ...`` measures lfm2np with OpenBLAS's
+idle workers sleeping at once (docs/performance.md, "Where prefill time goes"); the machine line records it.
 
 Disturbance: other processes on the machine skew timings. For each child the parent measures the CPU time
 the rest of the machine used meanwhile (from /proc/stat minus the child's own rusage) and prints it as
@@ -282,10 +285,11 @@ def child_run(spec: dict) -> dict:
         ids = prompt[:T]
         t = _timeit(lambda: prefill(ids), reps)
         res["prefill"][str(T)] = {"s": t, "tok_s": T / t, "reps": reps}
-    if spec["decode_steps"]:
-        t = decode(prompt[: spec["decode_context"]], decode_tokens)
+    if spec["decode_steps"]:  # the best of reps runs, as for prefill (decode reads every weight per token:
+        # the memory bandwidth other machines on the host share moves it most)
+        t = min(decode(prompt[: spec["decode_context"]], decode_tokens) for _ in range(spec["reps"]))
         res["decode"] = {"context": spec["decode_context"], "steps": spec["decode_steps"], "s": t,
-                         "tok_s": spec["decode_steps"] / t}
+                         "tok_s": spec["decode_steps"] / t, "reps": spec["reps"]}
     res["peak_rss"] = vm_hwm()
     return res
 
@@ -468,6 +472,7 @@ def machine_info(python: str) -> dict:
     info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 2**30, 1),
             "platform": platform.platform(), "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
             "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
+            "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
             "loadavg_start": open("/proc/loadavg").read().split()[:3]}
     if probe.returncode == 0:
         info.update(json.loads(probe.stdout.strip().splitlines()[-1]))

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     model = random_model(lfm2np.load_config(args.model), seed=0)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), "?")
-    print(f"{args.model}, float32, {args.threads} threads, {cpu}")
+    timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "OpenBLAS's default")
+    print(f"{args.model}, float32, {args.threads} threads, {cpu}, OPENBLAS_THREAD_TIMEOUT {timeout}")
     for T in (int(x) for x in args.T.split(",")):
         r = profile(model, T)
         print(f"T={T}: {r['wall_s']:.2f} s, GEMM {r['gemm_s']:.2f} s, non-GEMM {r['non_gemm_s']:.2f} s "

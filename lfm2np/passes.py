@@ -72,9 +72,15 @@ def in_parallel(n: int, work: Callable[[int, int], None], size: int | None = Non
         with np.errstate(**errors):
             work(lo, hi)
 
-    futures = [_pool.submit(piece, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+    futures, here = [], [(bounds[0], bounds[1])]
+    for i in range(1, parts):
+        try:
+            futures.append(_pool.submit(piece, bounds[i], bounds[i + 1]))
+        except RuntimeError:  # no new threads (the interpreter is shutting down): the rest runs here
+            here.append((bounds[i], bounds[i + 1]))
     try:
-        work(bounds[0], bounds[1])
+        for lo, hi in here:
+            work(lo, hi)
     finally:  # no piece still writing when this returns or raises
         for future in futures:
             future.result()

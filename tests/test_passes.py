@@ -99,3 +99,15 @@ def test_threads_follow_the_blas_setting_or_the_cores(monkeypatch, env, expected
         monkeypatch.setenv(name, value)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert passes._thread_count() == (expected if expected is not None else min(cores, 16))
+
+
+def test_a_pass_still_runs_when_no_new_thread_can_start(monkeypatch):
+    class Refusing:  # what an executor says once the interpreter is shutting down
+        def submit(self, *args):
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(passes, "_pool", Refusing())
+    seen = []
+    with split(1, 3):
+        passes.in_parallel(9, lambda lo, hi: seen.append((lo, hi)))
+    assert seen == [(0, 3), (3, 6), (6, 9)]
