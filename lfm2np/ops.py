@@ -160,7 +160,7 @@ def softmax(x: np.ndarray, axis: int = -1, in_place: bool = False) -> np.ndarray
     ``in_place`` overwrites ``x`` (the attention scores, a fresh buffer) instead of allocating another.
     Along a contiguous last axis, the rows are shared among threads (:mod:`lfm2np.passes`) (the same bits)."""
     e = x if in_place else x.copy()
-    if e.size and e.flags.c_contiguous and axis in (-1, e.ndim - 1):
+    if e.ndim and e.size and e.flags.c_contiguous and axis in (-1, e.ndim - 1):
         rows = e.reshape(-1, e.shape[-1])
         in_parallel(rows.shape[0], lambda lo, hi: _softmax_in_place(rows[lo:hi]), e.size)
     else:

@@ -18,6 +18,7 @@ This module imports nothing from lfm2np.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -41,49 +42,88 @@ def _thread_count() -> int:
 #: threads :func:`in_parallel` uses (fixed at import, like the BLAS's own; 1 turns the splitting off)
 THREADS = _thread_count()
 _pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
-def _forget_pool() -> None:  # a forked child has none of its parent's threads
-    global _pool
-    _pool = None
+def _forget_pool() -> None:  # a forked child has none of its parent's threads (nor their locks' state)
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def in_parallel(n: int, work: Callable[[int, int], None], size: int | None = None) -> None:
-    """``work(lo, hi)`` over ``0 .. n`` in :data:`THREADS` contiguous pieces at once, this thread taking the
-    first. For passes whose pieces are independent (rows of a softmax, slices of an elementwise chain):
-    each element sees the same operations whatever the split, so the result is the same bits. ``size``
-    (elements in all; default n) below :data:`PARALLEL_MIN` runs in one piece here. ``work`` must not call
-    in_parallel itself (the pool's threads would wait on each other)."""
+def _helpers() -> ThreadPoolExecutor:
     global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(THREADS - 1, thread_name_prefix="lfm2np")
+        return _pool
+
+
+def in_parallel(n: int, work: Callable[[int, int], None], size: int | None = None) -> None:
+    """``work(lo, hi)`` over ``0 .. n`` in up to :data:`THREADS` contiguous pieces at once, for passes whose
+    pieces are independent (rows of a softmax, slices of an elementwise chain): each element sees the same
+    operations whatever the split, so the result is the same bits. ``size`` (elements in all; default n)
+    below :data:`PARALLEL_MIN` runs in one piece here.
+
+    Each piece is claimed before it runs, by a pool thread or by this one, which takes the first piece and
+    then every piece no pool thread has started (a busy pool, a call from inside a piece, a thread that
+    cannot start: this thread does the work). When this returns or raises, no piece is still running: an
+    error (this thread's first, else a piece's) is raised once every started piece has stopped, and
+    Ctrl-C waits for them too. The caller's floating-point settings (``np.errstate``, its callback) hold in
+    every piece."""
     parts = min(THREADS, n, max(1, (n if size is None else size) // PARALLEL_MIN))
     if parts <= 1:
         work(0, n)
         return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(THREADS - 1, thread_name_prefix="lfm2np")
     bounds = [n * i // parts for i in range(parts + 1)]
-    errors = np.geterr()  # the caller's floating-point error handling holds in the other threads too
+    modes, call = np.geterr(), np.geterrcall()
+    claims = [threading.Lock() for _ in range(parts)]
+    done = [threading.Event() for _ in range(parts)]
+    errors: list[BaseException | None] = [None] * parts
 
-    def piece(lo: int, hi: int) -> None:
-        with np.errstate(**errors):
-            work(lo, hi)
-
-    futures, here = [], [(bounds[0], bounds[1])]
-    for i in range(1, parts):
+    def helper(i: int) -> None:
+        if not claims[i].acquire(blocking=False):
+            return  # this thread ran it, or gave up on it
         try:
-            futures.append(_pool.submit(piece, bounds[i], bounds[i + 1]))
-        except RuntimeError:  # no new threads (the interpreter is shutting down): the rest runs here
-            here.append((bounds[i], bounds[i + 1]))
+            with np.errstate(call=call, **modes):
+                work(bounds[i], bounds[i + 1])
+        except BaseException as error:  # raised in the calling thread, below
+            errors[i] = error
+        finally:
+            done[i].set()
+
+    mine: set[int] = set()
+    first: BaseException | None = None
     try:
-        for lo, hi in here:
-            work(lo, hi)
-    finally:  # no piece still writing when this returns or raises
-        for future in futures:
-            future.result()
+        pool = _helpers()
+        for i in range(1, parts):
+            try:
+                pool.submit(helper, i)
+            except RuntimeError:  # no new threads (the interpreter is shutting down): run below
+                break
+        for i in range(parts):  # the first piece, then any no pool thread has started
+            if claims[i].acquire(blocking=False):
+                mine.add(i)
+                work(bounds[i], bounds[i + 1])
+    except BaseException as error:
+        first = error
+    for i in range(parts):  # from here on no pool thread starts a piece
+        if claims[i].acquire(blocking=False):
+            mine.add(i)
+    interrupted: BaseException | None = None
+    for i in set(range(parts)) - mine:
+        while True:
+            try:
+                done[i].wait()
+                break
+            except KeyboardInterrupt as error:  # keep waiting: that piece is still writing
+                interrupted = error
+    raised = first or interrupted or next((e for e in errors if e is not None), None)
+    if raised is not None:
+        raise raised
 
 
 #: elements per pass of the elementwise chains below: a slice stays in a core's L2 cache (1 MiB of float32)
@@ -99,6 +139,7 @@ def logistic(x: np.ndarray, numerator: bool, times: np.ndarray | None = None,
     does not depend on it. exp overflows to inf for very negative x, which gives the right 0."""
     x = np.asarray(x)
     dtype = np.result_type(x, np.float32)  # float16 computes in float32
+    x = x.astype(dtype, copy=False)  # (the same values; integers first, as -x of an unsigned one wraps)
     if out is None or not out.flags.c_contiguous or out.dtype != dtype:  # (a strided out: written via a copy)
         out = np.empty(x.shape, dtype=dtype)
     flat_x, flat = x.reshape(-1), out.reshape(-1)

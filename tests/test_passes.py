@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -111,3 +114,102 @@ def test_a_pass_still_runs_when_no_new_thread_can_start(monkeypatch):
     with split(1, 3):
         passes.in_parallel(9, lambda lo, hi: seen.append((lo, hi)))
     assert seen == [(0, 3), (3, 6), (6, 9)]
+
+
+def test_a_thread_that_cannot_start_leaves_no_piece_to_run_twice_or_later(monkeypatch):
+    # ThreadPoolExecutor queues a job before it starts a thread for it: when the start fails, the job stays
+    # queued; the piece must run exactly once, before in_parallel returns
+    runs = []
+    monkeypatch.setattr(passes, "_pool", None)
+    real_start = threading.Thread.start
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    with split(1, 3):
+        monkeypatch.setattr(threading.Thread, "start", refuse)
+        passes.in_parallel(3, lambda lo, hi: runs.append(lo))
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        assert sorted(runs) == [0, 1, 2]
+        passes.in_parallel(3, lambda lo, hi: None)  # threads start again: the queued jobs find nothing to do
+        passes._pool.shutdown(wait=True)
+    assert sorted(runs) == [0, 1, 2]
+    monkeypatch.setattr(passes, "_pool", None)
+
+
+@pytest.fixture
+def own_pool(monkeypatch):
+    """A pool of its own for the test (as many threads as the test's split gives), shut down after it."""
+    monkeypatch.setattr(passes, "_pool", None)
+    yield
+    if passes._pool is not None:
+        passes._pool.shutdown(wait=True)
+
+
+def test_an_error_is_raised_only_once_every_piece_has_stopped(own_pool):
+    started, finished = threading.Event(), []
+
+    def work(lo, hi):
+        if lo == 0:
+            assert started.wait(5)  # piece 2 is running in another thread
+        elif lo == 1:
+            raise ValueError("piece 1")
+        else:
+            started.set()
+            time.sleep(0.2)
+            finished.append(lo)
+
+    with split(1, 3), pytest.raises(ValueError, match="piece 1"):
+        passes.in_parallel(3, work)
+    assert finished == [2]
+
+
+def test_ctrl_c_waits_for_the_pieces_still_running(own_pool):
+    finished = []
+
+    def work(lo, hi):
+        if lo == 1:
+            time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGINT)  # reaches the main thread while it waits for the pieces
+        elif lo == 2:
+            time.sleep(0.3)
+        if lo:
+            finished.append(lo)
+
+    with split(1, 3), pytest.raises(KeyboardInterrupt):
+        passes.in_parallel(3, work)
+    assert sorted(finished) == [1, 2]
+
+
+def test_the_callers_error_callback_holds_in_every_thread():
+    calls = []
+    x = np.full((8, 8), np.inf, np.float32)
+    with split(1, 4), np.errstate(all="call", call=lambda kind, flag: calls.append(kind)):
+        ops.softmax(x)
+    assert calls and set(calls) == {"invalid value"}
+
+
+def test_a_pass_inside_a_piece_does_not_wait_on_itself(own_pool):  # one pool thread, busy with the outer piece
+    inner = []
+
+    def outer(lo, hi):
+        passes.in_parallel(4, lambda a, b: inner.append((a, b)))
+
+    done = threading.Event()
+
+    def run():
+        with split(1, 2):
+            passes.in_parallel(2, outer)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(10), "a pass called from inside a piece hung"
+    assert sorted(inner) == [(0, 2), (0, 2), (2, 4), (2, 4)]
+
+
+def test_a_scalar_softmax_is_one_and_integer_sigmoids_do_not_wrap():
+    with split(1, 3):
+        assert ops.softmax(np.array(2.5)) == 1.0
+        np.testing.assert_array_equal(ops.sigmoid(np.array([1, 200], np.uint8)),
+                                      ops.sigmoid(np.array([1, 200], np.float32)))
+        np.testing.assert_array_equal(ops.silu(np.array([-3, 7], np.int64)), ops.silu(np.array([-3.0, 7.0])))
