@@ -30,13 +30,15 @@ PARALLEL_MIN = 1 << 16
 
 def _thread_count() -> int:
     """Threads for the elementwise passes: the BLAS's count when the environment sets one (so
-    ``OPENBLAS_NUM_THREADS=1`` means one thread everywhere), else the cores this process may use."""
+    ``OPENBLAS_NUM_THREADS=1`` means one thread everywhere), else the cores this process may use; never
+    more than those cores (or 16)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = max(1, min(cores, 16))
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(name, "").strip()
         if value.isdigit() and int(value) > 0:
-            return min(int(value), 16)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, 16))
+            return min(int(value), cores)
+    return cores
 
 
 #: threads :func:`in_parallel` uses (fixed at import, like the BLAS's own; 1 turns the splitting off)

@@ -94,14 +94,15 @@ def test_a_forked_child_starts_its_own_threads():
 @pytest.mark.parametrize("env, expected", [
     ({"OPENBLAS_NUM_THREADS": "1"}, 1), ({"OPENBLAS_NUM_THREADS": "3", "OMP_NUM_THREADS": "1"}, 3),
     ({"OMP_NUM_THREADS": "2"}, 2), ({"OPENBLAS_NUM_THREADS": "many"}, None), ({}, None),
+    ({"OPENBLAS_NUM_THREADS": "4096"}, 4096),  # never more than the cores
 ])
 def test_threads_follow_the_blas_setting_or_the_cores(monkeypatch, env, expected):
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert passes._thread_count() == (expected if expected is not None else min(cores, 16))
+    cores = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), 16)
+    assert passes._thread_count() == (min(expected, cores) if expected is not None else cores)
 
 
 def test_a_pass_still_runs_when_no_new_thread_can_start(monkeypatch):
