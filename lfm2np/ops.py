@@ -181,11 +181,16 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None = 
     S, G, _ = k.shape
     R = H // G  # query heads per KV head
     start = S - T if start is None else start
-    qg = q.reshape(T, G, R, hd).transpose(1, 2, 0, 3).reshape(G, R * T, hd)  # rows (r, t) of each KV group
+    scale = q.dtype.type(hd ** -0.5)
+    # a power of two (head dim 16, 64, 256) scales q first: every product and partial sum of q k^T is then
+    # scaled exactly (bf16 rounding too), the same bits as scaling the scores, one pass over them fewer
+    fold = bool(np.frexp(scale)[0] == 0.5)
+    qg = (q * scale if fold else q).reshape(T, G, R, hd).transpose(1, 2, 0, 3).reshape(G, R * T, hd)  # (r, t) rows
     kg, vg = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (G, S, hd)
     scores = rnd(qg @ kg.transpose(0, 2, 1)).reshape(G, R, T, S)
-    scores *= q.dtype.type(hd ** -0.5)
-    scores = rnd(scores)
+    if not fold:
+        scores *= scale
+        scores = rnd(scores)
     # -inf where a key is hidden: in the columns where that can happen only (the causal diagonal, and the
     # window's left edge), one pass over them
     pos = start + np.arange(T)[:, None]

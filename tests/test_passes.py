@@ -214,3 +214,26 @@ def test_a_scalar_softmax_is_one_and_integer_sigmoids_do_not_wrap():
         np.testing.assert_array_equal(ops.sigmoid(np.array([1, 200], np.uint8)),
                                       ops.sigmoid(np.array([1, 200], np.float32)))
         np.testing.assert_array_equal(ops.silu(np.array([-3, 7], np.int64)), ops.silu(np.array([-3.0, 7.0])))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), hd=st.sampled_from([16, 64, 128]), T=st.integers(1, 9),
+       past=st.integers(0, 7), mode=st.sampled_from(["float32", "float64", "bfloat16"]))
+def test_attention_scores_scaled_through_q_are_the_scores_scaled(seed, hd, T, past, mode):
+    # for a power-of-two scale (head dim 16 or 64) ops.attention scales q before the product: the result
+    # must be the same bits as the formula's order, softmax(rnd(rnd(q k^T) * hd^-0.5) + mask) v
+    from lfm2np.numerics import MODES
+
+    numerics = MODES[mode]
+    rnd, dtype = numerics.round, numerics.dtype
+    rng = np.random.default_rng(seed)
+    S = T + past
+    q, k, v = (rnd(rng.standard_normal(shape).astype(dtype)) for shape in ((T, 4, hd), (S, 2, hd), (S, 2, hd)))
+    got = ops.attention(q, k, v, rnd=rnd)
+    qg = q.reshape(T, 2, 2, hd).transpose(1, 2, 0, 3).reshape(2, 2 * T, hd)
+    scores = rnd(qg @ k.transpose(1, 2, 0)).reshape(2, 2, T, S)
+    scores = rnd(scores * dtype.type(hd ** -0.5))
+    scores[..., np.arange(S)[None, :] > past + np.arange(T)[:, None]] = -np.inf
+    probs = rnd(ops.softmax(scores)).reshape(2, 2 * T, S)
+    expected = rnd(probs @ v.transpose(1, 0, 2)).reshape(2, 2, T, hd).transpose(2, 0, 1, 3).reshape(T, -1)
+    np.testing.assert_array_equal(got, expected)
