@@ -39,13 +39,20 @@ def shown(text: str, width: int = 40) -> str:
     return repr(text if len(text) <= width else text[:width - 3] + "...")
 
 
-def _integer(text: str, low: int, what: str) -> int:
+#: the largest integer an option takes (an int64: token ids, counts and lengths are stored as such)
+MAX_INT = 2**63 - 1
+
+
+def _integer(text: str, low: int, what: str, high: int = MAX_INT) -> int:
     try:
         value = int(text, 10)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer") from None
+    digits = str(value) if len(str(value)) <= 40 else str(value)[:37] + "..."
     if value < low:
-        raise argparse.ArgumentTypeError(f"{value} is not {what}")
+        raise argparse.ArgumentTypeError(f"{digits} is not {what}")
+    if value > high:
+        raise argparse.ArgumentTypeError(f"{digits} is too large (at most {high})")
     return value
 
 
@@ -61,10 +68,7 @@ def non_negative_int(text: str) -> int:
 
 def seed(text: str) -> int:
     """A random seed: an integer in 0 .. 2**64 - 1."""
-    value = _integer(text, 0, f"a seed (0 .. {MAX_SEED})")
-    if value > MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{value} is not a seed (0 .. {MAX_SEED})")
-    return value
+    return _integer(text, 0, f"a seed (0 .. {MAX_SEED})", high=MAX_SEED)
 
 
 def _float(text: str) -> float:
