@@ -8,8 +8,8 @@ independent pieces of such a pass to a small pool of threads (NumPy releases the
 its loops). Each element sees the same operations whatever the split, so the results are the same bits
 with one thread or many; small passes (decoding) run whole, in the calling thread.
 
-With OpenBLAS, an idle BLAS worker keeps polling its core for a while after each product (about 2^28
-cycles by default) before it sleeps, which leaves the pool little of that core; ``OPENBLAS_THREAD_TIMEOUT``
+With OpenBLAS, an idle BLAS worker keeps polling its core for a while after each product (2^26 to 2^28
+cycles by default, by build) before it sleeps, which leaves the pool little of that core; ``OPENBLAS_THREAD_TIMEOUT``
 (read when NumPy loads) shortens the wait: see docs/performance.md for the measured trade-off.
 
 This module imports nothing from lfm2np.

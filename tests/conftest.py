@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -14,6 +15,7 @@ from hypothesis import settings
 from safetensors.numpy import load_file
 
 import lfm2np
+from lfm2np import passes
 
 # CI explores the same examples every run (a failure there reproduces); local runs keep exploring anew.
 settings.register_profile("ci", derandomize=True, print_blob=True)
@@ -53,3 +55,15 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([PACKAGE_ROOT, *filter(None, [env.get("PYTHONPATH")])])
     return env
+
+
+@contextlib.contextmanager
+def split(chunk: int, threads: int):
+    """Long passes (lfm2np.passes) in slices of ``chunk`` elements, shared among ``threads`` threads however
+    small."""
+    saved = passes.ELEMENTWISE_CHUNK, passes.THREADS, passes.PARALLEL_MIN
+    passes.ELEMENTWISE_CHUNK, passes.THREADS, passes.PARALLEL_MIN = chunk, threads, 1
+    try:
+        yield
+    finally:
+        passes.ELEMENTWISE_CHUNK, passes.THREADS, passes.PARALLEL_MIN = saved

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from lfm2np import ops, passes
-from test_properties import split
+from conftest import split
 
 
 @settings(max_examples=60, deadline=None)

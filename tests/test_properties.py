@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
 import lfm2np
-from lfm2np import ops, passes
+from lfm2np import ops
 from lfm2np.synthetic import random_model, random_params
 from lfm2np.oracle.tolerance import FP32, rel_error
+
+from conftest import split
 
 SETTINGS = settings(max_examples=40, deadline=None)
 seeds = st.integers(0, 2**32 - 1)
@@ -290,17 +290,6 @@ def test_untied_head_is_used_when_present():
     assert not np.allclose(m.forward(ids), tied.forward(ids))
     params["lm_head.weight"] = params["model.embed_tokens.weight"]
     np.testing.assert_array_equal(lfm2np.Model(config, params).forward(ids), tied.forward(ids))
-
-
-@contextlib.contextmanager
-def split(chunk: int, threads: int):
-    """Long passes in slices of ``chunk`` elements, shared among ``threads`` threads however small."""
-    saved = passes.ELEMENTWISE_CHUNK, passes.THREADS, passes.PARALLEL_MIN
-    passes.ELEMENTWISE_CHUNK, passes.THREADS, passes.PARALLEL_MIN = chunk, threads, 1
-    try:
-        yield
-    finally:
-        passes.ELEMENTWISE_CHUNK, passes.THREADS, passes.PARALLEL_MIN = saved
 
 
 @SETTINGS

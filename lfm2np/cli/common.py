@@ -34,9 +34,14 @@ DTYPE_HELP = "compute dtype (float64: the oracle mode; bfloat16: the emulation)"
 MAX_SEED = 2**64 - 1  #: seeds are 0 .. 2**64 - 1 (numpy's default_rng takes any non-negative integer)
 
 
+def clipped(text: str, width: int = 40) -> str:
+    """``text`` cut to about ``width`` characters for a message."""
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def shown(text: str, width: int = 40) -> str:
     """``text`` quoted for a message, cut to about ``width`` characters."""
-    return repr(text if len(text) <= width else text[:width - 3] + "...")
+    return repr(clipped(text, width))
 
 
 #: the largest integer an option takes (an int64: token ids, counts and lengths are stored as such)
@@ -48,7 +53,7 @@ def _integer(text: str, low: int, what: str, high: int = MAX_INT) -> int:
         value = int(text, 10)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer") from None
-    digits = str(value) if len(str(value)) <= 40 else str(value)[:37] + "..."
+    digits = clipped(str(value))
     if value < low:
         raise argparse.ArgumentTypeError(f"{digits} is not {what}")
     if value > high:
