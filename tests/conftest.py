@@ -27,6 +27,9 @@ PACKAGE_ROOT = str(Path(lfm2np.__file__).resolve().parents[1])  # the lfm2np und
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())
 CASES = sorted(MANIFEST["cases"])
 DENSE = [c for c in CASES if MANIFEST["cases"][c]["reference_config"]["model_type"] == "lfm2"]
+#: bf16 emulation against transformers in bf16: a few bf16 ulps (2^-8 = 3.9e-3) relative to the scale, the
+#: size of a value rounded the other way at a boundary (float32 sums in another order) and carried on
+ULP_FLIP = 1e-2
 MOE = [c for c in CASES if MANIFEST["cases"][c]["reference_config"]["model_type"] == "lfm2_moe"]
 
 

@@ -14,9 +14,8 @@ from lfm2np.numerics import BFLOAT16, FLOAT32, Numerics, to_bf16
 from lfm2np.oracle.tolerance import rel_error
 from lfm2np.oracle.trace import record
 
-from conftest import CASES, GOLDEN, golden, model
+from conftest import CASES, GOLDEN, ULP_FLIP, golden, model
 
-ULP_FLIP = 1e-2  # a few bf16 ulps (2^-8 = 3.9e-3) relative to the layer's scale
 
 
 def test_without_rounding_it_is_the_float32_model(case):
@@ -115,7 +114,8 @@ def test_load_bfloat16_and_decode():
     ids = golden("moe-bf16-bias")["bf16.ids"]
     full = m.forward(ids)
     np.testing.assert_array_equal(full, to_bf16(full))  # logits are bf16 values
-    np.testing.assert_array_equal(full, golden("moe-bf16-bias")["bf16.lm_head.output"])
+    # (transformers' bf16 logits to a few ulps: test_each_layer_against_transformers_bf16 says why not bit for bit)
+    assert rel_error(full, golden("moe-bf16-bias")["bf16.lm_head.output"]) < ULP_FLIP
     a, s = m.step(ids[:5])
     b, _ = m.step(ids[5:], s)
     assert rel_error(np.concatenate([a, b]), full) < ULP_FLIP
