@@ -150,7 +150,7 @@ def write_streaming_checkpoint(directory: Path, config, seed: int = 0) -> None:
     import numpy as np
 
     from lfm2np.numerics import bfloat16_bits
-    from lfm2np.tensors import expected_tensors
+    from lfm2np.schema import expected_tensors
 
     directory.mkdir(parents=True, exist_ok=True)
     expected = expected_tensors(config)

@@ -112,6 +112,13 @@ class Config:
     head_dim: int = field(init=False)
     ffn_dim: int = field(init=False)
     moe_layer_mask: tuple[bool, ...] = field(init=False)
+    # behaviour flags: what differs between the model types, decided here so that nothing else tests one
+    #: RoPE stays float32 whatever the numerics (transformers' LFM3): cos and sin are not rounded to bf16, and
+    #: the products and their sum are float32, rounded once (LFM2 rounds the tables, each product and the sum)
+    rope_in_float32: bool = field(init=False)
+    #: the attention tensors' spelling: "lfm2" (``out_proj``, ``q_layernorm``, ``k_layernorm``) or "qwen3"
+    #: (LFM3: ``o_proj``, ``q_norm``, ``k_norm``)
+    attention_spelling: str = field(init=False)
 
     def __post_init__(self) -> None:
         for name in ("layer_types", "eos_token_id", "rope_parameters"):  # lists in, tuples kept (hashable)
@@ -134,6 +141,9 @@ class Config:
         object.__setattr__(self, "head_dim", hd)
         object.__setattr__(self, "ffn_dim", ffn)
         object.__setattr__(self, "moe_layer_mask", moe)
+        lfm3 = self.model_type == "lfm3"
+        object.__setattr__(self, "rope_in_float32", lfm3)
+        object.__setattr__(self, "attention_spelling", "qwen3" if lfm3 else "lfm2")
         _check_tensor_count(self)
 
     # ---------------------------------------------------------------- queries

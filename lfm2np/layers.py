@@ -1,36 +1,61 @@
-"""The decoder layers, as pure functions over explicit weights: the whole LFM2 and LFM3 layer, one screen each.
+"""The decoder layer and its blocks, as pure functions over explicit weights: the one place that rounds and names.
 
-An LFM2 / LFM2-MoE layer is pre-norm residual (:func:`lfm2_layer`)::
+A decoder layer of LFM2, LFM2-MoE and LFM3 (:func:`decoder_layer`)::
 
-    h = h + mixer(operator_norm(h))      # gated short conv or GQA attention, by layer_types[i]
-    h = h + ffn(ffn_norm(h))             # SwiGLU, or router + experts on MoE layers
+    h = h + post_operator_norm(mixer(operator_norm(h)))   # gated short conv or GQA attention, by layer type
+    h = h + post_ffn_norm(ffn(ffn_norm(h)))               # SwiGLU, or router + experts on MoE layers
 
-An LFM3 layer adds a norm after each block, the "sandwich" (:func:`lfm3_layer`)::
+where the post norms are LFM3's "sandwich" norms (absent in LFM2: the identity). The blocks: the gated short
+conv (:func:`short_conv`), attention (:func:`attention_block`: projections, QK-norm, RoPE, causal GQA, LFM3's
+sliding window and per-head output gate), SwiGLU (:func:`swiglu`) and the MoE (:func:`moe_block`: the sigmoid
+top-k router :func:`route`, then :func:`mixture`). The RoPE tables of each attention layer type come from :func:`rope`.
 
-    h = h + post_operator_norm(mixer(operator_norm(h)))   # conv, sliding-window or full attention
-    h = h + post_ffn_norm(ffn(ffn_norm(h)))               # SwiGLU
-
-LFM3's attention also multiplies each head's output by a sigmoid gate before the output projection, and
-its RoPE differs per layer type (the ``rope`` tables a layer receives are those of its type).
-
-The weights of one layer come as a :class:`LayerWeights` view (built by :meth:`lfm2np.Model.layer_weights`
-from the checkpoint, names in :mod:`lfm2np.tensors`), so nothing here builds a tensor name. ``rnd`` is the
-numerics mode's rounding (identity but in the bf16 emulation) and ``tap`` sees each named intermediate
-(the names are the Hugging Face module path below ``model.layers.{i}.``), as in :mod:`lfm2np.ops`.
+Each block reads one layer's weights from a view (:class:`LayerWeights`, built by
+:meth:`lfm2np.Model.layer_weights` from the names in :mod:`lfm2np.schema`), so nothing here builds a tensor
+name. The formulas are :mod:`lfm2np.ops`. A :class:`Scope` says what happens to each value a block computes:
+``s.rnd`` rounds it where a backend stores it (the numerics mode's rounding: the identity but in the bf16
+emulation) and ``s(name, value)`` names it for the trace (:func:`lfm2np.schema.trace_names` lists every name;
+a recorder may replace the value, and the pass goes on with what it returns).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from . import ops
 from .config import Config
-from .ops import Rounding, Tap, prefixed, untapped
+from .ops import Rounding
+
+#: ``tap(name, value) -> value``: sees a named value and returns what the computation goes on with.
+Tap = Callable[[str, np.ndarray], np.ndarray]
 
 
+class Scope:
+    """What a pass does with the values it computes: ``rnd`` rounds as the numerics mode stores them, and
+    ``scope(name, value)`` names one (``prefix + name``) for ``tap``, returning the value the pass goes on with.
+    Without a tap nothing is named, at no cost (:attr:`quiet`)."""
+
+    __slots__ = ("rnd", "tap", "prefix", "quiet")
+
+    def __init__(self, rnd: Rounding = ops.exact, tap: Tap | None = None, prefix: str = ""):
+        self.rnd, self.tap, self.prefix, self.quiet = rnd, tap, prefix, tap is None
+
+    def __call__(self, name: str, value: np.ndarray) -> np.ndarray:
+        return value if self.tap is None else self.tap(self.prefix + name, value)
+
+    def at(self, prefix: str) -> "Scope":
+        """The scope of a block: its names below ``prefix``."""
+        return self if self.tap is None else Scope(self.rnd, self.tap, self.prefix + prefix)
+
+
+#: exact arithmetic, nothing named: the default of every block called on its own
+QUIET = Scope()
+
+
+# ------------------------------------------------------------------------------------- weight views
 @dataclass(frozen=True)
 class ConvWeights:
     """The gated short conv: ``in_proj (3D, D)``, ``conv (D, 1, L)``, ``out_proj (D, D)``, biases when conv_bias."""
@@ -48,7 +73,7 @@ class AttentionWeights:
     """GQA attention: ``q_proj (H*hd, D)``, ``k_proj``/``v_proj (G*hd, D)``, ``out_proj (D, H*hd)``, and the
     per-head RMSNorm weights ``q_norm``/``k_norm (hd,)`` (``q_layernorm``/``k_layernorm`` in LFM2 checkpoints,
     ``o_proj`` for out_proj in LFM3's). LFM3 only: the output gate ``gate_proj (H, D)`` and, with
-    ``attention_bias``, biases of the four projections."""
+    ``attention_bias``, the projections' biases."""
 
     q_proj: np.ndarray
     k_proj: np.ndarray
@@ -57,7 +82,10 @@ class AttentionWeights:
     q_norm: np.ndarray
     k_norm: np.ndarray
     gate_proj: np.ndarray | None = None
-    biases: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None  # q, k, v, out
+    q_bias: np.ndarray | None = None
+    k_bias: np.ndarray | None = None
+    v_bias: np.ndarray | None = None
+    out_bias: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -93,96 +121,164 @@ class LayerWeights:
     post_ffn_norm: np.ndarray | None = None
 
 
-# ------------------------------------------------------------------------------------- layers
 RopeTables = tuple[np.ndarray, np.ndarray]  # (cos, sin), each (T, hd)
+Past = "np.ndarray | tuple[np.ndarray, np.ndarray] | None"  # a conv history (n, D), or (keys, values)
 
 
-def lfm2_layer(h: np.ndarray, w: LayerWeights, c: Config, rope: RopeTables, past: Any, rnd: Rounding = ops.exact,
-               tap: Tap = untapped, window: int | None = None) -> tuple[np.ndarray, Any]:
-    """One LFM2 / LFM2-MoE decoder layer.  (T, D) -> (T, D), and the layer's state for the next call.
+# ------------------------------------------------------------------------------------------ the layer
+def decoder_layer(h: np.ndarray, w: LayerWeights, c: Config, rope: RopeTables | None = None, past: Past = None,
+                  window: int | None = None, s: Scope = QUIET) -> tuple[np.ndarray, Past]:
+    """One decoder layer (the module docstring).  (T, D) -> (T, D), and the layer's state for the next call.
 
-    ``rope`` is the (cos, sin) pair of the T new positions; ``past`` is what the previous call returned
-    for this layer (None at the start of a sequence): the conv inputs so far, or the K and V cache.
-    """
-    x = tap("operator_norm", ops.rms_norm(h, w.operator_norm, c.norm_eps, rnd))
-    y, past = mixer(x, w.mixer, c, rope, past, window, rnd, tap)
-    h = tap("mixer_residual", rnd(h + y))
-    x = tap("ffn_norm", ops.rms_norm(h, w.ffn_norm, c.norm_eps, rnd))
-    y = tap("feed_forward.output", ffn(x, w.ffn, c, rnd, tap))
-    return rnd(h + y), past
-
-
-def lfm3_layer(h: np.ndarray, w: LayerWeights, c: Config, rope: RopeTables, past: Any, rnd: Rounding = ops.exact,
-               tap: Tap = untapped, window: int | None = None) -> tuple[np.ndarray, Any]:
-    """One LFM3 decoder layer: :func:`lfm2_layer` with a sandwich norm after the mixer and after the FFN
-    (skipped when ``use_sandwich_norm`` is off). ``window`` is the sliding window of a sliding layer."""
-    x = tap("operator_norm", ops.rms_norm(h, w.operator_norm, c.norm_eps, rnd))
-    y, past = mixer(x, w.mixer, c, rope, past, window, rnd, tap)
+    ``rope``: the (cos, sin) tables of the T new positions for this layer's attention type; ``past``: what the
+    previous call returned for this layer (None at the start of a sequence), the conv inputs so far or the K and
+    V cache; ``window``: the sliding window of a sliding attention layer."""
+    rnd = s.rnd
+    x = s("operator_norm", ops.rms_norm(h, w.operator_norm, c.norm_eps, rnd))
+    if isinstance(w.mixer, AttentionWeights):
+        y, past = attention_block(x, w.mixer, rope, past, window, c.norm_eps, c.rope_in_float32,
+                                  s.at("self_attn."))
+    else:
+        y, past = short_conv(x, w.mixer, past, s.at("conv."))
     if w.post_operator_norm is not None:
-        y = tap("post_operator_norm", ops.rms_norm(y, w.post_operator_norm, c.norm_eps, rnd))
-    h = tap("mixer_residual", rnd(h + y))
-    x = tap("ffn_norm", ops.rms_norm(h, w.ffn_norm, c.norm_eps, rnd))
-    y = tap("feed_forward.output", ffn(x, w.ffn, c, rnd, tap))
+        y = s("post_operator_norm", ops.rms_norm(y, w.post_operator_norm, c.norm_eps, rnd))
+    h = s("mixer_residual", rnd(h + y))
+    x = s("ffn_norm", ops.rms_norm(h, w.ffn_norm, c.norm_eps, rnd))
+    if isinstance(w.ffn, MoEWeights):
+        y = moe_block(x, w.ffn, c, s.at("feed_forward."))
+    else:
+        y = swiglu(x, w.ffn, s.at("feed_forward."))
+    y = s("feed_forward.output", y)
     if w.post_ffn_norm is not None:
-        y = tap("post_ffn_norm", ops.rms_norm(y, w.post_ffn_norm, c.norm_eps, rnd))
+        y = s("post_ffn_norm", ops.rms_norm(y, w.post_ffn_norm, c.norm_eps, rnd))
     return rnd(h + y), past
 
 
-LAYERS = {"lfm2": lfm2_layer, "lfm2_moe": lfm2_layer, "lfm3": lfm3_layer}
+# ------------------------------------------------------------------------------------------ the mixers
+def short_conv(x: np.ndarray, w: ConvWeights, past: np.ndarray | None = None,
+               s: Scope = QUIET) -> tuple[np.ndarray, np.ndarray]:
+    """The gated short convolution: ``b, c, x = split(in_proj(x), 3)``; ``u = b * x``; ``z = causal_conv1d(u)``;
+    ``out = out_proj(c * z)``. No activation, no norm. ``past`` holds earlier values of u
+    (:func:`lfm2np.ops.causal_conv1d`). Names: in_proj, b_gate, c_gate, x, bx, conv_out, y, out_proj.
+    (T, D), (n, D) -> (T, D), and the history of u extended by this chunk (n + T, D)"""
+    rnd = s.rnd
+    bcx = s("in_proj", rnd(ops.linear(x, w.in_proj, w.in_proj_bias)))  # (T, 3D)
+    b, c, x = (s(name, part) for name, part in zip(("b_gate", "c_gate", "x"), np.split(bcx, 3, axis=-1)))
+    u = s("bx", rnd(b * x))  # (T, D)
+    z, history = ops.causal_conv1d(u, w.conv[:, 0, :], w.conv_bias, past)
+    z = s("conv_out", rnd(z))
+    y = s("y", rnd(c * z))
+    return s("out_proj", rnd(ops.linear(y, w.out_proj, w.out_proj_bias))), history
 
 
-def mixer(x: np.ndarray, w: ConvWeights | AttentionWeights, c: Config, rope: RopeTables, past: Any,
-          window: int | None, rnd: Rounding, tap: Tap) -> tuple[np.ndarray, Any]:
-    """The layer's mixer: attention (names ``self_attn.*``) or the gated short conv (``conv.*``)."""
-    if isinstance(w, AttentionWeights):
-        return attention_mixer(x, w, c, rope, past, rnd, prefixed(tap, "self_attn."), window)
-    return conv_mixer(x, w, past, rnd, prefixed(tap, "conv."))
+def attention_block(x: np.ndarray, w: AttentionWeights, rope: RopeTables,
+                    past: tuple[np.ndarray, np.ndarray] | None = None, window: int | None = None,
+                    eps: float = 1e-5, wide_rope: bool = False,
+                    s: Scope = QUIET) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Attention: q, k, v projections; per-head RMSNorm of q and k (``eps``); RoPE (``wide_rope``: in float32,
+    :func:`lfm2np.ops.apply_rope`); causal GQA (with a sliding ``window``: the last W positions only); LFM3's
+    output gate ``sigmoid(gate_proj x)`` per head; the output projection. ``past`` is the (K, V) cache of earlier
+    positions (already normed and rotated), at least the last W - 1 of a sliding layer. Names: q_proj, k_proj,
+    v_proj, q_normed, k_normed, q_rope, k_rope, (attention, gate,) attn_out, out_proj.
+    (T, D) -> (T, D), and ((S, G, hd), (S, G, hd)) with the new positions"""
+    T, hd, rnd = x.shape[0], w.q_norm.shape[0], s.rnd
+    q = s("q_proj", rnd(ops.linear(x, w.q_proj, w.q_bias)).reshape(T, -1, hd))  # (T, H, hd)
+    k = s("k_proj", rnd(ops.linear(x, w.k_proj, w.k_bias)).reshape(T, -1, hd))  # (T, G, hd)
+    v = s("v_proj", rnd(ops.linear(x, w.v_proj, w.v_bias)).reshape(T, -1, hd))  # (T, G, hd)
+    q = s("q_normed", ops.rms_norm(q, w.q_norm, eps, rnd))
+    k = s("k_normed", ops.rms_norm(k, w.k_norm, eps, rnd))
+    cos, sin = rope
+    q = s("q_rope", ops.apply_rope(q, cos, sin, rnd, wide_rope))
+    k = s("k_rope", ops.apply_rope(k, cos, sin, rnd, wide_rope))
+    if past is not None:
+        k = np.concatenate([past[0], k], axis=0)  # (S, G, hd)
+        v = np.concatenate([past[1], v], axis=0)
+    attn = ops.attention(q, k, v, window, rnd)  # (T, H*hd)
+    if w.gate_proj is not None:  # LFM3's output gate
+        attn = s("attention", attn)
+        gate = s("gate", rnd(ops.sigmoid(rnd(ops.linear(x, w.gate_proj)))))  # (T, H)
+        attn = ops.output_gate(attn, gate, rnd)
+    attn = s("attn_out", attn)
+    return s("out_proj", rnd(ops.linear(attn, w.out_proj, w.out_bias))), (k, v)
 
 
-def ffn(x: np.ndarray, w: SwiGLUWeights | MoEWeights, c: Config, rnd: Rounding, tap: Tap) -> np.ndarray:
-    """The layer's FFN: a mixture of experts or one SwiGLU (names ``feed_forward.*``)."""
-    if isinstance(w, MoEWeights):
-        return moe_ffn(x, w, c, rnd, prefixed(tap, "feed_forward."))
-    return ops.swiglu(x, w.w1, w.w3, w.w2, prefixed(tap, "feed_forward."), rnd)
+def rope(positions: np.ndarray, c: Config, kind: str, dtype: np.dtype = np.float32, s: Scope = QUIET) -> RopeTables:
+    """The RoPE (cos, sin) tables of ``positions`` for attention layers of type ``kind``: the inverse
+    frequencies of the type's base and rotated pairs (:func:`lfm2np.ops.rope_frequencies`), angles in ``dtype``
+    (float32; float64 in the oracle mode), cos and sin rounded as the mode stores them, unless the config keeps
+    RoPE in float32 (LFM3). Names (below ``model.rotary_emb.{kind}.``): inv_freq, cos, sin.
+    (T,) -> (T, hd) x 2"""
+    s = s.at(f"model.rotary_emb.{kind}.")
+    inv_freq = s("inv_freq", ops.rope_frequencies(c.head_dim, c.rope(kind).theta, c.rotated_pairs(kind), dtype))
+    cos, sin = ops.rope_cos_sin(positions, inv_freq)
+    if not c.rope_in_float32:
+        cos, sin = s.rnd(cos), s.rnd(sin)
+    return s("cos", cos), s("sin", sin)
 
 
-# ------------------------------------------------------------------------------------- mixers
-def conv_mixer(x: np.ndarray, w: ConvWeights, past: np.ndarray | None, rnd: Rounding = ops.exact,
-               tap: Tap = untapped) -> tuple[np.ndarray, np.ndarray]:
-    """The gated short conv (:func:`lfm2np.ops.short_conv`); ``past`` is the history of its inputs ``b*x``.
-    (T, D) -> (T, D), (n + T, D)"""
-    return ops.short_conv(x, w.in_proj, w.conv, w.out_proj, w.in_proj_bias, w.conv_bias, w.out_proj_bias,
-                          window=past, tap=tap, rnd=rnd)
-
-
-def attention_mixer(x: np.ndarray, w: AttentionWeights, c: Config, rope: RopeTables,
-                    past: tuple[np.ndarray, np.ndarray] | None, rnd: Rounding = ops.exact,
-                    tap: Tap = untapped, window: int | None = None) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """QK-normed, rotated GQA attention (:func:`lfm2np.ops.attention_block`); ``past`` is the (K, V) cache
-    (for a sliding layer, at least its last W - 1 positions).  (T, D) -> (T, D), ((S, G, hd), (S, G, hd))"""
-    past_k, past_v = past if past is not None else (None, None)
-    q_bias, k_bias, v_bias, out_bias = w.biases if w.biases is not None else (None, None, None, None)
-    y, k, v = ops.attention_block(x, w.q_proj, w.k_proj, w.v_proj, w.out_proj, w.q_norm, w.k_norm, *rope,
-                                  c.norm_eps, past_k, past_v, tap=tap, rnd=rnd, window=window, gate_proj=w.gate_proj,
-                                  biases=(q_bias, k_bias, v_bias, out_bias), wide_rope=c.model_type == "lfm3")
-    return y, (k, v)
-
-
-def moe_ffn(x: np.ndarray, w: MoEWeights, c: Config, rnd: Rounding = ops.exact, tap: Tap = untapped) -> np.ndarray:
-    """Sigmoid top-k routing (:func:`lfm2np.ops.route`), then the chosen SwiGLU experts (:func:`lfm2np.ops.moe`).
+# ---------------------------------------------------------------------------------------------- FFNs
+def swiglu(x: np.ndarray, w: SwiGLUWeights, s: Scope = QUIET) -> np.ndarray:
+    """``w2(silu(w1 x) * w3 x)``; w1 = gate, w3 = up, w2 = down. Names: w1, w3, act, w2.
     (T, D) -> (T, D)"""
-    logits = tap("router_logits", rnd(ops.linear(x, w.gate)))
+    rnd = s.rnd
+    gate = s("w1", rnd(ops.linear(x, w.w1)))  # (T, F)
+    up = s("w3", rnd(ops.linear(x, w.w3)))  # (T, F)
+    act = s("act", ops.gated_silu(gate, up, rnd, out=gate if s.quiet else None))  # (gate's buffer: nobody holds it)
+    return s("w2", rnd(ops.linear(act, w.w2)))
+
+
+def moe_block(x: np.ndarray, w: MoEWeights, c: Config, s: Scope = QUIET) -> np.ndarray:
+    """The LFM2-MoE FFN: the router (:func:`route`) chooses k experts per token and their weights, then
+    :func:`mixture` runs them.  (T, D) -> (T, D)"""
+    logits, experts, weights = route(x, w.gate, w.expert_bias, c.num_experts_per_tok, c.norm_topk_prob,
+                                     c.routed_scaling_factor, s)
     if not np.isfinite(logits).all() or (w.expert_bias is not None and not np.isfinite(w.expert_bias).all()):
         return np.full_like(x, np.nan)  # a non-finite router would only steer the choice: make it show
-    experts, weights = ops.select_experts(logits, w.expert_bias, c.num_experts_per_tok, c.norm_topk_prob,
-                                          c.routed_scaling_factor, rnd)
-    experts = tap("selected_experts", experts)
-    weights = tap("routing_weights", weights)
     if w.prefetch is not None:
         w.prefetch(np.unique(experts))
+    return mixture(x, experts, weights, w.expert, s.rnd)
 
-    def expert(e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ew = w.expert(e)
-        return ew.w1, ew.w3, ew.w2
 
-    return ops.moe(x, experts, weights, expert, rnd)
+def route(x: np.ndarray, gate: np.ndarray, expert_bias: np.ndarray | None, k: int, norm_topk_prob: bool,
+          routed_scaling_factor: float, s: Scope = QUIET) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sigmoid top-k router: ``logits = gate x``; ``scores = sigmoid(logits)``; the k experts chosen on
+    ``scores + expert_bias`` (the bias steers the choice only; it is float32, so a bf16 backend chooses in
+    float32); their weights are the unbiased scores, renormalised when ``norm_topk_prob``
+    (:func:`lfm2np.ops.normalise_weights`), times ``routed_scaling_factor``. Names: router_logits, router_scores,
+    selected_experts, topk_scores, (topk_normed,) routing_weights.
+    (T, D), (E, D), (E,) -> logits (T, E), experts (T, k) int64, weights (T, k)"""
+    rnd = s.rnd
+    logits = s("router_logits", rnd(ops.linear(x, gate)))  # (T, E)
+    scores = s("router_scores", rnd(ops.sigmoid(logits)))  # (T, E)
+    choice = scores if expert_bias is None else scores + expert_bias
+    experts = s("selected_experts", ops.top_k_experts(choice, k))  # (T, k)
+    weights = s("topk_scores", np.take_along_axis(scores, experts, axis=-1))  # (T, k)
+    if norm_topk_prob:
+        weights = s("topk_normed", ops.normalise_weights(weights, rnd))
+    return logits, experts, s("routing_weights", rnd(weights * weights.dtype.type(routed_scaling_factor)))
+
+
+def mixture(x: np.ndarray, experts: np.ndarray, weights: np.ndarray, expert: Callable[[int], SwiGLUWeights],
+            rnd: Rounding = ops.exact) -> np.ndarray:
+    """``out_t = sum_j weights[t, j] * swiglu_{experts[t, j]}(x_t)``, a mixture of SwiGLU experts.
+
+    Tokens are grouped by expert: each chosen expert runs once on all the tokens that chose it, in increasing
+    expert order (the order in which a bf16 backend adds the contributions up); ``expert(e)`` gives expert e's
+    weights.  (T, D), (T, k) int, (T, k) -> (T, D)
+    """
+    T, k = experts.shape
+    flat_experts = experts.ravel()  # (T*k,)
+    flat_tokens = np.repeat(np.arange(T), k)  # (T*k,)
+    flat_weights = weights.ravel()  # (T*k,)
+    order = np.argsort(flat_experts, kind="stable")
+    bounds = np.searchsorted(flat_experts[order], np.arange(flat_experts.max(initial=-1) + 2))
+    out = np.zeros_like(x)
+    quiet = Scope(rnd)  # (the experts' values are not named)
+    for e in range(len(bounds) - 1):
+        picks = order[bounds[e]:bounds[e + 1]]
+        if picks.size == 0:
+            continue
+        tokens = flat_tokens[picks]  # each token at most once per expert: no duplicate rows
+        y = swiglu(x[tokens], expert(e), quiet)
+        out[tokens] = rnd(out[tokens] + rnd(y * flat_weights[picks, None]))
+    return out

@@ -15,9 +15,9 @@ weights are rounded as they are first used.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,13 +25,14 @@ from . import presets
 from .config import Config
 from .errors import Lfm2npError
 from .io import hub
-from .io.gguf import read_gguf, read_gguf_config
-from .io.params import LazyParams, parse_budget
+from .io.files import read_json
+from .io.gguf import read_gguf_config, read_gguf_source
+from .io.params import parse_budget
 from .io.safetensors import Checkpoint
-from .io.safetensors_file import parse_json
 from .model import Model
 from .numerics import numerics
-from .tensors import expected_tensors, layout
+from .schema import describe, layout
+from .weights import Lazy, TensorSource, check_tensors
 
 
 def is_gguf(path: "str | os.PathLike[str]") -> bool:
@@ -76,34 +77,29 @@ def _load(path: "str | os.PathLike[str]", dtype: Any, strict: bool, memory_budge
                       "memory_budget=0 none", DeprecationWarning, stacklevel=3)
         memory_budget = "all" if keep_weights else 0
     if is_gguf(path):
-        config, params = read_gguf(path, mode, strict=strict, memory_budget=memory_budget)
-        return Model(config, params, mode)
-    directory = hub.resolve(path)
-    config = load_config(directory, rope_reading=rope_reading)
-    checkpoint = Checkpoint(directory)
-    expected = expected_tensors(config)
-    unexpected = checkpoint.check(expected)
-    if unexpected:
-        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
-        message = (f"{directory}: tensor {', '.join(unexpected[:5])}{more} is not used by this config "
-                   f"({config.model_type}, conv_bias={config.conv_bias}, "
-                   f"tie_word_embeddings={config.tie_word_embeddings})")
-        if strict:
-            raise Lfm2npError(message + "; pass strict=False to load anyway")
-        warnings.warn(message + "; ignored", stacklevel=2)
-    dt = mode.dtype
-    sizes = {t.name: t.size * dt.itemsize for t in layout(config)}
-    params = LazyParams(list(expected), lambda name: checkpoint.read(name, dt), mode,
-                        parse_budget(memory_budget, sum(sizes.values())),
-                        lambda name, rows: checkpoint.read(name, dt, rows=rows),
-                        lambda name: checkpoint.tensors[name].dtype, sizes, evictable_tensors(config),
-                        checkpoint.prefetch)
-    return Model(config, params, mode)
+        config, tensors, source = read_gguf_source(path, strict)
+    else:
+        directory = hub.resolve(path)
+        config = load_config(directory, rope_reading=rope_reading)
+        tensors = layout(config)
+        source = Checkpoint(directory)
+        try:
+            check_tensors(source.shapes(), {t.name: t.shape for t in tensors}, str(directory), strict,
+                          describe(config))
+        except BaseException:
+            source.close()
+            raise
+    return Model(config, lazy_weights(source, tensors, mode, memory_budget), mode)
 
 
-def evictable_tensors(config: Config) -> frozenset[str]:
-    """The tensors a memory budget caches least-recently-used: the experts (used when chosen)."""
-    return frozenset(t.name for t in layout(config) if t.part == "expert")
+def lazy_weights(source: TensorSource, tensors: "list[Any]", mode: Any, memory_budget: Any) -> Lazy:
+    """The weights of a model read from ``source`` (its tensors ``tensors``, the config's layout) for numerics
+    ``mode`` within ``memory_budget`` (:func:`lfm2np.io.params.parse_budget`); the source is closed when the
+    weights are no longer used."""
+    budget = parse_budget(memory_budget, sum(t.size for t in tensors) * mode.dtype.itemsize)
+    weights = Lazy(source, tensors, mode, budget)
+    weakref.finalize(weights, source.close)
+    return weights
 
 
 def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config", rope_reading: str = "trained") -> Config:
@@ -151,13 +147,5 @@ def _load_config(x: "str | os.PathLike[str] | Mapping[str, Any]", rope_reading: 
 
 def _read_json(path: Path) -> Any:
     """config.json parsed strictly: UTF-8, a key given twice in one object or nesting too deep is an error
-    naming the file (:func:`lfm2np.io.safetensors_file.parse_json`)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise Lfm2npError(f"{path}: not a readable JSON config ({e.strerror or e})") from None
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise Lfm2npError(f"{path}: not a JSON config: not utf-8 text (byte {e.start})") from None
-    return parse_json(raw, str(path), "JSON config")
+    naming the file (:func:`lfm2np.io.files.read_json`)."""
+    return read_json(path, "JSON config")

@@ -6,29 +6,12 @@ final norm ``embedding_norm`` (applied after the last layer despite its name), t
 embedding unless the checkpoint has ``lm_head.weight``). :meth:`Model.forward` computes from scratch;
 :meth:`Model.step` continues a :class:`~lfm2np.state.State`.
 
-Tracing and interventions: ``forward(ids, record=fn)`` and ``step(..., record=fn)`` call
-``fn(name, value)`` with every named intermediate, in forward order. Names are the Hugging Face module
-path plus the step::
-
-    model.embed_tokens
-    model.layers.{i}.operator_norm
-    model.layers.{i}.conv.{in_proj, b_gate, c_gate, x, bx, conv_out, y, out_proj}
-    model.layers.{i}.self_attn.{q_proj, k_proj, v_proj, q_normed, k_normed, q_rope, k_rope, attn_out, out_proj}
-                                                     (LFM3: gate, the sigmoid output gate, before attn_out)
-    model.layers.{i}.post_operator_norm              (LFM3's sandwich norm of the mixer output)
-    model.layers.{i}.mixer_residual                  (h + mixer output)
-    model.layers.{i}.ffn_norm
-    model.layers.{i}.feed_forward.{w1, w3, act, w2}  (dense SwiGLU)
-    model.layers.{i}.feed_forward.{router_logits, selected_experts, routing_weights}  (MoE)
-    model.layers.{i}.feed_forward.output
-    model.layers.{i}.post_ffn_norm                   (LFM3's sandwich norm of the FFN output)
-    model.layers.{i}                                 (the residual stream after the layer)
-    model.embedding_norm
-    lm_head                                          (the logits)
-
-When ``fn`` returns None the value is only observed; when it returns an array of the same shape, that
-array replaces the value from there on (patching, as TransformerLens does). Values are ``(T, ...)`` for
-the T tokens of the call; a value must not be modified in place.
+Tracing and interventions: ``forward(ids, record=fn)`` and ``step(..., record=fn)`` call ``fn(name, value)``
+with every named intermediate, in forward order: exactly the names :func:`lfm2np.trace_names` lists for the
+config (the Hugging Face module path plus the step, e.g. ``model.layers.3.self_attn.q_rope``). When ``fn``
+returns None the value is only observed; when it returns an array of the same shape, that array replaces the
+value from there on (patching, as TransformerLens does). Values are ``(T, ...)`` for the T tokens of the call
+(the RoPE frequencies ``(hd/2,)``); a value must not be modified in place.
 """
 
 from __future__ import annotations
@@ -38,14 +21,13 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from . import ops, tensors
+from . import layers, ops, schema
 from .config import Config
 from .errors import Lfm2npError
-from .config import CONV
-from .layers import LAYERS, AttentionWeights, ConvWeights, LayerWeights, MoEWeights, SwiGLUWeights
+from .layers import AttentionWeights, ConvWeights, LayerWeights, MoEWeights, Scope, SwiGLUWeights, Tap
 from .numerics import Numerics, numerics
-from .ops import Tap, prefixed, untapped
-from .state import DEFAULT_MAX_ROLLBACK, State
+from .state import DEFAULT_MAX_ROLLBACK, ConvState, State
+from .weights import InMemory, Weights, check_tensors
 
 #: ``record(name, value) -> None | array``: observes each named intermediate, or returns a replacement.
 Recorder = Callable[[str, np.ndarray], "np.ndarray | None"]
@@ -61,10 +43,10 @@ def check_progress(progress: Any) -> None:
         raise Lfm2npError(f"progress must be a function progress(done, total); got {type(progress).__name__}")
 
 
-def tap_for(record: Recorder | None) -> Tap:
-    """The operators' tap for a user's recorder: None keeps the value, an array replaces it (same shape)."""
+def tap_for(record: Recorder | None) -> Tap | None:
+    """The layers' tap for a user's recorder: None keeps the value, an array replaces it (same shape)."""
     if record is None:
-        return untapped
+        return None
     if not callable(record):
         raise Lfm2npError(f"record must be a function record(name, value); got {type(record).__name__}")
 
@@ -84,30 +66,35 @@ def tap_for(record: Recorder | None) -> Tap:
 
 
 class Model:
-    """An LFM2 / LFM2-MoE model: its config, its weights and its numerics mode.
+    """An LFM2 / LFM2-MoE / LFM3 model: its config, its weights and its numerics mode.
 
-    ``params`` maps Hugging Face tensor names to arrays: a plain dict (converted for the mode here), or a
-    lazily loading mapping from :func:`lfm2np.load` that already gives arrays for the mode (its ``mode``
-    attribute says which, and it may offer ``rows(name, index)`` to read embedding rows alone).
-    ``dtype`` is the mode: "float32", "float64" (the oracle) or "bfloat16" (the emulation), or a
-    :class:`~lfm2np.numerics.Numerics`.
+    ``params`` maps Hugging Face tensor names to arrays: a plain mapping (checked against the config's tensor
+    layout, every tensor present with its shape, and converted for the mode here; an unused tensor is an
+    error unless ``strict=False``), or the :class:`~lfm2np.weights.Weights` :func:`lfm2np.load` gives, already
+    for the mode. ``dtype`` is the mode: "float32", "float64" (the oracle) or "bfloat16" (the emulation), or
+    a :class:`~lfm2np.numerics.Numerics`.
     """
 
     #: forward() runs prompts longer than this in chunks of this many tokens (0: never), unless recording
     prefill_chunk = 2048
 
-    def __init__(self, config: Config, params: Mapping[str, np.ndarray], dtype: Any = "float32"):
+    def __init__(self, config: Config, params: Mapping[str, Any], dtype: Any = "float32", *, strict: bool = True):
+        if not isinstance(config, Config):
+            raise Lfm2npError(f"config must be an lfm2np Config (lfm2np.load_config); got {type(config).__name__}")
         self.config = config
         self.numerics: Numerics = numerics(dtype)
         self.dtype = self.numerics.dtype
-        prepared = getattr(params, "mode", None)
-        if prepared is None:
-            params = {name: self.numerics.weight(name, w) for name, w in params.items()}
-        elif prepared != self.numerics.name:
-            raise Lfm2npError(f"these weights were loaded for {prepared}, not {self.numerics.name}: "
-                              f"load the model with dtype={self.numerics.name!r}")
-        self.params = params
-        self._names = [tensors.layer_names(config, i) for i in range(config.num_hidden_layers)]
+        if isinstance(params, Weights):
+            if params.mode != self.numerics.name:
+                raise Lfm2npError(f"these weights were loaded for {params.mode}, not {self.numerics.name}: "
+                                  f"load the model with dtype={self.numerics.name!r}")
+        else:
+            params = _in_memory(config, params, self.numerics, strict)
+        self.params: Weights = params
+        self._names: list[dict[str, str]] = [{} for _ in range(config.num_hidden_layers)]  # per layer: role -> name
+        for t in params.layout:
+            if t.layer is not None and t.part != "expert":
+                self._names[t.layer][t.role] = t.name
 
     def __repr__(self) -> str:
         c = self.config
@@ -122,13 +109,9 @@ class Model:
 
     # ------------------------------------------------------------------ public
     def memory_report(self) -> dict[str, Any]:
-        """What of the weights is resident (see :meth:`lfm2np.io.params.LazyParams.report`); for weights
-        given as a plain dict, everything."""
-        report = getattr(self.params, "report", None)
-        if report is not None:
-            return report()
-        held = sum(np.asarray(a).nbytes for a in self.params.values())
-        return {"budget_bytes": None, "resident_bytes": held, "all_tensors_bytes": held}
+        """What of the weights is resident (:meth:`lfm2np.weights.Weights.report`); for weights given as arrays,
+        everything."""
+        return self.params.report()
 
     def forward(self, ids: Any, *, record: Recorder | None = None, progress: Progress | None = None) -> np.ndarray:
         """Logits for every position of one sequence or an equal-length batch, computed from scratch.
@@ -158,8 +141,8 @@ class Model:
         for n, t0 in enumerate(starts):
             each = None if progress is None else (lambda done, _, n=n: progress(n * L + done, len(starts) * L))
             part = ids[t0:t0 + chunk]
-            _, layers = self.run(part, state.layer_pasts(), state.position, None, each, logits[t0:t0 + len(part)])
-            state = state.advance(len(part), layers)
+            _, pasts = self.run(part, state, None, each, logits[t0:t0 + len(part)])
+            state = state.advance(len(part), pasts)
         return logits
 
     def new_state(self, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> State:
@@ -182,8 +165,8 @@ class Model:
         if not isinstance(state, State):
             raise Lfm2npError(f"state must be an lfm2np State (or None); got {type(state).__name__}")
         state.check_for(self.config, self.dtype, self.numerics.name)
-        logits, layers = self.run(ids, state.layer_pasts(), state.position, record, progress)
-        return logits, state.advance(ids.shape[0], layers)
+        logits, pasts = self.run(ids, state, record, progress)
+        return logits, state.advance(ids.shape[0], pasts)
 
     def step_batch(self, ids: "list[Any]", states: "list[State | None]") -> tuple[list[np.ndarray], list[State]]:
         """:meth:`step` for several sequences at once, each with its own ids (lengths may differ) and state.
@@ -216,37 +199,38 @@ class Model:
         return arr.astype(np.int64, copy=False)
 
     # ------------------------------------------------------------- the forward pass
-    def run(self, ids: np.ndarray, past: list | None = None, start: int = 0, record: Recorder | None = None,
+    def run(self, ids: np.ndarray, state: State | None = None, record: Recorder | None = None,
             progress: Progress | None = None, out: np.ndarray | None = None) -> tuple[np.ndarray, list]:
-        """The forward pass of ``ids`` (T,) (already checked) at positions ``start ..``, continuing from
-        ``past`` (per layer: what the previous call returned, None for a fresh sequence). Returns the
-        logits (T, V) (written into ``out`` when given) and, per layer, its state after these tokens."""
-        c, rnd, tap = self.config, self.numerics.round, tap_for(record)
+        """The forward pass of ``ids`` (T,) (already checked) continuing ``state`` (None: a new sequence; not
+        checked here). Returns the logits (T, V) (written into ``out`` when given) and, per layer, what it
+        continues from next: its extended conv history, or its keys and values (:meth:`State.advance`)."""
+        c, tap = self.config, tap_for(record)
         check_progress(progress)
-        T = ids.shape[0]
+        T, start = ids.shape[0], 0 if state is None else state.position
         if start + T > c.max_position_embeddings:
             raise Lfm2npError(f"positions {start}..{start + T - 1} go past max_position_embeddings "
                               f"{c.max_position_embeddings} of this model")
+        s = Scope(self.numerics.round, tap)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite logits are checked below
             positions = np.arange(start, start + T)
-            rope = {kind: self.rope(positions, kind) for kind in {k for k in c.layer_types if k != CONV}}
-            layer = LAYERS[c.model_type]  # lfm2_layer or lfm3_layer
-            h = tap("model.embed_tokens", self.embed(ids))  # (T, D)
-            layer_states = []
-            ahead = getattr(self.params, "prefetch", None)  # read the next layer's tensors while this one runs
+            rope = {kind: layers.rope(positions, c, kind, self.dtype, s) for kind in schema.attention_kinds(c)}
+            h = s("model.embed_tokens", self.embed(ids))  # (T, D)
+            pasts = []
             for i, kind in enumerate(c.layer_types):
-                if ahead is not None and i + 1 < c.num_hidden_layers:
-                    ahead(list(self._names[i + 1].values()))
-                layer_past = None if past is None else past[i]
-                h, layer_state = layer(h, self.layer_weights(i), c, rope.get(kind), layer_past, rnd,
-                                       prefixed(tap, f"model.layers.{i}."), c.window(i))
-                h = tap(f"model.layers.{i}", h)
-                layer_states.append(layer_state)
+                if i + 1 < c.num_hidden_layers:  # read the next layer's tensors while this one runs
+                    self.params.prefetch(list(self._names[i + 1].values()))
+                past = None if state is None else state.layers[i]
+                past = past.history if isinstance(past, ConvState) else None if past is None else (past.keys,
+                                                                                                    past.values)
+                h, past = layers.decoder_layer(h, self.layer_weights(i), c, rope.get(kind), past, c.window(i),
+                                               s.at(f"model.layers.{i}."))
+                h = s(f"model.layers.{i}", h)
+                pasts.append(past)
                 if progress is not None:
                     progress(i + 1, c.num_hidden_layers)
-            h = tap("model.embedding_norm", ops.rms_norm(h, self.params["model.embedding_norm.weight"], c.norm_eps,
-                                                         rnd))
-            logits = tap("lm_head", ops.lm_head(h, self.params[tensors.head_name(c)], rnd, out))  # (T, V)
+            h = s("model.embedding_norm", ops.rms_norm(h, self.params["model.embedding_norm.weight"], c.norm_eps,
+                                                       s.rnd))
+            logits = s("lm_head", ops.lm_head(h, self.params[schema.head_name(c)], s.rnd, out))  # (T, V)
         # the one check on the way: a sum (one pass, no buffer) is finite unless a value is NaN or infinite, or
         # finite values overflow it, which the exact check then tells apart; the search only on failure
         with np.errstate(over="ignore", invalid="ignore"):
@@ -254,10 +238,10 @@ class Model:
         if not np.isfinite(total) and not np.isfinite(logits).all():
             if getattr(record, "searching", False):  # the search below, already under way
                 raise Lfm2npError("non-finite values")
-            raise self._non_finite(ids, past, start, getattr(tap, "replaced", False))
-        return logits, layer_states
+            raise self._non_finite(ids, state, getattr(tap, "replaced", False))
+        return logits, pasts
 
-    def _non_finite(self, ids: np.ndarray, past: list | None, start: int, intervened: bool) -> Lfm2npError:
+    def _non_finite(self, ids: np.ndarray, state: State | None, intervened: bool) -> Lfm2npError:
         """Name where non-finite values first appear: run again, stop at the first non-finite intermediate,
         and name the non-finite weights of its layer (or the input that carried them in)."""
         first: list[str] = []
@@ -271,17 +255,17 @@ class Model:
         if not intervened:
             try:
                 with np.errstate(all="ignore"):
-                    self.run(ids, past, start, find)
+                    self.run(ids, state, find)
             except Lfm2npError:
                 pass
         where = first[0] if first else "the logits"
         prefix = where.rsplit(".", 1)[0] + "." if where.startswith("model.layers.") else None
         layer = int(where.split(".")[2]) if prefix else None
-        suspects = [n for n in tensors.layer_names(self.config, layer).values()] if layer is not None \
-            else [tensors.HEAD_TIED, "model.embedding_norm.weight", tensors.head_name(self.config)]
+        suspects = [n for n in schema.layer_names(self.config, layer).values()] if layer is not None \
+            else [schema.HEAD_TIED, "model.embedding_norm.weight", schema.head_name(self.config)]
         bad = [n for n in dict.fromkeys(suspects) if not np.isfinite(self.params[n]).all()]
         if layer is not None and not bad and self.config.is_moe_layer(layer):
-            bad = [n for e in range(self.config.num_experts) for n in tensors.expert_names(layer, e)
+            bad = [n for e in range(self.config.num_experts) for n in schema.expert_names(layer, e)
                    if not np.isfinite(self.params[n]).all()][:3]
         cause = (f"; weight {', '.join(bad)} holds NaN or infinite values" if bad else
                  "; no weight of that layer is non-finite, so the values overflowed or came from the state "
@@ -292,46 +276,54 @@ class Model:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """The embedding rows of ``ids``: (T,) -> (T, D). From a lazily loaded checkpoint only those rows
         are read and converted."""
-        rows = getattr(self.params, "rows", None)
-        if rows is not None:
-            return rows(tensors.HEAD_TIED, ids)
-        return ops.embed(ids, self.params[tensors.HEAD_TIED])
+        return self.params.rows(schema.HEAD_TIED, ids)
 
     def rope(self, positions: np.ndarray, kind: str = "full_attention") -> tuple[np.ndarray, np.ndarray]:
         """The RoPE (cos, sin) tables of ``positions`` for attention layers of type ``kind``, as this mode
-        computes them: angles in float32 (float64 in the oracle mode), cos and sin rounded in the bf16
-        emulation (LFM2; LFM3 keeps them float32); LFM3's partial rotation leaves the frequencies past the
-        rotated pairs at 0.
-        (T,) -> (T, hd) x 2"""
-        c, rnd = self.config, self.numerics.round
-        cos, sin = ops.rope_tables(positions, c.head_dim, c.rope(kind).theta, self.dtype, c.rotated_pairs(kind))
-        if c.model_type == "lfm3":  # transformers' LFM3 keeps cos and sin in float32, whatever the dtype
-            return cos, sin
-        return rnd(cos), rnd(sin)
+        computes them (:func:`lfm2np.layers.rope`).  (T,) -> (T, hd) x 2"""
+        return layers.rope(np.asarray(positions), self.config, kind, self.dtype, Scope(self.numerics.round))
 
     def layer_weights(self, i: int) -> LayerWeights:
         """Layer ``i``'s weights as the view :mod:`lfm2np.layers` computes with (experts fetched when chosen)."""
         c, W, n = self.config, self.params, self._names[i]
-        opt = lambda role: W[n[role]] if role in n else None  # noqa: E731  (biases only with conv_bias)
+        opt = lambda role: W[n[role]] if role in n else None  # noqa: E731  (biases, gates, sandwich norms)
         if c.is_attention(i):
-            biases = (W[n["q_proj_bias"]], W[n["k_proj_bias"]], W[n["v_proj_bias"]], W[n["out_proj_bias"]]) \
-                if c.attention_bias else None
             mixer: ConvWeights | AttentionWeights = AttentionWeights(
                 W[n["q_proj"]], W[n["k_proj"]], W[n["v_proj"]], W[n["out_proj"]], W[n["q_norm"]], W[n["k_norm"]],
-                opt("gate_proj"), biases)
+                opt("gate_proj"), opt("q_proj_bias"), opt("k_proj_bias"), opt("v_proj_bias"), opt("out_proj_bias"))
         else:
             mixer = ConvWeights(W[n["in_proj"]], W[n["conv"]], W[n["out_proj"]],
                                 opt("in_proj_bias"), opt("conv_bias"), opt("out_proj_bias"))
         if c.is_moe_layer(i):
             def expert(e: int) -> SwiGLUWeights:
-                w1, w3, w2 = tensors.expert_names(i, e)
-                return SwiGLUWeights(W[w1], W[w3], W[w2])
+                return SwiGLUWeights(*(W[name] for name in schema.expert_names(i, e)))
 
-            prefetch = getattr(W, "prefetch", None)  # a lazily read checkpoint can read the chosen ones ahead
-            ahead = None if prefetch is None else (
-                lambda chosen: prefetch([n for e in chosen for n in tensors.expert_names(i, int(e))]))
-            ffn: SwiGLUWeights | MoEWeights = MoEWeights(W[n["gate"]], opt("expert_bias"), expert, ahead)
+            def prefetch(chosen: np.ndarray) -> None:  # a lazily read checkpoint reads the chosen ones ahead
+                W.prefetch([name for e in chosen for name in schema.expert_names(i, int(e))])
+
+            ffn: SwiGLUWeights | MoEWeights = MoEWeights(W[n["gate"]], opt("expert_bias"), expert, prefetch)
         else:
             ffn = SwiGLUWeights(W[n["w1"]], W[n["w3"]], W[n["w2"]])
         return LayerWeights(W[n["operator_norm"]], mixer, W[n["ffn_norm"]], ffn,
                             opt("post_operator_norm"), opt("post_ffn_norm"))
+
+
+def _in_memory(config: Config, params: Any, mode: Numerics, strict: bool) -> InMemory:
+    """Weights given as arrays, checked against the config's tensor layout (names and shapes) and converted
+    for the mode; each tensor that is not an array of real numbers is an error naming it."""
+    if not isinstance(params, Mapping):
+        raise Lfm2npError(f"params must map tensor names to arrays; got {type(params).__name__}")
+    tensors = schema.layout(config)
+    arrays = {}
+    for name, value in params.items():
+        try:
+            a = np.asarray(value)
+        except (TypeError, ValueError):  # ragged nested lists and the like
+            a = np.asarray(None)
+        if a.dtype.kind not in "fiu":
+            raise Lfm2npError(f"params: tensor {name!r} is a {type(value).__name__} of {a.dtype}; expected an "
+                              f"array of real numbers")
+        arrays[name] = a
+    check_tensors({n: a.shape for n, a in arrays.items()}, {t.name: t.shape for t in tensors}, "params", strict,
+                  schema.describe(config))
+    return InMemory(arrays, tensors, mode)

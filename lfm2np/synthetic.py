@@ -14,7 +14,7 @@ import numpy as np
 from .config import Config
 from .model import Model
 from .numerics import numerics
-from .tensors import expected_tensors
+from .schema import expected_tensors
 
 
 def random_params(config: Config, seed: int = 0, dtype: Any = "float32",

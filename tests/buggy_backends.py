@@ -90,7 +90,8 @@ class Backend:
         ids = np.asarray(ids, np.int64)
         cut = len(ids) if prefill is None else prefill
         rows = [self.feed(ids[:cut])] + [self.feed(ids[t:t + 1]) for t in range(cut, len(ids))]
-        return np.concatenate(rows), {k: np.concatenate(v) for k, v in self.trace.items()}
+        return np.concatenate(rows), {k: np.concatenate(v) if not k.endswith("inv_freq") else v[0][0]
+                                      for k, v in self.trace.items()}
 
     def generate(self, prompt, n, fresh=True):
         """``n`` greedy tokens after ``prompt`` (one prefill call, then one call per token)."""
@@ -110,6 +111,14 @@ class Backend:
 
     def _forward(self, ids):
         c, W = self.c, self.W
+        positions = np.arange(self.pos, self.pos + len(ids))
+        for kind in dict.fromkeys(k for k in c.layer_types if k != "conv"):  # the RoPE tables of each type
+            inv = self._frequencies(kind)
+            if self.calls == 0:  # one per sequence: the frequencies do not depend on the position
+                self._keep(f"model.rotary_emb.{kind}.inv_freq", inv[None])
+            ang = positions.astype(np.float32)[:, None] * inv[None, :]
+            self._keep(f"model.rotary_emb.{kind}.cos", np.cos(np.concatenate([ang, ang], axis=-1)))
+            self._keep(f"model.rotary_emb.{kind}.sin", np.sin(np.concatenate([ang, ang], axis=-1)))
         h = W["model.embed_tokens.weight"][ids]
         self._keep("model.embed_tokens", h)
         if "embedding-norm-at-start" in self.bugs:
@@ -171,13 +180,17 @@ class Backend:
         self._keep(p + "conv.out_proj", out)
         return out
 
-    def _rope(self, x, positions, kind):
-        hd = x.shape[-1]
+    def _frequencies(self, kind):
+        hd = self.c.head_dim
         theta, factor = self.ropes[kind]
         inv = (1.0 / (np.float32(theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(np.float32)
         if factor is not None and factor < 1 and "lfm3-rope-full" not in self.bugs:
             inv[int(factor * hd // 2):] = 0.0  # proportional: only the first pairs turn (hd still the denominator)
-        ang = positions.astype(np.float32)[:, None] * inv[None, :]  # (T, hd/2), float32
+        return inv
+
+    def _rope(self, x, positions, kind):
+        hd = x.shape[-1]
+        ang = positions.astype(np.float32)[:, None] * self._frequencies(kind)[None, :]  # (T, hd/2), float32
         cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
         out = np.empty_like(x)
         if "rope-interleaved" in self.bugs:
@@ -230,6 +243,8 @@ class Backend:
                 s = (K[first:end, g] @ q[t, j]) * np.float32(self.scale)
                 e = np.exp(s - s.max())
                 out[t, j] = (e / e.sum()) @ V[first:end, g]
+        if self.lfm3 and c.use_attention_gate:
+            self._keep(a + "attention", out.reshape(T, H * hd))  # before the gate
         if self.lfm3 and c.use_attention_gate and "lfm3-gate-missing" not in self.bugs:
             gate = _sigmoid(x @ W[a + "gate_proj.weight"].T)  # (T, H): one scalar per token and head
             self._keep(a + "gate", gate)
@@ -260,15 +275,19 @@ class Backend:
             scores = e / e.sum(axis=-1, keepdims=True)
         else:
             scores = _sigmoid(logits)
+        self._keep(p + "feed_forward.router_scores", scores)
         bias = W.get(p + "feed_forward.expert_bias")
         choose = scores + bias if bias is not None else scores
         chosen = np.argsort(-choose, axis=-1, kind="stable")[:, :c.num_experts_per_tok]
+        self._keep(p + "feed_forward.selected_experts", chosen)
         weights = np.take_along_axis(choose if "router-bias-in-weights" in bugs else scores, chosen, axis=-1)
-        if c.norm_topk_prob and "router-no-renorm" not in bugs:
-            weights = weights / (weights.sum(axis=-1, keepdims=True) + self.router_eps)
+        self._keep(p + "feed_forward.topk_scores", weights)
+        if c.norm_topk_prob:
+            if "router-no-renorm" not in bugs:
+                weights = weights / (weights.sum(axis=-1, keepdims=True) + self.router_eps)
+            self._keep(p + "feed_forward.topk_normed", weights)
         if "router-no-scaling" not in bugs:
             weights = weights * c.routed_scaling_factor
-        self._keep(p + "feed_forward.selected_experts", chosen)
         self._keep(p + "feed_forward.routing_weights", weights.astype(np.float32))
         out = np.zeros_like(x)
         for t in range(len(x)):

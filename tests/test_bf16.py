@@ -98,7 +98,8 @@ def test_each_layer_against_transformers_bf16():
                 seen["model.layers.{}.".format(i) + name] = value
                 return value
 
-            out, _ = layers.lfm2_layer(h, m.layer_weights(i), c, rope, None, BFLOAT16.round, tap)
+            kind_rope = rope if c.is_attention(i) else None
+            out, _ = layers.decoder_layer(h, m.layer_weights(i), c, kind_rope, None, None, layers.Scope(BFLOAT16.round, tap))
             err = rel_error(out, ref)
             total += 1
             exact += err == 0

@@ -23,7 +23,7 @@ import pytest
 
 import lfm2np
 from lfm2np.io.gguf_names import gguf_name
-from lfm2np.tensors import layout
+from lfm2np.schema import layout
 from lfm2np.oracle.tolerance import FP32, rel_error
 from lfm2np import calc
 from lfm2np.calc import quant
@@ -350,7 +350,7 @@ def test_shape_mismatch_is_named(tmp_path):
     W.write_gguf(path, config, params, "F32")
     bad = rewrite(path, tmp_path / "norm.gguf", replace={"blk.0.ffn_norm.weight": np.ones(40, np.float32)})
     with pytest.raises(lfm2np.Lfm2npError, match=r"norm\.gguf: tensor 'blk\.0\.ffn_norm\.weight' has ggml shape \[40\]; "
-                                                 r"the metadata implies \[48\]"):
+                                                 r"the config expects \[48\]"):
         lfm2np.load(bad)
 
 
@@ -417,7 +417,7 @@ def test_missing_gguf_package_message(monkeypatch, tmp_path):
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(lfm2np.Lfm2npError, match=r"pip install 'lfm2np\[gguf\]'"):
-        G.read_gguf(path)
+        G.read_gguf_source(path)
     assert importlib.util.find_spec("gguf") is not None
 
 

@@ -10,7 +10,6 @@ compare, the arguments of load and generation, backend dumps for diagnose, and t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from lfm2np.embedded import embedded_model_path
 from lfm2np.io.safetensors import Checkpoint, save_checkpoint, write_safetensors
 from lfm2np.oracle.compare import compare
 from lfm2np.oracle.trace import Trace, record
+from lfm2np.state import ConvState, KVState
 from lfm2np.synthetic import random_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -471,8 +471,8 @@ _BASE_JSON = json.dumps(DENSE)
 CONFIG_JSON: dict[str, tuple[bytes, tuple[str, ...]]] = {
     "empty file": (b"", ("JSON",)),
     "a UTF-8 BOM": (b"\xef\xbb\xbf" + _BASE_JSON.encode(), ("BOM",)),
-    "UTF-16": (_BASE_JSON.encode("utf-16"), ("utf-8",)),
-    "Latin-1": (_BASE_JSON.replace('"lfm2"', '"lfm2\u00e9"').encode("latin-1"), ("utf-8",)),
+    "UTF-16": (_BASE_JSON.encode("utf-16"), ("UTF-8",)),
+    "Latin-1": (_BASE_JSON.replace('"lfm2"', '"lfm2\u00e9"').encode("latin-1"), ("UTF-8",)),
     "nested 100000 deep": (b"[" * 100_000 + b"]" * 100_000, ("JSON",)),
     "objects nested 50000 deep": (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, ("JSON",)),
     "NaN literal": (_BASE_JSON.replace('"norm_eps": 1e-05', '"norm_eps": NaN').encode(), ("'norm_eps'",)),
@@ -637,7 +637,21 @@ CHANGES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     "touched": (lambda f: os.utime(f, ns=(10**18, 10**18)), ("changed since it was loaded", "modified")),
     "header overwritten": (lambda f: (f.open("r+b").write(b"\xff" * 8), os.utime(f, ns=(5, 5))),
                            ("changed since it was loaded",)),
+    "one byte changed, size and times restored": (lambda f: _rewrite_keeping_times(f), ("changed since it was loaded",)),
 }
+
+
+def _rewrite_keeping_times(f: Path) -> None:
+    """Change one byte of the last tensor in place, then give the file back its size, access and modification
+    times (what ``os.utime`` can restore; the status-change time it cannot)."""
+    st = f.stat()
+    with f.open("r+b") as out:
+        out.seek(st.st_size - 3)
+        byte = out.read(1)
+        out.seek(st.st_size - 3)
+        out.write(bytes([byte[0] ^ 0x40]))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
 
 
 @pytest.mark.parametrize("keep", [False, True], ids=["lean", "kept"])
@@ -665,12 +679,15 @@ def test_shard_truncated_after_loading(tmp_path):
     refused(lambda: model.forward([1, 2]), str(shard), "changed since it was loaded")
 
 
-def test_gguf_truncated_after_loading(tmp_path, valid_gguf):
-    path = tmp_path / "shrinks.gguf"
+@pytest.mark.parametrize("case", list(CHANGES))
+def test_gguf_changed_after_loading(tmp_path, valid_gguf, case):
+    """A GGUF file is read through the same checked reader: the same changes are refused the same way."""
+    change, needles = CHANGES[case]
+    path = tmp_path / "changes.gguf"
     path.write_bytes(valid_gguf)
     model = lfm2np.load(path, memory_budget=0)
-    os.truncate(path, len(valid_gguf) // 2)
-    refused(lambda: model.forward([1, 2]), str(path))
+    change(path)
+    refused(lambda: model.forward([1, 2]), str(path), *needles)
 
 
 def test_deleted_or_replaced_file_keeps_its_validated_data(dense_copy):
@@ -696,6 +713,11 @@ def _state_of(config, **changes):
     return lfm2np.synthetic.random_model(config.replace(**changes), seed=4).step([1, 2, 3])[1]
 
 
+def _with_layers(state, change):
+    """``state`` with ``change`` applied to each layer's state (checked as a hand-built state is)."""
+    return state.replace(layers=tuple(change(s) for s in state.layers))
+
+
 STATES: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
     "a state of another conv kernel": (lambda m: m.step([1], _state_of(TINY_DENSE, conv_L_cache=4)),
                                        ("conv_L_cache",)),
@@ -712,20 +734,22 @@ STATES: dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]] = {
         TINY_DENSE, seed=4, dtype="float64").step([1])[1]), ("float64",)),
     "a bf16-emulated state for a float32 model": (lambda m: m.step([1], lfm2np.synthetic.random_model(
         TINY_DENSE, seed=4, dtype="bfloat16").step([1])[1]), ("bfloat16 numerics", "float32")),
-    "a state given a negative max_rollback": (lambda m: dataclasses.replace(m.new_state(), max_rollback=-10),
+    "a state given a negative max_rollback": (lambda m: m.new_state().replace(max_rollback=-10),
                                               ("max_rollback is -10",)),
-    "a state given max_rollback 2.5": (lambda m: dataclasses.replace(m.new_state(), max_rollback=2.5),
+    "a state given max_rollback 2.5": (lambda m: m.new_state().replace(max_rollback=2.5),
                                        ("max_rollback is 2.5",)),
-    "a state whose conv history was emptied": (lambda m: dataclasses.replace(
-        m.step([1, 2, 3])[1], conv=tuple(None if u is None else u[:0] for u in m.step([1, 2, 3])[1].conv)),
+    "a state whose conv history was emptied": (lambda m: _with_layers(
+        m.step([1, 2, 3])[1], lambda s: ConvState(s.history[:0]) if isinstance(s, ConvState) else s),
         ("conv history holds 0 rows at position 3",)),
-    "a state whose values are missing": (lambda m: dataclasses.replace(
-        m.step([1, 2])[1], values=tuple(None for _ in m.step([1, 2])[1].values)), ("layer 1",)),
-    "a state with values shorter than the keys": (lambda m: dataclasses.replace(
-        m.step([1, 2])[1], values=tuple(None if v is None else v[:1] for v in m.step([1, 2])[1].values)),
+    "a state whose values are missing": (lambda m: _with_layers(
+        m.step([1, 2])[1], lambda s: KVState(s.keys, None) if isinstance(s, KVState) else s), ("layer 1",)),
+    "a state with values shorter than the keys": (lambda m: _with_layers(
+        m.step([1, 2])[1], lambda s: KVState(s.keys, s.values[:1]) if isinstance(s, KVState) else s),
         ("layer 1", "one shape")),
-    "a state whose conv history is a number": (lambda m: dataclasses.replace(
-        m.new_state(), conv=tuple(None if u is None else np.float32(0) for u in m.new_state().conv)), ("(n, D)",)),
+    "a state whose conv history is a number": (lambda m: _with_layers(
+        m.new_state(), lambda s: ConvState(np.float32(0)) if isinstance(s, ConvState) else s), ("(n, D)",)),
+    "a state with a list as a layer": (lambda m: _with_layers(m.new_state(), lambda s: [1, 2]),
+                                       ("layer 0", "ConvState")),
     "a dict as the state": (lambda m: m.step([1], {"position": 0}), ("state must be an lfm2np State", "dict")),
     "a string as the state": (lambda m: m.step([1], "state"), ("state must be an lfm2np State", "str")),
     "rollback by 1.5": (lambda m: m.step([1, 2])[1].rollback(1.5), ("rollback", "1.5")),
@@ -844,14 +868,15 @@ def resaved(src: Path, dst: Path, metadata: "dict | None" = None, change: "Calla
 
 L0 = "model.layers.0.feed_forward.w1"
 TRACES: dict[str, tuple[dict, "Callable[[dict], None] | None", tuple[str, ...]]] = {
-    "order not JSON": ({"order": "[lm_head"}, None, ("'order' is not valid JSON",)),
+    "order not JSON": ({"order": "[lm_head"}, None, ("corrupt trace metadata 'order'",)),
     "order an object": ({"order": '{"a": 1}'}, None, ("'order' is a JSON dict; expected a list",)),
     "order a string": ({"order": '"lm_head"'}, None, ("'order' is a JSON str",)),
     "order naming a missing tensor": ({"order": json.dumps(["lm_head", "nope"])}, None,
                                       ("'order' lists 'nope', which the file does not hold",)),
     "order with a number": ({"order": "[1]"}, None, ("'order' lists 1",)),
-    "order nested too deeply": ({"order": "[" * 100_000 + "]" * 100_000}, None, ("'order' is not valid JSON",)),
-    "meta not JSON": ({"meta": "{ids"}, None, ("'meta' is not valid JSON",)),
+    "order nested too deeply": ({"order": "[" * 100_000 + "]" * 100_000}, None,
+                                ("corrupt trace metadata 'order'", "nested too deeply")),
+    "meta not JSON": ({"meta": "{ids"}, None, ("corrupt trace metadata 'meta'",)),
     "meta a list": ({"meta": "[1, 2]"}, None, ("'meta' is a JSON list; expected a object",)),
     "logits as integers": ({}, lambda t: t.update({"lm_head": t["lm_head"].astype(np.int32)}),
                            ("'lm_head' has dtype I32", "floating point")),
@@ -1064,7 +1089,7 @@ def test_cli_output_that_cannot_be_written(capsys, tmp_path):
     cli_refuses(capsys, ["trace", GOLDEN_MOE, "--out", str(tmp_path / "t.safetensors")], str(tmp_path / "t.json"))
     (tmp_path / "u.safetensors").mkdir()
     cli_refuses(capsys, ["trace", GOLDEN_MOE, "--out", str(tmp_path / "u")], str(tmp_path / "u.safetensors"))
-    (tmp_path / "g" / "000_model.embed_tokens.safetensors").mkdir(parents=True)
+    (tmp_path / "g" / "001_model.embed_tokens.safetensors").mkdir(parents=True)  # (000: the RoPE tables)
     cli_refuses(capsys, ["golden", GOLDEN_MOE, "--out", str(tmp_path / "g")], "Is a directory")
 
 

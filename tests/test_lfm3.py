@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 import lfm2np
 from lfm2np import calc, ops
-from lfm2np.layers import lfm3_layer
+from lfm2np.layers import Scope, decoder_layer
 from lfm2np.numerics import BFLOAT16
 from lfm2np.oracle.compare import compare
 from lfm2np.oracle.golden import write_golden
@@ -82,8 +82,7 @@ def test_each_layer_from_the_reference_input(case):
     T = cap(case, "model.layers.0.input").shape[0]
     for i, kind in enumerate(c.layer_types):
         rope = m.rope(np.arange(T), kind) if kind != "conv" else None
-        out, _ = lfm3_layer(cap(case, f"model.layers.{i}.input"), m.layer_weights(i), c, rope, None,
-                            window=c.window(i))
+        out, _ = decoder_layer(cap(case, f"model.layers.{i}.input"), m.layer_weights(i), c, rope, None, c.window(i))
         assert rel_error(out, cap(case, f"model.layers.{i}.output")) < FP32.op_rel, f"layer {i}"
 
 
@@ -196,8 +195,8 @@ def test_float64_and_bf16_modes(case):
     h = g["bf16.model.embed_tokens.output"]
     for i, kind in enumerate(m16.config.layer_types):
         rope = m16.rope(np.arange(len(ids)), kind) if kind != "conv" else None
-        out, _ = lfm3_layer(h, m16.layer_weights(i), m16.config, rope, None, BFLOAT16.round,
-                            window=m16.config.window(i))
+        out, _ = decoder_layer(h, m16.layer_weights(i), m16.config, rope, None, m16.config.window(i),
+                               Scope(BFLOAT16.round))
         ref = g[f"bf16.model.layers.{i}.output"]
         assert np.mean(out != ref) <= 0.02 and rel_error(out, ref) <= 2.0 ** -8, (case, i)
         h = ref
@@ -214,10 +213,10 @@ def test_traces_compare_and_golden_vectors_work_for_lfm3(tmp_path):
     assert compare(t32, t32).ok and not compare(t16, t32).ok  # bf16 rounding is far above the fp32 tier
     out = write_golden(m, ids, tmp_path / "g")
     manifest = json.loads((out / "manifest.json").read_text())
-    attn = next(op for op in manifest["operators"] if op["name"] == "model.layers.1.self_attn")
-    assert attn["params"]["window"] == 4 and attn["params"]["rotated_pairs"] is None  # sliding: full rotation
-    full = next(op for op in manifest["operators"] if op["name"] == "model.layers.2.self_attn")
-    assert full["params"]["rotated_pairs"] == 4  # int(0.5 * 16 // 2)
+    op = {o["name"]: o for o in manifest["operators"]}
+    assert op["model.layers.1.self_attn"]["params"]["window"] == 4  # a sliding layer
+    assert op["model.rotary_emb.sliding_attention"]["params"]["rotated_pairs"] is None  # sliding: full rotation
+    assert op["model.rotary_emb.full_attention"]["params"]["rotated_pairs"] == 4  # int(0.5 * 16 // 2)
     assert any(op["name"] == "model.layers.0.post_ffn_norm" for op in manifest["operators"])
 
 
@@ -268,6 +267,8 @@ def test_the_two_readings_first_diverge_at_the_full_layers_rope():
     _, literal = record(model(TRAP, reading="transformers"), ids)
     _, trained = record(model(TRAP, reading="trained"), ids)
     first = compare(trained, literal).first_divergence
+    assert first.name == "model.rotary_emb.full_attention.inv_freq"  # the frequencies past the rotated pairs
+    first = compare(trained, literal, patterns=["model.layers.*"]).first_divergence
     full = model(TRAP).config.full_attention_layers[0]
     assert first.name == f"model.layers.{full}.self_attn.q_rope" and first.max_rel > 1e-2
 

@@ -1,4 +1,5 @@
-"""Every operator in lfm2np.ops against the inputs and outputs captured from the transformers modules.
+"""Every operator of lfm2np.ops and block of lfm2np.layers against the inputs and outputs captured from the
+transformers modules.
 
 Inputs are the reference's own intermediates, so each operator is checked in isolation: an error here
 points at the operator, not at something upstream.
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from lfm2np import ops
-from lfm2np.layers import lfm2_layer
+from lfm2np import layers as L
 from lfm2np.oracle.tolerance import FP32, rel_error
 
 from conftest import CASES, GOLDEN as GOLDEN_DIR, MOE, captured, golden, model
@@ -87,9 +88,9 @@ def test_attention_block(case):
         a = f"model.layers.{i}.self_attn."
         x = captured(case, a + "input")
         cos, sin = ops.rope_tables(np.arange(x.shape[0]), c.head_dim, c.rope_theta)
-        out, k, v = ops.attention_block(x, W[a + "q_proj.weight"], W[a + "k_proj.weight"], W[a + "v_proj.weight"],
-                                        W[a + "out_proj.weight"], W[a + "q_layernorm.weight"],
-                                        W[a + "k_layernorm.weight"], cos, sin, c.norm_eps)
+        w = L.AttentionWeights(W[a + "q_proj.weight"], W[a + "k_proj.weight"], W[a + "v_proj.weight"],
+                               W[a + "out_proj.weight"], W[a + "q_layernorm.weight"], W[a + "k_layernorm.weight"])
+        out, (k, v) = L.attention_block(x, w, (cos, sin), eps=c.norm_eps)
         assert_close(out, captured(case, a + "output"), a + "output")
         assert_close(k, captured(case, a + "k_rope"), a + "returned keys")
         assert_close(v, captured(case, a + "v"), a + "returned values")
@@ -111,8 +112,9 @@ def test_short_conv_block(case):
     for i, c in layers(case, "conv"):
         p = f"model.layers.{i}.conv."
         b = (lambda k: W[p + k + ".bias"]) if c.conv_bias else (lambda k: None)
-        out, _ = ops.short_conv(captured(case, p + "input"), W[p + "in_proj.weight"], W[p + "conv.weight"],
-                                W[p + "out_proj.weight"], b("in_proj"), b("conv"), b("out_proj"))
+        w = L.ConvWeights(W[p + "in_proj.weight"], W[p + "conv.weight"], W[p + "out_proj.weight"], b("in_proj"),
+                          b("conv"), b("out_proj"))
+        out, _ = L.short_conv(captured(case, p + "input"), w)
         assert_close(out, captured(case, p + "output"), p + "output")
         n += 1
     assert n == len(model(case).config.conv_layers)
@@ -124,7 +126,8 @@ def test_dense_ffn(case):
         if c.is_moe_layer(i):
             continue
         f = f"model.layers.{i}.feed_forward."
-        out = ops.swiglu(captured(case, f + "input"), W[f + "w1.weight"], W[f + "w3.weight"], W[f + "w2.weight"])
+        out = L.swiglu(captured(case, f + "input"), L.SwiGLUWeights(W[f + "w1.weight"], W[f + "w3.weight"],
+                                                                  W[f + "w2.weight"]))
         assert_close(out, captured(case, f + "output"), f + "output")
 
 
@@ -137,8 +140,8 @@ def test_router(case):
             continue
         f = f"model.layers.{i}.feed_forward."
         bias = W[f + "expert_bias"] if c.use_expert_bias else None
-        logits, experts, weights = ops.route(captured(case, f + "gate.input"), W[f + "gate.weight"], bias,
-                                             c.num_experts_per_tok, c.norm_topk_prob, c.routed_scaling_factor)
+        logits, experts, weights = L.route(captured(case, f + "gate.input"), W[f + "gate.weight"], bias,
+                                           c.num_experts_per_tok, c.norm_topk_prob, c.routed_scaling_factor)
         assert_close(logits, captured(case, f + "gate.router_logits"), f + "router_logits")
         ref_experts = captured(case, f + "gate.selected_experts")
         ref_weights = captured(case, f + "gate.routing_weights")
@@ -160,19 +163,13 @@ def test_moe_combination(case):
         if not c.is_moe_layer(i):
             continue
         f = f"model.layers.{i}.feed_forward."
-        out = ops.moe(captured(case, f + "experts.input"), captured(case, f + "experts.selected_experts"),
-                      captured(case, f + "experts.routing_weights"),
-                      lambda e: (W[f"{f}experts.{e}.w1.weight"], W[f"{f}experts.{e}.w3.weight"],
-                                 W[f"{f}experts.{e}.w2.weight"]))
+        expert = model(case).layer_weights(i).ffn.expert
+        out = L.mixture(captured(case, f + "experts.input"), captured(case, f + "experts.selected_experts"),
+                        captured(case, f + "experts.routing_weights"), expert)
         assert_close(out, captured(case, f + "experts.output"), f + "experts.output")
         # the whole MoE block: router then experts
-        bias = W[f + "expert_bias"] if c.use_expert_bias else None
         x = captured(case, f + "input")
-        _, experts, weights = ops.route(x, W[f + "gate.weight"], bias, c.num_experts_per_tok, c.norm_topk_prob,
-                                        c.routed_scaling_factor)
-        block = ops.moe(x, experts, weights, lambda e: (W[f"{f}experts.{e}.w1.weight"],
-                                                        W[f"{f}experts.{e}.w3.weight"],
-                                                        W[f"{f}experts.{e}.w2.weight"]))
+        block = L.moe_block(x, model(case).layer_weights(i).ffn, c)
         assert_close(block, captured(case, f + "output"), f + "output")
 
 
@@ -190,7 +187,8 @@ def test_each_decoder_layer(case):
     T = captured(case, "model.layers.0.input").shape[0]
     rope = ops.rope_tables(np.arange(T), c.head_dim, c.rope_theta)
     for i in range(c.num_hidden_layers):
-        out, _ = lfm2_layer(captured(case, f"model.layers.{i}.input"), m.layer_weights(i), c, rope, None)
+        out, _ = L.decoder_layer(captured(case, f"model.layers.{i}.input"), m.layer_weights(i), c,
+                                 rope if c.is_attention(i) else None)
         assert_close(out, captured(case, f"model.layers.{i}.output"), f"model.layers.{i}")
 
 

@@ -41,9 +41,9 @@ def test_attention_of_a_long_prompt_is_the_same_with_one_thread_or_three():
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((300, h, 16)).astype(np.float32) for h in (4, 2, 2))
     with split(1 << 18, 1):
-        one = ops.attention_blocked(q, k, v, block=64)
+        one = ops.attention(q, k, v, block=64)
     with split(1 << 18, 3):
-        three = ops.attention_blocked(q, k, v, block=64)
+        three = ops.attention(q, k, v, block=64)
     np.testing.assert_array_equal(one, three)
 
 

@@ -123,6 +123,7 @@ def test_command_errors_are_one_line(tmp_path, content, extra, message):
 
 def test_a_perplexity_past_float_range_is_inf_not_an_error():
     m = random_model(lfm2np.load_config("tiny-dense"), seed=3)
-    m.params["model.embedding_norm.weight"] = m.params["model.embedding_norm.weight"] * 1e5  # logits ~1e5 apart
+    norm = m.params["model.embedding_norm.weight"] * 1e5  # logits ~1e5 apart
+    m = lfm2np.Model(m.config, {**m.params, "model.embedding_norm.weight": norm})
     r = perplexity(m, list(range(1, 40)))
     assert r["nll"] > 710 and math.isfinite(r["nll"]) and r["perplexity"] == math.inf

@@ -7,6 +7,8 @@ from hypothesis import given, settings, strategies as st
 
 import lfm2np
 from lfm2np import ops
+from lfm2np import layers as L
+from lfm2np.layers import ConvWeights, Scope, SwiGLUWeights
 from lfm2np.synthetic import random_model, random_params
 from lfm2np.oracle.tolerance import FP32, rel_error
 
@@ -80,9 +82,10 @@ def test_short_conv_block_chunked_equals_one_shot(seed, T, cut):
     cut = cut % (T + 1)
     D = 4
     h, wi, wc, wo = rng_arrays(seed, (T, D), (3 * D, D), (D, 1, 3), (D, D))
-    whole, _ = ops.short_conv(h, wi, wc, wo)
-    a, window = ops.short_conv(h[:cut], wi, wc, wo)
-    b, _ = ops.short_conv(h[cut:], wi, wc, wo, window=window)
+    w = ConvWeights(wi, wc, wo)
+    whole, _ = L.short_conv(h, w)
+    a, window = L.short_conv(h[:cut], w)
+    b, _ = L.short_conv(h[cut:], w, window)
     np.testing.assert_allclose(np.concatenate([a, b]), whole, rtol=1e-10, atol=1e-12)
 
 
@@ -142,7 +145,7 @@ def test_attention_over_earlier_keys_equals_the_tail_of_full_attention(seed, S, 
 def test_blocked_attention_equals_attention(seed, S, T, block):
     T = min(T, S)
     q, k, v = rng_arrays(seed, (T, 4, 4), (S, 2, 4), (S, 2, 4))
-    np.testing.assert_allclose(ops.attention_blocked(q, k, v, block), ops.attention(q, k, v), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(ops.attention(q, k, v, block=block), ops.attend(q, k, v), rtol=1e-12, atol=1e-14)
 
 
 @SETTINGS
@@ -152,10 +155,10 @@ def test_blocked_attention_split_by_kv_groups_equals_attention(seed, S, T, block
     # a tiny score budget makes every block run one or a few KV groups (with their query heads) at a time
     T = min(T, S)
     q, k, v = rng_arrays(seed, (T, 6, 4), (S, 3, 4), (S, 3, 4))
-    want = ops.attention(q, k, v, window)
+    want = ops.attend(q, k, v, window)
     saved, ops.SCORE_BYTES = ops.SCORE_BYTES, score_bytes
     try:
-        got = ops.attention_blocked(q, k, v, block, window)
+        got = ops.attention(q, k, v, window, block=block)
     finally:
         ops.SCORE_BYTES = saved
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
@@ -197,7 +200,7 @@ def test_router_laws(seed, E, k, scale, norm, use_bias):
     k = 1 + (k - 1) % E
     h, gate, bias = rng_arrays(seed, (7, 5), (E, 5), (E,))
     bias = bias if use_bias else None
-    logits, experts, weights = ops.route(h, gate, bias, k, norm, scale)
+    logits, experts, weights = L.route(h, gate, bias, k, norm, scale)
     scores = ops.sigmoid(logits)
     assert experts.shape == weights.shape == (7, k)
     for t in range(7):
@@ -218,8 +221,8 @@ def test_expert_bias_changes_selection_not_weights():
     h = np.eye(3)
     gate = np.array([[2.0, 0, 0], [1.0, 0, 0], [0.0, 0, 0]])  # token 0 prefers expert 0, then 1, then 2
     bias = np.array([0.0, 0.0, 5.0])
-    _, e_plain, w_plain = ops.route(h[:1], gate, None, 1, False, 1.0)
-    _, e_bias, w_bias = ops.route(h[:1], gate, bias, 1, False, 1.0)
+    _, e_plain, w_plain = L.route(h[:1], gate, None, 1, False, 1.0)
+    _, e_bias, w_bias = L.route(h[:1], gate, bias, 1, False, 1.0)
     assert e_plain[0, 0] == 0 and e_bias[0, 0] == 2
     np.testing.assert_allclose(w_bias[0, 0], ops.sigmoid(np.array(0.0)))  # sigmoid(0), not sigmoid(0) + 5
 
@@ -235,9 +238,9 @@ def test_top_k_ties_go_to_the_lower_index():
 def test_moe_with_identical_experts_is_the_dense_ffn_times_total_weight(seed, E, k, T):
     k = 1 + (k - 1) % E
     h, w1, w3, w2, gate = rng_arrays(seed, (T, 6), (5, 6), (5, 6), (6, 5), (E, 6))
-    _, experts, weights = ops.route(h, gate, None, k, True, 1.0)
-    out = ops.moe(h, experts, weights, [(w1, w3, w2)] * E)
-    dense = ops.swiglu(h, w1, w3, w2) * weights.sum(-1, keepdims=True)
+    _, experts, weights = L.route(h, gate, None, k, True, 1.0)
+    out = L.mixture(h, experts, weights, lambda e: SwiGLUWeights(w1, w3, w2))
+    dense = L.swiglu(h, SwiGLUWeights(w1, w3, w2)) * weights.sum(-1, keepdims=True)
     np.testing.assert_allclose(out, dense, rtol=1e-10, atol=1e-12)
 
 
@@ -249,10 +252,10 @@ def test_moe_grouped_by_expert_equals_the_per_token_sum(seed, E, k, T):
     h = rng.standard_normal((T, 4))
     experts = np.stack([rng.permutation(E)[:k] for _ in range(T)])
     weights = rng.random((T, k))
-    ew = [tuple(rng.standard_normal(s) for s in ((3, 4), (3, 4), (4, 3))) for _ in range(E)]
-    out = ops.moe(h, experts, weights, ew)
+    ew = [SwiGLUWeights(*(rng.standard_normal(s) for s in ((3, 4), (3, 4), (4, 3)))) for _ in range(E)]
+    out = L.mixture(h, experts, weights, ew.__getitem__)
     for t in range(T):
-        ref = sum(weights[t, j] * ops.swiglu(h[t:t + 1], *ew[experts[t, j]])[0] for j in range(k))
+        ref = sum(weights[t, j] * L.swiglu(h[t:t + 1], ew[experts[t, j]])[0] for j in range(k))
         np.testing.assert_allclose(out[t], ref, rtol=1e-10, atol=1e-12)
 
 
@@ -325,12 +328,13 @@ def test_swiglu_fused_in_place_equals_the_two_steps_and_spares_what_was_recorded
         expected = (gate / (1 + np.exp(-gate)) * up) @ w2.T
     seen = {}
 
-    def keep(name, value):  # an operator's tap: records and goes on with the value
+    def keep(name, value):  # a block's tap: records and goes on with the value
         seen[name] = value
         return value
 
+    w = SwiGLUWeights(w1, w3, w2)
     with split(chunk, threads):
-        plain, recorded = ops.swiglu(h, w1, w3, w2), ops.swiglu(h, w1, w3, w2, keep)
+        plain, recorded = L.swiglu(h, w), L.swiglu(h, w, Scope(tap=keep))
     np.testing.assert_array_equal(plain, expected)
     np.testing.assert_array_equal(recorded, expected)
     np.testing.assert_array_equal(seen["w1"], gate)  # the recorded gate is not overwritten by the fused pass
@@ -341,4 +345,4 @@ def test_swiglu_of_float16_computes_in_float32_as_silu_does():
     h = rng.standard_normal((3, 5)).astype(np.float16)
     w1, w3, w2 = (rng.standard_normal(s).astype(np.float16) for s in ((7, 5), (7, 5), (5, 7)))
     gate, up = h @ w1.T, h @ w3.T
-    np.testing.assert_array_equal(ops.swiglu(h, w1, w3, w2), (ops.silu(gate) * up) @ w2.T)
+    np.testing.assert_array_equal(L.swiglu(h, SwiGLUWeights(w1, w3, w2)), (ops.silu(gate) * up) @ w2.T)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import lfm2np
-from lfm2np.state import State
+from lfm2np.state import ConvState, State
 from lfm2np.synthetic import random_model
 from lfm2np.oracle.tolerance import FP32, rel_error
 
@@ -167,8 +167,8 @@ def test_a_second_prefill_keeps_the_conv_state():
     ids = np.array([9, 3, 27, 4, 81, 2, 2, 50, 11])
     a, s = m.step(ids[:4])
     b, _ = m.step(ids[4:], s)
-    zeroed = State(s.position, tuple(None if u is None else np.zeros_like(u) for u in s.conv), s.keys,
-                   s.values, s.conv_L_cache, s.max_rollback)
+    zeroed = s.replace(layers=tuple(ConvState(np.zeros_like(x.history)) if isinstance(x, ConvState) else x
+                                    for x in s.layers))
     c, _ = m.step(ids[4:], zeroed)
     ref = m.forward(ids)[4:]
     assert rel_error(b, ref) < TOL

@@ -16,6 +16,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import lfm2np
+from lfm2np.io.files import CheckedFile
 from lfm2np.numerics import to_bf16
 from lfm2np.synthetic import random_params
 from lfm2np.io.safetensors import (Checkpoint, SafetensorsFile, bfloat16_bits, expected_tensors, save_checkpoint,
@@ -259,8 +260,8 @@ def test_overlapping_or_gapped_tensors_are_refused(tmp_path):
 def reads(monkeypatch) -> list[tuple[int, int]]:
     """Record every positioned read of a safetensors file as (offset, bytes)."""
     calls: list[tuple[int, int]] = []
-    real = SafetensorsFile._read_into
-    monkeypatch.setattr(SafetensorsFile, "_read_into",
+    real = CheckedFile.read_into
+    monkeypatch.setattr(CheckedFile, "read_into",
                         lambda self, view, offset, what: (calls.append((offset, len(view))), real(self, view, offset, what))[1])
     return calls
 
@@ -342,5 +343,5 @@ def test_a_checkpoint_truncated_after_loading_is_an_error_not_sigbus(tmp_path, k
     proc = subprocess.run([sys.executable, "-c", TRUNCATE_AFTER_LOAD, str(path), keep], capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(Path(lfm2np.__file__).parents[1])))
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
-    assert proc.stdout.startswith(f"refused: {path / 'model.safetensors'}: the file changed since it was loaded "
-                                  f"(its size went from"), proc.stdout
+    assert proc.stdout.startswith(f"refused: {path / 'model.safetensors'}: tensor 'model.embed_tokens.weight': "
+                                  f"the file changed since it was loaded (its size went from"), proc.stdout

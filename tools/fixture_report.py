@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import lfm2np  # noqa: E402
-from lfm2np.layers import lfm2_layer  # noqa: E402
+from lfm2np.layers import Scope, decoder_layer  # noqa: E402
 from lfm2np.oracle.tolerance import rel_error  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "golden"
@@ -37,7 +37,7 @@ def main() -> int:
         ids = g["capture.ids"]
         rope = m32.rope(np.arange(len(ids)))
         worst_layer = max(
-            rel_error(lfm2_layer(g[f"capture.model.layers.{i}.input"], m32.layer_weights(i), c, rope, None)[0],
+            rel_error(decoder_layer(g[f"capture.model.layers.{i}.input"], m32.layer_weights(i), c, rope)[0],
                       g[f"capture.model.layers.{i}.output"]) for i in range(c.num_hidden_layers))
         errs32, errs64, errs_mode, argmax = [], [], [], True
         for key in [k for k in g if k.startswith("logits.T") and not k.endswith(".ids")] + ["batch.logits"]:
@@ -76,7 +76,7 @@ def bf16_table(manifest: dict) -> None:
         rope = m.rope(np.arange(len(ids)))
         h, exact = g["bf16.model.embed_tokens.output"], 0
         for i in range(c.num_hidden_layers):
-            out, _ = lfm2_layer(h, m.layer_weights(i), c, rope, None, m.numerics.round)
+            out, _ = decoder_layer(h, m.layer_weights(i), c, rope, s=Scope(m.numerics.round))
             exact += int(rel_error(out, g[f"bf16.model.layers.{i}.output"]) == 0)
             h = g[f"bf16.model.layers.{i}.output"]
         ref = g["bf16.lm_head.output"]

@@ -1,5 +1,5 @@
 """Parameter counts and FLOPs: pure functions of a :class:`~lfm2np.config.Config`, derived from the one
-tensor layout (:func:`lfm2np.tensors.layout`), so the total is by construction the sum of the shapes the
+tensor layout (:func:`lfm2np.schema.layout`), so the total is by construction the sum of the shapes the
 loader expects.
 
 FLOPs are exact counts of the matmul and attention multiply-adds (2 FLOPs each); norms, RoPE, activations,
@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import Lfm2npError
-from ..tensors import NORM_PARTS, layout
+from ..schema import NORM_PARTS, layout
 
 _NORM_ROLES = ("q_norm", "k_norm")  # per-head norms inside the attention mixer: not multiplications
 

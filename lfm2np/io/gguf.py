@@ -20,7 +20,8 @@ llama.cpp's dequantisation gives. Then:
    along the output axis (``conversion/base.py``: ``torch.cat([q, k, v], dim=0)``) and llama.cpp views them
    at those offsets (``llm_graph_context::build_qkv``, ``src/llama-graph.cpp``).
 
-Tensors are dequantised lazily, one at a time (an expert's slice of a stacked tensor alone, q/k/v's rows of a
+:class:`GgufSource` is the file as a :class:`~lfm2np.weights.TensorSource`: tensors by Hugging Face name,
+dequantised lazily, one at a time (an expert's slice of a stacked tensor alone, q/k/v's rows of a
 fused tensor alone, an embedding's looked-up rows alone when weights are not kept), so a large quantised file
 is never expanded whole. ``convert_hf_to_gguf.py`` writes LFM2's q/k projections as they are (no llama-style
 row permutation; llama.cpp applies NeoX RoPE, as transformers does), so no permutation is undone.
@@ -28,10 +29,7 @@ row permutation; llama.cpp applies NeoX RoPE, as transformers does), so no permu
 
 from __future__ import annotations
 
-import math
 import os
-import warnings
-import weakref
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -39,15 +37,14 @@ import numpy as np
 
 from ..config import Config
 from ..errors import Lfm2npError
-from ..numerics import numerics
-from ..tensors import layout
+from ..schema import Tensor, layout
+from ..weights import check_tensors
 from .gguf_file import GgufFile
 from .gguf_meta import ARCHITECTURES, GGUF_ARCH, config_dict_from_metadata
 from .gguf_names import GgufTensor, gguf_tensors
-from .params import LazyParams, parse_budget
 
 __all__ = ["ARCHITECTURES", "GGUF_ARCH", "config_dict_from_metadata", "read_metadata", "gguf_layout",
-           "fused_qkv_layers", "open_gguf", "read_gguf", "read_gguf_config", "gguf_tensor_types",
+           "fused_qkv_layers", "open_gguf", "GgufSource", "read_gguf_source", "read_gguf_config", "gguf_tensor_types",
            "gguf_tensor_bytes", "gguf_type_summary", "FUSED_QKV"]
 
 FUSED_QKV = "attn_qkv.weight"  #: the suffix of llama.cpp's fused q/k/v projection (``--fuse-qkv``)
@@ -63,15 +60,17 @@ def read_metadata(f: GgufFile) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- layout
-def gguf_layout(config: Config, fused: "Iterable[int] | bool" = ()) -> list[GgufTensor]:
+def gguf_layout(config: Config, fused: "Iterable[int] | bool" = (), tensors: "list[Tensor] | None" = None) \
+        -> list[GgufTensor]:
     """The tensors of an LFM2 GGUF file (:func:`~lfm2np.io.gguf_names.gguf_tensors`), with the q/k/v
     projections of the attention layers in ``fused`` (``True``: every attention layer) stored as one
     ``blk.N.attn_qkv.weight`` of ggml shape ``[D, (H + 2G) * hd]``: q's rows, then k's, then v's (what
-    ``convert_hf_to_gguf.py --fuse-qkv`` writes). Same order as gguf_tensors (by layer, then name)."""
+    ``convert_hf_to_gguf.py --fuse-qkv`` writes). Same order as gguf_tensors (by layer, then name); ``tensors``:
+    the config's layout, when the caller has it already."""
     layers = set(config.attention_layers) if fused is True else set(fused or ())
     out: list[GgufTensor] = []
     parts: dict[int, list[GgufTensor]] = {}
-    for t in gguf_tensors(config):
+    for t in gguf_tensors(config, tensors):
         if t.layer in layers and t.name.endswith(_QKV):
             parts.setdefault(t.layer, []).append(t)
         else:
@@ -115,92 +114,71 @@ def read_gguf_config(path: "str | os.PathLike[str]") -> Config:
         return _config(f)
 
 
-def read_gguf(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool = True,
-              memory_budget: Any = None) -> tuple[Config, LazyParams]:
-    """The config and the tensors (by Hugging Face name, a lazy :class:`~lfm2np.io.params.LazyParams`) of an
-    LFM2 GGUF file.
+class GgufSource:
+    """The tensors of an LFM2 GGUF file by Hugging Face name (a :class:`~lfm2np.weights.TensorSource`): each
+    one dequantised when read, an expert's slice of a stacked tensor or q/k/v's rows of a fused one alone,
+    an embedding's looked-up rows alone.
 
-    Raises :class:`Lfm2npError` naming the file and tensor when a tensor the config needs is missing or
-    has another shape, and naming the key when the metadata is malformed or contradicts the tensors (or
-    warns, where the tensors settle it: :mod:`lfm2np.io.gguf_meta`). A tensor the model does not use raises
-    (``strict=True``) or warns. ``memory_budget`` bounds the dequantised tensors kept, as for checkpoints
-    (:mod:`lfm2np.io.params`: bytes or a size, "all", 0; None: the default rule), experts cached least
-    recently used first.
-    """
-    mode = numerics(dtype)
+    Built from the open file, its config and the config's tensor ``layout``; every GGUF tensor is checked
+    against the names and ggml shapes the config implies first (:func:`lfm2np.weights.check_tensors`: missing
+    and mis-shaped ones are errors, unused ones an error, or a warning when not ``strict``)."""
+
+    def __init__(self, f: GgufFile, config: Config, tensors: "list[Tensor]", strict: bool = True):
+        self.file = f
+        held = gguf_layout(config, fused_qkv_layers(config, f.tensors), tensors)
+        check_tensors({name: t.ne for name, t in f.tensors.items()}, {g.name: g.ne for g in held}, str(f.path),
+                      strict, f"the metadata describes {config.model_type} with {config.num_hidden_layers} layers",
+                      "ggml shape")
+        # Hugging Face name -> (GGUF tensor, rows of it: None = all, an expert index, or a fused q/k/v slice)
+        self._where: dict[str, tuple[str, "int | slice | None"]] = {}
+        for g in held:
+            start = 0
+            for t in g.holds:
+                if g.name.endswith(FUSED_QKV):
+                    self._where[t.name] = (g.name, slice(start, start + t.shape[0]))
+                    start += t.shape[0]
+                else:
+                    self._where[t.name] = (g.name, t.expert)
+        self._shapes = {t.name: t.shape for t in tensors}
+
+    def read(self, name: str, dtype: Any, rows: np.ndarray | None = None) -> np.ndarray:
+        gname, part = self._where[name]
+        if rows is not None and part is None:  # an embedding's rows: only those are read
+            index = np.asarray(rows)
+            values = self.file.dequantize(gname, rows=[int(i) for i in index.ravel()])
+            return values.reshape((*index.shape, *self._shapes[name][1:])).astype(dtype, copy=False)
+        values = self.file.dequantize(gname) if part is None else self.file.dequantize(gname, rows=part)
+        values = values.reshape(self._shapes[name]).astype(dtype, copy=False)
+        return values if rows is None else values[np.asarray(rows)]
+
+    def stored_type(self, name: str) -> str:
+        return self.file.tensors[self._where[name][0]].ggml_type
+
+    def prefetch(self, names: "list[str]") -> None:
+        """Read ahead the GGUF ranges that hold these tensors (the next layer's, or the experts just chosen)."""
+        asked = {}  # (slices are not hashable before Python 3.12: keyed by their text)
+        for n in names:
+            if n in self._where:
+                asked.setdefault(f"{self._where[n][0]}{self._where[n][1]!r}", self._where[n])
+        for gname, part in asked.values():
+            self.file.prefetch(gname, part)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_gguf_source(path: "str | os.PathLike[str]", strict: bool = True) \
+        -> tuple[Config, "list[Tensor]", GgufSource]:
+    """The config (from the metadata checked against the tensor shapes), the tensor layout and the tensors of
+    an LFM2 GGUF file; the file stays open until the source is closed."""
     f = open_gguf(path)
     try:
         config = _config(f)
-        params = _params(f, config, mode, strict, memory_budget)
+        tensors = layout(config)
+        return config, tensors, GgufSource(f, config, tensors, strict)
     except BaseException:
         f.close()
         raise
-    return config, params
-
-
-def _params(f: GgufFile, config: Config, mode: Any, strict: bool, memory_budget: Any) -> LazyParams:
-    path = f.path
-    ne = {name: t.ne for name, t in f.tensors.items()}
-    tensors = gguf_layout(config, fused_qkv_layers(config, ne))
-
-    # 1. GGUF names and ggml shapes, as the size calculator lists them
-    wanted = {t.name: t.ne for t in tensors}
-    missing = [n for n in wanted if n not in ne]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise Lfm2npError(f"{path}: missing tensor {', '.join(missing[:3])}{more} "
-                          f"(the metadata describes {config.model_type} with {config.num_hidden_layers} layers)")
-    for name, shape in wanted.items():
-        if ne[name] != shape:
-            raise Lfm2npError(f"{path}: tensor {name!r} has ggml shape {list(ne[name])}; "
-                              f"the metadata implies {list(shape)}")
-    unexpected = [n for n in ne if n not in wanted]
-    if unexpected:
-        message = f"{path}: tensor {', '.join(unexpected[:5])} is not used by lfm2np's {config.model_type} model"
-        if strict:
-            raise Lfm2npError(message + "; pass strict=False to load anyway")
-        warnings.warn(message + "; ignored", stacklevel=3)
-
-    # 2. Hugging Face names -> (GGUF tensor, rows of it: None = all, an expert index, or a fused q/k/v slice)
-    where: dict[str, tuple[str, "int | slice | None"]] = {}
-    for g in tensors:
-        start = 0
-        for t in g.holds:
-            if g.name.endswith(FUSED_QKV):
-                where[t.name] = (g.name, slice(start, start + t.shape[0]))
-                start += t.shape[0]
-            else:
-                where[t.name] = (g.name, t.expert)
-    shapes = {t.name: t.shape for t in layout(config)}
-    dt = mode.dtype
-
-    def read(name: str) -> np.ndarray:
-        gname, rows = where[name]
-        values = f.dequantize(gname) if rows is None else f.dequantize(gname, rows=rows)
-        return values.reshape(shapes[name]).astype(dt, copy=False)
-
-    def read_rows(name: str, index: np.ndarray) -> np.ndarray:
-        gname, rows = where[name]
-        if rows is not None:
-            return read(name)[index]
-        return f.dequantize(gname, rows=[int(i) for i in np.asarray(index).ravel()]).reshape(
-            (*np.shape(index), *shapes[name][1:])).astype(dt, copy=False)
-
-    sizes = {name: math.prod(shape) * dt.itemsize for name, shape in shapes.items()}
-    budget = parse_budget(memory_budget, sum(sizes.values()))
-    experts = frozenset(t.name for t in layout(config) if t.expert is not None)
-    def prefetch(names: "list[str]") -> None:  # the next layer's tensors, or the experts just chosen
-        asked = {}  # (slices are not hashable before Python 3.12: keyed by their text)
-        for n in names:
-            if n in where:
-                asked.setdefault(f"{where[n][0]}{where[n][1]!r}", where[n])
-        for gname, rows in asked.values():
-            f.prefetch(gname, rows)
-
-    params = LazyParams(list(shapes), read, mode, budget, read_rows,
-                        lambda name: f.tensors[where[name][0]].ggml_type, sizes, experts, prefetch)
-    weakref.finalize(params, f.close)  # the file stays open while its tensors can be read
-    return params
 
 
 # -------------------------------------------------------------------------------- calculators

@@ -229,7 +229,7 @@ def config_dict_from_metadata(meta: Mapping[str, Any], tensors: Mapping[str, tup
     conv_layer = next((i for i, t in enumerate(layer_types) if t == CONV), None)
     d["conv_bias"] = conv_layer is not None and f"blk.{conv_layer}.shortconv.in_proj.bias" in tensors
 
-    if model_type == "lfm2":
+    if arch == "lfm2":  # dense (lfm2moe: the MoE keys)
         # llama.cpp stores the effective width: no further adjustment
         d.update(intermediate_size=_dense_width(k, tensors, range(n_layers), required=True),
                  block_auto_adjust_ff_dim=False)

@@ -1,4 +1,4 @@
-"""GGUF tensor names and shapes, derived from the one tensor layout (:func:`lfm2np.tensors.layout`).
+"""GGUF tensor names and shapes, derived from the one tensor layout (:func:`lfm2np.schema.layout`).
 
 ``convert_hf_to_gguf.py`` renames LFM2's tensors (embed_tokens -> ``token_embd``, embedding_norm ->
 ``token_embd_norm``, layers.N -> ``blk.N``, operator_norm -> ``attn_norm``, ...), squeezes the conv
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..config import Config
 from ..errors import Lfm2npError
-from ..tensors import Tensor, layout
+from ..schema import Tensor, layout
 
 #: Hugging Face (part, role) -> the GGUF name's suffix (after ``blk.{i}.`` inside the layers).
 GGUF_NAMES: dict[tuple[str, str], str] = {
@@ -85,10 +85,11 @@ def gguf_name(t: Tensor) -> str:
     return suffix if t.layer is None else f"blk.{t.layer}.{suffix}"
 
 
-def gguf_tensors(config: Config) -> list[GgufTensor]:
-    """The tensors of an LFM2 GGUF file, in the order llama.cpp's loader sorts them (by layer, then name)."""
+def gguf_tensors(config: Config, tensors: "list[Tensor] | None" = None) -> list[GgufTensor]:
+    """The tensors of an LFM2 GGUF file, in the order llama.cpp's loader sorts them (by layer, then name);
+    ``tensors``: the config's layout (:func:`lfm2np.schema.layout`), when the caller has it already."""
     groups: dict[str, list[Tensor]] = {}
-    for t in layout(config):
+    for t in layout(config) if tensors is None else tensors:
         groups.setdefault(gguf_name(t), []).append(t)
     out = []
     for name, held in groups.items():

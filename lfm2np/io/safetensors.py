@@ -31,8 +31,9 @@ import numpy as np
 from ..config import Config
 from ..errors import Lfm2npError
 from ..numerics import bfloat16_bits
-from ..tensors import expected_tensors
-from .safetensors_file import MAX_HEADER, STORAGE, SafetensorsFile, TensorInfo, parse_json, widen
+from ..schema import expected_tensors
+from .files import read_json
+from .safetensors_file import MAX_HEADER, STORAGE, SafetensorsFile, TensorInfo, widen
 
 __all__ = ["Checkpoint", "SafetensorsFile", "TensorInfo", "read_index", "save_checkpoint", "widen",
            "write_safetensors", "INDEX_FILE", "SINGLE_FILE"]
@@ -44,14 +45,7 @@ SINGLE_FILE = "model.safetensors"
 def read_index(index: Path) -> dict[str, str]:
     """The ``weight_map`` of a sharded checkpoint's index, every shard name checked to be a plain
     ``*.safetensors`` file name (no directory part: an index cannot point outside its directory)."""
-    try:
-        size = index.stat().st_size
-        if size > MAX_HEADER:
-            raise Lfm2npError(f"{index}: {size} bytes; a safetensors index is at most {MAX_HEADER}")
-        raw = index.read_bytes()
-    except OSError as e:
-        raise Lfm2npError(f"{index}: cannot read ({e.strerror or e})") from None
-    data = parse_json(raw, str(index), "safetensors index")
+    data = read_json(index, "safetensors index", MAX_HEADER)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         got = f"a JSON {type(data).__name__}" if not isinstance(data, dict) else f"weight_map {weight_map!r:.60}"
@@ -68,7 +62,8 @@ def read_index(index: Path) -> dict[str, str]:
 
 
 class Checkpoint:
-    """The safetensors files of a checkpoint directory, indexed by tensor name."""
+    """The safetensors files of a checkpoint directory, indexed by tensor name: a
+    :class:`~lfm2np.weights.TensorSource`."""
 
     def __init__(self, directory: "str | os.PathLike[str]"):
         self.directory = Path(directory)
@@ -101,19 +96,17 @@ class Checkpoint:
             if info is None or info.file.name != shard_name:
                 raise Lfm2npError(f"{index}: maps {tensor!r} to {shard_name}, which does not hold it")
 
-    def check(self, expected: dict[str, tuple[int, ...]]) -> list[str]:
-        """Raise if an expected tensor is missing or mis-shaped; return the names of unexpected tensors."""
-        missing = [n for n in expected if n not in self.tensors]
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise Lfm2npError(f"{self.directory}: missing tensor {', '.join(missing[:3])}{more}")
-        for name, shape in expected.items():
-            info = self.tensors[name]
-            if info.shape != shape:
-                raise Lfm2npError(
-                    f"{info.file}: tensor {name!r} has shape {list(info.shape)}; the config expects {list(shape)}"
-                )
-        return [n for n in self.tensors if n not in expected]
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{name: shape}`` of every tensor the checkpoint holds."""
+        return {name: info.shape for name, info in self.tensors.items()}
+
+    def stored_type(self, name: str) -> str:
+        """The safetensors dtype code tensor ``name`` is stored with (``BF16``, ``F32``...)."""
+        return self.tensors[name].dtype
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
 
     def read(self, name: str, dtype: Any, rows: np.ndarray | None = None) -> np.ndarray:
         """Tensor ``name`` in the compute ``dtype``, or only its ``rows`` (an integer array of indices into the
@@ -127,8 +120,8 @@ class Checkpoint:
         return out
 
     def prefetch(self, names: "list[str]") -> None:
-        """Start reading these tensors into the page cache in the background (a hint; see
-        :meth:`SafetensorsFile.prefetch`), e.g. the experts a layer just chose while the first computes."""
+        """Start reading these tensors into the page cache in the background (a hint), e.g. the experts a
+        layer just chose while the first computes."""
         for name in names:
             info = self.tensors.get(name)
             if info is not None:

@@ -14,27 +14,16 @@ culprit):
   the last tensor (as the safetensors library requires). Sizes are Python integers: nothing overflows, and
   every tensor lies inside the file, so what a header claims never allocates more than the file holds.
 
-Reading tensor bytes: positioned reads, not a memory map
---------------------------------------------------------
-A memory map of a file that shrinks after loading turns the next access past its new end into SIGBUS,
-which kills the process. So every read is ``os.preadv`` into a fresh array: the file is first checked
-(``fstat``) to have the size and modification time it had when its header was validated, else the read
-is refused with "changed since it was loaded"; a short read (the file shrank in between) is an error too,
-never a signal. The file stays open, so a file replaced by renaming another one over it keeps being read
-from the original, which is still the data that was validated. ``raw(name, rows)`` reads only those rows,
-one read per run of consecutive rows. Large sequential reads are as fast as paging a map in
-(docs/reliability.md has the measurements); a tensor costs its size in memory when read, as a widened or
-converted one did anyway.
+Tensor bytes are read through :class:`lfm2np.io.files.CheckedFile` (positioned reads, never a memory map; a
+file that changed since its header was checked is an error; read-ahead; one read per run of consecutive rows).
+A conversion (bf16 widening) goes through a small buffer, chunk by chunk, so no full-size copy of the stored
+bytes is ever made. A tensor costs its size in memory when read, as a widened or converted one did anyway.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import stat
-import threading
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +32,10 @@ import numpy as np
 
 from ..errors import Lfm2npError
 from ..numerics import bfloat16_to_float32
+from .files import CheckedFile, no_duplicate_keys, parse_json, row_runs
+
+__all__ = ["FLOAT_DTYPES", "MAX_HEADER", "STORAGE", "SafetensorsFile", "TensorInfo", "no_duplicate_keys",
+           "parse_json", "widen"]
 
 #: Every safetensors dtype code NumPy can hold, and its storage dtype (bf16 is stored as raw uint16).
 STORAGE = {
@@ -55,33 +48,7 @@ STORAGE = {
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 MAX_HEADER = 100_000_000  #: the safetensors library's limit on the JSON header (and lfm2np's on an index)
 MAX_DIMS = 32  #: more dimensions than any tensor needs (numpy's own limit is 32 or 64)
-_MAX_READ = 1 << 30  # largest single read (Linux caps one read at ~2 GiB)
 _CHUNK = 1 << 18  # bytes of stored data converted at a time (a buffer that stays in the CPU's cache)
-
-
-def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json.loads``' ``object_pairs_hook`` that refuses a key given twice in one object (Python's json keeps
-    the last one silently: which one did the file's author mean?)."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"key {key!r} appears twice in one object")
-        out[key] = value
-    return out
-
-
-def parse_json(raw: bytes, where: str, what: str) -> Any:
-    """Strict JSON from UTF-8 bytes: an Lfm2npError naming ``where`` for bad UTF-8, bad JSON, a key repeated
-    in one object, or nesting too deep for the parser."""
-    try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
-    except UnicodeDecodeError as e:
-        raise Lfm2npError(f"{where}: corrupt {what}: not UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r})") \
-            from None
-    except RecursionError:
-        raise Lfm2npError(f"{where}: corrupt {what}: JSON nested too deeply") from None
-    except ValueError as e:
-        raise Lfm2npError(f"{where}: corrupt {what} ({e})") from None
 
 
 # ------------------------------------------------------------------------- the file
@@ -102,27 +69,18 @@ class SafetensorsFile:
     def __init__(self, path: "str | os.PathLike[str]", dtypes: "tuple[str, ...]" = FLOAT_DTYPES):
         self.path = Path(path)
         self.dtypes = dtypes
-        try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-        except OSError as e:
-            raise Lfm2npError(f"{self.path}: cannot open ({e.strerror or e})") from None
-        self._fd = fd
-        self._lock = threading.Lock()  # only for the seek+read fallback (no pread on Windows)
-        weakref.finalize(self, os.close, fd)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise Lfm2npError(f"{self.path}: not a regular file")
-        self.size, self.mtime_ns = st.st_size, st.st_mtime_ns
+        self._file = CheckedFile(self.path, "safetensors file")
+        self.size = self._file.size
         if self.size < 8:
             raise Lfm2npError(f"{self.path}: {self.size} bytes, too short for a safetensors file (truncated?)")
-        n = int.from_bytes(self._pread(0, 8, "the header length"), "little")
+        n = int.from_bytes(self._file.read_bytes(0, 8, "the header length"), "little")
         if n > MAX_HEADER:
             raise Lfm2npError(f"{self.path}: header length {n} exceeds the safetensors limit of {MAX_HEADER} "
                               f"bytes: not a safetensors file?")
         if n > self.size - 8:
             raise Lfm2npError(f"{self.path}: header length {n} exceeds the file ({self.size} bytes): "
                               f"truncated or not safetensors")
-        header = parse_json(self._pread(8, n, "the header"), str(self.path), "safetensors header")
+        header = parse_json(self._file.read_bytes(8, n, "the header"), str(self.path), "safetensors header")
         if not isinstance(header, dict):
             raise Lfm2npError(f"{self.path}: corrupt safetensors header: a JSON {type(header).__name__}, "
                               f"expected an object")
@@ -184,39 +142,12 @@ class SafetensorsFile:
                               f"(the data section ends at byte {position} of {data_size})")
 
     # ------------------------------------------------------------------ reading
+    def close(self) -> None:
+        self._file.close()
+
     def check_unchanged(self) -> None:
-        """Raise unless the file still has the size and modification time its header was validated with."""
-        st = os.fstat(self._fd)
-        if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
-            what = (f"its size went from {self.size} to {st.st_size} bytes" if st.st_size != self.size
-                    else "it was modified")
-            raise Lfm2npError(f"{self.path}: the file changed since it was loaded ({what}); load the model again")
-
-    def _pread(self, offset: int, n: int, what: str) -> bytes:
-        out = np.empty(n, np.uint8)
-        self._read_into(memoryview(out), offset, what)
-        return out.tobytes()
-
-    def _read_into(self, view: memoryview, offset: int, what: str) -> None:
-        """Fill ``view`` with the file's bytes at ``offset``; an error, never a signal, if the file ends first."""
-        done, n = 0, len(view)
-        while done < n:
-            chunk = view[done:done + _MAX_READ]
-            try:
-                if hasattr(os, "preadv"):
-                    got = os.preadv(self._fd, [chunk], offset + done)
-                else:
-                    with self._lock:
-                        os.lseek(self._fd, offset + done, os.SEEK_SET)
-                        data = os.read(self._fd, len(chunk))
-                    chunk[:len(data)] = data
-                    got = len(data)
-            except OSError as e:
-                raise Lfm2npError(f"{self.path}: cannot read {what} ({e.strerror or e})") from None
-            if got == 0:
-                raise Lfm2npError(f"{self.path}: {what}: read {done} of {n} bytes at offset {offset}: the file "
-                                  f"ends at {os.fstat(self._fd).st_size} bytes (changed since it was loaded?)")
-            done += got
+        """Raise unless the file is still the one whose header was checked (:class:`CheckedFile`)."""
+        self._file.check_unchanged()
 
     def read(self, name: str, dtype: Any = None, rows: Any = None) -> np.ndarray:
         """Tensor ``name`` in ``dtype`` (None: as stored, bf16 as uint16) in a fresh array, or only ``rows`` of
@@ -226,65 +157,50 @@ class SafetensorsFile:
         info = self.tensors[name]
         storage = STORAGE[info.dtype]
         target = storage if dtype is None else np.dtype(dtype)
-        self.check_unchanged()
-        row_shape = info.shape[1:]
+        self._file.check_unchanged(f"tensor {name!r}")
+        row_shape, base, size = info.shape[1:], self.data_start + info.begin, storage.itemsize
         if rows is None:
-            index, shape, segments = None, info.shape, [(0, math.prod(info.shape), f"tensor {name!r}")]
+            index, shape = None, info.shape
+            runs = [(base, math.prod(info.shape) * size, f"tensor {name!r}")]
         else:
             index = self._row_index(info, name, rows)
             wanted, inverse = np.unique(index.reshape(-1), return_inverse=True)
-            shape, per_row = (wanted.size, *row_shape), math.prod(row_shape)
-            firsts = np.flatnonzero(np.diff(wanted, prepend=-2) != 1)  # where each run of consecutive rows starts
-            segments = [(int(wanted[a]) * per_row, (b - a) * per_row,
-                         f"tensor {name!r} rows {int(wanted[a])}..{int(wanted[b - 1])}")
-                        for a, b in zip(firsts.tolist(), [*firsts[1:].tolist(), wanted.size])]
+            shape = (wanted.size, *row_shape)
+            runs = row_runs(wanted, math.prod(row_shape) * size, base, f"tensor {name!r}")
         out = np.empty(shape, target)
-        self._advise(segments, info)  # the kernel fetches the whole range while the first chunks convert
-        self._fill(out.reshape(-1), segments, info)
+        for offset, nbytes, _ in runs:  # the kernel fetches the whole range while the first chunks convert
+            self._file.will_need(offset, nbytes)
+        self._fill(out.reshape(-1), runs, info)
         if info.dtype == "BOOL" and dtype is None:
             out = self._bool(out, name)
         return out if index is None else out[inverse.reshape(-1)].reshape((*index.shape, *row_shape))
 
     def prefetch(self, name: str) -> None:
-        """Ask the kernel to read tensor ``name`` into the page cache now, in the background
-        (``posix_fadvise(WILLNEED)``; nothing where the platform has no such call): a later :meth:`read`
-        then finds it there. A hint only: nothing is read into this process."""
+        """Ask the kernel to read tensor ``name`` into the page cache now, in the background (a hint only:
+        nothing is read into this process)."""
         info = self.tensors[name]
-        self._advise([(0, math.prod(info.shape), name)], info)
-
-    def _advise(self, segments: list[tuple[int, int, str]], info: TensorInfo) -> None:
-        if not hasattr(os, "posix_fadvise"):
-            return
-        size = STORAGE[info.dtype].itemsize
-        for first, count, _ in segments:
-            try:
-                os.posix_fadvise(self._fd, self.data_start + info.begin + first * size, count * size,
-                                 os.POSIX_FADV_WILLNEED)
-            except OSError:  # a hint: a file system without it reads on demand as before
-                return
+        self._file.will_need(self.data_start + info.begin, info.end - info.begin)
 
     def raw(self, name: str, rows: Any = None) -> np.ndarray:
         """Tensor ``name`` (or its ``rows``) as stored: :meth:`read` with ``dtype=None``."""
         return self.read(name, None, rows)
 
-    def _fill(self, flat: np.ndarray, segments: list[tuple[int, int, str]], info: TensorInfo) -> None:
-        """Fill ``flat`` with the segments (first element, element count, what) of a tensor, in order."""
+    def _fill(self, flat: np.ndarray, runs: list[tuple[int, int, str]], info: TensorInfo) -> None:
+        """Fill ``flat`` with the byte runs ``(offset, nbytes, what)`` of a tensor, in order, converting the
+        stored values to ``flat``'s dtype a cache-sized chunk at a time."""
         storage = STORAGE[info.dtype]
-        base, pos = self.data_start + info.begin, 0
         if not flat.size:
             return
         if flat.dtype == storage:  # no conversion: straight into the result
-            for first, count, what in segments:
-                self._read_into(memoryview(flat[pos:pos + count].view(np.uint8)), base + first * storage.itemsize,
-                                what)
-                pos += count
+            self._file.read_runs(flat, runs)
             return
-        scratch = np.empty(min(_CHUNK // storage.itemsize, max(c for _, c, _ in segments)), storage)
-        for first, count, what in segments:
+        size, pos = storage.itemsize, 0
+        scratch = np.empty(min(_CHUNK // size, max(n for _, n, _ in runs) // size), storage)
+        for offset, nbytes, what in runs:
+            count = nbytes // size
             for done in range(0, count, scratch.size):
                 k = min(scratch.size, count - done)
-                self._read_into(memoryview(scratch[:k].view(np.uint8)), base + (first + done) * storage.itemsize,
-                                what)
+                self._file.read_into(memoryview(scratch[:k].view(np.uint8)), offset + done * size, what)
                 flat[pos + done:pos + done + k] = widen(scratch[:k], info.dtype, flat.dtype)
             pos += count
 

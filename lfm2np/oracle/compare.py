@@ -43,9 +43,13 @@ class TensorDiff:
 
 def diff_tensors(name: str, a: np.ndarray, b: np.ndarray, tier: CompareTier) -> TensorDiff:
     """Error metrics of ``a`` against the reference ``b``. Axes of length 1 are ignored (a dump may keep a
-    batch or sequence axis); other shape differences are reported as a failed tensor."""
+    batch or sequence axis), and so are splits of the axes after the first (``(T, H * hd)`` as ``(T, H, hd)``:
+    the values are compared in memory order, so a layout that really differs shows as a divergence); other
+    shape differences are reported as a failed tensor."""
     if a.shape != b.shape and a.size == b.size and np.squeeze(a).shape == np.squeeze(b).shape:
         a, b = np.squeeze(a), np.squeeze(b)
+    if a.shape != b.shape and a.size == b.size and a.ndim and b.ndim and a.shape[0] == b.shape[0]:
+        a = a.reshape(b.shape)
     if a.shape != b.shape:
         return TensorDiff(name, a.shape, math.inf, math.inf, math.inf, math.inf, 0.0, None, False,
                           f"shape {list(a.shape)} vs reference {list(b.shape)}")

@@ -39,6 +39,7 @@ from . import mistakes as M
 from .compare import compare, diff_tensors
 from .dumps import Dump, align, canonical_routing
 from .tolerance import COMPARE_TIERS, CompareTier
+from ..schema import per_position
 from .trace import Trace
 
 #: The search for combinations keeps this many candidates per size, up to this many mistakes at once.
@@ -275,7 +276,7 @@ def _run(model: Any, seq: np.ndarray, port: M.Port, keep: "set[str] | None" = No
         if where is None and reference is not None:
             bad = np.flatnonzero(_rows(value, reference[name]) > limit)
             if bad.size:
-                where = {"tensor": name, "position": int(bad[0])}
+                where = {"tensor": name, "position": int(bad[0]) if per_position(name) else None}
 
     M.run(model, seq, port, observe=observe)
     return values, where
@@ -393,7 +394,7 @@ def _at(d: dict[str, Any] | None) -> str:
     if d is None:
         return "-"
     if "tensor" in d:
-        return f"{d['tensor']} @{d['position']}"
+        return d["tensor"] + (f" @{d['position']}" if d.get("position") is not None else "")
     return f"step {d['step']}" if "step" in d else f"position {d['position']}"
 
 

@@ -3,9 +3,10 @@
 ``write_golden(model, ids, out)`` writes to the directory ``out``:
 
 - ``manifest.json``: the config, the ids, the compute dtype, and one entry per operator instance in
-  forward order: its file, the function that computes it (in ``lfm2np.ops``; a whole decoder layer and the MoE
-  block in ``lfm2np.layers``), its scalar parameters (eps,
-  theta, top-k, ...) and the names of its inputs, weights and outputs;
+  forward order: its file, the function that computes it (an operator of ``lfm2np.ops``; a block, the RoPE
+  tables or a whole decoder layer of ``lfm2np.layers``), its scalar parameters (eps, theta, top-k, ...) and the
+  names of its inputs, weights and outputs (the outputs: the block's values of the trace schema,
+  :func:`lfm2np.trace_names`, below its prefix);
 - ``NNN_<name>.safetensors`` per operator: tensors ``input.*``, ``weight.*`` (Hugging Face names) and
   ``output.*``, so one kernel can be tested without running lfm2np or loading the checkpoint;
 - ``model.safetensors``: the ids and the full-model logits.
@@ -26,13 +27,12 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
-from .. import tensors
+from .. import schema
 from ..errors import Lfm2npError
-from ..layers import LAYERS
 from ..ops import ROUTER_NORM_EPS
 from .trace import record
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def _save(arrays: dict[str, np.ndarray], path: Path) -> None:
@@ -68,61 +68,69 @@ def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: It
                             "inputs": list(inputs), "weights": list(weights), "outputs": list(outputs)})
 
     positions = np.arange(len(ids))
-    write("model.embed_tokens", "embed", {}, {"ids": ids}, {"model.embed_tokens.weight": W["model.embed_tokens.weight"]},
+    for kind in schema.attention_kinds(c):
+        r = f"model.rotary_emb.{kind}."
+        write(r[:-1], "lfm2np.layers.rope", {"kind": kind, "rope_theta": c.rope(kind).theta,
+                                             "rotated_pairs": c.rotated_pairs(kind), "head_dim": c.head_dim,
+                                             "rope_in_float32": c.rope_in_float32},
+              {"positions": positions}, {}, {k: t[r + k] for k in ("inv_freq", "cos", "sin")})
+    write("model.embed_tokens", "embed", {}, {"ids": ids}, {schema.HEAD_TIED: W[schema.HEAD_TIED]},
           {"hidden": t["model.embed_tokens"]})
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         h_in = t["model.embed_tokens"] if i == 0 else t[f"model.layers.{i - 1}"]
         if i not in wanted:
             continue
-        write(p + "operator_norm", "rms_norm", {"eps": c.norm_eps}, {"x": h_in},
-              {p + "operator_norm.weight": W[p + "operator_norm.weight"]}, {"y": t[p + "operator_norm"]})
-        names = tensors.layer_names(c, i)
-        mixer_weights = {n: W[n] for n in tensors.layer_names(c, i, tensors.MIXER_PARTS).values()}
+        names = schema.layer_names(c, i)
+        steps = [step for step, _ in schema.layer_steps(c, i)]
+
+        def outputs(block: str) -> dict[str, np.ndarray]:  # the block's schema values, by their step in it
+            return {step[len(block):]: t[p + step] for step in steps if step.startswith(block)}
+
+        def norm(role: str, x: np.ndarray) -> None:
+            write(p + role, "rms_norm", {"eps": c.norm_eps}, {"x": x}, {names[role]: W[names[role]]},
+                  {"y": t[p + role]})
+
+        norm("operator_norm", h_in)
+        mixer_weights = {n: W[n] for n in schema.layer_names(c, i, schema.MIXER_PARTS).values()}
         if c.is_attention(i):
-            a, kind = p + "self_attn.", c.layer_types[i]
-            cos, sin = model.rope(positions, kind)
-            steps = ("q_proj", "k_proj", "v_proj", "q_normed", "k_normed", "q_rope", "k_rope",
-                     *(("gate",) if c.use_attention_gate else ()), "attn_out", "out_proj")
-            write(a[:-1], "attention_block", {"eps": c.norm_eps, "rope_theta": c.rope(kind).theta,
-                                               "rotated_pairs": c.rotated_pairs(kind), "window": c.window(i),
-                                               "head_dim": c.head_dim, "num_attention_heads": c.num_attention_heads,
-                                               "num_key_value_heads": c.num_key_value_heads},
-                  {"h": t[p + "operator_norm"], "positions": positions, "cos": cos, "sin": sin},
-                  mixer_weights, {k: t[a + k] for k in steps})
+            kind = c.layer_types[i]
+            r = f"model.rotary_emb.{kind}."
+            write(p + "self_attn", "lfm2np.layers.attention_block",
+                  {"eps": c.norm_eps, "window": c.window(i), "head_dim": c.head_dim,
+                   "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+                   "rope_in_float32": c.rope_in_float32},
+                  {"x": t[p + "operator_norm"], "cos": t[r + "cos"], "sin": t[r + "sin"]}, mixer_weights,
+                  outputs("self_attn."))
+            mixer_out = t[p + "self_attn.out_proj"]
         else:
-            b = p + "conv."
-            write(b[:-1], "short_conv", {"conv_L_cache": c.conv_L_cache}, {"h": t[p + "operator_norm"]}, mixer_weights,
-                  {k: t[b + k] for k in ("in_proj", "b_gate", "c_gate", "x", "bx", "conv_out", "y", "out_proj")})
-        mixer_out = t[(p + "self_attn.out_proj") if c.is_attention(i) else (p + "conv.out_proj")]
+            write(p + "conv", "lfm2np.layers.short_conv", {"conv_L_cache": c.conv_L_cache},
+                  {"x": t[p + "operator_norm"]}, mixer_weights, outputs("conv."))
+            mixer_out = t[p + "conv.out_proj"]
         if "post_operator_norm" in names:  # LFM3's sandwich norm
-            write(p + "post_operator_norm", "rms_norm", {"eps": c.norm_eps}, {"x": mixer_out},
-                  {names["post_operator_norm"]: W[names["post_operator_norm"]]}, {"y": t[p + "post_operator_norm"]})
-        write(p + "ffn_norm", "rms_norm", {"eps": c.norm_eps}, {"x": t[p + "mixer_residual"]},
-              {p + "ffn_norm.weight": W[p + "ffn_norm.weight"]}, {"y": t[p + "ffn_norm"]})
+            norm("post_operator_norm", mixer_out)
+        norm("ffn_norm", t[p + "mixer_residual"])
         f = p + "feed_forward."
         if c.is_moe_layer(i):
             chosen = sorted(set(t[f + "selected_experts"].ravel().tolist()))
             weights = {names[r]: W[names[r]] for r in ("gate", "expert_bias") if r in names}
             for e in chosen:
-                weights.update({n: W[n] for n in tensors.expert_names(i, e)})
-            write(f[:-1], "lfm2np.layers.moe_ffn", {"num_experts": c.num_experts, "num_experts_per_tok": c.num_experts_per_tok,
-                                         "norm_topk_prob": c.norm_topk_prob, "router_norm_eps": ROUTER_NORM_EPS,
-                                         "routed_scaling_factor": c.routed_scaling_factor,
-                                         "experts_written": chosen},
-                  {"h": t[p + "ffn_norm"]}, weights,
-                  {k: t[f + k] for k in ("router_logits", "selected_experts", "routing_weights", "output")})
+                weights.update({n: W[n] for n in schema.expert_names(i, e)})
+            write(f[:-1], "lfm2np.layers.moe_block",
+                  {"num_experts": c.num_experts, "num_experts_per_tok": c.num_experts_per_tok,
+                   "norm_topk_prob": c.norm_topk_prob, "router_norm_eps": ROUTER_NORM_EPS,
+                   "routed_scaling_factor": c.routed_scaling_factor, "experts_written": chosen},
+                  {"x": t[p + "ffn_norm"]}, weights, outputs("feed_forward."))
         else:
-            write(f[:-1], "swiglu", {}, {"h": t[p + "ffn_norm"]}, {names[r]: W[names[r]] for r in ("w1", "w3", "w2")},
-                  {k: t[f + k] for k in ("w1", "w3", "act", "w2")})
+            write(f[:-1], "lfm2np.layers.swiglu", {}, {"x": t[p + "ffn_norm"]},
+                  {names[r]: W[names[r]] for r in ("w1", "w3", "w2")}, outputs("feed_forward."))
         if "post_ffn_norm" in names:
-            write(p + "post_ffn_norm", "rms_norm", {"eps": c.norm_eps}, {"x": t[f + "output"]},
-                  {names["post_ffn_norm"]: W[names["post_ffn_norm"]]}, {"y": t[p + "post_ffn_norm"]})
-        write(p[:-1], f"lfm2np.layers.{LAYERS[c.model_type].__name__}", {}, {"h": h_in}, {}, {"h": t[p[:-1]]})
+            norm("post_ffn_norm", t[f + "output"])
+        write(p[:-1], "lfm2np.layers.decoder_layer", {"window": c.window(i)}, {"h": h_in}, {}, {"h": t[p[:-1]]})
     last = f"model.layers.{c.num_hidden_layers - 1}"
     write("model.embedding_norm", "rms_norm", {"eps": c.norm_eps}, {"x": t[last]},
           {"model.embedding_norm.weight": W["model.embedding_norm.weight"]}, {"y": t["model.embedding_norm"]})
-    head = tensors.head_name(c)
+    head = schema.head_name(c)
     write("lm_head", "lm_head", {"tied": c.tie_word_embeddings}, {"h": t["model.embedding_norm"]}, {head: W[head]},
           {"logits": logits})
     _save({"ids": ids, "logits": logits}, out / "model.safetensors")

@@ -23,10 +23,11 @@ from typing import Any, Callable
 
 from ..config import Config
 from ..errors import Lfm2npError
-from .port import REFERENCE, Port, merge, route, run
+from ..schema import attention_kinds
+from .port import REFERENCE, Port, merge, run
 
-__all__ = ["BY_ID", "CATALOGUE", "LFM2_TYPES", "Mistake", "PLAUSIBLE_THETAS", "Port", "REFERENCE", "merge",
-           "mistake", "port_of", "route", "run"]
+__all__ = ["BY_ID", "CATALOGUE", "Mistake", "PLAUSIBLE_THETAS", "Port", "REFERENCE", "merge", "mistake", "port_of",
+           "run"]
 
 # ----------------------------------------------------------------------------------- catalogue
 Variant = tuple[str, dict[str, Any]]  # (label, Port switches)
@@ -50,28 +51,18 @@ class Mistake:
     ambiguous: tuple[str, ...] = field(default=())
 
 
-LFM2_TYPES = ("lfm2", "lfm2_moe")
 #: Plausible wrong RoPE bases: the original RoPE / Llama 2 default, Llama 3's, and LFM2's own 1e6 (wrong on a
 #: model with another base).
 PLAUSIBLE_THETAS = (1e4, 5e5, 1e6)
 
 
-def _lfm2(c: Config) -> bool:
-    return c.model_type in LFM2_TYPES
-
-
-def _lfm3(c: Config) -> bool:
-    return c.model_type == "lfm3"
-
-
-def _attention_kinds(c: Config) -> list[str]:
-    """The attention layer types ``c`` uses, in layer order."""
-    return list(dict.fromkeys(c.layer_types[i] for i in c.attention_layers))
+def _moe(c: Config) -> bool:
+    return bool(c.moe_layers)
 
 
 def _partial(c: Config) -> bool:
     """Whether some attention layer type of ``c`` turns only part of its pairs (LFM3's proportional RoPE)."""
-    return _lfm3(c) and any(c.rotated_pairs(k) is not None for k in _attention_kinds(c))
+    return any(c.rotated_pairs(k) is not None for k in attention_kinds(c))
 
 
 def _any(c: Config) -> bool:
@@ -94,7 +85,7 @@ def _thetas(c: Config, prefill: int | None) -> list[Variant]:
     """One base for every attention layer: the plausible ones, and on LFM3 each layer type's own base (a
     backend that reads one theta for all types: the full layers' on the sliding ones, or the other way);
     those that change the base of some layer."""
-    own = [c.rope(k).theta for k in _attention_kinds(c)]
+    own = [c.rope(k).theta for k in attention_kinds(c)]
     candidates = dict.fromkeys([*PLAUSIBLE_THETAS, *own])
     return [(f"theta {t:g}", {"rope_theta": t}) for t in candidates if any(t != o for o in own)]
 
@@ -115,22 +106,22 @@ CATALOGUE: tuple[Mistake, ...] = (
     Mistake("router-softmax", "router scores are softmax over the experts instead of a sigmoid per expert",
             _MLX, "router_logits agree; routing_weights differ in every MoE layer, and selected_experts where "
             "the expert bias reorders the top-k", "a MoE model",
-            lambda c: _lfm2(c) and bool(c.moe_layers), _fixed("softmax", router_scores="softmax")),
+            _moe, _fixed("softmax", router_scores="softmax")),
     Mistake("router-bias-in-weights", "the expert bias, meant for choosing the top-k only, also added to the "
             "weights the chosen experts are mixed with", _MLX,
             "selected_experts agree; routing_weights differ (by the bias before renormalisation)",
-            "a MoE model with use_expert_bias", lambda c: _lfm2(c) and bool(c.moe_layers) and c.use_expert_bias,
+            "a MoE model with use_expert_bias", lambda c: _moe(c) and c.use_expert_bias,
             _fixed("bias in weights", router_bias_in_weights=True)),
     Mistake("router-no-scaling", "routed_scaling_factor never applied to the routing weights",
             _MLX + " (invisible on released checkpoints, whose factor is 1.0)",
             "selected_experts agree; routing_weights off by exactly the factor",
             "a MoE model with routed_scaling_factor != 1",
-            lambda c: _lfm2(c) and bool(c.moe_layers) and c.routed_scaling_factor != 1,
+            lambda c: _moe(c) and c.routed_scaling_factor != 1,
             _fixed("no scaling", router_scaling=False)),
     Mistake("router-no-renorm", "the top-k weights not renormalised to sum to 1 although norm_topk_prob is set",
             "no public LFM2 report; the norm_topk_prob default differs between MoE families (Qwen2-MoE: false)",
             "selected_experts agree; routing_weights are the raw sigmoid scores (times the factor)",
-            "a MoE model with norm_topk_prob", lambda c: _lfm2(c) and bool(c.moe_layers) and c.norm_topk_prob,
+            "a MoE model with norm_topk_prob", lambda c: _moe(c) and c.norm_topk_prob,
             _fixed("no renormalisation", router_renorm=False)),
     Mistake("conv-taps-reversed", "the conv kernel applied back to front: the first tap on the current token",
             "no public report; the GGUF shortconv.conv is [L, D] in ggml order, and reading it the other way, or "
@@ -198,7 +189,7 @@ CATALOGUE: tuple[Mistake, ...] = (
             "q_rope, k_rope and v_proj agree; attn_out of the first attention layer differs at every position "
             "(its heads not scaled by a sigmoid in (0, 1)); the dump has no self_attn.gate",
             "an LFM3 model with use_attention_gate",
-            lambda c: _lfm3(c) and c.use_attention_gate and bool(c.attention_layers),
+            lambda c: c.use_attention_gate and bool(c.attention_layers),
             _fixed("ungated", output_gate=False)),
     Mistake("lfm3-sandwich-norms-missing", "post_operator_norm and post_ffn_norm skipped: each block's output "
             "joins the residual stream un-normed (LFM2's pre-norm layer)",
@@ -206,7 +197,7 @@ CATALOGUE: tuple[Mistake, ...] = (
             "llama.cpp of llama-cpp-python 0.3.36 has no lfm3)",
             "the first layer's mixer output (conv.out_proj or self_attn.out_proj) agrees, its mixer_residual "
             "differs at every position; the dump has no post_operator_norm / post_ffn_norm",
-            "an LFM3 model with use_sandwich_norm", lambda c: _lfm3(c) and c.use_sandwich_norm,
+            "an LFM3 model with use_sandwich_norm", lambda c: c.use_sandwich_norm,
             _fixed("no post-norms", sandwich_norms=False)),
     Mistake("lfm3-rope-full", "the layers with a partial (proportional) RoPE, LFM3's full-attention layers, "
             "rotate every frequency pair instead of the first int(partial_rotary_factor * hd // 2): "
@@ -228,7 +219,7 @@ CATALOGUE: tuple[Mistake, ...] = (
             "argument drop it silently",
             "everything agrees before position W (no query has more than W keys to see there); from W on, "
             "attn_out of the first sliding layer differs while its q_rope, k_rope and v_proj agree",
-            "an LFM3 model with a sliding-window layer", lambda c: _lfm3(c) and bool(c.sliding_layers),
+            "an LFM3 model with a sliding-window layer", lambda c: bool(c.sliding_layers),
             _fixed("no window", sliding_window=False)),
 )
 BY_ID = {m.id: m for m in CATALOGUE}

@@ -2,15 +2,22 @@
 
 A backend that ports an LFM model makes a choice at every operator; :class:`Port` names those choices, one
 switch each, and ``Port()`` is the reference. :func:`run` computes a forward pass the way a ``Port`` says, through
-:meth:`lfm2np.Model.forward`'s record protocol: the recorder returns replacements for the intermediates the
-port computes differently (the handlers below, one per switch, reading the layer's weights through
-``model.layer_weights(i)`` / ``model.params``), so there is still exactly one forward pass. The named
-mistakes built from these switches are the catalogue, :mod:`lfm2np.oracle.mistakes`.
+:meth:`lfm2np.Model.forward`'s record protocol: for each switch away from the reference, a handler replaces
+ONE named value of the trace schema (:mod:`lfm2np.schema`) and the forward pass goes on with it, so there is
+still exactly one forward pass, and no policy of it is written twice:
 
-Adding a switch: a field on ``Port`` (with its allowed values in ``_CHOICES`` when it is a choice) and a
-handler registered with ``_on`` for the tap it changes. A handler that recomputes an operator does it as
-the layer does on this model: RoPE with the tables of the layer's type (:meth:`lfm2np.Model.rope`),
-attention with the layer's sliding window and LFM3's output gate.
+- a handler reads only values the pass has already named (in this layer, or a layer's output, or the RoPE
+  tables) and the layer's weights (``model.layer_weights(i)``), and a read of a value not computed yet is an
+  error, not a silent use of a stale one;
+- it computes its replacement with the model's own functions (:mod:`lfm2np.ops`, :mod:`lfm2np.layers`) given
+  other inputs, and the config's behaviour flags: the router's softmax replaces ``router_scores`` and the
+  forward chooses the experts from it; a wrong RoPE base replaces ``inv_freq`` and the forward builds the
+  tables from it; a missing renormalisation replaces ``topk_normed`` by ``topk_scores``.
+
+The named mistakes built from these switches are the catalogue, :mod:`lfm2np.oracle.mistakes`. Adding a switch:
+a field on ``Port`` (with its allowed values in ``_CHOICES`` when it is a choice) and a handler registered with
+``_on`` for the schema value it replaces, with the values it ``reads``; both are checked against the schema's
+names when the handler is registered.
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import ops
-from ..config import Config
 from ..errors import Lfm2npError
+from ..layers import SwiGLUWeights, mixture
+from ..schema import STEPS, TOP_LEVEL
 
 # ------------------------------------------------------------------------------------------ Port
 _CHOICES = {"router_scores": ("sigmoid", "softmax"), "conv_taps": ("causal", "reversed"),
@@ -111,28 +119,29 @@ def merge(*switch_sets: dict[str, Any]) -> Port:
 
 # ------------------------------------------------------------------------- the mutated forward
 class _Run:
-    """One forward pass the way ``port`` says: the recorder handed to :meth:`Model.forward`. ``seen`` holds
-    the values of the current layer's intermediates and of every layer's output so far, as the forward pass
-    continued with them."""
+    """One forward pass the way ``port`` says: the recorder handed to :meth:`Model.forward`. ``seen`` holds the
+    values of the current layer's intermediates, of every layer's output and of the values outside the layers,
+    as the forward pass continued with them."""
 
-    def __init__(self, model: Any, port: Port, T: int,
-                 observe: Callable[[str, np.ndarray], None] | None = None):
+    def __init__(self, model: Any, port: Port, observe: Callable[[str, np.ndarray], None] | None = None):
         self.model, self.port, self.c = model, port, model.config
         self.rnd = model.numerics.round
-        self.positions = np.arange(T)
         self.seen: dict[str, np.ndarray] = {}
-        self.stash: dict[int, np.ndarray] = {}
         self.observe = observe
 
-    def get(self, layer: int, step: str) -> np.ndarray:
-        return self.seen[f"model.layers.{layer}.{step}"]
+    def get(self, name: str, layer: int | None = None) -> np.ndarray:
+        """The value named ``name`` (a step of ``layer``), as the pass went on with it."""
+        full = name if layer is None else (f"model.layers.{layer}.{name}" if name else f"model.layers.{layer}")
+        if full not in self.seen:
+            raise Lfm2npError(f"a port handler read {full} before the forward pass computed it")
+        return self.seen[full]
 
     def __call__(self, name: str, value: np.ndarray) -> np.ndarray | None:
         m = _LAYER.match(name)
-        layer, step = (int(m.group(1)), m.group(2) or "") if m else (None, name)
+        layer, step = (int(m.group(1)), m.group(2) or "") if m else (None, _TOP_KEY.sub(".{kind}.", name))
         out = None
         for handler in _HANDLERS.get(step, ()):
-            replaced = handler(self, layer, step, value if out is None else out)
+            replaced = handler(self, layer, name, value if out is None else out)
             if replaced is not None:
                 out = replaced
         final = value if out is None else out
@@ -147,13 +156,24 @@ class _Run:
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)(?:\.(.+))?$")
+_TOP_KEY = re.compile(r"(?<=^model\.rotary_emb)\.\w+\.")  # model.rotary_emb.{kind}.inv_freq
 Handler = Callable[[_Run, "int | None", str, np.ndarray], "np.ndarray | None"]
 _HANDLERS: dict[str, list[Handler]] = {}
 
 
-def _on(*steps: str) -> Callable[[Handler], Handler]:
-    """Register a handler for the intermediates named ``steps`` (below ``model.layers.{i}.``, or a whole
-    top-level name); it returns a replacement, or None when its switch is at the reference."""
+def _known(step: str) -> bool:
+    return step in STEPS or step in TOP_LEVEL
+
+
+def _on(*steps: str, reads: tuple[str, ...] = ()) -> Callable[[Handler], Handler]:
+    """Register a handler replacing the values named ``steps`` (below ``model.layers.{i}.``, or a top-level
+    name of :data:`lfm2np.schema.TOP_LEVEL`); ``reads``: the steps it reads. Both must be schema names (an
+    :class:`Lfm2npError` here, when the module is imported, otherwise). The handler returns the replacement, or
+    None when its switch is at the reference."""
+    unknown = [s for s in (*steps, *reads) if not _known(s)]
+    if unknown:
+        raise Lfm2npError(f"a port handler names {unknown[0]!r}, which is not in the trace schema")
+
     def register(fn: Handler) -> Handler:
         for step in steps:
             _HANDLERS.setdefault(step, []).append(fn)
@@ -170,62 +190,64 @@ def run(model: Any, ids: Any, port: Port = REFERENCE,
         raise Lfm2npError(f"a mutated forward pass runs one sequence, shape (T,); got shape {ids.shape}")
     if port == REFERENCE and observe is None:
         return model.forward(ids)
-    return model.forward(ids, record=_Run(model, port, ids.shape[0], observe))
+    return model.forward(ids, record=_Run(model, port, observe))
 
 
 # ------------------------------------------------------------------------------------ handlers
 @_on("model.embed_tokens")
-def _norm_at_start(run: _Run, layer: int | None, step: str, value: np.ndarray) -> np.ndarray | None:
+def _norm_at_start(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
     if run.port.final_norm == "start":
         return ops.rms_norm(value, run.model.params["model.embedding_norm.weight"], run.c.norm_eps, run.rnd)
     return None
 
 
-@_on("model.embedding_norm")
-def _no_norm_at_end(run: _Run, layer: int | None, step: str, value: np.ndarray) -> np.ndarray | None:
+@_on("model.embedding_norm", reads=("",))
+def _no_norm_at_end(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
     if run.port.final_norm == "start":
-        return run.seen[f"model.layers.{run.c.num_hidden_layers - 1}"]
+        return run.get("", run.c.num_hidden_layers - 1)
     return None
 
 
-@_on("conv.b_gate", "conv.c_gate")
-def _gates(run: _Run, i: int, step: str, value: np.ndarray) -> np.ndarray | None:
+@_on("conv.b_gate", "conv.c_gate", reads=("conv.in_proj",))
+def _gates(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
     if run.port.conv_gates == "b,c":
         return None
-    b, c, _ = np.split(run.get(i, "conv.in_proj"), 3, axis=-1)
-    return c if step == "conv.b_gate" else b
+    b, c, _ = np.split(run.get("conv.in_proj", i), 3, axis=-1)  # in_proj's rows: b, c, x
+    return c if name.endswith("b_gate") else b
 
 
-@_on("conv.conv_out")
-def _conv(run: _Run, i: int, step: str, value: np.ndarray) -> np.ndarray | None:
+@_on("conv.conv_out", reads=("conv.bx",))
+def _conv(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
     p = run.port
     if p.conv_taps == "causal" and p.conv_restart is None:
         return None
     w = run.model.layer_weights(i).mixer
     kernel = w.conv[:, 0, :] if p.conv_taps == "causal" else w.conv[:, 0, ::-1]  # (D, L)
-    u = run.get(i, "conv.bx")  # (T, D)
+    u = run.get("conv.bx", i)  # (T, D)
     P = p.conv_restart if p.conv_restart is not None and 0 < p.conv_restart < u.shape[0] else 0
     parts = [ops.causal_conv1d(part, kernel, w.conv_bias)[0] for part in (u[:P], u[P:]) if part.shape[0]]
     return run.rnd(np.concatenate(parts))
 
 
-def _rope(run: _Run, i: int, x: np.ndarray) -> np.ndarray:
-    """The port's RoPE of ``x`` (T, n, hd) at positions 0..T-1 in attention layer ``i``: the tables of the
-    layer's type, computed as :meth:`lfm2np.Model.rope` computes them, unless the port changes the base or
-    the partial rotation; applied as the layer applies them (LFM3: float32 cos/sin, ``wide``)."""
+@_on("model.rotary_emb.{kind}.inv_freq")
+def _frequencies(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
+    """Another base for every layer type, or every pair turning where the type turns only some."""
     p, c = run.port, run.c
-    kind = c.layer_types[i]
+    kind = name.split(".")[2]
     full = not p.partial_rotation and c.rotated_pairs(kind) is not None
     if p.rope_theta is None and not full:
-        cos, sin = run.model.rope(run.positions, kind)
-    else:
-        theta = c.rope(kind).theta if p.rope_theta is None else p.rope_theta
-        cos, sin = ops.rope_tables(run.positions, c.head_dim, theta, run.model.dtype,
-                                   None if full else c.rotated_pairs(kind))
-        if c.model_type != "lfm3":  # Model.rope's policy: LFM3 keeps cos and sin in float32
-            cos, sin = run.rnd(cos), run.rnd(sin)
-    wide = c.model_type == "lfm3"  # as layers.attention_mixer applies them
-    if p.rope_pairs == "split-half":
+        return None
+    theta = c.rope(kind).theta if p.rope_theta is None else p.rope_theta
+    return ops.rope_frequencies(c.head_dim, theta, None if full else c.rotated_pairs(kind), value.dtype)
+
+
+def _rope(run: _Run, i: int, x: np.ndarray) -> np.ndarray:
+    """The port's RoPE of ``x`` (T, n, hd) in attention layer ``i``: the pass's tables of the layer's type,
+    applied as the layer applies them, to split halves or (``interleaved``) to adjacent pairs."""
+    kind = run.c.layer_types[i]
+    cos, sin = run.get(f"model.rotary_emb.{kind}.cos"), run.get(f"model.rotary_emb.{kind}.sin")
+    wide = run.c.rope_in_float32
+    if run.port.rope_pairs == "split-half":
         return ops.apply_rope(x, cos, sin, run.rnd, wide)
     hd = x.shape[-1]
     perm = np.concatenate([np.arange(0, hd, 2), np.arange(1, hd, 2)])  # pairs (2i, 2i+1) -> (i, i + hd/2)
@@ -234,117 +256,106 @@ def _rope(run: _Run, i: int, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _rope_changed(run: _Run, i: int) -> bool:
-    p = run.port
-    return (p.rope_pairs != "split-half" or p.rope_theta is not None
-            or (not p.partial_rotation and run.c.rotated_pairs(run.c.layer_types[i]) is not None))
-
-
-@_on("self_attn.q_normed", "self_attn.k_normed")
-def _qk_norm(run: _Run, i: int, step: str, value: np.ndarray) -> np.ndarray | None:
+@_on("self_attn.q_normed", "self_attn.k_normed", reads=("self_attn.q_proj", "self_attn.k_proj"))
+def _qk_norm(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
     p = run.port
     if p.qk_norm == "before-rope":
         return None
-    which = step[len("self_attn.")]  # "q" or "k"
-    raw = run.get(i, f"self_attn.{which}_proj")
+    which = name.rsplit(".", 1)[1][0]  # "q" or "k"
+    raw = run.get(f"self_attn.{which}_proj", i)
     if p.qk_norm == "none":
         return raw
     w = run.model.layer_weights(i).mixer
     return ops.rms_norm(_rope(run, i, raw), w.q_norm if which == "q" else w.k_norm, run.c.norm_eps, run.rnd)
 
 
-@_on("self_attn.q_rope", "self_attn.k_rope")
-def _rotation(run: _Run, i: int, step: str, value: np.ndarray) -> np.ndarray | None:
-    which = step[len("self_attn.")]
+@_on("self_attn.q_rope", "self_attn.k_rope", reads=("self_attn.q_normed", "self_attn.k_normed"))
+def _rotation(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
+    which = name.rsplit(".", 1)[1][0]
     if run.port.qk_norm == "after-rope":  # normed after rotating: "q_normed" already holds the rotated value
-        return run.get(i, f"self_attn.{which}_normed")
-    if not _rope_changed(run, i):
+        return run.get(f"self_attn.{which}_normed", i)
+    if run.port.rope_pairs == "split-half":
         return None
-    return _rope(run, i, run.get(i, f"self_attn.{which}_normed"))
+    return _rope(run, i, run.get(f"self_attn.{which}_normed", i))
 
 
 @_on("self_attn.gate")
-def _no_gate(run: _Run, i: int, step: str, value: np.ndarray) -> np.ndarray | None:
+def _no_gate(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
     return None if run.port.output_gate else np.ones_like(value)  # attn_out = the ungated heads
 
 
-@_on("self_attn.attn_out")
-def _attention(run: _Run, i: int, step: str, value: np.ndarray) -> np.ndarray | None:
-    """Attention recomputed from the (port's) q_rope, k_rope and v_proj when the scale differs or a
-    sliding layer's window is ignored; then LFM3's output gate, as the layer applies it."""
+@_on("self_attn.attention", "self_attn.attn_out", reads=("self_attn.q_rope", "self_attn.k_rope", "self_attn.v_proj"))
+def _attention(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
+    """The attention (before LFM3's output gate, which the layer then applies) with another scale, or a
+    sliding layer seeing every earlier position."""
     p, c = run.port, run.c
     window = c.window(i)
-    if p.attention_scale is None and (window is None or p.sliding_window):
+    before_gate = "self_attn.attention" if c.use_attention_gate else "self_attn.attn_out"
+    if not name.endswith(before_gate) or (p.attention_scale is None and (window is None or p.sliding_window)):
         return None
-    q = run.get(i, "self_attn.q_rope")
+    q = run.get("self_attn.q_rope", i)
     if p.attention_scale is not None:
         q = q * q.dtype.type(p.attention_scale / c.head_dim ** -0.5)  # attention() multiplies by hd^-0.5 itself
-    attn = ops.attention_blocked(q, run.get(i, "self_attn.k_rope"), run.get(i, "self_attn.v_proj"),
-                                 window=window if p.sliding_window else None, rnd=run.rnd)  # (T, H*hd)
-    gate_name = f"model.layers.{i}.self_attn.gate"
-    if gate_name in run.seen:  # the gate the pass went on with (ones when the port drops it)
-        T, hd = attn.shape[0], c.head_dim
-        attn = run.rnd(attn.reshape(T, -1, hd) * run.seen[gate_name][:, :, None]).reshape(T, -1)
-    return attn
+    return ops.attention(q, run.get("self_attn.k_rope", i), run.get("self_attn.v_proj", i),
+                         window if p.sliding_window else None, run.rnd)
 
 
-@_on("post_operator_norm")
-def _no_post_mixer_norm(run: _Run, i: int, step: str, value: np.ndarray) -> np.ndarray | None:
+@_on("post_operator_norm", reads=("self_attn.out_proj", "conv.out_proj"))
+def _no_post_mixer_norm(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
     if run.port.sandwich_norms:
         return None
-    return run.get(i, "self_attn.out_proj" if run.c.is_attention(i) else "conv.out_proj")  # the mixer output
+    return run.get("self_attn.out_proj" if run.c.is_attention(i) else "conv.out_proj", i)  # the mixer output
 
 
-@_on("post_ffn_norm")
-def _no_post_ffn_norm(run: _Run, i: int, step: str, value: np.ndarray) -> np.ndarray | None:
-    return None if run.port.sandwich_norms else run.get(i, "feed_forward.output")
+@_on("post_ffn_norm", reads=("feed_forward.output",))
+def _no_post_ffn_norm(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
+    return None if run.port.sandwich_norms else run.get("feed_forward.output", i)
 
 
-def route(logits: np.ndarray, expert_bias: np.ndarray | None, c: Config, port: Port = REFERENCE,
-          rnd: Callable[[np.ndarray], np.ndarray] = ops.exact) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`lfm2np.ops.select_experts` with the port's router switches (``Port()`` gives its result).
-    (T, E), (E,) -> experts (T, k), weights (T, k)"""
-    scores = rnd(ops.softmax(logits) if port.router_scores == "softmax" else ops.sigmoid(logits))
-    biased = scores if expert_bias is None else scores + expert_bias
-    experts = ops.top_k_experts(biased, c.num_experts_per_tok)
-    weights = np.take_along_axis(biased if port.router_bias_in_weights else scores, experts, axis=-1)
-    if c.norm_topk_prob and port.router_renorm:
-        weights = rnd(weights / rnd(rnd(weights.sum(axis=-1, keepdims=True)) + weights.dtype.type(ops.ROUTER_NORM_EPS)))
-    if port.router_scaling:
-        weights = rnd(weights * weights.dtype.type(c.routed_scaling_factor))
-    return experts, weights
-
-
-@_on("feed_forward.selected_experts")
-def _experts(run: _Run, i: int, step: str, value: np.ndarray) -> np.ndarray | None:
-    if not run.port.reroutes:
+@_on("feed_forward.router_scores", reads=("feed_forward.router_logits",))
+def _router_softmax(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
+    if run.port.router_scores == "sigmoid":
         return None
-    experts, run.stash[i] = route(run.get(i, "feed_forward.router_logits"), run.model.layer_weights(i).ffn.expert_bias,
-                                  run.c, run.port, run.rnd)
-    return experts
+    return run.rnd(ops.softmax(run.get("feed_forward.router_logits", i)))
 
 
-@_on("feed_forward.routing_weights")
-def _weights(run: _Run, i: int, step: str, value: np.ndarray) -> np.ndarray | None:
-    return run.stash.pop(i) if run.port.reroutes else None
+@_on("feed_forward.topk_scores", reads=("feed_forward.router_scores", "feed_forward.selected_experts"))
+def _bias_in_weights(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
+    bias = run.model.layer_weights(i).ffn.expert_bias
+    if not run.port.router_bias_in_weights or bias is None:
+        return None
+    biased = run.get("feed_forward.router_scores", i) + bias
+    return np.take_along_axis(biased, run.get("feed_forward.selected_experts", i), axis=-1)
 
 
-@_on("feed_forward.act")
-def _swiglu(run: _Run, i: int, step: str, value: np.ndarray) -> np.ndarray | None:
+@_on("feed_forward.topk_normed", reads=("feed_forward.topk_scores",))
+def _no_renorm(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
+    return None if run.port.router_renorm else run.get("feed_forward.topk_scores", i)
+
+
+@_on("feed_forward.routing_weights", reads=("feed_forward.topk_normed", "feed_forward.topk_scores"))
+def _no_scaling(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
+    if run.port.router_scaling:
+        return None
+    return run.get("feed_forward.topk_normed" if run.c.norm_topk_prob else "feed_forward.topk_scores", i)
+
+
+@_on("feed_forward.act", reads=("feed_forward.w1", "feed_forward.w3"))
+def _swiglu(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
     if run.port.swiglu_silu_on == "w1":
         return None
-    return run.rnd(run.rnd(ops.silu(run.get(i, "feed_forward.w3"))) * run.get(i, "feed_forward.w1"))
+    return ops.gated_silu(run.get("feed_forward.w3", i), run.get("feed_forward.w1", i), run.rnd)
 
 
-@_on("feed_forward.output")
-def _experts_swiglu(run: _Run, i: int, step: str, value: np.ndarray) -> np.ndarray | None:
+@_on("feed_forward.output", reads=("ffn_norm", "feed_forward.selected_experts", "feed_forward.routing_weights"))
+def _experts_swiglu(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
     if run.port.swiglu_silu_on == "w1" or not run.c.is_moe_layer(i):
         return None
     moe = run.model.layer_weights(i).ffn
 
-    def swapped(e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def swapped(e: int) -> SwiGLUWeights:
         w = moe.expert(e)
-        return w.w3, w.w1, w.w2  # silu(w3 x) * (w1 x): w1 and w3 exchanged
+        return SwiGLUWeights(w.w3, w.w1, w.w2)  # silu(w3 x) * (w1 x): w1 and w3 exchanged
 
-    return ops.moe(run.get(i, "ffn_norm"), run.get(i, "feed_forward.selected_experts"),
-                   run.get(i, "feed_forward.routing_weights"), swapped, run.rnd)
+    return mixture(run.get("ffn_norm", i), run.get("feed_forward.selected_experts", i),
+                   run.get("feed_forward.routing_weights", i), swapped, run.rnd)

@@ -1,24 +1,9 @@
 """Named traces of every intermediate: recording, saving, loading, and the names other tools give them.
 
-Names are the Hugging Face module path plus the step, in forward order (:mod:`lfm2np.model`), e.g.::
-
-    model.embed_tokens
-    model.layers.3.operator_norm
-    model.layers.3.conv.{in_proj, b_gate, c_gate, x, bx, conv_out, y, out_proj}
-    model.layers.3.self_attn.{q_proj, k_proj, v_proj, q_normed, k_normed, q_rope, k_rope, attn_out, out_proj}
-    model.layers.3.mixer_residual                  (h + mixer output)
-    model.layers.3.ffn_norm
-    model.layers.3.feed_forward.{w1, w3, act, w2}  (dense SwiGLU)
-    model.layers.3.feed_forward.{router_logits, selected_experts, routing_weights}  (MoE)
-    model.layers.3.feed_forward.output
-    model.layers.3                                 (the residual stream after the layer)
-    model.embedding_norm
-    lm_head                                        (the logits)
-
-Each name may carry an alias: the name llama.cpp's graph callback gives the same tensor (its LFM2 graph
-names some after the Hugging Face modules, others generically: ``Qcur-3``, ``ffn_moe_logits-3``,
-``l_out-3``). Tensors are ``(T, ...)`` for one sequence of T tokens. Recording costs nothing when off: the
-forward pass calls the recorder only when one is given.
+The names, their order, shapes and the names transformers and llama.cpp give the same values are the trace
+schema, :func:`lfm2np.trace_names` (:mod:`lfm2np.schema`); docs/oracle.md lists them. Tensors are ``(T, ...)``
+for one sequence of T tokens (the RoPE frequencies ``(hd/2,)``). Recording costs nothing when off: the forward
+pass calls the recorder only when one is given.
 """
 
 from __future__ import annotations
@@ -36,74 +21,27 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ..errors import Lfm2npError
+from ..io.files import parse_json
 from ..io.params import machine_memory
 from ..io.safetensors_file import STORAGE, SafetensorsFile
+from ..schema import LLAMA_CPP_NAME, STEPS, holds_integers, llama_cpp_names, transformers_names
+from ..schema import is_trace_name as schema_trace_name
 
-# ------------------------------------------------------------------------------ aliases
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-#: llama.cpp's LFM2 graph (src/models/lfm2.cpp) names tensors with a literal "{}" where the layer goes, and its
-#: graph callback appends "-{layer}" (ggml_format_name(cur, "%s-%d", name, il)): "model.layers.{}.conv.conv-3".
-#: Checked against real dumps (tools/dump_llama_cpp_trace.py, llama-cpp-python 0.3.36). The FFN norm's output
-#: is named "model.layers.{}.ffn_out" when it is computed (it was "...ffn_norm" when the graph was built: a
-#: reshape of it is "model.layers.{}.ffn_norm-3 (reshaped)"), and the projections are "Qcur"/"Kcur"/"Vcur".
-_LLAMA_HF_STYLE = {"operator_norm": "operator_norm", "conv.in_proj": "conv.in_proj", "conv.conv_out": "conv.conv",
-                   "conv.out_proj": "conv.out_proj", "self_attn.q_normed": "self_attn.q_layernorm",
-                   "self_attn.k_normed": "self_attn.k_layernorm", "self_attn.out_proj": "self_attn.out_proj",
-                   "ffn_norm": "ffn_out"}
-#: ... and the generic graph helpers name the rest "<name>-{layer}" (build_attn, build_ffn, build_moe_ffn).
-#: Dense FFN layers have no name for their output (the down projection); MoE layers call it ffn_moe_out.
-_LLAMA_GENERIC = {"self_attn.q_proj": "Qcur", "self_attn.k_proj": "Kcur", "self_attn.v_proj": "Vcur",
-                  "self_attn.attn_out": "kqv_out", "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up",
-                  "feed_forward.act": "ffn_swiglu", "feed_forward.output": "ffn_moe_out"}
-_LLAMA_MOE = {"feed_forward.router_logits": "ffn_moe_logits", "feed_forward.selected_experts": "ffn_moe_topk",
-              "feed_forward.routing_weights": "ffn_moe_weights_norm"}
-
-
+# ------------------------------------------------------------------------------ names
 def llama_cpp_alias(name: str) -> str | None:
-    """The name llama.cpp's graph callback gives the same tensor, where one exists."""
-    if name == "model.embed_tokens":
-        return name
-    if name == "model.embedding_norm":
-        return "result_norm"
-    if name == "lm_head":
-        return "result_output"
-    m = re.fullmatch(r"model\.layers\.(\d+)", name)
-    if m:
-        return f"l_out-{m.group(1)}"
-    m = _LAYER.match(name)
-    if not m:
-        return None
-    i, step = m.groups()
-    if step in _LLAMA_HF_STYLE:
-        return f"model.layers.{{}}.{_LLAMA_HF_STYLE[step]}-{i}"
-    if step in _LLAMA_GENERIC:
-        return f"{_LLAMA_GENERIC[step]}-{i}"
-    if step in _LLAMA_MOE:
-        return f"{_LLAMA_MOE[step]}-{i}"
-    return None
+    """The name llama.cpp's graph callback gives the same value, where one exists (the first of
+    :func:`lfm2np.schema.llama_cpp_names`)."""
+    names = llama_cpp_names(name)
+    return names[0] if names else None
 
 
 def matches(name: str, patterns: Sequence[str] | None) -> bool:
     return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-#: Names the record protocol or llama.cpp's graph callback gives an intermediate: their values are floats,
-#: except the chosen experts (integers). A trace file may hold other tensors (a dump's token ids) too.
-_GENERIC = "|".join(sorted(set(_LLAMA_GENERIC.values()) | set(_LLAMA_MOE.values())))
-_TRACE_NAME = re.compile(r"model\.embed_tokens|model\.embedding_norm|lm_head|result_norm|result_output|"
-                         r"model\.layers\.\d+(\.[\w.]+)?|l_out-\d+|model\.layers\.\{\}\.[\w.]+-\d+|"
-                         rf"({_GENERIC})-\d+")
-_INTEGER_NAME = re.compile(r".*\.selected_experts|ffn_moe_topk-\d+")
-
-
 def is_trace_name(name: str) -> bool:
     """Whether ``name`` is one the record protocol or llama.cpp's graph callback gives an intermediate."""
-    return _TRACE_NAME.fullmatch(name) is not None
-
-
-def holds_integers(name: str) -> bool:
-    """Whether the intermediate ``name`` holds integers (the chosen experts) rather than floats."""
-    return _INTEGER_NAME.fullmatch(name) is not None
+    return schema_trace_name(name) or LLAMA_CPP_NAME.fullmatch(name) is not None
 
 
 def _check_dtype(path: Path, name: str, dtype: str) -> None:
@@ -126,13 +64,11 @@ def json_number(x: float) -> "float | str":
 
 
 def _json_field(path: Path, meta: dict[str, str], key: str, kind: type, default: Any) -> Any:
-    """A JSON-encoded metadata field of a trace file, checked to be a ``kind``."""
+    """A JSON-encoded metadata field of a trace file, parsed strictly (no key twice) and checked to be a
+    ``kind``."""
     if key not in meta:
         return default
-    try:
-        value = json.loads(meta[key])
-    except (ValueError, RecursionError) as e:
-        raise Lfm2npError(f"{path}: trace metadata {key!r} is not valid JSON ({type(e).__name__})") from None
+    value = parse_json(meta[key], str(path), f"trace metadata {key!r}")
     if not isinstance(value, kind):
         raise Lfm2npError(f"{path}: trace metadata {key!r} is a JSON {type(value).__name__}; expected a "
                           f"{'list' if kind is list else 'object'}")
@@ -226,36 +162,35 @@ class Trace:
         return cls(tensors, meta)
 
 
-#: transformers forward-hook captures (module path + ".output", or a function-level step) -> trace names.
-_FROM_TRANSFORMERS = [
-    (r"model\.embed_tokens\.output", "model.embed_tokens"),
-    (r"model\.layers\.(\d+)\.operator_norm\.output", r"model.layers.\1.operator_norm"),
-    (r"model\.layers\.(\d+)\.conv\.in_proj\.output", r"model.layers.\1.conv.in_proj"),
-    (r"model\.layers\.(\d+)\.conv\.(bx|conv_out)", r"model.layers.\1.conv.\2"),
-    (r"model\.layers\.(\d+)\.conv\.output", r"model.layers.\1.conv.out_proj"),
-    (r"model\.layers\.(\d+)\.self_attn\.(q|k)_layernorm\.output", r"model.layers.\1.self_attn.\2_normed"),
-    (r"model\.layers\.(\d+)\.self_attn\.(q_rope|k_rope|attn_out)", r"model.layers.\1.self_attn.\2"),
-    (r"model\.layers\.(\d+)\.self_attn\.output", r"model.layers.\1.self_attn.out_proj"),
-    (r"model\.layers\.(\d+)\.ffn_norm\.output", r"model.layers.\1.ffn_norm"),
-    (r"model\.layers\.(\d+)\.feed_forward\.gate\.(router_logits|selected_experts|routing_weights)",
-     r"model.layers.\1.feed_forward.\2"),
-    (r"model\.layers\.(\d+)\.feed_forward\.output", r"model.layers.\1.feed_forward.output"),
-    (r"model\.layers\.(\d+)\.output", r"model.layers.\1"),
-    (r"model\.embedding_norm\.output", "model.embedding_norm"),
-    (r"lm_head\.output", "lm_head"),
-]
+_CAPTURED = re.compile(r"(model\.layers\.\d+)\.(.+)")
 
 
 def from_transformers(captured: "dict[str, np.ndarray]") -> Trace:
-    """A trace from tensors captured with forward hooks on a transformers LFM2 model (keys: module path +
-    ``.output``, as ``tools/make_fixtures.py`` and ``tools/dump_transformers_trace.py`` record them)."""
+    """A trace from tensors captured with forward hooks on a transformers LFM2 or LFM3 model (keys: module path +
+    ``.output``, or the function-level steps, as ``tools/make_fixtures.py`` and
+    ``tools/dump_transformers_trace.py`` record them); keys that name no schema value are left out."""
     tensors = {}
     for key, value in captured.items():
-        for pattern, name in _FROM_TRANSFORMERS:
-            if re.fullmatch(pattern, key):
-                tensors[re.sub(pattern, name, key)] = value
-                break
+        name = _transformers_name(key)
+        if name is not None:
+            tensors[name] = value
     return Trace(tensors, {"source": "transformers"})
+
+
+def _transformers_name(key: str) -> str | None:
+    """The trace name of a transformers capture key, or None."""
+    if key.endswith(".output") and key[:-len(".output")] in ("model.embed_tokens", "model.embedding_norm", "lm_head"):
+        return key[:-len(".output")]
+    m = _CAPTURED.fullmatch(key)
+    if m is None:
+        return None
+    layer, rest = m.groups()
+    if rest == "output":
+        return layer
+    for step in sorted(STEPS):
+        if step and key in transformers_names(f"{layer}.{step}"):
+            return f"{layer}.{step}"
+    return None
 
 
 def record(model: Any, ids: Any, patterns: Sequence[str] | None = None,

@@ -2,16 +2,18 @@
 # # 01 · The operators of LFM2, from their formulas
 #
 # Every operator of an LFM2 model is a few lines of NumPy. Here each one is written out again from its
-# formula, run on small random inputs, and checked against the implementation in `lfm2np.ops` that the
-# full model uses. (A notebook re-derives a library function only to teach it; the asserts keep the two
-# in step.)
+# formula, run on small random inputs, and checked against the implementation the full model uses: the
+# formulas of `lfm2np.ops` and the blocks of `lfm2np.layers` (the short conv, SwiGLU, the router and the
+# experts, over a view of one layer's weights). (A notebook re-derives a library function only to teach it;
+# the asserts keep the two in step.)
 #
 # Dimension legend: T tokens, D hidden, H query heads, G KV heads, hd head dim, F FFN width,
 # E experts, k experts per token, L conv kernel.
 
 # %%
 import numpy as np
-from lfm2np import ops
+from lfm2np import layers, ops
+from lfm2np.layers import ConvWeights, SwiGLUWeights
 
 rng = np.random.default_rng(0)
 T, D, H, G, hd, F, E, k, L = 6, 16, 4, 2, 4, 24, 5, 2, 3
@@ -45,7 +47,7 @@ u_padded = np.vstack([np.zeros((L - 1, D)), u])          # zeros before the sequ
 z = np.stack([sum(W_conv[:, 0, j] * u_padded[t + j] for j in range(L)) for t in range(T)])
 mine = (c_gate * z) @ W_out.T
 
-theirs, history = ops.short_conv(h, W_in, W_conv, W_out)
+theirs, history = layers.short_conv(h, ConvWeights(W_in, W_conv, W_out))
 assert np.allclose(mine, theirs)
 print("output", theirs.shape, "| conv history kept for decoding:", history.shape)
 
@@ -85,7 +87,7 @@ assert np.allclose(mine.reshape(T, H * hd), ops.attention(q, kk, vv))
 # %%
 w1, w3, w2 = rng.standard_normal((F, D)), rng.standard_normal((F, D)), rng.standard_normal((D, F))
 silu = lambda a: a / (1 + np.exp(-a))
-assert np.allclose((silu(h @ w1.T) * (h @ w3.T)) @ w2.T, ops.swiglu(h, w1, w3, w2))
+assert np.allclose((silu(h @ w1.T) * (h @ w3.T)) @ w2.T, layers.swiglu(h, SwiGLUWeights(w1, w3, w2)))
 
 # %% [markdown]
 # ## The router and the experts
@@ -100,12 +102,12 @@ chosen = np.argsort(-(scores + bias), axis=-1, kind="stable")[:, :k]
 weights = np.take_along_axis(scores, chosen, -1)
 weights = weights / (weights.sum(-1, keepdims=True) + 1e-6)
 
-logits, experts, lib_weights = ops.route(h, gate, bias, k, norm_topk_prob=True, routed_scaling_factor=1.0)
+logits, experts, lib_weights = layers.route(h, gate, bias, k, norm_topk_prob=True, routed_scaling_factor=1.0)
 assert (experts == chosen).all() and np.allclose(weights, lib_weights)
 print("every token picked expert 4:", bool((experts == 4).any(axis=-1).all()))
 
-expert_w = [tuple(rng.standard_normal(s) for s in ((8, D), (8, D), (D, 8))) for _ in range(E)]
-mine = np.stack([sum(weights[t, j] * ops.swiglu(h[t:t + 1], *expert_w[chosen[t, j]])[0] for j in range(k))
+expert_w = [SwiGLUWeights(*(rng.standard_normal(s) for s in ((8, D), (8, D), (D, 8)))) for _ in range(E)]
+mine = np.stack([sum(weights[t, j] * layers.swiglu(h[t:t + 1], expert_w[chosen[t, j]])[0] for j in range(k))
                  for t in range(T)])
-assert np.allclose(mine, ops.moe(h, experts, lib_weights, expert_w))
-print("all operators agree with lfm2np.ops")
+assert np.allclose(mine, layers.mixture(h, experts, lib_weights, expert_w.__getitem__))
+print("all operators agree with lfm2np.ops and lfm2np.layers")

@@ -1,0 +1,246 @@
+"""How a model reads its weights: one interface, whatever the file format, within a memory budget.
+
+:class:`Weights` is what :class:`lfm2np.Model` reads: tensors by Hugging Face name, already in the numerics
+mode's dtype (``mode``), with ``rows`` (an embedding lookup without the whole table), ``prefetch`` (a
+read-ahead hint) and ``report`` (what is resident). Two kinds:
+
+- :class:`InMemory`: a plain mapping of arrays (a model built from a dict), converted for the mode once;
+- :class:`Lazy`: tensors produced on first use from a :class:`TensorSource` (a safetensors checkpoint, a GGUF
+  file: :mod:`lfm2np.io`), converted for the mode (:meth:`lfm2np.numerics.Numerics.weight`: rounded to bf16 in
+  the emulation) and kept within a **memory budget** (bytes of converted tensors):
+
+  1. tensors every token uses (embedding and head, norms, attention and conv weights, dense FFNs, routers)
+     are kept first, as they are first used, while they fit;
+  2. experts are cached in what is left, least recently used first out; a tensor of class 1 evicts cached
+     experts when it needs the room;
+  3. nothing beyond the budget is kept: a tensor that does not fit is produced again at each use (an embedding
+     lookup then reads only the rows asked for).
+
+  ``budget=None`` keeps everything; 0 keeps nothing. The cache is shared safely between threads.
+
+:func:`check_tensors` is the one strict check of what a source holds against what the config needs: missing or
+mis-shaped tensors are errors; unexpected ones an error, or a warning when not ``strict``.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections import OrderedDict
+from typing import Any, Iterator, Mapping, Protocol
+
+import numpy as np
+
+from .errors import Lfm2npError
+from .numerics import Numerics
+from .schema import Tensor
+
+
+class TensorSource(Protocol):
+    """Where tensors come from, by Hugging Face name: a checkpoint directory, a GGUF file."""
+
+    def read(self, name: str, dtype: np.dtype, rows: np.ndarray | None = None) -> np.ndarray:
+        """Tensor ``name`` in ``dtype`` (a fresh array), or only ``rows`` of its first axis."""
+
+    def stored_type(self, name: str) -> str:
+        """How tensor ``name`` is stored (``BF16``, ``F32``, ``Q4_K``...)."""
+
+    def prefetch(self, names: "list[str]") -> None:
+        """A hint: these tensors are needed soon (read them into the page cache in the background)."""
+
+    def close(self) -> None:
+        """Release the files (reading afterwards is an error)."""
+
+
+def check_tensors(have: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]], where: str,
+                  strict: bool, what: str, shape_word: str = "shape") -> list[str]:
+    """Check a source's tensors (``have``: name -> shape) against those a config needs (``want``): a missing or
+    mis-shaped tensor is an :class:`Lfm2npError` naming ``where``; unexpected tensors are an error when
+    ``strict``, else a warning (both naming them, the first five and how many more). ``what`` describes the
+    config in the messages. Returns the unexpected names."""
+    missing = [n for n in want if n not in have]
+    if missing:
+        raise Lfm2npError(f"{where}: missing tensor {_some(missing, 3)} ({what})")
+    for name, shape in want.items():
+        if tuple(have[name]) != tuple(shape):
+            raise Lfm2npError(f"{where}: tensor {name!r} has {shape_word} {list(have[name])}; the config expects "
+                              f"{list(shape)} ({what})")
+    unexpected = [n for n in have if n not in want]
+    if unexpected:
+        message = f"{where}: tensor {_some(unexpected, 5)} is not used by this config ({what})"
+        if strict:
+            raise Lfm2npError(message + "; pass strict=False to load anyway")
+        warnings.warn(message + "; ignored", stacklevel=4)
+    return unexpected
+
+
+def _some(names: list[str], n: int) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+class Weights(Mapping[str, np.ndarray]):
+    """Tensors by Hugging Face name, in the dtype of numerics mode ``mode``: the interface the model reads.
+    ``layout`` lists them (:func:`lfm2np.schema.layout` of the config)."""
+
+    mode: str
+    layout: "list[Tensor]"
+
+    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        """``self[name][index]``, without producing the whole tensor where it is not kept."""
+        return self[name][index]
+
+    def prefetch(self, names: "list[str]") -> None:
+        """A hint: these tensors are needed next (those not resident may be read ahead)."""
+
+    def report(self) -> dict[str, Any]:
+        """What is resident: ``budget_bytes``, ``resident_bytes``, ``all_tensors_bytes`` (and, for lazy
+        weights, the every-token tensors and the expert cache)."""
+        raise NotImplementedError
+
+    def stored_type(self, name: str) -> str:
+        """How tensor ``name`` is stored in its file ("?" when it came from memory)."""
+        if name not in self:
+            raise KeyError(name)
+        return "?"
+
+
+class InMemory(Weights):
+    """The tensors of ``layout`` given as arrays (``tensors``, checked by the caller), each converted once for
+    ``numerics``."""
+
+    def __init__(self, tensors: Mapping[str, Any], layout: "list[Tensor]", numerics: Numerics):
+        self.mode, self.layout = numerics.name, layout
+        self._tensors = {t.name: numerics.weight(t.name, tensors[t.name]) for t in layout}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def report(self) -> dict[str, Any]:
+        held = sum(a.nbytes for a in self._tensors.values())
+        return {"budget_bytes": None, "resident_bytes": held, "all_tensors_bytes": held}
+
+
+class Lazy(Weights):
+    """The tensors of ``layout`` read from ``source`` for ``numerics`` on first use, kept within ``budget``
+    bytes (None: no limit; see the module docstring). Experts (``part == "expert"``) are cached least recently
+    used first out. Safe to share between threads (one lock around the cache; reads run outside it)."""
+
+    def __init__(self, source: TensorSource, layout: "list[Tensor]", numerics: Numerics, budget: int | None = None):
+        if isinstance(budget, bool) or (budget is not None and (not isinstance(budget, int) or budget < 0)):
+            raise Lfm2npError(f"memory budget is {budget!r}; expected a number of bytes >= 0 or None")
+        self.source, self.numerics, self.mode, self.budget = source, numerics, numerics.name, budget
+        self.layout = layout
+        self._names = [t.name for t in layout]
+        self._sizes = {t.name: t.size * numerics.dtype.itemsize for t in layout}
+        self._evictable = frozenset(t.name for t in layout if t.part == "expert")
+        self._pinned: dict[str, np.ndarray] = {}
+        self._cached: OrderedDict[str, np.ndarray] = OrderedDict()  # experts, least recently used first
+        self._lock = threading.RLock()
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+
+    # ------------------------------------------------------------------------------- the mapping
+    def _resident_array(self, name: str) -> np.ndarray | None:
+        with self._lock:
+            arr = self._pinned.get(name)
+            if arr is None:
+                arr = self._cached.get(name)
+                if arr is not None:
+                    self._cached.move_to_end(name)
+                    self.stats["hits"] += 1
+            return arr
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        arr = self._resident_array(name)
+        if arr is not None:
+            return arr
+        if name not in self._sizes:
+            raise KeyError(name)
+        arr = self.numerics.weight(name, self.source.read(name, self.numerics.dtype))
+        with self._lock:
+            if name in self._evictable:
+                self.stats["misses"] += 1
+            self._keep(name, arr)
+        return arr
+
+    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        with self._lock:
+            whole = name in self._pinned or name in self._cached or self._fits(name)
+        if whole:
+            return self[name][index]
+        if name not in self._sizes:
+            raise KeyError(name)
+        return self.numerics.weight(name, self.source.read(name, self.numerics.dtype, rows=np.asarray(index)))
+
+    def prefetch(self, names: "list[str]") -> None:
+        with self._lock:
+            cold = [n for n in names if n not in self._pinned and n not in self._cached and n in self._sizes]
+        if cold:
+            self.source.prefetch(cold)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._sizes
+
+    # -------------------------------------------------------------------------------- the policy
+    def _resident(self) -> int:
+        return sum(a.nbytes for a in self._pinned.values()) + sum(a.nbytes for a in self._cached.values())
+
+    def _fits(self, name: str) -> bool:
+        """Whether ``name`` can be kept now, evicting cached experts if need be."""
+        if self.budget is None:
+            return True
+        if name not in self._sizes:
+            return False
+        return sum(a.nbytes for a in self._pinned.values()) + self._sizes[name] <= self.budget
+
+    def _keep(self, name: str, arr: np.ndarray) -> None:
+        if name in self._pinned or name in self._cached:  # another thread read it meanwhile: keep one
+            return
+        if self.budget is None:
+            (self._cached if name in self._evictable else self._pinned)[name] = arr
+            return
+        if sum(a.nbytes for a in self._pinned.values()) + arr.nbytes > self.budget:
+            return
+        while self._cached and self._resident() + arr.nbytes > self.budget:
+            self._cached.popitem(last=False)
+            self.stats["evictions"] += 1
+        if name in self._evictable:
+            self._cached[name] = arr
+        else:
+            self._pinned[name] = arr
+
+    # -------------------------------------------------------------------------------- reporting
+    def stored_type(self, name: str) -> str:
+        if name not in self._sizes:
+            raise KeyError(name)
+        return self.source.stored_type(name)
+
+    def kept_bytes(self) -> int:
+        """Bytes of the converted tensors held in memory."""
+        with self._lock:
+            return self._resident()
+
+    def report(self) -> dict[str, Any]:
+        """What is resident: budget, bytes and counts of kept every-token tensors and cached experts, what
+        would be needed to keep everything, and the expert cache's hits, misses and evictions."""
+        with self._lock:
+            every = [n for n in self._names if n not in self._evictable]
+            return {"budget_bytes": self.budget, "resident_bytes": self._resident(),
+                    "all_tensors_bytes": sum(self._sizes.values()),
+                    "every_token": {"kept": len(self._pinned), "of": len(every),
+                                    "bytes": sum(a.nbytes for a in self._pinned.values()),
+                                    "needed_bytes": sum(self._sizes[n] for n in every)},
+                    "experts": {"cached": len(self._cached), "of": len(self._evictable),
+                                "bytes": sum(a.nbytes for a in self._cached.values()), **self.stats}}
