@@ -26,7 +26,8 @@ from ..errors import Lfm2npError
 from ..generate import Generation, Sampling
 from ..state import State
 from .common import Subparsers, add_sampling_arguments, describe_sampling, generation_defaults_for, \
-    load_for_generation, MODEL_HELP, model_argument, progress, sampling_from, stop_ids_for, utf8_text
+    load_for_generation, MODEL_HELP, progress, sampling_from, stop_ids_for, utf8_text
+from .options import add_model_argument
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -220,7 +221,7 @@ def register(sub: Subparsers) -> None:
                                    "printf 'hi\\n/exit\\n' | lfm2np chat). Each turn feeds only the new ids of "
                                    "the conversation rendered with the checkpoint's chat template; the decoding "
                                    "state is kept between turns. /reset starts again, /exit quits.")
-    p.add_argument("model", type=model_argument, nargs="?", help=MODEL_HELP + " (the default)")
+    add_model_argument(p, MODEL_HELP + " (the default)", required=False)
     p.add_argument("--system", type=utf8_text, help="a system message")
-    add_sampling_arguments(p, max_new_tokens=256)
+    add_sampling_arguments(p)
     p.set_defaults(func=_cmd_chat)

@@ -10,8 +10,8 @@ from pathlib import Path
 from ..errors import Lfm2npError
 from ..evaluate import perplexity
 from ..oracle.trace import json_number
-from .common import Subparsers, add_model_arguments, input_file, load_for_generation, MODEL_HELP, \
-    model_argument, positive_int, progress
+from .common import Subparsers, add_model_arguments, input_file, load_for_generation, positive_int, progress
+from .options import add_model_argument
 
 
 def read_text(path: "str | Path") -> str:
@@ -55,11 +55,11 @@ def register(sub: Subparsers) -> None:
                                    "log-likelihood of every token after the first, each scored once in windows of "
                                    "WINDOW tokens that advance by STRIDE (the Hugging Face recipe; "
                                    "docs/cli.md defines it). Progress goes to stderr.")
-    p.add_argument("model", type=model_argument, help=MODEL_HELP)
+    add_model_argument(p)
     p.add_argument("file", type=input_file, help="a UTF-8 text file")
-    p.add_argument("--window", type=positive_int, help="tokens per forward pass (default: the model's context, "
+    p.add_argument("--window", "-c", type=positive_int, metavar="W", help="tokens per forward pass (default: the model's context, "
                                                       "at most 2048)")
-    p.add_argument("--stride", type=positive_int, help="tokens the window advances by, < window (default: half "
+    p.add_argument("--stride", type=positive_int, metavar="S", help="tokens the window advances by, < window (default: half "
                                                       "the window)")
     p.add_argument("--no-bos", action="store_true", help="do not prepend BOS (by default it is, as "
                                                          "transformers' tokenizer does)")
