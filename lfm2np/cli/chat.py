@@ -129,9 +129,9 @@ MAX_MESSAGE = 1 << 20
 
 
 def piped_lines(stream, out):
-    """The messages on ``stream``, a pipe or a file, each echoed as ``user: <line>`` on ``out`` so that it holds the
-    transcript (a terminal is read by :func:`lfm2np.cli.terminal.terminal_lines`). ``stream`` is a text stream; its bytes are read and decoded here, one line at a time, so
-    a line that is not UTF-8, or longer than :data:`MAX_MESSAGE`, is reported and skipped rather than ending
+    """The messages on ``stream``, a pipe or a file, each echoed as ``user: <line>`` on ``out`` so that it holds
+    the transcript (a terminal is read by :func:`lfm2np.cli.terminal.terminal_lines`). ``stream`` is a text
+    stream; its bytes are read and decoded here, one line at a time, so a line that is not UTF-8, or longer than :data:`MAX_MESSAGE`, is reported and skipped rather than ending
     the conversation). Reads are bounded: a longer line is never held whole."""
     raw = getattr(stream, "buffer", None)
     source, newline = (stream, "\n") if raw is None else (raw, b"\n")
