@@ -22,7 +22,7 @@ from .common import MAX_INT, MODEL_HELP, model_argument, shown, utf8_text
 # ----------------------------------------------------------------------------------------- MODEL
 def add_model_argument(p: argparse.ArgumentParser, help: str = MODEL_HELP, required: bool = True) -> None:
     """MODEL as a positional or as ``-m``/``--model`` (one of the two; :func:`resolve_model` checks)."""
-    p.add_argument("model", type=model_argument, nargs="?", help=f"{help}; or give it as -m MODEL")
+    p.add_argument("model", type=model_argument, nargs="?", help=help)
     p.add_argument("-m", "--model", dest="model_option", type=model_argument, metavar="MODEL",
                    help="MODEL as an option instead of the positional (llama.cpp's -m)")
     p.set_defaults(model_required=required)
