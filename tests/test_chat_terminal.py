@@ -234,3 +234,25 @@ def test_a_second_ctrl_c_abandons_the_turn(capsys):
     after = conversation.saved()
     assert after[0] == before[0] and after[1] == before[1] and after[2] is before[2]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_terminal_lines_skip_what_cannot_be_a_message_and_end_on_ctrl_d(monkeypatch):
+    import io
+
+    from lfm2np.cli.terminal import terminal_lines
+
+    typed = iter([KeyboardInterrupt, "x" * 11, "caf\udce9", "hello", KeyboardInterrupt, "again", EOFError])
+
+    def fake_input(prompt):
+        key = next(typed)
+        if isinstance(key, type) and issubclass(key, BaseException):
+            raise key
+        return key
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    out, warned = io.StringIO(), []
+    assert list(terminal_lines(out, warned.append, max_chars=10)) == ["hello", "again"]
+    assert warned[0] == QUIT_HINT and warned[3] == QUIT_HINT  # Ctrl-C once at a time: a hint, not the end
+    assert "input line 1 is longer than 10 characters" in warned[1]
+    assert "input line 2 is not valid UTF-8 text" in warned[2]
+    assert out.getvalue() == "\n\n\n"  # after each Ctrl-C, and after Ctrl-D: the shell's prompt on its own line
