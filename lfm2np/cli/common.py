@@ -183,17 +183,6 @@ output_file = _path_type(_output_file)
 output_dir = _path_type(_output_dir)
 
 
-def index_list(value: str) -> list[int]:
-    """Comma-separated integers >= 0, e.g. ``0,2``."""
-    try:
-        out = [int(x, 10) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{shown(value)}: expected comma-separated indices, e.g. 0,2") from None
-    if not out or min(out) < 0:
-        raise argparse.ArgumentTypeError(f"{shown(value)}: expected comma-separated indices >= 0, e.g. 0,2")
-    return out
-
-
 def progress(message: str) -> None:
     """One line on stderr (the commands' progress and timing reports)."""
     print(message, file=sys.stderr, flush=True)
