@@ -256,3 +256,13 @@ def test_terminal_lines_skip_what_cannot_be_a_message_and_end_on_ctrl_d(monkeypa
     assert "input line 1 is longer than 10 characters" in warned[1]
     assert "input line 2 is not valid UTF-8 text" in warned[2]
     assert out.getvalue() == "\n\n\n"  # after each Ctrl-C, and after Ctrl-D: the shell's prompt on its own line
+
+
+def test_from_a_pipe_ctrl_c_ends_the_chat():
+    model, tok = lfm2np.load(PATH), Tokenizer.from_dir(PATH)
+    conversation = Conversation(Interrupting(model, at=3), tok)
+    args = type("Args", (), {"max_new_tokens": 60})()
+    stop = frozenset(tok.stop_ids(model.config.eos_token_id))
+    with pytest.raises(KeyboardInterrupt):
+        chat_cli._reply(conversation, FOR, 1, args, Sampling(), stop, np.random.default_rng(0), sys.stdout,
+                        interactive=False)

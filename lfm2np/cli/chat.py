@@ -235,7 +235,9 @@ def _reply(conversation: Conversation, line: str, turn: int, args: argparse.Name
                 out.flush()
             out.write("\n")
             out.flush()
-    except KeyboardInterrupt:  # the second Ctrl-C, in the middle of a step
+    except KeyboardInterrupt:  # on a terminal, the second Ctrl-C, in the middle of a step
+        if not interactive:  # from a pipe Ctrl-C ends the program, as it ends every command
+            raise
         conversation.restore(saved)
         out.write("\n")
         out.flush()
