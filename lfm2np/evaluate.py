@@ -17,11 +17,20 @@ windows with transformers' own loss. ``S = W`` (disjoint windows) would leave ea
 without context, so the stride must be smaller than the window.
 
 Log-probabilities are computed stably in float64: ``(z_t - max z) - log sum exp(z - max z)``.
+
+The uncertainty, as llama-perplexity reports it: ``nll_stderr`` is the standard error of the mean NLL over
+the scored *tokens*, ``sqrt(var(nll_t) / (N - 1))`` with the sample variance of the per-token NLLs, and
+``perplexity_stderr = perplexity * nll_stderr`` (the delta method). It treats the tokens as independent
+samples, which neighbouring tokens are not, so it understates the uncertainty of the text's perplexity.
+
+Text files (:func:`read_text`) are read as Python's text mode reads them: UTF-8, with ``\r\n`` and a lone
+``\r`` read as ``\n``, so a file saved with Windows line ends scores as the same text with Unix ones.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -33,6 +42,23 @@ DEFAULT_WINDOW = 2048
 
 #: ``progress(window_index, windows, result_so_far)`` after each window.
 Progress = Callable[[int, int, dict], None]
+
+
+def read_text(path: "str | Path") -> str:
+    """The text of a UTF-8 file with its line ends read as ``\n`` (``\r\n`` and a lone ``\r`` too, as
+    Python's text mode reads them); :class:`Lfm2npError` naming the file otherwise."""
+    file = Path(path)
+    if not file.is_file():
+        raise Lfm2npError(f"{file}: no such file")
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise Lfm2npError(f"{file}: cannot read it ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Lfm2npError(f"{file}: not UTF-8 text ({e})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def log_probs(logits: np.ndarray, targets: np.ndarray, rows: int = 256) -> np.ndarray:
@@ -79,7 +105,10 @@ def perplexity(model: Any, ids: Iterable[int], window: int | None = None, stride
     ``window`` defaults to the model's context (``max_position_embeddings``, at most
     :data:`DEFAULT_WINDOW`), ``stride`` to half the window. Returns ``perplexity``, ``nll`` (mean nats per
     scored token), ``nll_sum``, ``tokens`` (scored: N - 1), ``input_tokens`` (N), ``window``, ``stride`` and
-    ``windows`` (how many forward passes). ``progress`` is called after each window."""
+    ``windows`` (how many forward passes), ``nll_stderr`` and ``perplexity_stderr`` (the module docstring:
+    over tokens; NaN for a single scored token). ``progress`` is called after each window."""
+    if progress is not None and not callable(progress):
+        raise Lfm2npError(f"progress is {progress!r}; expected a function progress(window, windows, result) or None")
     ids = model.check_ids(list(ids))
     if ids.ndim != 1:
         raise Lfm2npError(f"perplexity takes one sequence of ids; got shape {ids.shape}")
@@ -91,17 +120,24 @@ def perplexity(model: Any, ids: Iterable[int], window: int | None = None, stride
     if stride is None:
         stride = max(1, window // 2)
     plan = windows(len(ids), window, stride)
-    nll_sum, scored = 0.0, 0
+    nll_sum, scored, spread = 0.0, 0, 0.0  # spread: the sum of squared deviations from the running mean
     result: dict[str, Any] = {}
     for k, (begin, end, first) in enumerate(plan):
         logits = model.forward(ids[begin:end])  # (end - begin, V): row j predicts ids[begin + j + 1]
         rows = np.arange(first - 1 - begin, end - 1 - begin)
-        nll_sum -= float(log_probs(logits[rows], ids[rows + begin + 1]).sum())
-        scored += len(rows)
+        nll = -log_probs(logits[rows], ids[rows + begin + 1])  # (n,) this window's per-token NLLs
+        n, window_mean = len(nll), float(nll.mean())
+        # Chan et al.'s pairwise update of the spread: no cancellation between large, similar sums
+        shift = (window_mean - nll_sum / scored) ** 2 * scored * n / (scored + n) if scored else 0.0
+        spread += float(((nll - window_mean) ** 2).sum()) + shift
+        nll_sum += float(nll.sum())
+        scored += n
         mean = nll_sum / scored  # beyond ~709 nats per token the perplexity is past float range: inf
-        result = {"perplexity": math.exp(mean) if mean < 709.78 else math.inf, "nll": mean, "nll_sum": nll_sum,
-                  "tokens": scored, "input_tokens": int(len(ids)), "window": int(window), "stride": int(stride),
-                  "windows": len(plan)}
+        ppl = math.exp(mean) if mean < 709.78 else math.inf
+        stderr = math.sqrt(spread / (scored - 1) / scored) if scored > 1 else math.nan
+        result = {"perplexity": ppl, "nll": mean, "nll_sum": nll_sum, "tokens": scored,
+                  "input_tokens": int(len(ids)), "window": int(window), "stride": int(stride), "windows": len(plan),
+                  "nll_stderr": stderr, "perplexity_stderr": ppl * stderr if math.isfinite(ppl) else math.inf}
         if progress is not None:
             progress(k + 1, len(plan), result)
     return result

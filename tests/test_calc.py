@@ -298,7 +298,10 @@ def test_the_supported_context_is_the_cards_not_the_configs(capsys):
     assert (d["supported_context"], d["supported_context_from"], d["max_context"]) == (32_768, "model card", 32_768)
     code, out, _ = run(capsys, "memory", "LFM2-24B-A2B", "--budget", "32GB", "--context", "131072")
     assert "beyond the 32,768 tokens the model card gives as supported" in out
-    assert "longest context that fits: 32,768 tokens" in out
+    # the requested 131,072 fits the budget, and the longest context is said to be the supported one, not a
+    # contradiction of it
+    assert "at the requested context (131,072 tokens x 1 sequence): fits," in out
+    assert "longest supported context that fits: 32,768 tokens (the whole supported context)" in out
     code, out, _ = run(capsys, "params", "LFM2-24B-A2B")
     assert "supported context: 32,768 tokens (model card; the config allows 128,000 positions)" in out
     # the longest context that fits is one the same command then says fits (fused QKV counted too)
@@ -321,10 +324,22 @@ def test_unconfirmed_fields_are_shown_aliases_included(capsys):
     assert json.loads(run(capsys, "params", "LFM2-350M", "--json")[1])["unconfirmed"] == []
 
 
+def _continuation(lines, at):
+    """The lines that continue table row ``at`` (its last column wrapped): they start with spaces."""
+    out = []
+    for x in lines[at + 1:]:
+        if not x.startswith(" "):
+            break
+        out.append(x)
+    return out
+
+
 def test_the_kv_line_of_a_sliding_model_multiplies_out(capsys):
     c = load_config("LFM3-1.7B")
     code, out, _ = run(capsys, "memory", "LFM3-1.7B", "--context", "131072", "--parallel", "2")
-    line = next(x for x in out.splitlines() if x.startswith("KV cache"))
+    lines = out.splitlines()
+    at = next(i for i, x in enumerate(lines) if x.startswith("KV cache"))
+    line = " ".join([lines[at].rstrip()] + [x.strip() for x in _continuation(lines, at)])  # the row, unwrapped
     per_token = calc.kv_bytes_per_token(c)
     row = per_token // len(c.full_attention_layers)
     assert (f"{per_token:,} B/token ({len(c.full_attention_layers)} full-attention layers) x 131,072 + "

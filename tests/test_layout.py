@@ -22,7 +22,7 @@ PACKAGE = ROOT / "lfm2np"
 CORE = {"errors", "numerics", "config", "config_keys", "ops", "passes", "layers", "schema", "weights", "state",
         "model", "version"}
 MIDDLE = {"loading", "presets", "generate", "embedded", "synthetic", "evaluate"}
-OPTIONAL = {"gguf", "jinja2"}
+OPTIONAL = {"gguf", "jinja2", "readline"}  # readline: in the standard library, but not on every platform
 
 
 def module_name(path: Path) -> str:

@@ -4,6 +4,7 @@ the command line and its errors."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
@@ -101,10 +102,13 @@ def test_the_command_prints_json_and_progress(tmp_path):
     out = json.loads(proc.stdout)
     assert out["tokens"] == ref["tokens"] and out["windows"] == ref["windows"] and out["bos"] is True
     assert abs(out["perplexity"] - ref["perplexity"]) <= FP32.logits_rel * ref["perplexity"]
-    assert proc.stderr.count("window ") == ref["windows"] and f"window {ref['windows']}/{ref['windows']}" in proc.stderr
+    assert out["nll_stderr"] > 0 and out["perplexity_stderr"] == pytest.approx(out["perplexity"] * out["nll_stderr"])
+    # not a terminal and quicker than the 10 s between plain progress lines: no line per window
+    assert "window" not in proc.stderr and ref["windows"] > 2
     plain = subprocess.run([sys.executable, "-m", "lfm2np", "perplexity", str(PATH), str(f), "--quiet"],
                            capture_output=True, text=True)
-    assert plain.returncode == 0 and plain.stdout.startswith("perplexity ") and "window 1/1" not in plain.stderr
+    assert plain.returncode == 0 and plain.stdout.startswith("perplexity ") and " +/- " in plain.stdout
+    assert "perplexity" not in plain.stderr
 
 
 @pytest.mark.parametrize("content, extra, message", [
@@ -127,3 +131,106 @@ def test_a_perplexity_past_float_range_is_inf_not_an_error():
     m = lfm2np.Model(m.config, {**m.params, "model.embedding_norm.weight": norm})
     r = perplexity(m, list(range(1, 40)))
     assert r["nll"] > 710 and math.isfinite(r["nll"]) and r["perplexity"] == math.inf
+
+
+# ------------------------------------------------------------------ uncertainty, progress, text files
+def test_the_standard_error_is_over_tokens_as_an_independent_computation_gives_it(model):
+    ids = REFERENCE["texts"][0]["ids"][:90]
+    nll = []
+    for begin, end, first in windows(len(ids), 24, 10):  # each token's NLL from its own window, one at a time
+        logits = model.forward(ids[begin:end]).astype(np.float64)
+        for t in range(first, end):
+            z = logits[t - 1 - begin]
+            nll.append(float(np.log(np.exp(z - z.max()).sum()) + z.max() - z[ids[t]]))
+    r = perplexity(model, ids, 24, 10)
+    want = np.std(nll, ddof=1) / math.sqrt(len(nll))
+    assert r["tokens"] == len(nll) and r["nll"] == pytest.approx(np.mean(nll), rel=1e-9)
+    assert r["nll_stderr"] == pytest.approx(want, rel=1e-9)
+    assert r["perplexity_stderr"] == pytest.approx(r["perplexity"] * want, rel=1e-9)
+    assert math.isnan(perplexity(model, ids[:2])["nll_stderr"])  # one scored token: no spread to measure
+
+
+def test_a_progress_that_is_not_a_function_fails_before_the_first_window(model):
+    calls = []
+
+    class Counting:
+        config = model.config
+
+        def check_ids(self, ids):
+            return model.check_ids(ids)
+
+        def forward(self, ids):
+            calls.append(len(ids))
+            return model.forward(ids)
+
+    with pytest.raises(lfm2np.Lfm2npError, match="progress is 5; expected a function"):
+        perplexity(Counting(), list(range(1, 60)), 16, 8, progress=5)
+    assert calls == []
+
+
+class _Stream(io.StringIO):
+    def __init__(self, terminal):
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self):
+        return self.terminal
+
+
+def test_progress_on_a_terminal_is_one_line_rewritten_in_place():
+    from lfm2np.cli.evaluate import PerplexityProgress
+
+    clock = iter(float(x) for x in range(0, 100, 2))
+    stream = _Stream(terminal=True)
+    report = PerplexityProgress(stream, clock=lambda: next(clock))  # t0 = 0; each call reads the clock once
+    for k in (1, 2, 3):
+        report(k, 3, {"perplexity": 12.5 - k, "perplexity_stderr": 0.25, "tokens": 100 * k})
+    text = stream.getvalue()
+    assert text.count("\r") == 3 and text.count("\n") == 1 and text.endswith("\n")
+    first, second, last = text.split("\r")[1:]
+    assert first.strip() == "[perplexity 11.5000 +/- 0.2500 after window 1/3 (100 tokens); 2 s, ETA 4 s]"
+    assert "ETA" in second and last.strip().endswith("done]") and "9.5000 +/- 0.2500" in last
+
+
+def test_progress_elsewhere_is_a_plain_line_now_and_then():
+    from lfm2np.cli.evaluate import PerplexityProgress
+
+    now = [0.0]
+    stream = _Stream(terminal=False)
+    report = PerplexityProgress(stream, every=10.0, clock=lambda: now[0])
+    for k in range(1, 21):  # 20 windows of 3 s: a line every 10 s or so, none at the end
+        now[0] = 3.0 * k
+        report(k, 20, {"perplexity": 8.0, "perplexity_stderr": 0.5, "tokens": 50 * k})
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and 4 <= len(lines) <= 6
+    assert lines[0] == "[perplexity 8.0000 +/- 0.5000 after window 4/20 (200 tokens); 12 s, ETA 48 s]"
+
+
+def test_a_long_file_gives_far_fewer_progress_lines_than_windows(tmp_path, capsys):
+    from lfm2np.cli import main
+
+    f = tmp_path / "long.txt"
+    f.write_text('The "for" statement is used to iterate over the elements of a sequence.\n' * 15, encoding="utf-8")
+    assert main(["perplexity", "embedded", str(f), "-c", "16", "--stride", "8", "--json"]) == 0
+    out = capsys.readouterr()  # stderr is not a terminal here
+    assert json.loads(out.out)["windows"] > 25
+    assert sum("perplexity" in line for line in out.err.splitlines()) <= 2
+
+
+def test_a_crlf_file_scores_as_its_text(model, tmp_path, capsys):
+    from lfm2np.cli import main
+    from lfm2np.evaluate import read_text
+
+    text = 'The "for" statement is used to iterate.\nThe "while" statement repeats.\n'
+    unix, windows_, mac = tmp_path / "lf.txt", tmp_path / "crlf.txt", tmp_path / "cr.txt"
+    unix.write_bytes(text.encode())
+    windows_.write_bytes(text.replace("\n", "\r\n").encode())
+    mac.write_bytes(text.replace("\n", "\r").encode())
+    assert read_text(windows_) == read_text(mac) == read_text(unix) == text
+    results = []
+    for f in (unix, windows_, mac):
+        assert main(["perplexity", "embedded", str(f), "--json", "--quiet"]) == 0
+        results.append({k: v for k, v in json.loads(capsys.readouterr().out).items() if k != "file"})
+    assert results[0] == results[1] == results[2]
+    tok = Tokenizer.from_dir(PATH)
+    assert results[0]["input_tokens"] == len(tok.encode(text, add_bos=True))

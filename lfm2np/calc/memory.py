@@ -15,13 +15,14 @@ F FFN width, E experts, k experts per token, Fm expert width, V vocab, L conv ke
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 
 
 from ..config import ATTENTION, Config
 from ..errors import Lfm2npError
 from ..io.gguf import gguf_tensor_bytes
-from ..io.params import parse_size
+from ..io.params import MAX_SIZE, parse_size
 from ..numerics import DTYPE_BYTES as _ALL_DTYPE_BYTES, canonical_dtype
 from . import quant
 from .params import param_counts, positive
@@ -36,17 +37,20 @@ CONV_STATE_BYTES = 4  # llama.cpp keeps recurrent (conv) state in float32
 
 
 def normalise_quant(name: str) -> str:
-    """``float32``/``float16``/``bfloat16`` (aliases fp32, fp16, bf16) or a GGUF file type (``Q4_K_M``, ``F16``...)."""
+    """``float32``/``float16``/``bfloat16`` (aliases fp32, fp16, bf16) or a GGUF file type (``Q4_K_M``, ``F16``...;
+    llama-quantize's alias ``Q4_K`` is ``Q4_K_M``)."""
     key = str(name).strip()
     dtype = canonical_dtype(key)
     if dtype in DTYPE_BYTES:
         return dtype
+    if key.upper() in quant.UNSIZED_FILE_TYPES:
+        return quant.normalise_file_type(key)  # raises, naming it as a type lfm2np cannot size
     try:
         return quant.normalise_file_type(key)
     except Lfm2npError:
         raise Lfm2npError(
             f"unknown weight format {name!r}; expected one of {', '.join(DTYPE_BYTES)} "
-            f"or a GGUF file type ({', '.join(quant.FILE_TYPES)})"
+            f"or a GGUF file type ({quant.accepted_file_types()})"
         ) from None
 
 
@@ -201,10 +205,21 @@ def hybrid_savings(config: Config, contexts: Iterable[int] = (4096, 32768, 13107
 
 
 # ==================================================================================== helpers
+#: a size with a one-letter unit, as GNU tools, Docker and the JVM write it: ``8G``, ``512m`` (powers of 1024)
+_LETTER_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kKmMgGtT])\s*")
+
+
 def parse_bytes(text: str) -> int:
-    """``"32GB"`` -> 32e9, ``"32GiB"`` -> 32 * 2**30, ``"1.5 TB"``, ``"123"`` (bytes); see
-    :func:`lfm2np.io.params.parse_size`."""
-    return parse_size(text, "budget")
+    """``"32GB"`` -> 32e9, ``"32GiB"`` -> 32 * 2**30, ``"1.5 TB"``, ``"123"`` (bytes); a one-letter unit is
+    binary, as GNU ``sort -S``, ``dd``, Docker and the JVM read it: ``"8G"`` = ``"8g"`` = ``"8GiB"``. See
+    :func:`lfm2np.io.params.parse_size` for the rest."""
+    m = _LETTER_SIZE.fullmatch(str(text))
+    if m is None:
+        return parse_size(text, "budget")
+    value = float(m.group(1)) * 1024 ** ("kmgt".index(m.group(2).lower()) + 1)
+    if not value <= MAX_SIZE:
+        raise Lfm2npError(f"budget {text!r} is too large: above any machine's memory ({MAX_SIZE} bytes)")
+    return int(value)
 
 
 def format_bytes(n: float) -> str:

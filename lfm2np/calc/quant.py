@@ -88,6 +88,14 @@ FILE_TYPES: dict[str, str] = {
     "Q2_K": "Q2_K",
 }
 
+#: llama-quantize's own aliases (its QUANT_OPTIONS: "Q4_K", "alias for Q4_K_M"; likewise Q3_K and Q5_K).
+FILE_TYPE_ALIASES: dict[str, str] = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+
+#: llama-quantize types whose per-tensor rules (and, for some, block sizes) this module does not state: refused
+#: by name rather than sized wrong.
+UNSIZED_FILE_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S",
+                      "IQ3_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "Q2_K_S", "MXFP4_MOE")
+
 #: Type a k-quant falls back to when a row length is not a multiple of 256 (tensor_type_fallback).
 _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
@@ -110,11 +118,23 @@ def tensor_bytes(ggml_type: str, ne: tuple[int, ...]) -> int:
     return rows * row_bytes(ggml_type, ne[0])
 
 
+def accepted_file_types() -> str:
+    """The file types this module sizes, and llama-quantize's aliases, for messages."""
+    aliases = ", ".join(f"{a} (= {b})" for a, b in FILE_TYPE_ALIASES.items())
+    return f"{', '.join(FILE_TYPES)}, and llama-quantize's aliases {aliases}"
+
+
 def normalise_file_type(name: str) -> str:
-    """The canonical spelling of a llama.cpp file type (``q4_k_m`` -> ``Q4_K_M``); raises on unknown names."""
+    """The canonical spelling of a llama.cpp file type (``q4_k_m`` -> ``Q4_K_M``; llama-quantize's aliases
+    ``Q4_K`` -> ``Q4_K_M``, ``Q5_K`` -> ``Q5_K_M``, ``Q3_K`` -> ``Q3_K_M``); raises on unknown names, and names a
+    llama-quantize type this module cannot size (the i-quants, ...) as such."""
     key = str(name).strip().upper()
+    key = FILE_TYPE_ALIASES.get(key, key)
+    if key in UNSIZED_FILE_TYPES:
+        raise Lfm2npError(f"{name!r} is a llama-quantize type lfm2np cannot size (its per-tensor type rules are "
+                          f"not modelled); sized: {accepted_file_types()}")
     if key not in FILE_TYPES:
-        raise Lfm2npError(f"unknown GGUF file type {name!r}; expected one of {', '.join(FILE_TYPES)}")
+        raise Lfm2npError(f"unknown GGUF file type {name!r}; expected one of {accepted_file_types()}")
     return key
 
 

@@ -25,6 +25,7 @@ from ..errors import Lfm2npError
 from ..version import __version__
 from . import calc, chat, demo, diagnose, evaluate, oracle, run
 from .common import Subparsers
+from .options import resolve_model
 
 #: Modules that add subcommands: each ``register`` is called with the subparsers object.
 REGISTRARS: list[Callable[[Subparsers], None]] = [run.register, chat.register, demo.register,
@@ -86,8 +87,10 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         try:
             args, extra = parser.parse_known_args(argv)
+            command = parser.commands.get(args.command, parser)
             if extra:  # said by the command's own parser, so the message names the command
-                parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
+                command.error(f"unrecognized arguments: {' '.join(extra)}")
+            resolve_model(command, args)  # MODEL as the positional or -m
         except SystemExit as e:  # a usage error, already printed as one line by Parser.error: its status
             if e.code == 2:
                 return 2

@@ -15,6 +15,7 @@ on the whole conversation gives (to float rounding).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from typing import Any
@@ -26,7 +27,10 @@ from ..errors import Lfm2npError
 from ..generate import Generation, Sampling
 from ..state import State
 from .common import Subparsers, add_sampling_arguments, describe_sampling, generation_defaults_for, \
-    load_for_generation, MODEL_HELP, model_argument, progress, sampling_from, stop_ids_for, utf8_text
+    load_for_generation, MODEL_HELP, progress, sampling_from, stop_ids_for, utf8_text
+from .common import shown
+from .options import add_model_argument
+from .terminal import ALIASES, HELP, ReplyInterrupt, terminal_lines
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -96,14 +100,24 @@ class Conversation:
                           state=self.state, context_ids=self.fed, rng=rng)
 
     def record(self, gen: Generation) -> str:
-        """After the reply's Generation ran: keep its state and ids, and add the reply to the messages."""
-        tokens = gen.tokens if gen.finish_reason == "stop" else gen.tokens[:-1]  # the ids the state holds
-        self.fed = self.fed + gen.prompt.tolist() + tokens
+        """After the reply's Generation ran (to its end, or stopped early by Ctrl-C): keep its state and the ids
+        it holds, and add the reply, as far as it went, to the messages."""
+        held = self.fed + gen.prompt.tolist() + gen.tokens
         self.state = gen.state
-        assert self.state is None or self.state.position == len(self.fed)
+        self.fed = held[:0 if self.state is None else self.state.position]  # the ids the state holds: the
+        # prompt and every generated id but the last, all of them after a stop id, none with max_new_tokens 0
         reply = self.tokenizer.decode(gen.tokens, skip_special_tokens=True)
         self.messages.append({"role": "assistant", "content": reply})
         return reply
+
+    def saved(self) -> tuple:
+        """What :meth:`restore` puts back: the conversation as it is now (states are values: no copy needed)."""
+        return list(self.messages), list(self.fed), self.state, self.snapshot
+
+    def restore(self, saved: tuple) -> None:
+        """The conversation as :meth:`saved` had it (a turn abandoned halfway: its message and ids forgotten)."""
+        messages, fed, self.state, self.snapshot = saved
+        self.messages, self.fed = list(messages), list(fed)
 
 
 class ContextFull(Lfm2npError):
@@ -114,18 +128,16 @@ class ContextFull(Lfm2npError):
 MAX_MESSAGE = 1 << 20
 
 
-def _lines(stream, interactive: bool, out):
-    """The messages on ``stream`` (a text stream; its bytes are read and decoded here, one line at a time, so
-    a line that is not UTF-8, or longer than :data:`MAX_MESSAGE`, is reported and skipped rather than ending
+def piped_lines(stream, out):
+    """The messages on ``stream``, a pipe or a file, each echoed as ``user: <line>`` on ``out`` so that it holds
+    the transcript (a terminal is read by :func:`lfm2np.cli.terminal.terminal_lines`). ``stream`` is a text
+    stream; its bytes are read and decoded here, one line at a time, so a line that is not UTF-8, or longer than :data:`MAX_MESSAGE`, is reported and skipped rather than ending
     the conversation). Reads are bounded: a longer line is never held whole."""
     raw = getattr(stream, "buffer", None)
     source, newline = (stream, "\n") if raw is None else (raw, b"\n")
     limit = 4 * MAX_MESSAGE + 2  # a UTF-8 character takes at most 4 bytes
     number = 0
     while True:
-        if interactive:
-            out.write("user: ")
-            out.flush()
         try:
             line = source.readline(limit)
             too_long = len(line) >= limit and not line.endswith(newline)
@@ -145,8 +157,7 @@ def _lines(stream, interactive: bool, out):
             progress(f"lfm2np: warning: input line {number} is longer than {MAX_MESSAGE:,} characters; skipped")
             continue
         text = text.rstrip("\r\n")
-        if not interactive:
-            out.write(f"user: {text}\n")
+        out.write(f"user: {text}\n")
         yield text
 
 
@@ -163,55 +174,91 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     conversation = Conversation(model, tokenizer, args.system)
     interactive = sys.stdin.isatty()
     out = sys.stdout
-    progress(f"chat: one message per line; /reset starts again, /exit (or the end of input) quits. "
-             f"sampling: {describe_sampling(sampling)}")
+    lines = terminal_lines(out, progress, MAX_MESSAGE) if interactive else piped_lines(sys.stdin, out)
+    progress(f"chat: one message per line; /help lists the commands, /exit or "
+             f"{'Ctrl-D' if interactive else 'the end of the input'} quits. sampling: {describe_sampling(sampling)}")
     turn = 0
-    for line in _lines(sys.stdin, interactive, out):
+    for line in lines:
         command = line.strip()
-        if command == "/exit":
-            break
-        if command == "/reset":
-            conversation.reset()
-            turn = 0
-            progress("[conversation reset]")
+        if command.startswith("/") and not command.startswith("//"):
+            name = ALIASES.get(command.split()[0], command.split()[0])
+            if name == "/exit":
+                break
+            if name == "/reset":
+                conversation.reset()
+                turn = 0
+                progress("[conversation reset]")
+            elif name == "/help":
+                progress(HELP)
+            else:
+                progress(f"lfm2np: unknown command {shown(name, 20)}, not sent to the model: /help lists the "
+                         f"commands; start the line with // to send a message that begins with /")
             continue
         if not command:
             continue
-        t0 = time.perf_counter()
+        if command.startswith("//"):
+            line = line.lstrip()[1:]
         try:
-            gen = conversation.ask(line, args.max_new_tokens, sampling, stop, rng)
+            if _reply(conversation, line, turn + 1, args, sampling, stop, rng, out, interactive):
+                turn += 1
         except ContextFull as e:
             progress(f"lfm2np: warning: {e}: /reset to start again")
-            continue
-        turn += 1
-        out.write("assistant: ")
-        out.flush()
-        first = None
+    return 0
 
-        def timed():
-            nonlocal first
-            for token in gen:
-                first = first or time.perf_counter()
-                yield token
 
-        for piece in tokenizer.stream(timed()):
-            out.write(piece)
+def _reply(conversation: Conversation, line: str, turn: int, args: argparse.Namespace, sampling: Sampling,
+           stop: frozenset[int], rng: np.random.Generator, out, interactive: bool) -> bool:
+    """One turn: the reply streamed to ``out``, then a line on stderr. On a terminal the first Ctrl-C stops
+    the reply at the next token (the part shown stays in the conversation, and the decoding state holds
+    exactly its ids); a second one before that abandons the turn (the conversation as before the message).
+    Returns whether the turn was kept."""
+    saved = conversation.saved()
+    t0 = time.perf_counter()
+    first = None
+    try:
+        with ReplyInterrupt() if interactive else contextlib.nullcontext() as interrupt:
+            gen = conversation.ask(line, args.max_new_tokens, sampling, stop, rng)
+            out.write("assistant: ")
             out.flush()
+
+            def tokens():
+                nonlocal first
+                for token in gen:
+                    first = first or time.perf_counter()
+                    yield token
+                    if interrupt is not None and interrupt.stopped:
+                        gen.finish_reason = "interrupted"
+                        return
+
+            for piece in conversation.tokenizer.stream(tokens()):
+                out.write(piece)
+                out.flush()
+            out.write("\n")
+            out.flush()
+    except KeyboardInterrupt:  # on a terminal, the second Ctrl-C, in the middle of a step
+        if not interactive:  # from a pipe Ctrl-C ends the program, as it ends every command
+            raise
+        conversation.restore(saved)
         out.write("\n")
         out.flush()
-        end = time.perf_counter()
-        conversation.record(gen)
-        s = conversation.last
-        how = ""
-        if s.get("rolled_back"):
-            how = (f", went back {s['rolled_back']} tokens " +
-                   ("from the start" if s.get("from_start") else "to the last reply's start"
-                    if s.get("from_snapshot") else "by rollback"))
-        n = len(gen.tokens)
-        progress(f"[turn {turn}: conversation {s['rendered']} tokens, {s['reused']} reused from the state, "
-                 f"{s['fed']} fed{how}; generated {n} tokens in {end - t0:.2f} s "
-                 f"({max(n - 1, 0) / max(end - (first or end), 1e-9):.1f} tokens/s); finish: {gen.finish_reason}]")
-    return 0
+        progress("[reply abandoned: the conversation is as it was before this message]")
+        return False
+    end = time.perf_counter()
+    conversation.record(gen)
+    s = conversation.last
+    how = ""
+    if s.get("rolled_back"):
+        how = (f", went back {s['rolled_back']} tokens " +
+               ("from the start" if s.get("from_start") else "to the last reply's start"
+                if s.get("from_snapshot") else "by rollback"))
+    finish = gen.finish_reason
+    if finish == "interrupted":
+        finish = "stopped by Ctrl-C; the partial reply stays in the conversation"
+    n = len(gen.tokens)
+    progress(f"[turn {turn}: conversation {s['rendered']} tokens, {s['reused']} reused from the state, "
+             f"{s['fed']} fed{how}; generated {n} tokens in {end - t0:.2f} s "
+             f"({max(n - 1, 0) / max(end - (first or end), 1e-9):.1f} tokens/s); finish: {finish}]")
+    return True
 
 
 def register(sub: Subparsers) -> None:
@@ -219,8 +266,9 @@ def register(sub: Subparsers) -> None:
                        description="Chat with a model, one message per line on stdin (a terminal or a pipe: "
                                    "printf 'hi\\n/exit\\n' | lfm2np chat). Each turn feeds only the new ids of "
                                    "the conversation rendered with the checkpoint's chat template; the decoding "
-                                   "state is kept between turns. /reset starts again, /exit quits.")
-    p.add_argument("model", type=model_argument, nargs="?", help=MODEL_HELP + " (the default)")
+                                   "state is kept between turns. /help lists the commands; on a terminal, Ctrl-C "
+                                   "stops a reply and keeps the conversation (docs/cli.md).")
+    add_model_argument(p, MODEL_HELP + " (the default)", required=False)
     p.add_argument("--system", type=utf8_text, help="a system message")
-    add_sampling_arguments(p, max_new_tokens=256)
+    add_sampling_arguments(p)
     p.set_defaults(func=_cmd_chat)

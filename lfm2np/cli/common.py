@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..calc import parse_bytes
 from ..config import ROPE_READINGS
 from ..errors import Lfm2npError
 from ..embedded import embedded_model_path
@@ -181,37 +183,52 @@ output_file = _path_type(_output_file)
 output_dir = _path_type(_output_dir)
 
 
-def index_list(value: str) -> list[int]:
-    """Comma-separated integers >= 0, e.g. ``0,2``."""
-    try:
-        out = [int(x, 10) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{shown(value)}: expected comma-separated indices, e.g. 0,2") from None
-    if not out or min(out) < 0:
-        raise argparse.ArgumentTypeError(f"{shown(value)}: expected comma-separated indices >= 0, e.g. 0,2")
-    return out
-
-
 def progress(message: str) -> None:
     """One line on stderr (the commands' progress and timing reports)."""
     print(message, file=sys.stderr, flush=True)
 
 
-def memory_budget(value: str) -> str:
-    """``--memory-budget``: a size ("6GiB", "500MB", bytes) or "all"; checked now, used by :func:`load_model`."""
+_BARE_NUMBER = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*")
+SIZE_UNITS = "8G or 8GiB (2^30 bytes each), 8GB (10^9), 512M, 512MB, 4096B"
+
+
+def size(value: str) -> int:
+    """A size in bytes from a number and its unit (:func:`lfm2np.calc.parse_bytes`: ``8G`` = ``8GiB``, ``8GB``
+    = 8e9). A bare number other than 0 is refused: ``8`` could mean bytes or GiB, and read as bytes it once made
+    ``memory --budget 8`` an 8-byte budget."""
     try:
-        parse_budget(value, 0)
+        n = parse_bytes(value)
     except Lfm2npError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return value
+        if "too large" in str(e):
+            raise argparse.ArgumentTypeError(f"{shown(value)} is too large (above any machine's memory)") from None
+        raise argparse.ArgumentTypeError(f"{shown(value)} is not a size; expected a number and a unit: "
+                                         f"{SIZE_UNITS}") from None
+    except OverflowError:  # a number beyond float range
+        raise argparse.ArgumentTypeError(f"{shown(value)} is too large") from None
+    bare = _BARE_NUMBER.fullmatch(value)
+    if bare and float(bare.group(1)):
+        v = bare.group(1)
+        raise argparse.ArgumentTypeError(f"{shown(value)} has no unit, so it could be bytes or GiB: write {v}G "
+                                         f"(= {v}GiB, 2^30 bytes each), {v}GB (10^9 bytes) or {v}B (bytes)")
+    return n
+
+
+def memory_budget(value: str) -> "str | int":
+    """``--memory-budget``: a :func:`size` ("6GiB", "6G", "500MB", 0) or "all"; checked now, used by
+    :func:`load_model`."""
+    if value.strip().lower() in ("all", "inf", "unlimited"):
+        return "all"
+    n = size(value)
+    parse_budget(n, 0)  # within what load() takes
+    return n
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The options of every command that runs a model: --dtype, --memory-budget, --rope-reading."""
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--memory-budget", type=memory_budget, default=None, metavar="SIZE",
-                   help="converted weights kept in memory: a size such as 6GiB, or 'all' (default: everything "
-                        "when it fits a fifth of the available memory, else a fifth of it)")
+                   help="converted weights kept in memory: a size with its unit (6G = 6GiB, 6GB, 0) or 'all' "
+                        "(default: everything when it fits a fifth of the available memory, else a fifth of it)")
     p.add_argument("--rope-reading", choices=ROPE_READINGS, default="trained",
                    help="an LFM3 RoPE labelled 'default' with a partial factor: as trained (default) or as "
                         "transformers 5.24 reads it")
@@ -279,9 +296,12 @@ def run_generation(model, tokenizer, prompt_ids: list[int], args: argparse.Names
     end = time.perf_counter()
     out.write("\n")
     n = len(gen.tokens)
-    prefill = (first or end) - t0
+    if gen.state is None:  # --max-new-tokens 0: the prompt was never run, so there is no prefill to time
+        prefill = "not run (--max-new-tokens 0)"
+    else:
+        prefill = f"prefill {len(prompt_ids) / max((first or end) - t0, 1e-9):.1f} tokens/s"
     decode = end - (first or end)
-    progress(f"[prompt {len(prompt_ids)} tokens, prefill {len(prompt_ids) / max(prefill, 1e-9):.1f} tokens/s; "
+    progress(f"[prompt {len(prompt_ids)} tokens, {prefill}; "
               f"generated {n} tokens, {max(n - 1, 0) / max(decode, 1e-9):.1f} tokens/s; "
               f"finish: {gen.finish_reason}; sampling: {describe_sampling(sampling)}]")
     return gen.tokens
@@ -329,10 +349,17 @@ def describe_sampling(s: Sampling) -> str:
     return what + (f", repetition_penalty {s.repetition_penalty:g}" if s.repetition_penalty != 1 else "")
 
 
-def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
-    """--max-new-tokens, the sampling options and the model options. The sampling options default to the
+#: ``--max-new-tokens`` of generate, chat and demo: long enough for a real model's chat reply (LFM2's replies
+#: often pass 64 tokens, and a reply cut short is a poor first answer); a reply ends at its end-of-turn id anyway
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """--max-new-tokens (-n), the sampling options and the model options. The sampling options default to the
     checkpoint's generation_config.json (read as transformers reads it), else greedy."""
-    p.add_argument("--max-new-tokens", type=non_negative_int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    p.add_argument("--max-new-tokens", "-n", type=non_negative_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                   help=f"at most N new tokens (default {DEFAULT_MAX_NEW_TOKENS}; a reply also ends at its "
+                        f"end-of-turn id)")
     p.add_argument("--temperature", type=temperature, help="0 is greedy (default: the checkpoint's "
                    "generation_config.json, else 0)")
     p.add_argument("--top-k", type=non_negative_int, help="keep the k most likely tokens (0: off)")

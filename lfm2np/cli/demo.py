@@ -8,6 +8,7 @@ from ..embedded import DEFAULT_PROMPT, embedded_model_path, layer_walk
 from .common import Subparsers, add_sampling_arguments, generation_defaults_for, load_for_generation, progress, \
     run_generation, sampling_from
 from .common import positive_int, utf8_text
+from .options import add_text_argument
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -18,10 +19,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"layers: {c.layer_pattern()}  (C conv, A attention; lower case: MoE feed-forward, "
           f"{c.num_experts} experts, top-{c.num_experts_per_tok})")
     messages = [{"role": "user", "content": args.chat}]
-    prompt_ids = tokenizer.encode_chat(messages) if args.prompt is None else tokenizer.encode(args.prompt, add_bos=True)
-    shown = args.chat if args.prompt is None else args.prompt
-    print(f"{'user' if args.prompt is None else 'prompt'}: {shown}")
-    print("assistant: " if args.prompt is None else "continuation: ", end="", flush=True)
+    prompt_ids = tokenizer.encode_chat(messages) if args.text is None else tokenizer.encode(args.text, add_bos=True)
+    shown = args.chat if args.text is None else args.text
+    print(f"{'user' if args.text is None else 'text'}: {shown}")
+    print("assistant: " if args.text is None else "continuation: ", end="", flush=True)
     generated = run_generation(model, tokenizer, prompt_ids, args, defaults=generation_defaults_for(path))
     if not args.no_walk:
         progress("")
@@ -39,8 +40,8 @@ def register(sub: Subparsers) -> None:
                                    "experts each token chose in each layer.")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--chat", type=utf8_text, default=DEFAULT_PROMPT, help=f"a user message (default: {DEFAULT_PROMPT!r})")
-    what.add_argument("--prompt", type=utf8_text, help="raw text to continue instead of a chat message")
+    add_text_argument(what, "raw text to continue instead of a chat message (BOS prepended)")
     p.add_argument("--no-walk", action="store_true", help="do not print the layer walk")
     p.add_argument("--walk-tokens", type=positive_int, default=24, help="how many of the last tokens the walk shows")
-    add_sampling_arguments(p, max_new_tokens=48)
+    add_sampling_arguments(p)
     p.set_defaults(func=_cmd_demo)

@@ -10,7 +10,8 @@ from ..oracle.diagnose import diagnose, format_diagnosis
 from ..oracle.dumps import load_dump, token_stream
 from ..oracle.mistakes import BY_ID, CATALOGUE
 from ..oracle.tolerance import COMPARE_TIERS
-from .common import LayerProgress, Subparsers, add_model_arguments, load_model, MODEL_HELP, model_argument
+from .common import LayerProgress, Subparsers, add_model_arguments, load_model, MODEL_HELP
+from .options import add_ids_argument, add_model_argument
 
 
 def _position(text: str) -> int:
@@ -65,12 +66,11 @@ def register(sub: Subparsers) -> None:
         description="Compare a backend's dump with the reference and rank the catalogue of porting mistakes "
                     "(router softmax, conv taps reversed, interleaved RoPE, ...) by how well each, applied to the "
                     "reference, reproduces it. Exit 0 when the dump agrees with the reference, 1 when not.")
-    p.add_argument("model", type=model_argument, help="the reference: " + MODEL_HELP)
+    add_model_argument(p, "the reference: " + MODEL_HELP)
     p.add_argument("--dump", help=".npz or .safetensors: 'ids' + 'logits' (T, V); 'ids' + 'tokens'; or a trace "
                                   "(lfm2np, transformers or llama.cpp names)")
-    p.add_argument("--ids", type=int, nargs="+",
-                   help="with --tokens: the prompt ids; with --dump: the ids, when the file does not say")
-    p.add_argument("--tokens", type=int, nargs="+", help="the tokens the backend generated greedily after --ids")
+    add_ids_argument(p, "with --tokens: the prompt ids; with --dump: the ids, when the file does not say")
+    add_ids_argument(p, "the tokens the backend generated greedily after --ids", name="--tokens")
     p.add_argument("--prefill", type=_position,
                    help="how many ids the backend processed in its first call (where its second call began); "
                         "default: the end of the prompt for tokens, the first divergence for dumps")

@@ -14,8 +14,8 @@ from ..oracle.golden import write_golden
 from ..oracle.tolerance import COMPARE_TIERS
 from ..oracle.trace import Trace, record
 from .common import LayerProgress, Subparsers, add_model_arguments, load_model
-from .common import MODEL_HELP, index_list, input_file, model_argument, non_negative_int, output_dir, \
-    output_file, utf8_text
+from .common import input_file, output_dir, output_file
+from .options import add_ids_argument, add_layers_argument, add_model_argument, add_text_argument
 
 
 def _ids(args: argparse.Namespace, model) -> np.ndarray:
@@ -46,16 +46,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_golden(args: argparse.Namespace) -> int:
     model = load_model(args)
-    out = write_golden(model, _ids(args, model), args.out, args.layers)
+    out = write_golden(model, _ids(args, model), args.out, args.layers or None)  # --layers alone: every layer
     print(f"wrote golden vectors to {out} (manifest.json lists the operators)")
     return 0
 
 
 def _add_input(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=model_argument, help=MODEL_HELP)
+    add_model_argument(p)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--ids", type=non_negative_int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8], help="token ids")
-    src.add_argument("--text", type=utf8_text, help="text to tokenize with the checkpoint's tokenizer (BOS prepended)")
+    add_ids_argument(src, "token ids (default: 1 2 3 4 5 6 7 8)", default=[1, 2, 3, 4, 5, 6, 7, 8])
+    add_text_argument(src, "text to tokenize with the checkpoint's tokenizer (BOS prepended)")
     add_model_arguments(p)
 
 
@@ -86,7 +86,7 @@ def register(sub: Subparsers) -> None:
                                    "another backend kernel by kernel.")
     _add_input(p)
     p.add_argument("--out", required=True, type=output_dir, help="output directory")
-    p.add_argument("--layers", type=index_list, help="comma-separated layer indices to write (default: all)")
+    add_layers_argument(p, "the layers to write (default: all)")
     p.set_defaults(func=_cmd_golden)
 
 

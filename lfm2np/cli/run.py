@@ -7,17 +7,19 @@ import time
 
 import numpy as np
 
+from ..io.tokenizer import Tokenizer
 from .common import LayerProgress, Subparsers, add_model_arguments, add_sampling_arguments, load_for_generation, \
-    load_model, run_generation, \
-    sampling_from
-from .common import MODEL_HELP, model_argument, non_negative_int, positive_int, utf8_text
+    load_model, run_generation, sampling_from
+from .common import positive_int, utf8_text
+from .options import add_ids_argument, add_model_argument, add_text_argument
 
 
 def _cmd_forward(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = load_model(args)
     t1 = time.perf_counter()
-    ids = np.array(args.ids, dtype=np.int64)
+    ids = np.array(Tokenizer.load(args.model).encode(args.text, add_bos=True) if args.text is not None
+                   else args.ids, dtype=np.int64)
     logits = model.forward(ids, progress=LayerProgress())
     t2 = time.perf_counter()
     print(model)
@@ -33,9 +35,12 @@ def _cmd_forward(args: argparse.Namespace) -> int:
 
 def _register_forward(sub: Subparsers) -> None:
     p = sub.add_parser("forward", help="run the forward pass on token ids and show the logits",
-                       description="Load a checkpoint directory and print the logits' top entries for each position.")
-    p.add_argument("model", type=model_argument, help=MODEL_HELP)
-    p.add_argument("--ids", type=non_negative_int, nargs="+", default=[1, 2, 3, 4], help="token ids (default: 1 2 3 4)")
+                       description="Load a model and print the logits' top entries for each position of token ids "
+                                   "or of a text.")
+    add_model_argument(p)
+    what = p.add_mutually_exclusive_group()
+    add_ids_argument(what, "token ids (default: 1 2 3 4)", default=[1, 2, 3, 4])
+    add_text_argument(what, "text to tokenize with the checkpoint's tokenizer (BOS prepended)")
     add_model_arguments(p)
     p.add_argument("--top", type=positive_int, default=3, help="how many top logits to show per position")
     p.set_defaults(func=_cmd_forward)
@@ -49,7 +54,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": args.chat})
         prompt_ids = tokenizer.encode_chat(messages)
     else:
-        prompt_ids = tokenizer.encode(args.prompt, add_bos=True)
+        prompt_ids = tokenizer.encode(args.text, add_bos=True)
     run_generation(model, tokenizer, prompt_ids, args)
     return 0
 
@@ -58,9 +63,9 @@ def _register_generate(sub: Subparsers) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt or a chat message, streaming",
                        description="Generate from a checkpoint directory or a repo id in the local Hugging Face "
                                    "cache (e.g. LiquidAI/LFM2-350M after `hf download LiquidAI/LFM2-350M`).")
-    p.add_argument("model", type=model_argument, help=MODEL_HELP)
+    add_model_argument(p)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", type=utf8_text, help="raw text to continue (BOS is prepended)")
+    add_text_argument(what, "raw text to continue (BOS prepended)")
     what.add_argument("--chat", type=utf8_text, help="a user message, formatted with the checkpoint's chat template")
     p.add_argument("--system", type=utf8_text, help="system message for --chat")
     add_sampling_arguments(p)

@@ -23,16 +23,34 @@ print("attention layers:", c.attention_layers, "| H =", c.num_attention_heads, "
 
 # %% [markdown]
 # ## RoPE: rotation by position, relative scores
-# Each pair of dimensions (i, i + hd/2) turns at its own frequency. A query-key score depends only on the
-# distance between the two positions.
+# The head's hd dimensions form hd/2 pairs, dims (i, i + hd/2), and pair i turns by theta^(-2i/hd) radians
+# per position: pair 0 by a full radian, the last pair by a few thousandths. So the table below has hd/2
+# rows, not hd (the cos of dim i + hd/2 is the cos of dim i). The fast pairs turn by more than a radian
+# between neighbouring positions: drawn as a picture, their integer-position samples make slow-looking
+# ripples (aliasing), so the right panel draws three pairs as continuous curves with the positions the
+# model sees as dots.
 
 # %%
-cos, sin = ops.rope_tables(np.arange(64), c.head_dim, c.rope_theta)
-fig, ax = plt.subplots(figsize=(6.5, 2.6))
-im = ax.imshow(cos.T, aspect="auto", cmap="RdBu", vmin=-1, vmax=1)
-ax.set_xlabel("position p"); ax.set_ylabel("head dimension i")
-ax.set_title(f"cos(p · theta^(-2i/hd)), theta = {c.rope_theta:g}")
-fig.colorbar(im, ax=ax, label="cos"); fig.tight_layout()
+pairs = c.head_dim // 2
+cos, sin = ops.rope_tables(np.arange(64), c.head_dim, c.rope_theta)  # (64, hd): the halves repeat
+assert np.array_equal(cos[:, :pairs], cos[:, pairs:])
+freq = ops.rope_frequencies(c.head_dim, c.rope_theta)                 # (hd/2,) radians per position
+fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.9), gridspec_kw={"width_ratios": [1, 1.5]})
+left.semilogy(np.arange(pairs), freq, "o-", ms=4)
+left.set_xticks(range(0, pairs, 3))
+left.set_xlabel("frequency pair i (dims i and i + hd/2)"); left.set_ylabel("radians per position")
+left.set_title(f"theta^(-2i/hd), theta = {c.rope_theta:g}, hd = {c.head_dim}", fontsize=10)
+turn = lambda v: 2 * np.pi / np.maximum(v, 1e-12)  # radians per position <-> positions per turn  # noqa: E731
+wavelength = left.secondary_yaxis("right", functions=(turn, turn))
+wavelength.set_ylabel("positions per turn")
+p_fine = np.linspace(0, 40, 800)
+for i, colour in zip((0, 3, pairs - 1), ("C0", "C1", "C2")):
+    right.plot(p_fine, np.cos(p_fine * freq[i]), color=colour, lw=1, label=f"pair {i}: {freq[i]:.3g} rad/position")
+    right.plot(np.arange(41), cos[:41, i], "o", color=colour, ms=3)
+right.set_xlabel("position p (dots: the positions the model sees)"); right.set_ylabel("cos(p · freq)")
+right.set_title("how fast pairs turn: curves in continuous p, dots at integer p", fontsize=10)
+right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
+fig.tight_layout()
 
 rng = np.random.default_rng(0)
 q, k = rng.standard_normal((1, 1, c.head_dim)), rng.standard_normal((1, 1, c.head_dim))
@@ -74,14 +92,19 @@ for j in range(H):
     p = np.exp(s - s.max(-1, keepdims=True))
     probs[j] = p / p.sum(-1, keepdims=True)
 labels = [tok.decode([i]).replace("\n", "\\n") for i in ids]
-fig, axes = plt.subplots(1, H, figsize=(3.3 * H, 3.9), layout="constrained")
-for j, ax in enumerate(np.atleast_1d(axes)):
-    im = ax.imshow(probs[j], cmap="viridis", vmin=0, vmax=1)
-    ax.set_title(f"layer {layer}, head {j} (KV head {j // (H // G)})", fontsize=9)
-    ax.set_xticks(range(T)); ax.set_xticklabels(labels, rotation=90, fontsize=6)
-    ax.set_yticks(range(T)); ax.set_yticklabels(labels, fontsize=6)
-    ax.set_xlabel("key (attended token)", fontsize=8)
-    if j == 0:
-        ax.set_ylabel("query (attending token)", fontsize=8)
-fig.colorbar(im, ax=axes, label="attention probability", shrink=0.8)
-assert np.allclose(probs.sum(-1), 1)
+future = np.triu(np.ones((T, T), dtype=bool), 1)  # key after query: masked, never attended (not "probability 0")
+cmap = plt.get_cmap("viridis").copy()
+cmap.set_bad("#d9d9d9")  # masked cells in light grey, apart from the dark blue of a near-zero probability
+fig, axes = plt.subplots(2, (H + 1) // 2, figsize=(13, 13), layout="constrained")
+for j, ax in enumerate(axes.flat):
+    if j >= H:
+        ax.axis("off")
+        continue
+    im = ax.imshow(np.ma.masked_array(probs[j], future), cmap=cmap, vmin=0, vmax=1)
+    ax.set_title(f"layer {layer}, head {j} (KV head {j // (H // G)})", fontsize=11)
+    ax.set_xticks(range(T)); ax.set_xticklabels(labels, rotation=90, fontsize=9)
+    ax.set_yticks(range(T)); ax.set_yticklabels(labels, fontsize=9)
+    ax.set_xlabel("key (attended token)", fontsize=10)
+    ax.set_ylabel("query (attending token)", fontsize=10)
+fig.colorbar(im, ax=axes, label="attention probability (grey: a future key, masked)", shrink=0.6)
+assert np.allclose(probs.sum(-1), 1) and (probs[:, future] == 0).all()

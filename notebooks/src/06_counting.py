@@ -48,7 +48,7 @@ for n in contexts:
 
 # %% [markdown]
 # Where the difference decides what fits: serving several sequences at the full 32K context. The budget
-# is 32 GiB, what a machine sold as "32 GB" has (docs/calculators.md: use `--budget 32GiB` for RAM).
+# is 32 GiB, what a machine sold as "32 GB" has (docs/calculators.md: use `--memory-budget 32GiB` for RAM).
 # Totals are the calculator's: Q4_K_M weights + f16 KV cache + conv state + compute buffer.
 
 # %%

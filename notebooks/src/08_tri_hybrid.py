@@ -90,9 +90,15 @@ print("pairs that turn in full layers:", int((full_f > 0).sum()), "of", hd // 2)
 
 # %% [markdown]
 # ## The output gate
-# Each attention head's output is multiplied by `sigmoid(gate_proj(x))`, one value per token and head,
-# before the heads are projected back. A small random LFM3 model (the gate is visible in its trace as
-# `self_attn.gate`):
+# Each attention head's output is multiplied by `sigmoid(gate_proj(x))`, one value per token and head, before
+# the heads are projected back: a head can switch itself off for a token. No trained LFM3 weights are public
+# yet, so the model below is a small LFM3 with **random weights**: its gates are sigmoids of random
+# projections, scattered around 0.5 with no pattern (an untrained gate halves a head's output on average,
+# and means nothing). To show
+# what the gate can do, head 0's `gate_proj` row in layer 1 is **set by hand**: fitted (least squares on this
+# input) to read the attention input and close at every occurrence of token 9, open elsewhere. The left panel
+# is the gate (the trace's `self_attn.gate`), the right one each head's output after it: head 0's output
+# vanishes exactly where its gate closed, the other heads go on.
 
 # %%
 tiny = lfm2np.Config.from_dict({
@@ -101,15 +107,40 @@ tiny = lfm2np.Config.from_dict({
     "layer_types": ["conv", "sliding_attention", "full_attention", "conv"], "eos_token_id": 2,
     "bos_token_id": 1, "pad_token_id": 0})
 m = random_model(tiny, seed=3)
-gates = {}
-ids = np.arange(1, 21)
-logits = m.forward(ids, record=lambda name, value: gates.__setitem__(name, value) if name.endswith(".gate") else None)
-fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-for ax, (name, g) in zip(axes, gates.items()):
-    im = ax.imshow(g.T, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_title(name.replace("model.", "")); ax.set_xlabel("token position"); ax.set_ylabel("query head")
-fig.colorbar(im, ax=axes, label="gate value sigmoid(gate_proj x)")
-print({n: (round(float(g.min()), 3), round(float(g.max()), 3)) for n, g in gates.items()})
+ids = np.array([1, 9, 14, 5, 22, 9, 31, 40, 12, 7, 9, 18, 3, 27, 11, 9, 6, 33, 9, 20])
+
+
+def layer1(model):
+    seen = {}
+    model.forward(ids, record=lambda name, value: seen.setdefault(name, value.copy()))
+    a = "model.layers.1.self_attn."
+    T, H = seen[a + "gate"].shape
+    return seen["model.layers.1.operator_norm"], seen[a + "gate"], seen[a + "attn_out"].reshape(T, H, -1)
+
+
+x, random_gates, _ = layer1(m)
+print(f"random weights: gate values {random_gates.min():.2f} .. {random_gates.max():.2f}, "
+      f"mean {random_gates.mean():.2f}")
+name = "model.layers.1.self_attn.gate_proj.weight"
+by_hand = np.array(m.params[name])
+by_hand[0] = np.linalg.lstsq(x, np.where(ids == 9, -6.0, 6.0), rcond=None)[0]  # head 0: -6 at token 9, else +6
+m = lfm2np.Model(m.config, {**m.params, name: by_hand})  # the same model with head 0's gate set by hand
+_, gates, out = layer1(m)
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
+im = axes[0].imshow(gates.T, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+fig.colorbar(im, ax=axes[0], label="gate = sigmoid(gate_proj x)")
+norms = np.linalg.norm(out, axis=-1).T
+im = axes[1].imshow(norms, cmap="magma", vmin=0, aspect="auto")
+fig.colorbar(im, ax=axes[1], label="|head output| after the gate")
+for ax, title in zip(axes, ["layer 1 gates: head 0 set by hand, heads 1-7 random",
+                            "each head's output after its gate"]):
+    ax.set_title(title, fontsize=10); ax.set_ylabel("query head"); ax.set_xlabel("token (9: where head 0 closes)")
+    ax.set_xticks(range(len(ids))); ax.set_xticklabels(ids, fontsize=8)
+    for k in np.flatnonzero(ids == 9):
+        ax.get_xticklabels()[k].set_color("red")
+closed = gates[ids == 9, 0]
+print(f"head 0's gate at the 9s: {closed.max():.4f} at most; elsewhere {gates[ids != 9, 0].min():.4f} at least")
+assert closed.max() < 0.01 and gates[ids != 9, 0].min() > 0.99 and np.allclose(gates[:, 1:], random_gates[:, 1:])
 
 # %% [markdown]
 # ## Decoding state: a sliding layer's cache stops growing
@@ -126,26 +157,37 @@ for i, kind in enumerate(tiny.layer_types):
 
 # %% [markdown]
 # ## Memory against context: LFM2 and LFM3
-# KV cache (f16, one sequence) as the context grows. LFM3-1.7B's 5 sliding layers keep at most 256
-# positions, so only its 6 full layers grow; counting all 11 attention layers as full would nearly double it.
-# Its 6 full layers hold as much per token as LFM2-1.2B's 6 attention layers (4 KV heads of 128 against 8 of
-# 64), so the two lines meet once the sliding layers' fixed 2.6 MB no longer shows.
+# KV cache (f16, one sequence) as the context grows, each model up to the context its card supports (LFM2:
+# 32,768; LFM3-1.7B: 262,144). LFM3-1.7B's 5 sliding layers keep at most 256 positions, so only its 6 full
+# layers grow; counting all 11 attention layers as full would nearly double it. Its 6 full layers hold as much
+# per token as LFM2-1.2B's 6 attention layers (4 KV heads of 128 against 8 of 64), so the two models' lines
+# meet once the sliding layers' fixed 2.6 MB no longer shows: LFM2-1.2B is drawn dashed on top, where it ends.
 
 # %%
-contexts = np.array([1024, 4096, 16384, 32768, 65536, 131072, 262144])
-rows = {
-    "LFM2-1.2B (6 attention layers)": lfm2np.load_config("LFM2-1.2B"),
-    "LFM3-1.7B (6 full + 5 sliding)": c,
-    "LFM3-1.7B, sliding counted as full": c.replace(layer_types=tuple(
-        "full_attention" if k != "conv" else "conv" for k in c.layer_types)),
-}
-fig, ax = plt.subplots(figsize=(7, 3.4))
-for label, cfg in rows.items():
-    ax.loglog(contexts, [calc.kv_cache_bytes(cfg, int(n)) / 1e9 for n in contexts], "o-", label=label)
+from lfm2np import presets
+
+contexts = np.array([1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144])
+lfm2 = lfm2np.load_config("LFM2-1.2B")
+rows = [  # (label, config, style); each line stops at the model's supported context
+    ("LFM3-1.7B, sliding counted as full", c.replace(layer_types=tuple(
+        "full_attention" if k != "conv" else "conv" for k in c.layer_types)), dict(color="C2", marker="o")),
+    ("LFM3-1.7B (6 full + 5 sliding)", c, dict(color="C1", marker="o", ms=7)),
+    ("LFM2-1.2B (6 attention layers)", lfm2, dict(color="C0", marker="x", ls="--", ms=8, lw=1.5)),
+]
+fig, ax = plt.subplots(figsize=(7.5, 3.8))
+for label, cfg, style in rows:
+    supported = presets.supported_context(cfg)[0]  # the model card's (the variant keeps its source name)
+    n = contexts[contexts <= supported]
+    ax.loglog(n, [calc.kv_cache_bytes(cfg, int(k)) / 1e9 for k in n], label=f"{label}, to {supported:,}", **style)
+ax.axvline(32768, color="grey", lw=0.6, ls=":")
+ax.text(32768 * 1.08, 0.015, "LFM2's supported\ncontext: 32,768", fontsize=8, color="grey")
 ax.set_xlabel("context (tokens)"); ax.set_ylabel("KV cache, GB (f16, 1 sequence)")
-ax.set_title("KV cache against context"); ax.legend(fontsize=8); fig.tight_layout()
+ax.set_title("KV cache against context, up to each model's supported context"); ax.legend(fontsize=8)
+fig.tight_layout()
 kv = calc.kv_cache_bytes(c, 131072)
 print(f"LFM3-1.7B at 128K: {calc.format_bytes(kv)}; sliding counted as full: "
-      f"{calc.format_bytes(calc.kv_cache_bytes(rows['LFM3-1.7B, sliding counted as full'], 131072))}")
+      f"{calc.format_bytes(calc.kv_cache_bytes(rows[0][1], 131072))}")
+print(f"at 32,768 tokens: LFM2-1.2B {calc.format_bytes(calc.kv_cache_bytes(lfm2, 32768))}, "
+      f"LFM3-1.7B {calc.format_bytes(calc.kv_cache_bytes(c, 32768))}")
 print(f"conv state: {calc.format_bytes(calc.conv_state_bytes(c))} (13 layers x {c.conv_L_cache - 1} columns x "
       f"{c.hidden_size} x 4 bytes)")
