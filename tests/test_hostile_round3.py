@@ -99,3 +99,201 @@ def test_any_type_pattern_builds_quickly_with_every_id_in_place(types):
             assert tok.token_to_id(tokens[i]) is None and i not in decoder
         else:
             assert tok.token_to_id(tokens[i]) == i
+
+
+# ======================================================================= chat templates: time and size
+#: each loops inside a filter, a global or a method, where the old line tracer (the template's own lines
+#: only) never looked: hours, or gigabytes before an error
+LOOPS_OUTSIDE_THE_TEMPLATE = [
+    "{{ range(100000)|slice(10**9)|list|length }}",
+    "{{ range(100000)|slice(10**9)|map('first')|select|first }}",
+    "{{ (range(100000)|list)|batch(1)|map('join', 'x' * 100000)|join|length }}",
+    "{{ range(100000)|map('string')|map('center', 10**5)|join|length }}",
+    "{{ (range(100000)|list)|select('in', range(100000)|list)|list|length }}",
+    "{{ (range(30000)|list)|unique|map('string')|map('replace', '', 'xyz' * 300)|join|length }}",
+]
+#: each asks for a value of gigabytes in one operation (the old code allocated 1-2 GB or more)
+BOMBS = [
+    "{{ 'a'|center(10**9) }}", "{{ 'a'.center(10**9) }}", "{{ 'a'.ljust(10**9) }}", "{{ 'a'.rjust(10**9) }}",
+    "{{ '1'.zfill(10**9) }}", "{{ '{:>1000000000}'.format(1) }}", "{{ '{0:{1}}'.format('a', 10**9) }}",
+    "{{ '%(a)999999999s' % {'a': 1} }}", "{{ '%999999999d' % 1 }}", "{{ '%.999999999f' % 1.5 }}",
+    "{{ '%s'|format('x'|center(10**7)) ~ ('x'|center(10**7)) }}", "{{ 'a'|indent(10**9, true) }}",
+    "{{ ('a\\n' * 1000)|indent('x' * 10**6) }}", "{{ ['a', 'b']|join('x' * 10**7) ~ ['a', 'b']|join('x' * 10**7) }}",
+    "{{ ('x' * 10**6)|wordwrap(1, wrapstring='y' * 10**6) }}", "{{ ('x' * 10**6).replace('', 'yy' * 10**6) }}",
+    "{{ ('\\t' * 10**6).expandtabs(10**6) }}", "{{ range(10)|batch(10**9, 'x')|list }}",
+    "{{ 'x'|tojson(indent=10**9) }}", "{{ [1, [2]]|tojson(indent=10**7) }}", "{{ 5|round(-10**9) }}",
+    "{% set x = 'x' * 10**7 %}{{ [x, x, x] }}", "{% set x = 'x' * 10**6 %}{% set y = [x] * 10 %}{{ [y, y, y] }}",
+    "{% set x = 'x' * 10**7 %}{{ x ~ x }}", "{% set x = 'x' * 10**7 %}{{ x + x }}", "{{ ['x' * 10**7] * 2 }}",
+    "{% macro m(s) %}{{ s }}{{ s }}{% endmacro %}{{ m('x' * 10**7) }}",
+    "{% set ns = namespace(a='') %}{% for i in range(100) %}{% set ns.a = ns.a ~ ('x' * 10**6) %}{% endfor %}",
+    "{% set ns = namespace() %}{% for i in range(40) %}{% set ns.a = 'x' * 10**6 ~ i %}{% set ns.b = ns.a ~ ns.a %}"
+    "{% set ns.c = ns.b ~ ns.b %}{% set ns.d = ns.c ~ ns.c %}{% set ns.e = ns.d ~ ns.d %}{% endfor %}",
+    "{{ range(1000)|map('center', 10**7)|list|length }}", "{{ (range(1000)|map('center', 10**6)|list)|sum(start='') }}",
+    "{{ ('ab ' * 5000000).split()|length }}", "{{ ('a\\n' * 8000000).splitlines()|length }}",
+    "{{ 'ab'.translate({97: 'x' * 10**7, 98: 'y' * 10**7}) }}", "{{ (2**4000) * (2**4000) * (2**4000) }}",
+    "{{ 10 ** 1000000 }}", "{{ 'x' * 10**9 }}", "{{ [1] * 10**9 }}",
+    "{% autoescape ('a'|center(10**9)) %}x{% endautoescape %}",
+]
+
+
+def test_the_template_time_limit_holds_for_filters_globals_and_methods():
+    """Each template loops inside jinja2's filters or Python's methods: stopped at the limit (here 1 s)
+    naming the template, all within a generous bound (the old tracer timed the template's own lines only)."""
+    out = run_bounded(f"""
+        import json, time
+        from lfm2np import Lfm2npError
+        from lfm2np.io.chat_template import render_template
+        for i, t in enumerate({LOOPS_OUTSIDE_THE_TEMPLATE!r}):
+            t0 = time.perf_counter()
+            try:
+                render_template(t, [{{"role": "user", "content": "hi"}}], source=f"T{{i}}.jinja", max_seconds=1)
+                result = "rendered"
+            except Lfm2npError as e:
+                result = str(e)
+            print(json.dumps([result, time.perf_counter() - t0]))
+    """, seconds=120)
+    for template, line in zip(LOOPS_OUTSIDE_THE_TEMPLATE, out.splitlines()):
+        message, seconds = json.loads(line)
+        assert seconds < 6, (template, seconds)
+        assert message.startswith(f"T{LOOPS_OUTSIDE_THE_TEMPLATE.index(template)}.jinja: chat template stopped: "), \
+            (template, message)
+
+
+def test_templates_that_would_build_huge_values_are_refused_before_they_do():
+    """Each is refused naming the template and the operation, in a child limited to 1 GiB of address space,
+    whose peak memory stays far below what the old code allocated (1-2 GB, or a MemoryError)."""
+    out = run_bounded(f"""
+        import json, resource
+        from lfm2np import Lfm2npError
+        from lfm2np.io.chat_template import render_template
+        for i, t in enumerate({BOMBS!r}):
+            try:
+                render_template(t, [{{"role": "user", "content": "hi"}}], source=f"T{{i}}.jinja", max_seconds=20)
+                result = "rendered"
+            except Lfm2npError as e:
+                result = str(e)
+            print(json.dumps(result))
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """, seconds=120)
+    *lines, peak_kib = out.splitlines()
+    for i, (template, line) in enumerate(zip(BOMBS, lines)):
+        message = json.loads(line)
+        assert message.startswith(f"T{i}.jinja: chat template "), (template, message)
+        assert "more than" in message or "constant only" in message, (template, message)
+        assert "MemoryError" not in message and "out of memory" not in message, (template, message)
+    assert len(lines) == len(BOMBS)
+    assert int(peak_kib) < 600 * 1024, f"peak {int(peak_kib) // 1024} MiB"
+
+
+def test_ordinary_templates_render_as_before():
+    """The bounds change nothing for what real chat templates do: the same text as jinja2's own immutable
+    sandbox configured as transformers configures it (the reference), over namespaces, formatting, joins,
+    literals, slices and filters."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from lfm2np.io.chat_template import render_template
+
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": " 2 + 2? "},
+            {"role": "assistant", "content": "4"}]
+    template = ("{% set ns = namespace(sys='') %}{% for m in messages %}{% if m.role == 'system' %}"
+                "{% set ns.sys = m.content %}{% endif %}{% endfor %}{{ bos_token }}[{{ ns.sys|upper }}]"
+                "{% for m in messages[1:] %}<{{ m.role }}>{{ m.content|trim }}{{ '%-4s|%5.2f' % (m.role, 1.5) }}"
+                "{{ '{:>6}'.format(loop.index) }}{{ [m.role, m.content]|join(',') }}{{ (m|tojson)[:12] }}"
+                "{{ 'x' * 3 ~ ([1, 2] + [3]) }}{{ {'a': 1}|items|list }}{{ m.content.split('+')|map('trim')|list }}"
+                "{% macro tag(s) %}<{{ s|center(7) }}>{% endmacro %}{{ tag(m.role) }}{% set block %}"
+                "{{ m.content.strip().ljust(5, '.') }}{% endset %}{{ block ~ (m.content|wordwrap(3)) }}"
+                "{% endfor %}{{ range(3)|batch(2, 0)|list }}{{ range(5)|slice(2)|list }}{{ 12345.678|round(1) }}"
+                "{{ messages|map(attribute='role')|unique|sort|join(' ') }}{{ (messages|last).content|indent(2) }}"
+                "{{ messages|selectattr('role', 'eq', 'user')|list|length }}{{ ('a', 'b') }}{{ 2 ** 10 }}")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)  # transformers'
+    reference = env.from_string(template).render(messages=chat, bos_token="<s>", add_generation_prompt=True,
+                                                 tools=None)
+    assert render_template(template, chat, bos_token="<s>") == reference
+
+
+# ----------------------------------------------------------------------------------- the template fuzzer
+NUMBERS = ["0", "1", "3", "-2", "7.5", "10**9", "2**40", "-10**9", "100000", "4096", "10**7"]
+TEXTS = ["'a'", "'x' * 1000", "'a b\\tc\\nd'", "messages[0].content", "''", "'%s%d'", "'{}{:>9}'", "'%(k)5s'",
+         "'y' * 10**6", "'<|im_end|>'"]
+OTHERS = ["range(100000)", "range(10)", "messages", "[1, 2]", "{'k': 'v'}", "(1, 'b')", "none", "true"]
+FILTERS = {"center": 1, "indent": 1, "wordwrap": 1, "replace": 2, "join": 1, "list": 0, "format": 1, "batch": 2,
+           "slice": 1, "sum": 0, "round": 1, "tojson": 0, "first": 0, "select": 0, "unique": 0, "sort": 0,
+           "length": 0, "string": 0, "trim": 0, "upper": 0, "truncate": 1, "reverse": 0, "int": 0, "default": 1,
+           "pprint": 0, "items": 0, "urlize": 0, "dictsort": 0, "min": 0, "max": 0, "striptags": 0}
+METHODS = {"center": 1, "ljust": 1, "zfill": 1, "expandtabs": 1, "replace": 2, "join": 1, "split": 0,
+           "splitlines": 0, "format": 2, "upper": 0, "strip": 0, "count": 1, "rjust": 2, "translate": 1}
+OPERATORS = ["*", "+", "%", "**", "~", "//", "-", "in"]
+
+
+def _expressions():
+    atoms = st.sampled_from(NUMBERS + TEXTS + OTHERS)
+
+    def extend(inner):
+        value = st.one_of(st.sampled_from(NUMBERS + TEXTS), inner)  # arguments: mostly numbers and strings
+        text = st.one_of(st.sampled_from(TEXTS), inner)
+
+        def filtered(draw_value, name, args):
+            return f"({draw_value})|{name}" + (f"({', '.join(args)})" if args else "")
+        return st.one_of(
+            st.sampled_from(sorted(FILTERS)).flatmap(
+                lambda name: st.builds(filtered, inner, st.just(name), st.lists(value, min_size=FILTERS[name],
+                                                                                max_size=FILTERS[name]))),
+            st.sampled_from(sorted(METHODS)).flatmap(
+                lambda name: st.builds(lambda v, args: f"({v}).{name}({', '.join(args)})", text,
+                                       st.lists(value, min_size=0, max_size=METHODS[name]))),
+            st.builds(lambda a, op, b: f"({a} {op} {b})", inner, st.sampled_from(OPERATORS), inner),
+            st.builds(lambda items: f"[{', '.join(items)}]", st.lists(inner, min_size=1, max_size=4)),
+            st.builds(lambda k, v: f"{{{k}: {v}}}", inner, inner),
+            st.builds(lambda v, f: f"({v})|map('{f}')|list", inner, st.sampled_from(["string", "upper", "length"])))
+    return st.recursive(atoms, extend, max_leaves=6)
+
+
+def _templates():
+    e = _expressions()
+    return st.one_of(
+        st.builds(lambda a: f"{{{{ {a} }}}}", e),
+        st.builds(lambda a, b: f"{{% set v = {a} %}}{{{{ v ~ v }}}}{{{{ [v, v, {b}] }}}}", e, e),
+        st.builds(lambda a, b: f"{{% for x in {a} %}}{{{{ x ~ {b} }}}}{{% endfor %}}", e, e),
+        st.builds(lambda a, b: f"{{% set ns = namespace(v={a}) %}}{{% for i in range(100) %}}"
+                               f"{{% set ns.v = ns.v ~ {b} %}}{{% endfor %}}{{{{ ns.v|length }}}}", e, e),
+        st.builds(lambda a: f"{{% macro m(s) %}}{{{{ s }}}}{{{{ s }}}}{{% endmacro %}}{{{{ m(m(m({a}))) }}}}", e))
+
+
+RENDER_WORKER = """
+import json, resource, sys, time
+from lfm2np import Lfm2npError
+from lfm2np.io.chat_template import render_template
+out = []
+for t in json.loads(sys.stdin.read()):
+    t0 = time.perf_counter()
+    try:
+        render_template(t, [{"role": "user", "content": "hi"}], source="fuzzed.jinja", max_seconds=0.3)
+        kind = "rendered"
+    except Lfm2npError as e:
+        kind = "out of memory" if "MemoryError" in str(e) or "out of memory" in str(e) else "refused"
+        kind = kind if str(e).startswith("fuzzed.jinja: ") and "\\n" not in str(e) else "unnamed: " + str(e)
+    except BaseException as e:
+        kind = f"{type(e).__name__}: {e}"
+    out.append([t, kind, time.perf_counter() - t0])
+print(json.dumps([out, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))
+"""
+
+
+@settings(max_examples=int(__import__("os").environ.get("LFM2NP_FUZZ_EXAMPLES", 3)), deadline=None)
+@given(st.lists(_templates(), min_size=20, max_size=20))
+def test_fuzzed_templates_render_or_are_refused_in_bounded_time_and_memory(templates):
+    """Random compositions of filters, methods, operators, literals, loops, namespaces and macros over small
+    and huge numbers and strings: each renders or is refused (Lfm2npError naming the template), within the
+    time limit (0.3 s) and a little, in a child whose address space is 1 GiB and whose peak stays far below."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", RENDER_WORKER], input=json.dumps(templates), capture_output=True,
+                              text=True, timeout=60, env=subprocess_env(), preexec_fn=_limit)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the batch did not finish within 60 s: {templates}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results, peak_kib = json.loads(proc.stdout)
+    for template, kind, seconds in results:
+        assert kind in ("rendered", "refused"), (template, kind)
+        assert seconds < 3, (template, seconds)
+    assert peak_kib < 700 * 1024, f"peak {peak_kib // 1024} MiB"
