@@ -7,18 +7,28 @@ Whatever may hang or allocate without bound runs in a child process under an add
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import resource
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from lfm2np import Lfm2npError
+from lfm2np.cli import main
 from lfm2np.io.gguf_tokenizer import tokenizer_from_gguf_metadata
+from lfm2np.oracle.dumps import Dump, load_dump
 
 from conftest import subprocess_env
 
@@ -297,3 +307,128 @@ def test_fuzzed_templates_render_or_are_refused_in_bounded_time_and_memory(templ
         assert kind in ("rendered", "refused"), (template, kind)
         assert seconds < 3, (template, seconds)
     assert peak_kib < 700 * 1024, f"peak {peak_kib // 1024} MiB"
+
+
+# ======================================================================================= backend dumps
+def npy_header(shape, descr: str = "<f4") -> bytes:
+    head = repr({"descr": descr, "fortran_order": False, "shape": tuple(shape)}).encode("latin1")
+    head += b" " * (63 - (10 + len(head)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head
+
+
+def npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def write_npz(path: Path, members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> Path:
+    with zipfile.ZipFile(path, "w", compression=compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name + ".npy", data)
+    return path
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_BZIP2, zipfile.ZIP_DEFLATED, zipfile.ZIP_LZMA])
+def test_an_npz_of_many_small_bombs_is_refused_before_anything_is_inflated(tmp_path, compression):
+    """Three members, each declaring 16 MiB of zeros (each within the old per-member allowance, a few hundred
+    bytes stored): the total is bounded by the file's size, before any member is inflated; bzip2 and lzma
+    members, which zipfile inflates without bounding the output (the header alone would inflate a block),
+    are refused by their method."""
+    path = tmp_path / "bombs.npz"
+    with zipfile.ZipFile(path, "w", compression=compression) as zf:
+        zf.writestr("ids.npy", npy(np.arange(3)))
+        for i in range(3):
+            with zf.open(f"model.layers.{i}.conv.conv_out.npy", "w") as f:
+                f.write(npy_header((1 << 22,)))
+                f.write(bytes(16 << 20))
+    assert path.stat().st_size < 200_000
+    needles = ["would inflate", "stored bytes", "100 times its size"] if compression == zipfile.ZIP_DEFLATED else \
+        ["member 'ids.npy' is compressed with method", "stored or deflated"]  # zipfile inflates these unbounded
+    tracemalloc.start()
+    try:
+        refused(lambda: load_dump(path), str(path), *needles)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+
+
+def test_dump_kinds_are_never_mixed_and_logits_keep_their_range(tmp_path):
+    ids, logits = npy(np.array([1, 2])), npy(np.zeros((2, 5), np.float32))
+    both = write_npz(tmp_path / "both.npz", {"ids": ids, "logits": logits, "tokens": npy(np.array([3, 4]))})
+    refused(lambda: load_dump(both), str(both), "both 'logits' and 'tokens'")
+    huge = np.zeros((2, 5))
+    huge[1, 3] = -1e300
+    wide = write_npz(tmp_path / "wide.npz", {"ids": ids, "logits": npy(huge)})
+    refused(lambda: load_dump(wide), str(wide), "'logits'", "-1e+300", "[1, 3]", "float32 range")
+    fine = np.zeros((2, 5))
+    fine[0, 0] = np.inf  # the backend's own infinity stays one
+    assert load_dump(write_npz(tmp_path / "ok.npz", {"ids": ids, "logits": npy(fine)})).logits[0, 0] == np.inf
+    outside = write_npz(tmp_path / "outside.npz", {"ids": npy(np.array([1, 99])), "tokens": npy(np.array([3]))})
+    refused(lambda: load_dump(outside, vocab_size=50), str(outside), "ids holds 99", "0..49")
+
+
+def test_a_dump_path_that_is_no_file_says_what_it_is(tmp_path):
+    loop = tmp_path / "loop.npz"
+    loop.symlink_to(loop)
+    fifo = tmp_path / "pipe.npz"
+    os.mkfifo(fifo)
+    cases = {tmp_path: "is a directory", loop: "a loop of symbolic links", fifo: "is a FIFO",
+             tmp_path / "missing.npz": "no such dump file"}
+    for path, needle in cases.items():
+        outcome: list = []
+        worker = threading.Thread(target=lambda p=path: outcome.append(_message(lambda: load_dump(p))), daemon=True)
+        worker.start()
+        worker.join(10)
+        assert outcome, f"{path}: load_dump blocked"
+        assert outcome[0].startswith(str(path)) and needle in outcome[0], outcome[0]
+
+
+def test_the_cli_names_what_a_dump_path_is(tmp_path, capsys):
+    assert main(["diagnose", "embedded", "--dump", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"lfm2np: error: {tmp_path}: is a directory; a dump is an .npz or a .safetensors file", err
+
+
+def _message(action) -> str:
+    with pytest.raises(Lfm2npError) as e:
+        action()
+    return str(e.value)
+
+
+NAMES = ["ids", "logits", "tokens", "prefill", "model.layers.0.conv.conv_out", "model.embed_tokens", "x"]
+DTYPES = ["<f4", "<f8", "<f2", "<i8", "<i4", "|u1", "|b1", "<c8", "<U3", "|O", "<M8[s]", "|V4"]
+
+
+@st.composite
+def npy_members(draw):
+    """An .npy member: a real array, or a header alone (any shape, huge or zero dimensions) with some data."""
+    name = draw(st.sampled_from(NAMES))
+    shape = tuple(draw(st.lists(st.sampled_from([0, 1, 2, 3, 5, 2**31, 2**40, 2**62]), max_size=3)))
+    descr = draw(st.sampled_from(DTYPES))
+    if draw(st.booleans()) and descr not in ("|O", "|V4") and all(n < 8 for n in shape):
+        with np.errstate(all="ignore"):  # 1e300 as an integer or a float16 is whatever numpy makes of it
+            data = npy(np.full(shape, draw(st.sampled_from([0, 1, 7, 1e300])), np.float64).astype(descr))
+    else:
+        data = npy_header(shape, descr) + bytes(draw(st.integers(0, 64)))
+    return name, data
+
+
+@settings(max_examples=int(os.environ.get("LFM2NP_FUZZ_EXAMPLES", 25)), deadline=None)
+@given(st.lists(npy_members(), max_size=4),
+       st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA]),
+       st.sampled_from([None, 50]), st.sampled_from([None, [1, 2]]))
+def test_fuzzed_npz_dumps_load_or_are_refused_naming_the_file(tmp_path_factory, members, compression, vocab, ids):
+    path = write_npz(tmp_path_factory.mktemp("npz") / "dump.npz", dict(members), compression)
+    tracemalloc.start()
+    try:
+        dump = load_dump(path, ids=ids, vocab_size=vocab)
+    except Lfm2npError as e:
+        assert str(e).startswith(str(path)) and "\n" not in str(e), str(e)
+    else:
+        assert isinstance(dump, Dump) and dump.kind in ("logits", "trace", "tokens")
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 64 << 20, peak
