@@ -432,3 +432,58 @@ def test_fuzzed_npz_dumps_load_or_are_refused_naming_the_file(tmp_path_factory, 
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peak < 64 << 20, peak
+
+
+# ================================================================== numbers too large for a float, rope keys
+HUGE = st.integers(min_value=2**1024, max_value=10**600) | st.integers(min_value=-10**600, max_value=-(2**1024))
+FLOAT_PATHS = {"lfm2": [("norm_eps",), ("rope_theta",), ("block_ffn_dim_multiplier",), ("rope_parameters", "rope_theta")],
+               "lfm2_moe": [("norm_eps",), ("rope_theta",), ("routed_scaling_factor",), ("theta",)],
+               "lfm3": [("norm_eps",), ("rms_norm_eps",), ("rope_parameters", "full_attention", "rope_theta"),
+                        ("rope_parameters", "full_attention", "partial_rotary_factor"),
+                        ("rope_parameters", "sliding_attention", "rope_theta"), ("partial_rotary_factor",)]}
+PRESETS = {"lfm2": "tiny-dense", "lfm2_moe": "tiny-moe", "lfm3": "LFM3-1.7B"}
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([(t, p) for t, paths in FLOAT_PATHS.items() for p in paths]), HUGE)
+def test_json_integers_too_large_for_a_float_are_named(where, value):
+    import lfm2np
+
+    model_type, path = where
+    d = lfm2np.load_config(PRESETS[model_type]).to_dict()
+    if path == ("rms_norm_eps",):
+        d.pop("norm_eps", None)
+    if path == ("partial_rotary_factor",):
+        d["rope_parameters"]["sliding_attention"].pop("partial_rotary_factor", None)
+    if path[0] == "rope_parameters" and model_type == "lfm2":
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
+    target = d
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    message = refused(lambda: lfm2np.Config.from_dict(d), "too large for a float")
+    assert path[-1] in message or (path[-1] == "theta" and "rope_theta" in message) \
+        or (path[-1] == "rms_norm_eps" and "norm_eps" in message), message
+
+
+def test_an_lfm3_rope_entry_with_an_unknown_key_is_refused():
+    """A misspelt partial_rotary_factor used to be dropped: the whole head rotated."""
+    import lfm2np
+
+    d = lfm2np.load_config("LFM3-1.7B").to_dict()
+    entry = d["rope_parameters"]["full_attention"]
+    entry["partial_rotary_fator"] = entry.pop("partial_rotary_factor")
+    refused(lambda: lfm2np.Config.from_dict(d, "cfg.json"), "rope_parameters.full_attention.partial_rotary_fator",
+            "cfg.json", "not a key of an LFM3 RoPE entry")
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from(["temperature", "top_k", "top_p", "min_p", "repetition_penalty"]), HUGE)
+def test_sampling_and_generation_config_numbers_too_large_for_a_float_are_named(tmp_path_factory, field, value):
+    from lfm2np.generate import Sampling, generation_defaults, sampling_for
+
+    refused(lambda: Sampling(**{field: value}), f"{field} is ")
+    folder = tmp_path_factory.mktemp("gen")
+    (folder / "generation_config.json").write_text(f'{{"do_sample": true, "{field}": {value}}}')
+    message = refused(lambda: sampling_for(generation_defaults(folder)), "generation_config.json", f"{field} is ")
+    assert len(message) < 300, message  # the 300-digit number is not printed whole

@@ -161,9 +161,9 @@ def _npz_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], int, str]]:
                 total += math.prod(shape) * dtype.itemsize
                 if total > limit:
                     raise Lfm2npError(f"{path}: its arrays would inflate its {path.stat().st_size} stored bytes to at "
-                                      f"least {total} (with array {name!r:.80}): refused (an .npz dump may declare at most "
-                                      f"{INFLATION} times its size plus {INFLATION_SLACK >> 20} MiB; a dump of "
-                                      f"real numbers does not compress {INFLATION}-fold)")
+                                      f"least {total} (with array {name!r:.80}): refused (an .npz dump may declare "
+                                      f"at most {INFLATION} times its size plus {INFLATION_SLACK >> 20} MiB; a dump "
+                                      f"of real numbers does not compress {INFLATION}-fold)")
                 out[name] = (shape, dtype.itemsize, dtype.kind)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError,
             RuntimeError) as e:  # RuntimeError: zipfile's compression methods it cannot read
