@@ -487,3 +487,52 @@ def test_sampling_and_generation_config_numbers_too_large_for_a_float_are_named(
     (folder / "generation_config.json").write_text(f'{{"do_sample": true, "{field}": {value}}}')
     message = refused(lambda: sampling_for(generation_defaults(folder)), "generation_config.json", f"{field} is ")
     assert len(message) < 300, message  # the 300-digit number is not printed whole
+
+
+# ============================================================================ the tokenizer API's arguments
+def _tokenizers():
+    from lfm2np.embedded import embedded_model_path
+    from lfm2np.io.tokenizer import Tokenizer
+
+    backend, extras = tokenizer_from_gguf_metadata(vocabulary_meta([3, 4, 1, 5]))  # a GGUF tokenizer too
+    return [Tokenizer.load(embedded_model_path()), Tokenizer(backend, None, {"eos_token": "<|c0|>"}, "gguf")]
+
+
+TOKENIZERS = _tokenizers()
+NOT_AN_ID = st.one_of(st.integers(max_value=-1), st.integers(min_value=3072), st.floats(), st.text(max_size=3),
+                      st.none(), st.booleans(), st.binary(max_size=2), st.lists(st.integers(0, 5), max_size=2))
+NOT_IDS = st.one_of(st.none(), st.integers(), st.floats(), st.text(max_size=3), st.binary(max_size=3))
+NOT_TEXT = st.one_of(st.none(), st.integers(), st.binary(max_size=4), st.lists(st.text(max_size=2), max_size=2),
+                     st.text(max_size=3).map(lambda t: t + "\ud800"), st.floats())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(TOKENIZERS), st.lists(st.integers(0, 5), max_size=3), NOT_AN_ID, st.integers(0, 3))
+def test_decode_and_stream_refuse_what_is_not_a_token_id(tok, good, bad, at):
+    ids = good[:at] + [bad] + good[at:]
+    for action in (lambda: tok.decode(ids), lambda: list(tok.stream(ids)), lambda: tok.decode(iter(ids))):
+        refused(action, "token id", repr(bad)[:10] if not isinstance(bad, int) or isinstance(bad, bool) else str(bad))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(TOKENIZERS), NOT_IDS, NOT_TEXT)
+def test_the_tokenizer_refuses_arguments_of_the_wrong_kind(tok, not_ids, not_text):
+    if not isinstance(not_ids, int) or isinstance(not_ids, bool):  # stop_ids takes one id as well as several
+        refused(lambda: tok.stop_ids(not_ids), "stop_ids")
+    refused(lambda: tok.decode(not_ids), "decode takes a sequence of token ids")
+    refused(lambda: list(tok.stream(not_ids)), "stream takes a sequence of token ids")
+    refused(lambda: tok.encode(not_text), "encode")
+    if not isinstance(not_text, str):
+        refused(lambda: tok.token_to_id(not_text), "token_to_id takes a token string")
+    chat = [{"role": "user", "content": "hi"}]
+    for builtin in (True, False):
+        refused(lambda: tok.encode_chat(chat, tools=not_ids or 5, use_builtin=builtin), "tools")
+
+
+def test_the_tokenizer_accepts_what_it_documents():
+    tok = TOKENIZERS[0]
+    assert tok.stop_ids(5) == tok.stop_ids([5]) == tok.stop_ids(np.array([5])) and 5 in tok.stop_ids(5)
+    ids = tok.encode("hello world")
+    assert tok.decode(np.array(ids)) == tok.decode(iter(ids)) == "".join(tok.stream(ids)) == "hello world"
+    assert tok.token_to_id("not a token at all") is None
+    refused(lambda: tok.encode("x", add_bos=1), "add_bos must be True or False")
