@@ -536,3 +536,76 @@ def test_the_tokenizer_accepts_what_it_documents():
     assert tok.decode(np.array(ids)) == tok.decode(iter(ids)) == "".join(tok.stream(ids)) == "hello world"
     assert tok.token_to_id("not a token at all") is None
     refused(lambda: tok.encode("x", add_bos=1), "add_bos must be True or False")
+
+
+# ===================================================================================== GGUF metadata
+@pytest.fixture(scope="module")
+def gguf_writer(tmp_path_factory):
+    import lfm2np
+    from lfm2np.io.gguf_write import write_gguf
+    from lfm2np.synthetic import random_params
+
+    config = lfm2np.load_config("tiny-dense")
+    params = random_params(config)
+    folder = tmp_path_factory.mktemp("gguf")
+
+    def write(name: str, metadata: dict) -> Path:
+        path = folder / name
+        write_gguf(path, config, params, metadata=metadata)
+        return path
+    return write
+
+
+@pytest.mark.parametrize("value, needle", [("3", "split.count is a string '3'"), (2.0, "split.count is a float 2.0"),
+                                           (True, "split.count is a bool True"), (0, "split.count is 0; expected 1"),
+                                           (4, "a split GGUF")])
+def test_gguf_split_count_must_be_one_integer(gguf_writer, value, needle):
+    """A split.count that is not an integer was ignored (the file read as if whole)."""
+    import lfm2np
+
+    path = gguf_writer(f"split-{value!r}.gguf", {"split.count": value})
+    refused(lambda: lfm2np.load(path), str(path), needle)
+
+
+def test_gguf_vocab_size_against_the_embedding_warns_naming_the_key(gguf_writer):
+    import lfm2np
+
+    path = gguf_writer("vocab.gguf", {"lfm2.vocab_size": 5})
+    with pytest.warns(UserWarning, match=r"lfm2\.vocab_size is 5 but token_embd\.weight has 97 rows"):
+        assert lfm2np.load(path).config.vocab_size == 97
+    proc = subprocess.run([sys.executable, "-m", "lfm2np", "forward", str(path), "--ids", "1", "2"],
+                          capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "lfm2np: warning: " in proc.stderr and "lfm2.vocab_size is 5 but token_embd.weight has 97" in proc.stderr
+
+
+TOKEN_FIELDS = {"tokenizer.ggml.tokens": st.one_of(st.lists(st.sampled_from(["a", "b", "ab", "", "<|x|>", "a b", 1]),
+                                                            max_size=6), st.integers(), st.text(max_size=3)),
+                "tokenizer.ggml.token_type": st.one_of(st.lists(st.integers(-1, 7) | st.booleans() | st.floats(),
+                                                                max_size=6), st.none()),
+                "tokenizer.ggml.merges": st.one_of(st.lists(st.sampled_from(["a b", "ab", "a  b", " a", "x y", 3]),
+                                                            max_size=3), st.none()),
+                "tokenizer.ggml.bos_token_id": st.one_of(st.none(), st.integers(-2, 8), st.booleans(), st.text(max_size=1)),
+                "tokenizer.ggml.add_bos_token": st.one_of(st.none(), st.booleans(), st.integers(0, 1)),
+                "tokenizer.ggml.pre": st.sampled_from(["lfm2", "llama-bpe", "qwen2", 5, None]),
+                "tokenizer.chat_template": st.one_of(st.none(), st.text(max_size=5), st.integers())}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.fixed_dictionaries({}, optional=TOKEN_FIELDS))
+def test_fuzzed_gguf_tokenizer_metadata_builds_or_is_refused(fields):
+    import warnings
+
+    meta = {**vocabulary_meta([3, 4, 1, 5]), **fields}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            tok, extras = tokenizer_from_gguf_metadata(meta, source="f.gguf")
+        except Lfm2npError as e:
+            assert str(e).startswith("f.gguf: ") and "\n" not in str(e), str(e)
+            return
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    for i, t in enumerate(tokens):  # what was built holds every live token at its id
+        if types[i] != 5:
+            assert tok.token_to_id(t) == i
