@@ -436,7 +436,8 @@ def test_fuzzed_npz_dumps_load_or_are_refused_naming_the_file(tmp_path_factory, 
 
 # ================================================================== numbers too large for a float, rope keys
 HUGE = st.integers(min_value=2**1024, max_value=10**600) | st.integers(min_value=-10**600, max_value=-(2**1024))
-FLOAT_PATHS = {"lfm2": [("norm_eps",), ("rope_theta",), ("block_ffn_dim_multiplier",), ("rope_parameters", "rope_theta")],
+FLOAT_PATHS = {"lfm2": [("norm_eps",), ("rope_theta",), ("block_ffn_dim_multiplier",),
+                        ("rope_parameters", "rope_theta")],
                "lfm2_moe": [("norm_eps",), ("rope_theta",), ("routed_scaling_factor",), ("theta",)],
                "lfm3": [("norm_eps",), ("rms_norm_eps",), ("rope_parameters", "full_attention", "rope_theta"),
                         ("rope_parameters", "full_attention", "partial_rotary_factor"),
@@ -585,7 +586,8 @@ TOKEN_FIELDS = {"tokenizer.ggml.tokens": st.one_of(st.lists(st.sampled_from(["a"
                                                                 max_size=6), st.none()),
                 "tokenizer.ggml.merges": st.one_of(st.lists(st.sampled_from(["a b", "ab", "a  b", " a", "x y", 3]),
                                                             max_size=3), st.none()),
-                "tokenizer.ggml.bos_token_id": st.one_of(st.none(), st.integers(-2, 8), st.booleans(), st.text(max_size=1)),
+                "tokenizer.ggml.bos_token_id": st.one_of(st.none(), st.integers(-2, 8), st.booleans(),
+                                                         st.text(max_size=1)),
                 "tokenizer.ggml.add_bos_token": st.one_of(st.none(), st.booleans(), st.integers(0, 1)),
                 "tokenizer.ggml.pre": st.sampled_from(["lfm2", "llama-bpe", "qwen2", 5, None]),
                 "tokenizer.chat_template": st.one_of(st.none(), st.text(max_size=5), st.integers())}
@@ -609,3 +611,103 @@ def test_fuzzed_gguf_tokenizer_metadata_builds_or_is_refused(fields):
     for i, t in enumerate(tokens):  # what was built holds every live token at its id
         if types[i] != 5:
             assert tok.token_to_id(t) == i
+
+
+# =============================================================================== outputs never overwrite inputs
+def _digest(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def checkpoint(tmp_path) -> Path:
+    import shutil
+
+    from lfm2np.embedded import embedded_model_path
+
+    ck = Path(shutil.copytree(embedded_model_path(), tmp_path / "CK"))
+    (ck / "sub").mkdir()
+    return ck
+
+
+def _cli_refuses(argv: list[str], capsys, *needles: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lfm2np: error: ") and "Traceback" not in err, err
+    assert all(n in lines[0] for n in needles), (needles, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("out", ["CK", "CK/config", "CK/model.safetensors", "CK/tokenizer.safetensors",
+                                 "CK/sub/x", "CK/../CK/x", "link/x", "./CK//x.safetensors", "link"])
+def test_trace_and_golden_never_write_into_the_checkpoint_they_read(checkpoint, capsys, monkeypatch, out):
+    monkeypatch.chdir(checkpoint.parent)
+    (checkpoint.parent / "link").symlink_to(checkpoint)
+    before = _digest(checkpoint)
+    for force in ([], ["--force"]):
+        if out not in ("CK", "link"):  # a directory is no trace file name (refused by --out's type)
+            _cli_refuses(["trace", str(checkpoint), "--out", out, *force], capsys, str(Path(out)), "this command reads")
+        if out.endswith(("CK", "link", "x")):
+            _cli_refuses(["golden", "CK", "--out", out, *force], capsys, str(Path(out)), "this command reads")
+    assert _digest(checkpoint) == before
+
+
+def test_a_gguf_and_its_json_sibling_are_never_outputs(tmp_path, capsys, gguf_writer):
+    gguf = gguf_writer("m.gguf", {})
+    (gguf.parent / "m.json").write_text("{}")
+    for out in [gguf.parent / "m", gguf.parent / "m.safetensors"]:  # the summary would be m.json
+        _cli_refuses(["trace", str(gguf), "--out", str(out), "--force"], capsys, "is a file this command reads")
+    _cli_refuses(["trace", str(gguf), "--out", str(gguf)], capsys, "not '.gguf'")
+    assert (gguf.parent / "m.json").read_text() == "{}"
+
+
+def test_existing_outputs_are_replaced_only_with_force(tmp_path, capsys):
+    out = tmp_path / "t.safetensors"
+    out.write_bytes(b"mine")
+    _cli_refuses(["trace", "embedded", "--out", str(out)], capsys, str(out), "exists; give --force")
+    assert out.read_bytes() == b"mine"
+    (tmp_path / "t2.json").write_text("mine")  # the summary's name is taken: refused too
+    _cli_refuses(["trace", "embedded", "--out", str(tmp_path / "t2")], capsys, "t2.json: exists")
+    assert main(["trace", "embedded", "--out", str(out), "--force", "--ids", "1", "2"]) == 0
+    assert out.read_bytes()[:8] != b"mine"
+    full = tmp_path / "golden"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    _cli_refuses(["golden", "embedded", "--out", str(full)], capsys, str(full), "not empty; give --force")
+    assert main(["golden", "embedded", "--out", str(full), "--force", "--ids", "1", "2", "--layers", "0"]) == 0
+    assert (full / "manifest.json").is_file() and (full / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".json", ".SAFETENSORS", ".st", ".gguf"])
+def test_a_trace_output_with_another_suffix_is_refused(tmp_path, capsys, suffix):
+    """Trace.save writes NAME.safetensors whatever the suffix: t.npz silently became t.safetensors."""
+    _cli_refuses(["trace", "embedded", "--out", str(tmp_path / f"t{suffix}")], capsys, f"t{suffix}", repr(suffix))
+    assert not list(tmp_path.iterdir())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from([".", "..", "CK", "link", "sub", ""]), min_size=1, max_size=5),
+       st.sampled_from(["config", "model", "tokenizer", "chat_template", "x"]))
+def test_any_spelling_of_a_path_into_the_checkpoint_is_refused(tmp_path_factory, parts, name):
+    """Relative names, '..', '.', doubled separators and links: resolved before comparing. An output that
+    resolves inside the checkpoint is refused; any other is not refused for being inside it."""
+    import io as _io
+    import shutil
+    from contextlib import redirect_stderr
+
+    from lfm2np.embedded import embedded_model_path
+
+    root = tmp_path_factory.mktemp("spell")
+    ck = Path(shutil.copytree(embedded_model_path(), root / "CK"))
+    (ck / "sub").mkdir()
+    (root / "link").symlink_to(ck)
+    (root / "sub").mkdir()
+    out = root.joinpath(*[p for p in parts if p]) / name if parts != [""] else root / name
+    spelled = str(out).replace(str(root), str(root) + "//" + "./", 1)
+    if not out.parent.is_dir():
+        return  # the folder does not exist: refused by --out's type for another reason
+    err = _io.StringIO()
+    with redirect_stderr(err):
+        status = main(["trace", str(ck), "--out", spelled, "--ids", "1"])
+    inside = Path(os.path.realpath(out)).is_relative_to(os.path.realpath(ck))
+    assert (status == 2 and "this command reads" in err.getvalue()) == inside, (spelled, err.getvalue())
