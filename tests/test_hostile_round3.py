@@ -222,6 +222,35 @@ def test_ordinary_templates_render_as_before():
     assert render_template(template, chat, bos_token="<s>") == reference
 
 
+def test_templates_render_in_threads_each_on_its_own_limits():
+    """One compiled template, one environment, four threads: each rendering has its own clock and sizes (a
+    looping one stops alone; the others render exactly what one thread renders)."""
+    from lfm2np.io.chat_template import render_template
+
+    template = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+                "{{ m.content|center(9) ~ ns.n }}{% endfor %}")
+    chats = [[{"role": "user", "content": f"t{i}-{j}"} for j in range(200)] for i in range(4)]
+    expected = [render_template(template, chat) for chat in chats]
+    results: dict = {}
+
+    def run(i: int) -> None:
+        try:
+            if i == 4:
+                render_template("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                                chats[0], source="loop.jinja", max_seconds=0.5)
+            for _ in range(5):
+                results[i] = render_template(template, chats[i])
+        except Lfm2npError as e:
+            results[i] = str(e)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results.get(i) for i in range(4)] == expected
+    assert results[4].startswith("loop.jinja: chat template stopped: it ran for more than 0.5 s"), results[4]
+
+
 # ----------------------------------------------------------------------------------- the template fuzzer
 NUMBERS = ["0", "1", "3", "-2", "7.5", "10**9", "2**40", "-10**9", "100000", "4096", "10**7"]
 TEXTS = ["'a'", "'x' * 1000", "'a b\\tc\\nd'", "messages[0].content", "''", "'%s%d'", "'{}{:>9}'", "'%(k)5s'",

@@ -191,10 +191,11 @@ def _real(path: "str | os.PathLike[str]") -> Path:
 def read_paths(model: str) -> tuple[set[Path], set[Path]]:
     """What a command reads for a MODEL argument: ``(files, directories)``, resolved. A checkpoint directory
     (a repo id's cached snapshot too) is read as a whole, and each of its files as what it links to (a cached
-    snapshot's files are links to blobs); a file (a .gguf) is read with its .json sibling."""
+    snapshot's files are links to blobs); a file (a .gguf) with its .json sibling when there is one."""
     path = Path(model).expanduser()
     if path.is_file():
-        return {_real(path), _real(path.with_suffix(".json"))}, set()
+        sibling = path.with_suffix(".json")
+        return {_real(path)} | ({_real(sibling)} if os.path.lexists(sibling) else set()), set()
     try:
         directory = resolve(model)
     except Lfm2npError:

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import Lfm2npError
 from .safetensors_file import no_duplicate_keys
-from .template_sandbox import Limits, Stop, environment
+from .template_sandbox import Limits, Stop, active, compiled
 
 MAX_SECONDS = 10.0  #: wall-clock limit of one rendering
 MAX_CHARS = 1 << 24  #: limit on the output and on the size of any one value a template makes (16 Mi)
@@ -121,24 +121,23 @@ def render_template(template: str, messages: Sequence[Mapping[str, Any]], tools:
     except ImportError:
         raise Lfm2npError("rendering a checkpoint's chat template needs jinja2: pip install 'lfm2np[chat]'") from None
     limits = Limits(MAX_SECONDS if max_seconds is None else max_seconds,
-                     MAX_CHARS if max_chars is None else max_chars, MAX_BUILT)
+                    MAX_CHARS if max_chars is None else max_chars, MAX_BUILT, source)
     pieces: list[str] = []
     length = 0
-    previous = sys.gettrace()
-    sys.settrace(limits)  # compiling and rendering, filters and methods included, run on the clock
     try:
-        try:
-            compiled = environment(limits, source).from_string(template)
-        except jinja2.TemplateSyntaxError as e:
-            raise Lfm2npError(f"{source}: chat template syntax error at line {e.lineno}: {e.message}") from None
-        except (jinja2.TemplateError, RecursionError, MemoryError) as e:
-            raise Lfm2npError(f"{source}: chat template does not compile ({type(e).__name__}: {e})") from None
-        for piece in compiled.generate(messages=list(messages), tools=list(tools) if tools else None,
-                                       add_generation_prompt=add_generation_prompt, **special_tokens):
-            length += len(piece)
-            if length > limits.max_chars:
-                raise Stop(f"it produced more than {limits.max_chars} characters")
-            pieces.append(piece)
+        with active(limits):  # compiling and rendering, filters and methods included, run on the clock
+            try:
+                template_code = compiled(template)
+            except jinja2.TemplateSyntaxError as e:
+                raise Lfm2npError(f"{source}: chat template syntax error at line {e.lineno}: {e.message}") from None
+            except (jinja2.TemplateError, RecursionError, MemoryError) as e:
+                raise Lfm2npError(f"{source}: chat template does not compile ({type(e).__name__}: {e})") from None
+            for piece in template_code.generate(messages=list(messages), tools=list(tools) if tools else None,
+                                                add_generation_prompt=add_generation_prompt, **special_tokens):
+                length += len(piece)
+                if length > limits.max_chars:
+                    raise Stop(f"it produced more than {limits.max_chars} characters")
+                pieces.append(piece)
     except Lfm2npError:
         raise
     except Stop as e:
@@ -152,6 +151,4 @@ def render_template(template: str, messages: Sequence[Mapping[str, Any]], tools:
         raise Lfm2npError(f"{source}: chat template failed ({type(e).__name__}: {e})") from None
     except Exception as e:  # TypeError, ZeroDivisionError, OverflowError, ... raised by the template's own code
         raise Lfm2npError(f"{source}: chat template failed while rendering ({type(e).__name__}: {e})") from None
-    finally:
-        sys.settrace(previous)
     return "".join(pieces)

@@ -14,6 +14,11 @@ clock.
 - Memory: the bytes of all the values one rendering makes are counted (``sys.getsizeof``), whether kept or
   not, and held to ``max_built``.
 - Nothing is evaluated while compiling (no constant folding), so no filter runs outside these checks.
+- Where an argument sets a result's size, :mod:`lfm2np.io.template_checks` bounds it before it runs.
+
+One environment serves the process and the last compiled templates are kept (a chat renders the same one
+every turn); the limits of a rendering are the thread's own (:func:`active`, :func:`now`), so threads may
+render at once.
 
 A template that passes a limit raises :class:`Stop` (a BaseException: no ``except Exception`` in jinja2
 swallows it); :func:`~lfm2np.io.chat_template.render_template` turns it into an ``Lfm2npError``.
@@ -21,32 +26,25 @@ swallows it); :func:`~lfm2np.io.chat_template.render_template` turns it into an 
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import re
 import sys
+import threading
 import time
 import types
-from typing import Any, Mapping, Sequence
+from collections import OrderedDict
+from typing import Any, Iterator, Sequence
 
 from ..errors import Lfm2npError
+from .template_checks import MAX_INT_BITS, Stop, check_binop, check_filter, check_method
 
-MAX_INT_BITS = 4096  #: limit on an integer a template computes
-
-__all__ = ["Limits", "Stop", "environment", "MAX_INT_BITS"]
-
-
-class Stop(BaseException):
-    """A template ran past a limit. A BaseException, so that no ``except Exception`` inside jinja2 (its
-    compile-time folding, ``Template.generate``) can swallow it."""
+__all__ = ["Limits", "Stop", "active", "compiled", "environment", "now", "MAX_INT_BITS", "CACHED"]
 
 
 _FIELD = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?0?(\d*)[,_]?(?:\.(\d+))?[a-zA-Z%]?", re.S)  # a str.format spec
-_PERCENT = re.compile(r"%(?:\(([^)]*)\))?[-+ #0]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?(.?)", re.S)  # a %-conversion
-_BREAKS = {str: re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]"), bytes: re.compile(b"[\n\r]")}
-_SPACES = {str: re.compile(r"\s+"), bytes: re.compile(rb"\s+")}
-_CONTAINERS = (list, tuple, dict, set, frozenset, type({}.keys()), type({}.values()), type({}.items()))
-_TEXT = (str, bytes, bytearray)
+CONTAINERS = (list, tuple, dict, set, frozenset, type({}.keys()), type({}.values()), type({}.items()))
+TEXT = (str, bytes, bytearray)
 
 
 class Limits:
@@ -58,12 +56,14 @@ class Limits:
     template makes is held to ``max_chars``, so that printing, comparing, hashing or serialising any value
     costs at most that, however its references nest."""
 
-    def __init__(self, seconds: float, max_chars: int, max_built: int):
-        self.seconds, self.max_chars, self.max_built = seconds, max_chars, max_built
+    namespace: type = type(None)  #: the environment's namespace class (set when jinja2 is imported)
+
+    def __init__(self, seconds: float, max_chars: int, max_built: int, source: str = "chat template"):
+        self.seconds, self.max_chars, self.max_built, self.source = seconds, max_chars, max_built, source
         self.deadline = time.monotonic() + seconds
         self.lines = self.built = 0
         self.known: dict[int, tuple[Any, int, int]] = {}  # id -> (container, size, depth), the object kept alive
-        self.namespace: type = type(None)  # the environment's namespace class (set when jinja2 is imported)
+        self.held: dict[int, tuple[Any, dict[str, int]]] = {}  # namespace id -> (it, the size of each attribute)
 
     def __call__(self, frame: Any, event: str, arg: Any) -> Any:  # sys.settrace: every frame but this module's
         return None if frame.f_code.co_filename == _HERE else self.line
@@ -91,7 +91,7 @@ class Limits:
     def made(self, value: Any, what: str, inputs: Sequence[Any] = ()) -> Any:
         """``value``, just made by ``what``: held to the size limit; a new one counts towards the bytes made."""
         self.tick()
-        if isinstance(value, _TEXT + _CONTAINERS):
+        if isinstance(value, TEXT + CONTAINERS):
             self.fits(self.size(value), f"{what} would make a value")
             if not any(value is x for x in inputs):
                 self.reserve(sys.getsizeof(value), what)
@@ -100,9 +100,9 @@ class Limits:
 
     def leaf(self, value: Any) -> int | None:
         """The size of a value that is no container (None for a container)."""
-        if isinstance(value, _TEXT):
+        if isinstance(value, TEXT):
             return len(value)
-        if isinstance(value, _CONTAINERS):
+        if isinstance(value, CONTAINERS):
             return None
         if isinstance(value, self.namespace):
             return self.max_chars  # its attributes are held below this as they are set (it may grow later)
@@ -161,139 +161,7 @@ class Limits:
 _HERE = Limits.tick.__code__.co_filename
 
 
-def _arg(args: Sequence[Any], kwargs: Mapping[str, Any], i: int, name: str, default: Any = None) -> Any:
-    return args[i] if len(args) > i else kwargs.get(name, default)
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _percent_size(limits: Limits, fmt: str, args: Any) -> int:
-    """An upper bound on ``len(fmt % args)``: the text, and per conversion the larger of its width or
-    precision and the size of its value."""
-    values = iter(args if isinstance(args, tuple) else (args,))
-    total = len(fmt)
-    for m in _PERCENT.finditer(fmt):
-        key, width, precision, conversion = m.groups()
-        if "*" in (width, precision):
-            raise Stop("it formats with a '*' width or precision")
-        if conversion != "%":
-            value = args.get(key) if key is not None and isinstance(args, Mapping) else next(values, None)
-            total += max(int(width or 0), int(precision or 0)) + limits.size(value)
-    return total
-
-
-def _check_binop(limits: Limits, operator: str, left: Any, right: Any) -> None:
-    """Refuse a ``*``, ``**``, ``+`` or ``%`` whose result would be too large, before computing it."""
-    if operator == "*":
-        for seq, n in ((left, right), (right, left)):
-            if isinstance(seq, _TEXT + (list, tuple)) and _int(n) and n > 0 and limits.size(seq) * n > limits.max_chars:
-                raise Stop(f"it repeats a {type(seq).__name__} of {len(seq)} {n} times (more than "
-                            f"{limits.max_chars} characters or items)")
-        if _int(left) and _int(right) and left.bit_length() + right.bit_length() > MAX_INT_BITS:
-            raise Stop(f"it multiplies into an integer of more than {MAX_INT_BITS} bits")
-    elif operator == "**":
-        if _int(left) and _int(right) and right > 0 and abs(left) > 1 and right * math.log2(abs(left)) > MAX_INT_BITS:
-            raise Stop(f"it computes {left} ** {right}, an integer of more than {MAX_INT_BITS} bits")
-    elif operator == "+":
-        if isinstance(left, _TEXT + (list, tuple)) and isinstance(right, _TEXT + (list, tuple)):
-            limits.fits(limits.size(left) + limits.size(right), "'+' would make a value")
-    elif operator == "%" and isinstance(left, str):
-        limits.fits(_percent_size(limits, left, right), "'%' formatting would make a string")
-
-
-def _check_method(limits: Limits, s: Any, name: str, args: tuple, kwargs: Mapping[str, Any]) -> tuple:
-    """Refuse a string method whose result would be too large, before calling it; the arguments to call it with
-    (an iterable joined is made a list first)."""
-    what, kind = f"{type(s).__name__}.{name}()", str if isinstance(s, str) else bytes
-    if name in ("center", "ljust", "rjust", "zfill") and _int(_arg(args, kwargs, 0, "width")):
-        limits.fits(max(len(s), args[0]), f"{what} would make a string")
-    elif name == "expandtabs" and _int(tab := _arg(args, kwargs, 0, "tabsize", 8)):
-        limits.fits(len(s) + s.count(kind("\t", "ascii") if kind is bytes else "\t") * max(tab, 0),
-                    f"{what} would make a string")
-    elif name == "replace" and len(args) >= 2 and all(isinstance(a, type(s)) for a in args[:2]):
-        old, new, count = args[0], args[1], _arg(args, kwargs, 2, "count", -1)
-        n = s.count(old) if old else len(s) + 1
-        n = min(n, count) if _int(count) and count >= 0 else n
-        limits.fits(len(s) + n * max(0, len(new) - len(old)), f"{what} would make a string")
-    elif name == "join" and args:
-        items = limits.items(args[0], what)
-        limits.fits(sum(map(limits.size, items)) + len(s) * max(len(items) - 1, 0), f"{what} would make a string")
-        args = (items, *args[1:])
-    elif name == "translate" and args and isinstance(args[0], Mapping):
-        longest = max((len(v) for v in args[0].values() if isinstance(v, str)), default=1)
-        limits.fits(len(s) * max(longest, 1), f"{what} would make a string")
-    elif name in ("split", "rsplit", "splitlines"):
-        sep, most = (None, -1) if name == "splitlines" else \
-            (_arg(args, kwargs, 0, "sep"), _arg(args, kwargs, 1, "maxsplit", -1))
-        pattern = (_BREAKS if name == "splitlines" else _SPACES)[kind]
-        pieces = s.count(sep) + 1 if isinstance(sep, _TEXT) and sep else pattern.subn(kind(), s)[1] + 1
-        pieces = min(pieces, most + 1) if _int(most) and most >= 0 else pieces
-        limits.fits(len(s) + 3 * pieces, f"{what} would make a list")
-        limits.reserve(pieces * 64 + len(s), what)
-    return args
-
-
-def _filter_check(limits: Limits, name: str, args: tuple, kwargs: Mapping[str, Any]) -> tuple:
-    """Refuse a filter call whose result would be too large, before running it (``args`` are its arguments
-    after the context jinja2 passes to some); the arguments to run it with (iterables made lists first)."""
-    what = f"filter {name!r}"
-    value, size = (args[0], limits.size(args[0])) if args else (None, 0)
-    first = _arg(args, kwargs, 1, {"center": "width", "indent": "width", "wordwrap": "width", "replace": "old",
-                                   "join": "d", "batch": "linecount", "slice": "slices", "sum": "attribute",
-                                   "round": "precision", "urlize": "trim_url_limit"}.get(name, ""))
-    if name == "center" and _int(first):
-        limits.fits(max(size, first), f"{what} would make a string")
-    elif name == "indent":
-        width = first if first is not None else 4
-        per_line = width if _int(width) else len(width) if isinstance(width, str) else 0
-        lines = value.count("\n") + 1 if isinstance(value, str) else size
-        limits.fits(size + lines * per_line, f"{what} would make a string")
-    elif name == "wordwrap":
-        wrap = _arg(args, kwargs, 3, "wrapstring")
-        lines = 2 * size // max(first if _int(first) else 79, 1) + (value.count("\n") if isinstance(value, str) else 0)
-        limits.fits(size + (lines + 2) * (len(wrap) if isinstance(wrap, str) else 2), f"{what} would make a string")
-    elif name == "replace" and isinstance(value, str) and isinstance(first, str):
-        new, count = _arg(args, kwargs, 2, "new"), _arg(args, kwargs, 3, "count")
-        n = value.count(first) if first else len(value) + 1
-        n = min(n, count) if _int(count) and count >= 0 else n
-        limits.fits(len(value) + n * max(0, len(str(new)) - len(first)), f"{what} would make a string")
-    elif name in ("list", "join") and args:
-        items = limits.items(value, what)
-        sep = len(first) if isinstance(first, str) else 0
-        limits.fits(sum(map(limits.size, items)) + sep * max(len(items) - 1, 0), f"{what} would make a value")
-        args = (items, *args[1:])
-    elif name == "format" and isinstance(value, str):
-        limits.fits(_percent_size(limits, value, dict(kwargs) or tuple(args[1:])), f"{what} would make a string")
-    elif name == "batch" and _int(first) and _arg(args, kwargs, 2, "fill_with") is not None:
-        limits.fits(first * (limits.size(_arg(args, kwargs, 2, "fill_with")) + 1), f"{what} would fill a list")
-    elif name == "slice" and _int(first):
-        limits.fits(3 * first + size, f"{what} would make lists")
-        limits.reserve(64 * first, what)
-    elif name == "sum" and isinstance(_arg(args, kwargs, 2, "start", 0), _TEXT + (list, tuple)) and args:
-        items = limits.items(value, what)
-        total = limits.size(_arg(args, kwargs, 2, "start")) + sum(map(limits.size, items))
-        limits.fits(total, f"{what} would make a value")
-        if total * len(items) > 1 << 30:  # each step copies what was summed so far
-            raise Stop(f"{what} of {len(items)} sequences would copy more than {1 << 30} items")
-        args = (items, *args[1:])
-    elif name == "round" and _int(first) and abs(first) * math.log2(10) > MAX_INT_BITS:
-        raise Stop(f"{what} to {first} digits computes an integer of more than {MAX_INT_BITS} bits")
-    elif name == "urlize":
-        extra = sum(len(_arg(args, kwargs, i, k) or "") for i, k in ((3, "target"), (4, "rel")))
-        limits.fits(size * (3 + extra), f"{what} would make a string")
-    elif name in ("tojson", "pprint"):
-        indent = _arg(args, kwargs, 1, "indent") if name == "tojson" else 1
-        seps = _arg(args, kwargs, 2, "separators") or (", ", ": ")
-        per_level = indent if _int(indent) else len(indent) if isinstance(indent, str) else 0
-        total, depth = limits.measure(value)
-        limits.fits(total * (1 + sum(len(str(s)) for s in seps) + per_level * depth) + per_level,
-                    f"{what} would make a string")
-    return args
-
-
-def environment(limits: Limits, source: str) -> Any:
+def _build() -> Any:
     """jinja2's immutable sandbox, as transformers configures it, with every operation that makes a value bounded
     (the module docstring): filters, methods, ``*`` ``**`` ``+`` ``%``, ``~``, literals, blocks, namespaces."""
     from jinja2 import nodes
@@ -310,8 +178,8 @@ def environment(limits: Limits, source: str) -> Any:
 
         def format_field(self, value: Any, spec: str) -> Any:
             m = _FIELD.fullmatch(spec)
-            self.total += max((int(g) for g in (m.groups() if m else ()) if g), default=0) + limits.size(value)
-            limits.fits(self.total, "str.format() would make a string")
+            self.total += max((int(g) for g in (m.groups() if m else ()) if g), default=0) + now().size(value)
+            now().fits(self.total, "str.format() would make a string")
             return super().format_field(value, spec)
 
     class Formatter(Fields, SandboxedFormatter):
@@ -357,18 +225,18 @@ def environment(limits: Limits, source: str) -> Any:
         """``namespace()``: its attributes together held to the size limit as they are set."""
         def __init__(*args: Any, **kwargs: Any) -> None:
             self, attrs = args[0], dict(*args[1:], **kwargs)
-            sizes[id(self)] = (self, {k: limits.size(k) + limits.size(v) for k, v in attrs.items()})
-            limits.fits(sum(sizes[id(self)][1].values()), "namespace() would hold values")
+            held = now().held[id(self)] = (self, {k: now().size(k) + now().size(v) for k, v in attrs.items()})
+            now().fits(sum(held[1].values()), "namespace() would hold values")
             Namespace.__init__(self, attrs)
 
         def __setitem__(self, name: str, value: Any) -> None:
-            held = dict(sizes[id(self)][1], **{name: limits.size(name) + limits.size(value)})
-            limits.fits(sum(held.values()), f"setting namespace attribute {name!r:.40} would make it hold values")
-            sizes[id(self)][1].update(held)
+            sizes = now().held[id(self)][1]  # (a namespace from another rendering is unknown here: KeyError)
+            held = dict(sizes, **{name: now().size(name) + now().size(value)})
+            now().fits(sum(held.values()), f"setting namespace attribute {name!r:.40} would make it hold values")
+            sizes.update(held)
             Namespace.__setitem__(self, name, value)
 
-    sizes: dict[int, tuple[Any, dict[str, int]]] = {}
-    limits.namespace = LimitedNamespace
+    Limits.namespace = LimitedNamespace
 
     class Environment(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset({"*", "**", "+", "%"})
@@ -377,26 +245,26 @@ def environment(limits: Limits, source: str) -> Any:
         @staticmethod
         def concat(parts: Any) -> str:  # the text of a macro, a {% set %} block, a {% filter %} block
             parts = list(parts)
-            limits.fits(sum(map(len, parts)), "a block would make a string")
-            return limits.made("".join(parts), "a block")
+            now().fits(sum(map(len, parts)), "a block would make a string")
+            return now().made("".join(parts), "a block")
 
         def lfm2np_made(self, value: Any) -> Any:
-            return limits.made(value, "a literal")
+            return now().made(value, "a literal")
 
         def lfm2np_concat(self, join: Any, parts: tuple) -> Any:
-            limits.fits(sum(map(limits.size, parts)), "'~' would make a string")
-            return limits.made(join(parts), "'~'", parts)
+            now().fits(sum(map(now().size, parts)), "'~' would make a string")
+            return now().made(join(parts), "'~'", parts)
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-            _check_binop(limits, operator, left, right)
-            return limits.made(super().call_binop(context, operator, left, right), f"'{operator}'", (left, right))
+            check_binop(now(), operator, left, right)
+            return now().made(super().call_binop(context, operator, left, right), f"'{operator}'", (left, right))
 
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-            limits.tick()
+            now().tick()
             owner, name = getattr(__obj, "__self__", None), getattr(__obj, "__name__", "a function")
-            if isinstance(owner, _TEXT):
-                args = _check_method(limits, owner, name, args, kwargs)
-            return limits.made(super().call(__context, __obj, *args, **kwargs), f"{name}()", (owner, *args))
+            if isinstance(owner, TEXT):
+                args = check_method(now(), owner, name, args, kwargs)
+            return now().made(super().call(__context, __obj, *args, **kwargs), f"{name}()", (owner, *args))
 
         def wrap_str_format(self, value: Any) -> Any:
             if not isinstance(value, (types.MethodType, types.BuiltinMethodType)) \
@@ -418,15 +286,15 @@ def environment(limits: Limits, source: str) -> Any:
         skip = 0 if passed is None else 1
 
         def filtered(*args: Any, **kwargs: Any) -> Any:
-            limits.tick()
-            args = (*args[:skip], *_filter_check(limits, name, args[skip:], kwargs))
-            return limits.made(function(*args, **kwargs), f"filter {name!r}", args)
+            now().tick()
+            args = (*args[:skip], *check_filter(now(), name, args[skip:], kwargs))
+            return now().made(function(*args, **kwargs), f"filter {name!r}", args)
         if passed is not None:
             filtered.jinja_pass_arg = passed  # type: ignore[attr-defined]
         return filtered
 
     def raise_exception(message: str) -> None:
-        raise Lfm2npError(f"{source}: chat template: {message}")
+        raise Lfm2npError(f"{now().source}: chat template: {message}")
 
     def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
                sort_keys: bool = False) -> str:
@@ -443,3 +311,54 @@ def environment(limits: Limits, source: str) -> Any:
     if lipsum is not None:
         env.globals["lipsum"] = lambda n=5, html=True, lo=20, hi=100: lipsum(min(int(n), 100), html, lo, hi)
     return env
+
+
+_active = threading.local()
+_lock = threading.Lock()
+_built: list[Any] = []  # the one environment, built on first use
+_compiled: "OrderedDict[str, Any]" = OrderedDict()
+CACHED = 16  #: compiled templates kept (a chat renders the same template every turn)
+
+
+def now() -> Limits:
+    """The limits of the rendering running in this thread."""
+    return _active.limits
+
+
+@contextlib.contextmanager
+def active(limits: Limits) -> Iterator[None]:
+    """Run the block under ``limits``: its clock (a tracer over every Python frame of this thread) and its
+    sizes, for the environment's checks; both restored afterwards."""
+    previous, tracer = getattr(_active, "limits", None), sys.gettrace()
+    _active.limits = limits
+    sys.settrace(limits)
+    try:
+        yield
+    finally:
+        sys.settrace(tracer)
+        _active.limits = previous
+
+
+def environment() -> Any:
+    """The sandbox (one for the process; each rendering's limits are :func:`now`'s)."""
+    with _lock:
+        if not _built:
+            _built.append(_build())
+        return _built[0]
+
+
+def compiled(template: str) -> Any:
+    """``template`` compiled in the sandbox, under the active limits; the last :data:`CACHED` (of at most 1 Mi
+    characters) are kept."""
+    with _lock:
+        if template in _compiled:
+            _compiled.move_to_end(template)
+            return _compiled[template]
+    result = environment().from_string(template)
+    if len(template) > 1 << 20:  # a huge template is not kept
+        return result
+    with _lock:
+        _compiled[template] = result
+        while len(_compiled) > CACHED:
+            _compiled.popitem(last=False)
+    return result
