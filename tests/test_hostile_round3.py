@@ -195,6 +195,17 @@ def test_templates_that_would_build_huge_values_are_refused_before_they_do():
     assert int(peak_kib) < 600 * 1024, f"peak {int(peak_kib) // 1024} MiB"
 
 
+def test_lipsum_is_capped_in_paragraphs_and_words():
+    """lipsum's words per paragraph were not capped (10**9 each: a hang, then gigabytes)."""
+    out = run_bounded("""
+        from lfm2np.io.chat_template import render_template
+        text = render_template("{{ lipsum(10**9, false, 10**9, 10**9) }}", [{"role": "user", "content": "hi"}])
+        print(text.count("\\n\\n"), len(text.split()))
+    """, seconds=60)
+    paragraphs, words = map(int, out.split())
+    assert paragraphs < 100 and words <= 100 * 100
+
+
 def test_ordinary_templates_render_as_before():
     """The bounds change nothing for what real chat templates do: the same text as jinja2's own immutable
     sandbox configured as transformers configures it (the reference), over namespaces, formatting, joins,

@@ -309,8 +309,13 @@ def _build() -> Any:
     env.globals.update(raise_exception=raise_exception, namespace=LimitedNamespace)
     lipsum = env.globals.get("lipsum")
     if lipsum is not None:
-        env.globals["lipsum"] = lambda n=5, html=True, lo=20, hi=100: lipsum(min(int(n), 100), html, lo, hi)
+        env.globals["lipsum"] = lambda n=5, html=True, min=20, max=100: \
+            lipsum(_capped(n), html, _capped(min, 99), _capped(max))  # paragraphs, words in each: 100 at most
     return env
+
+
+def _capped(n: Any, most: int = 100) -> int:
+    return max(1, min(int(n), most))
 
 
 _active = threading.local()
