@@ -143,6 +143,10 @@ BOMBS = [
     "{{ 'ab'.translate({97: 'x' * 10**7, 98: 'y' * 10**7}) }}", "{{ (2**4000) * (2**4000) * (2**4000) }}",
     "{{ 10 ** 1000000 }}", "{{ 'x' * 10**9 }}", "{{ [1] * 10**9 }}",
     "{% autoescape ('a'|center(10**9)) %}x{% endautoescape %}",
+    # filters that split a long text into a list of pieces first (about 50 bytes each)
+    "{{ ('ab ' * 5000000)|title|length }}", "{{ ('ab ' * 5000000)|wordwrap(3)|length }}",
+    "{{ ('ab ' * 5000000)|urlize|length }}", "{{ ('\u0101' * 16000000)|sort|length }}",
+    "{{ ('x' * 16000000)|list|length }}", "{{ ('a\n' * 5000000)|indent|length }}",
 ]
 
 
@@ -193,6 +197,17 @@ def test_templates_that_would_build_huge_values_are_refused_before_they_do():
         assert "MemoryError" not in message and "out of memory" not in message, (template, message)
     assert len(lines) == len(BOMBS)
     assert int(peak_kib) < 600 * 1024, f"peak {int(peak_kib) // 1024} MiB"
+
+
+def test_wordcount_counts_without_listing_every_word():
+    out = run_bounded("""
+        import resource
+        from lfm2np.io.chat_template import render_template
+        print(render_template("{{ ('ab ' * 5000000)|wordcount }}", [{"role": "user", "content": "hi"}]))
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """, seconds=60)
+    count, peak_kib = map(int, out.split())
+    assert count == 5000000 and peak_kib < 300 * 1024, peak_kib
 
 
 def test_lipsum_is_capped_in_paragraphs_and_words():

@@ -23,8 +23,19 @@ class Stop(BaseException):
 
 
 _PERCENT = re.compile(r"%(?:\(([^)]*)\))?[-+ #0]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?(.?)", re.S)  # a %-conversion
-_BREAKS = {str: re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]"), bytes: re.compile(b"[\n\r]")}
-_SPACES = {str: re.compile(r"\s+"), bytes: re.compile(rb"\s+")}
+#: the characters str / bytes ``splitlines`` breaks at, and ``split()`` splits at (``str.isspace``)
+_BREAKS = {str: "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029", bytes: b"\n\r"}
+_SPACES = {str: "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
+                "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000", bytes: b" \t\n\r\x0b\x0c"}
+#: filters that split a string into a list first, and the characters they split at (None: every character)
+_PIECES = {"title": _SPACES[str] + "-({[<", "urlize": _SPACES[str], "wordwrap": _SPACES[str] + "-",
+           "indent": _BREAKS[str], "sort": None, "slice": None, "groupby": None, "unique": None, "dictsort": None}
+
+
+def _count(text: Any, chars: Any) -> int:
+    """How many characters of ``text`` are among ``chars`` (an upper bound on the pieces it splits into, counted
+    without making them: a regular expression's ``subn`` keeps every piece between its matches)."""
+    return sum(text.count(c) for c in chars)
 
 
 def _arg(args: Sequence[Any], kwargs: Mapping[str, Any], i: int, name: str, default: Any = None) -> Any:
@@ -93,8 +104,8 @@ def check_method(limits: Any, s: Any, name: str, args: tuple, kwargs: Mapping[st
     elif name in ("split", "rsplit", "splitlines"):
         sep, most = (None, -1) if name == "splitlines" else \
             (_arg(args, kwargs, 0, "sep"), _arg(args, kwargs, 1, "maxsplit", -1))
-        pattern = (_BREAKS if name == "splitlines" else _SPACES)[kind]
-        pieces = s.count(sep) + 1 if isinstance(sep, TEXT) and sep else pattern.subn(kind(), s)[1] + 1
+        chars = (_BREAKS if name == "splitlines" else _SPACES)[kind]
+        pieces = s.count(sep) + 1 if isinstance(sep, TEXT) and sep else _count(s, chars) + 1
         pieces = min(pieces, most + 1) if _int(most) and most >= 0 else pieces
         limits.fits(len(s) + 3 * pieces, f"{what} would make a list")
         limits.reserve(pieces * 64 + len(s), what)
@@ -106,6 +117,10 @@ def check_filter(limits: Any, name: str, args: tuple, kwargs: Mapping[str, Any])
     after the context jinja2 passes to some); the arguments to run it with (iterables made lists first)."""
     what = f"filter {name!r}"
     value, size = (args[0], limits.size(args[0])) if args else (None, 0)
+    if isinstance(value, str) and name in _PIECES:  # the filter splits the text into a list first
+        chars = _PIECES[name]
+        limits.reserve(64 * (len(value) if chars is None else 2 * _count(value, chars) + 2),
+                       f"{what} would split the text into pieces that")
     first = _arg(args, kwargs, 1, {"center": "width", "indent": "width", "wordwrap": "width", "replace": "old",
                                    "join": "d", "batch": "linecount", "slice": "slices", "sum": "attribute",
                                    "round": "precision", "urlize": "trim_url_limit"}.get(name, ""))

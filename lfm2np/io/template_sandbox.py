@@ -92,7 +92,7 @@ class Limits:
         """``value``, just made by ``what``: held to the size limit; a new one counts towards the bytes made."""
         self.tick()
         if isinstance(value, TEXT + CONTAINERS):
-            self.fits(self.size(value), f"{what} would make a value")
+            self.fits(self.measure(value, keep=True)[0], f"{what} would make a value")
             if not any(value is x for x in inputs):
                 self.reserve(sys.getsizeof(value), what)
                 self.built += sys.getsizeof(value)
@@ -113,20 +113,25 @@ class Limits:
     def size(self, value: Any) -> int:
         return self.measure(value)[0]
 
-    def measure(self, value: Any) -> tuple[int, int]:
-        """``(size, depth)`` of ``value``, each container measured once (no recursion: depth is unbounded)."""
+    def measure(self, value: Any, keep: bool = False) -> tuple[int, int]:
+        """``(size, depth)`` of ``value``, each container measured once (no recursion: depth is unbounded).
+        With ``keep`` (a value the template made, which it may reference again), ``value``'s own measure is
+        kept for the rest of the rendering when it holds containers or 16 entries or more; what is found on
+        the way is forgotten (a generator's transient lists are not kept alive)."""
         leaf = self.leaf(value)
         if leaf is not None:
             return leaf, 0
+        local: dict[int, tuple[Any, int, int]] = {}
+        known = lambda x: local.get(id(x)) or self.known.get(id(x))  # noqa: E731
         stack, opened, steps = [value], set(), 0
         while stack:
             obj = stack[-1]
-            if id(obj) in self.known:
+            if known(obj):
                 stack.pop()
                 continue
             entries = list(obj.keys()) + list(obj.values()) if isinstance(obj, dict) else \
                 [x for pair in obj for x in pair] if isinstance(obj, type({}.items())) else list(obj)
-            todo = [x for x in entries if self.leaf(x) is None and id(x) not in self.known and id(x) not in opened]
+            todo = [x for x in entries if self.leaf(x) is None and not known(x) and id(x) not in opened]
             if todo and id(obj) not in opened:
                 opened.add(id(obj))
                 stack.extend(todo)
@@ -135,17 +140,25 @@ class Limits:
             opened.discard(id(obj))
             size, depth = len(entries) + 2, 0
             for x in entries:  # an entry still open is a cycle: it prints as '[...]'
-                s, d = self.known[id(x)][1:] if id(x) in self.known else (self.leaf(x) or 5, 0)
+                found = known(x)
+                s, d = found[1:] if found else (self.leaf(x) or 5, 0)
                 size, depth = size + s, max(depth, d)
-            self.known[id(obj)] = (obj, size, depth + 1)
+            local[id(obj)] = (obj, size, depth + 1)
             steps += len(entries) + 1
             if steps > 1 << 16:
                 steps = 0
                 self.tick()
-        return self.known[id(value)][1:]
+        found = known(value)
+        if keep and id(value) in local and (found[2] > 1 or len(value) >= 16):
+            self.known[id(value)] = found
+            self.built += 100  # the entry that keeps it
+        return found[1:]
 
     def items(self, iterable: Any, what: str) -> list:
-        """``iterable`` as a list, stopped as soon as it holds too much."""
+        """``iterable`` as a list, stopped as soon as it holds too much (a string's characters: at once)."""
+        if isinstance(iterable, TEXT):
+            self.fits(2 * len(iterable), f"{what} would make a list")
+            self.reserve(64 * len(iterable), what)
         out, size, nbytes = [], 0, 0
         for x in iterable:
             out.append(x)
@@ -155,10 +168,12 @@ class Limits:
                 self.reserve(nbytes, what)
                 self.tick()
         self.reserve(nbytes, what)
+        self.built += nbytes  # what the list holds counts as made (a generator's items are new)
         return out
 
 
 _HERE = Limits.tick.__code__.co_filename
+_WORD = re.compile(r"\w+")  # a word, as jinja2's wordcount counts them
 
 
 def _build() -> Any:
@@ -305,6 +320,7 @@ def _build() -> Any:
     env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"],
                       optimized=False, finalize=pass_context(lambda context, value: value))
     env.filters["tojson"] = tojson
+    env.filters["wordcount"] = lambda s: sum(1 for _ in _WORD.finditer(str(s)))  # jinja2's lists every word first
     env.filters = {name: bounded(name, f) for name, f in env.filters.items()}
     env.globals.update(raise_exception=raise_exception, namespace=LimitedNamespace)
     lipsum = env.globals.get("lipsum")
