@@ -424,6 +424,18 @@ def test_dump_kinds_are_never_mixed_and_logits_keep_their_range(tmp_path):
     refused(lambda: load_dump(outside, vocab_size=50), str(outside), "ids holds 99", "0..49")
 
 
+@pytest.mark.parametrize("shape", [[0, 2**62], [2**62, 2**62, 0], [0, 2**64], [2**40, 0, 2**30]])
+@pytest.mark.parametrize("name", ["model.layers.0.conv.conv_out", "logits", "ids", "tokens"])
+def test_zero_size_arrays_with_huge_dimensions_are_named(tmp_path, shape, name):
+    """numpy refuses such a shape even though it holds nothing: a ValueError out of the trace reader."""
+    header = json.dumps({name: {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}).encode()
+    path = tmp_path / "zero.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    refused(lambda: load_dump(path, ids=[1]), str(path), repr(name), "beyond what an array can hold")
+    npz = write_npz(tmp_path / "zero.npz", {"ids": npy(np.array([1])), name: npy_header(shape)})
+    refused(lambda: load_dump(npz), str(npz), repr(name), "beyond what an array can hold")
+
+
 def test_a_dump_path_that_is_no_file_says_what_it_is(tmp_path):
     loop = tmp_path / "loop.npz"
     loop.symlink_to(loop)

@@ -155,9 +155,6 @@ def _npz_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], int, str]]:
                 if dtype.hasobject:
                     raise Lfm2npError(f"{path}: array {name!r:.80} holds Python objects; a dump holds numbers")
                 shape = tuple(int(n) for n in shape)
-                if math.prod(n for n in shape if n) * dtype.itemsize >= 2 ** 63:  # even when one axis is 0
-                    raise Lfm2npError(f"{path}: array {name!r:.80} has shape {list(shape)}, beyond what an array "
-                                      f"can hold")
                 total += math.prod(shape) * dtype.itemsize
                 if total > limit:
                     raise Lfm2npError(f"{path}: its arrays would inflate its {path.stat().st_size} stored bytes to at "
@@ -176,7 +173,9 @@ def _check_shapes(path: Path, shapes: dict[str, tuple[tuple[int, ...], int, str]
     """What the arrays of a dump say they are, checked before any is read: real numbers (ids and chosen
     experts integers, logits and intermediates floating point); no more data than this machine has memory
     available for; a logits dump's ``logits`` (T, V) against its ``ids`` (T,) and the model's V."""
-    for name, (_, _, kind) in shapes.items():
+    for name, (shape, itemsize, kind) in shapes.items():
+        if math.prod(n for n in shape if n) * itemsize >= 2 ** 63:  # numpy refuses it even when an axis is 0
+            raise Lfm2npError(f"{path}: array {name!r:.80} has shape {list(shape)}, beyond what an array can hold")
         if name in ("ids", "tokens", "prefill") or holds_integers(name):
             allowed, want = "iuf", "integers"
         elif name == "logits" or is_trace_name(name):
