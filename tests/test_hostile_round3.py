@@ -419,9 +419,13 @@ def test_dump_kinds_are_never_mixed_and_logits_keep_their_range(tmp_path):
     refused(lambda: load_dump(wide), str(wide), "'logits'", "-1e+300", "[1, 3]", "float32 range")
     fine = np.zeros((2, 5))
     fine[0, 0] = np.inf  # the backend's own infinity stays one
-    assert load_dump(write_npz(tmp_path / "ok.npz", {"ids": ids, "logits": npy(fine)})).logits[0, 0] == np.inf
+    ok = write_npz(tmp_path / "ok.npz", {"ids": ids, "logits": npy(fine)})
+    assert load_dump(ok).logits[0, 0] == np.inf
     outside = write_npz(tmp_path / "outside.npz", {"ids": npy(np.array([1, 99])), "tokens": npy(np.array([3]))})
     refused(lambda: load_dump(outside, vocab_size=50), str(outside), "ids holds 99", "0..49")
+    late = write_npz(tmp_path / "late.npz", {"ids": ids, "logits": logits, "prefill": npy(np.array(2))})
+    refused(lambda: load_dump(late), str(late), "prefill 2 is outside the positions of the dump (1 .. 1)")
+    refused(lambda: load_dump(ok, prefill=5), str(ok), "prefill 5")
 
 
 @pytest.mark.parametrize("shape", [[0, 2**62], [2**62, 2**62, 0], [0, 2**64], [2**40, 0, 2**30]])

@@ -234,14 +234,23 @@ def load_dump(path: "str | os.PathLike[str]", ids: Sequence[int] | None = None, 
         if ids is None and "ids" not in arrays:
             raise Lfm2npError(f"{path}: a logits dump needs 'ids' (the T ids the logits are for)")
         _check_float32_range(path, "logits", arrays["logits"])
-        return logits_dump(arrays["ids"] if ids is None else ids, arrays["logits"],
-                           prefill if prefill is not None else arrays.get("prefill"), src)
+        return _positions(path, logits_dump(arrays["ids"] if ids is None else ids, arrays["logits"],
+                                            prefill if prefill is not None else arrays.get("prefill"), src))
     if "tokens" in arrays:
         if ids is None and "ids" not in arrays:
             raise Lfm2npError(f"{path}: a token stream needs 'ids' (the prompt before the tokens)")
-        return token_stream(arrays["ids"] if ids is None else ids, arrays["tokens"],
-                            prefill if prefill is not None else arrays.get("prefill"), src)
-    return trace_dump(Trace(arrays, meta if isinstance(meta, dict) else {}), ids, prefill, src)
+        return _positions(path, token_stream(arrays["ids"] if ids is None else ids, arrays["tokens"],
+                                             prefill if prefill is not None else arrays.get("prefill"), src))
+    return _positions(path, trace_dump(Trace(arrays, meta if isinstance(meta, dict) else {}), ids, prefill, src))
+
+
+def _positions(path: Path, dump: Dump) -> Dump:
+    """``dump``, its ``prefill`` checked against the positions it covers (where the backend's second call began:
+    after the first position, before the last; a token stream's last token was fed to no call)."""
+    last = dump.length + (dump.kind == "tokens")
+    if dump.prefill is not None and not 0 < dump.prefill < last:
+        raise Lfm2npError(f"{path}: prefill {dump.prefill} is outside the positions of the dump (1 .. {last - 1})")
+    return dump
 
 
 def _dump_file(path: "str | os.PathLike[str]") -> Path:
