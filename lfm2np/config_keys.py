@@ -59,6 +59,23 @@ class Rope:
 
 
 _SENTINEL = object()
+#: the config fields read as floats (a JSON integer there must fit one: 1e400 written out has 401 digits)
+FLOAT_FIELDS = ("norm_eps", "rope_theta", "routed_scaling_factor", "block_ffn_dim_multiplier")
+#: the keys of one LFM3 RoPE entry (``type`` is the legacy spelling of ``rope_type``)
+LFM3_ROPE_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+
+
+def fits_float(name: str, value: Any, error: Any) -> Any:
+    """``value``, unless it is an integer too large for a float (then ``error(name, problem)`` is raised): Python
+    reads a JSON integer exactly, and turning 10**400 into a float raises OverflowError. Other values are
+    returned as they are, for Config to check."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            float(value)
+        except OverflowError:
+            raise error(name, f"is an integer of {int(value.bit_length() * 0.30103) + 1} digits, too large for a "
+                              f"float; expected a finite number") from None
+    return value
 
 
 def normalise(d: Mapping[str, Any], source: str | None) -> dict[str, Any]:
@@ -124,6 +141,9 @@ def normalise(d: Mapping[str, Any], source: str | None) -> dict[str, Any]:
         out[name] = d[name] if name in d else ids.get(name, 1 if name == "bos_token_id" else 0)
     eos = d.get("eos_token_id", 124_900 if lfm3 else 2)  # transformers' defaults; released LFM2 configs say 7
     out["eos_token_id"] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    for name in FLOAT_FIELDS:
+        if name in out:
+            fits_float(name, out[name], error)
     return out
 
 
@@ -191,8 +211,14 @@ def _lfm3_fields(d: Mapping[str, Any], layer_types: tuple[str, ...], error: Any)
     for kind, entry in rope.items():
         if not isinstance(entry, Mapping):
             raise error(f"{key}.{kind}", f"is {entry!r}; expected an object with rope_type and rope_theta")
-        theta = entry.get("rope_theta", d.get("rope_theta", 1e6))  # transformers' default_theta fills a gap
-        factor = entry.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+        odd = [k for k in entry if k not in LFM3_ROPE_KEYS]
+        if odd:  # a misspelt partial_rotary_factor would silently rotate the whole head
+            raise error(f"{key}.{kind}.{odd[0]}", f"is {entry[odd[0]]!r:.60}, not a key of an LFM3 RoPE entry "
+                                                  f"(expected {', '.join(LFM3_ROPE_KEYS)})")
+        theta = fits_float(f"{key}.{kind}.rope_theta",  # transformers' default_theta fills a gap
+                           entry.get("rope_theta", d.get("rope_theta", 1e6)), error)
+        factor = fits_float(f"{key}.{kind}.partial_rotary_factor",
+                            entry.get("partial_rotary_factor", d.get("partial_rotary_factor")), error)
         entries.append(Rope(kind, entry.get("rope_type", entry.get("type", "default")), theta, factor))
     out["rope_parameters"] = tuple(entries)
     return out

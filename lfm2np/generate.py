@@ -52,6 +52,19 @@ def _number(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
+def _finite(x: Any) -> bool:
+    """A finite number (an integer too large for a float, e.g. JSON's 1e400 written out, is not one)."""
+    try:
+        return _number(x) and math.isfinite(x)
+    except OverflowError:
+        return False
+
+
+def _shown(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How to choose each token (see the module docstring for the order). ``temperature=0`` is greedy;
@@ -66,20 +79,21 @@ class Sampling:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (_number(self.temperature) and self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise Lfm2npError(f"temperature is {self.temperature!r}; expected a number >= 0 (0: greedy)")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            raise Lfm2npError(f"top_k is {self.top_k!r}; expected an integer >= 0 (0: off)")
-        if not (_number(self.top_p) and 0 < self.top_p <= 1):
-            raise Lfm2npError(f"top_p is {self.top_p!r}; expected 0 < top_p <= 1 (1: off)")
-        if not (_number(self.min_p) and 0 <= self.min_p <= 1):
-            raise Lfm2npError(f"min_p is {self.min_p!r}; expected 0 <= min_p <= 1 (0: off)")
-        if not (_number(self.repetition_penalty) and self.repetition_penalty > 0
-                and math.isfinite(self.repetition_penalty)):
-            raise Lfm2npError(f"repetition_penalty is {self.repetition_penalty!r}; expected a number > 0 (1: off)")
+        if not (_finite(self.temperature) and self.temperature >= 0):
+            raise Lfm2npError(f"temperature is {_shown(self.temperature)}; expected a finite number >= 0 (0: greedy)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) \
+                or not 0 <= self.top_k < 2**63:
+            raise Lfm2npError(f"top_k is {_shown(self.top_k)}; expected an integer in 0 .. 2**63 - 1 (0: off)")
+        if not (_finite(self.top_p) and 0 < self.top_p <= 1):
+            raise Lfm2npError(f"top_p is {_shown(self.top_p)}; expected 0 < top_p <= 1 (1: off)")
+        if not (_finite(self.min_p) and 0 <= self.min_p <= 1):
+            raise Lfm2npError(f"min_p is {_shown(self.min_p)}; expected 0 <= min_p <= 1 (0: off)")
+        if not (_finite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise Lfm2npError(f"repetition_penalty is {_shown(self.repetition_penalty)}; expected a finite number > 0 "
+                              f"(1: off)")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
                                       or self.seed < 0):
-            raise Lfm2npError(f"seed is {self.seed!r}; expected an integer >= 0 or None")
+            raise Lfm2npError(f"seed is {_shown(self.seed)}; expected an integer >= 0 or None")
 
     @property
     def greedy(self) -> bool:
@@ -322,11 +336,12 @@ def generate(model: Any, prompt_ids: "Iterable[int] | Sequence[Iterable[int]]", 
 #: The generation_config.json fields lfm2np reads, and what each must be.
 _FIELDS = {
     "do_sample": (lambda v: isinstance(v, bool), "true or false"),
-    "temperature": (lambda v: _number(v) and math.isfinite(v) and v >= 0, "a number >= 0"),
-    "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
-    "top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "min_p": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "repetition_penalty": (lambda v: _number(v) and math.isfinite(v) and v > 0, "a number > 0"),
+    "temperature": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63,
+              "an integer in 0 .. 2**63 - 1"),
+    "top_p": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "min_p": (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "repetition_penalty": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "eos_token_id": (lambda v: (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or
                      (isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                   for i in v)), "a token id or a list of token ids"),
@@ -354,7 +369,7 @@ def read_generation_config(path: "str | os.PathLike[str]") -> dict[str, Any]:
         if value is None:
             continue
         if not ok(value):
-            raise Lfm2npError(f"{file}: {key} is {value!r}; expected {expected}")
+            raise Lfm2npError(f"{file}: {key} is {_shown(value)}; expected {expected}")
         out[key] = value
     return out
 

@@ -1000,7 +1000,8 @@ CLI: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "golden --out ''": (["golden", GOLDEN_MOE, "--out", ""], ("--out", "an empty path")),
     "golden --layers past the model": (["golden", GOLDEN_MOE, "--out", "/tmp/lfm2np-never-made", "--layers", "99"],
                                        ("layers [99]",)),
-    "trace --pattern matching nothing": (["trace", GOLDEN_MOE, "--out", "/tmp/lfm2np-never.st", "--pattern", "x*"],
+    "trace --pattern matching nothing": (["trace", GOLDEN_MOE, "--out", "/tmp/lfm2np-never.safetensors",
+                                          "--pattern", "x*"],
                                          ("--pattern x*", "matches no intermediate")),
     "memory --quant ''": (["memory", "LFM2-350M", "--quant", ""], ("--quant is empty",)),
     "a temperature that overflows the logits": ([*GEN, "--temperature", "1e-320"], ("overflows these logits",)),
@@ -1090,7 +1091,7 @@ def test_cli_output_that_cannot_be_written(capsys, tmp_path):
     (tmp_path / "u.safetensors").mkdir()
     cli_refuses(capsys, ["trace", GOLDEN_MOE, "--out", str(tmp_path / "u")], str(tmp_path / "u.safetensors"))
     (tmp_path / "g" / "001_model.embed_tokens.safetensors").mkdir(parents=True)  # (000: the RoPE tables)
-    cli_refuses(capsys, ["golden", GOLDEN_MOE, "--out", str(tmp_path / "g")], "Is a directory")
+    cli_refuses(capsys, ["golden", GOLDEN_MOE, "--out", str(tmp_path / "g"), "--force"], "Is a directory")
 
 
 @pytest.mark.parametrize("argv, needle", [

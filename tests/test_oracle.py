@@ -290,7 +290,7 @@ def test_golden_command_and_layer_selection(tmp_path):
     assert layer_ops == {"model.layers.1.operator_norm", "model.layers.1.self_attn", "model.layers.1.ffn_norm",
                          "model.layers.1.feed_forward", "model.layers.1"}
     bad = subprocess.run([sys.executable, "-m", "lfm2np", "golden", str(GOLDEN / "dense-legacy"), "--out",
-                          str(out), "--layers", "9"], capture_output=True, text=True)
+                          str(tmp_path / "g2"), "--layers", "9"], capture_output=True, text=True)
     assert bad.returncode == 2 and "layers [9] do not exist" in bad.stderr
 
 

@@ -131,7 +131,7 @@ FILE_CASES = {
     "template range too big": (_template("{% for i in range(10**9) %}x{% endfor %}"), [CT, "OverflowError"]),
     "template huge repetition": (_template("{{ 'x' * 10**9 }}"), [CT, "repeats a str of 1 1000000000 times"]),
     "template huge power": (_template("{{ 10 ** 1000000 }}"), [CT, "an integer of more than 4096 bits"]),
-    "template huge printf width": (_template("{{ '%999999999d' % 1 }}"), [CT, "width or precision"]),
+    "template huge printf width": (_template("{{ '%999999999d' % 1 }}"), [CT, "'%' formatting would make a string"]),
     "template mutates messages": (_template("{{ messages.append(1) }}"), [CT, "SecurityError"]),
     "template reads internals": (_template("{{ ''.__class__.__mro__[1].__subclasses__() }}"),
                                  [CT, "SecurityError: access to attribute '__class__'"]),

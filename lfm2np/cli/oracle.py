@@ -13,7 +13,7 @@ from ..oracle.compare import compare, format_comparison
 from ..oracle.golden import write_golden
 from ..oracle.tolerance import COMPARE_TIERS
 from ..oracle.trace import Trace, record
-from .common import LayerProgress, Subparsers, add_model_arguments, load_model
+from .common import LayerProgress, Subparsers, add_force_argument, add_model_arguments, check_outputs, load_model
 from .common import input_file, output_dir, output_file
 from .options import add_ids_argument, add_layers_argument, add_model_argument, add_text_argument
 
@@ -25,6 +25,11 @@ def _ids(args: argparse.Namespace, model) -> np.ndarray:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
+    if args.out.suffix not in ("", ".safetensors"):  # Trace.save would write another name than the one given
+        raise Lfm2npError(f"--out {args.out}: a trace is written as .safetensors (with a .json summary beside it); "
+                          f"give a name ending in .safetensors or without a suffix, not {args.out.suffix!r}")
+    out = args.out.with_suffix(".safetensors")
+    check_outputs([out, out.with_suffix(".json")], args.model, args.force)
     model = load_model(args)
     _, trace = record(model, _ids(args, model), args.pattern, progress=LayerProgress("trace"))
     if not len(trace):
@@ -45,6 +50,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_golden(args: argparse.Namespace) -> int:
+    check_outputs([args.out], args.model, args.force, directory=True)
     model = load_model(args)
     out = write_golden(model, _ids(args, model), args.out, args.layers or None)  # --layers alone: every layer
     print(f"wrote golden vectors to {out} (manifest.json lists the operators)")
@@ -67,6 +73,7 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--out", required=True, type=output_file,
                    help="output file (.safetensors; a .json summary is written beside it)")
     p.add_argument("--pattern", nargs="+", help="only names matching these globs, e.g. 'model.layers.3.*'")
+    add_force_argument(p, "an existing trace and its summary")
     p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("compare", help="compare two traces and name the first divergence",
@@ -87,6 +94,7 @@ def register(sub: Subparsers) -> None:
     _add_input(p)
     p.add_argument("--out", required=True, type=output_dir, help="output directory")
     add_layers_argument(p, "the layers to write (default: all)")
+    add_force_argument(p, "files in a non-empty output directory")
     p.set_defaults(func=_cmd_golden)
 
 

@@ -27,7 +27,8 @@ converse
 ``shortconv.l_cache`` vs ``shortconv.conv``             error     the conv window
 =====================================================  ========  ===============================================
 
-Refused outright, with the key named: ``{arch}.attention.sliding_window`` > 0 (llama.cpp then makes every
+Refused outright, with the key named: ``split.count`` other than 1 (or not an integer: a split file,
+which lfm2np does not read), ``{arch}.attention.sliding_window`` > 0 (llama.cpp then makes every
 attention layer sliding-window: the LFM2.5-Audio detokenizer), ``{arch}.attention.causal`` false (the
 bidirectional LFM2.5 encoders: a centred conv window and unmasked attention), a RoPE scaling type, an expert
 gating function other than sigmoid, ``value_length`` different from ``key_length``. lfm2np runs neither
@@ -92,7 +93,7 @@ class _Keys:
         self.meta, self.arch, self.source = meta, arch, source
 
     def full(self, name: str) -> str:
-        return name if name.startswith("tokenizer.") else f"{self.arch}.{name}"
+        return name if name.startswith(("tokenizer.", "split.", "general.")) else f"{self.arch}.{name}"
 
     def error(self, name: str, problem: str) -> Lfm2npError:
         return Lfm2npError(f"{self.source}: {self.full(name)} {problem}")
@@ -177,6 +178,9 @@ def config_dict_from_metadata(meta: Mapping[str, Any], tensors: Mapping[str, tup
     model_type = ARCHITECTURES[arch]
     k = _Keys(meta, arch, source)
     _refuse_variants(k)
+    parts = k.count("split.count", required=False)  # llama.cpp's gguf-split: the number of files
+    if parts is not None and parts > 1:
+        raise k.error("split.count", f"is {parts}: a split GGUF; merge it first with llama-gguf-split --merge")
 
     n_layers = k.count("block_count", maximum=MAX_BLOCKS)
     _check_blocks(k, n_layers, tensors)

@@ -42,7 +42,6 @@ token that looks special comes back special: GGUF cannot tell (this only changes
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from typing import Any, Mapping
 
@@ -284,15 +283,14 @@ def _build(tokens: list[str], types: list[int], pairs: list[tuple[str, str]],
     ])
     tok.decoder = decoders.ByteLevel()
 
-    # Added tokens in id order, in runs of one kind (each add_* call rebuilds the matcher).
+    # Every added token in ONE call: each add_tokens / add_special_tokens call rebuilds the matcher over all
+    # the added tokens so far, so adding them in runs of one kind costs (runs x tokens), hours for a 65k
+    # vocabulary whose types alternate. One call honours each AddedToken's own ``special`` flag (what
+    # add_special_tokens would set), and since every token is already in the vocabulary, order cannot
+    # change an id.
     added = [(i, t, ty == CONTROL) for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (CONTROL, USER_DEFINED)]
-    for special, run in itertools.groupby(added, key=lambda a: a[2]):
-        batch = [AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=not special,
-                            special=special) for _, t, _ in run]
-        if special:
-            tok.add_special_tokens(batch)
-        else:
-            tok.add_tokens(batch)
+    tok.add_tokens([AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=not special,
+                               special=special) for _, t, special in added])
 
     # The ids must be exactly the file's.
     decoder = tok.get_added_tokens_decoder()

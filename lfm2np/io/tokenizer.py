@@ -31,6 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 from tokenizers import Tokenizer as Backend
 from tokenizers.decoders import DecodeStream
 
@@ -63,6 +64,7 @@ def format_chat(messages: Sequence[Message], tools: Sequence[Any] | None = None,
     ``<|tool_response_start|>``/``<|tool_response_end|>``; non-string content is written as JSON.
     """
     _check_messages(messages)
+    _check_tools(tools)
     system, rest = "", list(messages)
     if rest and rest[0]["role"] == "system":
         system, rest = rest[0]["content"], rest[1:]
@@ -96,6 +98,51 @@ def _check_messages(messages: Sequence[Message]) -> None:
         raise Lfm2npError("message 0: a system message's content must be a string")
 
 
+def _check_tools(tools: Any) -> None:
+    if tools is None:
+        return
+    if not isinstance(tools, (list, tuple)):
+        raise Lfm2npError(f"tools must be a list of tool descriptions (JSON objects or strings); got {_what(tools)}")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, (str, Mapping)):
+            raise Lfm2npError(f"tools[{i}] must be a JSON object or a string; got {_what(tool)}")
+
+
+def _what(value: Any) -> str:
+    """A wrong value for a message: its type and a short repr."""
+    return f"{type(value).__name__} {_clip(value)}"
+
+
+def _clip(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_text(text: Any, what: str) -> None:
+    if not isinstance(text, str):
+        raise Lfm2npError(f"{what} takes text (a str); got {_what(text)}"
+                          + (" (decode bytes first)" if isinstance(text, (bytes, bytearray)) else ""))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise Lfm2npError(f"{what}: the text holds a lone surrogate {text[e.start]!r} at position {e.start}, which "
+                          f"is not Unicode text (no UTF-8 bytes to tokenize)") from None
+
+
+def _check_flag(value: Any, name: str) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise Lfm2npError(f"{name} must be True or False; got {_what(value)}")
+
+
+def _id_sequence(ids: Any, what: str) -> Iterable[Any]:
+    """``ids`` as an iterable of ids (a sequence, an array with an axis, an iterator); never text, bytes or a
+    single number."""
+    zero_d = isinstance(ids, np.ndarray) and ids.ndim == 0
+    if isinstance(ids, (str, bytes, bytearray)) or zero_d or not isinstance(ids, Iterable):
+        raise Lfm2npError(f"{what} takes a sequence of token ids; got {_what(ids)}")
+    return ids
+
+
 def _special_token(value: Any, where: str) -> str | None:
     """A special token of tokenizer_config.json: a string, an AddedToken object ``{"content": ...}``, or
     absent (None)."""
@@ -124,6 +171,7 @@ class Tokenizer:
         self.template_source = template_source or source
         self.special.setdefault("bos_token", BOS)
         self._said_builtin = False  # warned that jinja2 is missing and the built-in format stands in
+        self._id_space: int | None = None  # vocab_size, computed once (it walks the vocabulary)
 
     @classmethod
     def load(cls, model: "str | os.PathLike[str]") -> "Tokenizer":
@@ -198,11 +246,17 @@ class Tokenizer:
         return max(vocab.values()) + 1 if vocab else 0
 
     def token_to_id(self, token: str) -> int | None:
+        """The id of ``token`` (a string), or None when it is not a token."""
+        if not isinstance(token, str):
+            raise Lfm2npError(f"token_to_id takes a token string; got {_what(token)}")
         return self.backend.token_to_id(token)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of ``text``; special-token strings in it become their ids. BOS only when asked
-        (the tokenizer's own post-processor is never applied, so nothing is added behind your back)."""
+        (the tokenizer's own post-processor is never applied, so nothing is added behind your back).
+        ``text`` must be a ``str`` of valid Unicode (no lone surrogate: it has no UTF-8 bytes to tokenize)."""
+        _check_text(text, "encode")
+        _check_flag(add_bos, "add_bos")
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_bos:
             bos = self.token_to_id(self.special["bos_token"])
@@ -211,27 +265,47 @@ class Tokenizer:
             ids = [bos, *ids]
         return ids
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(list(int(i) for i in ids), skip_special_tokens=skip_special_tokens)
+    def checked_id(self, i: Any, what: str = "decode") -> int:
+        """``i`` as a token id: an integer (not a bool, not a float) in ``0 .. vocab_size - 1``; ids a vocabulary
+        leaves unused inside that range decode as no text."""
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise Lfm2npError(f"{what}: token id {_what(i)} is not an integer")
+        if self._id_space is None:
+            self._id_space = self.vocab_size
+        if not 0 <= int(i) < self._id_space:
+            raise Lfm2npError(f"{what}: token id {_clip(int(i))} is outside the vocabulary (0..{self._id_space - 1})")
+        return int(i)
 
-    def stop_ids(self, extra: Iterable[int] = ()) -> set[int]:
-        """Ids that end a reply: ``<|im_end|>``, ``<|endoftext|>``, the configured EOS, and ``extra``
-        (e.g. the model config's ``eos_token_id``)."""
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """The text of ``ids`` (a sequence of token ids, each checked by :meth:`checked_id`)."""
+        _check_flag(skip_special_tokens, "skip_special_tokens")
+        return self.backend.decode([self.checked_id(i) for i in _id_sequence(ids, "decode")],
+                                   skip_special_tokens=skip_special_tokens)
+
+    def stop_ids(self, extra: "int | Iterable[int]" = ()) -> set[int]:
+        """Ids that end a reply: ``<|im_end|>``, ``<|endoftext|>``, the configured EOS, and ``extra`` (an id or
+        several, e.g. the model config's ``eos_token_id``)."""
+        extra = [extra] if isinstance(extra, (int, np.integer)) and not isinstance(extra, (bool, np.bool_)) else \
+            _id_sequence(extra, "stop_ids")
+        for i in extra:
+            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) or i < 0:
+                raise Lfm2npError(f"stop_ids: {_what(i)} is not a token id (an integer >= 0)")
         names = {IM_END, EOS_TEXT, self.special.get("eos_token", IM_END)}
         ids = {self.token_to_id(n) for n in names}
-        return {i for i in ids if i is not None} | set(extra)
+        return {i for i in ids if i is not None} | {int(i) for i in extra}
 
     def stream(self, ids: Iterable[int], skip_special_tokens: bool = True) -> Iterator[str]:
         """Text pieces as ``ids`` arrive. A piece is released only once its bytes form whole characters,
         so a multi-byte character split across tokens is never shown half-decoded; the pieces joined are
         ``decode(ids)``. Linear in the number of ids: ``tokenizers``' ``DecodeStream`` decodes each new id
         against a short window of the previous ones, never the whole prefix again."""
+        _check_flag(skip_special_tokens, "skip_special_tokens")
         stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         seen: list[int] = []
         shown: list[str] = []
         pending = False  # ids fed since the last piece (an incomplete character, or nothing to show yet)
-        for i in ids:
-            seen.append(int(i))
+        for i in _id_sequence(ids, "stream"):
+            seen.append(self.checked_id(i, "stream"))
             piece = stream.step(self.backend, seen[-1])
             pending = piece is None
             if piece:
@@ -249,6 +323,7 @@ class Tokenizer:
         """The conversation as text. The checkpoint's own template when it has one (rendered with jinja2);
         the built-in LFM2 format when it has none, when jinja2 is missing, or when ``use_builtin``."""
         _check_messages(messages)
+        _check_tools(tools)
         if use_builtin is None:
             use_builtin = self.chat_template is None or not have_jinja2()
             if self.chat_template is not None and use_builtin and not self._said_builtin:

@@ -17,9 +17,11 @@ its second call, a decode or a second prefill, began). Every problem with a file
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
+import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,15 +117,20 @@ def trace_dump(trace: Trace, ids: Any = None, prefill: Any = None, source: str =
                 prefill=_prefill(prefill, f"{source}: prefill"), source=source)
 
 
-#: how many times its stored size an .npz array may declare (float data barely compresses; zeros do: a bomb)
+#: how many times its size an .npz file's arrays may declare in all (float data barely compresses; zeros do: a bomb)
 INFLATION = 100
+#: what every .npz file may declare beyond that, whatever its size (small dumps of ids and logits compress well)
+INFLATION_SLACK = 16 << 20
 
 
 def _npz_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], int, str]]:
     """Each array of an ``.npz`` file: its shape, item size and dtype kind, from the ``.npy`` headers alone
     (nothing is decompressed beyond them). Object arrays (pickles), anything that is not an ``.npy`` member,
-    encrypted members and arrays that would inflate :data:`INFLATION` times their stored size are refused."""
+    encrypted members, members compressed otherwise than deflate (zipfile inflates bzip2 and lzma without
+    bounding the output), and arrays that together declare more than :data:`INFLATION` times the file's size
+    plus :data:`INFLATION_SLACK` (16 MiB) are refused, before any array data is inflated."""
     out = {}
+    total, limit = 0, INFLATION * path.stat().st_size + INFLATION_SLACK
     try:
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
@@ -131,6 +138,12 @@ def _npz_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], int, str]]:
                     raise Lfm2npError(f"{path}: member {info.filename!r:.80} is not an .npy array")
                 if info.flag_bits & 0x1:
                     raise Lfm2npError(f"{path}: member {info.filename!r:.80} is encrypted")
+                if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    # zipfile inflates bzip2 and lzma without an output bound: reading a header alone could
+                    # inflate gigabytes
+                    raise Lfm2npError(f"{path}: member {info.filename!r:.80} is compressed with method "
+                                      f"{info.compress_type}; a dump's members are stored or deflated (as "
+                                      f"numpy's savez and savez_compressed write them)")
                 with zf.open(info) as f:
                     version = np.lib.format.read_magic(f)
                     if version not in ((1, 0), (2, 0)):
@@ -138,16 +151,17 @@ def _npz_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], int, str]]:
                     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                         np.lib.format.read_array_header_2_0
                     shape, _, dtype = read(f)
+                name = info.filename[:-4]
                 if dtype.hasobject:
-                    raise Lfm2npError(f"{path}: array {info.filename[:-4]!r:.80} holds Python objects; "
-                                      f"a dump holds numbers")
+                    raise Lfm2npError(f"{path}: array {name!r:.80} holds Python objects; a dump holds numbers")
                 shape = tuple(int(n) for n in shape)
-                declared = math.prod(shape) * dtype.itemsize
-                if declared > INFLATION * info.compress_size + (16 << 20):
-                    raise Lfm2npError(f"{path}: array {info.filename[:-4]!r:.80} would inflate {info.compress_size} "
-                                      f"stored bytes to {declared}: refused (a dump of real numbers does not "
-                                      f"compress {INFLATION}-fold)")
-                out[info.filename[:-4]] = (shape, dtype.itemsize, dtype.kind)
+                total += math.prod(shape) * dtype.itemsize
+                if total > limit:
+                    raise Lfm2npError(f"{path}: its arrays would inflate its {path.stat().st_size} stored bytes to at "
+                                      f"least {total} (with array {name!r:.80}): refused (an .npz dump may declare "
+                                      f"at most {INFLATION} times its size plus {INFLATION_SLACK >> 20} MiB; a dump "
+                                      f"of real numbers does not compress {INFLATION}-fold)")
+                out[name] = (shape, dtype.itemsize, dtype.kind)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError,
             RuntimeError) as e:  # RuntimeError: zipfile's compression methods it cannot read
         raise Lfm2npError(f"{path}: not a readable .npz file ({e})") from None
@@ -159,7 +173,9 @@ def _check_shapes(path: Path, shapes: dict[str, tuple[tuple[int, ...], int, str]
     """What the arrays of a dump say they are, checked before any is read: real numbers (ids and chosen
     experts integers, logits and intermediates floating point); no more data than this machine has memory
     available for; a logits dump's ``logits`` (T, V) against its ``ids`` (T,) and the model's V."""
-    for name, (_, _, kind) in shapes.items():
+    for name, (shape, itemsize, kind) in shapes.items():
+        if math.prod(n for n in shape if n) * itemsize >= 2 ** 63:  # numpy refuses it even when an axis is 0
+            raise Lfm2npError(f"{path}: array {name!r:.80} has shape {list(shape)}, beyond what an array can hold")
         if name in ("ids", "tokens", "prefill") or holds_integers(name):
             allowed, want = "iuf", "integers"
         elif name == "logits" or is_trace_name(name):
@@ -187,9 +203,7 @@ def load_dump(path: "str | os.PathLike[str]", ids: Sequence[int] | None = None, 
     ``vocab_size`` a logits dump's width is checked before its logits are read. The file is untrusted: sizes
     and shapes are checked from its headers before anything is read, and safetensors files are read as
     :meth:`lfm2np.oracle.trace.Trace.load` reads traces (pread, no memory map)."""
-    path = Path(path)
-    if not path.is_file():
-        raise Lfm2npError(f"{path}: no such dump file")
+    path = _dump_file(path)
     suffix = path.suffix.lower()
     if suffix == ".npz":
         _check_shapes(path, _npz_shapes(path), ids is not None, vocab_size)
@@ -209,17 +223,77 @@ def load_dump(path: "str | os.PathLike[str]", ids: Sequence[int] | None = None, 
     else:
         raise Lfm2npError(f"{path}: a dump is an .npz or a .safetensors file")
     src = str(path)
+    if "logits" in arrays and "tokens" in arrays:
+        raise Lfm2npError(f"{path}: holds both 'logits' and 'tokens'; a dump is either a logits dump (ids + logits) "
+                          f"or a token stream (ids + tokens): split it into two files")
+    if "ids" in arrays and ids is None:
+        _check_ids(path, "ids", arrays["ids"], vocab_size)
+    if "tokens" in arrays:
+        _check_ids(path, "tokens", arrays["tokens"], vocab_size)
     if "logits" in arrays:
         if ids is None and "ids" not in arrays:
             raise Lfm2npError(f"{path}: a logits dump needs 'ids' (the T ids the logits are for)")
-        return logits_dump(arrays["ids"] if ids is None else ids, arrays["logits"],
-                           prefill if prefill is not None else arrays.get("prefill"), src)
+        _check_float32_range(path, "logits", arrays["logits"])
+        return _positions(path, logits_dump(arrays["ids"] if ids is None else ids, arrays["logits"],
+                                            prefill if prefill is not None else arrays.get("prefill"), src))
     if "tokens" in arrays:
         if ids is None and "ids" not in arrays:
             raise Lfm2npError(f"{path}: a token stream needs 'ids' (the prompt before the tokens)")
-        return token_stream(arrays["ids"] if ids is None else ids, arrays["tokens"],
-                            prefill if prefill is not None else arrays.get("prefill"), src)
-    return trace_dump(Trace(arrays, meta if isinstance(meta, dict) else {}), ids, prefill, src)
+        return _positions(path, token_stream(arrays["ids"] if ids is None else ids, arrays["tokens"],
+                                             prefill if prefill is not None else arrays.get("prefill"), src))
+    return _positions(path, trace_dump(Trace(arrays, meta if isinstance(meta, dict) else {}), ids, prefill, src))
+
+
+def _positions(path: Path, dump: Dump) -> Dump:
+    """``dump``, its ``prefill`` checked against the positions it covers (where the backend's second call began:
+    after the first position, before the last; a token stream's last token was fed to no call)."""
+    last = dump.length + (dump.kind == "tokens")
+    if dump.prefill is not None and not 0 < dump.prefill < last:
+        raise Lfm2npError(f"{path}: prefill {dump.prefill} is outside the positions of the dump (1 .. {last - 1})")
+    return dump
+
+
+def _dump_file(path: "str | os.PathLike[str]") -> Path:
+    """``path`` if it is a regular file; otherwise an error saying what it is (a directory, a FIFO, a loop of
+    links, nothing), found without opening it (opening a FIFO would wait for a writer)."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise Lfm2npError(f"{path}: no such dump file") from None
+        what = "a loop of symbolic links" if e.errno == errno.ELOOP else e.strerror or str(e)
+        raise Lfm2npError(f"{path}: cannot read the dump file ({what})") from None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    what = next((name for test, name in kinds if test(mode)), None if stat.S_ISREG(mode) else "not a regular file")
+    if what is not None:
+        raise Lfm2npError(f"{path}: is {what}; a dump is an .npz or a .safetensors file")
+    return path
+
+
+def _check_ids(path: Path, name: str, values: np.ndarray, vocab_size: int | None) -> None:
+    """A dump's ``ids`` / ``tokens``: token ids inside the model's vocabulary (when it is known)."""
+    a = np.asarray(values)
+    if vocab_size is None or a.dtype.kind not in "iuf" or not a.size:
+        return  # the type and shape are checked, naming the file, where the dump is built
+    bad = ~((a >= 0) & (a < vocab_size))
+    if bad.any():
+        raise Lfm2npError(f"{path}: {name} holds {a.reshape(-1)[np.argmax(bad.reshape(-1))].item()!r}, outside the "
+                          f"model's vocabulary (0..{vocab_size - 1})")
+
+
+def _check_float32_range(path: Path, name: str, values: np.ndarray) -> None:
+    """Logits wider than float32 must fit it: compared in float32, a float64 1e300 would become the backend's
+    own infinity, silently."""
+    a = np.asarray(values)
+    if a.dtype.kind != "f" or a.dtype.itemsize <= 4:
+        return
+    big = np.isfinite(a) & (np.abs(a) > np.finfo(np.float32).max)
+    if big.any():
+        where = np.unravel_index(int(np.argmax(big)), a.shape)
+        raise Lfm2npError(f"{path}: array {name!r} holds {a[where].item()!r} at {list(map(int, where))}, beyond "
+                          f"float32 range ({np.finfo(np.float32).max:.4g}); logits are compared in float32")
 
 
 # ------------------------------------------------------------------------------------- names
