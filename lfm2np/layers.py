@@ -245,12 +245,12 @@ def route(x: np.ndarray, gate: np.ndarray, expert_bias: np.ndarray | None, k: in
     ``scores + expert_bias`` (the bias steers the choice only; it is float32, so a bf16 backend chooses in
     float32); their weights are the unbiased scores, renormalised when ``norm_topk_prob``
     (:func:`lfm2np.ops.normalise_weights`), times ``routed_scaling_factor``. Names: router_logits, router_scores,
-    selected_experts, topk_scores, (topk_normed,) routing_weights.
+    (biased_scores,) selected_experts, topk_scores, (topk_normed,) routing_weights.
     (T, D), (E, D), (E,) -> logits (T, E), experts (T, k) int64, weights (T, k)"""
     rnd = s.rnd
     logits = s("router_logits", rnd(ops.linear(x, gate)))  # (T, E)
     scores = s("router_scores", rnd(ops.sigmoid(logits)))  # (T, E)
-    choice = scores if expert_bias is None else scores + expert_bias
+    choice = scores if expert_bias is None else s("biased_scores", scores + expert_bias)  # (T, E), float32
     experts = s("selected_experts", ops.top_k_experts(choice, k))  # (T, k)
     weights = s("topk_scores", np.take_along_axis(scores, experts, axis=-1))  # (T, k)
     if norm_topk_prob:

@@ -190,7 +190,7 @@ CONV_STEPS = ("in_proj", "b_gate", "c_gate", "x", "bx", "conv_out", "y", "out_pr
 ATTENTION_STEPS = ("q_proj", "k_proj", "v_proj", "q_normed", "k_normed", "q_rope", "k_rope", "attention", "gate",
                    "attn_out", "out_proj")
 DENSE_STEPS = ("w1", "w3", "act", "w2")
-ROUTER_STEPS = ("router_logits", "router_scores", "selected_experts", "topk_scores", "topk_normed",
+ROUTER_STEPS = ("router_logits", "router_scores", "biased_scores", "selected_experts", "topk_scores", "topk_normed",
                 "routing_weights")
 STEPS = frozenset(["", "operator_norm", "post_operator_norm", "mixer_residual", "ffn_norm", "feed_forward.output",
                    "post_ffn_norm", *(f"conv.{s}" for s in CONV_STEPS), *(f"self_attn.{s}" for s in ATTENTION_STEPS),
@@ -220,6 +220,7 @@ _LLAMA = {
     "ffn_norm": ("model.layers.{{}}.ffn_out-{i}",),
     "feed_forward.w1": ("ffn_gate-{i}",), "feed_forward.w3": ("ffn_up-{i}",), "feed_forward.act": ("ffn_swiglu-{i}",),
     "feed_forward.router_logits": ("ffn_moe_logits-{i}",), "feed_forward.router_scores": ("ffn_moe_probs-{i}",),
+    "feed_forward.biased_scores": ("ffn_moe_probs_biased-{i}",),
     "feed_forward.selected_experts": ("ffn_moe_topk-{i}",), "feed_forward.topk_scores": ("ffn_moe_weights-{i}",),
     "feed_forward.topk_normed": ("ffn_moe_weights_norm-{i}",),
     "": ("l_out-{i}",),
@@ -311,8 +312,10 @@ def layer_steps(config: Config, i: int) -> list[tuple[str, tuple[int | str, ...]
     out += [("mixer_residual", ("T", D)), ("ffn_norm", ("T", D))]
     if c.is_moe_layer(i):
         E, k = c.num_experts, c.num_experts_per_tok
-        out += [("feed_forward.router_logits", ("T", E)), ("feed_forward.router_scores", ("T", E)),
-                ("feed_forward.selected_experts", ("T", k)), ("feed_forward.topk_scores", ("T", k))]
+        out += [("feed_forward.router_logits", ("T", E)), ("feed_forward.router_scores", ("T", E))]
+        if c.use_expert_bias:  # what the experts are chosen on
+            out.append(("feed_forward.biased_scores", ("T", E)))
+        out += [("feed_forward.selected_experts", ("T", k)), ("feed_forward.topk_scores", ("T", k))]
         if c.norm_topk_prob:
             out.append(("feed_forward.topk_normed", ("T", k)))
         out.append(("feed_forward.routing_weights", ("T", k)))
@@ -370,6 +373,68 @@ def is_trace_name(name: str) -> bool:
 LLAMA_CPP_NAME = re.compile("|".join(
     [re.escape(t.format(i="LAYER")).replace("LAYER", r"\d+") for names in _LLAMA.values() for t in names]
     + [r"ffn_moe_out-\d+"] + [re.escape(t) for names in _LLAMA_TOP.values() for t in names]))
+
+
+# ---------------------------------------------------------------------------------- names from any tool
+_LLAMA_PREFIX = {t.replace("{{}}", "{}").rsplit("-{i}", 1)[0]: step for step, names in _LLAMA.items() for t in names}
+_LLAMA_PREFIX["ffn_moe_out"] = "feed_forward.output"
+_LLAMA_TOP_NAME = {t: name for name, names in _LLAMA_TOP.items() for t in names}
+
+
+def canonical_name(key: str) -> str | None:
+    """lfm2np's name for a value that lfm2np, llama.cpp's graph callback (``Qcur-3``, ``result_output``) or a
+    transformers capture (``model.layers.3.self_attn.q_layernorm.output``) names ``key``; None when it names no
+    value of the schema."""
+    if is_trace_name(key):
+        return key
+    if key in _LLAMA_TOP_NAME:
+        return _LLAMA_TOP_NAME[key]
+    head, _, layer = key.rpartition("-")
+    if layer.isdigit() and head in _LLAMA_PREFIX:
+        step = _LLAMA_PREFIX[head]
+        return f"model.layers.{int(layer)}.{step}" if step else f"model.layers.{int(layer)}"
+    return transformers_name(key)
+
+
+def transformers_name(key: str) -> str | None:
+    """lfm2np's name for a transformers capture key (module path + ``.output``, or a function-level step the
+    fixture tools record), or None."""
+    if key.endswith(".output") and key[:-len(".output")] in ("model.embed_tokens", "model.embedding_norm", "lm_head"):
+        return key[:-len(".output")]
+    m = _CAPTURED.fullmatch(key)
+    if m is None:
+        return None
+    layer, rest = m.groups()
+    if rest == "output":
+        return layer
+    for step in STEP_ORDER:
+        if step and key in transformers_names(f"{layer}.{step}"):
+            return f"{layer}.{step}"
+    return None
+
+
+_CAPTURED = re.compile(r"(model\.layers\.\d+)\.(.+)")
+#: the order of the steps inside a layer (a layer has either the router's or the dense FFN's)
+STEP_ORDER = ("operator_norm", *(f"conv.{s}" for s in CONV_STEPS), *(f"self_attn.{s}" for s in ATTENTION_STEPS),
+              "post_operator_norm", "mixer_residual", "ffn_norm", *(f"feed_forward.{s}" for s in ROUTER_STEPS),
+              *(f"feed_forward.{s}" for s in DENSE_STEPS), "feed_forward.output", "post_ffn_norm", "")
+_STEP_INDEX = {step: n for n, step in enumerate(STEP_ORDER)}
+
+
+def order_key(name: str) -> tuple:
+    """A sort key putting lfm2np names in forward order, whatever the config (unknown names last)."""
+    layer, step = _split(name)
+    if layer is not None:
+        return (2, layer, _STEP_INDEX.get(step, len(STEP_ORDER)), step)
+    if name.startswith("model.rotary_emb."):  # per attention type: inv_freq, cos, sin
+        kind, _, table = name[len("model.rotary_emb."):].partition(".")
+        return (0, kind, ("inv_freq", "cos", "sin").index(table) if table in ("inv_freq", "cos", "sin") else 3)
+    return ({"model.embed_tokens": 1, "model.embedding_norm": 3, "lm_head": 4}.get(name, 5), name)
+
+
+def layer_of(name: str) -> int | None:
+    """The layer of an lfm2np name (None outside the layers)."""
+    return _split(name)[0]
 
 
 def per_position(name: str) -> bool:

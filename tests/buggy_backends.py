@@ -278,6 +278,8 @@ class Backend:
         self._keep(p + "feed_forward.router_scores", scores)
         bias = W.get(p + "feed_forward.expert_bias")
         choose = scores + bias if bias is not None else scores
+        if bias is not None:
+            self._keep(p + "feed_forward.biased_scores", choose)
         chosen = np.argsort(-choose, axis=-1, kind="stable")[:, :c.num_experts_per_tok]
         self._keep(p + "feed_forward.selected_experts", chosen)
         weights = np.take_along_axis(choose if "router-bias-in-weights" in bugs else scores, chosen, axis=-1)

@@ -519,7 +519,7 @@ def test_trace_result_names_the_first_divergence_of_a_wrong_gguf(converted, tmp_
         assert main(["trace", str(model), "--text", "Hello", "--out", str(tmp_path / f"{name}.safetensors")]) == 0
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "wrong.safetensors"), str(tmp_path / "ckpt.safetensors"), "--json"]) == 1
-    assert json.loads(capsys.readouterr().out)["first_divergence"] == "model.layers.2.feed_forward.w3"
+    assert json.loads(capsys.readouterr().out)["first_divergence"]["tensor"] == "model.layers.2.feed_forward.w3"
 
 
 # ================================================================ llama.cpp's variants: fused q/k/v, SWA, bidirectional

@@ -80,8 +80,8 @@ def test_save_and_load_round_trip(tmp_path):
 #: Every name lfm2np's aliases use, as they appear in a real llama.cpp dump: llama-cpp-python 0.3.36,
 #: tools/dump_llama_cpp_trace.py --ints, the tiny-moe layout at width 256 (layer 0 conv + dense FFN, 1 and 3
 #: conv + MoE, 2 attention + MoE), F32 weights. Each of these matched lfm2np's tensor at max_rel <= 2.2e-6
-#: (ffn_moe_probs and ffn_moe_weights, lfm2np's router_scores and topk_scores, checked the same way at max_rel
-#: <= 5.9e-7; ffn_moe_weights_norm is topk_normed, at 1.4e-6).
+#: (ffn_moe_probs, ffn_moe_probs_biased and ffn_moe_weights, lfm2np's router_scores, biased_scores and topk_scores,
+#: checked the same way at max_rel <= 6.2e-7; ffn_moe_weights_norm is topk_normed, at 1.4e-6).
 LLAMA_CPP_DUMP_NAMES = [
     "model.embed_tokens",
     "model.layers.{}.operator_norm-0", "model.layers.{}.conv.in_proj-0", "model.layers.{}.conv.conv-0",
@@ -89,14 +89,15 @@ LLAMA_CPP_DUMP_NAMES = [
     "l_out-0",
     "model.layers.{}.operator_norm-1", "model.layers.{}.conv.in_proj-1", "model.layers.{}.conv.conv-1",
     "model.layers.{}.conv.out_proj-1", "model.layers.{}.ffn_out-1", "ffn_moe_logits-1", "ffn_moe_probs-1",
-    "ffn_moe_topk-1", "ffn_moe_weights-1", "ffn_moe_weights_norm-1", "ffn_moe_out-1", "l_out-1",
+    "ffn_moe_probs_biased-1", "ffn_moe_topk-1", "ffn_moe_weights-1", "ffn_moe_weights_norm-1", "ffn_moe_out-1", "l_out-1",
     "model.layers.{}.operator_norm-2", "Qcur-2", "Kcur-2", "Vcur-2", "model.layers.{}.self_attn.q_layernorm-2",
     "model.layers.{}.self_attn.k_layernorm-2", "kqv_out-2", "model.layers.{}.self_attn.out_proj-2",
-    "model.layers.{}.ffn_out-2", "ffn_moe_logits-2", "ffn_moe_probs-2", "ffn_moe_topk-2", "ffn_moe_weights-2",
+    "model.layers.{}.ffn_out-2", "ffn_moe_logits-2", "ffn_moe_probs-2", "ffn_moe_probs_biased-2", "ffn_moe_topk-2",
+    "ffn_moe_weights-2",
     "ffn_moe_weights_norm-2", "ffn_moe_out-2", "l_out-2",
     "model.layers.{}.operator_norm-3", "model.layers.{}.conv.in_proj-3", "model.layers.{}.conv.conv-3",
     "model.layers.{}.conv.out_proj-3", "model.layers.{}.ffn_out-3", "ffn_moe_logits-3", "ffn_moe_probs-3",
-    "ffn_moe_topk-3", "ffn_moe_weights-3", "ffn_moe_weights_norm-3", "ffn_moe_out-3", "l_out-3",
+    "ffn_moe_probs_biased-3", "ffn_moe_topk-3", "ffn_moe_weights-3", "ffn_moe_weights_norm-3", "ffn_moe_out-3", "l_out-3",
     "result_norm", "result_output",
 ]
 
@@ -224,9 +225,10 @@ def test_compare_command_exit_codes_and_first_divergence(tmp_path):
     assert ok.returncode == 0 and "agree" in ok.stdout
     broken = run(bad_path, ref_path)
     assert broken.returncode == 1
-    assert "FIRST DIVERGENCE: model.layers.3.conv.conv_out" in broken.stdout
+    assert "FIRST DIVERGENCE: model.layers.3.conv.conv_out (layer 3, position 0)" in broken.stdout
     as_json = json.loads(run(bad_path, ref_path, "--json").stdout)
-    assert as_json["first_divergence"] == "model.layers.3.conv.conv_out" and not as_json["ok"]
+    assert as_json["first_divergence"]["tensor"] == "model.layers.3.conv.conv_out" and not as_json["ok"]
+    assert as_json["first_divergence"]["layer"] == 3 and as_json["first_divergence"]["position"] == 0
 
 
 def test_float64_against_float32_is_measured_by_the_compare_tool(case):

@@ -319,13 +319,12 @@ def _router_softmax(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarr
     return run.rnd(ops.softmax(run.get("feed_forward.router_logits", i)))
 
 
-@_on("feed_forward.topk_scores", reads=("feed_forward.router_scores", "feed_forward.selected_experts"))
+@_on("feed_forward.topk_scores", reads=("feed_forward.biased_scores", "feed_forward.selected_experts"))
 def _bias_in_weights(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
-    bias = run.model.layer_weights(i).ffn.expert_bias
-    if not run.port.router_bias_in_weights or bias is None:
+    if not run.port.router_bias_in_weights or not run.c.use_expert_bias:
         return None
-    biased = run.get("feed_forward.router_scores", i) + bias
-    return np.take_along_axis(biased, run.get("feed_forward.selected_experts", i), axis=-1)
+    return np.take_along_axis(run.get("feed_forward.biased_scores", i), run.get("feed_forward.selected_experts", i),
+                              axis=-1)
 
 
 @_on("feed_forward.topk_normed", reads=("feed_forward.topk_scores",))

@@ -24,7 +24,7 @@ from ..errors import Lfm2npError
 from ..io.files import parse_json
 from ..io.params import machine_memory
 from ..io.safetensors_file import STORAGE, SafetensorsFile
-from ..schema import LLAMA_CPP_NAME, STEPS, holds_integers, llama_cpp_names, transformers_names
+from ..schema import LLAMA_CPP_NAME, holds_integers, llama_cpp_names, transformers_name
 from ..schema import is_trace_name as schema_trace_name
 
 # ------------------------------------------------------------------------------ names
@@ -162,35 +162,16 @@ class Trace:
         return cls(tensors, meta)
 
 
-_CAPTURED = re.compile(r"(model\.layers\.\d+)\.(.+)")
-
-
 def from_transformers(captured: "dict[str, np.ndarray]") -> Trace:
     """A trace from tensors captured with forward hooks on a transformers LFM2 or LFM3 model (keys: module path +
     ``.output``, or the function-level steps, as ``tools/make_fixtures.py`` and
     ``tools/dump_transformers_trace.py`` record them); keys that name no schema value are left out."""
     tensors = {}
     for key, value in captured.items():
-        name = _transformers_name(key)
+        name = transformers_name(key)
         if name is not None:
             tensors[name] = value
     return Trace(tensors, {"source": "transformers"})
-
-
-def _transformers_name(key: str) -> str | None:
-    """The trace name of a transformers capture key, or None."""
-    if key.endswith(".output") and key[:-len(".output")] in ("model.embed_tokens", "model.embedding_norm", "lm_head"):
-        return key[:-len(".output")]
-    m = _CAPTURED.fullmatch(key)
-    if m is None:
-        return None
-    layer, rest = m.groups()
-    if rest == "output":
-        return layer
-    for step in sorted(STEPS):
-        if step and key in transformers_names(f"{layer}.{step}"):
-            return f"{layer}.{step}"
-    return None
 
 
 def record(model: Any, ids: Any, patterns: Sequence[str] | None = None,
