@@ -51,6 +51,9 @@ class TensorSource(Protocol):
     def close(self) -> None:
         """Release the files (reading afterwards is an error)."""
 
+    def describe(self) -> dict[str, Any]:
+        """Where the tensors come from: ``{"format": "gguf" | "safetensors", "path": ...}``."""
+
 
 def check_tensors(have: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]], where: str,
                   strict: bool, what: str, shape_word: str = "shape") -> list[str]:
@@ -103,6 +106,11 @@ class Weights(Mapping[str, np.ndarray]):
         if name not in self:
             raise KeyError(name)
         return "?"
+
+    def describe(self) -> dict[str, Any]:
+        """Where the weights come from, for a trace's metadata: ``format`` ("gguf", "safetensors" or "arrays"),
+        the file or directory, and how many tensors each stored type holds (``{"Q8_0": 24, "F32": 9}``)."""
+        return {"format": "arrays"}
 
 
 class InMemory(Weights):
@@ -226,6 +234,13 @@ class Lazy(Weights):
         if name not in self._sizes:
             raise KeyError(name)
         return self.source.stored_type(name)
+
+    def describe(self) -> dict[str, Any]:
+        types: dict[str, int] = {}
+        for name in self._names:
+            kind = self.source.stored_type(name)
+            types[kind] = types.get(kind, 0) + 1
+        return {**self.source.describe(), "types": dict(sorted(types.items()))}
 
     def kept_bytes(self) -> int:
         """Bytes of the converted tensors held in memory."""

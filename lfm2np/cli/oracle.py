@@ -10,11 +10,12 @@ import numpy as np
 from ..errors import Lfm2npError
 from ..io.tokenizer import Tokenizer
 from ..oracle.compare import compare, format_comparison
+from ..oracle.follow import following
 from ..oracle.golden import write_golden
 from ..oracle.tolerance import COMPARE_TIERS
 from ..oracle.trace import Trace, record
 from .common import LayerProgress, Subparsers, add_force_argument, add_model_arguments, check_outputs, load_model
-from .common import input_file, output_dir, output_file
+from .common import input_file, model_argument, output_dir, output_file
 from .options import add_ids_argument, add_layers_argument, add_model_argument, add_text_argument
 
 
@@ -41,7 +42,14 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    result = compare(Trace.load(args.a), Trace.load(args.b), args.tier, args.pattern)
+    if (args.b is None) == (args.model is None):
+        raise Lfm2npError("give the reference as a trace (B) or as a model (--model MODEL), one of the two")
+    theirs = Trace.load(args.a)
+    if args.model is not None:  # the reference computed on the backend's ids, following its near-tie choices
+        reference = following(load_model(args), theirs, args.tier)
+    else:
+        reference = Trace.load(args.b)
+    result = compare(theirs, reference, args.tier, args.pattern, prefix=args.prefix, partial=args.partial)
     if args.json:
         print(json.dumps(result.to_json(), indent=1, allow_nan=False))
     else:
@@ -77,12 +85,25 @@ def register(sub: Subparsers) -> None:
     p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("compare", help="compare two traces and name the first divergence",
-                       description="Compare trace A (the backend under test) with trace B (the reference). Exit 1 "
-                                   "when a tensor is outside the tier.")
-    p.add_argument("a", type=input_file, help="trace under test (.safetensors)")
-    p.add_argument("b", type=input_file, help="reference trace (.safetensors; names may be llama.cpp aliases)")
+                       description="Compare trace A (the backend under test) with trace B (the reference), or with "
+                                   "lfm2np's run of --model MODEL on the same ids. Exit 0 when every tensor is within "
+                                   "the tier and enough is shared to localise a divergence; 1 when a tensor is "
+                                   "outside it, or too little is shared (see --partial); 2 when the traces ran "
+                                   "different inputs.")
+    p.add_argument("a", type=input_file, help="trace under test (.safetensors; lfm2np, llama.cpp or transformers "
+                                              "names)")
+    p.add_argument("b", type=input_file, nargs="?", help="reference trace (.safetensors; any of those names)")
+    p.add_argument("-m", "--model", type=model_argument, metavar="MODEL",
+                   help="instead of B: the reference computed by lfm2np from MODEL on A's ids, following A's expert "
+                        "choices where they are near-ties (so every tensor is judged on equal routing)")
+    add_model_arguments(p)
     p.add_argument("--tier", default="fp32", choices=list(COMPARE_TIERS), help="tolerance tier (default fp32)")
-    p.add_argument("--pattern", nargs="+", help="only names matching these globs")
+    p.add_argument("--pattern", nargs="+", help="only names matching these globs (lfm2np names)")
+    p.add_argument("--prefix", action="store_true",
+                   help="traces of different lengths: compare their common prefix (their ids must agree on it)")
+    p.add_argument("--partial", action="store_true",
+                   help="accept a comparison that shares too little to localise a divergence (nothing after the "
+                        "embeddings, or under half the reference's layers): without it, that is exit 1")
     p.add_argument("--all", action="store_true", help="show every tensor, not only up to the first divergence")
     p.add_argument("--json", action="store_true", help="print the comparison as strict JSON (a non-finite measure is "
                    "the string \"inf\", \"-inf\" or \"nan\")")

@@ -166,6 +166,9 @@ class GgufSource:
     def close(self) -> None:
         self.file.close()
 
+    def describe(self) -> dict[str, Any]:
+        return {"format": "gguf", "path": str(self.file.path)}
+
 
 def read_gguf_source(path: "str | os.PathLike[str]", strict: bool = True) \
         -> tuple[Config, "list[Tensor]", GgufSource]:

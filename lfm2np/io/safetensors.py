@@ -108,6 +108,9 @@ class Checkpoint:
         for f in self.files.values():
             f.close()
 
+    def describe(self) -> dict[str, Any]:
+        return {"format": "safetensors", "path": str(self.directory)}
+
     def read(self, name: str, dtype: Any, rows: np.ndarray | None = None) -> np.ndarray:
         """Tensor ``name`` in the compute ``dtype``, or only its ``rows`` (an integer array of indices into the
         first axis; the result has shape ``(*rows.shape, *shape[1:])``), read from the file now (never a

@@ -40,14 +40,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import Lfm2npError
-from ..schema import canonical_name, holds_integers, is_trace_name, layer_of, order_key, per_position
+from ..schema import holds_integers, is_trace_name, layer_of, per_position
 from .routing import Flip, canonical_order, choice_scores, classify_routing
+from .runs import canonical_tensors, reference_notes, same_run
 from .tolerance import COMPARE_TIERS, CompareTier
 from .trace import Trace, json_number, matches
-
-#: tensors a trace file may hold beside its intermediates: what the run was given, not what it computed
-INPUTS = ("ids", "prefill", "positions")
-
 
 @dataclass(frozen=True)
 class TensorDiff:
@@ -106,6 +103,7 @@ class Comparison:
     warnings: list[str] = field(default_factory=list)
     partial: bool = False
     ids: list[int] | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def first_divergence(self) -> TensorDiff | None:
@@ -157,7 +155,8 @@ class Comparison:
                              "reference_layers": list(c.reference_layers), "after_embeddings": c.after_embeddings},
                 "compared": len(self.diffs), "only_in_a": self.only_in_a, "only_in_b": self.only_in_b,
                 "routing_agreement": {k: n(v) for k, v in self.routing().items()},
-                "flips": [f.to_json() for f in self.flips], "warnings": self.warnings, "ids": self.ids,
+                "flips": [f.to_json() for f in self.flips], "warnings": self.warnings, "notes": self.notes,
+                "ids": self.ids,
                 "tensors": [{"name": d.name, "layer": d.layer, "shape": [int(x) for x in d.shape],
                              "max_abs": n(d.max_abs), "max_rel": n(d.max_rel), "nmse": n(d.nmse),
                              "nmse_db": n(d.nmse_db), "cosine": n(d.cosine), "ok": d.ok, "position": d.position,
@@ -170,7 +169,7 @@ def _failed(name: str, shape: tuple[int, ...], problem: str) -> TensorDiff:
     return TensorDiff(name, shape, math.inf, math.inf, math.inf, math.inf, 0.0, None, False, problem)
 
 
-def _aligned(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def aligned(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``a`` and ``b`` in one shape where they hold the same number of values laid out alike: axes of length 1
     dropped (a dump may keep a batch axis), and the axes after the first split alike (``(T, H * hd)`` as
     ``(T, H, hd)``; compared in memory order, a layout that really differs still shows as a divergence)."""
@@ -187,7 +186,7 @@ def diff_tensors(name: str, a: np.ndarray, b: np.ndarray, tier: CompareTier) -> 
     (a dump may keep a batch axis), and so are splits of the axes after the first (``(T, H * hd)`` as
     ``(T, H, hd)``: the values are compared in memory order, so a layout that really differs shows as a
     divergence); other shape differences fail the tensor."""
-    a, b = _aligned(a, b)
+    a, b = aligned(a, b)
     if a.shape != b.shape:
         return _failed(name, a.shape, f"shape {list(a.shape)} vs reference {list(b.shape)}")
     experts = holds_integers(name)
@@ -256,79 +255,6 @@ def _non_finite(which: str, x: np.ndarray) -> str:
     return f"{which} has {counts} (first at index {first[0] if len(first) == 1 else first})"
 
 
-# ------------------------------------------------------------------------------------------- names and inputs
-def canonical_tensors(trace: Trace, label: str) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The trace's intermediates under lfm2np's names, in forward order, and the keys that name none. One value
-    given under two names must hold the same numbers (an :class:`Lfm2npError` naming both otherwise)."""
-    out: dict[str, np.ndarray] = {}
-    source: dict[str, str] = {}
-    unknown = []
-    for key, value in trace.tensors.items():
-        if key in INPUTS:
-            continue
-        name = canonical_name(key)
-        if name is None:
-            unknown.append(key)
-            continue
-        value = np.asarray(value)
-        if name in out:
-            held = out[name]
-            same = held.size == value.size and np.array_equal(held.reshape(-1), value.reshape(-1), equal_nan=True) \
-                if held.dtype.kind == "f" and value.dtype.kind == "f" else \
-                held.size == value.size and np.array_equal(held.reshape(-1), value.reshape(-1))
-            if not same:
-                raise Lfm2npError(f"trace {label}: {source[name]!r} and {key!r} both name {name} but hold different "
-                                  f"values: which one did the backend compute?")
-            continue
-        out[name], source[name] = value, key
-    return {n: out[n] for n in sorted(out, key=order_key)}, unknown
-
-
-def trace_ids(trace: Trace, label: str) -> list[int] | None:
-    """The ids a trace ran (its metadata's ``ids`` or an ``ids`` tensor; both must agree), or None."""
-    found = []
-    if "ids" in trace.meta:
-        found.append(("metadata", trace.meta["ids"]))
-    if "ids" in trace.tensors:
-        found.append(("tensor", trace.tensors["ids"]))
-    out = None
-    for where, value in found:
-        a = np.asarray(value)
-        if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or a.size == 0) or a.ndim != 1:
-            raise Lfm2npError(f"trace {label}: its ids ({where}) are not a list of integers")
-        ids = [int(x) for x in a]
-        if out is not None and ids != out:
-            raise Lfm2npError(f"trace {label}: its metadata's ids and its ids tensor differ")
-        out = ids
-    return out
-
-
-def _same_run(a: Trace, b: Trace, prefix: bool, warnings: list[str]) -> tuple[list[int] | None, int | None]:
-    """The ids both traces ran (refused when they differ), and the positions to compare (None: all)."""
-    ids = {label: trace_ids(t, label) for label, t in (("A", a), ("B", b))}
-    for label, got in ids.items():
-        if got is None:
-            warnings.append(f"trace {label} records no ids: nothing checks that both traces ran the same input")
-    starts = [t.meta.get("start") for t in (a, b)]
-    if all(isinstance(s, int) for s in starts) and starts[0] != starts[1]:
-        raise Lfm2npError(f"the traces start at other positions (A at {starts[0]}, B at {starts[1]}): they are not "
-                          f"the same run")
-    ia, ib = ids["A"], ids["B"]
-    if ia is None or ib is None:
-        return ia or ib, None
-    n = min(len(ia), len(ib))
-    diff = next((t for t in range(n) if ia[t] != ib[t]), None)
-    if diff is not None:
-        raise Lfm2npError(f"the traces ran different inputs: their ids first differ at position {diff} (A: {ia[diff]}, "
-                          f"B: {ib[diff]}); compare traces of the same ids")
-    if len(ia) != len(ib):
-        if not prefix:
-            raise Lfm2npError(f"the traces ran inputs of different lengths (A: {len(ia)} ids, B: {len(ib)}; the same "
-                              f"first {n}): compare their common prefix with prefix=True (--prefix)")
-        return ia[:n], n
-    return ia, None
-
-
 # -------------------------------------------------------------------------------------------- compare
 def compare(a: Trace, b: Trace, tier: "str | CompareTier" = "fp32", patterns: Sequence[str] | None = None, *,
             prefix: bool = False, partial: bool = False) -> Comparison:
@@ -341,7 +267,7 @@ def compare(a: Trace, b: Trace, tier: "str | CompareTier" = "fp32", patterns: Se
             raise Lfm2npError(f"unknown tier {tier!r}; expected one of {', '.join(COMPARE_TIERS)}")
         tier = COMPARE_TIERS[tier]
     warnings: list[str] = []
-    ids, length = _same_run(a, b, prefix, warnings)
+    ids, length = same_run(a, b, prefix, warnings)
     ta, unknown_a = canonical_tensors(a, "A")
     tb, unknown_b = canonical_tensors(b, "B")
     for label, unknown in (("A", unknown_a), ("B", unknown_b)):
@@ -357,7 +283,7 @@ def compare(a: Trace, b: Trace, tier: "str | CompareTier" = "fp32", patterns: Se
             layers_done.add(layer)
             ta, tb = canonical_order(ta, layer), canonical_order(tb, layer)
             va, vb = ta[name], tb[name]
-        va, vb = _aligned(va, vb)
+        va, vb = aligned(va, vb)
         rows = length
         if per_position(name) and va.ndim and va.shape[1:] == vb.shape[1:] and va.shape[0] != vb.shape[0] \
                 and rows is None:  # no ids to tell: the traces' own rows
@@ -386,7 +312,7 @@ def compare(a: Trace, b: Trace, tier: "str | CompareTier" = "fp32", patterns: Se
                         tuple(sorted({layer_of(n) for n in reference if layer_of(n) is not None})),
                         any(not (d.name == "model.embed_tokens" or d.name.startswith("model.rotary_emb."))
                             for d in diffs))
-    return Comparison(tier, diffs, only_a, only_b, coverage, flips, warnings, partial, ids)
+    return Comparison(tier, diffs, only_a, only_b, coverage, flips, warnings, partial, ids, reference_notes(a, b, tier))
 
 
 def _routing_verdict(d: TensorDiff, layer: int, ea: np.ndarray, eb: np.ndarray, sa: np.ndarray | None,
@@ -422,7 +348,7 @@ def format_comparison(c: Comparison, all_rows: bool = False) -> str:
         lines.append(f"  later tensors judged on positions before {min(f.position for f in c.near_ties)} (a near-tie "
                      f"changes every later position); lfm2np.oracle.follow recomputes the reference on the same "
                      f"choices")
-    lines += [f"warning: {w}" for w in c.warnings]
+    lines += [f"warning: {w}" for w in c.warnings] + [f"note: {n}" for n in c.notes]
     lines.append(f"{'tensor':56s} {'max_abs':>10s} {'max_rel':>10s} {'NMSE dB':>9s} {'cosine':>10s}  ok")
     first = c.first_divergence
     for d in c.diffs:

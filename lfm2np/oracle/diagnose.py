@@ -8,38 +8,44 @@ the tier. What "agrees" means per kind of dump:
 
 - **logits**: the logits tensor within the tier (:func:`lfm2np.oracle.compare.diff_tensors`: max_rel and
   NMSE); its positions are judged one by one, ``max|a_t - b_t| / max|b|``;
-- **trace**: every tensor the dump and the reference share within the tier, in forward order (the chosen
-  experts identical), as ``lfm2np compare`` judges them; a hypothesis ignores the names its mistake makes
-  ambiguous (:attr:`lfm2np.oracle.mistakes.Mistake.ambiguous`);
+- **trace**: every tensor the dump and the reference share within the tier, in forward order, as
+  ``lfm2np compare`` judges them (expert choices may differ only at near-ties); a hypothesis ignores the names
+  its mistake makes ambiguous (:attr:`lfm2np.oracle.mistakes.Mistake.ambiguous`);
 - **tokens**: the stream is run through the reference with teacher forcing (prompt + tokens, one forward
   pass), so each step is judged on the backend's own prefix; a step agrees when its token is the
   reference's argmax or within the tier's noise of it, ``max - logit[token] <= max_rel * max|logits|`` (a
   near-tie: float32 implementations may pick either). Greedy generation is deterministic, so a mutated
   reference that predicts every token of the stream on that prefix generates exactly that stream.
 
-Hypotheses rank by: reproduces, visible (the mutation changes anything on this input), how far it explains
-the dump (positions, tensors or steps before its first disagreement), its error there, and for token
-streams the stream's log-likelihood under it. When no single mistake reproduces the dump, combinations of
-two or three are searched (:func:`_search`: the best two, each extended by every other, and so on), and
-those that reproduce are added (e.g. the three router slips of ml-explore/mlx-lm#1883 at once).
+Hypotheses rank by: reproduces, not contradicted, visible (the mutation changes anything on this input), how
+far it explains the dump (positions, tensors or steps before its first disagreement), its error there, and for
+token streams the stream's log-likelihood under it. A hypothesis is *contradicted* when the mutated reference
+departs from the dump before the reference itself does: it would change values that the dump shows unchanged,
+so the dump rules it out. When no single mistake reproduces the dump, combinations of two or three are searched
+(:func:`_search`: the best two, each extended by every other, and so on), and those that reproduce are added
+(e.g. the three router slips of ml-explore/mlx-lm#1883 at once); for a trace, each mistake is then tried in the
+layer alone where the divergence begins (and, on a MoE layer, in each chosen expert alone): a weight converter
+that exchanged w1 and w3 in one layer is named with its layer. When still nothing reproduces the dump,
+:attr:`Diagnosis.nothing_reproduces` is true, ``best`` is None, and the report's first line says so, with the
+operator, layer and position where the divergence begins.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from ..errors import Lfm2npError
+from ..schema import layer_of, order_key, per_position
 from . import mistakes as M
-from .compare import compare, diff_tensors
-from .dumps import Dump, align, canonical_routing
+from .compare import compare
+from .dumps import Dump
+from .judges import LogitsJudge, TokensJudge, TraceJudge, row_errors
 from .tolerance import COMPARE_TIERS, CompareTier
-from ..schema import per_position
 from .trace import Trace
 
 #: The search for combinations keeps this many candidates per size, up to this many mistakes at once.
@@ -66,16 +72,18 @@ class Hypothesis:
     visible: bool
     log_likelihood: float | None = None
     size: int = 1
+    contradicted: bool = False
 
     def rank_key(self) -> tuple:
         err = self.error if not math.isnan(self.error) else math.inf
-        return (not self.reproduces, self.size if self.reproduces else 0, not self.visible, -self.explained, err,
-                -(self.log_likelihood or 0.0))
+        return (not self.reproduces, self.size if self.reproduces else 0, self.contradicted, not self.visible,
+                -self.explained, err, -(self.log_likelihood or 0.0))
 
     def to_json(self) -> dict[str, Any]:
-        out = {"id": self.id, "variant": self.variant, "reproduces": self.reproduces, "error": _finite(self.error),
-               "where": self.where, "visible": self.visible, "explained": self.explained,
-               "first_disagreement": self.first_disagreement, "params": self.switches}
+        out = {"id": self.id, "variant": self.variant, "reproduces": self.reproduces,
+               "contradicted": self.contradicted, "error": _finite(self.error), "where": self.where,
+               "visible": self.visible, "explained": self.explained, "first_disagreement": self.first_disagreement,
+               "params": {k: list(v) if isinstance(v, tuple) else v for k, v in self.switches.items()}}
         if self.log_likelihood is not None:
             out["log_likelihood"] = _finite(self.log_likelihood)
         return out
@@ -98,6 +106,7 @@ class Diagnosis:
     prefill_from: str | None
     skipped: dict[str, str] = field(default_factory=dict)
     compared: int = 0  # what is judged: positions (logits), tensors in common (trace), generated tokens
+    comparison: dict[str, Any] | None = None  # a trace dump: its comparison with the reference (compare's JSON)
 
     @property
     def best(self) -> Hypothesis | None:
@@ -106,13 +115,20 @@ class Diagnosis:
             return None
         return self.hypotheses[0]
 
+    @property
+    def nothing_reproduces(self) -> bool:
+        """The dump differs from the reference and no catalogued mistake (alone, combined or localised to the
+        layer where the divergence begins) reproduces it."""
+        return not self.agrees and self.best is None
+
     def to_json(self) -> dict[str, Any]:
         return _strict({"kind": self.kind, "model": self.model, "tier": self.tier, "positions": self.positions,
                         "compared": self.compared, "agrees": self.agrees, "first_divergence": self.first_divergence,
-                        "best": self.best.id if self.best else None,
+                        "best": self.best.id if self.best else None, "nothing_reproduces": self.nothing_reproduces,
                         "hypotheses": [h.to_json() for h in self.hypotheses],
                         "not_applicable": self.not_applicable,
-                        "prefill": self.prefill, "prefill_from": self.prefill_from, "skipped": self.skipped})
+                        "prefill": self.prefill, "prefill_from": self.prefill_from, "skipped": self.skipped,
+                        **({"comparison": self.comparison} if self.comparison is not None else {})})
 
 
 def _finite(x: float | None) -> float | None:
@@ -132,135 +148,6 @@ def _strict(obj: Any) -> Any:
     return obj
 
 
-# ------------------------------------------------------------------------------------ judges
-class _Verdict(NamedTuple):
-    """A judge's verdict on values against the dump: see :class:`Hypothesis` for the fields."""
-
-    reproduces: bool
-    error: float
-    explained: int
-    disagreement: dict[str, Any] | None
-    log_likelihood: float | None = None
-
-
-def _rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per position t: ``max|a_t - b_t| / max|b|`` (float64), or for chosen experts 1 where the sets differ."""
-    if a.dtype.kind in "iu" or b.dtype.kind in "iu":
-        same = np.all(np.sort(a, axis=-1) == np.sort(b, axis=-1), axis=-1)
-        return (~same.reshape(a.shape[0], -1).all(axis=-1)).astype(np.float64)
-    d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).reshape(a.shape[0], -1)
-    scale = float(np.max(np.abs(b))) if b.size else 0.0
-    with np.errstate(invalid="ignore"):
-        err = d.max(axis=-1) / scale if scale else np.where(d.max(axis=-1) > 0, np.inf, 0.0)
-    return np.where(np.isnan(err), np.inf, err)
-
-
-def _first_row(a: np.ndarray, b: np.ndarray, limit: float) -> tuple[int, float]:
-    """The first position outside ``limit`` (or the worst one, when only the NMSE failed) and its error."""
-    err = _rows(a, b)
-    bad = np.flatnonzero(err > limit)
-    t = int(bad[0]) if bad.size else int(np.argmax(err))
-    return t, float(err[t])
-
-
-class _Logits:
-    def __init__(self, dump: Dump, tier: CompareTier):
-        self.dump, self.tier, self.seq = dump, tier, dump.ids
-
-    def visible(self, values: dict[str, np.ndarray], reference: dict[str, np.ndarray], ambiguous: Sequence[str]):
-        return not diff_tensors("lm_head", values["lm_head"], reference["lm_head"], self.tier).ok
-
-    def judge(self, values: dict[str, np.ndarray], ambiguous: Sequence[str] = ()) -> _Verdict:
-        mine, theirs = values["lm_head"], self.dump.logits
-        d = diff_tensors("lm_head", theirs, mine, self.tier)
-        if d.ok:
-            return _Verdict(True, d.max_rel, len(self.seq), None)
-        t, err = _first_row(theirs, mine, self.tier.max_rel)
-        return _Verdict(False, err, t, {"position": t, "max_rel": err,
-                                        "argmax_agrees": bool(np.argmax(theirs[t]) == np.argmax(mine[t]))})
-
-
-class _Traced:
-    def __init__(self, dump: Dump, tier: CompareTier, reference: dict[str, np.ndarray]):
-        self.tier, self.seq = tier, dump.ids
-        self.tensors, self.skipped = align(dump.trace, reference)
-        if not self.tensors:
-            raise Lfm2npError(f"{dump.source}: none of its {len(dump.trace)} tensors is an intermediate of this "
-                              f"model (e.g. {next(iter(self.skipped), '?')}: {next(iter(self.skipped.values()), '')})")
-
-    def visible(self, values: dict[str, np.ndarray], reference: dict[str, np.ndarray], ambiguous: Sequence[str]):
-        names = [n for n in self.tensors if not any(fnmatch.fnmatchcase(n, a) for a in ambiguous)]
-        mine, ref = (canonical_routing({n: v[n] for n in names}) for v in (values, reference))
-        return any(not diff_tensors(n, mine[n], ref[n], self.tier).ok for n in names)
-
-    def judge(self, values: dict[str, np.ndarray], ambiguous: Sequence[str] = ()) -> _Verdict:
-        theirs = {n: v for n, v in self.tensors.items() if not any(fnmatch.fnmatchcase(n, a) for a in ambiguous)}
-        mine = canonical_routing({n: values[n] for n in theirs})
-        result = compare(Trace(theirs), Trace(mine), self.tier)
-        first = result.first_divergence
-        if first is None:
-            return _Verdict(True, max((d.max_rel for d in result.diffs), default=0.0), len(result.diffs), None)
-        t, _ = _first_row(theirs[first.name], mine[first.name], self.tier.max_rel)
-        if first.routing_agreement is not None:  # chosen experts: the error is the share of tokens routed elsewhere
-            error = 1.0 - first.routing_agreement
-            detail = {"tensor": first.name, "position": t, "routing_agreement": first.routing_agreement}
-        else:
-            error = first.max_rel
-            detail = {"tensor": first.name, "position": t, "max_rel": first.max_rel, "nmse_db": first.nmse_db}
-        return _Verdict(False, error, result.diffs.index(first), detail)
-
-
-class _Tokens:
-    def __init__(self, dump: Dump, tier: CompareTier):
-        self.tier, self.prompt, self.tokens = tier, dump.ids, dump.tokens
-        self.seq = np.concatenate([dump.ids, dump.tokens[:-1]])
-
-    def steps(self, logits: np.ndarray):
-        rows = np.asarray(logits[len(self.prompt) - 1:], np.float64)  # row s predicts tokens[s]
-        picked = rows[np.arange(len(self.tokens)), self.tokens]
-        scale = np.max(np.abs(rows), axis=-1)
-        deficit = rows.max(axis=-1) - picked
-        return rows, picked, scale, deficit, deficit > self.tier.max_rel * scale
-
-    def visible(self, values: dict[str, np.ndarray], reference: dict[str, np.ndarray], ambiguous: Sequence[str]):
-        """Whether, on the backend's prefix, the mutated reference would not choose the reference's tokens."""
-        rows = np.asarray(values["lm_head"][len(self.prompt) - 1:], np.float64)
-        choice = np.asarray(reference["lm_head"][len(self.prompt) - 1:]).argmax(axis=-1)
-        deficit = rows.max(axis=-1) - rows[np.arange(len(rows)), choice]
-        return bool(np.any(deficit > self.tier.max_rel * np.max(np.abs(rows), axis=-1)))
-
-    def judge(self, values: dict[str, np.ndarray], ambiguous: Sequence[str] = ()) -> _Verdict:
-        rows, picked, scale, deficit, bad = self.steps(values["lm_head"])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rel = np.where(scale > 0, deficit / scale, np.where(deficit > 0, np.inf, 0.0))
-        loglik = float(np.sum(picked - rows.max(axis=-1) - np.log(np.exp(rows - rows.max(axis=-1, keepdims=True))
-                                                                  .sum(axis=-1))))
-        if not bad.any():
-            return _Verdict(True, float(rel.max()), len(self.tokens), None, loglik)
-        s = int(np.flatnonzero(bad)[0])
-        return _Verdict(False, float(rel.max()), s, self.step(rows, s, deficit, scale), loglik)
-
-    def step(self, rows: np.ndarray, s: int, deficit: np.ndarray, scale: np.ndarray) -> dict[str, Any]:
-        top = np.argsort(-rows[s], kind="stable")[:5]
-        tolerance = float(self.tier.max_rel * scale[s])
-        return {"step": s, "position": len(self.prompt) + s, "token": int(self.tokens[s]),
-                "reference_top": [{"id": int(i), "logit": float(rows[s, i])} for i in top],
-                "margin": float(deficit[s]), "tolerance": tolerance, "near_tie": bool(deficit[s] <= tolerance)}
-
-    def divergence(self, logits: np.ndarray) -> tuple[bool, dict[str, Any] | None]:
-        """The reference's verdict: agrees (every step its argmax or a near-tie), and the first step whose
-        token is not its argmax, with the first real deviation when that step is a near-tie."""
-        rows, _, scale, deficit, bad = self.steps(logits)
-        differ = np.flatnonzero(self.tokens != rows.argmax(axis=-1))
-        if not differ.size:
-            return True, None
-        first = self.step(rows, int(differ[0]), deficit, scale)
-        if first["near_tie"]:
-            real = np.flatnonzero(bad)
-            first["first_deviation"] = self.step(rows, int(real[0]), deficit, scale) if real.size else None
-        return not bad.any(), first
-
-
 # --------------------------------------------------------------------------------- diagnose
 def _run(model: Any, seq: np.ndarray, port: M.Port, keep: "set[str] | None" = None,
          reference: dict[str, np.ndarray] | None = None, limit: float = 0.0):
@@ -274,7 +161,7 @@ def _run(model: Any, seq: np.ndarray, port: M.Port, keep: "set[str] | None" = No
         if keep is None or name in keep:
             values[name] = value
         if where is None and reference is not None:
-            bad = np.flatnonzero(_rows(value, reference[name]) > limit)
+            bad = np.flatnonzero(row_errors(value, reference[name]) > limit)
             if bad.size:
                 where = {"tensor": name, "position": int(bad[0]) if per_position(name) else None}
 
@@ -300,8 +187,8 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill
         raise Lfm2npError(f"{dump.source}: logits have {dump.logits.shape[1]} columns; the model's vocabulary is "
                           f"{c.vocab_size}")
     reference, _ = _run(model, seq, M.REFERENCE)
-    judge = {"logits": lambda: _Logits(dump, tier), "trace": lambda: _Traced(dump, tier, reference),
-             "tokens": lambda: _Tokens(dump, tier)}[dump.kind]()
+    judge = {"logits": lambda: LogitsJudge(dump, tier), "trace": lambda: TraceJudge(dump, tier, reference),
+             "tokens": lambda: TokensJudge(dump, tier)}[dump.kind]()
 
     keep = set(judge.tensors) if dump.kind == "trace" else {"lm_head"}
     if dump.kind == "tokens":
@@ -356,13 +243,61 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill
                             [a for h in group for a in entries[h.id].ambiguous], len(group))
 
         hypotheses += _search(hypotheses, combined)
-        hypotheses.sort(key=Hypothesis.rank_key)
+    if not agrees and not any(h.reproduces for h in hypotheses) and dump.kind == "trace":
+        # before giving up: each mistake made in the layer (and, on MoE layers, the expert) where the dump departs
+        hypotheses += _localised(catalogue, c, prefill, first, reference, evaluate)
+    at = _departure(dump.kind, first, agrees)
+    for h in hypotheses:  # a mistake that changes what the dump shows unchanged is ruled out by it
+        h.contradicted = not h.reproduces and h.visible and (
+            agrees or (_departure(dump.kind, h.first_disagreement, False) or at) < at)
+    hypotheses.sort(key=Hypothesis.rank_key)
     name = os.path.basename(os.path.dirname(os.path.abspath(c.source))) if (c.source or "").endswith("config.json") \
         else c.source or c.model_type
+    comparison = None
+    if dump.kind == "trace":
+        comparison = compare(Trace(judge.tensors), Trace(reference), tier, partial=True).to_json()
     return Diagnosis(dump.kind, name, tier.name, dump.length, agrees, first, hypotheses,
                      not_applicable, prefill, prefill_from, getattr(judge, "skipped", {}),
                      {"logits": len(seq), "trace": len(getattr(judge, "tensors", ())),
-                      "tokens": len(dump.tokens if dump.tokens is not None else ())}[dump.kind])
+                      "tokens": len(dump.tokens if dump.tokens is not None else ())}[dump.kind], comparison)
+
+
+def _departure(kind: str, where: dict[str, Any] | None, agrees: bool) -> tuple | None:
+    """Where a dump departs from some values, as a key in forward order: (tensor, position) for a trace, the
+    position for logits, the step for tokens (a stream's near-tie counts from its first real deviation)."""
+    if where is None or agrees:
+        return None
+    if kind == "trace":
+        return (order_key(where["tensor"]), where.get("position") or 0) if "tensor" in where else None
+    if kind == "tokens":
+        if where.get("near_tie"):
+            where = where.get("first_deviation")
+        return None if where is None else (where["step"],)
+    return (where["position"],) if "position" in where else None
+
+
+def _localised(catalogue, c, prefill, first: dict[str, Any] | None, reference: dict[str, np.ndarray],
+               evaluate) -> list[Hypothesis]:
+    """Each catalogued mistake made in one layer only, the layer where the dump first departs from the reference
+    (a weight converter that got one layer wrong), and on a MoE layer each of the experts chosen there alone:
+    the variants that reproduce the dump."""
+    layer = layer_of(first["tensor"]) if first and "tensor" in first else None
+    if layer is None:
+        return []
+    out = []
+    experts = reference.get(f"model.layers.{layer}.feed_forward.selected_experts")
+    chosen = sorted(set(np.asarray(experts).ravel().tolist())) if experts is not None else []
+    for m in catalogue:
+        if not m.localisable or not m.applies(c):
+            continue
+        for label, switches in m.variants(c, prefill):
+            tries = [(f"{label}, layer {layer}", {**switches, "layers": (layer,)})]
+            if "swiglu_silu_on" in switches and c.is_moe_layer(layer):
+                tries += [(f"{label}, layer {layer}, expert {e}", {**switches, "layers": (layer,), "experts": (e,)})
+                          for e in chosen]
+            found = [h for h in (evaluate(m.id, t, sw, m.ambiguous) for t, sw in tries) if h.reproduces]
+            out += sorted(found, key=Hypothesis.rank_key)[:1]
+    return out
 
 
 def _search(singles: list[Hypothesis], combined) -> list[Hypothesis]:
@@ -398,12 +333,27 @@ def _at(d: dict[str, Any] | None) -> str:
     return f"step {d['step']}" if "step" in d else f"position {d['position']}"
 
 
+def _where(kind: str, f: dict[str, Any]) -> str:
+    """Where a divergence begins, in words: the operator's value, its layer and the position."""
+    if "tensor" in f:
+        layer = layer_of(f["tensor"])
+        return f"{f['tensor']}" + (f" (layer {layer}" if layer is not None else " (") + (
+            f", position {f['position']})" if f.get("position") is not None else ")").replace("(, ", "(")
+    if kind == "tokens":
+        return f"step {f['step']} (position {f['position']})"
+    return f"position {f['position']} of the logits"
+
+
 def format_diagnosis(d: Diagnosis) -> str:
     """A readable report: the verdict, the first divergence, the ranked hypotheses, what did not apply."""
     what = {"logits": f"logits of {d.positions} positions", "trace": f"trace of {d.compared} tensors",
             "tokens": f"{d.compared} tokens after a prompt of {d.positions + 1 - d.compared}"}[d.kind]
-    lines = [f"diagnose: {what} against {d.model} at the {d.tier} tier"]
+    lines = []
     f = d.first_divergence
+    if d.nothing_reproduces:  # the first thing a reader must know
+        lines.append("no catalogued mistake reproduces this dump" + (
+            "" if f is None else f": the divergence begins at {_where(d.kind, f)}"))
+    lines.append(f"diagnose: {what} against {d.model} at the {d.tier} tier")
     if f is None:
         lines.append("agrees: yes, everywhere")
     elif d.kind == "tokens":
@@ -421,8 +371,13 @@ def format_diagnosis(d: Diagnosis) -> str:
     unit = {"logits": "positions", "trace": "tensors", "tokens": "steps"}[d.kind]
     lines.append(("the dump agrees; mistakes this input cannot rule out come first" if d.agrees
                   else "hypotheses, best first") + f" ({unit} explained / {d.compared}):")
+    ruled_out = False
     for n, h in enumerate(d.hypotheses, 1):
-        verdict = "REPRODUCES" if h.reproduces else "no" if h.visible else "no effect here"
+        if h.contradicted and not ruled_out and not d.agrees:
+            ruled_out = True
+            lines.append("     -- ruled out: the mistakes below would change values that the dump shows unchanged --")
+        verdict = "REPRODUCES" if h.reproduces else "contradicted" if h.contradicted else "no" if h.visible \
+            else "no effect here"
         lines.append(f"{n:3d}. {h.id:26s} {h.variant:24s} {verdict:14s} error {h.error:9.3g}  explains "
                      f"{h.explained:4d}  acts at {_at(h.where)}")
     if d.prefill is not None and any("conv-state-dropped" in h.id.split("+") for h in d.hypotheses):

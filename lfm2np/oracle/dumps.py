@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import math
 import os
-import re
 import stat
 import zipfile
 from dataclasses import dataclass, field
@@ -32,7 +31,11 @@ import numpy as np
 from ..errors import Lfm2npError
 from ..io.params import available_memory
 from ..io.safetensors_file import STORAGE, SafetensorsFile
-from .trace import Trace, from_transformers, holds_integers, is_trace_name, llama_cpp_alias
+from ..schema import layer_of
+from .compare import aligned
+from .runs import canonical_tensors, trace_ids
+from .routing import canonical_order
+from .trace import Trace, holds_integers, is_trace_name
 
 KINDS = ("logits", "trace", "tokens")
 
@@ -103,8 +106,11 @@ def token_stream(prompt: Any, tokens: Any, prefill: Any = None, source: str = "t
 
 def trace_dump(trace: Trace, ids: Any = None, prefill: Any = None, source: str = "trace") -> Dump:
     """A trace of named intermediates computed by the backend for ``ids`` (default: the trace's own)."""
+    recorded = trace_ids(trace, source)
     if ids is None:
-        ids = trace.meta.get("ids") if "ids" not in trace else trace["ids"]
+        ids = recorded
+    elif recorded is not None and [int(i) for i in np.asarray(ids).reshape(-1)] != recorded:
+        raise Lfm2npError(f"{source}: the trace records the ids it ran, and they are not the ids given")
     if ids is None:
         raise Lfm2npError(f"{source}: the trace does not say which ids it ran (no 'ids' in its metadata or "
                           f"tensors): pass them (--ids)")
@@ -297,45 +303,34 @@ def _check_float32_range(path: Path, name: str, values: np.ndarray) -> None:
 
 
 # ------------------------------------------------------------------------------------- names
-def align(trace: Trace, reference: "dict[str, np.ndarray]") -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The tensors of a backend's ``trace`` under lfm2np's names, in ``reference``'s forward order, shaped as
-    the reference's (axes of length 1 dropped or added), with routing in a canonical order
-    (:func:`canonical_routing`); and the names left out, each with the reason."""
-    alias = {a: n for n in reference if (a := llama_cpp_alias(n))}
+def align(trace: Trace, reference: "dict[str, np.ndarray]", source: str = "dump") \
+        -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors of a backend's ``trace`` under lfm2np's names (whatever tool named them:
+    :func:`lfm2np.oracle.compare.canonical_tensors`, which refuses one value under two names with other numbers),
+    in ``reference``'s forward order, shaped as the reference's (axes of length 1 dropped or added, the axes after
+    the first split alike), with each layer's expert choices in a canonical order; and the names left out, each
+    with the reason."""
+    tensors, unknown = canonical_tensors(trace, source)
+    skipped = {key: "not an intermediate of any LFM model" for key in unknown}
     out: dict[str, np.ndarray] = {}
-    skipped: dict[str, str] = {}
-    for key, value in trace.tensors.items():
-        name = key if key in reference else alias.get(key)
-        if name is None:
-            mapped = from_transformers({key: value}).names()
-            name = mapped[0] if mapped and mapped[0] in reference else None
-        if name is None:
-            skipped[key] = "not an intermediate of this model"
+    for name, value in tensors.items():
+        if name not in reference:
+            skipped[name] = "not an intermediate of this model"
             continue
-        value, want = np.asarray(value), reference[name].shape
-        if value.shape != want:
-            if value.size != int(np.prod(want)) or np.squeeze(value).shape != tuple(d for d in want if d != 1):
-                skipped[key] = f"shape {list(value.shape)}, the reference's is {list(want)}"
+        value, want = np.asarray(value), reference[name]
+        if value.shape != want.shape:
+            value, _ = aligned(value, want)
+            if value.shape != want.shape:
+                skipped[name] = f"shape {list(np.shape(tensors[name]))}, the reference's is {list(want.shape)}"
                 continue
-            value = value.reshape(want)
         out[name] = value
     order = {n: i for i, n in enumerate(reference)}
     return canonical_routing({n: out[n] for n in sorted(out, key=order.__getitem__)}), skipped
 
 
-_EXPERTS = re.compile(r"^(model\.layers\.\d+\.feed_forward\.)selected_experts$")
-
-
 def canonical_routing(tensors: "dict[str, np.ndarray]") -> dict[str, np.ndarray]:
-    """``tensors`` with each layer's chosen experts in increasing order and its routing weights in the same
-    order (backends list the top-k in different orders). A new dict; other tensors are shared."""
-    out = dict(tensors)
-    for name, experts in tensors.items():
-        m = _EXPERTS.match(name)
-        weights = m and m.group(1) + "routing_weights"
-        if not m or weights not in tensors or tensors[weights].shape != experts.shape:
-            continue
-        order = np.argsort(experts, axis=-1, kind="stable")
-        out[name] = np.take_along_axis(experts, order, axis=-1)
-        out[weights] = np.take_along_axis(tensors[weights], order, axis=-1)
-    return out
+    """``tensors`` with each layer's chosen experts in increasing order per token and its per-choice values in
+    the same order (backends list the top-k in different orders). A new dict; other tensors are shared."""
+    for layer in sorted({layer_of(n) for n in tensors if n.endswith(".selected_experts")}):
+        tensors = canonical_order(tensors, layer)
+    return dict(tensors)

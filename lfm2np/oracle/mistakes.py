@@ -49,6 +49,7 @@ class Mistake:
     applies: Callable[[Config], bool]
     variants: Callable[[Config, "int | None"], list[Variant]]
     ambiguous: tuple[str, ...] = field(default=())
+    localisable: bool = True  # whether it can be made in one layer only (not: the RoPE base, the final norm)
 
 
 #: Plausible wrong RoPE bases: the original RoPE / Llama 2 default, Llama 3's, and LFM2's own 1e6 (wrong on a
@@ -152,7 +153,7 @@ CATALOGUE: tuple[Mistake, ...] = (
             "rope_parameters.rope_theta (LFM2-FACTS), and a reader that misses it falls back to a default; LFM3 "
             "keys rope_parameters by layer type (GGUF: rope.freq_base_swa for the sliding layers)",
             "q_rope and k_rope differ from position 1 on, most in the slow (high) pairs", "an attention layer",
-            _has_attention, _thetas),
+            _has_attention, _thetas, localisable=False),
     Mistake("no-qk-norm", "the per-head q_layernorm / k_layernorm (LFM3: q_norm / k_norm) skipped (a Llama-style "
             "attention)",
             "no public LFM2 report; Llama-derived ports have no QK-norm", "q_normed equals q_proj; attn_out "
@@ -168,7 +169,7 @@ CATALOGUE: tuple[Mistake, ...] = (
             "the first layer's operator_norm differs (the norm weights are not all ones); the embeddings "
             "themselves agree unless the dump names the normed ones model.embed_tokens", "any model",
             _any, _fixed("at the start", final_norm="start"),
-            ambiguous=("model.embed_tokens", "model.embedding_norm")),
+            ambiguous=("model.embed_tokens", "model.embedding_norm"), localisable=False),
     Mistake("swiglu-gate-up-swapped", "silu applied to the up projection: w2(silu(w3 x) * w1 x); w1 (gate) and "
             "w3 (up) exchanged in a weight-name mapping", "no public LFM2 report; w1/w3/w2 map to "
             "gate/up/down, not in numeric order", "w1 and w3 agree (or appear exchanged, if the weights were); "
@@ -211,7 +212,7 @@ CATALOGUE: tuple[Mistake, ...] = (
             "position 1 on, only in the dims past the rotated pairs (i and i + hd/2 for i >= rotated), which "
             "turn slowly: by little at short positions when the base is large; sliding layers agree",
             "an LFM3 model with a partial RoPE rotation (partial_rotary_factor < 1)",
-            _partial, _fixed("every pair turns", partial_rotation=False)),
+            _partial, _fixed("every pair turns", partial_rotation=False), localisable=False),
     Mistake("lfm3-window-ignored", "sliding-window layers attend to every earlier position instead of the last "
             "sliding_window ones",
             "no public LFM3 report; the family: llama.cpp ran Mistral 7B and Gemma 2 without their sliding "

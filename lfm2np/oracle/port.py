@@ -64,7 +64,10 @@ class Port:
       ``sandwich_norms``: ``post_operator_norm`` and ``post_ffn_norm`` applied (False: skipped);
       ``partial_rotation``: a layer type with a partial (proportional) RoPE turns only its rotated pairs
       (False: every pair turns, transformers 5.24's reading of a "default" label); ``sliding_window``:
-      sliding layers see their last W positions (False: every earlier position).
+      sliding layers see their last W positions (False: every earlier position);
+    - where: ``layers``, the layers whose values the switches change (None: every layer; the RoPE frequencies
+      and the final norm are not a layer's), and ``experts``, on MoE layers, the experts whose weights
+      ``swiglu_silu_on`` exchanges (None: all): a weight converter that got one layer, or some experts, wrong.
     """
 
     router_scores: str = "sigmoid"
@@ -84,11 +87,22 @@ class Port:
     sandwich_norms: bool = True
     partial_rotation: bool = True
     sliding_window: bool = True
+    layers: tuple[int, ...] | None = None
+    experts: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise Lfm2npError(f"Port.{name} is {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
+        for name in ("layers", "experts"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, tuple) and value and all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)):
+                raise Lfm2npError(f"Port.{name} is {value!r}; expected None or a tuple of indices >= 0")
+
+    def at(self, layer: int) -> bool:
+        """Whether the switches change layer ``layer``'s values."""
+        return self.layers is None or layer in self.layers
 
     def changes(self) -> dict[str, Any]:
         """The switches set away from the reference, ``{field: value}``."""
@@ -140,7 +154,7 @@ class _Run:
         m = _LAYER.match(name)
         layer, step = (int(m.group(1)), m.group(2) or "") if m else (None, _TOP_KEY.sub(".{kind}.", name))
         out = None
-        for handler in _HANDLERS.get(step, ()):
+        for handler in _HANDLERS.get(step, ()) if layer is None or self.port.at(layer) else ():
             replaced = handler(self, layer, name, value if out is None else out)
             if replaced is not None:
                 out = replaced
@@ -354,6 +368,8 @@ def _experts_swiglu(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarr
 
     def swapped(e: int) -> SwiGLUWeights:
         w = moe.expert(e)
+        if run.port.experts is not None and e not in run.port.experts:
+            return w
         return SwiGLUWeights(w.w3, w.w1, w.w2)  # silu(w3 x) * (w1 x): w1 and w3 exchanged
 
     return mixture(run.get("ffn_norm", i), run.get("feed_forward.selected_experts", i),

@@ -53,18 +53,20 @@ def classify_routing(layer: int, ea: np.ndarray, eb: np.ndarray, sa: np.ndarray 
                      tier: CompareTier) -> list[Flip]:
     """The tokens of ``layer`` whose chosen experts differ between trace a (``ea``, its scores ``sa``) and the
     reference (``eb``, ``sb``), each a near-tie or a flip (see the module docstring)."""
-    ea, eb = (np.asarray(x).astype(np.int64).reshape(-1, x.shape[-1] if x.ndim else 1) for x in (ea, eb))
-    held = [s for s in (sa, sb) if s is not None and s.shape[0] == ea.shape[0]]
+    # as Python integers: a uint64 2**64 - 1 is not an int64 -1
+    ea, eb = (np.asarray(x).reshape(-1, x.shape[-1] if x.ndim else 1).tolist() for x in (ea, eb))
+    held = [s for s in (sa, sb) if s is not None and s.shape[0] == len(ea)]
     tolerance = tier.max_rel * max((float(np.max(np.abs(s))) for s in held), default=0.0) if held else None
     out = []
-    for t in range(ea.shape[0]):
-        only_a = tuple(sorted(set(ea[t].tolist()) - set(eb[t].tolist())))
-        only_b = tuple(sorted(set(eb[t].tolist()) - set(ea[t].tolist())))
+    for t in range(len(ea)):
+        only_a = tuple(sorted(set(ea[t]) - set(eb[t])))
+        only_b = tuple(sorted(set(eb[t]) - set(ea[t])))
         if not only_a and not only_b:
             continue
         margins = []
         for s, mine, theirs in ((sb, only_b, only_a), (sa, only_a, only_b)):
-            if s is not None and s.shape[0] == ea.shape[0] and max(mine + theirs) < s.shape[1]:
+            if s is not None and s.shape[0] == len(ea) and 0 <= min(mine + theirs) \
+                    and max(mine + theirs) < s.shape[1]:
                 margins.append(max(float(s[t, e] - s[t, x]) for e in mine for x in theirs))  # how much it preferred
         margin = max(margins) if margins else None
         near = margin is not None and tolerance is not None and margin <= tolerance

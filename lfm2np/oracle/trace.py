@@ -191,8 +191,9 @@ def record(model: Any, ids: Any, patterns: Sequence[str] | None = None,
     # progress goes only to a model that asked for it: a stand-in model need not know the keyword
     extra = {} if progress is None else {"progress": progress}
     logits = model.forward(ids, record=keep, **extra)
-    meta = {"ids": ids.tolist(), "dtype": model.numerics.name, "model": model.config.source,
-            "model_type": model.config.model_type}
+    weights = model.params.describe() if hasattr(model.params, "describe") else {"format": "unknown"}
+    meta = {"ids": ids.tolist(), "start": 0, "dtype": model.numerics.name, "model": model.config.source,
+            "model_type": model.config.model_type, "weights": weights}
     return logits, Trace(tensors, meta)
 
 
