@@ -7,6 +7,7 @@ A model can come from
 - a repo id already in the local Hugging Face cache, e.g. ``LiquidAI/LFM2-350M`` (:mod:`lfm2np.io.hub`;
   nothing is ever downloaded);
 - a ``.gguf`` file (:mod:`lfm2np.io.gguf`);
+- ``"embedded"``: the tiny model shipped inside the package (:mod:`lfm2np.embedded`), as every command's MODEL;
 
 and a config, in addition, from a ``config.json`` path, a parsed dictionary or a preset name
 (:mod:`lfm2np.presets`). The numerics mode (:mod:`lfm2np.numerics`) decides the compute dtype and whether
@@ -21,7 +22,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import presets
+from . import embedded, presets
 from .config import Config
 from .errors import Lfm2npError
 from .io import hub
@@ -43,8 +44,9 @@ def is_gguf(path: "str | os.PathLike[str]") -> bool:
 def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool = True,
          memory_budget: Any = None, rope_reading: str = "trained", keep_weights: bool | None = None) -> Model:
     """Load a checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded set), a repo id
-    such as ``LiquidAI/LFM2-350M`` already in the local Hugging Face cache (nothing is downloaded), or a
-    ``.gguf`` file (architectures ``lfm2``/``lfm2moe``; needs the ``gguf`` package).
+    such as ``LiquidAI/LFM2-350M`` already in the local Hugging Face cache (nothing is downloaded), a
+    ``.gguf`` file (architectures ``lfm2``/``lfm2moe``; needs the ``gguf`` package), or ``"embedded"`` (the
+    tiny model shipped inside lfm2np, :func:`lfm2np.embedded.resolve`).
 
     ``dtype``: "float32" (default), "float64" (the oracle mode) or "bfloat16" (float32 arrays rounded where
     a bfloat16 backend rounds: :mod:`lfm2np.numerics`). Every tensor the config implies must be present
@@ -61,6 +63,7 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
     if not isinstance(path, (str, os.PathLike)):
         raise Lfm2npError(f"path must be a checkpoint directory, a cached repo id or a .gguf file (a str or a "
                           f"path); got {type(path).__name__}")
+    path = embedded.resolve(path)
     try:
         return _load(path, dtype, strict, memory_budget, rope_reading, keep_weights)
     except OSError as e:  # a name too long, a loop of links, a permission: the path at fault, never a traceback
@@ -104,7 +107,7 @@ def lazy_weights(source: TensorSource, tensors: "list[Any]", mode: Any, memory_b
 
 def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config", rope_reading: str = "trained") -> Config:
     """A Config from a config.json path, a checkpoint directory, a cached repo id, a ``.gguf`` file, a
-    preset name or a parsed dictionary.
+    preset name, ``"embedded"`` (the shipped tiny model) or a parsed dictionary.
 
     Preset names are matched without regard to case, with or without the ``LiquidAI/`` prefix
     (``"LFM2-350M"``, ``"liquidai/lfm2-8b-a1b"``); see :data:`lfm2np.presets.PRESETS`. A cached repo id
@@ -115,6 +118,7 @@ def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config", rope_r
     if not isinstance(x, (str, os.PathLike, Mapping)):
         raise Lfm2npError(f"a config is a config.json path, a checkpoint directory, a repo id, a .gguf file, a "
                           f"preset name, a dict or a Config; got {type(x).__name__}")
+    x = embedded.resolve(x)
     try:
         return _load_config(x, rope_reading)
     except OSError as e:
