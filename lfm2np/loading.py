@@ -52,10 +52,10 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
     a bfloat16 backend rounds: :mod:`lfm2np.numerics`). Every tensor the config implies must be present
     with its shape. A tensor the model does not use raises :class:`Lfm2npError` (``strict=True``) or a
     warning naming it (``strict=False``). ``memory_budget`` bounds the converted tensors kept in memory
-    (bytes, or a size such as "6GiB"; "all": no limit; 0: convert at every use): every-token tensors are
-    kept first, experts cached least-recently-used in the rest (:mod:`lfm2np.io.params`); by default
-    everything when the converted model fits a fifth of the available memory, else a fifth of it.
-    ``model.params.report()`` says what is resident. ``rope_reading`` decides how an LFM3 RoPE
+    (bytes, or a size such as "6GiB" = "6G" or "6GB": :func:`lfm2np.io.params.parse_size`; "all": no limit;
+    0: convert at every use): every-token tensors are kept first, experts cached least-recently-used in the
+    rest (:mod:`lfm2np.io.params`); by default everything when the converted model fits a fifth of the
+    available memory, else a fifth of it. ``model.params.report()`` says what is resident. ``rope_reading`` decides how an LFM3 RoPE
     entry labelled "default" with a partial_rotary_factor is read (see :data:`lfm2np.config.ROPE_READINGS`:
     "trained", the default, or "transformers"); such a config warns. ``keep_weights`` is the deprecated
     switch the budget replaced (True: "all", False: 0).
