@@ -362,7 +362,7 @@ def read_generation_config(path: "str | os.PathLike[str]") -> dict[str, Any]:
     file = _config_file(path)
     if not file.is_file():
         return {}
-    data = read_json_object(file)  # bounded, UTF-8, no key twice, no nesting too deep
+    data = read_json_object(file, "generation config")  # bounded, UTF-8, no key twice, no nesting too deep
     out = {}
     for key, (ok, expected) in _FIELDS.items():
         value = data.get(key)

@@ -86,7 +86,8 @@ def test_without_jinja2_a_checkpoints_own_template_is_replaced_by_the_builtin_on
     assert tok.chat_template is not None
     monkeypatch.setattr(T, "have_jinja2", lambda: False)
     messages = [{"role": "user", "content": "hi"}]
-    with pytest.warns(UserWarning, match="its own chat template, but jinja2 is not installed.*lfm2np\\[chat\\]"):
+    with pytest.warns(UserWarning, match="its own chat template, but jinja2, a dependency of lfm2np, is missing"
+                                         ".*pip install jinja2"):
         text = tok.apply_chat_template(messages)
     assert text == T.format_chat(messages, None, True, tok.special["bos_token"])
     import warnings
@@ -94,3 +95,13 @@ def test_without_jinja2_a_checkpoints_own_template_is_replaced_by_the_builtin_on
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once per tokenizer, not at every turn
         tok.apply_chat_template(messages)
+
+
+def test_without_jinja2_rendering_a_template_says_it_is_a_dependency(monkeypatch):
+    import sys
+
+    from lfm2np.io.chat_template import render_template
+
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # a broken installation: the import fails
+    with pytest.raises(lfm2np.Lfm2npError, match="needs jinja2, a dependency of lfm2np .*: pip install jinja2$"):
+        render_template("{{ messages[0].content }}", [{"role": "user", "content": "hi"}])
