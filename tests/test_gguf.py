@@ -354,6 +354,23 @@ def test_shape_mismatch_is_named(tmp_path):
         lfm2np.load(bad)
 
 
+@pytest.mark.parametrize("name, values", [
+    ("blk.0.ffn_norm.weight", np.ones(48, np.int32)), ("blk.2.ffn_norm.weight", np.ones(48, np.int8)),
+    ("token_embd_norm.weight", np.ones(48, np.int16)), ("blk.1.ffn_up.weight", np.ones((80, 48), np.int64)),
+])
+def test_a_weight_stored_with_an_integer_type_is_refused(tmp_path, name, values):
+    """An integer ggml type (I8 .. I64) where a float weight belongs: named with its type, never used as numbers."""
+    config, params = params_for("dense-tied", 48)
+    path = tmp_path / "ok.gguf"
+    W.write_gguf(path, config, params, "F32")
+    bad = rewrite(path, tmp_path / "ints.gguf", replace={name: values})
+    kind = {np.int8: "I8", np.int16: "I16", np.int32: "I32", np.int64: "I64"}[values.dtype.type]
+    assert G.gguf_tensor_types(bad)[name] == kind
+    with pytest.raises(lfm2np.Lfm2npError, match=rf"ints\.gguf: tensor '{re.escape(name)}' is stored as {kind}, an "
+                                                 r"integer type"):
+        lfm2np.load(bad)
+
+
 def test_a_conv_layer_marked_attention_is_named(tmp_path):
     """head_count_kv[0] = 2 on a conv layer: the key and the layer are named (not a list of missing tensors)."""
     config, params = params_for("dense-untied", 48)
