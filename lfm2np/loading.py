@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import embedded, presets
-from .config import Config
+from .config import Config, check_rope_reading
 from .errors import Lfm2npError
 from .io import hub
 from .io.files import read_json
@@ -63,6 +63,7 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
     if not isinstance(path, (str, os.PathLike)):
         raise Lfm2npError(f"path must be a checkpoint directory, a cached repo id or a .gguf file (a str or a "
                           f"path); got {type(path).__name__}")
+    check_rope_reading(rope_reading)  # whatever the format, before a file is read
     path = embedded.resolve(path)
     try:
         return _load(path, dtype, strict, memory_budget, rope_reading, keep_weights)
@@ -81,6 +82,7 @@ def _load(path: "str | os.PathLike[str]", dtype: Any, strict: bool, memory_budge
         memory_budget = "all" if keep_weights else 0
     if is_gguf(path):
         config, tensors, source = read_gguf_source(path, strict)
+        config = config.replace(rope_reading=rope_reading)  # (an lfm2 file's RoPE reads the same either way)
     else:
         directory = hub.resolve(path)
         config = load_config(directory, rope_reading=rope_reading)
@@ -113,6 +115,7 @@ def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config", rope_r
     (``"LFM2-350M"``, ``"liquidai/lfm2-8b-a1b"``); see :data:`lfm2np.presets.PRESETS`. A cached repo id
     wins over a preset of the same name (it is the real file).
     """
+    check_rope_reading(rope_reading)  # whatever x is, before a file is read
     if isinstance(x, Config):
         return x if x.rope_reading == rope_reading else x.replace(rope_reading=rope_reading)
     if not isinstance(x, (str, os.PathLike, Mapping)):
@@ -129,7 +132,7 @@ def _load_config(x: "str | os.PathLike[str] | Mapping[str, Any]", rope_reading: 
     if isinstance(x, Mapping):
         return Config.from_dict(x, rope_reading=rope_reading)
     if is_gguf(x):
-        return read_gguf_config(x)
+        return read_gguf_config(x).replace(rope_reading=rope_reading)
     path = Path(x)
     if not path.exists() and presets.find(str(x)) is not None and not hub.is_cached(str(x)):
         return presets.find(str(x)).replace(rope_reading=rope_reading)
