@@ -103,8 +103,8 @@ class SafetensorsFile:
                     f"{self.size - self.data_start}: the file is truncated"
                 )
             if not array_fits(shape):  # what is left: a shape of no bytes, a 0 among huge dimensions
-                raise Lfm2npError(f"{self.path}: tensor {name!r} has shape {list(shape)!s:.120}, which no array can "
-                                  f"have (its non-zero dimensions times {MAX_ITEMSIZE} bytes reach 2^63, though it "
+                raise Lfm2npError(f"{self.path}: tensor {name!r} has shape {list(shape)!s:.120}, beyond what an array "
+                                  f"can hold (its non-zero dimensions times {MAX_ITEMSIZE} bytes reach 2^63, though it "
                                   f"holds no element)")
             self.tensors[name] = TensorInfo(self.path, dtype, shape, begin, end)
         self._check_layout(self.size - self.data_start)
