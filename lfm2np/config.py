@@ -38,7 +38,7 @@ from .config_keys import (ATTENTION, CONV, LAYER_KINDS, LIMITS, MAX_TENSORS, MOD
 from .errors import Lfm2npError
 
 __all__ = ["ATTENTION", "CONV", "Config", "LAYER_KINDS", "LIMITS", "MODEL_TYPES", "ROPE_READINGS", "ROPE_TYPES",
-           "Rope", "SLIDING", "effective_ffn_dim"]
+           "Rope", "SLIDING", "check_rope_reading", "effective_ffn_dim"]
 
 def effective_ffn_dim(intermediate_size: int, auto_adjust: bool, multiplier: float | None, multiple_of: int) -> int:
     """Width of the dense SwiGLU of an ``lfm2`` layer, as the reference computes it.
@@ -54,6 +54,14 @@ def effective_ffn_dim(intermediate_size: int, auto_adjust: bool, multiplier: flo
             f = int(multiplier * f)
             f = multiple_of * ((f + multiple_of - 1) // multiple_of)
     return f
+
+
+def check_rope_reading(reading: Any) -> str:
+    """``reading`` when it is one of :data:`ROPE_READINGS`, else an :class:`Lfm2npError` naming it: the check every
+    path takes (a config, a checkpoint, a GGUF file), before any file is read."""
+    if not isinstance(reading, str) or reading not in ROPE_READINGS:
+        raise Lfm2npError(f"rope_reading is {reading!r:.60}; expected one of {', '.join(ROPE_READINGS)}")
+    return reading
 
 
 @dataclass(frozen=True)
@@ -322,8 +330,7 @@ class Config:
                     or not 0 <= c.num_dense_layers <= c.num_hidden_layers:
                 raise err("num_dense_layers", f"is {c.num_dense_layers!r}; expected an integer in "
                                               f"0..{c.num_hidden_layers}")
-        if c.rope_reading not in ROPE_READINGS:
-            raise Lfm2npError(f"rope_reading is {c.rope_reading!r}; expected one of {', '.join(ROPE_READINGS)}")
+        check_rope_reading(c.rope_reading)
         self._validate_token_ids()
 
     def _validate_rope(self) -> None:

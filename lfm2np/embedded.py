@@ -2,19 +2,24 @@
 
 The model ships inside the package (``lfm2np/data/tiny-lfm2-moe``): a few MB, trained by
 ``tools/train_tiny.py`` on the Python standard library's pydoc topics, with a byte-level BPE tokenizer
-that carries LFM2's special tokens and chat template. :func:`embedded_model_path` gives its directory.
+that carries LFM2's special tokens and chat template. :func:`embedded_model_path` gives its directory;
+wherever a model is named (:func:`lfm2np.load`, :func:`lfm2np.load_config`, every command's MODEL), the name
+``"embedded"`` (:data:`NAME`) means it (:func:`resolve`).
 """
 
 from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import Lfm2npError
 
 EMBEDDED = "tiny-lfm2-moe"
+#: the model name that means the embedded model (a directory of that name is given as ``./embedded``)
+NAME = "embedded"
 DEFAULT_PROMPT = 'What is the "while" statement?'
 
 
@@ -24,6 +29,12 @@ def embedded_model_path() -> Path:
     if not (path / "config.json").is_file():
         raise Lfm2npError(f"{path}: the embedded model is missing from this installation")
     return path
+
+
+def resolve(model: Any) -> Any:
+    """``model`` itself, or the embedded model's directory when ``model`` is the string :data:`NAME` exactly
+    (``"embedded"``; a path object, or ``"./embedded"``, is a path as usual)."""
+    return embedded_model_path() if isinstance(model, str) and model == NAME else model
 
 
 def layer_walk(model, tokenizer, ids: list[int], last: int | None = None, width: int = 12) -> str:

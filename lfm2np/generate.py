@@ -20,9 +20,10 @@ applies its processors (``GenerationMixin._get_logits_processor``, transformers 
 transformers' own processors (``tools/make_sampling_reference.py``). Everything is computed in float64.
 
 :class:`Generation` runs the loop with the decoding state: one prefill of the prompt, then one token per
-step. Iterating it yields token ids as they are produced (streaming); it stops at a stop id (not yielded)
-or after ``max_new_tokens`` or when the context is full, and records why in ``finish_reason``. :func:`generate` returns the ids, for
-one prompt or several of different lengths (each row is exactly its own run).
+step. Iterating it yields token ids as they are produced (streaming); it stops at a stop id (not yielded),
+after ``max_new_tokens``, when the context is full, or when its consumer calls :meth:`Generation.stop`, and
+records why in ``finish_reason``. :func:`generate` returns the ids, for one prompt or several of different
+lengths (each row is exactly its own run).
 
 A checkpoint's ``generation_config.json`` gives the defaults (:func:`generation_defaults`), read as
 transformers reads it: sampling only when ``do_sample`` is true (then an unset ``temperature`` is 1.0
@@ -213,11 +214,21 @@ class Generation:
     holds, which the repetition penalty counts as seen (with the prompt and the generated ids). ``rng``
     replaces the generator seeded with ``sampling.seed`` (e.g. one generator for a whole conversation).
 
-    After iteration: ``tokens`` (the generated ids), ``finish_reason`` ("stop", "length", or "context"
-    when the model's context, ``max_position_embeddings``, is full: the last token has no position left),
-    ``stop_id`` (the id that stopped it, if any) and ``state`` (the decoding state after the last token
-    fed to the model: the prompt and every generated id but the last, or all of them when a stop id
-    ended the generation; it can continue the conversation).
+    After iteration: ``tokens`` (the generated ids), ``finish_reason``, ``stop_id`` (the id that stopped it,
+    if any) and ``state`` (the decoding state after the last token fed to the model: the prompt and every
+    generated id but the last, or all of them when a stop id ended the generation; it can continue the
+    conversation). ``finish_reason`` is one of
+
+    - "stop": a stop id was drawn (``stop_id``; it is neither yielded nor in ``tokens``);
+    - "length": ``max_new_tokens`` ids were generated;
+    - "context": the model's context (``max_position_embeddings``) is full: the last token has no position left;
+    - "interrupted": the consumer called :meth:`stop` (the chat does when the user stops a reply).
+
+    With ``max_new_tokens=0`` nothing is computed: the prompt is not fed, ``state`` stays the one given (None
+    for a new sequence) and ``finish_reason`` is "length".
+
+    A Generation is one run, consumed by one thread: it is not to be shared between threads (the model and
+    the state it starts from may be).
     """
 
     def __init__(self, model: Any, prompt_ids: Iterable[int], max_new_tokens: int,
@@ -248,12 +259,15 @@ class Generation:
             raise Lfm2npError(f"rng must be a numpy Generator (np.random.default_rng); got {type(rng).__name__}")
         self._rng = np.random.default_rng(sampling.seed) if rng is None else rng
         self._started = False
+        self._stopped = False
 
     def __iter__(self) -> Iterator[int]:
         if self._started:
             raise Lfm2npError("a Generation can be iterated once; make a new one")
         self._started = True
-        if self.max_new_tokens == 0:
+        if self._stopped:
+            return
+        if self.max_new_tokens == 0:  # nothing to generate: the prompt is not fed, the state stays as given
             self.finish_reason = "length"
             return
         extra = {} if self.progress is None else {"progress": self.progress}  # (models that take it)
@@ -263,12 +277,24 @@ class Generation:
             if token is None:
                 return
             yield token
+            if self._stopped:
+                return
             if len(self.tokens) >= self.max_new_tokens:
                 self.finish_reason = "length"
                 return
             if self.context_full(self.state):
                 return
             logits, self.state = self.model.step([token], self.state)
+
+    def stop(self) -> None:
+        """End the generation where it is, with ``finish_reason`` "interrupted": called between two ids (in the
+        loop that consumes them), the next one is not computed and iteration ends; called before iteration,
+        nothing is computed (the prompt is not fed). ``tokens`` and ``state`` stay consistent: ``state`` holds
+        the prompt and every id yielded but the last, as after "length". Once the generation has ended for
+        another reason, that reason stays."""
+        self._stopped = True
+        if self.finish_reason is None:
+            self.finish_reason = "interrupted"
 
     def context_full(self, state: Any) -> bool:
         """True (and ``finish_reason`` "context") when ``state`` fills the model's context: the token just
@@ -362,7 +388,7 @@ def read_generation_config(path: "str | os.PathLike[str]") -> dict[str, Any]:
     file = _config_file(path)
     if not file.is_file():
         return {}
-    data = read_json_object(file)  # bounded, UTF-8, no key twice, no nesting too deep
+    data = read_json_object(file, "generation config")  # bounded, UTF-8, no key twice, no nesting too deep
     out = {}
     for key, (ok, expected) in _FIELDS.items():
         value = data.get(key)

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import ops
 from .config import Config
+from .errors import Lfm2npError
 from .ops import Rounding
 
 #: ``tap(name, value) -> value``: sees a named value and returns what the computation goes on with.
@@ -252,10 +253,21 @@ def route(x: np.ndarray, gate: np.ndarray, expert_bias: np.ndarray | None, k: in
     scores = s("router_scores", rnd(ops.sigmoid(logits)))  # (T, E)
     choice = scores if expert_bias is None else s("biased_scores", scores + expert_bias)  # (T, E), float32
     experts = s("selected_experts", ops.top_k_experts(choice, k))  # (T, k)
+    if not s.quiet:  # a recorder may have replaced them
+        _check_experts(experts, scores.shape[-1], s.prefix + "selected_experts")
     weights = s("topk_scores", np.take_along_axis(scores, experts, axis=-1))  # (T, k)
     if norm_topk_prob:
         weights = s("topk_normed", ops.normalise_weights(weights, rnd))
     return logits, experts, s("routing_weights", rnd(weights * weights.dtype.type(routed_scaling_factor)))
+
+
+def _check_experts(experts: np.ndarray, E: int, name: str) -> None:
+    """Chosen experts given by a recorder must be experts, ``0 <= e < E`` (past E would fail deep in the mixture,
+    a negative one silently pick an expert from the end)."""
+    bad = experts[(experts < 0) | (experts >= E)]
+    if bad.size:
+        raise Lfm2npError(f"the replacement for {name} holds expert {int(bad.flat[0])}; the layer has experts "
+                          f"0..{E - 1}")
 
 
 def mixture(x: np.ndarray, experts: np.ndarray, weights: np.ndarray, expert: Callable[[int], SwiGLUWeights],

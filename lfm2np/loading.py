@@ -7,6 +7,7 @@ A model can come from
 - a repo id already in the local Hugging Face cache, e.g. ``LiquidAI/LFM2-350M`` (:mod:`lfm2np.io.hub`;
   nothing is ever downloaded);
 - a ``.gguf`` file (:mod:`lfm2np.io.gguf`);
+- ``"embedded"``: the tiny model shipped inside the package (:mod:`lfm2np.embedded`), as every command's MODEL;
 
 and a config, in addition, from a ``config.json`` path, a parsed dictionary or a preset name
 (:mod:`lfm2np.presets`). The numerics mode (:mod:`lfm2np.numerics`) decides the compute dtype and whether
@@ -21,8 +22,8 @@ import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import presets
-from .config import Config
+from . import embedded, presets
+from .config import Config, check_rope_reading
 from .errors import Lfm2npError
 from .io import hub
 from .io.files import read_json
@@ -43,17 +44,18 @@ def is_gguf(path: "str | os.PathLike[str]") -> bool:
 def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool = True,
          memory_budget: Any = None, rope_reading: str = "trained", keep_weights: bool | None = None) -> Model:
     """Load a checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded set), a repo id
-    such as ``LiquidAI/LFM2-350M`` already in the local Hugging Face cache (nothing is downloaded), or a
-    ``.gguf`` file (architectures ``lfm2``/``lfm2moe``; needs the ``gguf`` package).
+    such as ``LiquidAI/LFM2-350M`` already in the local Hugging Face cache (nothing is downloaded), a
+    ``.gguf`` file (architectures ``lfm2``/``lfm2moe``; needs the ``gguf`` package), or ``"embedded"`` (the
+    tiny model shipped inside lfm2np, :func:`lfm2np.embedded.resolve`).
 
     ``dtype``: "float32" (default), "float64" (the oracle mode) or "bfloat16" (float32 arrays rounded where
     a bfloat16 backend rounds: :mod:`lfm2np.numerics`). Every tensor the config implies must be present
     with its shape. A tensor the model does not use raises :class:`Lfm2npError` (``strict=True``) or a
     warning naming it (``strict=False``). ``memory_budget`` bounds the converted tensors kept in memory
-    (bytes, or a size such as "6GiB"; "all": no limit; 0: convert at every use): every-token tensors are
-    kept first, experts cached least-recently-used in the rest (:mod:`lfm2np.io.params`); by default
-    everything when the converted model fits a fifth of the available memory, else a fifth of it.
-    ``model.params.report()`` says what is resident. ``rope_reading`` decides how an LFM3 RoPE
+    (bytes, or a size such as "6GiB" = "6G" or "6GB": :func:`lfm2np.io.params.parse_size`; "all": no limit;
+    0: convert at every use): every-token tensors are kept first, experts cached least-recently-used in the
+    rest (:mod:`lfm2np.io.params`); by default everything when the converted model fits a fifth of the
+    available memory, else a fifth of it. ``model.params.report()`` says what is resident. ``rope_reading`` decides how an LFM3 RoPE
     entry labelled "default" with a partial_rotary_factor is read (see :data:`lfm2np.config.ROPE_READINGS`:
     "trained", the default, or "transformers"); such a config warns. ``keep_weights`` is the deprecated
     switch the budget replaced (True: "all", False: 0).
@@ -61,6 +63,8 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
     if not isinstance(path, (str, os.PathLike)):
         raise Lfm2npError(f"path must be a checkpoint directory, a cached repo id or a .gguf file (a str or a "
                           f"path); got {type(path).__name__}")
+    check_rope_reading(rope_reading)  # whatever the format, before a file is read
+    path = embedded.resolve(path)
     try:
         return _load(path, dtype, strict, memory_budget, rope_reading, keep_weights)
     except OSError as e:  # a name too long, a loop of links, a permission: the path at fault, never a traceback
@@ -78,6 +82,7 @@ def _load(path: "str | os.PathLike[str]", dtype: Any, strict: bool, memory_budge
         memory_budget = "all" if keep_weights else 0
     if is_gguf(path):
         config, tensors, source = read_gguf_source(path, strict)
+        config = config.replace(rope_reading=rope_reading)  # (an lfm2 file's RoPE reads the same either way)
     else:
         directory = hub.resolve(path)
         config = load_config(directory, rope_reading=rope_reading)
@@ -104,17 +109,19 @@ def lazy_weights(source: TensorSource, tensors: "list[Any]", mode: Any, memory_b
 
 def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config", rope_reading: str = "trained") -> Config:
     """A Config from a config.json path, a checkpoint directory, a cached repo id, a ``.gguf`` file, a
-    preset name or a parsed dictionary.
+    preset name, ``"embedded"`` (the shipped tiny model) or a parsed dictionary.
 
     Preset names are matched without regard to case, with or without the ``LiquidAI/`` prefix
     (``"LFM2-350M"``, ``"liquidai/lfm2-8b-a1b"``); see :data:`lfm2np.presets.PRESETS`. A cached repo id
     wins over a preset of the same name (it is the real file).
     """
+    check_rope_reading(rope_reading)  # whatever x is, before a file is read
     if isinstance(x, Config):
         return x if x.rope_reading == rope_reading else x.replace(rope_reading=rope_reading)
     if not isinstance(x, (str, os.PathLike, Mapping)):
         raise Lfm2npError(f"a config is a config.json path, a checkpoint directory, a repo id, a .gguf file, a "
                           f"preset name, a dict or a Config; got {type(x).__name__}")
+    x = embedded.resolve(x)
     try:
         return _load_config(x, rope_reading)
     except OSError as e:
@@ -125,7 +132,7 @@ def _load_config(x: "str | os.PathLike[str] | Mapping[str, Any]", rope_reading: 
     if isinstance(x, Mapping):
         return Config.from_dict(x, rope_reading=rope_reading)
     if is_gguf(x):
-        return read_gguf_config(x)
+        return read_gguf_config(x).replace(rope_reading=rope_reading)
     path = Path(x)
     if not path.exists() and presets.find(str(x)) is not None and not hub.is_cached(str(x)):
         return presets.find(str(x)).replace(rope_reading=rope_reading)

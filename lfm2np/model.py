@@ -11,7 +11,10 @@ with every named intermediate, in forward order: exactly the names :func:`lfm2np
 config (the Hugging Face module path plus the step, e.g. ``model.layers.3.self_attn.q_rope``). When ``fn``
 returns None the value is only observed; when it returns an array of the same shape, that array replaces the
 value from there on (patching, as TransformerLens does). Values are ``(T, ...)`` for the T tokens of the call
-(the RoPE frequencies ``(hd/2,)``); a value must not be modified in place.
+(the RoPE frequencies ``(hd/2,)``); a value must not be modified in place. A replacement holds the same kind
+of numbers as the value (real floating point, or integers for the chosen experts, which must be experts of the
+layer); anything else (complex numbers, objects, strings, booleans, floats for integers or integers for floats)
+is an :class:`Lfm2npError` naming the value, never a silent cast.
 """
 
 from __future__ import annotations
@@ -55,14 +58,28 @@ def tap_for(record: Recorder | None) -> Tap | None:
         if out is None:
             return value
         tap.replaced = True  # type: ignore[attr-defined]  # an intervention: the run is no longer the model's
-        out = np.asarray(out)
-        if out.shape != value.shape:
-            raise Lfm2npError(f"the replacement for {name} has shape {list(out.shape)}; "
-                              f"expected {list(value.shape)}")
-        return out.astype(value.dtype, copy=False)
+        return _replacement(name, value, out)
 
     tap.replaced = False  # type: ignore[attr-defined]
     return tap
+
+
+def _replacement(name: str, value: np.ndarray, out: Any) -> np.ndarray:
+    """A recorder's replacement ``out`` for ``value``, in ``value``'s dtype: an array of the same shape and the same
+    kind of numbers (real floats for floats, integers for integers), since a cast would drop an imaginary part,
+    turn an object into NaN or truncate a float into an expert index. Otherwise an error naming ``name``."""
+    try:
+        out = np.asarray(out)
+    except (TypeError, ValueError) as e:  # ragged nested lists and the like
+        raise Lfm2npError(f"the replacement for {name} is not an array ({e})") from None
+    if out.shape != value.shape:
+        raise Lfm2npError(f"the replacement for {name} has shape {list(out.shape)}; expected {list(value.shape)}")
+    floats = value.dtype.kind == "f"
+    if out.dtype.kind not in ("f" if floats else "iu"):
+        raise Lfm2npError(f"the replacement for {name} holds {out.dtype} values; expected "
+                          f"{'real floating-point numbers' if floats else 'integers'}, as the value it replaces "
+                          f"({value.dtype})")
+    return out.astype(value.dtype, copy=False)
 
 
 class Model:

@@ -63,6 +63,24 @@ def test_budget_spellings_and_errors():
             P.parse_budget(bad, 0)
 
 
+@pytest.mark.parametrize("text, size", [("8G", 8 * 2**30), ("8g", 8 * 2**30), ("512M", 512 * 2**20),
+                                        ("512m", 512 * 2**20), ("1.5k", 1536), ("2T", 2 * 2**40), ("2 t", 2 * 2**40),
+                                        ("8GB", 8 * 10**9), ("8GiB", 8 * 2**30), ("4096", 4096), ("4096B", 4096)])
+def test_one_size_reader_for_the_api_and_the_command_line(text, size):
+    """One-letter units are binary, any case (GNU tools, Docker, the JVM); the command line's reader is the same
+    function as load()'s memory_budget."""
+    from lfm2np import calc
+
+    assert P.parse_size(text) == calc.parse_bytes(text) == P.parse_budget(text, 0) == size
+
+
+def test_load_takes_a_budget_with_a_one_letter_unit(moe_checkpoint):
+    assert lfm2np.load(moe_checkpoint, memory_budget="8G").memory_report()["budget_bytes"] == 8 * 2**30
+    for bad in ("8X", "8Gi", "G", "8 GG", "8e9"):
+        with pytest.raises(lfm2np.Lfm2npError, match=f"memory budget '{bad}' is not a size"):
+            lfm2np.load(moe_checkpoint, memory_budget=bad)
+
+
 def test_the_default_budget_follows_available_memory(monkeypatch):
     monkeypatch.setattr(P, "available_memory", lambda: 100 * 2**30)
     assert P.default_budget(10 * 2**30) is None  # fits a fifth: keep everything

@@ -86,7 +86,8 @@ def test_without_jinja2_a_checkpoints_own_template_is_replaced_by_the_builtin_on
     assert tok.chat_template is not None
     monkeypatch.setattr(T, "have_jinja2", lambda: False)
     messages = [{"role": "user", "content": "hi"}]
-    with pytest.warns(UserWarning, match="its own chat template, but jinja2 is not installed.*lfm2np\\[chat\\]"):
+    with pytest.warns(UserWarning, match="its own chat template, but jinja2, a dependency of lfm2np, is missing"
+                                         ".*pip install jinja2"):
         text = tok.apply_chat_template(messages)
     assert text == T.format_chat(messages, None, True, tok.special["bos_token"])
     import warnings
@@ -94,3 +95,60 @@ def test_without_jinja2_a_checkpoints_own_template_is_replaced_by_the_builtin_on
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once per tokenizer, not at every turn
         tok.apply_chat_template(messages)
+
+
+def test_without_jinja2_rendering_a_template_says_it_is_a_dependency(monkeypatch):
+    import sys
+
+    from lfm2np.io.chat_template import render_template
+
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # a broken installation: the import fails
+    with pytest.raises(lfm2np.Lfm2npError, match="needs jinja2, a dependency of lfm2np .*: pip install jinja2$"):
+        render_template("{{ messages[0].content }}", [{"role": "user", "content": "hi"}])
+
+
+def test_a_tokenizer_and_a_state_are_shared_between_threads():
+    """docs/reliability.md, threads: one Tokenizer (fresh: its lazily computed values are computed by the threads) and
+    one State snapshot, used by four threads at once, give in each thread what they give alone."""
+    import sys
+    import threading
+
+    import numpy as np
+
+    from lfm2np.embedded import embedded_model_path
+    from lfm2np.io.tokenizer import Tokenizer
+
+    model = lfm2np.load("embedded")
+    _, snapshot = model.step([1, 6, 42])
+    texts = [f'What is the "{w}" statement? naïve café {i}' for i, w in enumerate(["for", "while", "try", "with"])]
+
+    def work(tok, t):
+        ids = tok.encode(texts[t])
+        chat = tok.encode_chat([{"role": "user", "content": texts[t]}])
+        return ids, tok.decode(ids), chat, "".join(tok.stream(chat)), tok.stop_ids(), tok.decode([3000, 7])
+
+    alone = Tokenizer.from_dir(embedded_model_path())
+    want = [(work(alone, t), model.step(alone.encode(texts[t]), snapshot)[0]) for t in range(4)]
+    shared, errors = Tokenizer.from_dir(embedded_model_path()), []
+
+    def run(t):
+        try:
+            for _ in range(30):
+                assert work(shared, t) == want[t][0]
+            logits, state = model.step(shared.encode(texts[t]), snapshot)
+            np.testing.assert_array_equal(logits, want[t][1])
+            assert state.position == 3 + len(shared.encode(texts[t])) and snapshot.position == 3
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns as often as the interpreter allows: races show
+    try:
+        threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors, errors

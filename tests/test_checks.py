@@ -134,6 +134,43 @@ def test_a_replacement_of_the_wrong_shape_is_refused():
         m.forward([1, 2, 3], record=lambda n, v: np.zeros(3) if n.endswith("conv.bx") else None)
 
 
+BX = "model.layers.0.conv.bx"
+EXPERTS = "model.layers.1.feed_forward.selected_experts"
+
+
+@pytest.mark.parametrize("name, replace, message", [
+    (BX, lambda v: v + 1j, "holds complex64 values; expected real floating-point numbers"),
+    (BX, lambda v: np.full(v.shape, None, object), "holds object values"),
+    (BX, lambda v: v.astype(object), "holds object values"),
+    (BX, lambda v: np.ones(v.shape, np.int64), "holds int64 values; expected real floating-point numbers"),
+    (BX, lambda v: np.ones(v.shape, bool), "holds bool values"),
+    (BX, lambda v: np.full(v.shape, "1.5"), "holds <U3 values"),
+    (BX, lambda v: [[1.0], [2.0, 3.0]], "is not an array"),
+    (EXPERTS, lambda v: v.astype(np.float64) + 0.7, "holds float64 values; expected integers, as the value it "
+                                                    "replaces (int64)"),
+    (EXPERTS, lambda v: v.astype(np.float32), "holds float32 values; expected integers"),
+    (EXPERTS, lambda v: v + 1j, "holds complex128 values; expected integers"),
+    (EXPERTS, lambda v: v + 99, "; the layer has experts 0..5"),
+    (EXPERTS, lambda v: v - 10, "holds expert -"),
+    (EXPERTS, lambda v: np.full(v.shape, 2**64 - 1, np.uint64), "holds expert -1"),
+])
+def test_a_replacement_of_another_kind_of_number_is_refused_naming_the_value(name, replace, message):
+    """A cast would drop an imaginary part, make NaN of an object, truncate a float into an expert index: refused."""
+    m = model_with("tiny-moe")
+    with pytest.raises(lfm2np.Lfm2npError) as e:
+        m.forward([1, 2, 3], record=lambda n, v: replace(v) if n == name else None)
+    assert str(e.value).startswith(f"the replacement for {name} ") and message in str(e.value), str(e.value)
+
+
+def test_replacements_of_the_same_kind_of_number_are_taken():
+    m = model_with("tiny-moe")
+    plain = m.forward([1, 2, 3])
+    same = m.forward([1, 2, 3], record=lambda n, v: v.astype(np.float64) if n == BX else None)
+    np.testing.assert_array_equal(same, plain)
+    flipped = m.forward([1, 2, 3], record=lambda n, v: (v[:, ::-1] + 1).astype(np.uint8) % 6 if n == EXPERTS else None)
+    assert not np.array_equal(flipped, plain)
+
+
 def test_long_prompts_run_in_chunks_with_the_same_rows():
     """forward() splits a prompt longer than prefill_chunk; the rows equal transformers' one-shot logits."""
     from conftest import CASES, golden, model

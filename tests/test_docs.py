@@ -173,15 +173,20 @@ def test_numerics_tables_are_current():
 
 
 def test_generated_sections_are_current():
-    """The generated parts of the docs (layer patterns, ...) are what tools/make_docs.py writes."""
+    """The generated parts of the docs (layer patterns, ...) are what tools/make_docs.py writes, and its generators
+    and the docs' sections match one to one: no section without a generator, no generator without a section."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_docs", ROOT / "tools" / "make_docs.py")
     make_docs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_docs)
+    sections = []
     for path in DOCS:
         text = path.read_text(encoding="utf-8")
+        sections += re.findall(r"<!-- generated:([\w-]+) -->", text)
+        assert set(sections) <= set(make_docs.GENERATED), f"{path.name}: a section tools/make_docs.py cannot write"
         assert make_docs.render(text) == text, f"{path.name} is stale: run python tools/make_docs.py"
+    assert sorted(sections) == sorted(make_docs.GENERATED), "tools/make_docs.py: a generator with no section (or two)"
     assert "<!-- generated:layer-patterns -->" in (ROOT / "docs" / "architecture.md").read_text()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +38,18 @@ def test_it_is_small_and_an_lfm2_moe(model):
     size = sum(p.stat().st_size for p in PATH.iterdir())
     assert size < 8 * 2**20
     assert TRAINING["results"]  # the training run recorded its losses
+
+
+def test_load_takes_the_name_embedded_as_every_command_does(model, tmp_path, monkeypatch):
+    """``lfm2np.load("embedded")`` and ``load_config("embedded")`` mean the shipped model, as MODEL does on the
+    command line; a path object or ``./embedded`` stays a path (a directory of that name is still reachable)."""
+    ids = [1, 6, 42, 7]
+    np.testing.assert_array_equal(lfm2np.load("embedded").forward(ids), model.forward(ids))
+    assert lfm2np.load_config("embedded").to_dict() == model.config.to_dict()
+    monkeypatch.chdir(tmp_path)
+    for path in (Path("embedded"), "./embedded"):
+        with pytest.raises(lfm2np.Lfm2npError, match="embedded"):
+            lfm2np.load(path)
 
 
 def test_special_tokens_are_lfm2s(tok):

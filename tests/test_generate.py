@@ -71,6 +71,41 @@ def test_state_after_generation_continues_the_sequence():
     np.testing.assert_allclose(logits[-1], m.forward([1, 9, 4, *tokens])[-1], rtol=1e-5, atol=1e-5)
 
 
+def test_stop_ends_the_generation_between_two_ids_as_interrupted():
+    """stop() from the consuming loop: no further step, finish_reason "interrupted", and the state holds every id
+    yielded but the last (as after "length"), so the conversation continues from it."""
+    m = random_model(lfm2np.load_config("tiny-moe"), seed=4)
+    free = generate(m, [1, 9, 4], 8, stop_ids=[])
+    calls = []
+    real_step = m.step
+    m.step = lambda ids, state=None: (calls.append(len(ids)), real_step(ids, state))[1]
+    g, out = Generation(m, [1, 9, 4], 8, stop_ids=[]), []
+    for token in g:
+        out.append(token)
+        if len(out) == 3:
+            g.stop()
+    assert out == g.tokens == free[:3] and g.finish_reason == "interrupted" and g.stop_id is None
+    assert calls == [3, 1, 1] and g.state.position == 3 + 2
+    g.stop()  # again, after the end: nothing changes
+    assert g.finish_reason == "interrupted"
+    before = Generation(m, [1, 9, 4], 8, stop_ids=[])
+    before.stop()  # before iterating: nothing is computed
+    assert list(before) == [] and before.finish_reason == "interrupted" and before.state is None and calls == [3, 1, 1]
+    done = Generation(m, [1, 9, 4], 2, stop_ids=[])
+    assert list(done) == free[:2]
+    done.stop()  # the generation had ended on its own: its reason stays
+    assert done.finish_reason == "length"
+
+
+def test_no_new_tokens_feeds_nothing_and_keeps_the_state():
+    m = random_model(lfm2np.load_config("tiny-dense"), seed=3)
+    _, state = m.step([5, 6, 7])
+    calls = []
+    m.step = lambda *a, **k: calls.append(a)
+    g = Generation(m, [8, 9], 0, state=state)
+    assert list(g) == [] and g.finish_reason == "length" and g.state is state and calls == []
+
+
 def test_seeded_sampling_is_reproducible_and_seeds_differ():
     m = random_model(lfm2np.load_config("tiny-dense"), seed=5)
     a = generate(m, [1, 2], 12, temperature=2.0, seed=123, stop_ids=[])
@@ -176,9 +211,9 @@ def test_generation_config_defaults_as_transformers_reads_them(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("{", "not valid JSON"),
+    ("{", r"corrupt generation config \(Expecting"),
     ("[1]", "expected an object"),
-    ("[" * 100000, "not valid JSON"),
+    ("[" * 100000, "corrupt generation config: JSON nested too deeply"),
     ('{"do_sample": false, "do_sample": true}', "appears twice"),
     ('{"temperature": "hot"}', "temperature is 'hot'"),
     ('{"top_k": 2.5}', "top_k is 2.5"),

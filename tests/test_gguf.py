@@ -354,6 +354,45 @@ def test_shape_mismatch_is_named(tmp_path):
         lfm2np.load(bad)
 
 
+@pytest.mark.parametrize("name, values", [
+    ("blk.0.ffn_norm.weight", np.ones(48, np.int32)), ("blk.2.ffn_norm.weight", np.ones(48, np.int8)),
+    ("token_embd_norm.weight", np.ones(48, np.int16)), ("blk.1.ffn_up.weight", np.ones((80, 48), np.int64)),
+])
+def test_a_weight_stored_with_an_integer_type_is_refused(tmp_path, name, values):
+    """An integer ggml type (I8 .. I64) where a float weight belongs: named with its type, never used as numbers."""
+    config, params = params_for("dense-tied", 48)
+    path = tmp_path / "ok.gguf"
+    W.write_gguf(path, config, params, "F32")
+    bad = rewrite(path, tmp_path / "ints.gguf", replace={name: values})
+    kind = {np.int8: "I8", np.int16: "I16", np.int32: "I32", np.int64: "I64"}[values.dtype.type]
+    assert G.gguf_tensor_types(bad)[name] == kind
+    with pytest.raises(lfm2np.Lfm2npError, match=rf"ints\.gguf: tensor '{re.escape(name)}' is stored as {kind}, an "
+                                                 r"integer type"):
+        lfm2np.load(bad)
+
+
+def test_rope_reading_is_checked_for_a_gguf_as_for_a_checkpoint_before_the_file_is_read(tmp_path, monkeypatch):
+    import lfm2np.loading as loading
+
+    config, params = params_for("dense-tied", 48)
+    path = tmp_path / "ok.gguf"
+    W.write_gguf(path, config, params, "F32")
+    checkpoint = tiny_checkpoint(tmp_path / "ck")
+    for bad in ("guess", None, ["trained"]):
+        with pytest.raises(lfm2np.Lfm2npError) as ck:
+            lfm2np.load(checkpoint, rope_reading=bad)
+        assert str(ck.value) == f"rope_reading is {bad!r}; expected one of trained, transformers"
+        with monkeypatch.context() as m:
+            m.setattr(loading, "read_gguf_source", lambda *a: pytest.fail("the file was read"))
+            m.setattr(loading, "read_gguf_config", lambda *a: pytest.fail("the file was read"))
+            for load in (lfm2np.load, lfm2np.load_config):
+                with pytest.raises(lfm2np.Lfm2npError) as e:
+                    load(path, rope_reading=bad)
+                assert str(e.value) == str(ck.value)
+    assert lfm2np.load(path, rope_reading="transformers").config.rope_reading == "transformers"
+    assert lfm2np.load_config(path, rope_reading="transformers").rope_reading == "transformers"
+
+
 def test_a_conv_layer_marked_attention_is_named(tmp_path):
     """head_count_kv[0] = 2 on a conv layer: the key and the layer are named (not a list of missing tensors)."""
     config, params = params_for("dense-untied", 48)

@@ -129,6 +129,10 @@ SAFETENSORS: dict[str, tuple[bytes, tuple[str, ...]]] = {
     "shape 33 dimensions": (st({"w": entry(shape=(1,) * 31 + (2, 1))}, W8), ("tensor 'w'", "shape is")),
     "shape overflowing int64": (st({"w": entry(shape=(2**40, 2**40, 2**40))}, W8), ("tensor 'w'", "does not fit shape")),
     "shape with a huge dim, tiny range": (st({"w": entry(shape=(2**62,))}, W8), ("tensor 'w'", "does not fit shape")),
+    "zero-size shape no array can have": (st({"w": entry(shape=(0, 2**62), offsets=(0, 0))}),
+                                          ("tensor 'w'", "shape [0, 4611686018427387904]", "beyond what an array can hold")),
+    "zero-size bf16 shape too wide once widened": (st({"w": entry("BF16", shape=(2**61, 0), offsets=(0, 0))}),
+                                                   ("tensor 'w'", "beyond what an array can hold")),
     "offsets missing": (st({"w": {"dtype": "F32", "shape": [2]}}, W8), ("tensor 'w'", "data_offsets is None")),
     "offsets three numbers": (st({"w": entry(offsets=(0, 4, 8))}, W8), ("tensor 'w'", "data_offsets is [0, 4, 8]")),
     "offsets strings": (st({"w": entry(offsets=("0", "8"))}, W8), ("tensor 'w'", "data_offsets is ['0', '8']")),
@@ -970,6 +974,33 @@ def test_compare_json_is_strict(capsys, tmp_path, trace_path):
     out = strict(capsys.readouterr().out)
     row = next(r for r in out["tensors"] if r["name"] == "lm_head")
     assert not out["ok"] and not row["ok"] and "A has" in row["problem"]
+
+
+def with_entry(f: Path, name: str, value: dict) -> Path:
+    """Add header entry ``name`` (e.g. a tensor of no bytes at the end of the data) to safetensors file ``f``."""
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header[name] = value
+    f.write_bytes(st(header, raw[8 + n:]))
+    return f
+
+
+@pytest.mark.parametrize("shape", [(0, 2**62), (2**31, 0, 2**31), (0, 2**61)])
+def test_a_tensor_of_no_bytes_that_no_array_can_have_is_named_everywhere(tmp_path, capsys, dense_copy, shape):
+    """A shape with a 0 and huge other dimensions holds no byte, but NumPy refuses to make it (the product of the
+    other dimensions overflows): refused with the file and the tensor when the header is read, through
+    Trace.load, the compare command and lfm2np.load (even where the tensor would never be read)."""
+    trace = tmp_path / "z.safetensors"
+    trace.write_bytes(st({"lm_head": entry(shape=shape, offsets=(0, 0))}))
+    refused(lambda: Trace.load(trace), str(trace), "tensor 'lm_head'", "beyond what an array can hold")
+    cli_refuses(capsys, ["compare", str(trace), str(trace)], str(trace), "'lm_head'", "beyond what an array can hold")
+    f = dense_copy / "model.safetensors"
+    data = f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little")
+    with_entry(f, "junk", entry(shape=shape, offsets=(data, data)))
+    for strict in (True, False):
+        refused(lambda: lfm2np.load(dense_copy, strict=strict), "model.safetensors", "tensor 'junk'",
+                "beyond what an array can hold")
 
 
 # ============================================================================ the command line

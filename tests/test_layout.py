@@ -22,7 +22,9 @@ PACKAGE = ROOT / "lfm2np"
 CORE = {"errors", "numerics", "config", "config_keys", "ops", "passes", "layers", "schema", "weights", "state",
         "model", "version"}
 MIDDLE = {"loading", "presets", "generate", "embedded", "synthetic", "evaluate"}
-OPTIONAL = {"gguf", "jinja2", "readline"}  # readline: in the standard library, but not on every platform
+#: imported inside the functions that need them: gguf (an extra), jinja2 (a dependency, imported when a chat template
+#: is first rendered: most commands never render one), readline (in the standard library, but not on every platform)
+OPTIONAL = {"gguf", "jinja2", "readline"}
 
 
 def module_name(path: Path) -> str:

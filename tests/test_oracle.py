@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -294,6 +295,40 @@ def test_golden_command_and_layer_selection(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lfm2np", "golden", str(GOLDEN / "dense-legacy"), "--out",
                           str(tmp_path / "g2"), "--layers", "9"], capture_output=True, text=True)
     assert bad.returncode == 2 and "layers [9] do not exist" in bad.stderr
+
+
+@pytest.mark.parametrize("layers, message", [
+    ("0,2", "layers is '0,2' (of type str)"), (3, "layers is 3 (of type int)"),
+    (np.array(3), "layers is array(3)"), ([0.0, 1.0], "layers holds 0.0 (of type float)"),
+    ([True], "layers holds True (of type bool)"), ([1, 2, 1], "layers names layer 1 more than once"),
+    ([0, -1], "layers holds -1: layer indices count from 0"), ([0, 9], "layers [9] do not exist"),
+    ({0: 1}, "layers is {0: 1} (of type dict)"),
+])
+def test_golden_layers_are_checked_before_anything_is_computed_or_created(tmp_path, monkeypatch, layers, message):
+    import lfm2np.oracle.golden as G
+
+    monkeypatch.setattr(G, "record", lambda *a: pytest.fail("computed before the arguments were checked"))
+    with pytest.raises(lfm2np.Lfm2npError, match=re.escape(message)):
+        write_golden(model("dense-legacy"), [3, 4, 5], tmp_path / "g", layers)
+    assert not (tmp_path / "g").exists()
+
+
+def test_golden_out_must_be_a_directory(tmp_path, monkeypatch):
+    import lfm2np.oracle.golden as G
+
+    monkeypatch.setattr(G, "record", lambda *a: pytest.fail("computed before the arguments were checked"))
+    f = tmp_path / "taken"
+    f.write_text("keep me")
+    for out, message in ((f, f"out {f} is a file"), (f / "g", f"{f} is a file, not a directory"),
+                         (5, "out is 5"), ("", "out is ''")):
+        with pytest.raises(lfm2np.Lfm2npError, match=re.escape(message)):
+            write_golden(model("dense-legacy"), [3, 4, 5], out)
+    assert f.read_text() == "keep me"
+    with pytest.raises(lfm2np.Lfm2npError, match="model must be an lfm2np Model"):
+        write_golden("dense-legacy", [3, 4, 5], tmp_path / "g")
+    with pytest.raises(lfm2np.Lfm2npError, match="one sequence of ids"):
+        write_golden(model("dense-legacy"), [[3, 4], [5, 6]], tmp_path / "g")
+    assert not (tmp_path / "g").exists()
 
 
 def test_integer_tensors_far_apart_report_their_true_distance():

@@ -85,14 +85,14 @@ def _bigger_vocabulary(path: Path) -> None:
 TC, CT, TJ = "tokenizer_config.json", "chat_template.jinja", "tokenizer.json"
 #: case -> (break the checkpoint, what the message must contain; "{path}" is the checkpoint directory)
 FILE_CASES = {
-    "config not JSON": (_write(TC, "{"), [TC, "not valid JSON"]),
+    "config not JSON": (_write(TC, "{"), [TC, "corrupt tokenizer config (Expecting"]),
     "config with a key twice": (_write(TC, '{"bos_token": "<|startoftext|>", "bos_token": "<|im_end|>"}'),
                                 [TC, "key 'bos_token' appears twice"]),
     "config not UTF-8": (_write(TC, b'{"bos_token": "\xff"}'), [TC, "not UTF-8"]),
     "config a list": (_write(TC, "[]"), [TC, "the top level is a JSON list; expected an object"]),
     "config a number": (_write(TC, "5"), [TC, "the top level is a JSON int"]),
     "config a string": (_write(TC, '"x"'), [TC, "the top level is a JSON str"]),
-    "config nested too deep": (_write(TC, "[" * 100000), [TC, "not valid JSON"]),
+    "config nested too deep": (_write(TC, "[" * 100000), [TC, "corrupt tokenizer config: JSON nested too deeply"]),
     "config a directory": (_mkdir(TC), [TC, "not a regular file"]),
     "bos_token a number": (_set("bos_token", 5), [TC, "bos_token is a int (5)"]),
     "eos_token a list": (_set("eos_token", ["<|im_end|>"]), [TC, "eos_token is a list"]),

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Regenerate the generated parts of the docs (between `<!-- generated:NAME -->` and `<!-- end -->`).
 
-tests/test_docs.py fails when a committed doc differs from what this script writes.
+tests/test_docs.py fails when a committed doc differs from what this script writes, when a section names no
+generator here, or when a generator here has no section. (docs/cli.md's options table and usages have their own
+markers and writer, tests/cli_reference.py.)
 """
 
 from __future__ import annotations
@@ -26,34 +28,8 @@ def layer_patterns() -> str:
     return "\n".join(rows)
 
 
-def cli_reference() -> str:
-    """`lfm2np --help` and every subcommand's --help, as the parser prints them (80 columns)."""
-    import os
-
-    from lfm2np.cli import build_parser
-
-    old = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "100"
-    try:
-        parser = build_parser()
-        text = _helps(parser)
-    finally:
-        if old is None:
-            del os.environ["COLUMNS"]
-        else:
-            os.environ["COLUMNS"] = old
-    return text
-
-
-def _helps(parser) -> str:
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    parts = ["```", parser.format_help().rstrip(), "```"]
-    for name, p in sub.choices.items():
-        parts += ["", f"### lfm2np {name}", "", "```", p.format_help().rstrip(), "```"]
-    return "\n".join(parts)
-
-
-GENERATED = {"layer-patterns": layer_patterns, "cli-reference": cli_reference}
+#: one generator per section name; docs/cli.md's command reference is written by tests/cli_reference.py
+GENERATED = {"layer-patterns": layer_patterns}
 
 
 def render(text: str) -> str:

@@ -15,14 +15,13 @@ F FFN width, E experts, k experts per token, Fm expert width, V vocab, L conv ke
 
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable
 
 
 from ..config import ATTENTION, Config
 from ..errors import Lfm2npError
 from ..io.gguf import gguf_tensor_bytes
-from ..io.params import MAX_SIZE, parse_size
+from ..io.params import parse_size
 from ..numerics import DTYPE_BYTES as _ALL_DTYPE_BYTES, canonical_dtype
 from . import quant
 from .params import param_counts, positive
@@ -205,21 +204,10 @@ def hybrid_savings(config: Config, contexts: Iterable[int] = (4096, 32768, 13107
 
 
 # ==================================================================================== helpers
-#: a size with a one-letter unit, as GNU tools, Docker and the JVM write it: ``8G``, ``512m`` (powers of 1024)
-_LETTER_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kKmMgGtT])\s*")
-
-
 def parse_bytes(text: str) -> int:
-    """``"32GB"`` -> 32e9, ``"32GiB"`` -> 32 * 2**30, ``"1.5 TB"``, ``"123"`` (bytes); a one-letter unit is
-    binary, as GNU ``sort -S``, ``dd``, Docker and the JVM read it: ``"8G"`` = ``"8g"`` = ``"8GiB"``. See
-    :func:`lfm2np.io.params.parse_size` for the rest."""
-    m = _LETTER_SIZE.fullmatch(str(text))
-    if m is None:
-        return parse_size(text, "budget")
-    value = float(m.group(1)) * 1024 ** ("kmgt".index(m.group(2).lower()) + 1)
-    if not value <= MAX_SIZE:
-        raise Lfm2npError(f"budget {text!r} is too large: above any machine's memory ({MAX_SIZE} bytes)")
-    return int(value)
+    """``"32GB"`` -> 32e9, ``"32GiB"`` = ``"8G"``-style one-letter units -> powers of 1024, ``"123"`` (bytes):
+    :func:`lfm2np.io.params.parse_size`, which :func:`lfm2np.load`'s ``memory_budget`` reads too."""
+    return parse_size(text, "budget")
 
 
 def format_bytes(n: float) -> str:

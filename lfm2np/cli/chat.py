@@ -227,7 +227,7 @@ def _reply(conversation: Conversation, line: str, turn: int, args: argparse.Name
                     first = first or time.perf_counter()
                     yield token
                     if interrupt is not None and interrupt.stopped:
-                        gen.finish_reason = "interrupted"
+                        gen.stop()
                         return
 
             for piece in conversation.tokenizer.stream(tokens()):

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 from ..calc import parse_bytes
 from ..config import ROPE_READINGS
 from ..errors import Lfm2npError
-from ..embedded import embedded_model_path
+from ..embedded import resolve as resolve_embedded
 from ..generate import Generation, Sampling, checked_stop_ids, generation_defaults, sampling_for
 from ..io.hub import resolve
 from ..io.params import parse_budget
@@ -119,10 +119,6 @@ def utf8_text(value: str) -> str:
     return value
 
 
-#: the MODEL name that means the tiny model shipped inside the package (no download, no path to find)
-EMBEDDED = "embedded"
-
-
 #: the help of a MODEL argument that runs a model (the calculators take presets and configs too)
 MODEL_HELP = ("checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M), .gguf file, or 'embedded' "
               "(the tiny model shipped inside lfm2np)")
@@ -131,8 +127,7 @@ MODEL_HELP = ("checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M), .
 def model_argument(value: str) -> str:
     """A MODEL argument: a checkpoint directory, a cached repo id, a .gguf file, a preset name (for the
     calculators), or ``embedded`` for the shipped tiny model."""
-    value = utf8_text(value)
-    return str(embedded_model_path()) if value == EMBEDDED else value
+    return str(resolve_embedded(utf8_text(value)))  # "embedded": as lfm2np.load reads it
 
 
 def _path_type(check):

@@ -7,7 +7,7 @@ older spellings and llama.cpp's short options as aliases.
 - ``--max-new-tokens``/``-n``, ``--memory-budget`` (``memory``'s ``--budget`` is its alias), and the types
   of :mod:`lfm2np.cli.common`.
 
-docs/cli.md lists each option once (generated from the parsers by ``tools/make_docs.py``).
+docs/cli.md lists each option once (written from the parsers by ``tests/cli_reference.py``).
 """
 
 from __future__ import annotations

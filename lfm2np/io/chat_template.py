@@ -5,8 +5,8 @@ Where a template comes from (transformers' order): ``chat_template.jinja`` if pr
 a GGUF file's is ``tokenizer.chat_template``. A template is a string, or the named-templates list
 ``[{"name": ..., "template": ...}, ...]``, of which ``"default"`` is used (none: an error naming the names).
 
-Rendering (:func:`render_template`) uses jinja2 (an optional dependency, ``pip install 'lfm2np[chat]'``)
-the way transformers does: an immutable sandbox with ``trim_blocks`` and ``lstrip_blocks``, the
+Rendering (:func:`render_template`) uses jinja2 (a dependency of lfm2np, imported when a template is first
+rendered) the way transformers does: an immutable sandbox with ``trim_blocks`` and ``lstrip_blocks``, the
 loop-controls extension, ``tojson`` without escaping or sorting, and ``raise_exception``. A template is
 code from a file, so rendering is bounded (:mod:`lfm2np.io.template_sandbox` has the details), and every
 failure is an :class:`~lfm2np.errors.Lfm2npError` naming where the template came from:
@@ -29,13 +29,12 @@ failure is an :class:`~lfm2np.errors.Lfm2npError` naming where the template came
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import Lfm2npError
-from .safetensors_file import no_duplicate_keys
+from .files import parse_json
 from .template_sandbox import Limits, Stop, active, compiled
 
 MAX_SECONDS = 10.0  #: wall-clock limit of one rendering
@@ -48,6 +47,7 @@ __all__ = ["render_template", "template_from_value", "read_text", "read_json_obj
 
 
 def have_jinja2() -> bool:
+    """Whether jinja2 can be imported (it is a dependency of lfm2np: False only in a broken installation)."""
     return importlib.util.find_spec("jinja2") is not None
 
 
@@ -69,13 +69,12 @@ def read_text(path: Path, what: str = "file") -> str:
         raise Lfm2npError(f"{path}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON file whose top level is an object (``tokenizer_config.json``, ``chat_template.json``)."""
-    text = read_text(path, "JSON file")
-    try:
-        value = json.loads(text, object_pairs_hook=no_duplicate_keys)
-    except (ValueError, RecursionError) as e:
-        raise Lfm2npError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+def read_json_object(path: Path, what: str = "JSON file") -> dict[str, Any]:
+    """A JSON file whose top level is an object (``tokenizer_config.json``, ``chat_template.json``,
+    ``generation_config.json``): :func:`read_text`'s bounds, then the one strict JSON reader
+    (:func:`lfm2np.io.files.parse_json`: no key twice in one object, nesting the parser can follow); every error
+    names the file (and ``what`` it is)."""
+    value = parse_json(read_text(path, what), str(path), what)
     if not isinstance(value, dict):
         raise Lfm2npError(f"{path}: the top level is a JSON {type(value).__name__}; expected an object")
     return value
@@ -119,7 +118,8 @@ def render_template(template: str, messages: Sequence[Mapping[str, Any]], tools:
     try:
         import jinja2
     except ImportError:
-        raise Lfm2npError("rendering a checkpoint's chat template needs jinja2: pip install 'lfm2np[chat]'") from None
+        raise Lfm2npError("rendering a checkpoint's chat template needs jinja2, a dependency of lfm2np that is "
+                          "missing from this installation: pip install jinja2") from None
     limits = Limits(MAX_SECONDS if max_seconds is None else max_seconds,
                     MAX_CHARS if max_chars is None else max_chars, MAX_BUILT, source)
     pieces: list[str] = []

@@ -39,7 +39,7 @@ from ..config import Config
 from ..errors import Lfm2npError
 from ..schema import Tensor, layout
 from ..weights import check_tensors
-from .gguf_file import GgufFile
+from .gguf_file import INTEGER_TYPES, GgufFile
 from .gguf_meta import ARCHITECTURES, GGUF_ARCH, config_dict_from_metadata
 from .gguf_names import GgufTensor, gguf_tensors
 
@@ -121,7 +121,9 @@ class GgufSource:
 
     Built from the open file, its config and the config's tensor ``layout``; every GGUF tensor is checked
     against the names and ggml shapes the config implies first (:func:`lfm2np.weights.check_tensors`: missing
-    and mis-shaped ones are errors, unused ones an error, or a warning when not ``strict``)."""
+    and mis-shaped ones are errors, unused ones an error, or a warning when not ``strict``), and every weight
+    the model reads for its type: floating point (F32, F16, BF16, F64) or quantised; an integer type (I8 ..
+    I64) is refused naming the tensor, since its values would be taken as weights without a scale."""
 
     def __init__(self, f: GgufFile, config: Config, tensors: "list[Tensor]", strict: bool = True):
         self.file = f
@@ -129,6 +131,11 @@ class GgufSource:
         check_tensors({name: t.ne for name, t in f.tensors.items()}, {g.name: g.ne for g in held}, str(f.path),
                       strict, f"the metadata describes {config.model_type} with {config.num_hidden_layers} layers",
                       "ggml shape")
+        for g in held:
+            kind = f.tensors[g.name].ggml_type
+            if kind in INTEGER_TYPES:
+                raise Lfm2npError(f"{f.path}: tensor {g.name!r} is stored as {kind}, an integer type; a weight must "
+                                  f"be floating point (F32, F16, BF16) or quantised (Q8_0, Q4_K, ...)")
         # Hugging Face name -> (GGUF tensor, rows of it: None = all, an expert index, or a fused q/k/v slice)
         self._where: dict[str, tuple[str, "int | slice | None"]] = {}
         for g in held:

@@ -40,7 +40,7 @@ from . import kquants
 from .files import CheckedFile
 from .gguf_header import VALUE_TYPE_NAMES, MetadataValue, TensorInfo, import_gguf, parse_header
 
-__all__ = ["GgufFile", "TensorInfo", "open_gguf", "VALUE_TYPE_NAMES"]
+__all__ = ["GgufFile", "INTEGER_TYPES", "TensorInfo", "open_gguf", "VALUE_TYPE_NAMES"]
 
 #: ggml types whose ``data()`` is an array of elements (as gguf-py's GGUFReader gives); all others
 #: (quantised types and BF16) are raw bytes, uint8 of shape ``(*shape[:-1], shape[-1] // block * type_size)``.
@@ -48,6 +48,9 @@ ELEMENT_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(code) for name, code in
     {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "i1", "I16": "<i2", "I32": "<i4", "I64": "<i8"}.items()
 }
+#: ggml types of integers: :meth:`GgufFile.dequantize` converts them as numbers, but a weight stored so is refused
+#: by the loader (:class:`lfm2np.io.gguf.GgufSource`): no converter writes one
+INTEGER_TYPES = ("I8", "I16", "I32", "I64")
 
 
 

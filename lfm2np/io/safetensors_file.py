@@ -9,7 +9,9 @@ culprit):
   the parser can follow (deeper is an error, not a RecursionError);
 - an object whose ``__metadata__``, if present, maps strings to strings, and whose other entries each give
   a ``dtype`` string the reader accepts (weights: ``F64 F32 F16 BF16``), a ``shape`` list of at most 32
-  non-negative integers and ``data_offsets`` ``[begin, end]`` integers (not floats, not bools);
+  non-negative integers that NumPy can make an array of (:func:`array_fits`: even with an axis of 0, the
+  other axes times the widest item a tensor is read as must stay below 2^63) and ``data_offsets``
+  ``[begin, end]`` integers (not floats, not bools);
 - byte ranges that match the shapes exactly and tile the data section: no overlap, no gap, nothing after
   the last tensor (as the safetensors library requires). Sizes are Python integers: nothing overflows, and
   every tensor lies inside the file, so what a header claims never allocates more than the file holds.
@@ -34,8 +36,8 @@ from ..errors import Lfm2npError
 from ..numerics import bfloat16_to_float32
 from .files import CheckedFile, no_duplicate_keys, parse_json, row_runs
 
-__all__ = ["FLOAT_DTYPES", "MAX_HEADER", "STORAGE", "SafetensorsFile", "TensorInfo", "no_duplicate_keys",
-           "parse_json", "widen"]
+__all__ = ["FLOAT_DTYPES", "MAX_HEADER", "STORAGE", "SafetensorsFile", "TensorInfo", "array_fits",
+           "no_duplicate_keys", "parse_json", "widen"]
 
 #: Every safetensors dtype code NumPy can hold, and its storage dtype (bf16 is stored as raw uint16).
 STORAGE = {
@@ -48,6 +50,7 @@ STORAGE = {
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 MAX_HEADER = 100_000_000  #: the safetensors library's limit on the JSON header (and lfm2np's on an index)
 MAX_DIMS = 32  #: more dimensions than any tensor needs (numpy's own limit is 32 or 64)
+MAX_ITEMSIZE = 8  #: the widest item a stored tensor is read as (float64, int64)
 _CHUNK = 1 << 18  # bytes of stored data converted at a time (a buffer that stays in the CPU's cache)
 
 
@@ -99,6 +102,10 @@ class SafetensorsFile:
                     f"{self.path}: tensor {name!r} ends at byte {end} of the data but the file holds only "
                     f"{self.size - self.data_start}: the file is truncated"
                 )
+            if not array_fits(shape):  # what is left: a shape of no bytes, a 0 among huge dimensions
+                raise Lfm2npError(f"{self.path}: tensor {name!r} has shape {list(shape)!s:.120}, beyond what an array "
+                                  f"can hold (its non-zero dimensions times {MAX_ITEMSIZE} bytes reach 2^63, though it "
+                                  f"holds no element)")
             self.tensors[name] = TensorInfo(self.path, dtype, shape, begin, end)
         self._check_layout(self.size - self.data_start)
 
@@ -225,6 +232,14 @@ class SafetensorsFile:
             raise Lfm2npError(f"{self.path}: tensor {name!r}: row {int(bad[0])} is out of range for its first axis "
                               f"of length {n}")
         return np.where(index < 0, index + n, index)
+
+
+def array_fits(shape: "list[int] | tuple[int, ...]", itemsize: int = MAX_ITEMSIZE) -> bool:
+    """Whether NumPy can make an array of ``shape`` (non-negative integers) with items of ``itemsize`` bytes:
+    at most :data:`MAX_DIMS` axes and ``prod(d for d in shape if d) * itemsize < 2**63``. NumPy checks that product
+    even when an axis is 0 (``np.empty((0, 2**62))`` raises "array is too big"), so a header can claim a tensor
+    of no bytes that still cannot be made."""
+    return len(shape) <= MAX_DIMS and math.prod(d for d in shape if d) * itemsize < 2**63
 
 
 def widen(raw: np.ndarray, stored: str, dtype: np.dtype) -> np.ndarray:

@@ -19,8 +19,8 @@ The LFM2 chat format is built in (:func:`format_chat`)::
 
 The format emits BOS itself: its output is encoded without adding another. When a checkpoint ships its
 own template, that template is the authority: :meth:`Tokenizer.apply_chat_template` renders it with
-jinja2 (an optional dependency, ``pip install 'lfm2np[chat]'``) the way transformers does, and falls back
-to the built-in format only when jinja2 is missing.
+jinja2 (a dependency of lfm2np) the way transformers does; only in an installation where jinja2 is missing
+does the built-in format stand in, with a warning.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ class Tokenizer:
         template, template_source = None, None
         config_file = directory / "tokenizer_config.json"
         if config_file.exists():
-            config = read_json_object(config_file)
+            config = read_json_object(config_file, "tokenizer config")
             for key in ("bos_token", "eos_token", "pad_token"):
                 value = _special_token(config.get(key), f"{config_file}: {key}")
                 if value is not None and backend.token_to_id(value) is None:
@@ -229,7 +229,8 @@ class Tokenizer:
         json_file = directory / "chat_template.json"
         if json_file.exists():
             where = f"{json_file}: chat_template"
-            value = template_from_value(read_json_object(json_file).get("chat_template"), where)
+            holder = read_json_object(json_file, "chat template file")
+            value = template_from_value(holder.get("chat_template"), where)
             if value is not None:
                 template, template_source = value, where
         jinja_file = directory / "chat_template.jinja"
@@ -321,7 +322,8 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[Message], tools: Sequence[Any] | None = None,
                             add_generation_prompt: bool = True, use_builtin: bool | None = None) -> str:
         """The conversation as text. The checkpoint's own template when it has one (rendered with jinja2);
-        the built-in LFM2 format when it has none, when jinja2 is missing, or when ``use_builtin``."""
+        the built-in LFM2 format when it has none, when ``use_builtin``, or (with a warning) when jinja2, a
+        dependency, is missing from the installation."""
         _check_messages(messages)
         _check_tools(tools)
         if use_builtin is None:
@@ -329,8 +331,9 @@ class Tokenizer:
             if self.chat_template is not None and use_builtin and not self._said_builtin:
                 self._said_builtin = True  # once per tokenizer: a chat would say it every turn
                 warnings.warn(f"{self.template_source or self.source}: the checkpoint has its own chat template, "
-                              f"but jinja2 is not installed: the built-in LFM2 format is used instead "
-                              f"(pip install 'lfm2np[chat]' to render the checkpoint's)", stacklevel=2)
+                              f"but jinja2, a dependency of lfm2np, is missing from this installation: the "
+                              f"built-in LFM2 format is used instead (pip install jinja2 to render the "
+                              f"checkpoint's)", stacklevel=2)
         if use_builtin:
             return format_chat(messages, tools, add_generation_prompt, self.special["bos_token"])
         if self.chat_template is None:

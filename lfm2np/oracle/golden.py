@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from safetensors.numpy import save_file
 
 from .. import schema
 from ..errors import Lfm2npError
+from ..model import Model
 from ..ops import ROUTER_NORM_EPS
 from .trace import record
 
@@ -43,19 +44,69 @@ def _save(arrays: dict[str, np.ndarray], path: Path) -> None:
         raise Lfm2npError(f"{path}: cannot write ({e})") from None
 
 
-def write_golden(model: Any, ids: Any, out: "str | os.PathLike[str]", layers: Iterable[int] | None = None) -> Path:
+def _checked_layers(layers: Any, n: int) -> set[int]:
+    """``layers`` of :func:`write_golden`: None (all ``n``) or a collection of distinct layer indices in
+    ``0 .. n-1``; anything else is an error naming the argument."""
+    if layers is None:
+        return set(range(n))
+    expected = "expected a list of layer indices such as [0, 2] (or None: every layer)"
+    if isinstance(layers, (str, bytes, Mapping)) or not isinstance(layers, Iterable):
+        raise Lfm2npError(f"layers is {layers!r:.60} (of type {type(layers).__name__}); {expected}")
+    try:
+        items = list(layers)
+    except TypeError:  # a 0-d array: iterable by its type, not by its value
+        raise Lfm2npError(f"layers is {layers!r:.60} (of type {type(layers).__name__}); {expected}") from None
+    for i in items:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise Lfm2npError(f"layers holds {i!r:.40} (of type {type(i).__name__}); {expected}")
+    seen: set[int] = set()
+    twice = sorted({int(i) for i in items if int(i) in seen or seen.add(int(i))})
+    if twice:
+        raise Lfm2npError(f"layers names layer {', '.join(map(str, twice))} more than once; {expected}")
+    if any(i < 0 for i in seen):
+        raise Lfm2npError(f"layers holds {min(seen)}: layer indices count from 0 (no negative indices); the "
+                          f"model has layers 0..{n - 1}")
+    bad = sorted(i for i in seen if i >= n)
+    if bad:
+        raise Lfm2npError(f"layers {bad} do not exist; the model has {n} (0..{n - 1})")
+    return seen
+
+
+def _checked_out(out: Any) -> Path:
+    """``out`` of :func:`write_golden`: a path naming a directory, or where one can be created."""
+    if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
+        raise Lfm2npError(f"out is {out!r:.60}; expected the path of a directory to write the golden files into")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise Lfm2npError(f"out {path} is a file, not a directory; golden vectors are a directory of files")
+    ancestor = next((p for p in path.absolute().parents if p.exists()), None)
+    if not path.exists() and ancestor is not None and not ancestor.is_dir():
+        raise Lfm2npError(f"out {path}: {ancestor} is a file, not a directory")
+    return path
+
+
+def write_golden(model: Model, ids: Any, out: "str | os.PathLike[str]", layers: Iterable[int] | None = None) -> Path:
+    """Write the golden vectors of ``model`` (float32 or float64) on ``ids`` (T,) into directory ``out`` (created
+    if missing): see the module docstring. ``layers`` (a list of distinct layer indices; None: every layer)
+    restricts the layers written. Every argument is checked before anything is computed or created: an
+    :class:`Lfm2npError` names the one at fault. Returns ``out`` as a Path."""
+    if not isinstance(model, Model):
+        raise Lfm2npError(f"model must be an lfm2np Model (lfm2np.load); got {type(model).__name__}")
     if model.numerics.round_weights:
         raise Lfm2npError("golden vectors are written from the float32 or float64 model, not the bf16 emulation")
     c, W = model.config, model.params
-    wanted = set(range(c.num_hidden_layers) if layers is None else layers)
-    bad = sorted(i for i in wanted if not 0 <= i < c.num_hidden_layers)
-    if bad:  # before anything is computed or created
-        raise Lfm2npError(f"layers {bad} do not exist; the model has {c.num_hidden_layers}")
+    wanted = _checked_layers(layers, c.num_hidden_layers)
+    out = _checked_out(out)
+    if model.check_ids(ids).ndim != 1:
+        raise Lfm2npError(f"golden vectors are written for one sequence of ids, shape (T,); got shape "
+                          f"{np.shape(ids)}")
     logits, trace = record(model, ids)
     t = trace.tensors
     ids = np.asarray(trace.meta["ids"], dtype=np.int64)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Lfm2npError(f"out {out}: cannot create the directory ({e.strerror or e})") from None
     ops_written: list[dict[str, Any]] = []
 
     def write(name: str, function: str, params: dict, inputs: dict, weights: dict, outputs: dict) -> None:
