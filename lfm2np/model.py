@@ -1,7 +1,7 @@
 """The Model: a config, its weights and a numerics mode, and the forward pass over :mod:`lfm2np.layers`.
 
-The whole forward pass is :meth:`Model.run`: embed, every layer (:func:`lfm2np.layers.lfm2_layer`, or
-:func:`~lfm2np.layers.lfm3_layer` for LFM3, each attention layer with the RoPE tables of its type), the
+The whole forward pass is :meth:`Model.run`: embed, every layer (:func:`lfm2np.layers.decoder_layer` over the layer's
+weight view, each attention layer with the RoPE tables of its type), the
 final norm ``embedding_norm`` (applied after the last layer despite its name), the head (tied to the
 embedding unless the checkpoint has ``lm_head.weight``). :meth:`Model.forward` computes from scratch;
 :meth:`Model.step` continues a :class:`~lfm2np.state.State`.

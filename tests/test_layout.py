@@ -7,7 +7,9 @@
 - the middle (loading, presets, generate, embedded, synthetic, evaluate) imports the core, io/ and the middle;
 - nothing imports cli/ (but ``__main__``); the package face only re-exports;
 - there is no import circle, and imports inside functions are only of optional dependencies;
-- outside the core, nothing reaches into another object's private attributes.
+- outside the core, nothing reaches into another object's private attributes;
+- only the config (and the files that map other formats' names to a model type) reads ``model_type``: every
+  behaviour is a flag the config derives.
 """
 
 from __future__ import annotations
@@ -148,6 +150,23 @@ def test_no_private_access_outside_the_core(module):
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
             owner = node.value.id if isinstance(node.value, ast.Name) else None
             assert owner in ("self", "cls"), f"{module}:{node.lineno} reads .{node.attr} of another object"
+
+
+#: modules that may name a model type: the config derives the flags, presets and GGUF map names to a type
+READS_MODEL_TYPE = {"config", "config_keys", "presets", "io.gguf_meta"}
+
+
+@pytest.mark.parametrize("module", sorted(set(MODULES) - READS_MODEL_TYPE))
+def test_only_the_config_tests_a_model_type(module):
+    """A behaviour that depends on the model type is a flag derived once in :class:`lfm2np.config.Config`: no
+    other module compares ``model_type`` (or a model type's name) to decide what to compute."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            for part in ast.walk(node):  # c.model_type == ..., d.get("model_type") in ..., ... == "lfm3"
+                named = (isinstance(part, ast.Attribute) and part.attr == "model_type") or \
+                    (isinstance(part, ast.Constant) and part.value in ("model_type", "lfm2_moe", "lfm3", "lfm2_vl"))
+                assert not named, f"{module}:{node.lineno} tests a model type; derive a flag in Config instead"
 
 
 def test_modules_stay_small():

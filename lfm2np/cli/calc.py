@@ -28,7 +28,7 @@ from .. import calc, presets
 from ..calc import quant
 from ..embedded import EMBEDDED as EMBEDDED_NAME, embedded_model_path
 from ..errors import Lfm2npError
-from ..io.gguf_meta import GGUF_ARCH
+from ..io.gguf_meta import gguf_architecture
 from ..loading import is_gguf, load_config
 from .common import Subparsers, positive_int, size
 from .options import add_layers_argument, add_model_argument, check_layers
@@ -162,7 +162,7 @@ def _memory_notes(c, m: dict[str, Any], args: argparse.Namespace, notes: dict[st
     if args.no_flash_attn and m["kv_type"] in calc.KV_TYPES and quant.GGML_BLOCK[calc.KV_TYPES[m["kv_type"]]][0] > 1:
         out.append(f"llama.cpp refuses a quantised V cache ({m['kv_type']}) without flash attention (\"V cache "
                    f"quantization requires flash_attn\"): run it with flash attention (-fa), or size --kv-type f16")
-    if GGUF_ARCH.get(c.model_type) is None and m["quant"] not in calc.DTYPE_BYTES:  # LFM3: no llama.cpp graph
+    if gguf_architecture(c) is None and m["quant"] not in calc.DTYPE_BYTES:  # LFM3: no llama.cpp graph
         out.append("llama.cpp has no LFM3 architecture yet (as pinned here: llama-cpp-python 0.3.36), so no "
                    "llama.cpp can write or run this GGUF; the sizes apply llama-quantize's LFM2 rules to LFM3's "
                    "tensors")

@@ -54,6 +54,12 @@ from ..errors import Lfm2npError
 ARCHITECTURES = {"lfm2": "lfm2", "lfm2moe": "lfm2_moe"}  # GGUF general.architecture -> HF model_type
 GGUF_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 
+
+def gguf_architecture(config: Any) -> str | None:
+    """llama.cpp's ``general.architecture`` for a config's model type, or None when llama.cpp has no graph for
+    it (LFM3, as pinned here)."""
+    return GGUF_ARCH.get(config.model_type)
+
 #: Bound on block_count when no tensor is there to check it against (the config's own limit is the same).
 MAX_BLOCKS = 1 << 12
 _BLOCK = re.compile(r"blk\.(\d+)\.")
