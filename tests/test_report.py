@@ -104,7 +104,8 @@ def handmade(layers: int = 40) -> dict:
                                                            "layers": list(range(layers)),
                                                            "reference_layers": list(range(layers))},
             "compared": len(tensors), "only_in_a": [EVIL + "-a"], "only_in_b": ["model.layers.3.ffn_norm"],
-            "routing_agreement": {}, "flips": [], "warnings": [EVIL], "ids": [1, 2, 3], "tensors": tensors,
+            "routing_agreement": {}, "flips": [], "warnings": [EVIL], "notes": [EVIL + " note"], "ids": [1, 2, 3],
+            "tensors": tensors,
             "a field from a later version": {"x": 1}}
 
 
@@ -230,7 +231,8 @@ def test_a_comparison_reads_at_a_glance():
     assert [s.attrs["id"] for s in page.root.all("section")] == ["summary", "map", "routing"]
     summary = page.root.one(id="summary").content()
     assert "compared 61 of the reference's 62 tensors, in 3 of its 3 layers" in summary
-    assert "max_rel ≤ 0.0001 and NMSE ≤ -70 dB" in summary and "model.layers.0.feed_forward.router_logits" in summary
+    assert "max_rel ≤ 0.0001 and NMSE ≤ -70 dB" in summary
+    assert "model.layers.0.feed_forward.router_logits" in summary  # only in the reference, listed
     cells = check_map(page, c)
     assert cells["model.layers.2.feed_forward.selected_experts"].classes == ["c", "fail", "first"]
     assert "≈" in cells["model.layers.1.feed_forward.selected_experts"].content()  # the near-tie, within the tier
@@ -262,9 +264,10 @@ def test_a_diagnosis_ranks_its_hypotheses():
     assert page.root.one("p", class_="sub").content() == d["comparison"]["verdict"]
     assert [s.attrs["id"] for s in page.root.all("section")] == ["summary", "map", "routing", "diagnosis"]
     check_map(page, d["comparison"])  # the dump against the reference, carried by the diagnosis
-    rows = list(page.root.one(id="hypotheses").all("tr"))[1:]
+    rows = [r for r in page.root.one(id="hypotheses").all("tr") if "data-id" in r.attrs]
     assert [r.attrs["data-id"] for r in rows] == [h["id"] for h in d["hypotheses"]]  # in rank order
     assert rows[0].classes == ["best"] and not any("best" in r.classes for r in rows[1:])
+    assert [("contra" in r.classes) for r in rows] == [h.get("contradicted", False) for h in d["hypotheses"]]
     assert "REPRODUCES" in rows[0].content() and "model.layers.1.conv.conv_out @0" in rows[0].content()
     assert "no catalogued mistake" not in text
     # a comparison given with it is the one mapped; the diagnosis still leads
@@ -278,8 +281,10 @@ def test_when_nothing_reproduces_it_says_so():
     d.update(best=None, nothing_reproduces=True)
     hs = d["hypotheses"]
     hs[0].update(reproduces=False, layers=[1], experts=[0, 3])
-    for h in hs[-2:]:
-        h["contradicted"] = True
+    hs[1].update(variant="c before b, layer 1", params={"layers": [1]})  # its variant says where: not twice
+    hs[2]["params"] = {"layers": [0], "experts": [2]}
+    for n, h in enumerate(hs):
+        h["contradicted"] = n >= len(hs) - 2
     page = Page(html_report(diagnosis=d))
     verdict = page.root.one(id="verdict")
     assert verdict.classes == ["verdict", "nothing"]
@@ -289,10 +294,11 @@ def test_when_nothing_reproduces_it_says_so():
     table = page.root.one(id="hypotheses")
     rows = list(table.all("tr"))[1:]
     assert not any("best" in r.classes for r in rows)
-    assert "layers 1 · experts 0, 3" in rows[0].content()
+    assert "layers 1 · experts 0, 3" in rows[0].content() and "layers 0 · experts 2" in rows[2].content()
+    assert "c before b, layer 1" in rows[1].content() and "·" not in rows[1].content()
     divider = [n for n, r in enumerate(rows) if "divider" in r.classes]
     assert divider == [len(hs) - 2] and [r.classes for r in rows[-2:]] == [["contra"], ["contra"]]
-    assert all("contradicted" in r.content() for r in rows[-2:])
+    assert all("contradicted" in r.content() for r in rows[-2:]) and "ruled out" in rows[divider[0]].content()
     # without the flag, a diagnosis whose best is null says the same
     d.pop("nothing_reproduces")
     assert Page(html_report(diagnosis=d)).root.one(id="verdict").classes == ["verdict", "nothing"]
@@ -318,6 +324,7 @@ def test_hostile_names_are_text_and_edges_are_handled():
     assert EVIL in nan.attrs["title"] and "first" in nan.classes
     assert "max_rel inf" in cells["lm_head"].attrs["title"]
     assert EVIL in page.root.one(id="summary").content() and EVIL in page.root.one(id="diagnosis").content()
+    assert f"note: {EVIL} note" in page.root.one(id="summary").content()
     # nothing compared, nothing given, nonsense where numbers go
     empty = dict(handmade(0), tensors=[], only_in_a=[], only_in_b=[], first_divergence=None, enough=False, ok=False,
                  verdict="NOT ENOUGH IN COMMON: compared 0 tensors")
@@ -378,8 +385,7 @@ def png_rgb(data: bytes) -> np.ndarray:
 
 
 def test_the_page_renders_in_a_headless_browser(tmp_path):
-    d = diagnosed()
-    text = html_report(routed(), d, title="rendered")
+    text = html_report(diagnosis=diagnosed(), title="rendered")  # every section: verdict, map, routing, hypotheses
     Page(text)  # the structure, whether or not a browser is here
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:  # no browser on this machine: the structure tests above are the check

@@ -51,7 +51,8 @@ overflow-wrap:anywhere}
 code{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12px;overflow-wrap:anywhere}
 table.map{border-collapse:separate;border-spacing:2px;margin:6px 0 4px}
 table.map th{font-weight:normal;font-size:11px;color:#444;padding:0 2px}
-th.row{text-align:right;white-space:nowrap;padding-right:6px}th.group{border-bottom:1px solid #bbb;font-weight:600}
+th.row{text-align:right;white-space:nowrap;padding-right:6px}
+table.map th.group{border-bottom:1px solid #bbb;font-weight:600}
 th.step div{writing-mode:vertical-rl;transform:rotate(180deg);white-space:nowrap;margin:0 auto}
 td.c{width:20px;min-width:20px;height:20px;padding:0;text-align:center;font-size:14px;line-height:20px;
 border-radius:2px;font-weight:700}
@@ -198,6 +199,7 @@ def _summary(c: dict) -> str:
     if isinstance(c.get("ids"), list):
         out.append(f"<li>input: {len(c['ids'])} ids, the same in both traces</li>")
     out += [f'<li class="warn">warning: {_e(w)}</li>' for w in _list(c.get("warnings"))]
+    out += [f"<li>note: {_e(n)}</li>" for n in _list(c.get("notes"))]
     return (f'<ul class="facts">{"".join(out)}</ul>'
             + _details("only in A, the trace under test: not compared", _list(c.get("only_in_a")))
             + _details("only in B, the reference: not compared", _list(c.get("only_in_b"))))
@@ -371,16 +373,18 @@ def _hypotheses(d: dict) -> str:
     best, marked, divided, rows = d.get("best"), False, False, []
     for n, h in enumerate([h for h in _list(d.get("hypotheses")) if isinstance(h, dict)], 1):
         contra = h.get("contradicted") is True
-        if contra and n > 1 and not divided:
+        if contra and n > 1 and not divided and d.get("agrees") is not True:
             divided = True
-            rows.append('<tr class="divider"><td colspan="7">below: contradicted by the dump (their first effect '
-                        'lies before the divergence it shows)</td></tr>')
+            rows.append('<tr class="divider"><td colspan="7">ruled out: the mistakes below would change values the '
+                        'dump shows unchanged</td></tr>')
         is_best = not marked and best is not None and h.get("id") == best
         marked = marked or is_best
         verdict = ('<span class="yes">REPRODUCES</span>' if h.get("reproduces") is True else "contradicted" if contra
                    else "no" if h.get("visible", True) else "no effect here")
-        where = "".join(f" · {k} {', '.join(map(str, v)) if isinstance(v, list) else v}"
-                        for k in ("layers", "experts") if (v := h.get(k)) is not None)
+        params = _dict(h.get("params"))  # a mistake localised to some layers (experts), unless its variant says so
+        where = "" if "layer" in str(h.get("variant")) else "".join(
+            f" · {k} {', '.join(map(str, v)) if isinstance(v, list) else v}" for k in ("layers", "experts")
+            if (v := h.get(k, params.get(k))) is not None)
         still = "" if h.get("first_disagreement") is None else f"still differs at {_at(h['first_disagreement'])}"
         rows.append(f'<tr class="{"best" if is_best else "contra" if contra else ""}" data-id="{_e(h.get("id"))}" '
                     f'title="{_e(still)}"><td class="n">{n}</td><td class="id"><code>{_e(h.get("id"))}</code></td>'
