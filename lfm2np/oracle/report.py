@@ -1,19 +1,13 @@
-"""One HTML page a person reads at a glance: the verdict of a comparison or a diagnosis, an error map, the routing
-agreement per MoE layer and the ranked hypotheses.
+"""One HTML page a person reads at a glance: the verdict, an error map, routing per MoE layer, the hypotheses.
 
 :func:`html_report` takes the JSON data of :meth:`lfm2np.oracle.compare.Comparison.to_json` and
 :meth:`lfm2np.oracle.diagnose.Diagnosis.to_json` (either or both; a diagnosis may carry its own ``comparison``).
-The page needs nothing but itself: inline CSS and SVG, no script, no font, image or address outside it, so it
-opens offline and reads the same with scripts off. Every string that came from the data (tensor names, problems,
-model paths) is escaped; unknown keys are ignored and missing ones leave their part out.
-
-- **The verdict** comes first, coloured by outcome and spelled out (agree, first divergence, not enough in
-  common, nothing reproduces); then the tier and what it means, the coverage and the warnings.
-- **The error map**: one row per layer (and one for the tensors outside the layers: RoPE tables, embeddings,
-  final norm, logits), one column per step of the layer in :data:`lfm2np.schema.STEP_ORDER`, one cell per tensor
-  compared, coloured by ``log10(max_rel)`` on the fixed scale :data:`SCALE`; a failed tensor holds a ``×``, a
-  near-tie of the chosen experts a ``≈``, the first divergence is outlined; a hatched cell is a tensor only one
-  trace holds, an empty one a step the layer does not have. Each cell's tooltip gives the exact numbers.
+The page needs nothing but itself: inline CSS and SVG, no script, no font, image or address outside it. Every
+string from the data (tensor names, problems, model paths) is escaped; unknown keys are ignored, missing ones
+leave their part out. The error map has one row per layer (and one outside the layers), one column per step of
+:data:`lfm2np.schema.STEP_ORDER`, one cell per tensor compared, coloured by ``log10(max_rel)`` on the fixed
+:data:`SCALE`: ``×`` a failed tensor, ``≈`` experts chosen apart only by near-ties, the first divergence
+outlined, hatched a tensor one trace only holds. docs/oracle.md ("A report at a glance") tells how to read it.
 """
 
 from __future__ import annotations
