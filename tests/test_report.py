@@ -11,6 +11,7 @@ import html
 import shutil
 import struct
 import subprocess
+import sys
 import zlib
 from html.parser import HTMLParser
 
@@ -403,3 +404,45 @@ def test_the_page_renders_in_a_headless_browser(tmp_path):
     assert len(colours) > 50 and (pixels < 128).any() and (pixels == 255).all(axis=-1).mean() > 0.3
     assert (0xb3, 0x26, 0x1e) in colours  # the divergence verdict's bar: the CSS is applied
     assert tuple(int(SCALE[0][i:i + 2], 16) for i in (1, 3, 5)) in colours  # the map's cells are drawn
+
+
+def test_compare_and_diagnose_write_the_page_with_html(tmp_path):
+    """``--html FILE`` on both commands: the page written beside the usual report; an existing page replaced only
+    with --force; never a file the command reads, --force or not."""
+    from lfm2np.io.safetensors import save_checkpoint
+
+    from conftest import subprocess_env
+
+    m, ids = model(CASE), golden(CASE)["capture.ids"]
+    a = traced(m, ids, planted(+1, flip=True)).save(tmp_path / "a")
+    b = traced(m, ids, planted(-1)).save(tmp_path / "b")
+    page = tmp_path / "report.html"
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "lfm2np", *map(str, args)], capture_output=True, text=True,
+                              env=subprocess_env(), timeout=300)
+
+    done = run("compare", a, b, "--html", page)
+    assert done.returncode == 1, done.stderr  # the planted flip
+    shown = Page(page.read_text(encoding="utf-8"))
+    assert shown.root.one(id="verdict").content() == done.stdout.splitlines()[0]
+    first = page.read_bytes()
+    again = run("compare", a, b, "--html", page)
+    assert again.returncode == 2 and "exists; give --force" in again.stderr and page.read_bytes() == first
+    before = a.read_bytes()
+    for target in (a, tmp_path / "." / "a.safetensors"):
+        refused = run("compare", a, b, "--html", target, "--force")
+        assert refused.returncode == 2 and "is a file this command reads" in refused.stderr, refused.stderr
+    assert a.read_bytes() == before
+    assert run("compare", a, a, "--html", page, "--force").returncode == 0
+    assert Page(page.read_text(encoding="utf-8")).root.one(id="verdict").classes == ["verdict", "agree"]
+
+    save_checkpoint(tmp_path / "ck", m.config, {n: m.params[n] for n in m.params})
+    diag = tmp_path / "diagnosis.html"
+    done = run("diagnose", tmp_path / "ck", "--dump", a, "--html", diag)
+    assert done.returncode == 1, done.stderr
+    hypotheses = Page(diag.read_text(encoding="utf-8")).root.one(id="hypotheses")
+    assert hypotheses is not None
+    assert run("diagnose", tmp_path / "ck", "--dump", a, "--html", a, "--force").returncode == 2
+    assert run("diagnose", tmp_path / "ck", "--catalogue", "--html", diag).returncode == 2
+    assert a.read_bytes() == before

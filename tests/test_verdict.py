@@ -193,6 +193,47 @@ def quantised(tmp_path_factory):
     return out
 
 
+def test_choices_after_a_near_tie_are_judged_on_their_scores():
+    """Layer 1 near-ties at position 6 in both runs (the best expert not chosen set 1e-6 above the last chosen in
+    the backend, 1e-6 below in the reference); the backend's layer 2 then chooses another expert at position 3
+    with its scores unchanged. Positions before the near-tie are still judged, and layer 2's choice there is a
+    flip measured on its scores, not one "without router scores"."""
+    model, _ = reference()
+    E, k = model.config.num_experts, model.config.num_experts_per_tok
+
+    def run(sign: float, flip: bool) -> Trace:
+        kept = {}
+
+        def patch(name, value):
+            v = value.copy()
+            if name == "model.layers.1.feed_forward.biased_scores":  # what the choice is made on
+                ranked = np.argsort(-v[6], kind="stable")
+                v[6, ranked[k]] = v[6, ranked[k - 1]] + sign * 1e-6
+            elif flip and name == "model.layers.2.feed_forward.selected_experts":
+                v[3, 0] = next(e for e in range(E) if e not in v[3])
+            else:
+                return None
+            kept[name] = v
+            return v
+
+        def keep(name, value):
+            out = patch(name, value)
+            if out is None:
+                kept[name] = np.array(value)
+            return out
+
+        model.forward(IDS, record=keep)
+        return Trace(kept, {"ids": IDS.tolist()})
+
+    result = compare(run(+1, flip=True), run(-1, flip=False))
+    (tie,) = [f for f in result.flips if f.near_tie]
+    (flip,) = [f for f in result.flips if not f.near_tie]
+    assert (tie.layer, tie.position, flip.layer, flip.position) == (1, 6, 2, 3)
+    assert flip.margin is not None and flip.margin > flip.tolerance
+    first = result.first_divergence
+    assert first.name == "model.layers.2.feed_forward.selected_experts" and "router scores" not in first.problem
+
+
 @pytest.mark.parametrize("qtype, tier", [("Q8_0", "q8_0"), ("Q4_K", "q4")])
 def test_a_correct_quantised_run_passes_its_tier_with_its_near_ties_listed(quantised, qtype, tier):
     f32_model, f32 = quantised["F32"]
@@ -276,6 +317,7 @@ def test_nothing_reproduces_a_mistake_outside_the_catalogue(tmp_path):
     ranks = [h.contradicted for h in d.hypotheses]
     assert ranks == sorted(ranks)  # every contradicted hypothesis below every other one
     assert "conv-taps-reversed" in {h.id for h in contradicted}  # it acts at layer 0, which the dump shows intact
+    assert d.comparison["ids"] == IDS.tolist() and not [w for w in d.comparison["warnings"] if "ids" in w]
     from lfm2np.io.safetensors import save_checkpoint
 
     path = Trace(values, {"ids": IDS.tolist()}).save(tmp_path / "scaled")

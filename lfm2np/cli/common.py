@@ -201,14 +201,19 @@ def read_paths(model: str) -> tuple[set[Path], set[Path]]:
     return files, {_real(directory)}
 
 
-def check_outputs(outputs: Sequence[Path], model: str, force: bool, directory: bool = False) -> None:
+def check_outputs(outputs: Sequence[Path], model: str | None, force: bool, directory: bool = False,
+                  reads: Sequence[Path] = ()) -> None:
     """The output rule of every command that writes (docs/cli.md): no output may be a file the command reads or
-    lie inside a checkpoint directory it reads (``model``: :func:`read_paths`), whatever links, ``..`` or relative
-    names lead there; an output file that exists (with ``directory``: an output directory that is not empty) is
-    replaced only with ``--force``. Checked before anything is loaded or computed; an error names the path."""
-    files, directories = read_paths(model)
+    lie inside a checkpoint directory it reads (``model``: :func:`read_paths`; ``reads``: its other input files),
+    whatever links, ``..`` or relative names lead there; an output file that exists (with ``directory``: an output
+    directory that is not empty) is replaced only with ``--force``. Checked before anything is loaded or computed;
+    an error names the path."""
+    files, directories = read_paths(model) if model is not None else (set(), set())
+    inputs = {_real(p): p for p in reads}
     for out in outputs:
         real = _real(out)
+        if real in inputs:
+            raise Lfm2npError(f"{out}: is a file this command reads ({inputs[real]}); choose another output")
         if real in files:
             raise Lfm2npError(f"{out}: is a file this command reads (MODEL {model}); choose another output")
         inside = next((d for d in directories if real == d or d in real.parents), None)
@@ -226,6 +231,23 @@ def check_outputs(outputs: Sequence[Path], model: str, force: bool, directory: b
 def add_force_argument(p: argparse.ArgumentParser, what: str = "an existing output file") -> None:
     p.add_argument("--force", action="store_true", help=f"replace {what} (never a file the command reads, nor "
                                                           "anything inside a checkpoint directory it reads)")
+
+
+def add_html_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--html", type=output_file, metavar="FILE",
+                   help="also write the verdict as one self-contained HTML page (the verdict, the error map of every "
+                        "layer, routing, hypotheses; no script, nothing loaded from elsewhere)")
+
+
+def write_page(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a temporary file beside it, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise Lfm2npError(f"{path}: cannot write it ({e.strerror or e})") from None
 
 
 def progress(message: str) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ..errors import Lfm2npError
 from ..oracle.diagnose import diagnose, format_diagnosis
 from ..oracle.dumps import load_dump, token_stream
 from ..oracle.mistakes import BY_ID, CATALOGUE
+from ..oracle.report import html_report
 from ..oracle.tolerance import COMPARE_TIERS
-from .common import LayerProgress, Subparsers, add_model_arguments, load_model, MODEL_HELP
+from .common import LayerProgress, Subparsers, add_force_argument, add_html_argument, add_model_arguments, check_outputs
+from .common import load_model, MODEL_HELP, write_page
 from .options import add_ids_argument, add_model_argument
 
 
@@ -44,6 +47,10 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
         raise Lfm2npError("give exactly one of --dump FILE, --tokens IDS (with --ids) or --catalogue")
     if args.tokens is not None and args.ids is None:
         raise Lfm2npError("--tokens needs --ids: the prompt ids the backend generated the tokens after")
+    if args.html is not None:
+        if args.catalogue:
+            raise Lfm2npError("--html writes a diagnosis; --catalogue only lists the mistakes")
+        check_outputs([args.html], args.model, args.force, reads=[Path(args.dump)] if args.dump else [])
     model = load_model(args)
     if args.catalogue:
         return _catalogue(model)
@@ -56,6 +63,9 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(), indent=1, allow_nan=False))
     else:
         print(format_diagnosis(result))
+    if args.html is not None:
+        what = Path(args.dump).name if args.dump is not None else "tokens"
+        write_page(args.html, html_report(diagnosis=result.to_json(), title=f"lfm2np diagnose: {what}"))
     return 0 if result.agrees else 1
 
 
@@ -81,4 +91,6 @@ def register(sub: Subparsers) -> None:
                    help="do not try combinations of mistakes when no single one reproduces the dump")
     p.add_argument("--catalogue", action="store_true", help="list the catalogue of mistakes and which apply")
     p.add_argument("--json", action="store_true", help="print the diagnosis as JSON (strict: no NaN/Infinity)")
+    add_html_argument(p)
+    add_force_argument(p, "an existing --html file")
     p.set_defaults(func=_cmd_diagnose)

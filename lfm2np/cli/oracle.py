@@ -12,10 +12,11 @@ from ..io.tokenizer import Tokenizer
 from ..oracle.compare import compare, format_comparison
 from ..oracle.follow import following
 from ..oracle.golden import write_golden
+from ..oracle.report import html_report
 from ..oracle.tolerance import COMPARE_TIERS
 from ..oracle.trace import Trace, record
 from .common import LayerProgress, Subparsers, add_force_argument, add_model_arguments, check_outputs, load_model
-from .common import input_file, model_argument, output_dir, output_file
+from .common import add_html_argument, input_file, model_argument, output_dir, output_file, write_page
 from .options import add_ids_argument, add_layers_argument, add_model_argument, add_text_argument
 
 
@@ -44,6 +45,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     if (args.b is None) == (args.model is None):
         raise Lfm2npError("give the reference as a trace (B) or as a model (--model MODEL), one of the two")
+    if args.html is not None:
+        check_outputs([args.html], args.model, args.force, reads=[p for p in (args.a, args.b) if p is not None])
     theirs = Trace.load(args.a)
     if args.model is not None:  # the reference computed on the backend's ids, following its near-tie choices
         reference = following(load_model(args), theirs, args.tier)
@@ -54,6 +57,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(), indent=1, allow_nan=False))
     else:
         print(format_comparison(result, all_rows=args.all))
+    if args.html is not None:
+        write_page(args.html, html_report(comparison=result.to_json(), title=f"lfm2np compare: {args.a.name}"))
     return 0 if result.ok else 1
 
 
@@ -107,6 +112,8 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--all", action="store_true", help="show every tensor, not only up to the first divergence")
     p.add_argument("--json", action="store_true", help="print the comparison as strict JSON (a non-finite measure is "
                    "the string \"inf\", \"-inf\" or \"nan\")")
+    add_html_argument(p)
+    add_force_argument(p, "an existing --html file")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("golden", help="write golden vectors: each operator's inputs, weights and outputs",

@@ -297,7 +297,10 @@ def compare(a: Trace, b: Trace, tier: "str | CompareTier" = "fp32", patterns: Se
             va, vb = va[:rows], vb[:rows]
         d = diff_tensors(name, va, vb, tier)
         if name.endswith(".selected_experts") and d.problem in ("", "integers differ"):
-            d, new = _routing_verdict(d, layer, va, vb, choice_scores(ta, layer), choice_scores(tb, layer), tier)
+            sa, sb = choice_scores(ta, layer), choice_scores(tb, layer)
+            if rows is not None:  # the scores of the positions judged, as the choices
+                sa, sb = (None if x is None else x[:rows] for x in (sa, sb))
+            d, new = _routing_verdict(d, layer, va, vb, sa, sb, tier)
             flips += new
             ties = [f.position for f in new if f.near_tie]
             if ties and d.ok:

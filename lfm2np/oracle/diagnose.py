@@ -255,7 +255,8 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill
         else c.source or c.model_type
     comparison = None
     if dump.kind == "trace":
-        comparison = compare(Trace(judge.tensors), Trace(reference), tier, partial=True).to_json()
+        ran = {"ids": [int(i) for i in dump.ids]}  # both ran the dump's ids
+        comparison = compare(Trace(judge.tensors, ran), Trace(reference, ran), tier, partial=True).to_json()
     return Diagnosis(dump.kind, name, tier.name, dump.length, agrees, first, hypotheses,
                      not_applicable, prefill, prefill_from, getattr(judge, "skipped", {}),
                      {"logits": len(seq), "trace": len(getattr(judge, "tensors", ())),
