@@ -298,7 +298,10 @@ def test_when_nothing_reproduces_it_says_so():
     assert "layers 1 · experts 0, 3" in rows[0].content() and "layers 0 · experts 2" in rows[2].content()
     assert "c before b, layer 1" in rows[1].content() and "·" not in rows[1].content()
     divider = [n for n, r in enumerate(rows) if "divider" in r.classes]
-    assert divider == [len(hs) - 2] and [r.classes for r in rows[-2:]] == [["contra"], ["contra"]]
+    assert divider == [len(hs) - 1] and [r.classes for r in rows[-2:]] == [["contra"], ["contra"]]
+    baseline = rows[len(hs) - 2]  # the reference itself, just above the ruled-out mistakes
+    assert baseline.classes == ["baseline"] and "no mistake" in baseline.content()
+    assert f"{d['no_mistake']['explained']} / {d['compared']}" in baseline.content()
     assert all("contradicted" in r.content() for r in rows[-2:]) and "ruled out" in rows[divider[0]].content()
     # without the flag, a diagnosis whose best is null says the same
     d.pop("nothing_reproduces")

@@ -317,6 +317,10 @@ def test_nothing_reproduces_a_mistake_outside_the_catalogue(tmp_path):
     ranks = [h.contradicted for h in d.hypotheses]
     assert ranks == sorted(ranks)  # every contradicted hypothesis below every other one
     assert "conv-taps-reversed" in {h.id for h in contradicted}  # it acts at layer 0, which the dump shows intact
+    lines = report.splitlines()  # the reference itself ranks above the contradicted mistakes
+    baseline = next(n for n, line in enumerate(lines) if "(no mistake)" in line)
+    assert "ruled out" in lines[baseline + 1] and "contradicted" in lines[baseline + 2]
+    assert d.to_json()["no_mistake"]["explained"] == d.no_mistake.explained > 0
     assert d.comparison["ids"] == IDS.tolist() and not [w for w in d.comparison["warnings"] if "ids" in w]
     from lfm2np.io.safetensors import save_checkpoint
 

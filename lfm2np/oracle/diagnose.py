@@ -107,6 +107,7 @@ class Diagnosis:
     skipped: dict[str, str] = field(default_factory=dict)
     compared: int = 0  # what is judged: positions (logits), tensors in common (trace), generated tokens
     comparison: dict[str, Any] | None = None  # a trace dump: its comparison with the reference (compare's JSON)
+    no_mistake: Hypothesis | None = None  # the reference as it is, judged as a hypothesis (a dump that disagrees)
 
     @property
     def best(self) -> Hypothesis | None:
@@ -128,7 +129,10 @@ class Diagnosis:
                         "hypotheses": [h.to_json() for h in self.hypotheses],
                         "not_applicable": self.not_applicable,
                         "prefill": self.prefill, "prefill_from": self.prefill_from, "skipped": self.skipped,
-                        **({"comparison": self.comparison} if self.comparison is not None else {})})
+                        **({"comparison": self.comparison} if self.comparison is not None else {}),
+                        **({"no_mistake": {"error": _finite(self.no_mistake.error),
+                                           "explained": self.no_mistake.explained}}
+                           if self.no_mistake is not None else {})})
 
 
 def _finite(x: float | None) -> float | None:
@@ -246,6 +250,8 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill
     if not agrees and not any(h.reproduces for h in hypotheses) and dump.kind == "trace":
         # before giving up: each mistake made in the layer (and, on MoE layers, the expert) where the dump departs
         hypotheses += _localised(catalogue, c, prefill, first, reference, evaluate)
+    # the line the contradicted mistakes rank below: the reference itself, judged as a hypothesis
+    no_mistake = None if agrees else evaluate("no-mistake", "the reference as it is", {}, [])
     at = _departure(dump.kind, first, agrees)
     for h in hypotheses:  # a mistake that changes what the dump shows unchanged is ruled out by it
         h.contradicted = not h.reproduces and h.visible and (
@@ -260,7 +266,8 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill
     return Diagnosis(dump.kind, name, tier.name, dump.length, agrees, first, hypotheses,
                      not_applicable, prefill, prefill_from, getattr(judge, "skipped", {}),
                      {"logits": len(seq), "trace": len(getattr(judge, "tensors", ())),
-                      "tokens": len(dump.tokens if dump.tokens is not None else ())}[dump.kind], comparison)
+                      "tokens": len(dump.tokens if dump.tokens is not None else ())}[dump.kind], comparison,
+                     no_mistake)
 
 
 def _departure(kind: str, where: dict[str, Any] | None, agrees: bool) -> tuple | None:
@@ -373,10 +380,16 @@ def format_diagnosis(d: Diagnosis) -> str:
     lines.append(("the dump agrees; mistakes this input cannot rule out come first" if d.agrees
                   else "hypotheses, best first") + f" ({unit} explained / {d.compared}):")
     ruled_out = False
-    for n, h in enumerate(d.hypotheses, 1):
-        if h.contradicted and not ruled_out and not d.agrees:
+    for n, h in enumerate(d.hypotheses + [None], 1):
+        if (h is None or h.contradicted) and not ruled_out and d.no_mistake is not None:
             ruled_out = True
-            lines.append("     -- ruled out: the mistakes below would change values that the dump shows unchanged --")
+            lines.append(f"{'':3s}  {'(no mistake)':26s} {'the reference as it is':24s} {'':14s} error "
+                         f"{d.no_mistake.error:9.3g}  explains {d.no_mistake.explained:4d}")
+            if h is not None:
+                lines.append("     -- ruled out: the mistakes below would change values that the dump shows "
+                             "unchanged --")
+        if h is None:
+            break
         verdict = "REPRODUCES" if h.reproduces else "contradicted" if h.contradicted else "no" if h.visible \
             else "no effect here"
         lines.append(f"{n:3d}. {h.id:26s} {h.variant:24s} {verdict:14s} error {h.error:9.3g}  explains "

@@ -59,7 +59,7 @@ border-radius:2px;margin-right:4px;font-weight:700}
 table.list{border-collapse:collapse;margin:6px 0;font-size:13px}
 table.list th,table.list td{border-bottom:1px solid #e3e3e3;padding:3px 10px 3px 0;text-align:left;vertical-align:top}
 td.n{text-align:right;font-variant-numeric:tabular-nums}td.id{white-space:nowrap}
-tr.best td{background:#e7f5ea;font-weight:600}tr.contra td{color:#888}tr.divider td{color:#6a1b9a;font-style:italic}
+tr.best td{background:#e7f5ea;font-weight:600}tr.contra td{color:#888}tr.divider td{color:#6a1b9a;font-style:italic}tr.baseline td{font-style:italic;border-top:1px solid #999}
 p.nofit{color:#45105f;font-weight:700;font-size:15px}.yes{color:#0f6b2a;font-weight:700}
 .flip{color:#b3261e;font-weight:700}details{margin:4px 0}summary{cursor:pointer;color:#333}
 """
@@ -365,12 +365,21 @@ def _first(d: dict) -> str:
 def _hypotheses(d: dict) -> str:
     """What was diagnosed, the first divergence, the hypotheses in their rank (the best one marked)."""
     best, marked, divided, rows = d.get("best"), False, False, []
-    for n, h in enumerate([h for h in _list(d.get("hypotheses")) if isinstance(h, dict)], 1):
-        contra = h.get("contradicted") is True
-        if contra and n > 1 and not divided and d.get("agrees") is not True:
+    baseline = _dict(d.get("no_mistake"))
+    for n, h in enumerate([h for h in _list(d.get("hypotheses")) if isinstance(h, dict)] + [None], 1):
+        contra = h is None or h.get("contradicted") is True
+        if contra and not divided and d.get("agrees") is not True and (baseline or (h is not None and n > 1)):
             divided = True
-            rows.append('<tr class="divider"><td colspan="7">ruled out: the mistakes below would change values the '
-                        'dump shows unchanged</td></tr>')
+            if baseline:  # the reference itself: what the contradicted mistakes rank below
+                rows.append(f'<tr class="baseline"><td class="n">–</td><td class="id">no mistake</td><td>the '
+                            f'reference as it is</td><td></td><td class="n">{_g(baseline.get("error"))}</td>'
+                            f'<td class="n">{_e(baseline.get("explained", "–"))} / {_e(d.get("compared", "?"))}</td>'
+                            f'<td></td></tr>')
+            if h is not None:
+                rows.append('<tr class="divider"><td colspan="7">ruled out: the mistakes below would change values '
+                            'the dump shows unchanged</td></tr>')
+        if h is None:
+            break
         is_best = not marked and best is not None and h.get("id") == best
         marked = marked or is_best
         verdict = ('<span class="yes">REPRODUCES</span>' if h.get("reproduces") is True else "contradicted" if contra
