@@ -108,6 +108,8 @@ class Model:
         else:
             params = _in_memory(config, params, self.numerics, strict)
         self.params: Weights = params
+        if self.numerics.ops is not None:  # every product weight's type covered, before the first use
+            self.numerics.ops.check(params)
         self._names: list[dict[str, str]] = [{} for _ in range(config.num_hidden_layers)]  # per layer: role -> name
         for t in params.layout:
             if t.layer is not None and t.part != "expert":
@@ -227,7 +229,7 @@ class Model:
         if start + T > c.max_position_embeddings:
             raise Lfm2npError(f"positions {start}..{start + T - 1} go past max_position_embeddings "
                               f"{c.max_position_embeddings} of this model")
-        s = Scope(self.numerics.round, tap)
+        s = Scope(self.numerics.round, tap, kernels=self.numerics.ops)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite logits are checked below
             positions = np.arange(start, start + T)
             rope = {kind: layers.rope(positions, c, kind, self.dtype, s) for kind in schema.attention_kinds(c)}
@@ -245,9 +247,9 @@ class Model:
                 pasts.append(past)
                 if progress is not None:
                     progress(i + 1, c.num_hidden_layers)
-            h = s("model.embedding_norm", ops.rms_norm(h, self.params["model.embedding_norm.weight"], c.norm_eps,
-                                                       s.rnd))
-            logits = s("lm_head", ops.lm_head(h, self.params[schema.head_name(c)], s.rnd, out))  # (T, V)
+            h = s("model.embedding_norm", s.ops.rms_norm(h, self.params["model.embedding_norm.weight"], c.norm_eps,
+                                                         s.rnd))
+            logits = s("lm_head", self._head(h, s, out))  # (T, V)
         # the one check on the way: a sum (one pass, no buffer) is finite unless a value is NaN or infinite, or
         # finite values overflow it, which the exact check then tells apart; the search only on failure
         with np.errstate(over="ignore", invalid="ignore"):
@@ -290,6 +292,17 @@ class Model:
         return Lfm2npError(f"non-finite values: they first appear in {where}{cause}")
 
     # ------------------------------------------------------------- the pieces
+    def _head(self, h: np.ndarray, s: Scope, out: np.ndarray | None) -> np.ndarray:
+        """The logits of the final hidden states (:func:`lfm2np.ops.lm_head`, or the mode's product)."""
+        head = self.params[schema.head_name(self.config)]
+        if s.ops is ops:
+            return ops.lm_head(h, head, s.rnd, out)
+        logits = s.linear("lm_head", h, head)
+        if out is not None:
+            out[...] = logits
+            return out
+        return logits
+
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """The embedding rows of ``ids``: (T,) -> (T, D). From a lazily loaded checkpoint only those rows
         are read and converted."""
@@ -298,7 +311,8 @@ class Model:
     def rope(self, positions: np.ndarray, kind: str = "full_attention") -> tuple[np.ndarray, np.ndarray]:
         """The RoPE (cos, sin) tables of ``positions`` for attention layers of type ``kind``, as this mode
         computes them (:func:`lfm2np.layers.rope`).  (T,) -> (T, hd) x 2"""
-        return layers.rope(np.asarray(positions), self.config, kind, self.dtype, Scope(self.numerics.round))
+        return layers.rope(np.asarray(positions), self.config, kind, self.dtype,
+                           Scope(self.numerics.round, kernels=self.numerics.ops))
 
     def layer_weights(self, i: int) -> LayerWeights:
         """Layer ``i``'s weights as the view :mod:`lfm2np.layers` computes with (experts fetched when chosen)."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from .config import Config
 from .config_keys import CONV
+from .ggml_ops import INPUT_STEPS, with_inputs
 
 # ========================================================================================== tensor layout
 @dataclass(frozen=True)
@@ -194,11 +195,11 @@ ROUTER_STEPS = ("router_logits", "router_scores", "biased_scores", "selected_exp
                 "routing_weights")
 STEPS = frozenset(["", "operator_norm", "post_operator_norm", "mixer_residual", "ffn_norm", "feed_forward.output",
                    "post_ffn_norm", *(f"conv.{s}" for s in CONV_STEPS), *(f"self_attn.{s}" for s in ATTENTION_STEPS),
-                   *(f"feed_forward.{s}" for s in DENSE_STEPS + ROUTER_STEPS)])
-#: The names outside the layers ({kind}: an attention layer type, e.g. ``full_attention``).
+                   *(f"feed_forward.{s}" for s in DENSE_STEPS + ROUTER_STEPS), *INPUT_STEPS])  # (+ llama.cpp's)
+#: The names outside the layers ({kind}: an attention layer type, e.g. ``full_attention``; lm_head.input: llama.cpp's).
 TOP_LEVEL = ("model.rotary_emb.{kind}.inv_freq", "model.rotary_emb.{kind}.cos", "model.rotary_emb.{kind}.sin",
-             "model.embed_tokens", "model.embedding_norm", "lm_head")
-_TOP = re.compile(r"model\.rotary_emb\.\w+\.(inv_freq|cos|sin)|model\.embed_tokens|model\.embedding_norm|lm_head")
+             "model.embed_tokens", "model.embedding_norm", "lm_head.input", "lm_head")
+_TOP = re.compile(r"model\.rotary_emb\.\w+\.(inv_freq|cos|sin)|model\.(embed_tokens|embedding_norm)|lm_head(\.input)?")
 
 # llama.cpp's LFM2 graph (src/models/lfm2.cpp) names some tensors after the Hugging Face modules with a literal
 # "{}" where the layer goes ("model.layers.{}.conv.conv-3"), the generic helpers (build_attn, build_ffn,
@@ -330,10 +331,10 @@ def layer_steps(config: Config, i: int) -> list[tuple[str, tuple[int | str, ...]
     return out
 
 
-def trace_names(config: Config) -> list[TraceName]:
+def trace_names(config: Config, inputs: bool = False) -> list[TraceName]:
     """Every intermediate the forward pass of a model with ``config`` names, in the order it computes them (see
     the module docstring): the RoPE tables of each attention layer type, the embeddings, every step of every
-    layer, the final norm and the logits."""
+    layer, the final norm and the logits; with ``inputs``, llama.cpp's CPU arithmetic's too (:func:`with_inputs`)."""
     c = config
     hd, D = c.head_dim, c.hidden_size
     out = []
@@ -344,7 +345,7 @@ def trace_names(config: Config) -> list[TraceName]:
                          llama_cpp=llama_cpp_names("model.embed_tokens")))
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}"
-        for step, shape in layer_steps(c, i):
+        for step, shape in (with_inputs(c, layer_steps(c, i)) if inputs else layer_steps(c, i)):
             name = f"{p}.{step}" if step else p
             # (the llama.cpp of llama-cpp-python 0.3.36 has no LFM3 graph: no llama.cpp names for its spelling)
             llama = llama_cpp_names(name, c.is_moe_layer(i)) if c.attention_spelling == "lfm2" else ()
@@ -352,6 +353,7 @@ def trace_names(config: Config) -> list[TraceName]:
                                  transformers_names(name, c.attention_spelling), llama))
     out.append(TraceName("model.embedding_norm", ("T", D), transformers=transformers_names("model.embedding_norm"),
                          llama_cpp=llama_cpp_names("model.embedding_norm")))
+    out += [TraceName("lm_head.input", ("T", D))] if inputs else []
     out.append(TraceName("lm_head", ("T", c.vocab_size), transformers=transformers_names("lm_head"),
                          llama_cpp=llama_cpp_names("lm_head")))
     return out
@@ -415,9 +417,9 @@ def transformers_name(key: str) -> str | None:
 
 _CAPTURED = re.compile(r"(model\.layers\.\d+)\.(.+)")
 #: the order of the steps inside a layer (a layer has either the router's or the dense FFN's)
-STEP_ORDER = ("operator_norm", *(f"conv.{s}" for s in CONV_STEPS), *(f"self_attn.{s}" for s in ATTENTION_STEPS),
-              "post_operator_norm", "mixer_residual", "ffn_norm", *(f"feed_forward.{s}" for s in ROUTER_STEPS),
-              *(f"feed_forward.{s}" for s in DENSE_STEPS), "feed_forward.output", "post_ffn_norm", "")
+STEP_ORDER = with_inputs(None, ("operator_norm", *(f"conv.{s}" for s in CONV_STEPS), *(f"self_attn.{s}" for s in
+                              ATTENTION_STEPS), "post_operator_norm", "mixer_residual", "ffn_norm", *(
+    f"feed_forward.{s}" for s in ROUTER_STEPS + DENSE_STEPS), "feed_forward.output", "post_ffn_norm", ""))
 _STEP_INDEX = {step: n for n, step in enumerate(STEP_ORDER)}
 
 
@@ -429,7 +431,7 @@ def order_key(name: str) -> tuple:
     if name.startswith("model.rotary_emb."):  # per attention type: inv_freq, cos, sin
         kind, _, table = name[len("model.rotary_emb."):].partition(".")
         return (0, kind, ("inv_freq", "cos", "sin").index(table) if table in ("inv_freq", "cos", "sin") else 3)
-    return ({"model.embed_tokens": 1, "model.embedding_norm": 3, "lm_head": 4}.get(name, 5), name)
+    return ({"model.embed_tokens": 1, "model.embedding_norm": 3, "lm_head.input": 4, "lm_head": 4.5}.get(name, 5), name)
 
 
 def layer_of(name: str) -> int | None:

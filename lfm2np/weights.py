@@ -45,6 +45,11 @@ class TensorSource(Protocol):
     def stored_type(self, name: str) -> str:
         """How tensor ``name`` is stored (``BF16``, ``F32``, ``Q4_K``...)."""
 
+    def read_blocks(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as stored, when quantised: its blocks, one row of bytes per row of its first axis,
+        uint8 (rows, row bytes) (for a numerics mode that multiplies the stored blocks: llama.cpp's CPU
+        arithmetic)."""
+
     def prefetch(self, names: "list[str]") -> None:
         """A hint: these tensors are needed soon (read them into the page cache in the background)."""
 
@@ -170,7 +175,7 @@ class Lazy(Weights):
             return arr
         if name not in self._sizes:
             raise KeyError(name)
-        arr = self.numerics.weight(name, self.source.read(name, self.numerics.dtype))
+        arr = self.numerics.weight(name, self.source.read(name, self.numerics.dtype), self._stored(name))
         with self._lock:
             if name in self._evictable:
                 self.stats["misses"] += 1
@@ -185,6 +190,12 @@ class Lazy(Weights):
         if name not in self._sizes:
             raise KeyError(name)
         return self.numerics.weight(name, self.source.read(name, self.numerics.dtype, rows=np.asarray(index)))
+
+    def _stored(self, name: str) -> Any:
+        """How ``name`` is stored, for a mode that multiplies the stored blocks: (type, a function reading them)."""
+        if not self.numerics.reads_blocks:
+            return None
+        return self.source.stored_type(name), lambda: self.source.read_blocks(name)
 
     def prefetch(self, names: "list[str]") -> None:
         with self._lock:
