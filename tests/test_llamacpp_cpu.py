@@ -150,3 +150,54 @@ def test_the_quantisation_steps_are_named(tmp):
     for name in ("self_attn.q_input", "self_attn.k_cache", "self_attn.v_cache"):
         v = trace[f"model.layers.1.{name}"]
         assert np.array_equal(v, v.astype(np.float16).astype(np.float32))
+
+
+# ------------------------------------------------------------------------------ the oracle in this mode
+def test_more_exact_than_llama_cpp_is_told_from_a_kernel_that_is_off(tmp):
+    """Against the mode (tier llamacpp-cpu), lfm2np's own float32 run of a Q8_0 file (f32 activations, f32 cache)
+    is reproduced by activations-unquantised; a kernel that is off (two blocks' scales exchanged in the first
+    layer) by nothing, its comparison departing at the first layer's first product."""
+    from lfm2np.oracle.diagnose import diagnose
+    from lfm2np.oracle.dumps import trace_dump
+    from lfm2np.oracle.trace import record
+
+    gen = load_tool("make_llamacpp_fixtures")
+    path, ids = gguf_path("dense", "Q8_0", tmp), MANIFEST["models"]["dense"]["ids"][:12]
+    reference = lfm2np.load(path, dtype="llamacpp-cpu")
+    d = diagnose(reference, trace_dump(record(lfm2np.load(path), ids)[1], ids))
+    assert d.tier == "llamacpp-cpu" and not d.agrees and d.first_divergence["tensor"] == "model.layers.0.conv.in_proj"
+    assert d.best is not None and d.best.id.startswith("activations-unquantised"), d.hypotheses[:3]
+    buggy = lfm2np.load(path, dtype="llamacpp-cpu")
+    gen.kernel_bug(buggy)
+    d = diagnose(reference, trace_dump(record(buggy, ids)[1], ids))
+    assert not d.agrees and d.best is None and d.first_divergence["tensor"] == "model.layers.0.conv.in_proj"
+
+
+@pytest.mark.parametrize("kv,mistake", [("f32", "kv-cache-f32"), ("f16", "kv-cache-f16")])
+def test_llama_cpp_with_another_cache_type_is_named(kv, mistake, tmp):
+    """llama.cpp's own logits with an f32 cache against the mode with its default f16 cache, and the reverse:
+    the kv-cache entry reproduces them to the bit."""
+    from lfm2np.oracle.diagnose import diagnose
+    from lfm2np.oracle.dumps import logits_dump
+
+    ids = MANIFEST["models"]["moe"]["ids"]
+    theirs = llama_logits()[f"moe-Q4_K_M/{kv}/oneshot"]
+    reference = lfm2np.load(gguf_path("moe", "Q4_K_M", tmp), dtype=MODES["f16" if kv == "f32" else "f32"])
+    d = diagnose(reference, logits_dump(ids, theirs), only=["kv-cache-f32", "kv-cache-f16", "activations-unquantised"])
+    assert not d.agrees and d.best.id == mistake and d.best.error == 0, d.hypotheses
+    assert {n["id"] for n in d.not_applicable} == {"kv-cache-f16" if kv == "f32" else "kv-cache-f32"}
+
+
+def test_compare_takes_the_mode_and_its_tier(tmp, tmp_path, capsys):
+    """compare --model FILE --dtype llamacpp-cpu judges a trace at the tier llamacpp-cpu: a trace of the mode
+    passes it, a float32 trace of the same file fails it at the first product."""
+    from lfm2np.oracle.trace import record
+
+    path, ids = gguf_path("dense", "Q4_0", tmp), MANIFEST["models"]["dense"]["ids"][:8]
+    for dtype, status in (("llamacpp-cpu", 0), ("float32", 1)):
+        trace = record(lfm2np.load(path, dtype=dtype), ids)[1].save(tmp_path / f"{dtype}.safetensors")
+        assert main(["compare", str(trace), "--model", str(path), "--dtype", "llamacpp-cpu", "--json"]) == status
+        result = json.loads(capsys.readouterr().out)
+        assert result["tier"] == "llamacpp-cpu"
+        if status:
+            assert result["first_divergence"]["tensor"] == "model.layers.0.conv.in_proj"

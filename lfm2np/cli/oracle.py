@@ -13,7 +13,7 @@ from ..oracle.compare import compare, format_comparison
 from ..oracle.follow import following
 from ..oracle.golden import write_golden
 from ..oracle.report import html_report
-from ..oracle.tolerance import COMPARE_TIERS
+from ..oracle.tolerance import COMPARE_TIERS, default_tier
 from ..oracle.trace import Trace, record
 from .common import LayerProgress, Subparsers, add_force_argument, add_model_arguments, check_outputs, load_model
 from .common import add_html_argument, input_file, model_argument, output_dir, output_file, write_page
@@ -48,11 +48,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.html is not None:
         check_outputs([args.html], args.model, args.force, reads=[p for p in (args.a, args.b) if p is not None])
     theirs = Trace.load(args.a)
+    tier = args.tier or default_tier(getattr(args, "dtype", None) if args.model is not None else None)
     if args.model is not None:  # the reference computed on the backend's ids, following its near-tie choices
-        reference = following(load_model(args), theirs, args.tier)
+        reference = following(load_model(args), theirs, tier)
     else:
         reference = Trace.load(args.b)
-    result = compare(theirs, reference, args.tier, args.pattern, prefix=args.prefix, partial=args.partial)
+    result = compare(theirs, reference, tier, args.pattern, prefix=args.prefix, partial=args.partial)
     if args.json:
         print(json.dumps(result.to_json(), indent=1, allow_nan=False))
     else:
@@ -102,7 +103,8 @@ def register(sub: Subparsers) -> None:
                    help="instead of B: the reference computed by lfm2np from MODEL on A's ids, following A's expert "
                         "choices where they are near-ties (so every tensor is judged on equal routing)")
     add_model_arguments(p)
-    p.add_argument("--tier", default="fp32", choices=list(COMPARE_TIERS), help="tolerance tier (default fp32)")
+    p.add_argument("--tier", choices=list(COMPARE_TIERS),
+                   help="tolerance tier (default fp32; llamacpp-cpu with --model and --dtype llamacpp-cpu)")
     p.add_argument("--pattern", nargs="+", help="only names matching these globs (lfm2np names)")
     p.add_argument("--prefix", action="store_true",
                    help="traces of different lengths: compare their common prefix (their ids must agree on it)")

@@ -45,7 +45,7 @@ from . import mistakes as M
 from .compare import compare
 from .dumps import Dump
 from .judges import LogitsJudge, TokensJudge, TraceJudge, row_errors
-from .tolerance import COMPARE_TIERS, CompareTier
+from .tolerance import COMPARE_TIERS, CompareTier, default_tier
 from .trace import Trace
 
 #: The search for combinations keeps this many candidates per size, up to this many mistakes at once.
@@ -173,11 +173,14 @@ def _run(model: Any, seq: np.ndarray, port: M.Port, keep: "set[str] | None" = No
     return values, where
 
 
-def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill: int | None = None,
+def diagnose(model: Any, dump: Dump, tier: "str | CompareTier | None" = None, prefill: int | None = None,
              only: Sequence[str] | None = None, combine: bool = True) -> Diagnosis:
-    """Diagnose ``dump`` against ``model`` (the reference): see the module docstring. ``prefill`` (or the
-    dump's) is where the backend's second call began; without it a token stream's is the end of the prompt,
-    and a logits or trace dump's the position where it first diverges. ``only``: these catalogue ids."""
+    """Diagnose ``dump`` against ``model`` (the reference): see the module docstring. ``tier``: fp32 by default
+    (llamacpp-cpu for a reference computing llama.cpp's CPU arithmetic). ``prefill`` (or the dump's) is where
+    the backend's second call began; without it a token stream's is the end of the prompt, and a logits or trace
+    dump's the position where it first diverges. ``only``: these catalogue ids."""
+    if tier is None:
+        tier = default_tier(model.numerics.name)
     if isinstance(tier, str):
         if tier not in COMPARE_TIERS:
             raise Lfm2npError(f"unknown tier {tier!r}; expected one of {', '.join(COMPARE_TIERS)}")
@@ -223,8 +226,8 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill
 
     hypotheses, not_applicable, entries = [], [], {}
     for m in catalogue:
-        variants = m.variants(c, prefill) if m.applies(c) else []
-        if not m.applies(c):
+        variants = m.variants(c, prefill) if m.concerns(model) else []
+        if not m.concerns(model):
             not_applicable.append({"id": m.id, "reason": f"needs {m.requires}"})
         elif not variants:
             not_applicable.append({"id": m.id, "reason": "needs the position where the backend's second call "
@@ -249,7 +252,7 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill
         hypotheses += _search(hypotheses, combined)
     if not agrees and not any(h.reproduces for h in hypotheses) and dump.kind == "trace":
         # before giving up: each mistake made in the layer (and, on MoE layers, the expert) where the dump departs
-        hypotheses += _localised(catalogue, c, prefill, first, reference, evaluate)
+        hypotheses += _localised([m for m in catalogue if m.concerns(model)], c, prefill, first, reference, evaluate)
     # the line the contradicted mistakes rank below: the reference itself, judged as a hypothesis
     no_mistake = None if agrees else evaluate("no-mistake", "the reference as it is", {}, [])
     at = _departure(dump.kind, first, agrees)

@@ -38,7 +38,7 @@ from ..schema import STEPS, TOP_LEVEL
 _CHOICES = {"router_scores": ("sigmoid", "softmax"), "conv_taps": ("causal", "reversed"),
             "conv_gates": ("b,c", "c,b"), "rope_pairs": ("split-half", "interleaved"),
             "qk_norm": ("before-rope", "none", "after-rope"), "final_norm": ("end", "start"),
-            "swiglu_silu_on": ("w1", "w3")}
+            "swiglu_silu_on": ("w1", "w3"), "activations": ("quantised", "float"), "kv_cache": (None, "f16", "f32")}
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,10 @@ class Port:
       ``partial_rotation``: a layer type with a partial (proportional) RoPE turns only its rotated pairs
       (False: every pair turns, transformers 5.24's reading of a "default" label); ``sliding_window``:
       sliding layers see their last W positions (False: every earlier position);
+    - llama.cpp's CPU arithmetic (a reference in dtype ``llamacpp-cpu``): ``activations``: ``quantised`` to each
+      weight type's dot-product type before a product, or ``float`` (f32 activations, dequantised weights);
+      ``kv_cache``: the type the attention reads q, k and v in (None: the reference's own; ``f32``, ``f16``);
+      both change nothing in a model computing in exact arithmetic (float activations, no KV cache type);
     - where: ``layers``, the layers whose values the switches change (None: every layer; the RoPE frequencies
       and the final norm are not a layer's), and ``experts``, on MoE layers, the experts whose weights
       ``swiglu_silu_on`` exchanges (None: all): a weight converter that got one layer, or some experts, wrong.
@@ -87,6 +91,8 @@ class Port:
     sandwich_norms: bool = True
     partial_rotation: bool = True
     sliding_window: bool = True
+    activations: str = "quantised"
+    kv_cache: str | None = None
     layers: tuple[int, ...] | None = None
     experts: tuple[int, ...] | None = None
 
@@ -140,6 +146,7 @@ class _Run:
     def __init__(self, model: Any, port: Port, observe: Callable[[str, np.ndarray], None] | None = None):
         self.model, self.port, self.c = model, port, model.config
         self.rnd = model.numerics.round
+        self.ops = ops if model.numerics.ops is None else model.numerics.ops  # the operators the pass computes with
         self.seen: dict[str, np.ndarray] = {}
         self.observe = observe
 
@@ -211,7 +218,7 @@ def run(model: Any, ids: Any, port: Port = REFERENCE,
 @_on("model.embed_tokens")
 def _norm_at_start(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
     if run.port.final_norm == "start":
-        return ops.rms_norm(value, run.model.params["model.embedding_norm.weight"], run.c.norm_eps, run.rnd)
+        return run.ops.rms_norm(value, run.model.params["model.embedding_norm.weight"], run.c.norm_eps, run.rnd)
     return None
 
 
@@ -239,7 +246,7 @@ def _conv(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
     kernel = w.conv[:, 0, :] if p.conv_taps == "causal" else w.conv[:, 0, ::-1]  # (D, L)
     u = run.get("conv.bx", i)  # (T, D)
     P = p.conv_restart if p.conv_restart is not None and 0 < p.conv_restart < u.shape[0] else 0
-    parts = [ops.causal_conv1d(part, kernel, w.conv_bias)[0] for part in (u[:P], u[P:]) if part.shape[0]]
+    parts = [run.ops.causal_conv1d(part, kernel, w.conv_bias)[0] for part in (u[:P], u[P:]) if part.shape[0]]
     return run.rnd(np.concatenate(parts))
 
 
@@ -252,7 +259,7 @@ def _frequencies(run: _Run, layer: int | None, name: str, value: np.ndarray) -> 
     if p.rope_theta is None and not full:
         return None
     theta = c.rope(kind).theta if p.rope_theta is None else p.rope_theta
-    return ops.rope_frequencies(c.head_dim, theta, None if full else c.rotated_pairs(kind), value.dtype)
+    return run.ops.rope_frequencies(c.head_dim, theta, None if full else c.rotated_pairs(kind), value.dtype)
 
 
 def _rope(run: _Run, i: int, x: np.ndarray) -> np.ndarray:
@@ -262,11 +269,11 @@ def _rope(run: _Run, i: int, x: np.ndarray) -> np.ndarray:
     cos, sin = run.get(f"model.rotary_emb.{kind}.cos"), run.get(f"model.rotary_emb.{kind}.sin")
     wide = run.c.rope_in_float32
     if run.port.rope_pairs == "split-half":
-        return ops.apply_rope(x, cos, sin, run.rnd, wide)
+        return run.ops.apply_rope(x, cos, sin, run.rnd, wide)
     hd = x.shape[-1]
     perm = np.concatenate([np.arange(0, hd, 2), np.arange(1, hd, 2)])  # pairs (2i, 2i+1) -> (i, i + hd/2)
     out = np.empty_like(x)
-    out[..., perm] = ops.apply_rope(x[..., perm], cos, sin, run.rnd, wide)
+    out[..., perm] = run.ops.apply_rope(x[..., perm], cos, sin, run.rnd, wide)
     return out
 
 
@@ -280,7 +287,7 @@ def _qk_norm(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | No
     if p.qk_norm == "none":
         return raw
     w = run.model.layer_weights(i).mixer
-    return ops.rms_norm(_rope(run, i, raw), w.q_norm if which == "q" else w.k_norm, run.c.norm_eps, run.rnd)
+    return run.ops.rms_norm(_rope(run, i, raw), w.q_norm if which == "q" else w.k_norm, run.c.norm_eps, run.rnd)
 
 
 @_on("self_attn.q_rope", "self_attn.k_rope", reads=("self_attn.q_normed", "self_attn.k_normed"))
@@ -298,20 +305,53 @@ def _no_gate(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | No
     return None if run.port.output_gate else np.ones_like(value)  # attn_out = the ungated heads
 
 
+@_on("self_attn.q_input", "self_attn.k_cache", "self_attn.v_cache",
+     reads=("self_attn.q_rope", "self_attn.k_rope", "self_attn.v_proj"))
+def _kv_type(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
+    """The query, keys and values in another KV cache type."""
+    if run.port.kv_cache is None:
+        return None
+    raw = {"q_input": "q_rope", "k_cache": "k_rope", "v_cache": "v_proj"}[name.rsplit(".", 1)[1]]
+    return run.ops.variant(kv=run.port.kv_cache).kv(run.get(f"self_attn.{raw}", i))
+
+
 @_on("self_attn.attention", "self_attn.attn_out", reads=("self_attn.q_rope", "self_attn.k_rope", "self_attn.v_proj"))
 def _attention(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
-    """The attention (before LFM3's output gate, which the layer then applies) with another scale, or a
-    sliding layer seeing every earlier position."""
+    """The attention (before LFM3's output gate, which the layer then applies) with another scale, a sliding
+    layer seeing every earlier position, or (llama.cpp's arithmetic) another KV cache type."""
     p, c = run.port, run.c
     window = c.window(i)
     before_gate = "self_attn.attention" if c.use_attention_gate else "self_attn.attn_out"
-    if not name.endswith(before_gate) or (p.attention_scale is None and (window is None or p.sliding_window)):
+    kv_cache = p.kv_cache if run.ops is not ops else None  # (exact arithmetic has no KV cache type to change)
+    if not name.endswith(before_gate) or (p.attention_scale is None and (window is None or p.sliding_window)
+                                         and kv_cache is None):
         return None
-    q = run.get("self_attn.q_rope", i)
+    q, k, v = ("self_attn.q_input", "self_attn.k_cache", "self_attn.v_cache") if run.ops is not ops else \
+        ("self_attn.q_rope", "self_attn.k_rope", "self_attn.v_proj")
+    q = run.get(q, i)
     if p.attention_scale is not None:
         q = q * q.dtype.type(p.attention_scale / c.head_dim ** -0.5)  # attention() multiplies by hd^-0.5 itself
-    return ops.attention(q, run.get("self_attn.k_rope", i), run.get("self_attn.v_proj", i),
-                         window if p.sliding_window else None, run.rnd)
+    kernels = run.ops if kv_cache is None else run.ops.variant(kv=kv_cache)
+    return kernels.attention(q, run.get(k, i), run.get(v, i), window if p.sliding_window else None, run.rnd)
+
+
+#: the value each product of a layer multiplies (llama.cpp's arithmetic names it quantised: ``{product}.input``)
+_PRODUCT_INPUTS = {"conv.in_proj": "operator_norm", "conv.out_proj": "conv.y", "self_attn.q_proj": "operator_norm",
+                   "self_attn.k_proj": "operator_norm", "self_attn.v_proj": "operator_norm",
+                   "self_attn.gate": "operator_norm", "self_attn.out_proj": "self_attn.attn_out",
+                   "feed_forward.router_logits": "ffn_norm", "feed_forward.w1": "ffn_norm",
+                   "feed_forward.w3": "ffn_norm", "feed_forward.w2": "feed_forward.act"}
+
+
+@_on(*(f"{p}.input" for p in _PRODUCT_INPUTS), "lm_head.input",
+     reads=(*set(_PRODUCT_INPUTS.values()), "model.embedding_norm"))
+def _float_activations(run: _Run, i: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
+    """A product reading its activations unquantised (the experts': :func:`_experts`)."""
+    if run.port.activations == "quantised":
+        return None
+    if i is None:
+        return run.get("model.embedding_norm")
+    return run.get(_PRODUCT_INPUTS[name.split(".", 3)[3][:-len(".input")]], i)
 
 
 @_on("post_operator_norm", reads=("self_attn.out_proj", "conv.out_proj"))
@@ -357,20 +397,23 @@ def _no_scaling(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray |
 def _swiglu(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
     if run.port.swiglu_silu_on == "w1":
         return None
-    return ops.gated_silu(run.get("feed_forward.w3", i), run.get("feed_forward.w1", i), run.rnd)
+    return run.ops.gated_silu(run.get("feed_forward.w3", i), run.get("feed_forward.w1", i), run.rnd)
 
 
 @_on("feed_forward.output", reads=("ffn_norm", "feed_forward.selected_experts", "feed_forward.routing_weights"))
-def _experts_swiglu(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
-    if run.port.swiglu_silu_on == "w1" or not run.c.is_moe_layer(i):
+def _experts(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
+    """The experts with w1 and w3 exchanged, or (llama.cpp's arithmetic) reading their activations unquantised."""
+    unquantised = run.port.activations == "float" and run.ops is not ops
+    if (run.port.swiglu_silu_on == "w1" and not unquantised) or not run.c.is_moe_layer(i):
         return None
     moe = run.model.layer_weights(i).ffn
 
     def swapped(e: int) -> SwiGLUWeights:
         w = moe.expert(e)
-        if run.port.experts is not None and e not in run.port.experts:
+        if run.port.swiglu_silu_on == "w1" or (run.port.experts is not None and e not in run.port.experts):
             return w
         return SwiGLUWeights(w.w3, w.w1, w.w2)  # silu(w3 x) * (w1 x): w1 and w3 exchanged
 
     return mixture(run.get("ffn_norm", i), run.get("feed_forward.selected_experts", i),
-                   run.get("feed_forward.routing_weights", i), swapped, run.rnd)
+                   run.get("feed_forward.routing_weights", i), swapped, run.rnd,
+                   run.ops.variant(quantised=False) if unquantised else run.ops)
