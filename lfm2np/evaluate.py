@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .errors import Lfm2npError
+from .errors import Lfm2npError, shown
 
 #: The default window: the model's context, at most this many tokens (a NumPy forward stays quick).
 DEFAULT_WINDOW = 2048
@@ -88,7 +88,7 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
 def _check_windowing(n_tokens: int, window: int, stride: int) -> None:
     for name, v in (("window", window), ("stride", stride)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise Lfm2npError(f"{name} is {v!r}; expected an integer")
+            raise Lfm2npError(f"{name} is {shown(v)}; expected an integer")
     if n_tokens < 2:
         raise Lfm2npError(f"perplexity needs at least 2 tokens (the first is never scored); got {n_tokens}")
     if window < 2:
@@ -108,7 +108,7 @@ def perplexity(model: Any, ids: Iterable[int], window: int | None = None, stride
     ``windows`` (how many forward passes), ``nll_stderr`` and ``perplexity_stderr`` (the module docstring:
     over tokens; NaN for a single scored token). ``progress`` is called after each window."""
     if progress is not None and not callable(progress):
-        raise Lfm2npError(f"progress is {progress!r}; expected a function progress(window, windows, result) or None")
+        raise Lfm2npError(f"progress is {shown(progress)}; expected a function progress(window, windows, result) or None")
     ids = model.check_ids(list(ids))
     if ids.ndim != 1:
         raise Lfm2npError(f"perplexity takes one sequence of ids; got shape {ids.shape}")

@@ -41,7 +41,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .errors import Lfm2npError
+from .errors import Lfm2npError, shown
 from .io.chat_template import read_json_object
 from .model import check_progress
 from .state import State
@@ -62,8 +62,7 @@ def _finite(x: Any) -> bool:
 
 
 def _shown(x: Any) -> str:
-    text = repr(x)
-    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+    return shown(x, 40)
 
 
 @dataclass(frozen=True)
@@ -93,8 +92,8 @@ class Sampling:
             raise Lfm2npError(f"repetition_penalty is {_shown(self.repetition_penalty)}; expected a finite number > 0 "
                               f"(1: off)")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
-                                      or self.seed < 0):
-            raise Lfm2npError(f"seed is {_shown(self.seed)}; expected an integer >= 0 or None")
+                                      or not 0 <= self.seed < 2**64):
+            raise Lfm2npError(f"seed is {_shown(self.seed)}; expected an integer in 0 .. 2**64 - 1, or None")
 
     @property
     def greedy(self) -> bool:
@@ -133,8 +132,8 @@ def process_logits(logits: np.ndarray, sampling: Sampling, seen: Iterable[int] =
     # a tiny temperature or penalty overflowed: logits sent to +inf lose their order (and all sent to -inf
     # leave nothing to draw); one sent to -inf alone changes nothing, its probability was 0 already
     if (finite == np.inf).any() or (finite.size and np.isneginf(finite).all()):
-        what = (f"temperature {sampling.temperature!r} with repetition_penalty {sampling.repetition_penalty!r}"
-                if sampling.temperature not in (0, 1) else f"repetition_penalty {sampling.repetition_penalty!r}")
+        what = (f"temperature {shown(sampling.temperature)} with repetition_penalty {shown(sampling.repetition_penalty)}"
+                if sampling.temperature not in (0, 1) else f"repetition_penalty {shown(sampling.repetition_penalty)}")
         raise Lfm2npError(f"{what} overflows these logits (float64); use a larger value (temperature 0 for "
                           f"greedy, repetition_penalty 1 for none)")
     if sampling.greedy:
@@ -186,13 +185,13 @@ def checked_stop_ids(ids: Any, vocab_size: int, what: str = "stop id") -> frozen
     try:
         items = list(items)
     except TypeError:
-        raise Lfm2npError(f"{what}s must be token ids; got {ids!r:.80}") from None
+        raise Lfm2npError(f"{what}s must be token ids; got {shown(ids)}") from None
     out = set()
     for i in items:
         if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
-            raise Lfm2npError(f"{what} {i!r:.80} is not a token id (an integer)")
+            raise Lfm2npError(f"{what} {shown(i)} is not a token id (an integer)")
         if not 0 <= int(i) < vocab_size:
-            raise Lfm2npError(f"{what} {int(i)} is outside the vocabulary of size {vocab_size} "
+            raise Lfm2npError(f"{what} {shown(int(i))} is outside the vocabulary of size {vocab_size} "
                               f"(valid ids are 0..{vocab_size - 1}): it could never be generated")
         out.add(int(i))
     return frozenset(out)
@@ -242,7 +241,7 @@ class Generation:
         if self.prompt.ndim != 1:
             raise Lfm2npError(f"the prompt must be one sequence of ids; got shape {self.prompt.shape}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-            raise Lfm2npError(f"max_new_tokens is {max_new_tokens!r}; expected an integer >= 0")
+            raise Lfm2npError(f"max_new_tokens is {shown(max_new_tokens)}; expected an integer >= 0")
         if not isinstance(sampling, Sampling):
             raise Lfm2npError(f"sampling must be an lfm2np Sampling; got {type(sampling).__name__}")
         self.max_new_tokens = int(max_new_tokens)

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 
 from ..config import ATTENTION, Config
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
 from ..io.gguf import gguf_tensor_bytes
 from ..io.params import parse_size
 from ..numerics import DTYPE_BYTES as _ALL_DTYPE_BYTES, canonical_dtype
@@ -48,7 +48,7 @@ def normalise_quant(name: str) -> str:
         return quant.normalise_file_type(key)
     except Lfm2npError:
         raise Lfm2npError(
-            f"unknown weight format {name!r}; expected one of {', '.join(DTYPE_BYTES)} "
+            f"unknown weight format {shown(name)}; expected one of {', '.join(DTYPE_BYTES)} "
             f"or a GGUF file type ({quant.accepted_file_types()})"
         ) from None
 
@@ -72,7 +72,7 @@ def weight_bytes(config: Config, quant_name: str = "Q4_K_M", *, imatrix: bool = 
 def _kv_type(kv_type: str) -> str:
     key = str(kv_type).strip().lower()
     if key not in KV_TYPES:
-        raise Lfm2npError(f"unknown KV cache type {kv_type!r}; expected one of {', '.join(KV_TYPES)}")
+        raise Lfm2npError(f"unknown KV cache type {shown(kv_type)}; expected one of {', '.join(KV_TYPES)}")
     return KV_TYPES[key]
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..config import Config
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
 from ..schema import NORM_PARTS, layout
 
 _NORM_ROLES = ("q_norm", "k_norm")  # per-head norms inside the attention mixer: not multiplications
@@ -154,7 +154,7 @@ def flops(config: Config, context: int, *, logits: str = "last") -> dict[str, An
     c = config
     n = positive("context", context)
     if logits not in ("last", "all"):
-        raise Lfm2npError(f"logits is {logits!r}; expected 'last' or 'all'")
+        raise Lfm2npError(f"logits is {shown(logits)}; expected 'last' or 'all'")
     mm_total, mm_active = _matmul_flops_per_token(c)
     head = 2 * c.vocab_size * c.hidden_size
     attn_prefill = _prefill_attention_flops(c, n)
@@ -171,5 +171,5 @@ def flops(config: Config, context: int, *, logits: str = "last") -> dict[str, An
 def positive(name: str, value: int) -> int:
     """``value`` as an int if it is a positive integer, else an :class:`Lfm2npError` naming ``name``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise Lfm2npError(f"{name} is {value!r}; expected a positive integer")
+        raise Lfm2npError(f"{name} is {shown(value)}; expected a positive integer")
     return int(value)

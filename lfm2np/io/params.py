@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
 
 #: Share of the machine's available memory the default budget takes (the rest is left to the page cache,
 #: the activations and everything else running).
@@ -66,12 +66,12 @@ def parse_size(text: Any, what: str = "size") -> int:
     m = _SIZE.fullmatch(str(text))
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:
-        raise Lfm2npError(f"{what} {text!r} is not a size; expected a number with an optional unit "
+        raise Lfm2npError(f"{what} {shown(text)} is not a size; expected a number with an optional unit "
                           f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, or K, M, G, T = KiB ... TiB), e.g. 32GB "
                           f"or 8G")
     value = float(m.group(1)) * _UNITS[unit]
     if not value <= MAX_SIZE:  # also catches inf from hundreds of digits
-        raise Lfm2npError(f"{what} {text!r} is too large: above any machine's memory ({MAX_SIZE} bytes)")
+        raise Lfm2npError(f"{what} {shown(text)} is too large: above any machine's memory ({MAX_SIZE} bytes)")
     return int(value)
 
 
@@ -85,5 +85,5 @@ def parse_budget(budget: Any, total_bytes: int) -> int | None:
             return None
         return parse_size(budget, "memory budget")
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not 0 <= budget <= MAX_SIZE:
-        raise Lfm2npError(f"memory budget is {budget!r}; expected bytes >= 0, a size such as '6GiB', or 'all'")
+        raise Lfm2npError(f"memory budget is {shown(budget)}; expected bytes >= 0, a size such as '6GiB', or 'all'")
     return int(budget)

@@ -35,7 +35,7 @@ import numpy as np
 from tokenizers import Tokenizer as Backend
 from tokenizers.decoders import DecodeStream
 
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
 from . import hub
 from .chat_template import have_jinja2, read_json_object, read_text, render_template, template_from_value
 from .gguf_file import GgufFile
@@ -91,9 +91,9 @@ def _check_messages(messages: Sequence[Message]) -> None:
         raise Lfm2npError("messages is empty: a conversation needs at least one message")
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise Lfm2npError(f"message {i} must have 'role' and 'content'; got {m!r}")
+            raise Lfm2npError(f"message {i} must have 'role' and 'content'; got {shown(m)}")
         if m["role"] not in ROLES:
-            raise Lfm2npError(f"message {i} has role {m['role']!r}; expected one of {', '.join(ROLES)}")
+            raise Lfm2npError(f"message {i} has role {shown(m['role'])}; expected one of {', '.join(ROLES)}")
     if messages and messages[0]["role"] == "system" and not isinstance(messages[0]["content"], str):
         raise Lfm2npError("message 0: a system message's content must be a string")
 
@@ -114,8 +114,7 @@ def _what(value: Any) -> str:
 
 
 def _clip(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return shown(value, 40)
 
 
 def _check_text(text: Any, what: str) -> None:
@@ -125,7 +124,7 @@ def _check_text(text: Any, what: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise Lfm2npError(f"{what}: the text holds a lone surrogate {text[e.start]!r} at position {e.start}, which "
+        raise Lfm2npError(f"{what}: the text holds a lone surrogate {shown(text[e.start])} at position {e.start}, which "
                           f"is not Unicode text (no UTF-8 bytes to tokenize)") from None
 
 
@@ -220,7 +219,7 @@ class Tokenizer:
             for key in ("bos_token", "eos_token", "pad_token"):
                 value = _special_token(config.get(key), f"{config_file}: {key}")
                 if value is not None and backend.token_to_id(value) is None:
-                    raise Lfm2npError(f"{config_file}: {key} {value!r} is not a token of {file.name}")
+                    raise Lfm2npError(f"{config_file}: {key} {shown(value)} is not a token of {file.name}")
                 if value is not None:
                     special[key] = value
             where = f"{config_file}: chat_template"
@@ -262,7 +261,7 @@ class Tokenizer:
         if add_bos:
             bos = self.token_to_id(self.special["bos_token"])
             if bos is None:
-                raise Lfm2npError(f"the tokenizer has no BOS token {self.special['bos_token']!r}")
+                raise Lfm2npError(f"the tokenizer has no BOS token {shown(self.special['bos_token'])}")
             ids = [bos, *ids]
         return ids
 

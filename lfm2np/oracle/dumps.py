@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
 from ..io.params import available_memory
 from ..io.safetensors_file import STORAGE, SafetensorsFile
 from ..schema import layer_of
@@ -72,7 +72,7 @@ def _int_array(value: Any, what: str, ndim: int = 1) -> np.ndarray:
         raise Lfm2npError(f"{what} must have {ndim} non-empty axis; got shape {list(a.shape)}")
     big = np.abs(a.astype(np.float64)) >= 2.0 ** 63  # would wrap around in int64 (uint64, huge floats)
     if big.any():
-        raise Lfm2npError(f"{what}: {a.reshape(-1)[np.argmax(big.reshape(-1))].item()!r} is no token id (too large)")
+        raise Lfm2npError(f"{what}: {shown(a.reshape(-1)[np.argmax(big.reshape(-1))].item())} is no token id (too large)")
     return a.astype(np.int64)
 
 
@@ -81,7 +81,7 @@ def _prefill(value: Any, what: str) -> int | None:
         return None
     a = np.asarray(value)
     if a.size != 1 or not np.issubdtype(a.dtype, np.integer) or int(a.reshape(-1)[0]) < 1:
-        raise Lfm2npError(f"{what} must be one integer >= 1 (the ids in the backend's first call); got {value!r}")
+        raise Lfm2npError(f"{what} must be one integer >= 1 (the ids in the backend's first call); got {shown(value)}")
     return int(a.reshape(-1)[0])
 
 
@@ -141,30 +141,30 @@ def _npz_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], int, str]]:
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
                 if not info.filename.endswith(".npy"):
-                    raise Lfm2npError(f"{path}: member {info.filename!r:.80} is not an .npy array")
+                    raise Lfm2npError(f"{path}: member {shown(info.filename)} is not an .npy array")
                 if info.flag_bits & 0x1:
-                    raise Lfm2npError(f"{path}: member {info.filename!r:.80} is encrypted")
+                    raise Lfm2npError(f"{path}: member {shown(info.filename)} is encrypted")
                 if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
                     # zipfile inflates bzip2 and lzma without an output bound: reading a header alone could
                     # inflate gigabytes
-                    raise Lfm2npError(f"{path}: member {info.filename!r:.80} is compressed with method "
+                    raise Lfm2npError(f"{path}: member {shown(info.filename)} is compressed with method "
                                       f"{info.compress_type}; a dump's members are stored or deflated (as "
                                       f"numpy's savez and savez_compressed write them)")
                 with zf.open(info) as f:
                     version = np.lib.format.read_magic(f)
                     if version not in ((1, 0), (2, 0)):
-                        raise Lfm2npError(f"{path}: member {info.filename!r:.80} has .npy format {version}")
+                        raise Lfm2npError(f"{path}: member {shown(info.filename)} has .npy format {version}")
                     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                         np.lib.format.read_array_header_2_0
                     shape, _, dtype = read(f)
                 name = info.filename[:-4]
                 if dtype.hasobject:
-                    raise Lfm2npError(f"{path}: array {name!r:.80} holds Python objects; a dump holds numbers")
+                    raise Lfm2npError(f"{path}: array {shown(name)} holds Python objects; a dump holds numbers")
                 shape = tuple(int(n) for n in shape)
                 total += math.prod(shape) * dtype.itemsize
                 if total > limit:
                     raise Lfm2npError(f"{path}: its arrays would inflate its {path.stat().st_size} stored bytes to at "
-                                      f"least {total} (with array {name!r:.80}): refused (an .npz dump may declare "
+                                      f"least {total} (with array {shown(name)}): refused (an .npz dump may declare "
                                       f"at most {INFLATION} times its size plus {INFLATION_SLACK >> 20} MiB; a dump "
                                       f"of real numbers does not compress {INFLATION}-fold)")
                 out[name] = (shape, dtype.itemsize, dtype.kind)
@@ -181,7 +181,7 @@ def _check_shapes(path: Path, shapes: dict[str, tuple[tuple[int, ...], int, str]
     available for; a logits dump's ``logits`` (T, V) against its ``ids`` (T,) and the model's V."""
     for name, (shape, itemsize, kind) in shapes.items():
         if math.prod(n for n in shape if n) * itemsize >= 2 ** 63:  # numpy refuses it even when an axis is 0
-            raise Lfm2npError(f"{path}: array {name!r:.80} has shape {list(shape)}, beyond what an array can hold")
+            raise Lfm2npError(f"{path}: array {shown(name)} has shape {list(shape)}, beyond what an array can hold")
         if name in ("ids", "tokens", "prefill") or holds_integers(name):
             allowed, want = "iuf", "integers"
         elif name == "logits" or is_trace_name(name):
@@ -189,7 +189,7 @@ def _check_shapes(path: Path, shapes: dict[str, tuple[tuple[int, ...], int, str]
         else:  # a tensor the diagnosis does not read (llama.cpp's argsort, an attention mask): any number
             allowed, want = "biuf", "numbers"
         if kind not in allowed:
-            raise Lfm2npError(f"{path}: array {name!r:.80} has dtype kind {kind!r}; expected {want}")
+            raise Lfm2npError(f"{path}: array {shown(name)} has dtype kind {shown(kind)}; expected {want}")
     need = sum(math.prod(shape) * size for shape, size, _ in shapes.values())
     if need > available_memory():
         raise Lfm2npError(f"{path}: the dump holds {need} bytes of arrays, more than the memory available")
@@ -285,7 +285,7 @@ def _check_ids(path: Path, name: str, values: np.ndarray, vocab_size: int | None
         return  # the type and shape are checked, naming the file, where the dump is built
     bad = ~((a >= 0) & (a < vocab_size))
     if bad.any():
-        raise Lfm2npError(f"{path}: {name} holds {a.reshape(-1)[np.argmax(bad.reshape(-1))].item()!r}, outside the "
+        raise Lfm2npError(f"{path}: {name} holds {shown(a.reshape(-1)[np.argmax(bad.reshape(-1))].item())}, outside the "
                           f"model's vocabulary (0..{vocab_size - 1})")
 
 
@@ -298,7 +298,7 @@ def _check_float32_range(path: Path, name: str, values: np.ndarray) -> None:
     big = np.isfinite(a) & (np.abs(a) > np.finfo(np.float32).max)
     if big.any():
         where = np.unravel_index(int(np.argmax(big)), a.shape)
-        raise Lfm2npError(f"{path}: array {name!r} holds {a[where].item()!r} at {list(map(int, where))}, beyond "
+        raise Lfm2npError(f"{path}: array {shown(name)} holds {shown(a[where].item())} at {list(map(int, where))}, beyond "
                           f"float32 range ({np.finfo(np.float32).max:.4g}); logits are compared in float32")
 
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import ops
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
 from ..layers import SwiGLUWeights, mixture
 from ..schema import STEPS, TOP_LEVEL
 
@@ -93,12 +93,12 @@ class Port:
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise Lfm2npError(f"Port.{name} is {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
+                raise Lfm2npError(f"Port.{name} is {shown(getattr(self, name))}; expected one of {', '.join(allowed)}")
         for name in ("layers", "experts"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, tuple) and value and all(
                     isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)):
-                raise Lfm2npError(f"Port.{name} is {value!r}; expected None or a tuple of indices >= 0")
+                raise Lfm2npError(f"Port.{name} is {shown(value)}; expected None or a tuple of indices >= 0")
 
     def at(self, layer: int) -> bool:
         """Whether the switches change layer ``layer``'s values."""
@@ -126,7 +126,7 @@ def merge(*switch_sets: dict[str, Any]) -> Port:
     for switches in switch_sets:
         for name, value in switches.items():
             if name in merged and merged[name] != value:
-                raise Lfm2npError(f"Port.{name} cannot be both {merged[name]!r} and {value!r}")
+                raise Lfm2npError(f"Port.{name} cannot be both {shown(merged[name])} and {shown(value)}")
             merged[name] = value
     return Port(**merged)
 
@@ -186,7 +186,7 @@ def _on(*steps: str, reads: tuple[str, ...] = ()) -> Callable[[Handler], Handler
     None when its switch is at the reference."""
     unknown = [s for s in (*steps, *reads) if not _known(s)]
     if unknown:
-        raise Lfm2npError(f"a port handler names {unknown[0]!r}, which is not in the trace schema")
+        raise Lfm2npError(f"a port handler names {shown(unknown[0])}, which is not in the trace schema")
 
     def register(fn: Handler) -> Handler:
         for step in steps:

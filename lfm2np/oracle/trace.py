@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 from safetensors.numpy import save_file
 
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
 from ..io.files import parse_json
 from ..io.params import machine_memory
 from ..io.safetensors_file import STORAGE, SafetensorsFile
@@ -50,9 +50,9 @@ def _check_dtype(path: Path, name: str, dtype: str) -> None:
         return
     if holds_integers(name):
         if dtype[0] not in "IU":
-            raise Lfm2npError(f"{path}: tensor {name!r} has dtype {dtype}; chosen experts are integers")
+            raise Lfm2npError(f"{path}: tensor {shown(name)} has dtype {dtype}; chosen experts are integers")
     elif dtype[0] != "F" and dtype != "BF16":
-        raise Lfm2npError(f"{path}: tensor {name!r} has dtype {dtype}; a trace intermediate is floating point "
+        raise Lfm2npError(f"{path}: tensor {shown(name)} has dtype {dtype}; a trace intermediate is floating point "
                           f"(F16, BF16, F32 or F64)")
 
 
@@ -68,9 +68,9 @@ def _json_field(path: Path, meta: dict[str, str], key: str, kind: type, default:
     ``kind``."""
     if key not in meta:
         return default
-    value = parse_json(meta[key], str(path), f"trace metadata {key!r}")
+    value = parse_json(meta[key], str(path), f"trace metadata {shown(key)}")
     if not isinstance(value, kind):
-        raise Lfm2npError(f"{path}: trace metadata {key!r} is a JSON {type(value).__name__}; expected a "
+        raise Lfm2npError(f"{path}: trace metadata {shown(key)} is a JSON {type(value).__name__}; expected a "
                           f"{'list' if kind is list else 'object'}")
     return value
 
@@ -140,12 +140,12 @@ class Trace:
         order = _json_field(path, f.metadata, "order", list, list(f.tensors))
         for name in order:
             if not isinstance(name, str) or name not in f.tensors:
-                raise Lfm2npError(f"{path}: trace metadata 'order' lists {name!r:.80}, which the file does not hold")
+                raise Lfm2npError(f"{path}: trace metadata 'order' lists {shown(name)}, which the file does not hold")
         seen: set[str] = set()
         twice = next((n for n in order if n in seen or seen.add(n)), None)  # linear: order may be long
         if twice is not None or len(seen) != len(f.tensors):
-            problem = f"lists {twice!r} twice" if twice is not None else \
-                f"leaves out tensor {next(n for n in f.tensors if n not in seen)!r}"
+            problem = f"lists {shown(twice)} twice" if twice is not None else \
+                f"leaves out tensor {shown(next(n for n in f.tensors if n not in seen))}"
             raise Lfm2npError(f"{path}: trace metadata 'order' {problem}; expected each tensor once")
         meta = _json_field(path, f.metadata, "meta", dict, {})
         need = sum((i.end - i.begin) * (2 if i.dtype == "BF16" else 1) for i in f.tensors.values())
@@ -158,7 +158,7 @@ class Trace:
             try:
                 tensors[name] = f.read(name, np.float32 if dtype == "BF16" else None)
             except MemoryError:
-                raise Lfm2npError(f"{path}: out of memory reading tensor {name!r}") from None
+                raise Lfm2npError(f"{path}: out of memory reading tensor {shown(name)}") from None
         return cls(tensors, meta)
 
 
