@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 from . import embedded, presets
 from .config import Config, check_rope_reading
-from .errors import Lfm2npError
+from .errors import Lfm2npError, shown
 from .io import hub
 from .io.files import read_json
 from .io.gguf import read_gguf_config, read_gguf_source
@@ -64,6 +64,9 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
         raise Lfm2npError(f"path must be a checkpoint directory, a cached repo id or a .gguf file (a str or a "
                           f"path); got {type(path).__name__}")
     check_rope_reading(rope_reading)  # whatever the format, before a file is read
+    for name, flag, optional in (("strict", strict, False), ("keep_weights", keep_weights, True)):
+        if not isinstance(flag, bool) and not (optional and flag is None):  # keep_weights="no" would keep all
+            raise Lfm2npError(f"{name} must be True or False; got {shown(flag)}")
     path = embedded.resolve(path)
     try:
         return _load(path, dtype, strict, memory_budget, rope_reading, keep_weights)
@@ -147,7 +150,7 @@ def _load_config(x: "str | os.PathLike[str] | Mapping[str, Any]", rope_reading: 
     if path.is_file():
         return Config.from_dict(_read_json(path), source=str(path), rope_reading=rope_reading)
     raise Lfm2npError(
-        f"{x!r} is neither a config.json, a checkpoint directory, a .gguf file, a cached repo id nor a preset "
+        f"{shown(x)} is neither a config.json, a checkpoint directory, a .gguf file, a cached repo id nor a preset "
         f"name; presets: {', '.join(presets.names())}"
     )
 

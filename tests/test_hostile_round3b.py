@@ -142,3 +142,91 @@ def test_sampling_tokenizer_state_and_budget_values_no_message_can_write_in_full
     refused(lambda: state.rollback(HUGE), "roll back")
     refused(lambda: state.conv_window(HUGE), "layer")
     refused(lambda: lfm2np.load("embedded", memory_budget=HUGE), "memory budget")
+
+
+# ============================================================================ the Model's and State's API
+def test_model_pieces_refuse_what_the_forward_pass_refuses():
+    """embed(-1) gave the last row, layer_weights(-1) the last layer, and out-of-range or odd arguments an
+    IndexError, a TypeError, a StopIteration (rope of a kind the model lacks) or a ValueError."""
+    model = moe_model()
+    refused(lambda: model.embed(np.array([-1])), "token id -1")
+    refused(lambda: model.embed(np.array([10**6])), "token id 1000000")
+    refused(lambda: model.embed(np.array([1.5])), "integers")
+    refused(lambda: model.embed("ab"), "integers")
+    np.testing.assert_array_equal(model.embed([1, 2]), model.params["model.embed_tokens.weight"][[1, 2]])
+    for i in (-1, TINY_MOE.num_hidden_layers, 1.5, "1", True):
+        refused(lambda: model.layer_weights(i), "layer", f"{TINY_MOE.num_hidden_layers} layers")
+    for kind in ("bogus", "conv", None):
+        refused(lambda: model.rope(np.arange(3), kind), "rope: kind", "full_attention")
+    for positions, needle in ((np.array([-5]), "-5"), (np.array([1.5]), "float64"), ("abc", "positions"),
+                              (np.zeros((2, 2), int), "(2, 2)"), ([10**30], "positions"), ([[1], [2, 3]], "positions")):
+        refused(lambda: model.rope(positions), needle)
+    cos, sin = model.rope(np.arange(4))
+    assert cos.shape == sin.shape == (4, TINY_MOE.head_dim)
+
+
+def test_a_negative_prefill_chunk_is_refused_not_left_uninitialised():
+    """prefill_chunk -1 made forward() return np.empty's garbage: range(0, T, -1) ran no chunk."""
+    model = lfm2np.Model(TINY_DENSE, random_params(TINY_DENSE, seed=2))
+    ids = np.arange(1, 9)
+    want = model.forward(ids)
+    for chunk in (-1, 2.5, "8", True):
+        model.prefill_chunk = chunk
+        refused(lambda: model.forward(ids), "prefill_chunk")
+    model.prefill_chunk = 3
+    np.testing.assert_allclose(model.forward(ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_params_with_odd_keys_or_masks_and_weights_of_another_layout():
+    params = random_params(TINY_DENSE, seed=2)
+    for key in (5, (1, 2), None):
+        refused(lambda: lfm2np.Model(TINY_DENSE, {**params, key: np.zeros(3)}), "params", "key")
+    masked = np.ma.masked_array(params["model.embedding_norm.weight"], mask=True)
+    refused(lambda: lfm2np.Model(TINY_DENSE, {**params, "model.embedding_norm.weight": masked}),
+            "model.embedding_norm.weight", "masked")
+    refused(lambda: lfm2np.Model(TINY_DENSE, params, strict="no"), "strict")
+    long_name = "x" * 10**6
+    message = refused(lambda: lfm2np.Model(TINY_DENSE, {**params, long_name: np.zeros(3)}), "not used")
+    assert len(message) < 400
+    moe = moe_model()
+    refused(lambda: lfm2np.Model(TINY_DENSE, moe.params), "weights", "missing tensor")  # a KeyError in the forward
+
+
+def test_hand_built_states_are_bounded_and_are_values():
+    model = moe_model()
+    _, state = model.step([1, 2, 3, 4])
+    layers = list(state.layers)
+    # conv_window allocated (L-1) x D for any conv_L_cache: 10**12 asked for hundreds of terabytes
+    refused(lambda: State(4, layers, 10**12), "conv_L_cache", "1..1024")
+    refused(lambda: State(4, layers, 3, numerics=5), "numerics")
+    attention = TINY_MOE.attention_layers[0]
+    kv = layers[attention]
+    refused(lambda: State(4, [*layers[:attention], KVState(kv.keys, kv.values, HUGE), *layers[attention + 1:]], 3),
+            "window")
+    refused(lambda: State.start(5), "Config")
+    refused(lambda: State.start(TINY_MOE, dtype="bogus"), "dtype")
+    refused(lambda: State.start(TINY_MOE, dtype=object), "dtype")
+    # a state is a value: the caller's arrays, written after it was built, do not change it
+    conv = next(i for i, s in enumerate(layers) if isinstance(s, ConvState))
+    history = np.array(layers[conv].history)
+    built = State(4, [*layers[:conv], ConvState(history), *layers[conv + 1:]], 3)
+    want = model.step([5], built)[0]
+    history[:] = 1e3
+    np.testing.assert_array_equal(model.step([5], built)[0], want)
+
+
+def test_an_empty_model_name_is_refused_not_read_as_the_current_directory(tmp_path, capsys, monkeypatch):
+    shutil.copytree(lfm2np.embedded.embedded_model_path(), tmp_path / "ck")
+    monkeypatch.chdir(tmp_path / "ck")  # an empty name loaded the checkpoint in the current directory
+    for name in ("", "  "):
+        refused(lambda: lfm2np.load(name), "empty")
+        refused(lambda: lfm2np.load_config(name), "empty")
+    for argv in (["forward", ""], ["params", ""], ["forward", "-m", ""], ["memory", " "], ["chat", ""],
+                 ["perplexity", "", "x.txt"]):
+        cli_refuses(capsys, argv, "empty model name")
+    assert lfm2np.load(".").config.vocab_size > 0  # the current directory, when that is what is meant
+
+
+def test_load_flags_are_booleans():
+    refused(lambda: lfm2np.load("embedded", strict="yes"), "strict")
+    refused(lambda: lfm2np.load("embedded", keep_weights="no"), "keep_weights")  # "no" kept every tensor

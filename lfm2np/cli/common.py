@@ -126,7 +126,9 @@ MODEL_HELP = ("checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M), .
 
 def model_argument(value: str) -> str:
     """A MODEL argument: a checkpoint directory, a cached repo id, a .gguf file, a preset name (for the
-    calculators), or ``embedded`` for the shipped tiny model."""
+    calculators), or ``embedded`` for the shipped tiny model; never empty (a path "" is the current directory)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty model name (give '.' for the current directory)")
     return str(resolve_embedded(utf8_text(value)))  # "embedded": as lfm2np.load reads it
 
 
