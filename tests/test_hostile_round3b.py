@@ -230,3 +230,52 @@ def test_an_empty_model_name_is_refused_not_read_as_the_current_directory(tmp_pa
 def test_load_flags_are_booleans():
     refused(lambda: lfm2np.load("embedded", strict="yes"), "strict")
     refused(lambda: lfm2np.load("embedded", keep_weights="no"), "keep_weights")  # "no" kept every tensor
+
+
+# ==================================================================== outputs that are inputs under another name
+@pytest.fixture()
+def checkpoint(tmp_path) -> Path:
+    """A copy of the embedded model (tokenizer included), and its files' fingerprints."""
+    path = shutil.copytree(lfm2np.embedded.embedded_model_path(), tmp_path / "ck")
+    return path
+
+
+def fingerprints(directory: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(directory.iterdir()) if f.is_file()}
+
+
+@pytest.mark.parametrize("linked", ["config.json", "model.safetensors", "tokenizer.json"])
+def test_a_hard_link_to_a_checkpoint_file_is_never_an_output(tmp_path, capsys, checkpoint, linked):
+    """`trace CK --out t --force` with t.json a hard link to CK/config.json rewrote the checkpoint's config (the
+    paths differ, the file is the same)."""
+    before = fingerprints(checkpoint)
+    stem = tmp_path / "t"
+    target = stem.with_suffix(".json" if linked.endswith(".json") else ".safetensors")
+    os.link(checkpoint / linked, target)
+    cli_refuses(capsys, ["trace", str(checkpoint), "--out", str(stem), "--force", "--ids", "1", "2"], str(target),
+                "reads")
+    golden = tmp_path / "golden"
+    golden.mkdir()
+    os.link(checkpoint / linked, golden / ("manifest.json" if linked.endswith(".json") else "model.safetensors"))
+    cli_refuses(capsys, ["golden", str(checkpoint), "--out", str(golden), "--force", "--ids", "1", "2"],
+                str(golden), "reads")
+    assert fingerprints(checkpoint) == before
+
+
+def test_write_golden_never_writes_into_the_directory_its_model_reads(tmp_path, checkpoint):
+    """write_golden(lfm2np.load(CK), ids, CK) replaced CK/model.safetensors (the weights the model was still reading)
+    with the golden logits."""
+    from lfm2np.oracle.golden import write_golden
+
+    before = fingerprints(checkpoint)
+    holder = tmp_path / "holder"
+    holder.mkdir()
+    os.link(checkpoint / "model.safetensors", holder / "model.safetensors")  # (before loading: a new link is a change)
+    model = lfm2np.load(checkpoint)
+    for out in (checkpoint, checkpoint / "golden", tmp_path / "link"):
+        if out.name == "link":
+            out.symlink_to(checkpoint)
+        refused(lambda: write_golden(model, [1, 2], out), "the model reads")
+    refused(lambda: write_golden(model, [1, 2], holder), "model.safetensors", "the model reads")
+    assert fingerprints(checkpoint) == before
+    assert (write_golden(model, [1, 2], tmp_path / "elsewhere") / "manifest.json").is_file()

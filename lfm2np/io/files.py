@@ -193,3 +193,49 @@ def read_json(path: "str | os.PathLike[str]", what: str, max_bytes: int = MAX_JS
     except OSError as e:
         raise Lfm2npError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
     return parse_json(raw, str(path), what)
+
+
+# ------------------------------------------------------------------------------------- outputs
+def identity(path: "str | os.PathLike[str]") -> tuple[int, int] | None:
+    """``(device, inode)`` of what ``path`` names, links followed: the file itself whatever name leads to it (a
+    hard link, a bind mount, a link); None when nothing is there or it cannot be looked at."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def read_identities(path: "str | os.PathLike[str]") -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
+    """What reading ``path`` reads, as :func:`identity` values ``(files, directories)``: a directory (a checkpoint)
+    and each regular file in it; or a file."""
+    p = Path(path)
+    if p.is_dir():
+        try:
+            files = {identity(f) for f in p.iterdir() if f.is_file()}
+        except OSError:
+            files = set()
+        return {i for i in files if i is not None}, {i for i in (identity(p),) if i is not None}
+    return {i for i in (identity(p),) if i is not None}, set()
+
+
+def overwrites(out: "str | os.PathLike[str]", files: set[tuple[int, int]], directories: set[tuple[int, int]],
+               into: bool = False) -> str | None:
+    """Why writing ``out`` would write over something read (``files`` and ``directories``: :func:`read_identities`),
+    whatever name it is given, else None: ``out`` is one of the files (a hard link to it is the same file), or
+    lies in one of the directories (through any link or mount). With ``into`` (``out`` a directory written into),
+    a file already in it that is one of the files counts too."""
+    real = Path(os.path.realpath(Path(out).expanduser()))
+    if identity(real) in files:
+        return "is a file this command reads (under another name: a hard link or a link)"
+    for place in (real, *real.parents):
+        if identity(place) in directories:
+            return f"is inside the checkpoint directory {place}, which this command reads"
+    if into and real.is_dir():
+        try:
+            inside = next((f for f in real.iterdir() if identity(f) in files), None)
+        except OSError:
+            inside = None
+        if inside is not None:
+            return f"holds {inside.name}, which is a file this command reads (a hard link or a link to it)"
+    return None

@@ -29,6 +29,7 @@ from safetensors.numpy import save_file
 
 from .. import schema
 from ..errors import Lfm2npError, shown
+from ..io.files import overwrites, read_identities
 from ..model import Model
 from ..ops import ROUTER_NORM_EPS
 from .trace import record
@@ -97,6 +98,11 @@ def write_golden(model: Model, ids: Any, out: "str | os.PathLike[str]", layers: 
     c, W = model.config, model.params
     wanted = _checked_layers(layers, c.num_hidden_layers)
     out = _checked_out(out)
+    source = W.describe().get("path")  # never write over what the model reads (its weights are read lazily)
+    why = None if source is None else overwrites(out, *read_identities(source), into=True)
+    if why is not None:
+        raise Lfm2npError(f"out {out}: {why.replace('this command reads', 'the model reads')}; choose another "
+                          f"directory")
     if model.check_ids(ids).ndim != 1:
         raise Lfm2npError(f"golden vectors are written for one sequence of ids, shape (T,); got shape "
                           f"{np.shape(ids)}")
