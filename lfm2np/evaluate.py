@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import AbstractSet, Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -107,6 +107,10 @@ def perplexity(model: Any, ids: Iterable[int], window: int | None = None, stride
     scored token), ``nll_sum``, ``tokens`` (scored: N - 1), ``input_tokens`` (N), ``window``, ``stride`` and
     ``windows`` (how many forward passes), ``nll_stderr`` and ``perplexity_stderr`` (the module docstring:
     over tokens; NaN for a single scored token). ``progress`` is called after each window."""
+    if not all(hasattr(model, attr) for attr in ("check_ids", "forward", "config")):
+        raise Lfm2npError(f"perplexity takes an lfm2np Model (lfm2np.load); got {type(model).__name__}")
+    if isinstance(ids, (AbstractSet, Mapping)):  # no order of ids (or keys taken for ids)
+        raise Lfm2npError(f"perplexity takes a sequence of ids; got a {type(ids).__name__}, which has no order")
     if progress is not None and not callable(progress):
         raise Lfm2npError(f"progress is {shown(progress)}; expected a function progress(window, windows, result) or None")
     ids = model.check_ids(list(ids))

@@ -279,3 +279,95 @@ def test_write_golden_never_writes_into_the_directory_its_model_reads(tmp_path, 
     refused(lambda: write_golden(model, [1, 2], holder), "model.safetensors", "the model reads")
     assert fingerprints(checkpoint) == before
     assert (write_golden(model, [1, 2], tmp_path / "elsewhere") / "manifest.json").is_file()
+
+
+# ========================================================== traces, sampling, the tokenizer: arguments checked
+def test_record_patterns_one_glob_is_one_glob():
+    """record(model, ids, "model.layers.0.*") matched per character: its "*" recorded every intermediate."""
+    from lfm2np.oracle.trace import record
+
+    model = moe_model()
+    _, layer0 = record(model, [1, 2], "model.layers.0.*")
+    _, listed = record(model, [1, 2], ["model.layers.0.*"])
+    _, everything = record(model, [1, 2])
+    assert layer0.names() == listed.names() and 0 < len(layer0) < len(everything)
+    assert all(n.startswith("model.layers.0.") for n in layer0.names())
+    for patterns, needle in ((5, "patterns is 5"), ([5], "holds 5"), ([None], "holds None"), ([["x"]], "holds")):
+        refused(lambda: record(model, [1, 2], patterns), needle)
+    refused(lambda: record(5, [1, 2]), "record", "Model")
+
+
+def test_trace_values_and_paths_refused_before_anything_is_written(tmp_path):
+    from lfm2np.oracle.trace import Trace
+
+    for tensors, needle in (({"x": "abc"}, "'x'"), ({"x": np.array([1j])}, "complex"), ({5: np.zeros(2)}, "5"),
+                            ({"x": None}, "'x'"), ([1, 2], "dict")):
+        refused(lambda: Trace(tensors), needle)
+    for meta in ({"a": float("nan")}, {"a": {1}}, {"a": DEEP}):
+        out = tmp_path / "t"
+        refused(lambda: Trace({"x": np.zeros(2)}, meta).save(out), "meta", "strict JSON")
+        assert not list(tmp_path.iterdir())  # a NaN made the summary fail after the tensors were written
+    (tmp_path / "s.json").mkdir()
+    refused(lambda: Trace({"x": np.zeros(2)}).save(tmp_path / "s"), "s.json", "summary")  # IsADirectoryError
+    for path in (5, "", None):
+        refused(lambda: Trace({"x": np.zeros(2)}).save(path), "trace path")
+        refused(lambda: Trace.load(path), "trace path")
+    assert Trace({"x": np.float32(1)}).save(tmp_path / "scalar").is_file()
+
+
+def test_choosing_a_token_from_logits_no_token_can_come_from():
+    """sample() with NaN logits chose id 0 (greedy) or raised IndexError; +inf had probability 0; 2-D or empty
+    logits an IndexError; a seen id past int64 an OverflowError."""
+    from lfm2np.generate import Sampling, probabilities, process_logits, sample, sampling_for
+
+    rng = np.random.default_rng(0)
+    for logits, needle in ((np.full(5, np.nan), "nan at id 0"), (np.array([0.0, np.inf, 1.0]), "inf at id 1"),
+                           (np.full(5, -np.inf), "-inf everywhere"), (np.zeros((2, 5)), "(2, 5)"),
+                           (np.zeros(0), "(0,)"), ("abc", "<U3")):
+        for sampling in (Sampling(), Sampling(temperature=1.0)):
+            refused(lambda: sample(logits, sampling, rng), needle)
+        refused(lambda: probabilities(logits, Sampling(temperature=1.0)), needle)
+    z = np.array([0.0, 1.0, -np.inf])
+    assert sample(z, Sampling(), rng) == 1 and probabilities(z, Sampling(temperature=1.0))[2] == 0
+    assert sample(z, Sampling(repetition_penalty=2.0), rng, seen=[HUGE, 5]) == 1  # ids no row has are not seen
+    refused(lambda: process_logits(z, Sampling(repetition_penalty=2.0), seen=["a"]), "seen")
+    refused(lambda: process_logits(z, "greedy"), "Sampling")
+    refused(lambda: sampling_for([("temperature", 1.0)]), "defaults")
+
+
+def test_generation_perplexity_and_decode_take_ordered_ids_and_a_model():
+    """A set or a dict was taken for a prompt (its keys, in hash order) without a word."""
+    from lfm2np.evaluate import perplexity
+    from lfm2np.generate import Generation, generate
+    from lfm2np.io.tokenizer import Tokenizer
+
+    model = moe_model()
+    for ids in ({1, 2}, {1: 2}):
+        refused(lambda: generate(model, ids, 2), "no order")
+        refused(lambda: Generation(model, [1], 2, context_ids=ids), "no order")
+        refused(lambda: perplexity(model, ids), "no order")
+    for fn in (lambda: generate(5, [1, 2], 2), lambda: Generation("model", [1], 2), lambda: perplexity(None, [1, 2])):
+        refused(fn, "Model")
+    tok = Tokenizer.load(lfm2np.embedded.embedded_model_path())
+    for ids in ({1, 2}, {1: 2}):
+        refused(lambda: tok.decode(ids), "decode")
+        refused(lambda: tok.stop_ids(ids), "stop_ids")
+    refused(lambda: tok.stop_ids([2**63]), "stop_ids")
+
+
+def test_the_tokenizer_api_with_values_its_formats_cannot_hold():
+    from lfm2np.io.tokenizer import Tokenizer, format_chat
+
+    tok = Tokenizer.load(lfm2np.embedded.embedded_model_path())
+    for path in (5, None, ""):
+        refused(lambda: Tokenizer.load(path), "Tokenizer.load")
+    refused(lambda: tok.token_to_id("\ud800"), "token_to_id", "surrogate")
+    user = [{"role": "user", "content": "hi"}]
+    for content in ({1, 2}, b"x", object(), DEEP, HUGE, {(1, 2): 3}):  # TypeError, RecursionError, ValueError
+        refused(lambda: tok.apply_chat_template([{"role": "user", "content": content}], use_builtin=True),
+                "message 0's content", "JSON")
+    refused(lambda: tok.apply_chat_template(user, tools=[{"a": {1}}], use_builtin=True), "tools[0]", "JSON")
+    for flag in ("add_generation_prompt", "use_builtin"):
+        refused(lambda: tok.apply_chat_template(user, **{flag: "no"}), flag)
+    refused(lambda: format_chat(user, bos_token=5), "bos_token")
+    assert tok.apply_chat_template(user, use_builtin=True) == format_chat(user)

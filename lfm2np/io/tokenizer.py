@@ -29,7 +29,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import AbstractSet, Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer as Backend
@@ -49,10 +49,14 @@ ROLES = ("system", "user", "assistant", "tool")
 Message = Mapping[str, Any]
 
 
-def _tojson(value: Any) -> str:
+def _tojson(value: Any, what: str = "a value") -> str:
     """JSON as transformers' chat templates write it (``tojson``): no ASCII escaping, no key sorting,
-    ``", "`` and ``": "`` separators."""
-    return json.dumps(value, ensure_ascii=False)
+    ``", "`` and ``": "`` separators. A value JSON cannot write (a set, bytes, an object, nesting too deep, an
+    integer of thousands of digits) is an error naming ``what``."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise Lfm2npError(f"{what} cannot be written as JSON ({str(e)[:100]})") from None
 
 
 def format_chat(messages: Sequence[Message], tools: Sequence[Any] | None = None,
@@ -65,17 +69,20 @@ def format_chat(messages: Sequence[Message], tools: Sequence[Any] | None = None,
     """
     _check_messages(messages)
     _check_tools(tools)
+    _check_flag(add_generation_prompt, "add_generation_prompt")
+    if not isinstance(bos_token, str):
+        raise Lfm2npError(f"bos_token must be a token string; got {_what(bos_token)}")
     system, rest = "", list(messages)
     if rest and rest[0]["role"] == "system":
         system, rest = rest[0]["content"], rest[1:]
     if tools:
-        listed = ", ".join(t if isinstance(t, str) else _tojson(t) for t in tools)
+        listed = ", ".join(t if isinstance(t, str) else _tojson(t, f"tools[{i}]") for i, t in enumerate(tools))
         system = system + ("\n" if system else "") + f"List of tools: {TOOL_LIST_START}[{listed}]{TOOL_LIST_END}"
     out = [bos_token]
     if system:
         out.append(f"{IM_START}system\n{system}{IM_END}\n")
-    for m in rest:
-        content = m["content"] if isinstance(m["content"], str) else _tojson(m["content"])
+    for i, m in enumerate(rest, start=len(messages) - len(rest)):
+        content = m["content"] if isinstance(m["content"], str) else _tojson(m["content"], f"message {i}'s content")
         if m["role"] == "tool":
             content = f"{TOOL_RESPONSE_START}{content}{TOOL_RESPONSE_END}"
         out.append(f"{IM_START}{m['role']}\n{content}{IM_END}\n")
@@ -137,7 +144,8 @@ def _id_sequence(ids: Any, what: str) -> Iterable[Any]:
     """``ids`` as an iterable of ids (a sequence, an array with an axis, an iterator); never text, bytes or a
     single number."""
     zero_d = isinstance(ids, np.ndarray) and ids.ndim == 0
-    if isinstance(ids, (str, bytes, bytearray)) or zero_d or not isinstance(ids, Iterable):
+    unordered = isinstance(ids, (AbstractSet, Mapping))  # no order of ids (or keys taken for ids)
+    if isinstance(ids, (str, bytes, bytearray)) or zero_d or unordered or not isinstance(ids, Iterable):
         raise Lfm2npError(f"{what} takes a sequence of token ids; got {_what(ids)}")
     return ids
 
@@ -176,6 +184,9 @@ class Tokenizer:
     def load(cls, model: "str | os.PathLike[str]") -> "Tokenizer":
         """The tokenizer of any model argument: a ``.gguf`` file (the tokenizer it carries), a checkpoint
         directory, or a repo id in the local Hugging Face cache."""
+        if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
+            raise Lfm2npError(f"Tokenizer.load takes a checkpoint directory, a cached repo id or a .gguf file; got "
+                              f"{_what(model)}")
         if str(model).lower().endswith(".gguf"):
             return cls.from_gguf(model)
         return cls.from_dir(hub.resolve(model))
@@ -249,6 +260,7 @@ class Tokenizer:
         """The id of ``token`` (a string), or None when it is not a token."""
         if not isinstance(token, str):
             raise Lfm2npError(f"token_to_id takes a token string; got {_what(token)}")
+        _check_text(token, "token_to_id")  # a lone surrogate: no UTF-8 bytes to look up
         return self.backend.token_to_id(token)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
@@ -288,8 +300,8 @@ class Tokenizer:
         extra = [extra] if isinstance(extra, (int, np.integer)) and not isinstance(extra, (bool, np.bool_)) else \
             _id_sequence(extra, "stop_ids")
         for i in extra:
-            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) or i < 0:
-                raise Lfm2npError(f"stop_ids: {_what(i)} is not a token id (an integer >= 0)")
+            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) or not 0 <= i < 2**63:
+                raise Lfm2npError(f"stop_ids: {_what(i)} is not a token id (an integer in 0 .. 2**63 - 1)")
         names = {IM_END, EOS_TEXT, self.special.get("eos_token", IM_END)}
         ids = {self.token_to_id(n) for n in names}
         return {i for i in ids if i is not None} | {int(i) for i in extra}
@@ -325,6 +337,9 @@ class Tokenizer:
         dependency, is missing from the installation."""
         _check_messages(messages)
         _check_tools(tools)
+        _check_flag(add_generation_prompt, "add_generation_prompt")
+        if use_builtin is not None:
+            _check_flag(use_builtin, "use_builtin")
         if use_builtin is None:
             use_builtin = self.chat_template is None or not have_jinja2()
             if self.chat_template is not None and use_builtin and not self._said_builtin:

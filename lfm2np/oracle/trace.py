@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -35,8 +35,34 @@ def llama_cpp_alias(name: str) -> str | None:
     return names[0] if names else None
 
 
-def matches(name: str, patterns: Sequence[str] | None) -> bool:
+def matches(name: str, patterns: "Sequence[str] | str | None") -> bool:
+    """Whether ``name`` matches one of the fnmatch globs ``patterns`` (None or empty: everything; one string is one
+    glob, never a glob per character)."""
+    if isinstance(patterns, str):
+        patterns = (patterns,)
     return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def checked_patterns(patterns: Any) -> "tuple[str, ...] | None":
+    """``patterns`` of :func:`record` (and compare): None, one glob (a string) or a list of globs (strings), as a
+    tuple; an :class:`Lfm2npError` naming the argument otherwise."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return (patterns,)
+    if not isinstance(patterns, (list, tuple)):
+        raise Lfm2npError(f"patterns is {shown(patterns)}; expected a glob (a str) or a list of globs, e.g. "
+                          f"['model.layers.3.*']")
+    odd = next((p for p in patterns if not isinstance(p, str)), None)
+    if odd is not None or any(not isinstance(p, str) for p in patterns):
+        raise Lfm2npError(f"patterns holds {shown(odd)}; each pattern is a glob (a str)")
+    return tuple(patterns)
+
+
+def _check_model(model: Any, what: str) -> None:
+    """A model for :func:`record` and the like: an lfm2np Model, or a stand-in with its check_ids, forward, config."""
+    if not all(hasattr(model, attr) for attr in ("check_ids", "forward", "config")):
+        raise Lfm2npError(f"{what} takes an lfm2np Model (lfm2np.load); got {type(model).__name__}")
 
 
 def is_trace_name(name: str) -> bool:
@@ -80,7 +106,17 @@ class Trace:
     """Named intermediates of one forward pass, in forward order."""
 
     def __init__(self, tensors: "dict[str, np.ndarray] | None" = None, meta: "dict[str, Any] | None" = None):
-        self.tensors: dict[str, np.ndarray] = dict(tensors or {})
+        if not isinstance(tensors, (Mapping, type(None))) or not isinstance(meta, (Mapping, type(None))):
+            raise Lfm2npError(f"a Trace takes a dict of named arrays and a dict of metadata; got "
+                              f"{type(tensors).__name__} and {type(meta).__name__}")
+        self.tensors: dict[str, np.ndarray] = {}
+        for name, value in (tensors or {}).items():
+            a = np.asarray(value) if isinstance(value, (np.ndarray, np.generic)) else None
+            if not isinstance(name, str) or a is None or a.dtype.kind not in "biuf":
+                what = f"a {type(value).__name__}" if a is None else f"an array of {a.dtype}"
+                raise Lfm2npError(f"trace tensor {shown(name)} is {what}; a trace holds arrays of real numbers "
+                                  f"under string names")
+            self.tensors[name] = a
         self.meta: dict[str, Any] = dict(meta or {})
 
     def __contains__(self, name: str) -> bool:
@@ -109,19 +145,26 @@ class Trace:
 
     def save(self, path: "str | os.PathLike[str]") -> Path:
         """Write ``path`` (safetensors, tensors in forward order) and ``path`` with ``.json`` (the summary)."""
-        path = Path(path)
+        path = _trace_path(path)
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors")
         order = list(self.tensors)
-        try:
-            save_file({n: np.ascontiguousarray(a) for n, a in self.tensors.items()}, str(path),
-                      metadata={"lfm2np_trace": "1", "order": json.dumps(order), "meta": json.dumps(self.meta)})
-        except Exception as e:  # safetensors' own error type: a directory in the way, a full disk
-            raise Lfm2npError(f"{path}: cannot write the trace ({e})") from None
+        try:  # the metadata first: strict JSON (a NaN would be written, then refused in the summary)
+            meta = json.dumps(self.meta, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise Lfm2npError(f"{path}: the trace's meta is not strict JSON ({e}); nothing was written") from None
         summary = {n: {k: json_number(v) if isinstance(v, float) else v for k, v in row.items()}
                    for n, row in self.summary().items()}  # strict JSON: a NaN tensor's mean is "nan"
-        path.with_suffix(".json").write_text(json.dumps({"meta": self.meta, "tensors": summary}, indent=1,
-                                                        allow_nan=False))
+        try:
+            save_file({n: np.ascontiguousarray(a) for n, a in self.tensors.items()}, str(path),
+                      metadata={"lfm2np_trace": "1", "order": json.dumps(order), "meta": meta})
+        except Exception as e:  # safetensors' own error type: a directory in the way, a full disk
+            raise Lfm2npError(f"{path}: cannot write the trace ({e})") from None
+        summary_path = path.with_suffix(".json")
+        try:
+            summary_path.write_text(json.dumps({"meta": self.meta, "tensors": summary}, indent=1, allow_nan=False))
+        except OSError as e:
+            raise Lfm2npError(f"{summary_path}: cannot write the trace's summary ({e.strerror or e})") from None
         return path
 
     @classmethod
@@ -135,7 +178,7 @@ class Trace:
         floating-point tensors under trace names (integers for the chosen experts; bf16 is widened to float32
         exactly); no more data than this machine's memory. NaN and infinities are kept as they are:
         :func:`~lfm2np.oracle.compare.compare` reports every tensor that holds one as failed."""
-        path = Path(path)
+        path = _trace_path(path)
         f = SafetensorsFile(path, dtypes=tuple(STORAGE))
         order = _json_field(path, f.metadata, "order", list, list(f.tensors))
         for name in order:
@@ -162,6 +205,13 @@ class Trace:
         return cls(tensors, meta)
 
 
+def _trace_path(path: Any) -> Path:
+    """``path`` of :meth:`Trace.save` / :meth:`Trace.load`: a str or a path, not empty."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise Lfm2npError(f"a trace path is a file name (a str or a path); got {shown(path)}")
+    return Path(path)
+
+
 def from_transformers(captured: "dict[str, np.ndarray]") -> Trace:
     """A trace from tensors captured with forward hooks on a transformers LFM2 or LFM3 model (keys: module path +
     ``.output``, or the function-level steps, as ``tools/make_fixtures.py`` and
@@ -179,6 +229,8 @@ def record(model: Any, ids: Any, patterns: Sequence[str] | None = None,
     """Run ``model`` on one sequence ``ids`` (T,) and record the intermediates whose names match one of
     ``patterns`` (fnmatch globs, e.g. ``"model.layers.3.*"``; None: all). Returns the logits and the trace.
     (The names and the recording protocol are :meth:`lfm2np.Model.forward`'s ``record``.)"""
+    _check_model(model, "record")
+    patterns = checked_patterns(patterns)
     ids = model.check_ids(ids)
     if ids.ndim != 1:
         raise Lfm2npError(f"a trace records one sequence, shape (T,); got shape {ids.shape}")
@@ -206,6 +258,7 @@ def hidden_states(model: Any, ids: Any, *, final_norm: bool = True) -> list[np.n
     (``model.embedding_norm``) applied to the last layer's output. ``final_norm=False`` gives the last
     layer's raw output there instead (the trace's ``model.layers.{L-1}``). Built on the record protocol:
     the same values as the trace names ``model.embed_tokens``, ``model.layers.{i}``, ``model.embedding_norm``."""
+    _check_model(model, "hidden_states")
     ids = model.check_ids(ids)
     if ids.ndim != 1:
         raise Lfm2npError(f"hidden_states takes one sequence, shape (T,); got shape {ids.shape}")
