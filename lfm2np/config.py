@@ -38,7 +38,7 @@ from .config_keys import (ATTENTION, CONV, LAYER_KINDS, LIMITS, MAX_TENSORS, MOD
 from .errors import Lfm2npError, shown
 
 __all__ = ["ATTENTION", "CONV", "Config", "LAYER_KINDS", "LIMITS", "MODEL_TYPES", "ROPE_READINGS", "ROPE_TYPES",
-           "Rope", "SLIDING", "check_rope_reading", "effective_ffn_dim"]
+           "Rope", "SLIDING", "check_rope_reading", "checked_config", "effective_ffn_dim"]
 
 def effective_ffn_dim(intermediate_size: int, auto_adjust: bool, multiplier: float | None, multiple_of: int) -> int:
     """Width of the dense SwiGLU of an ``lfm2`` layer, as the reference computes it.
@@ -54,6 +54,13 @@ def effective_ffn_dim(intermediate_size: int, auto_adjust: bool, multiplier: flo
             f = int(multiplier * f)
             f = multiple_of * ((f + multiple_of - 1) // multiple_of)
     return f
+
+
+def checked_config(config: Any) -> "Config":
+    """``config`` when it is a :class:`Config`, else an :class:`Lfm2npError` (not an AttributeError deep inside)."""
+    if not isinstance(config, Config):
+        raise Lfm2npError(f"expected an lfm2np Config (lfm2np.load_config); got {type(config).__name__}")
+    return config
 
 
 def check_rope_reading(reading: Any) -> str:

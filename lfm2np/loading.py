@@ -97,7 +97,9 @@ def _load(path: "str | os.PathLike[str]", dtype: Any, strict: bool, memory_budge
         except BaseException:
             source.close()
             raise
-    return Model(config, lazy_weights(source, tensors, mode, memory_budget), mode)
+    weights = lazy_weights(source, tensors, mode, memory_budget)
+    weights.config = config  # the layout is this config's: the Model need not compute it again
+    return Model(config, weights, mode)
 
 
 def lazy_weights(source: TensorSource, tensors: "list[Any]", mode: Any, memory_budget: Any) -> Lazy:

@@ -107,8 +107,10 @@ class Model:
             if params.mode != self.numerics.name:
                 raise Lfm2npError(f"these weights were loaded for {params.mode}, not {self.numerics.name}: "
                                   f"load the model with dtype={shown(self.numerics.name)}")
-            want = {t.name: t.shape for t in schema.layout(config)}
-            check_tensors({t.name: t.shape for t in params.layout}, want, "weights", True, schema.describe(config))
+            if params.config != config:  # weights made for another config (the loader's are for this one)
+                want = {t.name: t.shape for t in schema.layout(config)}
+                check_tensors({t.name: t.shape for t in params.layout}, want, "weights", True,
+                              schema.describe(config))
         else:
             params = _in_memory(config, params, self.numerics, strict)
         self.params: Weights = params

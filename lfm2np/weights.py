@@ -88,6 +88,8 @@ class Weights(Mapping[str, np.ndarray]):
 
     mode: str
     layout: "list[Tensor]"
+    #: the config whose layout these weights hold, when the loader knows it (None: a Model checks the layout)
+    config: Any = None
 
     def rows(self, name: str, index: np.ndarray) -> np.ndarray:
         """``self[name][index]``, without producing the whole tensor where it is not kept."""

@@ -371,3 +371,63 @@ def test_the_tokenizer_api_with_values_its_formats_cannot_hold():
         refused(lambda: tok.apply_chat_template(user, **{flag: "no"}), flag)
     refused(lambda: format_chat(user, bos_token=5), "bos_token")
     assert tok.apply_chat_template(user, use_builtin=True) == format_chat(user)
+
+
+# ============================================================== calculators, Port, schema and dumps from Python
+def test_calculators_refuse_what_is_no_config_size_or_name():
+    """Every calculator took anything for a config (AttributeError), a format or a cache type (a str() of it: a
+    ValueError for a huge integer, RecursionError for a deep list); max_context compared a str budget (TypeError)
+    and took NaN for 0; flops overflowed a float for a huge context; format_bytes raised on NaN or huge integers."""
+    from lfm2np import calc
+
+    c = lfm2np.load_config("LFM2-350M")
+    for fn in (calc.param_counts, calc.param_breakdown, calc.attention_only, lambda x: calc.flops(x, 10),
+               lambda x: calc.memory(x), lambda x: calc.weight_bytes(x), lambda x: calc.kv_cache_bytes(x, 10),
+               lambda x: calc.conv_state_bytes(x), lambda x: calc.compute_buffer_bytes(x),
+               lambda x: calc.kv_bytes_per_token(x), lambda x: calc.hybrid_savings(x), lfm2np.trace_names,
+               lfm2np.expected_tensors):
+        for config in (5, None, "LFM2-350M"):
+            refused(lambda: fn(config), "Config")
+    for value in (HUGE, DEEP, 5, None):
+        refused(lambda: calc.weight_bytes(c, value), "format")
+        refused(lambda: calc.kv_bytes_per_token(c, value), "KV cache type")
+        refused(lambda: calc.parse_bytes(value) if value != 5 else calc.parse_bytes(-5), "not a size")
+    for context in (HUGE, 2**63, 0):
+        refused(lambda: calc.flops(c, context), "context")
+        refused(lambda: calc.memory(c, context=context), "context")
+    for budget in ("8G", None, float("nan"), -1, 1.5, [1]):
+        refused(lambda: calc.max_context(c, "Q4_K_M", budget), "budget")
+    refused(lambda: calc.hybrid_savings(c, 4096), "contexts")
+    for n in (float("nan"), "x", None):
+        refused(lambda: calc.format_bytes(n), "format_bytes")
+    assert calc.format_bytes(HUGE) == "<an integer of 5001 digits> B"
+    assert calc.format_bytes(1234567890) == "1.23 GB (1.15 GiB)"
+
+
+def test_port_switches_are_checked_where_they_silently_did_nothing_or_raised():
+    """Port(layers=(99,)) on a 4-layer model, experts=(99,), output_gate='no' (true) and router_scaling=None (false)
+    ran silently; rope_theta='x', attention_scale='x' and conv_restart=1.5 raised TypeError or ValueError."""
+    from lfm2np.oracle.port import Port, run
+
+    model = moe_model()
+    for switches, needle in (({"rope_theta": "x"}, "rope_theta"), ({"rope_theta": -1.0}, "rope_theta"),
+                             ({"attention_scale": float("inf")}, "attention_scale"),
+                             ({"conv_restart": 1.5}, "conv_restart"), ({"conv_restart": 0}, "conv_restart"),
+                             ({"output_gate": "no"}, "output_gate"), ({"router_scaling": None}, "router_scaling")):
+        refused(lambda: Port(**switches), needle)
+    for switches, needle in (({"layers": (99,)}, "Port.layers names 99"), ({"experts": (99,)}, "Port.experts"),
+                             ({"layers": (HUGE,)}, "Port.layers")):
+        refused(lambda: run(model, [1, 2], Port(**switches)), needle)
+    refused(lambda: run(model, [1, 2], "softmax"), "Port")
+    assert run(model, [1, 2], Port(layers=(0,))).shape == (2, TINY_MOE.vocab_size)
+
+
+def test_load_dump_checks_its_path_and_the_ids_it_is_given(tmp_path):
+    from lfm2np.oracle.dumps import load_dump
+
+    path = tmp_path / "d.npz"
+    np.savez(path, ids=np.array([1, 2, 3]), logits=np.zeros((3, 97), np.float32))
+    for bad in (5, None, ""):
+        refused(lambda: load_dump(bad), "dump")
+    refused(lambda: load_dump(path, ids=[-1, 2, 3], vocab_size=97), str(path), "ids given", "-1")
+    assert load_dump(path, ids=[4, 5, 6], vocab_size=97).ids.tolist() == [4, 5, 6]

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import Config
+from ..config import Config, checked_config
 from ..errors import Lfm2npError, shown
 from ..io.gguf import gguf_layout
 from ..io.gguf_names import GgufTensor, quantisable
@@ -176,6 +176,7 @@ def tensor_types(config: Config, file_type: str = "Q4_K_M", *, imatrix: bool = F
     attn_v is). Float file types (F32/F16/BF16) store every quantisable tensor in that type and the rest in
     F32, exactly as ``convert_hf_to_gguf.py --outtype`` does.
     """
+    checked_config(config)
     ftype = normalise_file_type(file_type)
     default = FILE_TYPES[ftype]
     tensors = gguf_layout(config, fuse_qkv)

@@ -63,6 +63,10 @@ def parse_size(text: Any, what: str = "size") -> int:
     K, M, G, T (as GNU ``sort -S``, ``dd``, Docker and the JVM read them) powers of 1024; any case.
     :class:`Lfm2npError` naming ``what`` otherwise (and above 2^62 bytes). The one reader of sizes: the
     command line's (:func:`lfm2np.calc.parse_bytes`) is this one."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, np.integer)) or \
+            (not isinstance(text, str) and not 0 <= text <= MAX_SIZE):
+        raise Lfm2npError(f"{what} {shown(text)} is not a size; expected a number of bytes or a size such as "
+                          f"'32GB' or '8G'")
     m = _SIZE.fullmatch(str(text))
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:

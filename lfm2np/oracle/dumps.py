@@ -234,6 +234,8 @@ def load_dump(path: "str | os.PathLike[str]", ids: Sequence[int] | None = None, 
                           f"or a token stream (ids + tokens): split it into two files")
     if "ids" in arrays and ids is None:
         _check_ids(path, "ids", arrays["ids"], vocab_size)
+    elif ids is not None:  # the ids given for the dump: the same check, naming them as given
+        _check_ids(path, "the ids given", _int_array(ids, f"{path}: the ids given"), vocab_size)
     if "tokens" in arrays:
         _check_ids(path, "tokens", arrays["tokens"], vocab_size)
     if "logits" in arrays:
@@ -262,6 +264,8 @@ def _positions(path: Path, dump: Dump) -> Dump:
 def _dump_file(path: "str | os.PathLike[str]") -> Path:
     """``path`` if it is a regular file; otherwise an error saying what it is (a directory, a FIFO, a loop of
     links, nothing), found without opening it (opening a FIFO would wait for a writer)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise Lfm2npError(f"a dump is the path of an .npz or a .safetensors file; got {shown(path)}")
     path = Path(path)
     try:
         mode = os.stat(path).st_mode

@@ -23,6 +23,7 @@ names when the handler is registered.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -94,6 +95,18 @@ class Port:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise Lfm2npError(f"Port.{name} is {shown(getattr(self, name))}; expected one of {', '.join(allowed)}")
+        for name in ("router_bias_in_weights", "router_scaling", "router_renorm", "output_gate", "sandwich_norms",
+                     "partial_rotation", "sliding_window"):
+            if not isinstance(getattr(self, name), bool):  # "no" would be true, None false
+                raise Lfm2npError(f"Port.{name} is {shown(getattr(self, name))}; expected True or False")
+        for name in ("rope_theta", "attention_scale"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise Lfm2npError(f"Port.{name} is {shown(value)}; expected None or a positive finite number")
+        p = self.conv_restart
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise Lfm2npError(f"Port.conv_restart is {shown(p)}; expected None or a position >= 1")
         for name in ("layers", "experts"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, tuple) and value and all(
@@ -199,6 +212,14 @@ def run(model: Any, ids: Any, port: Port = REFERENCE,
         observe: Callable[[str, np.ndarray], None] | None = None) -> np.ndarray:
     """The logits ``(T, V)`` of ``ids`` (T,) computed from scratch the way ``port`` says. ``observe(name,
     value)`` sees every intermediate as the pass continued with it (the mutated values)."""
+    if not isinstance(port, Port):
+        raise Lfm2npError(f"port must be an lfm2np Port; got {type(port).__name__}")
+    c = model.config
+    for name, count, what in (("layers", c.num_hidden_layers, "layers"), ("experts", c.num_experts, "experts")):
+        beyond = [i for i in getattr(port, name) or () if i >= count]
+        if beyond:  # a switch that changes nothing would pass for the reference
+            raise Lfm2npError(f"Port.{name} names {shown(beyond[0])}; the model has {count} {what} "
+                              f"({f'0..{count - 1}' if count else 'none'})")
     ids = model.check_ids(ids)
     if ids.ndim != 1:
         raise Lfm2npError(f"a mutated forward pass runs one sequence, shape (T,); got shape {ids.shape}")
