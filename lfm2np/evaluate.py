@@ -36,6 +36,7 @@ from typing import AbstractSet, Any, Callable, Iterable, Mapping
 import numpy as np
 
 from .errors import Lfm2npError, shown
+from .io.files import file_kind
 
 #: The default window: the model's context, at most this many tokens (a NumPy forward stays quick).
 DEFAULT_WINDOW = 2048
@@ -48,8 +49,9 @@ def read_text(path: "str | Path") -> str:
     """The text of a UTF-8 file with its line ends read as ``\n`` (``\r\n`` and a lone ``\r`` too, as
     Python's text mode reads them); :class:`Lfm2npError` naming the file otherwise."""
     file = Path(path)
-    if not file.is_file():
-        raise Lfm2npError(f"{file}: no such file")
+    kind = file_kind(file)
+    if kind is not None:
+        raise Lfm2npError(f"{file}: no such file" if kind == "missing" else f"{file}: is {kind}, not a text file")
     try:
         data = file.read_bytes()
     except OSError as e:

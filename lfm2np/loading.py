@@ -26,7 +26,7 @@ from . import embedded, presets
 from .config import Config, check_rope_reading
 from .errors import Lfm2npError, shown
 from .io import hub
-from .io.files import read_json
+from .io.files import present, read_json
 from .io.gguf import read_gguf_config, read_gguf_source
 from .io.params import parse_budget
 from .io.safetensors import Checkpoint
@@ -145,7 +145,7 @@ def _load_config(x: "str | os.PathLike[str] | Mapping[str, Any]", rope_reading: 
         path = hub.resolve(x)
     if path.is_dir():
         path = path / "config.json"
-        if not path.is_file():
+        if not present(path, "the checkpoint's config.json"):
             ggufs = sorted(p.name for p in path.parent.glob("*.gguf"))[:3]
             hint = f"; it holds GGUF files ({', '.join(ggufs)}): give one of them" if ggufs else ""
             raise Lfm2npError(f"{path.parent}: no config.json in this directory{hint}")

@@ -37,6 +37,7 @@ import numpy as np
 
 from .errors import Lfm2npError, shown
 from .io.chat_template import read_json_object
+from .io.files import present
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -236,7 +237,7 @@ def read_generation_config(path: "str | os.PathLike[str]") -> dict[str, Any]:
     it has none), each validated: an error names the file and the key. Other keys are ignored (``null``
     counts as unset, as in transformers)."""
     file = _config_file(path)
-    if not file.is_file():
+    if not present(file, "the checkpoint's generation config (JSON)"):  # a FIFO in its place is not "no file"
         return {}
     data = read_json_object(file, "generation config")  # bounded, UTF-8, no key twice, no nesting too deep
     out = {}
@@ -256,7 +257,7 @@ def generation_defaults(path: "str | os.PathLike[str]") -> dict[str, Any]:
     transformers' defaults, temperature 1.0 and top_k 50); otherwise decoding is greedy (temperature 0)
     and the file's filters are kept only for when a temperature is given. ``repetition_penalty`` applies
     in both modes. Plus ``stop_ids`` when the file names ``eos_token_id``. {} without a file."""
-    if not _config_file(path).is_file():
+    if not present(_config_file(path), "the checkpoint's generation config (JSON)"):
         return {}
     cfg = read_generation_config(path)
     out: dict[str, Any] = {}

@@ -431,3 +431,41 @@ def test_load_dump_checks_its_path_and_the_ids_it_is_given(tmp_path):
         refused(lambda: load_dump(bad), "dump")
     refused(lambda: load_dump(path, ids=[-1, 2, 3], vocab_size=97), str(path), "ids given", "-1")
     assert load_dump(path, ids=[4, 5, 6], vocab_size=97).ids.tolist() == [4, 5, 6]
+
+
+# =================================================== files that are there but are no files: never told as missing
+def _replace_with(path: Path, kind: str) -> None:
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    else:  # a loop of links
+        path.symlink_to(path.name + ".loop")
+        (path.parent / (path.name + ".loop")).symlink_to(path.name)
+
+
+KIND_WORDS = {"fifo": "FIFO", "directory": "a directory", "device": "character device", "loop": "loop of symbolic"}
+
+
+@pytest.mark.parametrize("kind", list(KIND_WORDS))
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "generation_config.json",
+                                  "tokenizer_config.json", "chat_template.jinja"])
+def test_a_checkpoint_file_that_is_no_file_is_named_as_what_it_is(capsys, checkpoint, name, kind):
+    """model.safetensors as a FIFO, a directory or a loop of links was "no model.safetensors"; config.json and
+    tokenizer.json alike; a generation_config.json that is a FIFO or /dev/zero was skipped as absent (the sampling
+    defaults silently lost)."""
+    _replace_with(checkpoint / name, kind)
+    cli_refuses(capsys, ["generate", str(checkpoint), "--chat", "hi", "-n", "1"], str(checkpoint / name),
+                KIND_WORDS[kind])
+
+
+def test_a_perplexity_file_that_is_no_file_is_named_as_what_it_is(tmp_path):
+    from lfm2np.evaluate import read_text
+
+    os.mkfifo(tmp_path / "fifo")
+    refused(lambda: read_text(tmp_path / "fifo"), "FIFO")
+    refused(lambda: read_text(tmp_path), "a directory")
+    refused(lambda: read_text(tmp_path / "none"), "no such file")

@@ -26,6 +26,7 @@ Every tensor byte lfm2np reads from a safetensors or GGUF file goes through a :c
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -193,6 +194,38 @@ def read_json(path: "str | os.PathLike[str]", what: str, max_bytes: int = MAX_JS
     except OSError as e:
         raise Lfm2npError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
     return parse_json(raw, str(path), what)
+
+
+# ------------------------------------------------------------------------------------- file kinds
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def file_kind(path: "str | os.PathLike[str]") -> str | None:
+    """What ``path`` is when it is not a regular file, found without opening it (opening a FIFO would wait for a
+    writer): ``"missing"`` when nothing is there, else ``"a directory"``, ``"a FIFO (named pipe)"``, ``"a loop of
+    symbolic links"``, ... ; None for a regular file (links followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "missing"
+        return "a loop of symbolic links" if e.errno == errno.ELOOP else f"unreadable ({e.strerror or e})"
+    except ValueError:  # a NUL in the name
+        return "missing"
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def present(path: "str | os.PathLike[str]", what: str) -> bool:
+    """Whether the regular file ``path`` is there (False when nothing is); an :class:`Lfm2npError` naming it and
+    ``what`` it should be when something else is in its place (a directory, a FIFO, a loop of links): never told
+    as missing, nor read as absent."""
+    kind = file_kind(path)
+    if kind not in (None, "missing"):
+        raise Lfm2npError(f"{path}: is {kind}, not a regular file; expected {what}")
+    return kind is None
 
 
 # ------------------------------------------------------------------------------------- outputs

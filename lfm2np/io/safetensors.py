@@ -32,7 +32,7 @@ from ..config import Config
 from ..errors import Lfm2npError, shown
 from ..numerics import bfloat16_bits
 from ..schema import expected_tensors
-from .files import read_json
+from .files import present, read_json
 from .safetensors_file import MAX_HEADER, STORAGE, SafetensorsFile, TensorInfo, widen
 
 __all__ = ["Checkpoint", "SafetensorsFile", "TensorInfo", "read_index", "save_checkpoint", "widen",
@@ -69,10 +69,10 @@ class Checkpoint:
         self.directory = Path(directory)
         index = self.directory / INDEX_FILE
         single = self.directory / SINGLE_FILE
-        if index.is_file():
+        if present(index, "a safetensors index (JSON)"):
             weight_map: dict[str, str] | None = read_index(index)
             files = sorted(set(weight_map.values()))
-        elif single.is_file():
+        elif present(single, "the checkpoint's safetensors file"):
             weight_map, files = None, [SINGLE_FILE]
         else:
             pickled = [p.name for p in self.directory.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
@@ -82,7 +82,7 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         for name in files:
             path = self.directory / name
-            if not path.is_file():
+            if not present(path, f"a shard {index.name} lists"):
                 raise Lfm2npError(f"{index}: lists shard {shown(name)}, which is not a file in {self.directory}")
             shard = self.files[name] = SafetensorsFile(path)
             for tensor, info in shard.tensors.items():

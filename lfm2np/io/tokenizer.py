@@ -38,6 +38,7 @@ from tokenizers.decoders import DecodeStream
 from ..errors import Lfm2npError, shown
 from . import hub
 from .chat_template import have_jinja2, read_json_object, read_text, render_template, template_from_value
+from .files import present
 from .gguf_file import GgufFile
 from .gguf_tokenizer import tokenizer_from_gguf_metadata
 
@@ -215,7 +216,7 @@ class Tokenizer:
         increasing priority)."""
         directory = Path(path)
         file = directory / "tokenizer.json"
-        if not file.is_file():
+        if not present(file, "the checkpoint's tokenizer.json"):
             raise Lfm2npError(f"{directory}: no tokenizer.json")
         text = read_text(file, "tokenizer.json")
         try:
@@ -225,7 +226,7 @@ class Tokenizer:
         special: dict[str, str] = {}
         template, template_source = None, None
         config_file = directory / "tokenizer_config.json"
-        if config_file.exists():
+        if present(config_file, "the tokenizer config (JSON)"):
             config = read_json_object(config_file, "tokenizer config")
             for key in ("bos_token", "eos_token", "pad_token"):
                 value = _special_token(config.get(key), f"{config_file}: {key}")
@@ -237,14 +238,14 @@ class Tokenizer:
             template = template_from_value(config.get("chat_template"), where)
             template_source = where if template is not None else None
         json_file = directory / "chat_template.json"
-        if json_file.exists():
+        if present(json_file, "the chat template file (JSON)"):
             where = f"{json_file}: chat_template"
             holder = read_json_object(json_file, "chat template file")
             value = template_from_value(holder.get("chat_template"), where)
             if value is not None:
                 template, template_source = value, where
         jinja_file = directory / "chat_template.jinja"
-        if jinja_file.exists():
+        if present(jinja_file, "the chat template (a Jinja text file)"):
             template, template_source = read_text(jinja_file, "chat template"), str(jinja_file)
         return cls(backend, template, special, str(directory), template_source=template_source)
 

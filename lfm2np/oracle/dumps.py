@@ -17,10 +17,8 @@ its second call, a decode or a second prefill, began). Every problem with a file
 
 from __future__ import annotations
 
-import errno
 import math
 import os
-import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import Lfm2npError, shown
+from ..io.files import file_kind
 from ..io.params import available_memory
 from ..io.safetensors_file import STORAGE, SafetensorsFile
 from ..schema import layer_of
@@ -267,16 +266,11 @@ def _dump_file(path: "str | os.PathLike[str]") -> Path:
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
         raise Lfm2npError(f"a dump is the path of an .npz or a .safetensors file; got {shown(path)}")
     path = Path(path)
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            raise Lfm2npError(f"{path}: no such dump file") from None
-        what = "a loop of symbolic links" if e.errno == errno.ELOOP else e.strerror or str(e)
-        raise Lfm2npError(f"{path}: cannot read the dump file ({what})") from None
-    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-    what = next((name for test, name in kinds if test(mode)), None if stat.S_ISREG(mode) else "not a regular file")
+    what = file_kind(path)
+    if what == "missing":
+        raise Lfm2npError(f"{path}: no such dump file")
+    if what == "a loop of symbolic links" or (what or "").startswith("unreadable"):
+        raise Lfm2npError(f"{path}: cannot read the dump file ({what})")
     if what is not None:
         raise Lfm2npError(f"{path}: is {what}; a dump is an .npz or a .safetensors file")
     return path
