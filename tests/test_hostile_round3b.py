@@ -469,3 +469,14 @@ def test_a_perplexity_file_that_is_no_file_is_named_as_what_it_is(tmp_path):
     refused(lambda: read_text(tmp_path / "fifo"), "FIFO")
     refused(lambda: read_text(tmp_path), "a directory")
     refused(lambda: read_text(tmp_path / "none"), "no such file")
+
+
+def test_an_empty_perplexity_file_and_doubled_template_names_are_named(tmp_path, capsys, checkpoint):
+    text = tmp_path / "empty.txt"
+    text.write_text("")
+    cli_refuses(capsys, ["perplexity", str(checkpoint), str(text)], str(text), "at least 2 tokens")
+    (checkpoint / "chat_template.jinja").unlink()  # (it wins over chat_template.json)
+    named = [{"name": "default", "template": "x"}, {"name": "default", "template": "y"}]
+    (checkpoint / "chat_template.json").write_text(json.dumps({"chat_template": named}))
+    cli_refuses(capsys, ["generate", str(checkpoint), "--chat", "hi", "-n", "1"], "chat_template.json",
+                "two templates 'default'")

@@ -94,6 +94,10 @@ def template_from_value(value: Any, where: str) -> str | None:
                 raise Lfm2npError(f"{where}[{i}] must be an object with string 'name' and 'template'; "
                                   f"got {_short(entry)}")
             names.append(entry["name"])
+        seen: set[str] = set()
+        twice = next((n for n in names if n in seen or seen.add(n)), None)  # linear: the list may be long
+        if twice is not None:  # which of the two would transformers use? neither is certainly meant
+            raise Lfm2npError(f"{where} names two templates {shown(twice)}; expected each name once")
         for entry in value:
             if entry["name"] == "default":
                 return entry["template"]
