@@ -480,3 +480,21 @@ def test_an_empty_perplexity_file_and_doubled_template_names_are_named(tmp_path,
     (checkpoint / "chat_template.json").write_text(json.dumps({"chat_template": named}))
     cli_refuses(capsys, ["generate", str(checkpoint), "--chat", "hi", "-n", "1"], "chat_template.json",
                 "two templates 'default'")
+
+
+# ================================================================ one line, whatever a name holds
+@pytest.mark.parametrize("char", ["\x0b", "\x0c", "\x1c", "\x1e", "\x85", "\u2028", "\u2029", "\x00", "\x1b"])
+def test_a_message_stays_one_line_whatever_character_a_name_holds(tmp_path, capsys, char):
+    """Only \\n and \\r were escaped: a file name with a vertical tab, a form feed, U+2028 ... printed a message that
+    str.splitlines() (and a terminal) breaks into several lines; a NUL or an escape sequence went out raw."""
+    name = str(tmp_path / f"a{char}b")
+    assert main(["forward", name]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("lfm2np: error: "), ascii(err)
+    assert char not in err and "Traceback" not in err
+
+
+def test_a_nul_in_an_output_name_is_an_argument_error(capsys):
+    """main() given a NUL in --out (only Python can pass one) raised ValueError from os.path.realpath."""
+    for argv in (["trace", "embedded", "--out", "x\0y"], ["golden", "embedded", "--out", "x\0y"]):
+        cli_refuses(capsys, argv, "--out", "NUL")

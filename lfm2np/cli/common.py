@@ -138,6 +138,8 @@ def _path_type(check):
     def convert(value: str) -> Path:
         if not value.strip():  # Path("") is the current directory: never what an empty argument meant
             raise argparse.ArgumentTypeError("an empty path")
+        if "\0" in value:  # no file name holds one (os functions raise ValueError)
+            raise argparse.ArgumentTypeError(f"{shown(value)}: a NUL character in a file name")
         try:
             path = Path(value).expanduser()
             check(value, path)
