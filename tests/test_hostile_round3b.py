@@ -498,3 +498,14 @@ def test_a_nul_in_an_output_name_is_an_argument_error(capsys):
     """main() given a NUL in --out (only Python can pass one) raised ValueError from os.path.realpath."""
     for argv in (["trace", "embedded", "--out", "x\0y"], ["golden", "embedded", "--out", "x\0y"]):
         cli_refuses(capsys, argv, "--out", "NUL")
+
+
+@pytest.mark.parametrize("kind", list(KIND_WORDS))
+def test_a_gguf_or_input_path_that_is_no_file_is_named_as_what_it_is(tmp_path, capsys, kind):
+    """A .gguf MODEL that is a FIFO was 'no such GGUF file'; an input file that is a loop of links 'no such file'."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"")
+    _replace_with(path, kind)
+    for argv in (["forward", str(path)], ["memory", str(path)], ["perplexity", "embedded", str(path)],
+                 ["compare", str(path), str(path)]):
+        cli_refuses(capsys, argv, str(path), KIND_WORDS[kind])

@@ -16,6 +16,7 @@ from ..config import ROPE_READINGS
 from ..errors import Lfm2npError
 from ..embedded import resolve as resolve_embedded
 from ..generate import Generation, Sampling, checked_stop_ids, generation_defaults, sampling_for
+from ..io.files import file_kind
 from ..io.hub import resolve
 from ..io.params import parse_budget
 from ..io.tokenizer import Tokenizer
@@ -154,11 +155,12 @@ def _path_type(check):
 
 
 def _input_file(value: str, path: Path) -> None:
-    """An existing regular file."""
-    if not path.exists():
+    """An existing regular file (what is there instead is named: a directory, a FIFO, a loop of links)."""
+    kind = file_kind(path)
+    if kind == "missing":
         raise argparse.ArgumentTypeError(f"{value}: no such file")
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{value}: not a file")
+    if kind is not None:
+        raise argparse.ArgumentTypeError(f"{value}: is {kind}, not a regular file")
 
 
 def _output_file(value: str, path: Path) -> None:

@@ -32,7 +32,7 @@ from ..config import Config
 from ..errors import Lfm2npError, shown
 from ..numerics import bfloat16_bits
 from ..schema import expected_tensors
-from .files import present, read_json
+from .files import file_kind, present, read_json
 from .safetensors_file import MAX_HEADER, STORAGE, SafetensorsFile, TensorInfo, widen
 
 __all__ = ["Checkpoint", "SafetensorsFile", "TensorInfo", "read_index", "save_checkpoint", "widen",
@@ -82,8 +82,10 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         for name in files:
             path = self.directory / name
-            if not present(path, f"a shard {index.name} lists"):
-                raise Lfm2npError(f"{index}: lists shard {shown(name)}, which is not a file in {self.directory}")
+            kind = file_kind(path)
+            if kind is not None:  # missing, or a directory, a FIFO, a loop of links: named as what it is
+                what = "not a file" if kind == "missing" else f"{kind}, not a regular file"
+                raise Lfm2npError(f"{index}: lists shard {shown(name)}, which is {what} in {self.directory}")
             shard = self.files[name] = SafetensorsFile(path)
             for tensor, info in shard.tensors.items():
                 if tensor in self.tensors:

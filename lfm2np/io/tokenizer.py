@@ -199,7 +199,7 @@ class Tokenizer:
         ``tokenizer.chat_template`` and its BOS / EOS / padding tokens. A file whose pre-tokenizer is not
         LFM2's is refused (``"llama-bpe"``, ``"llama3"``, ``"llama-v3"`` -- the same split -- warn)."""
         path = Path(path)
-        if not path.is_file():
+        if not present(path, "a GGUF file"):
             raise Lfm2npError(f"{path}: no such GGUF file")
         with GgufFile(path) as f:
             metadata = f.metadata
