@@ -509,3 +509,22 @@ def test_a_gguf_or_input_path_that_is_no_file_is_named_as_what_it_is(tmp_path, c
     for argv in (["forward", str(path)], ["memory", str(path)], ["perplexity", "embedded", str(path)],
                  ["compare", str(path), str(path)]):
         cli_refuses(capsys, argv, str(path), KIND_WORDS[kind])
+
+
+def test_the_writing_helpers_refuse_what_they_cannot_write_back(tmp_path):
+    """save_checkpoint(shards=0) wrote an index of no shard (nothing reads it back), shards=10**6 a million files;
+    a file in the way was a FileExistsError; random_params(seed=-1) a ValueError from numpy."""
+    from lfm2np.io.safetensors import save_checkpoint
+
+    params = random_params(TINY_DENSE, seed=1)
+    for shards in (0, -1, 10**6, 1.5, True):
+        refused(lambda: save_checkpoint(tmp_path / "s", TINY_DENSE, params, shards=shards), "shards")
+    assert not (tmp_path / "s").exists()
+    (tmp_path / "file").write_text("x")
+    refused(lambda: save_checkpoint(tmp_path / "file", TINY_DENSE, params), "file", "cannot create")
+    refused(lambda: save_checkpoint(5, TINY_DENSE, params), "directory")
+    path = save_checkpoint(tmp_path / "ok", TINY_DENSE, params, shards=len(params))
+    assert lfm2np.load(path).forward([1, 2]).shape == (2, TINY_DENSE.vocab_size)
+    for seed in (-1, "x", 1.5):
+        refused(lambda: random_params(TINY_DENSE, seed=seed), "seed")
+    refused(lambda: random_params(TINY_MOE, expert_bias_scale=float("nan")), "expert_bias_scale")

@@ -180,9 +180,18 @@ def write_safetensors(path: "str | os.PathLike[str]", tensors: dict[str, np.ndar
 def save_checkpoint(directory: "str | os.PathLike[str]", config: Config, tensors: dict[str, np.ndarray],
                     dtype: str = "float32", shards: int = 1) -> Path:
     """Write ``config.json`` and the tensors (one file, or ``shards`` files with an index) to a directory
-    that :func:`lfm2np.load` reads back. Every expected tensor must be given, with its shape."""
+    that :func:`lfm2np.load` reads back. Every expected tensor must be given, with its shape; ``shards`` is
+    1 .. the number of tensors (0 wrote an index of no shard, which nothing reads back)."""
+    if not isinstance(directory, (str, os.PathLike)) or not str(directory).strip():
+        raise Lfm2npError(f"save_checkpoint: directory is {shown(directory)}; expected the path of a directory")
+    if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= max(1, len(tensors)):
+        raise Lfm2npError(f"save_checkpoint: shards is {shown(shards)}; expected 1 .. {max(1, len(tensors))} "
+                          f"(the number of tensors)")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, a permission
+        raise Lfm2npError(f"{directory}: cannot create the checkpoint directory ({e.strerror or e})") from None
     expected = expected_tensors(config)
     for name, shape in expected.items():
         if name not in tensors or tuple(np.shape(tensors[name])) != shape:
