@@ -528,3 +528,16 @@ def test_the_writing_helpers_refuse_what_they_cannot_write_back(tmp_path):
     for seed in (-1, "x", 1.5):
         refused(lambda: random_params(TINY_DENSE, seed=seed), "seed")
     refused(lambda: random_params(TINY_MOE, expert_bias_scale=float("nan")), "expert_bias_scale")
+
+
+def test_compare_patterns_are_globs_whatever_calls_the_matcher():
+    """compare(a, b, patterns=...) goes through the same matcher: one string is one glob (its "*" matched every
+    name, per character), anything else an error (a TypeError from fnmatch)."""
+    from lfm2np.oracle.compare import compare
+    from lfm2np.oracle.trace import record
+
+    _, trace = record(moe_model(), [1, 2, 3])
+    one = compare(trace, trace, patterns="model.layers.0.*", partial=True)
+    assert one.diffs and all(d.name.startswith("model.layers.0.") for d in one.diffs)
+    for patterns, needle in ((5, "patterns is 5"), ([5], "holds 5")):
+        refused(lambda: compare(trace, trace, patterns=patterns), needle)

@@ -37,9 +37,8 @@ def llama_cpp_alias(name: str) -> str | None:
 
 def matches(name: str, patterns: "Sequence[str] | str | None") -> bool:
     """Whether ``name`` matches one of the fnmatch globs ``patterns`` (None or empty: everything; one string is one
-    glob, never a glob per character)."""
-    if isinstance(patterns, str):
-        patterns = (patterns,)
+    glob, never a glob per character; anything else an error: :func:`checked_patterns`)."""
+    patterns = checked_patterns(patterns)
     return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
