@@ -147,6 +147,9 @@ class Model:
         """
         ids = self.check_ids(ids)
         check_progress(progress)
+        T, context = ids.shape[-1], self.config.max_position_embeddings
+        if T > context:  # before the logits (T, V) are allocated: a million ids asked for gigabytes first
+            raise Lfm2npError(f"positions 0..{T - 1} go past max_position_embeddings {context} of this model")
         if ids.ndim == 2:
             if record is not None:
                 raise Lfm2npError(f"record traces one sequence, shape (T,); got ids of shape {ids.shape}")

@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -541,3 +542,19 @@ def test_compare_patterns_are_globs_whatever_calls_the_matcher():
     assert one.diffs and all(d.name.startswith("model.layers.0.") for d in one.diffs)
     for patterns, needle in ((5, "patterns is 5"), ([5], "holds 5")):
         refused(lambda: compare(trace, trace, patterns=patterns), needle)
+
+
+def test_a_prompt_past_the_context_is_refused_before_its_logits_are_allocated():
+    """forward() of a million ids allocated the (T, V) logits of its chunked prefill before run() refused the
+    positions: a MemoryError (11 GiB for the embedded model) instead of the error naming the context."""
+    model = lfm2np.load("embedded")
+    context = model.config.max_position_embeddings
+    for T in (context + 1, 10**6):
+        ids = np.ones(T, np.int64)
+        tracemalloc.start()
+        try:
+            refused(lambda: model.forward(ids), f"go past max_position_embeddings {context}")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 64 << 20, peak  # (numpy reports its allocations, even untouched ones, to tracemalloc)
