@@ -66,6 +66,8 @@ class Checkpoint:
     :class:`~lfm2np.weights.TensorSource`."""
 
     def __init__(self, directory: "str | os.PathLike[str]"):
+        if not isinstance(directory, (str, os.PathLike)) or not str(directory).strip():
+            raise Lfm2npError(f"a checkpoint is the path of a directory; got {shown(directory)}")
         self.directory = Path(directory)
         index = self.directory / INDEX_FILE
         single = self.directory / SINGLE_FILE
