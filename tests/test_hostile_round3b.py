@@ -524,6 +524,9 @@ def test_the_writing_helpers_refuse_what_they_cannot_write_back(tmp_path):
     (tmp_path / "file").write_text("x")
     refused(lambda: save_checkpoint(tmp_path / "file", TINY_DENSE, params), "file", "cannot create")
     refused(lambda: save_checkpoint(5, TINY_DENSE, params), "directory")
+    from lfm2np.io.safetensors import Checkpoint
+    for bad in (5, None, ""):
+        refused(lambda: Checkpoint(bad), "checkpoint", "directory")
     path = save_checkpoint(tmp_path / "ok", TINY_DENSE, params, shards=len(params))
     assert lfm2np.load(path).forward([1, 2]).shape == (2, TINY_DENSE.vocab_size)
     for seed in (-1, "x", 1.5):
