@@ -561,3 +561,22 @@ def test_a_prompt_past_the_context_is_refused_before_its_logits_are_allocated():
         finally:
             tracemalloc.stop()
         assert peak < 64 << 20, peak  # (numpy reports its allocations, even untouched ones, to tracemalloc)
+
+
+TRACE_META = {"start": ("x", "'start'"), "dtype": (5, "'dtype'"), "model_type": (["x"], "'model_type'"),
+              "weights": (5, "'weights'"), "weights.path": ({"format": "gguf", "path": 5}, "'weights.path'"),
+              "weights.types": ({"format": "gguf", "types": 7}, "'weights.types'")}
+
+
+@pytest.mark.parametrize("field", list(TRACE_META))
+def test_a_trace_file_whose_metadata_fields_have_the_wrong_type(tmp_path, capsys, field):
+    """compare of a trace whose metadata says weights.types is 7 raised TypeError ('int' object is not iterable);
+    a start of 'x' was ignored, of -5 reported as another run."""
+    from safetensors.numpy import save_file
+
+    value, needle = TRACE_META[field]
+    meta = {"ids": [1, 2, 3], field.split(".")[0]: value}
+    path = tmp_path / "a.safetensors"
+    tensors = {"model.layers.0": np.zeros((3, TINY_MOE.hidden_size), np.float32)}
+    save_file(tensors, str(path), metadata={"order": json.dumps(list(tensors)), "meta": json.dumps(meta)})
+    cli_refuses(capsys, ["compare", str(path), str(path)], str(path), needle)

@@ -116,7 +116,7 @@ class Trace:
                 raise Lfm2npError(f"trace tensor {shown(name)} is {what}; a trace holds arrays of real numbers "
                                   f"under string names")
             self.tensors[name] = a
-        self.meta: dict[str, Any] = dict(meta or {})
+        self.meta: dict[str, Any] = checked_meta(dict(meta or {}), "trace")
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -189,7 +189,7 @@ class Trace:
             problem = f"lists {shown(twice)} twice" if twice is not None else \
                 f"leaves out tensor {shown(next(n for n in f.tensors if n not in seen))}"
             raise Lfm2npError(f"{path}: trace metadata 'order' {problem}; expected each tensor once")
-        meta = _json_field(path, f.metadata, "meta", dict, {})
+        meta = checked_meta(_json_field(path, f.metadata, "meta", dict, {}), str(path))
         need = sum((i.end - i.begin) * (2 if i.dtype == "BF16" else 1) for i in f.tensors.values())
         if need > machine_memory():
             raise Lfm2npError(f"{path}: the trace holds {need} bytes of tensors, more than this machine's memory")
@@ -202,6 +202,41 @@ class Trace:
             except MemoryError:
                 raise Lfm2npError(f"{path}: out of memory reading tensor {shown(name)}") from None
         return cls(tensors, meta)
+
+
+def checked_meta(meta: dict[str, Any], where: str) -> dict[str, Any]:
+    """A trace's metadata, its known fields checked (what compare and diagnose read): ``start`` a position (an
+    integer >= 0), ``dtype``/``model``/``model_type`` text (or null), ``weights`` an object whose ``format`` and
+    ``path`` are text and ``types`` counts per stored type (``{"Q8_0": 24}``). ``ids`` is checked where it is read.
+    Other keys are kept as they are."""
+    def bad(key: str, expected: str) -> Lfm2npError:
+        return Lfm2npError(f"{where}: trace metadata {key!r} is {shown(meta_value(key))}; expected {expected}")
+
+    def meta_value(key: str) -> Any:
+        value: Any = meta
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+    start = meta.get("start")
+    if start is not None and (isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < 2**63):
+        raise bad("start", "a position (an integer >= 0)")
+    for key in ("dtype", "model", "model_type"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise bad(key, "text or null")
+    weights = meta.get("weights")
+    if weights is not None:
+        if not isinstance(weights, dict):
+            raise bad("weights", "an object (format, path, types)")
+        for key in ("format", "path", "by"):
+            if weights.get(key) is not None and not isinstance(weights[key], str):
+                raise bad(f"weights.{key}", "text")
+        types = weights.get("types")
+        if types is not None and not (isinstance(types, dict) and all(
+                isinstance(k, str) and isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                for k, n in types.items())):
+            raise bad("weights.types", "an object of tensor counts per stored type, e.g. {\"Q8_0\": 24}")
+    return meta
 
 
 def _trace_path(path: Any) -> Path:
