@@ -296,6 +296,9 @@ def test_record_patterns_one_glob_is_one_glob():
     for patterns, needle in ((5, "patterns is 5"), ([5], "holds 5"), ([None], "holds None"), ([["x"]], "holds")):
         refused(lambda: record(model, [1, 2], patterns), needle)
     refused(lambda: record(5, [1, 2]), "record", "Model")
+    from lfm2np.oracle.trace import hidden_states
+    refused(lambda: hidden_states(model, [1, 2], final_norm="no"), "final_norm")
+    refused(lambda: hidden_states(None, [1, 2]), "hidden_states", "Model")
 
 
 def test_trace_values_and_paths_refused_before_anything_is_written(tmp_path):

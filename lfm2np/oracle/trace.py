@@ -293,6 +293,8 @@ def hidden_states(model: Any, ids: Any, *, final_norm: bool = True) -> list[np.n
     layer's raw output there instead (the trace's ``model.layers.{L-1}``). Built on the record protocol:
     the same values as the trace names ``model.embed_tokens``, ``model.layers.{i}``, ``model.embedding_norm``."""
     _check_model(model, "hidden_states")
+    if not isinstance(final_norm, (bool, np.bool_)):  # "no" would be true
+        raise Lfm2npError(f"final_norm must be True or False; got {shown(final_norm)}")
     ids = model.check_ids(ids)
     if ids.ndim != 1:
         raise Lfm2npError(f"hidden_states takes one sequence, shape (T,); got shape {ids.shape}")
