@@ -360,15 +360,17 @@ class Config:
     def _validate_token_ids(self) -> None:
         V = self.vocab_size
         if not isinstance(self.eos_token_id, tuple) or not self.eos_token_id:
-            raise self._error("eos_token_id", f"is {shown(self.eos_token_id)}; expected an integer or a list of integers")
+            raise self._error("eos_token_id", f"is {shown(self.eos_token_id)}; expected an integer or a list of "
+                                              f"integers")
         for t in self.eos_token_id:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
-                raise self._error("eos_token_id", f"holds {shown(t)}; expected token ids in 0..{V - 1} (the vocabulary)")
+                raise self._error("eos_token_id", f"holds {shown(t)}; expected token ids in 0..{V - 1} (the "
+                                                  f"vocabulary)")
         for name in ("bos_token_id", "pad_token_id"):
             t = getattr(self, name)
             if t is not None and (isinstance(t, bool) or not isinstance(t, int)):
                 raise self._error(name, f"is {shown(t)}; expected an integer token id or null")
-            if t is not None and not -2**63 <= t < 2**63:  # no array of ids holds it (nor a repr of thousands of digits)
+            if t is not None and not -2**63 <= t < 2**63:  # no array of ids holds it (nor a repr of 4300 digits)
                 raise self._error(name, f"is {shown(t)}; expected a token id (an int64) or null")
             if t is not None and not 0 <= t < V:  # unused by the forward pass; transformers only warns too
                 warnings.warn(f"config field {shown(name)} is {shown(t)}, outside the vocabulary 0..{V - 1}",

@@ -181,13 +181,15 @@ def _lfm2_rope(d: Mapping[str, Any], error: Any) -> dict[str, Any]:
     theta = None
     if rope is not None:
         if not isinstance(rope, Mapping):
-            raise error(key, f"is {shown(rope)}; expected an object such as {{'rope_type': 'default', 'rope_theta': ...}}")
+            raise error(key, f"is {shown(rope)}; expected an object such as {{'rope_type': 'default', "
+                             f"'rope_theta': ...}}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise error(f"{key}.rope_type", f"is {shown(rope_type)}; only 'default' RoPE is implemented for LFM2")
         odd = [k for k in rope if k not in ("rope_type", "type", "rope_theta")]
         if odd:
-            raise error(f"{key}.{_key(odd[0])}", f"is {shown(rope[odd[0]])}; an LFM2 {key} holds rope_type and rope_theta only "
+            raise error(f"{key}.{_key(odd[0])}", f"is {shown(rope[odd[0]])}; an LFM2 {key} holds rope_type and "
+                                                 f"rope_theta only "
                                            f"(per-layer-type RoPE is LFM3's)")
         theta = rope.get("rope_theta")
     if theta is None:  # the legacy ``theta`` wins over ``rope_theta``, as in transformers 4.x's Lfm2Config
@@ -210,7 +212,7 @@ def _lfm3_fields(d: Mapping[str, Any], layer_types: tuple[str, ...], error: Any)
         rope = {SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
                 ATTENTION: {"rope_type": "proportional", "rope_theta": 1_000_000.0, "partial_rotary_factor": 0.5}}
     if not isinstance(rope, Mapping) or not rope or not set(rope) <= {SLIDING, ATTENTION}:
-        raise error(key, f"is {shown(rope)}; expected an object keyed by layer type ({shown(SLIDING)}, {shown(ATTENTION)}), "
+        raise error(key, f"is {shown(rope)}; expected an object keyed by layer type ({SLIDING!r}, {ATTENTION!r}), "
                          f"each {{'rope_type': ..., 'rope_theta': ...}} (transformers cannot build LFM3 otherwise)")
     entries = []
     for kind, entry in rope.items():

@@ -114,7 +114,8 @@ def perplexity(model: Any, ids: Iterable[int], window: int | None = None, stride
     if isinstance(ids, (AbstractSet, Mapping)):  # no order of ids (or keys taken for ids)
         raise Lfm2npError(f"perplexity takes a sequence of ids; got a {type(ids).__name__}, which has no order")
     if progress is not None and not callable(progress):
-        raise Lfm2npError(f"progress is {shown(progress)}; expected a function progress(window, windows, result) or None")
+        raise Lfm2npError(f"progress is {shown(progress)}; expected a function progress(window, windows, result) or "
+                          f"None")
     ids = model.check_ids(list(ids))
     if ids.ndim != 1:
         raise Lfm2npError(f"perplexity takes one sequence of ids; got shape {ids.shape}")

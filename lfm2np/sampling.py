@@ -133,7 +133,7 @@ def process_logits(logits: np.ndarray, sampling: Sampling, seen: Iterable[int] =
     # a tiny temperature or penalty overflowed: logits sent to +inf lose their order (and all sent to -inf
     # leave nothing to draw); one sent to -inf alone changes nothing, its probability was 0 already
     if (finite == np.inf).any() or (finite.size and np.isneginf(finite).all()):
-        what = (f"temperature {shown(sampling.temperature)} with repetition_penalty {shown(sampling.repetition_penalty)}"
+        what = (f"temperature {sampling.temperature!r} with repetition_penalty {sampling.repetition_penalty!r}"
                 if sampling.temperature not in (0, 1) else f"repetition_penalty {shown(sampling.repetition_penalty)}")
         raise Lfm2npError(f"{what} overflows these logits (float64); use a larger value (temperature 0 for "
                           f"greedy, repetition_penalty 1 for none)")

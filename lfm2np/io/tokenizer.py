@@ -132,7 +132,7 @@ def _check_text(text: Any, what: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise Lfm2npError(f"{what}: the text holds a lone surrogate {shown(text[e.start])} at position {e.start}, which "
+        raise Lfm2npError(f"{what}: the text holds a lone surrogate {text[e.start]!r} at position {e.start}, which "
                           f"is not Unicode text (no UTF-8 bytes to tokenize)") from None
 
 

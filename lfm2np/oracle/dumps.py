@@ -71,7 +71,8 @@ def _int_array(value: Any, what: str, ndim: int = 1) -> np.ndarray:
         raise Lfm2npError(f"{what} must have {ndim} non-empty axis; got shape {list(a.shape)}")
     big = np.abs(a.astype(np.float64)) >= 2.0 ** 63  # would wrap around in int64 (uint64, huge floats)
     if big.any():
-        raise Lfm2npError(f"{what}: {shown(a.reshape(-1)[np.argmax(big.reshape(-1))].item())} is no token id (too large)")
+        first = a.reshape(-1)[np.argmax(big.reshape(-1))].item()
+        raise Lfm2npError(f"{what}: {shown(first)} is no token id (too large)")
     return a.astype(np.int64)
 
 
@@ -283,7 +284,8 @@ def _check_ids(path: Path, name: str, values: np.ndarray, vocab_size: int | None
         return  # the type and shape are checked, naming the file, where the dump is built
     bad = ~((a >= 0) & (a < vocab_size))
     if bad.any():
-        raise Lfm2npError(f"{path}: {name} holds {shown(a.reshape(-1)[np.argmax(bad.reshape(-1))].item())}, outside the "
+        first = a.reshape(-1)[np.argmax(bad.reshape(-1))].item()
+        raise Lfm2npError(f"{path}: {name} holds {shown(first)}, outside the "
                           f"model's vocabulary (0..{vocab_size - 1})")
 
 
@@ -296,7 +298,7 @@ def _check_float32_range(path: Path, name: str, values: np.ndarray) -> None:
     big = np.isfinite(a) & (np.abs(a) > np.finfo(np.float32).max)
     if big.any():
         where = np.unravel_index(int(np.argmax(big)), a.shape)
-        raise Lfm2npError(f"{path}: array {shown(name)} holds {shown(a[where].item())} at {list(map(int, where))}, beyond "
+        raise Lfm2npError(f"{path}: array {name!r} holds {shown(a[where].item())} at {list(map(int, where))}, beyond "
                           f"float32 range ({np.finfo(np.float32).max:.4g}); logits are compared in float32")
 
 
