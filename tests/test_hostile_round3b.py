@@ -583,3 +583,11 @@ def test_a_trace_file_whose_metadata_fields_have_the_wrong_type(tmp_path, capsys
     tensors = {"model.layers.0": np.zeros((3, TINY_MOE.hidden_size), np.float32)}
     save_file(tensors, str(path), metadata={"order": json.dumps(list(tensors)), "meta": json.dumps(meta)})
     cli_refuses(capsys, ["compare", str(path), str(path)], str(path), needle)
+
+
+def test_a_directory_in_the_place_of_a_trace_summary_is_refused_before_anything_is_written(tmp_path, capsys):
+    """trace --out t --force with t.json a directory wrote t.safetensors, then failed on the summary."""
+    (tmp_path / "t.json").mkdir()
+    cli_refuses(capsys, ["trace", "embedded", "--out", str(tmp_path / "t"), "--force", "--ids", "1", "2"],
+                "t.json", "is a directory")
+    assert not (tmp_path / "t.safetensors").exists()

@@ -59,6 +59,8 @@ def check_outputs(outputs: Sequence[Path], model: str, force: bool, directory: b
         why = overwrites(out, file_ids, directory_ids, into=directory)  # the same files under other names
         if why is not None:
             raise Lfm2npError(f"{out}: {why} (MODEL {model}); choose another output")
+        if not directory and real.is_dir():  # --force replaces a file, never a directory (written half otherwise)
+            raise Lfm2npError(f"{out}: is a directory; the output is a file (choose another name)")
         if force:
             continue
         if directory and real.is_dir() and any(real.iterdir()):
