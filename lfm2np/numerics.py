@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import Lfm2npError
+from .errors import Lfm2npError, shown
 from .ggml_ops import MODES as _LLAMACPP
 from .ops import exact
 
@@ -51,7 +51,7 @@ def canonical_dtype(name: Any) -> str | None:
         return DTYPE_ALIASES.get(name.strip().lower())
     try:
         return DTYPE_ALIASES.get(np.dtype(name).name) if name is not None else None
-    except TypeError:
+    except Exception:  # TypeError; a nested list can even make np.dtype recurse too deeply
         return None
 
 
@@ -140,5 +140,5 @@ def numerics(mode: Any = "float32") -> Numerics:
         return MODES[MODE_ALIASES.get(key, key)]
     name = canonical_dtype(mode)
     if name not in MODES:
-        raise Lfm2npError(f"dtype {mode!r} is not supported; expected one of {', '.join(MODES)}")
+        raise Lfm2npError(f"dtype {shown(mode)} is not supported; expected one of {', '.join(MODES)}")
     return MODES[name]

@@ -25,9 +25,10 @@ import math
 import re
 from dataclasses import dataclass
 
-from .config import Config
+from .config import Config, checked_config
 from .config_keys import CONV
 from .ggml_ops import INPUT_STEPS, with_inputs
+
 
 # ========================================================================================== tensor layout
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def _layer(c: Config, i: int, experts: bool = True) -> list[Tensor]:
 
 def layout(config: Config) -> list[Tensor]:
     """Every tensor of a checkpoint for ``config``, in checkpoint order (embedding, layers, final norm, head)."""
-    c = config
+    c = checked_config(config)
     D, V = c.hidden_size, c.vocab_size
     out = [Tensor(HEAD_TIED, (V, D), None, "embedding", "embed_tokens")]
     for i in range(c.num_hidden_layers):
@@ -335,7 +336,7 @@ def trace_names(config: Config, inputs: bool = False) -> list[TraceName]:
     """Every intermediate the forward pass of a model with ``config`` names, in the order it computes them (see
     the module docstring): the RoPE tables of each attention layer type, the embeddings, every step of every
     layer, the final norm and the logits; with ``inputs``, llama.cpp's CPU arithmetic's too (:func:`with_inputs`)."""
-    c = config
+    c = checked_config(config)
     hd, D = c.head_dim, c.hidden_size
     out = []
     for kind in attention_kinds(c):
@@ -353,9 +354,8 @@ def trace_names(config: Config, inputs: bool = False) -> list[TraceName]:
                                  transformers_names(name, c.attention_spelling), llama))
     out.append(TraceName("model.embedding_norm", ("T", D), transformers=transformers_names("model.embedding_norm"),
                          llama_cpp=llama_cpp_names("model.embedding_norm")))
-    out += [TraceName("lm_head.input", ("T", D))] if inputs else []
-    out.append(TraceName("lm_head", ("T", c.vocab_size), transformers=transformers_names("lm_head"),
-                         llama_cpp=llama_cpp_names("lm_head")))
+    out += ([TraceName("lm_head.input", ("T", D))] if inputs else []) + [TraceName(
+        "lm_head", ("T", c.vocab_size), transformers=transformers_names("lm_head"), llama_cpp=llama_cpp_names("lm_head"))]
     return out
 
 
