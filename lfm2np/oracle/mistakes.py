@@ -218,6 +218,15 @@ CATALOGUE: tuple[Mistake, ...] = (
             "turn slowly: by little at short positions when the base is large; sliding layers agree",
             "an LFM3 model with a partial RoPE rotation (partial_rotary_factor < 1)",
             _partial, _fixed("every pair turns", partial_rotation=False), localisable=False),
+    Mistake("lfm3-window-ignored", "sliding-window layers attend to every earlier position instead of the last "
+            "sliding_window ones",
+            "no public LFM3 report; the family: llama.cpp ran Mistral 7B and Gemma 2 without their sliding "
+            "windows at first (ggml-org/llama.cpp#3371, #3377), and kernels or KV caches without a window "
+            "argument drop it silently",
+            "everything agrees before position W (no query has more than W keys to see there); from W on, "
+            "attn_out of the first sliding layer differs while its q_rope, k_rope and v_proj agree",
+            "an LFM3 model with a sliding-window layer", lambda c: bool(c.sliding_layers),
+            _fixed("no window", sliding_window=False)),
     # ------------------------------------------------- llama.cpp's CPU arithmetic (a reference in llamacpp-cpu)
     Mistake("activations-unquantised", "every product multiplies f32 activations by the dequantised weights, "
             "where llama.cpp's CPU backend first quantises the activations to the weight type's dot-product type "
@@ -240,15 +249,6 @@ CATALOGUE: tuple[Mistake, ...] = (
             "reference", "as kv-cache-f32, the other way round", "an attention layer and a reference in dtype "
             "llamacpp-cpu-kv-f32", _has_attention, _fixed("f16 KV cache", kv_cache="f16"),
             modes=("llamacpp-cpu-kv-f32",)),
-    Mistake("lfm3-window-ignored", "sliding-window layers attend to every earlier position instead of the last "
-            "sliding_window ones",
-            "no public LFM3 report; the family: llama.cpp ran Mistral 7B and Gemma 2 without their sliding "
-            "windows at first (ggml-org/llama.cpp#3371, #3377), and kernels or KV caches without a window "
-            "argument drop it silently",
-            "everything agrees before position W (no query has more than W keys to see there); from W on, "
-            "attn_out of the first sliding layer differs while its q_rope, k_rope and v_proj agree",
-            "an LFM3 model with a sliding-window layer", lambda c: bool(c.sliding_layers),
-            _fixed("no window", sliding_window=False)),
 )
 BY_ID = {m.id: m for m in CATALOGUE}
 
