@@ -112,7 +112,7 @@ class Model:
         for t in params.layout:
             if t.layer is not None and t.part != "expert":
                 self._names[t.layer][t.role] = t.name
-        self._vision_names = {t.role: t.name for t in params.layout if t.part in ("vision", "projector")}
+        self._vision_names = {t.role: t.name for t in params.layout if t.part in ("vision_tower", "projector")}
         #: LFM2-VL: turns file paths or arrays into an image batch (lfm2np.load sets it from the processor config)
         self.image_processor: Callable[[Any], Any] | None = None
 

@@ -164,7 +164,9 @@ def check_images(images: Any, ids: np.ndarray, config: Any, dtype: np.dtype,
         raise Lfm2npError("this model has no vision tower: images need an LFM2-VL model")
     if ids.ndim != 1:
         raise Lfm2npError(f"images go with one sequence, ids of shape (T,); got shape {ids.shape}")
-    if not hasattr(images, "pixel_values"):
+    if isinstance(images, Pixels):  # already checked
+        px = images
+    elif not hasattr(images, "pixel_values"):
         if isinstance(images, (str, os.PathLike, np.ndarray)):
             images = [images]
         if not isinstance(images, (list, tuple)):
@@ -173,8 +175,9 @@ def check_images(images: Any, ids: np.ndarray, config: Any, dtype: np.dtype,
         if processor is None:
             raise Lfm2npError("file paths and arrays need the model's image processor (load a checkpoint with its "
                               "processor config), or pass an image batch (lfm2np.processor.process_images)")
-        images = processor(list(images))
-    px = check_pixels(images, v, dtype)
+        px = check_pixels(processor(list(images)), v, dtype)
+    else:
+        px = check_pixels(images, v, dtype)
     have, want = int(np.count_nonzero(ids == v.image_token_id)), sum(px.tokens(v))
     if have != want:
         raise Lfm2npError(f"the ids hold {have} image placeholders (id {v.image_token_id}) but the "

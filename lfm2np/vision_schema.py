@@ -31,21 +31,21 @@ _LAYER = re.compile(re.escape(TOWER) + r"encoder\.layers\.(\d+)(?:\.(.+))?")
 
 
 def tensors(v: VisionConfig, text_width: int) -> list[tuple[str, tuple[int, ...], str, str]]:
-    """``(name, shape, part, role)`` of every vision-side tensor: part ``vision`` (the tower; role ``{i}.{step}``
+    """``(name, shape, part, role)`` of every vision-side tensor: part ``vision_tower`` (the tower; role ``{i}.{step}``
     inside encoder layer i) or ``projector``; a bias's role is its weight's plus ``_bias``."""
     Dv, Fv, p = v.hidden_size, v.intermediate_size, TOWER
-    out = [(p + "embeddings.patch_embedding.weight", (Dv, v.patch_dim), "vision", "patch_embedding"),
-           (p + "embeddings.patch_embedding.bias", (Dv,), "vision", "patch_embedding_bias"),
-           (p + "embeddings.position_embedding.weight", (v.num_patches, Dv), "vision", "position_embedding")]
+    out = [(p + "embeddings.patch_embedding.weight", (Dv, v.patch_dim), "vision_tower", "patch_embedding"),
+           (p + "embeddings.patch_embedding.bias", (Dv,), "vision_tower", "patch_embedding_bias"),
+           (p + "embeddings.position_embedding.weight", (v.num_patches, Dv), "vision_tower", "position_embedding")]
     for i in range(v.num_hidden_layers):
         q = f"{p}encoder.layers.{i}."
         for step, shape in (("layer_norm1", (Dv,)), ("self_attn.q_proj", (Dv, Dv)), ("self_attn.k_proj", (Dv, Dv)),
                             ("self_attn.v_proj", (Dv, Dv)), ("self_attn.out_proj", (Dv, Dv)), ("layer_norm2", (Dv,)),
                             ("mlp.fc1", (Fv, Dv)), ("mlp.fc2", (Dv, Fv))):
-            out += [(q + step + ".weight", shape, "vision", f"{i}.{step}"),
-                    (q + step + ".bias", shape[:1], "vision", f"{i}.{step}_bias")]
-    out += [(p + "post_layernorm.weight", (Dv,), "vision", "post_layernorm"),
-            (p + "post_layernorm.bias", (Dv,), "vision", "post_layernorm_bias")]
+            out += [(q + step + ".weight", shape, "vision_tower", f"{i}.{step}"),
+                    (q + step + ".bias", shape[:1], "vision_tower", f"{i}.{step}_bias")]
+    out += [(p + "post_layernorm.weight", (Dv,), "vision_tower", "post_layernorm"),
+            (p + "post_layernorm.bias", (Dv,), "vision_tower", "post_layernorm_bias")]
     pieces = [("layer_norm", (v.projector_in,))] if v.projector_use_layernorm else []
     pieces += [("linear_1", (v.projector_hidden_size, v.projector_in)), ("linear_2", (text_width, v.projector_hidden_size))]
     for step, shape in pieces:

@@ -208,3 +208,29 @@ def test_the_vl_config_round_trips_and_derives_its_flags():
 def test_a_bad_vl_config_is_refused_by_name(change, message):
     with pytest.raises(lfm2np.Lfm2npError, match=message):
         lfm2np.load_config(vl_dict(**change))
+
+
+# ----------------------------------------------------------------------------------------- diagnose
+@pytest.mark.parametrize("mistake_id, variant", [("vl-padding-mask-dropped", 0), ("vl-position-resize", 0),
+                                                  ("vl-position-resize", 1), ("vl-projector-layernorm", 0),
+                                                  ("vl-image-prepended", 0)])
+@pytest.mark.parametrize("kind", ["logits", "trace"])
+def test_diagnose_names_each_image_mistake(mistake_id, variant, kind):
+    """A backend made with one of the image path's mistakes: diagnose, given the images, ranks it first, from the
+    backend's logits or its trace."""
+    from lfm2np.oracle import mistakes as M
+    from lfm2np.oracle.diagnose import diagnose
+    from lfm2np.oracle.dumps import logits_dump, trace_dump
+    from lfm2np.oracle.trace import Trace
+
+    case = VL_CASES[variant % 2]
+    r, m = reference(case), model(case)
+    label, switches = M.mistake(mistake_id).variants(m.config, None)[variant]
+    seen: dict[str, np.ndarray] = {}
+    logits = M.run(m, r["ids"], M.Port(**switches), observe=lambda n, v: seen.__setitem__(n, v.copy()),
+                   images=batch(case))
+    assert rel_error(logits, r["logits"]) > 1e-3  # the mistake shows in the logits
+    dump = logits_dump(r["ids"], logits) if kind == "logits" else \
+        trace_dump(Trace(seen, {"ids": [int(i) for i in r["ids"]]}), r["ids"])
+    d = diagnose(m, dump, images=batch(case), combine=False)
+    assert not d.agrees and d.best.id == mistake_id and d.best.reproduces, [(h.id, h.error) for h in d.hypotheses[:3]]

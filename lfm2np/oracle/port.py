@@ -32,13 +32,17 @@ import numpy as np
 from .. import ops
 from ..errors import Lfm2npError
 from ..layers import SwiGLUWeights, mixture
+from ..ops_vision import resize_positions
 from ..schema import STEPS, TOP_LEVEL
+from ..vision_schema import PLACED, PROJECTOR, TOWER, is_vision_name
 
 # ------------------------------------------------------------------------------------------ Port
 _CHOICES = {"router_scores": ("sigmoid", "softmax"), "conv_taps": ("causal", "reversed"),
             "conv_gates": ("b,c", "c,b"), "rope_pairs": ("split-half", "interleaved"),
             "qk_norm": ("before-rope", "none", "after-rope"), "final_norm": ("end", "start"),
-            "swiglu_silu_on": ("w1", "w3")}
+            "swiglu_silu_on": ("w1", "w3"),
+            "position_resize": ("bilinear-antialias", "bilinear", "bicubic", "bicubic-antialias"),
+            "image_placement": ("placed", "prepended")}
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,13 @@ class Port:
       ``partial_rotation``: a layer type with a partial (proportional) RoPE turns only its rotated pairs
       (False: every pair turns, transformers 5.24's reading of a "default" label); ``sliding_window``:
       sliding layers see their last W positions (False: every earlier position);
+    - LFM2-VL: ``vision_mask``: padding patches masked out as keys (False: every patch attends to the padding);
+      ``position_resize``: the learned position grid resized to each image by antialiased bilinear weights, or
+      plain ``bilinear`` (no antialiasing), ``bicubic`` (torch's, a = -0.75) or ``bicubic-antialias``;
+      ``projector_layernorm``: the projector's LayerNorm as the config says (False: the opposite, skipped when
+      configured, or applied with unit weight and zero bias when not); ``image_placement``: image features at
+      their placeholders, or ``prepended`` (the features first, then the text's embeddings without the
+      placeholders);
     - where: ``layers``, the layers whose values the switches change (None: every layer; the RoPE frequencies
       and the final norm are not a layer's), and ``experts``, on MoE layers, the experts whose weights
       ``swiglu_silu_on`` exchanges (None: all): a weight converter that got one layer, or some experts, wrong.
@@ -87,6 +98,10 @@ class Port:
     sandwich_norms: bool = True
     partial_rotation: bool = True
     sliding_window: bool = True
+    vision_mask: bool = True
+    position_resize: str = "bilinear-antialias"
+    projector_layernorm: bool = True
+    image_placement: str = "placed"
     layers: tuple[int, ...] | None = None
     experts: tuple[int, ...] | None = None
 
@@ -137,8 +152,10 @@ class _Run:
     values of the current layer's intermediates, of every layer's output and of the values outside the layers,
     as the forward pass continued with them."""
 
-    def __init__(self, model: Any, port: Port, observe: Callable[[str, np.ndarray], None] | None = None):
+    def __init__(self, model: Any, port: Port, observe: Callable[[str, np.ndarray], None] | None = None,
+                 ids: np.ndarray | None = None, images: Any = None):
         self.model, self.port, self.c = model, port, model.config
+        self.ids, self.images = ids, images  # the call's ids and its checked images (LFM2-VL)
         self.rnd = model.numerics.round
         self.seen: dict[str, np.ndarray] = {}
         self.observe = observe
@@ -163,7 +180,8 @@ class _Run:
             prefix = f"model.layers.{layer}."
             for key in [k for k in self.seen if k.startswith(prefix)]:
                 del self.seen[key]
-        self.seen[name] = final
+        if not name.startswith(TOWER + "encoder.layers."):  # (no handler reads inside the vision layers)
+            self.seen[name] = final
         if self.observe is not None:
             self.observe(name, final)
         return out
@@ -176,7 +194,7 @@ _HANDLERS: dict[str, list[Handler]] = {}
 
 
 def _known(step: str) -> bool:
-    return step in STEPS or step in TOP_LEVEL
+    return step in STEPS or step in TOP_LEVEL or is_vision_name(step)
 
 
 def _on(*steps: str, reads: tuple[str, ...] = ()) -> Callable[[Handler], Handler]:
@@ -196,15 +214,17 @@ def _on(*steps: str, reads: tuple[str, ...] = ()) -> Callable[[Handler], Handler
 
 
 def run(model: Any, ids: Any, port: Port = REFERENCE,
-        observe: Callable[[str, np.ndarray], None] | None = None) -> np.ndarray:
-    """The logits ``(T, V)`` of ``ids`` (T,) computed from scratch the way ``port`` says. ``observe(name,
-    value)`` sees every intermediate as the pass continued with it (the mutated values)."""
+        observe: Callable[[str, np.ndarray], None] | None = None, images: Any = None) -> np.ndarray:
+    """The logits ``(T, V)`` of ``ids`` (T,) computed from scratch the way ``port`` says (LFM2-VL: with
+    ``images``, as :meth:`lfm2np.Model.forward` takes them). ``observe(name, value)`` sees every intermediate as
+    the pass continued with it (the mutated values)."""
     ids = model.check_ids(ids)
     if ids.ndim != 1:
         raise Lfm2npError(f"a mutated forward pass runs one sequence, shape (T,); got shape {ids.shape}")
     if port == REFERENCE and observe is None:
-        return model.forward(ids)
-    return model.forward(ids, record=_Run(model, port, observe))
+        return model.forward(ids, images=images)
+    px = model.pixels(images, ids)
+    return model.forward(ids, images=px, record=_Run(model, port, observe, ids, px))
 
 
 # ------------------------------------------------------------------------------------ handlers
@@ -374,3 +394,43 @@ def _experts_swiglu(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarr
 
     return mixture(run.get("ffn_norm", i), run.get("feed_forward.selected_experts", i),
                    run.get("feed_forward.routing_weights", i), swapped, run.rnd)
+
+
+# ----------------------------------------------------------------------------------------- LFM2-VL
+@_on(TOWER + "encoder.attention_mask")
+def _no_padding_mask(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
+    return None if run.port.vision_mask else np.ones_like(value)  # padding patches seen as keys
+
+
+@_on(TOWER + "embeddings.position_embedding")
+def _position_resize(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
+    """The learned grid resized to each image with another kernel (the images' patch rows and columns)."""
+    if run.port.position_resize == "bilinear-antialias":
+        return None
+    kernel, _, antialias = run.port.position_resize.partition("-")
+    v, (N, P, Dv) = run.c.vision, value.shape
+    grid = run.model.vision_views()[0].position_embedding.reshape(v.grid, v.grid, Dv)
+    return run.rnd(np.stack([resize_positions(grid, int(h), int(w), P, kernel, bool(antialias))
+                             for h, w in run.images.shapes]))
+
+
+@_on(PROJECTOR + "pixel_unshuffle", PROJECTOR + "layer_norm", reads=(PROJECTOR + "pixel_unshuffle",))
+def _projector_norm(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
+    """The LayerNorm against the config: skipped where configured (its output is its input), or applied with unit
+    weight and zero bias (a checkpoint without it has no weights for it) where not."""
+    configured = run.c.vision.projector_use_layernorm
+    if run.port.projector_layernorm or name.endswith("layer_norm") != configured:
+        return None
+    if configured:
+        return run.get(PROJECTOR + "pixel_unshuffle")
+    width = value.shape[-1]
+    return ops.layer_norm(value, np.ones(width, value.dtype), np.zeros(width, value.dtype), 1e-5, run.rnd)
+
+
+@_on(PLACED, reads=("model.embed_tokens", PROJECTOR + "linear_2"))
+def _prepended(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
+    """The image features first, then the text's embeddings without the placeholders (the same length)."""
+    if run.port.image_placement == "placed":
+        return None
+    text = run.get("model.embed_tokens")[run.ids != run.c.vision.image_token_id]
+    return np.concatenate([run.get(PROJECTOR + "linear_2"), text])[:value.shape[0]]
