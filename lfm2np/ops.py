@@ -308,37 +308,37 @@ _TWO_OVER_SQRT_PI, _ONE_OVER_SQRT_PI = 2 / math.sqrt(math.pi), 1 / math.sqrt(mat
 
 def erf(x: np.ndarray) -> np.ndarray:
     """``erf(x) = 2/sqrt(pi) * integral_0^x exp(-t^2) dt``, computed in float64 and returned in x's dtype: within
-    4 ulp of a correctly rounded float64 erf (0.13 ulp on average over [-7, 7]), so correctly rounded in float32.
+    5 ulp of a correctly rounded float64 erf (0.24 ulp on average over [-7, 7]), so correctly rounded in float32.
 
-    |x| < 0.5: the Taylor series ``2/sqrt(pi) sum (-1)^n x^(2n+1) / (n! (2n+1))``; 0.5 <= |x| < 1.5: the series of
-    positive terms ``2/sqrt(pi) exp(-x^2) sum 2^n x^(2n+1) / (1*3*...*(2n+1))``, summed with compensation; 1.5 <= |x|
+    |x| < 1: the Taylor series ``2/sqrt(pi) sum (-1)^n x^(2n+1) / (n! (2n+1))``; 1 <= |x| < 2: the series of
+    positive terms ``2/sqrt(pi) exp(-x^2) sum 2^n x^(2n+1) / (1*3*...*(2n+1))``, summed with compensation; 2 <= |x|
     < 6: ``1 - erfc(x)`` with erfc's continued fraction ``exp(-x^2)/sqrt(pi) / (x + (1/2)/(x + 1/(x + (3/2)/(x +
-    ...))))`` (100 terms); beyond 6, 1 (erfc(6) = 2e-17). Odd: erf(-x) = -erf(x)."""
+    ...))))`` (45 terms); beyond 6, 1 (erfc(6) = 2e-17). Odd: erf(-x) = -erf(x)."""
     x64 = np.asarray(x, dtype=np.float64)
     a = np.abs(x64)
     out = np.ones_like(a)
-    part = a < 0.5
+    part = a < 1
     s = a[part]
     s2, term = s * s, s.copy()
     total = s.copy()
-    for n in range(1, 25):
+    for n in range(1, 28):
         term *= -s2 / n
         total += term / (2 * n + 1)
     out[part] = _TWO_OVER_SQRT_PI * total
-    part = (a >= 0.5) & (a < 1.5)
+    part = (a >= 1) & (a < 2)
     s = a[part]
     s2, term, total, lost = s * s, s.copy(), s.copy(), np.zeros_like(s)
-    for n in range(60):  # Kahan summation: the terms rise before they fall
+    for n in range(40):  # Kahan summation: the terms rise before they fall
         term *= 2 * s2 / (2 * n + 3)
         y = term - lost
         t = total + y
         lost = (t - total) - y
         total = t
     out[part] = _TWO_OVER_SQRT_PI * np.exp(-s2) * total
-    part = (a >= 1.5) & (a < 6)
+    part = (a >= 2) & (a < 6)
     s = a[part]
     fraction = s.copy()
-    for k in range(100, 0, -1):  # the continued fraction, evaluated from its far end
+    for k in range(45, 0, -1):  # the continued fraction, evaluated from its far end
         fraction = s + (k / 2) / fraction
     out[part] = 1 - _ONE_OVER_SQRT_PI * np.exp(-s * s) / fraction
     out[np.isnan(a)] = np.nan

@@ -71,14 +71,22 @@ def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask: np.
                       rnd: Rounding = exact) -> np.ndarray:
     """``softmax(q k^T * hd^-0.5 + mask) v`` with every query seeing every key whose ``key_mask`` is 1 (keys
     masked 0 get the dtype's lowest value added, as transformers adds it): bidirectional multi-head attention.
-    (P, H, hd), (P, H, hd), (P, H, hd), (P,) -> (P, H * hd)"""
+    (P, H, hd), (P, H, hd), (P, H, hd), (P,) -> (P, H * hd)
+
+    One head at a time, so that its P x P scores stay in the cache while the softmax passes over them."""
     P, H, hd = q.shape
-    scores = rnd(q.transpose(1, 0, 2) @ k.transpose(1, 2, 0))  # (H, P, P)
-    scores *= q.dtype.type(hd ** -0.5)
-    scores = rnd(scores)
-    scores += np.where(key_mask > 0, 0, np.finfo(q.dtype).min).astype(q.dtype)
-    probs = rnd(softmax(scores, axis=-1, in_place=True))
-    return rnd(probs @ v.transpose(1, 0, 2)).transpose(1, 0, 2).reshape(P, H * hd)
+    scale = q.dtype.type(hd ** -0.5)
+    bias = None if key_mask.all() else np.where(key_mask > 0, 0, np.finfo(q.dtype).min).astype(q.dtype)
+    out = np.empty((P, H, hd), q.dtype)
+    for h in range(H):
+        scores = rnd(np.ascontiguousarray(q[:, h]) @ np.ascontiguousarray(k[:, h]).T)  # (P, P)
+        scores *= scale
+        scores = rnd(scores)
+        if bias is not None:
+            scores += bias
+        probs = rnd(softmax(scores, axis=-1, in_place=True))
+        out[:, h] = rnd(probs @ v[:, h])
+    return out.reshape(P, H * hd)
 
 
 def pixel_unshuffle(x: np.ndarray, h: int, w: int, f: int) -> np.ndarray:

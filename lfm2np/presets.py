@@ -168,6 +168,8 @@ MODEL_CARD_PARAMS: dict[str, int | str] = {
     "LFM2.5-8B-A1B": "8.3B total / 1.5B active (card; the 128000-token vocabulary makes it ~8.47B)",
     "LFM2-24B-A2B": "24B total / 2.3B active",
     "LFM2.5-230M": "230M (this preset: 229,693,184)",
+    "LFM2-VL-450M": "450M", "LFM2-VL-1.6B": "1.6B", "LFM2-VL-3B": "3B", "LFM2.5-VL-450M": "450M",
+    "LFM2.5-VL-1.6B": "1.6B",
     "LFM3-1.7B": 1_728_801_536,  # transformers 5.24's Lfm3Config() counted on the meta device; the card: 1.73B
 }
 
