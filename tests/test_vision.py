@@ -234,3 +234,17 @@ def test_diagnose_names_each_image_mistake(mistake_id, variant, kind):
         trace_dump(Trace(seen, {"ids": [int(i) for i in r["ids"]]}), r["ids"])
     d = diagnose(m, dump, images=batch(case), combine=False)
     assert not d.agrees and d.best.id == mistake_id and d.best.reproduces, [(h.id, h.error) for h in d.hypotheses[:3]]
+
+
+def test_params_count_the_vision_side_apart_and_in_the_total():
+    from lfm2np import calc
+
+    for case in VL_CASES:
+        c = lfm2np.load_config(GOLDEN / case)
+        stored = load_file(str(GOLDEN / case / "model.safetensors"))
+        p = calc.param_counts(c)
+        assert p["total"] == sum(v.size for v in stored.values())
+        tower = sum(v.size for k, v in stored.items() if k.startswith("model.vision_tower."))
+        assert p["vision_tower"] == tower and p["projector"] == sum(
+            v.size for k, v in stored.items() if k.startswith(PROJECTOR))
+        assert p["text"] == p["total"] - p["vision_tower"] - p["projector"]
