@@ -140,10 +140,9 @@ UNCONFIRMED: dict[str, tuple[str, ...]] = {
     "LFM3-1.7B": ("max_position_embeddings", "rope_parameters"),
     # LFM2-VL: the towers as reported by third parties; the projector width and LayerNorm from early or
     # third-party configs (LFM2.5-VL's say projector_use_layernorm false; transformers' default is true)
-    **{name: ("vision_config", "projector_hidden_size", "projector_use_layernorm") for name in (
-        "LFM2-VL-450M", "LFM2-VL-1.6B", "LFM2-VL-3B")},
-    **{name: ("vision_config", "projector_hidden_size", "projector_use_layernorm", "text_config") for name in (
-        "LFM2.5-VL-450M", "LFM2.5-VL-1.6B")},
+    # ("vision": the tower's shape, projector_hidden_size and projector_use_layernorm)
+    **{name: ("vision",) for name in ("LFM2-VL-450M", "LFM2-VL-1.6B", "LFM2-VL-3B")},
+    **{name: ("vision", *_SHAPE) for name in ("LFM2.5-VL-450M", "LFM2.5-VL-1.6B")},
     # aliases whose equality with their preset is itself from third-party copies of the configs
     "LFM2.5-350M": _SHAPE, "LFM2.5-2.6B": _SHAPE, "LFM2-2.6B-Exp": _SHAPE,
 }
