@@ -17,7 +17,7 @@ What it records, from transformers' ``Lfm2VlImageProcessor`` / ``Lfm2VlProcessor
   ``(k - 127.5) / 127.5`` (padding patches: checked zero), as float32 otherwise;
 - ``layouts.npz``: the split layout (``_get_split_layout``) of a few hundred sizes, min_tiles 2 and 1;
 - ``resize.npz``: torch's uint8 ``interpolate`` in the four modes lfm2np emulates (bilinear / bicubic, with and
-  without antialiasing) on small patterns;
+  without antialiasing) on small patterns, and its float32 path (antialiased bilinear, rounded);
 - ``files/`` + ``decode.npz``: small image files of every kind ``load_image`` must read (grayscale, palette with
   transparency, RGBA, 1-bit, LA, 16-bit grayscale and RGB PNG, CMYK TIFF and JPEG, EXIF orientation) with the
   arrays it returns.
@@ -119,7 +119,7 @@ def write_checkpoint(out: Path) -> None:
     specials = special_tokens()
     vocab = {f"<|reserved_{i}|>": i for i in range(501) if i not in specials.values()}
     vocab.update(specials)
-    for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet()):
+    for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet())):  # a set: sorted, for stable ids
         vocab[ch] = 501 + i
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
             for aa in (True, False):
                 r = torch.nn.functional.interpolate(t, size=[H, W], mode=mode, antialias=aa, align_corners=False)
                 resized[f"{n}.{mode}.{'aa' if aa else 'plain'}"] = r[0].permute(1, 2, 0).numpy()
+        r = torch.nn.functional.interpolate(t.float(), size=[H, W], mode="bilinear", antialias=True,
+                                            align_corners=False)  # the float path: torch off x86, then rounded
+        resized[f"{n}.bilinear.aa.float"] = r.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
     np.savez_compressed(out / "resize.npz", **resized)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

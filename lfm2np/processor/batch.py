@@ -20,7 +20,7 @@ from ..errors import Lfm2npError
 from ..io.images import check_image_array, read_image
 from .config import ProcessorConfig
 from .layout import ImageLayout, image_layout
-from .resample import resize
+from .resample import resize, resize_float
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,13 +51,14 @@ def unit_images(image: np.ndarray, layout: ImageLayout, config: ProcessorConfig)
     """The uint8 (h, w, 3) units of ``image`` in order: the tiles of the resized grid row by row and the
     thumbnail, or the smart-resized image."""
     filter, aa = config.resample, config.antialias
+    scale = resize if config.resize_arithmetic == "fixed-point" else resize_float
     units = []
     if layout.tiled:
         t = config.tile_size
-        canvas = resize(image, layout.rows * t, layout.cols * t, filter, aa)
+        canvas = scale(image, layout.rows * t, layout.cols * t, filter, aa)
         units = [canvas[r * t:(r + 1) * t, c * t:(c + 1) * t] for r in range(layout.rows) for c in range(layout.cols)]
     if not layout.tiled or layout.thumbnail:
-        units.append(resize(image, *layout.resized, filter, aa))
+        units.append(scale(image, *layout.resized, filter, aa))
     return units
 
 

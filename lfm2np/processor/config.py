@@ -8,12 +8,14 @@ this processor (``size``, ``do_resize``: the processor always resizes; ``max_num
 budget itself; ``use_image_special_tokens`` in the image processor's object: only the processor reads it) are read
 and ignored as it does.
 
-Three settings are lfm2np's readings, not checkpoint keys: ``rounding`` (``"transformers"``: Python's
+Four settings are lfm2np's readings, not checkpoint keys: ``rounding`` (``"transformers"``: Python's
 ``round``, half to even, in float64; ``"llama.cpp"``: ``std::round``, half away from zero, in float32, as
-llama.cpp's ``calc_size_preserved_ratio``), ``antialias`` (transformers resizes with it), and
-``single_tile_placeholders`` (what a tiled image cut into a 1x1 grid writes: ``"features"``, one placeholder
-per feature the tile gives, or ``"transformers-5.25"``, the smart-resized size's count as that version writes;
-see docs/ops/image_tiling.md).
+llama.cpp's ``calc_size_preserved_ratio``), ``antialias`` (transformers resizes with it),
+``resize_arithmetic`` (``"fixed-point"``: torch's uint8 path, what transformers computes on x86; ``"float"``:
+resized in floating point and rounded once, torch's path elsewhere) and ``single_tile_placeholders`` (what a
+tiled image cut into a 1x1 grid writes: ``"features"``, one placeholder per feature the tile gives, or
+``"transformers-5.25"``, the smart-resized size's count as that version writes; see docs/ops/image_tiling.md).
+The diagnosis's image mistakes are these readings and the checkpoint's settings changed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..io.chat_template import read_json_object
 ROUNDINGS = ("transformers", "llama.cpp")
 RESAMPLES = {2: "bilinear", 3: "bicubic"}  #: PIL's resampling codes transformers maps to torchvision's modes
 PLACEHOLDER_RULES = ("features", "transformers-5.25")
+ARITHMETICS = ("fixed-point", "float")
 
 _INTS = ("encoder_patch_size", "downsample_factor", "min_image_tokens", "max_image_tokens", "min_tiles", "max_tiles",
          "tile_size")
@@ -69,6 +72,7 @@ class ProcessorConfig:
     rounding: str = "transformers"
     antialias: bool = True
     single_tile_placeholders: str = "features"
+    resize_arithmetic: str = "fixed-point"
     source: str = field(default="defaults", compare=False)
 
     def __post_init__(self) -> None:
@@ -101,7 +105,7 @@ class ProcessorConfig:
             raise Lfm2npError(f"{where}: tile_size {self.tile_size} is not a multiple of encoder_patch_size x "
                               f"downsample_factor = {unit} (a tile must cut into whole merged patches)")
         for name, allowed in (("resample", tuple(RESAMPLES.values())), ("rounding", ROUNDINGS),
-                              ("single_tile_placeholders", PLACEHOLDER_RULES)):
+                              ("single_tile_placeholders", PLACEHOLDER_RULES), ("resize_arithmetic", ARITHMETICS)):
             if getattr(self, name) not in allowed:
                 raise Lfm2npError(f"{where}: {name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
@@ -138,7 +142,8 @@ class ProcessorConfig:
         if not isinstance(values, dict):
             raise Lfm2npError(f"{source}: expected a JSON object; got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)} - {"source", "rounding", "antialias", "resample",
-                                                             "single_tile_placeholders", "use_image_special_tokens"}
+                                                             "single_tile_placeholders", "use_image_special_tokens",
+                                                             "resize_arithmetic"}
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
             if key in _IGNORED:

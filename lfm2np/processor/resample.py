@@ -90,16 +90,39 @@ def _plain(n_in: int, n_out: int, taps: int, fn) -> tuple[np.ndarray, np.ndarray
 def axis_weights(n_in: int, n_out: int, filter: str = "bilinear", antialias: bool = True) \
         -> tuple[np.ndarray, np.ndarray, int]:
     """One axis's resampling in fixed point: ``(starts (out,), int16 weights (out, taps) as int64, precision)``."""
-    if filter not in FILTERS:
-        raise Lfm2npError(f"resize filter {filter!r}: one of {', '.join(FILTERS)}")
-    taps = 2 if filter == "bilinear" else 4
-    fn = _triangle if taps == 2 else _keys(-0.5 if antialias else -0.75)
-    starts, weights, wt_max = (_antialiased if antialias else _plain)(n_in, n_out, taps, fn)
+    starts, weights, wt_max = float_weights(n_in, n_out, filter, antialias)
     precision = 0
     while precision < 22 and int(0.5 + wt_max * (1 << (precision + 1))) < (1 << 15):
         precision += 1
     scaled = weights * (1 << precision)
     return starts, np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int64), precision
+
+
+def float_weights(n_in: int, n_out: int, filter: str = "bilinear", antialias: bool = True) \
+        -> tuple[np.ndarray, np.ndarray, float]:
+    """One axis's resampling in float64: ``(starts (out,), weights (out, taps), the largest weight torch sees)``,
+    before the fixed point."""
+    if filter not in FILTERS:
+        raise Lfm2npError(f"resize filter {filter!r}: one of {', '.join(FILTERS)}")
+    taps = 2 if filter == "bilinear" else 4
+    fn = _triangle if taps == 2 else _keys(-0.5 if antialias else -0.75)
+    return (_antialiased if antialias else _plain)(n_in, n_out, taps, fn)
+
+
+def resize_float(image: np.ndarray, height: int, width: int, filter: str = "bilinear", antialias: bool = True) \
+        -> np.ndarray:
+    """The same resampling in floating point, rounded (half to even) once at the end: torch's float path (what
+    torchvision runs off x86, or on a GPU), a port's plain float resize; within a level of :func:`resize`."""
+    out = image.astype(np.float64)
+    for axis, n_out in ((1, width), (0, height)):
+        if out.shape[axis] != n_out:
+            starts, weights, _ = float_weights(out.shape[axis], n_out, filter, antialias)
+            index = np.minimum(starts[:, None] + np.arange(weights.shape[1]), out.shape[axis] - 1)
+            src = np.moveaxis(out, axis, 0)
+            acc = sum(src[index[:, j]] * weights[:, j].reshape(-1, *(1,) * (src.ndim - 1))
+                      for j in range(weights.shape[1]))
+            out = np.moveaxis(acc, 0, axis)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 def resize_axis(image: np.ndarray, n_out: int, axis: int, filter: str = "bilinear", antialias: bool = True) \
