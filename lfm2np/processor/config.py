@@ -190,8 +190,9 @@ class ProcessorConfig:
                               "checkpoint")
         config = cls.from_dict(values, source, **readings)
         if "use_image_special_tokens" in processor:
+            where = source if source.startswith(str(processor_file)) else f"{processor_file} + {source}"
             config = dataclasses.replace(config, use_image_special_tokens=processor["use_image_special_tokens"],
-                                         source=f"{processor_file} + {source}")
+                                         source=where)
         return config
 
 
