@@ -132,16 +132,23 @@ def resize_axis(image: np.ndarray, n_out: int, axis: int, filter: str = "bilinea
     if n_in == n_out:
         return image
     starts, weights, precision = axis_weights(n_in, n_out, filter, antialias)
-    src = np.moveaxis(image, axis, 0)
     index = np.minimum(starts[:, None] + np.arange(weights.shape[1]), n_in - 1)  # past the end: weight 0
+    shape = list(image.shape)
+    shape[axis] = n_out
     # int32 holds every sum: |w16| < 2^15 summed to about 2^s <= 2^22, times pixels <= 255
-    acc = np.full((n_out, *src.shape[1:]), 1 << (precision - 1), np.int32)
-    tail = (1,) * (src.ndim - 1)
+    acc = np.full(shape, 1 << (precision - 1), np.int32)
+    term = np.empty_like(acc)
+    along = [1] * image.ndim
+    along[axis] = n_out
     w32 = weights.astype(np.int32)
     for j in range(weights.shape[1]):
         if w32[:, j].any():
-            acc += src[index[:, j]].astype(np.int32) * w32[:, j].reshape(-1, *tail)
-    return np.moveaxis(np.clip(acc >> precision, 0, 255).astype(np.uint8), 0, axis)
+            np.multiply(np.take(image, index[:, j], axis=axis), w32[:, j].reshape(along), out=term)
+            acc += term
+    np.right_shift(acc, precision, out=acc)
+    np.maximum(acc, 0, out=acc)
+    np.minimum(acc, 255, out=acc)
+    return acc.astype(np.uint8)
 
 
 def resize(image: np.ndarray, height: int, width: int, filter: str = "bilinear", antialias: bool = True) -> np.ndarray:
