@@ -139,8 +139,14 @@ def test_the_diagnose_command_on_processor_dumps(checkpoint, capsys):
     assert main(["diagnose", str(checkpoint / "ckpt"), "--dump", str(checkpoint / "bad.npz"), *images, "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert not out["agrees"] and out["hypotheses"][0]["mistakes"] == ["smart-resize-rounding"]
-    for argv, message in ((["--html", str(checkpoint / "x.html")], "--html"), (["--only", "router-softmax"], "--only"),
-                          (["--image", str(checkpoint / "missing.png")], "missing.png")):
-        assert main(["diagnose", str(checkpoint / "ckpt"), "--dump", str(checkpoint / "bad.npz"), *argv]) == 2
+    np.savez(checkpoint / "flat.npz", pixel_values=np.zeros((4, 5), np.float32))
+    (checkpoint / "junk.npz").write_bytes(b"PK\x03\x04 not a zip")
+    for dump, argv, message in (("bad", ["--html", str(checkpoint / "x.html")], "--html"),
+                                ("bad", ["--only", "router-softmax"], "--only"),
+                                ("bad", ["--image", str(checkpoint / "missing.png")], "missing.png"),
+                                ("flat", [], "pixel_values must be"), ("junk", [], "junk.npz")):
+        assert main(["diagnose", str(checkpoint / "ckpt"), "--dump", str(checkpoint / f"{dump}.npz"), *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["diagnose", "embedded", "--dump", str(checkpoint / "bad.npz")]) == 2  # no processor settings
+    assert "not a vision-language checkpoint" in capsys.readouterr().err

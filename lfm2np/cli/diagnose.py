@@ -85,12 +85,13 @@ def _diagnose_processor(args: argparse.Namespace, dump) -> int:
     if args.html is not None:
         raise Lfm2npError("--html reports a model diagnosis; a processor dump's is printed (or --json)")
     directory = resolve(args.model)
+    config = ProcessorConfig.from_dir(directory)
     tokens = ImageTokens.from_tokenizer(Tokenizer.from_dir(directory)) \
         if (directory / "tokenizer.json").is_file() else None
     only = [m for m in args.only or () if m in IMAGE_BY_ID] if args.only else None
     if args.only and not only:
         raise Lfm2npError(f"--only names no image mistake; they are {', '.join(IMAGE_BY_ID)}")
-    result = diagnose_processor(dump, ProcessorConfig.from_dir(directory), args.image, tokens, only,
+    result = diagnose_processor(dump, config, args.image, tokens, only,
                                 combine=not args.no_combine)
     print(json.dumps(result.to_json(), indent=1) if args.json else format_processor_diagnosis(result))
     return 0 if result.agrees else 1
