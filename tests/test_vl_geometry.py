@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -39,14 +41,20 @@ def rederive_llama(h: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return hb, wb
 
 
-SIDES = np.arange(32, 1025)
-H, W = np.meshgrid(SIDES, SIDES, indexing="ij")
-T, L = rederive_transformers(H, W), rederive_llama(H, W)
+@functools.cache
+def grids() -> tuple[np.ndarray, ...]:
+    """Every size 32..1024 x 32..1024 and both readings of each (computed when first needed: ~100 MB that
+    should not sit in the test process from collection on)."""
+    sides = np.arange(32, 1025)
+    h, w = np.meshgrid(sides, sides, indexing="ij")
+    return (h, w, *rederive_transformers(h, w), *rederive_llama(h, w))
 
 
 @settings(max_examples=400, deadline=None)
 @given(st.integers(32, 1024), st.integers(32, 1024))
 def test_both_readings_equal_the_rederivation(h, w):
+    _, _, th, tw, lh, lw = grids()
+    T, L = (th, tw), (lh, lw)
     i, j = h - 32, w - 32
     assert smart_resize(h, w, TRANSFORMERS) == (T[0][i, j], T[1][i, j])
     assert smart_resize(h, w, LLAMA) == (L[0][i, j], L[1][i, j])
@@ -55,6 +63,8 @@ def test_both_readings_equal_the_rederivation(h, w):
 def test_every_tie_and_the_readings_differences():
     """All sides h = 16 mod 32 (x / 32 ends in .5): the readings differ at about 1% of all sizes, almost all at
     such a tie; the rest are float32 against float64 in the scaled branches."""
+    H, W, th, tw, lh, lw = grids()
+    T, L = (th, tw), (lh, lw)
     for h in range(48, 1025, 32):
         for w in (40, 400, 600, 1000):
             assert smart_resize(h, w, TRANSFORMERS) == (T[0][h - 32, w - 32], T[1][h - 32, w - 32])
