@@ -93,9 +93,12 @@ def test_the_mistake_is_named_first(name, bug, kind):
 
 def test_every_mistake_is_tested_where_it_applies():
     """The LFM2 mistakes on the MoE model, all but the router on the dense one and on LFM3 (which has no MoE),
-    LFM3's own on LFM3 only (those of llama.cpp's CPU arithmetic: tests/test_llamacpp_cpu.py)."""
+    LFM3's own on LFM3 only; the image path's on the LFM2-VL fixtures (tests/test_vision.py); those of llama.cpp's
+    CPU arithmetic: tests/test_llamacpp_cpu.py."""
+    from test_vision import IMAGE_MISTAKES
+
     llama = {"activations-unquantised", "kv-cache-f32", "kv-cache-f16"}
-    assert {m.id for m in M.CATALOGUE} == set(BUGS) | set(LFM3_BUGS) | llama
+    assert {m.id for m in M.CATALOGUE} == set(BUGS) | set(LFM3_BUGS) | {m for m, _ in IMAGE_MISTAKES} | llama
     assert {m.id for m in M.CATALOGUE if m.modes} == llama
     assert {bug for name, bug, _ in CASES if name == "moe"} == set(BUGS)
     assert {bug for name, bug, _ in CASES if name == "dense"} == {b for b in BUGS if not b.startswith("router")}
@@ -226,8 +229,10 @@ def test_what_does_not_apply_is_reported_with_the_reason():
     d = diagnose(setup("dense")[2], dump_of("dense", ("no-qk-norm",), "logits"))
     reasons = {n["id"]: n["reason"] for n in d.not_applicable}
     llama = {"activations-unquantised", "kv-cache-f32", "kv-cache-f16"}  # (a reference in llamacpp-cpu only)
-    assert set(reasons) == {b for b in BUGS if b.startswith("router")} | set(LFM3_BUGS) | llama
+    images = {m for m in reasons if m.startswith("vl-")}
+    assert set(reasons) == {b for b in BUGS if b.startswith("router")} | set(LFM3_BUGS) | images | llama
     assert "MoE" in reasons["router-softmax"] and "LFM3" in reasons["lfm3-window-ignored"]
+    assert images and all("LFM2-VL" in reasons[m] for m in images), reasons
     assert "llamacpp-cpu" in reasons["kv-cache-f32"]
     attn_only = lfm2np.load(GOLDEN / "dense-attn-only")
     d = diagnose(attn_only, logits_dump([1, 2, 3, 4], attn_only.forward([1, 2, 3, 4])))
@@ -294,7 +299,8 @@ def test_a_transformers_lfm3_run_agrees_and_the_router_does_not_apply():
     model, g = lfm3_golden("lfm3-window")
     d = diagnose(model, logits_dump(g["logits.T40.ids"], g["logits.T40"]), prefill=7)
     assert d.agrees and d.best is None, format_diagnosis(d)
-    assert {n["id"] for n in d.not_applicable} == {b for b in BUGS if b.startswith("router")} | {
+    images = {m.id for m in M.CATALOGUE if m.id.startswith("vl-")}  # LFM2-VL's own
+    assert {n["id"] for n in d.not_applicable} == {b for b in BUGS if b.startswith("router")} | images | {
         "activations-unquantised", "kv-cache-f32", "kv-cache-f16"}  # (llama.cpp's arithmetic: not this reference)
     assert {h.id for h in d.hypotheses} == {b for b in BUGS + LFM3_BUGS if not b.startswith("router")}
 

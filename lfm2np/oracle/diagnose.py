@@ -154,7 +154,7 @@ def _strict(obj: Any) -> Any:
 
 # --------------------------------------------------------------------------------- diagnose
 def _run(model: Any, seq: np.ndarray, port: M.Port, keep: "set[str] | None" = None,
-         reference: dict[str, np.ndarray] | None = None, limit: float = 0.0):
+         reference: dict[str, np.ndarray] | None = None, limit: float = 0.0, images: Any = None):
     """The values of a (mutated) forward pass whose names are in ``keep`` (None: all), and where it first
     departs from ``reference`` by more than ``limit`` (``{"tensor", "position"}``, or None)."""
     values: dict[str, np.ndarray] = {}
@@ -169,16 +169,17 @@ def _run(model: Any, seq: np.ndarray, port: M.Port, keep: "set[str] | None" = No
             if bad.size:
                 where = {"tensor": name, "position": int(bad[0]) if per_position(name) else None}
 
-    M.run(model, seq, port, observe=observe)
+    M.run(model, seq, port, observe=observe, images=images)
     return values, where
 
 
 def diagnose(model: Any, dump: Dump, tier: "str | CompareTier | None" = None, prefill: int | None = None,
-             only: Sequence[str] | None = None, combine: bool = True) -> Diagnosis:
+             only: Sequence[str] | None = None, combine: bool = True, images: Any = None) -> Diagnosis:
     """Diagnose ``dump`` against ``model`` (the reference): see the module docstring. ``tier``: fp32 by default
     (llamacpp-cpu for a reference computing llama.cpp's CPU arithmetic). ``prefill`` (or the dump's) is where
     the backend's second call began; without it a token stream's is the end of the prompt, and a logits or trace
-    dump's the position where it first diverges. ``only``: these catalogue ids."""
+    dump's the position where it first diverges. ``only``: these catalogue ids. LFM2-VL: ``images``, the images
+    the backend ran with the dump's ids (as :meth:`lfm2np.Model.forward` takes them)."""
     if not all(hasattr(model, a) for a in ("config", "check_ids", "forward")):
         raise Lfm2npError(f"diagnose: model must be an lfm2np Model (lfm2np.load gives one); got "
                           f"{type(model).__name__}")
@@ -203,7 +204,9 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier | None" = None, pr
     if dump.kind == "logits" and dump.logits.shape[1] != c.vocab_size:
         raise Lfm2npError(f"{dump.source}: logits have {dump.logits.shape[1]} columns; the model's vocabulary is "
                           f"{c.vocab_size}")
-    reference, _ = _run(model, seq, M.REFERENCE)
+    if images is not None:  # checked once (file paths through the processor), then given to every run
+        images = model.pixels(images, seq)
+    reference, _ = _run(model, seq, M.REFERENCE, images=images)
     judge = {"logits": lambda: LogitsJudge(dump, tier), "trace": lambda: TraceJudge(dump, tier, reference),
              "tokens": lambda: TokensJudge(dump, tier)}[dump.kind]()
 
@@ -226,7 +229,7 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier | None" = None, pr
 
     def evaluate(mid: str, label: str, switches: dict[str, Any], ambiguous: Sequence[str], size: int = 1):
         try:
-            values, where = _run(model, seq, M.Port(**switches), keep, reference, tier.max_rel)
+            values, where = _run(model, seq, M.Port(**switches), keep, reference, tier.max_rel, images)
         except Lfm2npError as e:  # the mutated reference overflows (non-finite logits): it reproduces nothing
             return Hypothesis(mid, label, switches, False, math.inf, None, 0, {"problem": str(e)}, True, None, size)
         ambiguous = [a if a.startswith("model.") else f"model.layers.*.{a}" for a in ambiguous]
