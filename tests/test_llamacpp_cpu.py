@@ -53,14 +53,7 @@ def tmp(tmp_path_factory) -> str:
 
 def run(path: Path, ids: list[int], dtype: str, how: str) -> np.ndarray:
     """lfm2np's logits fed as llama.cpp was: all at once, one by one, or a prefill then one by one."""
-    model = lfm2np.load(path, dtype=dtype)
-    cut = {"oneshot": len(ids), "stepwise": 1}.get(how) or int(how.split(":")[1])
-    logits, state = model.step(ids[:cut])
-    rows = [logits]
-    for i in ids[cut:]:
-        logits, state = model.step([i], state)
-        rows.append(logits)
-    return np.concatenate(rows)
+    return load_tool("make_llamacpp_fixtures").ours(path, ids, dtype, how)
 
 
 def nmse(a: np.ndarray, ref: np.ndarray) -> float:

@@ -30,7 +30,8 @@ Subparsers = Any
 #: The ``--dtype`` choices of every command that runs a model.
 DTYPE_CHOICES = list(MODES)
 DTYPE_HELP = ("compute dtype (float64: the oracle mode; bfloat16: the emulation; llamacpp-cpu: llama.cpp's CPU "
-              "arithmetic on a GGUF file, llamacpp-cpu-kv-f32 with an f32 KV cache)")
+              "arithmetic on a GGUF file (a checkpoint's weights as GGUF tensors of their stored type), "
+              "llamacpp-cpu-kv-f32 with an f32 KV cache)")
 
 
 # ----------------------------------------------------------------------------- argument types
