@@ -24,10 +24,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from . import layers, ops, schema
+from . import embedding, layers, ops, schema
 from .config import Config
 from .errors import Lfm2npError
-from .layers import AttentionWeights, ConvWeights, LayerWeights, MoEWeights, Scope, SwiGLUWeights, Tap
+from .layers import AttentionWeights, Bidirectional, ConvWeights, LayerWeights, MoEWeights, Scope, SwiGLUWeights, Tap
 from .numerics import Numerics, numerics
 from .state import DEFAULT_MAX_ROLLBACK, ConvState, State
 from .weights import InMemory, Weights, check_tensors
@@ -130,22 +130,31 @@ class Model:
         everything."""
         return self.params.report()
 
-    def forward(self, ids: Any, *, record: Recorder | None = None, progress: Progress | None = None) -> np.ndarray:
+    def forward(self, ids: Any, *, record: Recorder | None = None, progress: Progress | None = None,
+                attention_mask: Any = None) -> np.ndarray:
         """Logits for every position of one sequence or an equal-length batch, computed from scratch.
 
         ids ``(T,)`` -> logits ``(T, V)``; ids ``(B, T)`` -> ``(B, T, V)``. Causal: position t depends on
-        tokens 0..t only. ``record`` sees (or replaces) every intermediate of a single sequence (see the
-        module docstring). Prompts longer than :attr:`prefill_chunk` run in chunks (as :meth:`step` would),
-        which bounds the temporaries; recording runs one pass. Raises :class:`Lfm2npError` for an id
-        outside ``0 .. vocab_size - 1``.
+        tokens 0..t only (a bidirectional model, ``config.causal`` false: on every token). ``record`` sees (or
+        replaces) every intermediate of a single sequence (see the module docstring). Prompts longer than
+        :attr:`prefill_chunk` run in chunks (as :meth:`step` would; never a bidirectional model's), which bounds
+        the temporaries; recording runs one pass. ``attention_mask`` (bidirectional models; the shape of ids, 1
+        for a token, 0 for padding) computes a padded batch's rows as a reference backend does: the padding left
+        out of attention's keys and, when the checkpoint says ``conv_zero_padding``, zeroed before the centred
+        conv. Raises :class:`Lfm2npError` for an id outside ``0 .. vocab_size - 1``.
         """
         ids = self.check_ids(ids)
         check_progress(progress)
+        pads = embedding.padding(self.config, ids, attention_mask)
         if ids.ndim == 2:
             if record is not None:
                 raise Lfm2npError(f"record traces one sequence, shape (T,); got ids of shape {ids.shape}")
-            return np.stack([self.forward(row) for row in ids])
+            return np.stack([self.forward(row, attention_mask=None if pads is None else ~p)
+                             for row, p in zip(ids, pads if pads is not None else ids)])
         chunk = self.prefill_chunk
+        if not self.config.causal:  # the whole sequence at once: every position reads every other
+            view = Bidirectional(pads, self.config.conv_zero_padding)
+            return self.run(ids, record=record, progress=progress, view=view)[0]
         if record is not None or not chunk or ids.shape[0] <= chunk:
             return self.run(ids, record=record, progress=progress)[0]
         # a long prompt in chunks, each continuing the state of the last: the temporaries of a layer are
@@ -177,6 +186,9 @@ class Model:
         ids = self.check_ids(ids)
         if ids.ndim != 1:
             raise Lfm2npError(f"step takes the ids of one sequence, shape (T,); got shape {ids.shape}")
+        if not self.config.causal:
+            raise Lfm2npError("a bidirectional model reads whole sequences (every position sees every other): it "
+                              "has no decoding state; use forward or embed")
         if state is None:
             state = self.new_state()
         if not isinstance(state, State):
@@ -194,6 +206,19 @@ class Model:
             raise Lfm2npError(f"step_batch got {len(ids)} id sequences but {len(states)} states")
         results = [self.step(i, s) for i, s in zip(ids, states)]
         return [r[0] for r in results], [r[1] for r in results]
+
+    def embed(self, ids: Any, *, attention_mask: Any = None, per_token: bool = False, pooling: str | None = None,
+              record: Recorder | None = None) -> "np.ndarray | list[np.ndarray]":
+        """Embeddings of one sequence ``(T,)`` -> ``(E,)``, or of several -> ``(B, E)``: the final hidden states
+        through the checkpoint's sentence-transformers head (pooling, its dense projection if any, L2
+        normalisation; :func:`lfm2np.layers.embedding_head`). ``per_token``: ColBERT's vectors instead, ``(T,
+        E)`` per sequence (a list for several). Sequences of different lengths (a list of lists) are padded
+        into one batch, each giving exactly what it gives alone (to float32 rounding: docs/ops/pooling.md);
+        a ``(B, T)`` array with an ``attention_mask`` is a padded batch as a reference computes it (the
+        checkpoint's conv_zero_padding applies). ``pooling``: "cls", "mean" or "last" instead of the
+        checkpoint's (which, when it declares none, is "mean"). ``record``: as in :meth:`forward`, one sequence
+        (the head's values named ``head.*``: :func:`lfm2np.trace_names` with ``output``)."""
+        return embedding.embed(self, ids, attention_mask, per_token, pooling, record)
 
     def check_ids(self, ids: Any) -> np.ndarray:
         """``ids`` as an int64 array of shape (T,) or (B, T), every id inside the vocabulary."""
@@ -217,10 +242,13 @@ class Model:
 
     # ------------------------------------------------------------- the forward pass
     def run(self, ids: np.ndarray, state: State | None = None, record: Recorder | None = None,
-            progress: Progress | None = None, out: np.ndarray | None = None) -> tuple[np.ndarray, list]:
+            progress: Progress | None = None, out: np.ndarray | None = None, view: Bidirectional | None = None,
+            head: "Callable[[np.ndarray, Scope], np.ndarray] | None" = None) -> tuple[np.ndarray, list]:
         """The forward pass of ``ids`` (T,) (already checked) continuing ``state`` (None: a new sequence; not
         checked here). Returns the logits (T, V) (written into ``out`` when given) and, per layer, what it
-        continues from next: its extended conv history, or its keys and values (:meth:`State.advance`)."""
+        continues from next: its extended conv history, or its keys and values (:meth:`State.advance`).
+        A bidirectional model's layers see ``view`` (its padding) and keep nothing. ``head(h, scope)``, given,
+        replaces the LM head on the final hidden states (:meth:`embed`); its result is returned instead."""
         c, tap = self.config, tap_for(record)
         check_progress(progress)
         T, start = ids.shape[0], 0 if state is None else state.position
@@ -231,7 +259,7 @@ class Model:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite logits are checked below
             positions = np.arange(start, start + T)
             rope = {kind: layers.rope(positions, c, kind, self.dtype, s) for kind in schema.attention_kinds(c)}
-            h = s("model.embed_tokens", self.embed(ids))  # (T, D)
+            h = s("model.embed_tokens", self.embed_tokens(ids))  # (T, D)
             pasts = []
             for i, kind in enumerate(c.layer_types):
                 if i + 1 < c.num_hidden_layers:  # read the next layer's tensors while this one runs
@@ -239,6 +267,8 @@ class Model:
                 past = None if state is None else state.layers[i]
                 past = past.history if isinstance(past, ConvState) else None if past is None else (past.keys,
                                                                                                     past.values)
+                if not c.causal:
+                    past = view or Bidirectional()
                 h, past = layers.decoder_layer(h, self.layer_weights(i), c, rope.get(kind), past, c.window(i),
                                                s.at(f"model.layers.{i}."))
                 h = s(f"model.layers.{i}", h)
@@ -247,6 +277,8 @@ class Model:
                     progress(i + 1, c.num_hidden_layers)
             h = s("model.embedding_norm", ops.rms_norm(h, self.params["model.embedding_norm.weight"], c.norm_eps,
                                                        s.rnd))
+            if head is not None:
+                return embedding.finite(head(h, s)), pasts
             logits = s("lm_head", ops.lm_head(h, self.params[schema.head_name(c)], s.rnd, out))  # (T, V)
         # the one check on the way: a sum (one pass, no buffer) is finite unless a value is NaN or infinite, or
         # finite values overflow it, which the exact check then tells apart; the search only on failure
@@ -290,8 +322,8 @@ class Model:
         return Lfm2npError(f"non-finite values: they first appear in {where}{cause}")
 
     # ------------------------------------------------------------- the pieces
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        """The embedding rows of ``ids``: (T,) -> (T, D). From a lazily loaded checkpoint only those rows
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        """The embedding rows of ``ids``: (T,) -> (T, D) (``model.embed_tokens``; :meth:`embed` gives embeddings). From a lazily loaded checkpoint only those rows
         are read and converted."""
         return self.params.rows(schema.HEAD_TIED, ids)
 

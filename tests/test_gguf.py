@@ -877,7 +877,7 @@ def test_embedding_rows_alone_and_kept_tensors_dequantised_once(tmp_path, monkey
 
     monkeypatch.setattr(GgufFile, "dequantize", spy)
     lean = lfm2np.load(path, memory_budget=0)
-    assert np.array_equal(lean.embed(np.array([5, 17, 5])), lfm2np.load(path).params["model.embed_tokens.weight"][[5, 17, 5]])
+    assert np.array_equal(lean.embed_tokens(np.array([5, 17, 5])), lfm2np.load(path).params["model.embed_tokens.weight"][[5, 17, 5]])
     assert calls[0] == ("token_embd.weight", (5, 17, 5))
     calls.clear()
     model = lfm2np.load(path, memory_budget="all")

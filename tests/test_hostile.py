@@ -672,7 +672,7 @@ def test_checkpoint_changed_after_loading(dense_copy, case, keep):
 def test_embedding_rows_after_the_file_shrank(dense_copy):
     model = lfm2np.load(dense_copy, memory_budget=0)
     os.truncate(dense_copy / "model.safetensors", 4096)
-    refused(lambda: model.embed(np.array([5])), "model.safetensors", "changed since it was loaded")
+    refused(lambda: model.embed_tokens(np.array([5])), "model.safetensors", "changed since it was loaded")
 
 
 def test_shard_truncated_after_loading(tmp_path):

@@ -21,8 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lfm2np"
-CORE = {"errors", "numerics", "config", "config_keys", "ops", "passes", "layers", "schema", "weights", "state",
-        "model", "version"}
+CORE = {"errors", "numerics", "config", "config_keys", "ops", "passes", "layers", "schema", "aliases", "weights", "state",
+        "model", "embedding", "version"}
 MIDDLE = {"loading", "presets", "generate", "embedded", "synthetic", "evaluate"}
 #: imported inside the functions that need them: gguf (an extra), jinja2 (a dependency, imported when a chat template
 #: is first rendered: most commands never render one), readline (in the standard library, but not on every platform)

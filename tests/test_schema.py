@@ -195,7 +195,7 @@ def test_one_weights_interface_for_every_source(tmp_path):
     for model in (m, lfm2np.load(tmp_path / "m.gguf"), lfm2np.Model(m.config, dict(m.params))):
         assert isinstance(model.params, Weights) and model.params.mode == "float32"
         assert model.memory_report()["resident_bytes"] >= 0
-        np.testing.assert_array_equal(model.embed(np.array([2, 3])), model.params["model.embed_tokens.weight"][[2, 3]])
+        np.testing.assert_array_equal(model.embed_tokens(np.array([2, 3])), model.params["model.embed_tokens.weight"][[2, 3]])
 
 
 @pytest.mark.parametrize("change, needle", [
