@@ -186,3 +186,27 @@ def head_files(config: Config) -> dict[str, Any]:
 
 #: the Dense module's weights, beside its config.json
 DENSE_WEIGHTS = "model.safetensors"
+
+
+#: llama.cpp's pooling types (enum llama_pooling_type) -> lfm2np's; RANK (4) is a reranker's, refused
+GGUF_POOLING = {0: None, 1: "mean", 2: "cls", 3: "last"}
+
+
+def gguf_head(pooling: int | None, n_out: int | None, dense: "tuple[int, ...] | None", bias: "tuple[int, ...] | None",
+              D: int, error: Any) -> dict[str, Any] | None:
+    """The embedding head of a GGUF file: ``{arch}.pooling_type`` and the ``dense_2.weight`` (``dense``: its ggml
+    shape ``[D, n_out]``) and ``dense_2.bias`` projection, checked against ``{arch}.embedding_length_out``
+    (``n_out``); None when the file declares neither. ``error(key, problem)`` makes the error naming the key."""
+    if pooling is not None and pooling not in GGUF_POOLING:
+        raise error("pooling_type", f"is {pooling}; lfm2np pools with none (0), mean (1), cls (2) or last (3)")
+    if dense is None:
+        if bias is not None:
+            raise error("embedding_length_out", "comes with dense_2.bias but no dense_2.weight")
+        return None if pooling is None else {"pooling": GGUF_POOLING[pooling]}
+    if len(dense) != 2 or dense[0] != D:
+        raise error("embedding_length", f"is {D} but dense_2.weight has ggml shape {list(dense)}; expected [{D}, n]")
+    if n_out is not None and n_out != dense[1]:
+        raise error("embedding_length_out", f"is {n_out} but dense_2.weight projects to {dense[1]}")
+    if bias is not None and list(bias) != [dense[1]]:
+        raise error("embedding_length_out", f"is {dense[1]} but dense_2.bias has shape {list(bias)}")
+    return {"pooling": GGUF_POOLING.get(pooling), "dense_out": dense[1], "dense_bias": bias is not None}
