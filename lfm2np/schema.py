@@ -367,8 +367,8 @@ def order_key(name: str) -> tuple:
         kind, _, table = name[len("model.rotary_emb."):].partition(".")
         return (0, kind, ("inv_freq", "cos", "sin").index(table) if table in ("inv_freq", "cos", "sin") else 3)
     head = HEAD_TOKENS + HEAD_POOLED
-    if name in head:
-        return (4, head.index(name))
+    if name in head:  # (the embedding head replaces lm_head: the same place, in its own order)
+        return (4, str(head.index(name)))
     return ({"model.embed_tokens": 1, "model.embedding_norm": 3, "lm_head": 4}.get(name, 5), name)
 
 

@@ -27,8 +27,9 @@ Recorded per case, into golden.safetensors: the intermediates of one sequence (`
 operator norm, conv in_proj / bx / conv_out / output, attention q and k after their norms, v, the attention output
 before out_proj, the layer output; the final norm), the pooled embeddings under every pooling (``embed.{mode}``),
 the per-token vectors (``tokens``), three sequences alone (``alone.{i}.*``) and as one right-padded batch with its
-attention mask under both settings of the padding switch (``padded.zero.*``, ``padded.keep.*``), and the same
-sequence run by transformers in bfloat16 (``bf16.*``: the embeddings, each layer's output, the final norm, the
+attention mask under both settings of the padding switch (``padded.zero.*``, ``padded.keep.*``), that batch as
+ports with a porting mistake compute it (``mistake.{left-padded,causal-mask,causal-model}.embedding``: the conv
+window of the causal model, its mask, both), and the same sequence run by transformers in bfloat16 (``bf16.*``: the embeddings, each layer's output, the final norm, the
 embedding).
 """
 
@@ -161,14 +162,15 @@ def dense_head(case: dict, hidden: int) -> tuple[torch.Tensor, torch.Tensor | No
 class Bidirectional:
     """Make an Lfm2Model bidirectional (the module docstring) and record each conv's bx and conv_out."""
 
-    def __init__(self, model: Lfm2Model, zero_pads: bool):
+    def __init__(self, model: Lfm2Model, zero_pads: bool, centred: bool = True):
         self.store: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(model.layers):
             if hasattr(layer, "conv"):
-                layer.conv.forward = self.centred(layer.conv, f"model.layers.{i}.conv.", zero_pads)
+                layer.conv.forward = self.centred(layer.conv, f"model.layers.{i}.conv.", zero_pads, centred)
 
-    def centred(self, conv, prefix: str, zero_pads: bool):
+    def centred(self, conv, prefix: str, zero_pads: bool, centred: bool):
         L = conv.conv_kernel_size
+        pad = L // 2 if centred else L - 1  # (not centred: the causal model's window, a porting mistake)
 
         def forward(hidden_states, cache=None, attention_mask=None, **kwargs):
             if zero_pads and attention_mask is not None:
@@ -176,21 +178,19 @@ class Bidirectional:
             bcx = conv.in_proj(hidden_states).transpose(-1, -2)
             b, c, x = bcx.chunk(3, dim=-2)
             bx = b * x
-            z = F.conv1d(bx, conv.conv.weight, conv.conv.bias, padding=L // 2, groups=bx.shape[1])[..., :bx.shape[-1]]
+            z = F.conv1d(bx, conv.conv.weight, conv.conv.bias, padding=pad, groups=bx.shape[1])[..., :bx.shape[-1]]
             self.store[prefix + "bx"], self.store[prefix + "conv_out"] = bx.transpose(-1, -2), z.transpose(-1, -2)
             return conv.out_proj((c * z).transpose(-1, -2).contiguous())
         return forward
 
 
-def masks(mask: torch.Tensor | None, dtype: torch.dtype, causal: bool) -> dict | None:
-    """The per-layer-type masks Lfm2Model takes as a dict: attention's pad-only additive mask (and the causal
-    triangle for a causal model), the conv's 2D mask."""
-    if causal:
-        return None  # transformers' own causal masks (right padding never reaches a token)
-    if mask is None:
-        return {"full_attention": None, "conv": None}
+def masks(mask: torch.Tensor, dtype: torch.dtype, triangle: bool = False) -> dict:
+    """The per-layer-type masks a bidirectional Lfm2Model takes as a dict: attention's pad-only additive mask (with
+    ``triangle``, the causal mask kept too: a porting mistake), the conv's 2D mask."""
     additive = torch.zeros(mask.shape[0], 1, mask.shape[1], mask.shape[1], dtype=dtype)
     additive.masked_fill_(~mask.bool()[:, None, None, :], torch.finfo(dtype).min)
+    if triangle:
+        additive.masked_fill_(torch.ones(mask.shape[1], mask.shape[1], dtype=torch.bool).triu(1), torch.finfo(dtype).min)
     return {"full_attention": additive, "conv": mask.to(dtype)}
 
 
@@ -217,7 +217,8 @@ def capture(model: Lfm2Model, ids: np.ndarray, zero_pads: bool, causal: bool) ->
             handles.append(module.register_forward_hook(hook(key.rsplit(".", 1)[0] + ".attn_out", take_input=True)))
     patch = None if causal else Bidirectional(model, zero_pads)
     with torch.no_grad():
-        out = model(torch.from_numpy(ids)[None], attention_mask=masks(None, torch.float32, causal))
+        out = model(torch.from_numpy(ids)[None], attention_mask=None if causal else masks(
+            torch.ones(1, len(ids), dtype=torch.bool), torch.float32))
     for h in handles:
         h.remove()
     store.update(patch.store if patch else {})
@@ -226,13 +227,17 @@ def capture(model: Lfm2Model, ids: np.ndarray, zero_pads: bool, causal: bool) ->
     return result
 
 
-def hidden(model: Lfm2Model, ids: np.ndarray, mask: np.ndarray | None, zero_pads: bool, causal: bool) -> torch.Tensor:
-    if not causal:
-        Bidirectional(model, zero_pads)
-    dt = model.embed_tokens.weight.dtype
-    m = None if mask is None else torch.from_numpy(mask)
+def hidden(model: Lfm2Model, ids: np.ndarray, mask: np.ndarray | None, zero_pads: bool, causal: bool,
+           centred: bool = True, triangle: bool = False) -> torch.Tensor:
+    """The final hidden states of a batch (``mask`` None: no padding); ``centred`` false or ``triangle`` true:
+    the porting mistakes of a bidirectional model run with the causal conv window or the causal mask."""
+    m = torch.ones(ids.shape, dtype=torch.bool) if mask is None else torch.from_numpy(mask)
     with torch.no_grad():
-        return model(torch.from_numpy(ids), attention_mask=masks(m, dt, causal) if not causal else m).last_hidden_state
+        if causal:  # transformers' own causal masks (right padding never reaches a token)
+            return model(torch.from_numpy(ids), attention_mask=m).last_hidden_state
+        Bidirectional(model, zero_pads, centred)
+        return model(torch.from_numpy(ids), attention_mask=masks(m, model.embed_tokens.weight.dtype,
+                                                                 triangle)).last_hidden_state
 
 
 def head(h: torch.Tensor, mask: torch.Tensor, how: str, dense) -> torch.Tensor:
@@ -323,6 +328,14 @@ def write_case(name: str, case: dict, tok: Tokenizer, out: Path) -> dict:
         hp = hidden(model, batch, mask, z, causal)
         golden[f"padded.{label}.hidden"] = hp.numpy()
         golden[f"padded.{label}.embedding"] = head(hp, torch.from_numpy(mask), case["pooling"] or "mean", dense).numpy()
+    # a bidirectional model computed by a port that kept the causal conv window, the causal mask, or both
+    # (transformers' own Lfm2Model unchanged: the checkpoint loaded without its remote code)
+    if not causal:
+        for label, centred, triangle in (("left-padded", False, False), ("causal-mask", True, True),
+                                         ("causal-model", False, True)):
+            hm = hidden(model, batch, mask, zero, causal, centred, triangle)
+            golden[f"mistake.{label}.embedding"] = head(hm, torch.from_numpy(mask), case["pooling"] or "mean",
+                                                        dense).numpy()
     # the same model in bfloat16 (weights, activations), the reference of lfm2np's bf16 emulation
     half = build(case, torch.bfloat16)
     golden.update({"bf16." + k: v for k, v in capture(half, ids, zero, causal).items()
