@@ -128,6 +128,8 @@ def _cmd_params(args: argparse.Namespace) -> int:
         rows.append(row(f"MoE FFN ({_count(k['moe_ffn']['layers'], 'layer')})", k["moe_ffn"]["params"],
                         f"active {_n(k['moe_ffn']['active'])}"))
     rows.append(row(f"norms ({k['norms']['count']})", k["norms"]["params"]))
+    if b["dense_head"]:
+        rows.append(row(f"dense head ({c.hidden_size} -> {c.dense_out})", b["dense_head"]))
     rows.append(row("total", total))
     rows.append(row("total without embedding", p["total_without_embedding"]))
     rows.append(row("active per token", p["active"]))
