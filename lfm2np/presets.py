@@ -198,6 +198,8 @@ MODEL_CARD_PARAMS: dict[str, int | str] = {
     "LFM2.5-2.6B": "2.7B (a third-party listing)",
     "LFM2.5-Embedding-350M": "~354M (card)",
     "LFM2.5-ColBERT-350M": "~353M (card)",
+    "LFM2.5-Encoder-350M": "354,483,968 (a third-party page)",
+    "LFM2-ColBERT-350M": "350M (the name; not checked)",
 }
 
 # Tiny configs: odd sizes so that transposed or mis-split weights cannot line up by accident.

@@ -42,6 +42,8 @@ def copy(case: str, tmp_path):
      "out_features is 0"),
     ("bidir-colbert", lambda d: (d / "1_Dense" / "model.safetensors").unlink(), "no model.safetensors"),
     ("bidir-colbert", lambda d: (d / "1_Dense" / "config.json").write_text(
+        '{"in_features": 32, "out_features": 16, "use_residual": true}'), "use_residual is set"),
+    ("bidir-colbert", lambda d: (d / "1_Dense" / "config.json").write_text(
         '{"in_features": 32, "out_features": 12, "bias": false}'), "'dense.weight' has shape \\[16, 32\\]"),
     ("bidir-cls", lambda d: (d / "config.json").write_text(json.dumps(
         {**json.loads((d / "config.json").read_text()), "conv_zero_padding": "no"})), "'conv_zero_padding'"),

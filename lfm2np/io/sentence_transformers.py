@@ -85,6 +85,8 @@ def _dense(path: Path) -> dict[str, Any]:
     if conf.get("activation_function") not in _IDENTITY:
         raise Lfm2npError(f"{path}: activation_function is {conf.get('activation_function')!r:.80}; lfm2np's "
                           f"dense head is linear (Identity)")
+    if conf.get("use_residual"):  # (a residual path beside the projection, an option of some ColBERT heads)
+        raise Lfm2npError(f"{path}: use_residual is set; lfm2np's dense head is one linear projection")
     if not isinstance(conf.get("bias", True), bool):
         raise Lfm2npError(f"{path}: bias is {conf.get('bias')!r:.40}; expected true or false")
     return {"in": conf["in_features"], "dense_out": conf["out_features"], "dense_bias": conf.get("bias", True)}
