@@ -27,8 +27,10 @@ from dataclasses import dataclass
 
 # the names other tools give each value (re-exported: lfm2np.schema.llama_cpp_names, transformers_names)
 from .aliases import LLAMA_CPP_STEPS, LLAMA_CPP_TOP, llama_cpp_names, split as _split, transformers_names
-from .config import Config
+from .config import Config, checked_config
 from .config_keys import CONV
+from .errors import Lfm2npError, shown
+
 
 # ========================================================================================== tensor layout
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def _layer(c: Config, i: int, experts: bool = True) -> list[Tensor]:
 
 def layout(config: Config) -> list[Tensor]:
     """Every tensor of a checkpoint for ``config``, in checkpoint order (embedding, layers, final norm, head)."""
-    c = config
+    c = checked_config(config)
     D, V = c.hidden_size, c.vocab_size
     out = [Tensor(HEAD_TIED, (V, D), None, "embedding", "embed_tokens")]
     for i in range(c.num_hidden_layers):
@@ -264,7 +266,9 @@ def trace_names(config: Config, output: str = "logits") -> list[TraceName]:
     the module docstring): the RoPE tables of each attention layer type, the embeddings, every step of every
     layer, the final norm and the logits, or for ``output`` "embedding" / "token_embeddings" (``Model.embed``)
     the embedding head's values instead of the logits."""
-    c = config
+    c = checked_config(config)
+    if not isinstance(output, str) or output not in OUTPUTS:
+        raise Lfm2npError(f"trace_names: output is {shown(output)}; expected one of {', '.join(OUTPUTS)}")
     hd, D = c.head_dim, c.hidden_size
     out = []
     for kind in attention_kinds(c):

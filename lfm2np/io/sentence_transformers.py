@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from ..config import Config
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
 from ..schema import DENSE_HEAD, DENSE_HEAD_BIAS, HEAD_TIED
-from .files import read_json
+from .files import present, read_json
 
 MODULES = "modules.json"
 _IDENTITY = ("torch.nn.modules.linear.Identity", "torch.nn.Identity", "Identity", None)
@@ -39,7 +39,7 @@ _UNSUPPORTED = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens", 
 def _modules(directory: Path) -> list[tuple[str, Path]] | None:
     """``(type, directory)`` of each module listed in ``modules.json`` (None when there is no such file)."""
     path = directory / MODULES
-    if not path.is_file():
+    if not present(path, "the sentence-transformers module list"):
         return None
     data = read_json(path, "sentence-transformers module list")
     if not isinstance(data, list):
@@ -47,16 +47,22 @@ def _modules(directory: Path) -> list[tuple[str, Path]] | None:
     out = []
     for n, m in enumerate(data):
         if not isinstance(m, dict) or not isinstance(m.get("type"), str) or not isinstance(m.get("path", ""), str):
-            raise Lfm2npError(f"{path}: module {n} is {m!r:.80}; expected an object with a type and a path")
+            raise Lfm2npError(f"{path}: module {n} is {shown(m)}; expected an object with a type and a path")
         sub = m.get("path", "")
         if sub.startswith(("/", "\\")) or ".." in Path(sub).parts:
-            raise Lfm2npError(f"{path}: module {n}'s path {sub!r:.80} leaves the checkpoint directory")
+            raise Lfm2npError(f"{path}: module {n}'s path {shown(sub)} leaves the checkpoint directory")
         out.append((m["type"], directory / sub))
     return out
 
 
+def _side_file(path: Path, what: str) -> Any:
+    """A module's JSON config: a FIFO or a directory in its place is named, never read (a FIFO would wait)."""
+    present(path, f"the {what}")
+    return read_json(path, what)
+
+
 def _pooling(path: Path) -> str:
-    conf = read_json(path, "Pooling config")
+    conf = _side_file(path, "Pooling config")
     if not isinstance(conf, dict):
         raise Lfm2npError(f"{path}: a JSON {type(conf).__name__}; expected the Pooling module's config object")
     unsupported = [k for k in _UNSUPPORTED if conf.get(k)]
@@ -75,20 +81,20 @@ def _pooling(path: Path) -> str:
 
 
 def _dense(path: Path) -> dict[str, Any]:
-    conf = read_json(path, "Dense config")
+    conf = _side_file(path, "Dense config")
     if not isinstance(conf, dict):
         raise Lfm2npError(f"{path}: a JSON {type(conf).__name__}; expected the Dense module's config object")
     for key in ("in_features", "out_features"):
         v = conf.get(key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise Lfm2npError(f"{path}: {key} is {v!r:.40}; expected a positive integer")
+            raise Lfm2npError(f"{path}: {key} is {shown(v)}; expected a positive integer")
     if conf.get("activation_function") not in _IDENTITY:
-        raise Lfm2npError(f"{path}: activation_function is {conf.get('activation_function')!r:.80}; lfm2np's "
+        raise Lfm2npError(f"{path}: activation_function is {shown(conf.get('activation_function'))}; lfm2np's "
                           f"dense head is linear (Identity)")
     if conf.get("use_residual"):  # (a residual path beside the projection, an option of some ColBERT heads)
         raise Lfm2npError(f"{path}: use_residual is set; lfm2np's dense head is one linear projection")
     if not isinstance(conf.get("bias", True), bool):
-        raise Lfm2npError(f"{path}: bias is {conf.get('bias')!r:.40}; expected true or false")
+        raise Lfm2npError(f"{path}: bias is {shown(conf.get('bias'))}; expected true or false")
     return {"in": conf["in_features"], "dense_out": conf["out_features"], "dense_bias": conf.get("bias", True)}
 
 

@@ -52,7 +52,8 @@ def canonical_tensors(trace: Trace, label: str) -> tuple[dict[str, np.ndarray], 
 
 
 def trace_ids(trace: Trace, label: str) -> list[int] | None:
-    """The ids a trace ran (its metadata's ``ids`` or an ``ids`` tensor; both must agree), or None."""
+    """The ids a trace ran (its metadata's ``ids`` or an ``ids`` tensor; both must agree), or None. ``label``
+    begins the messages ("trace A", a dump's path)."""
     found = []
     if "ids" in trace.meta:
         found.append(("metadata", trace.meta["ids"]))
@@ -62,22 +63,22 @@ def trace_ids(trace: Trace, label: str) -> list[int] | None:
     for where, value in found:
         a = np.asarray(value)
         if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or a.size == 0) or a.ndim != 1:
-            raise Lfm2npError(f"trace {label}: its ids ({where}) are not a list of integers")
+            raise Lfm2npError(f"{label}: its ids ({where}) are not a list of integers")
         ids = [int(x) for x in a]
         if out is not None and ids != out:
-            raise Lfm2npError(f"trace {label}: its metadata's ids and its ids tensor differ")
+            raise Lfm2npError(f"{label}: its metadata's ids and its ids tensor differ")
         out = ids
     return out
 
 
 def same_run(a: Trace, b: Trace, prefix: bool, warnings: list[str]) -> tuple[list[int] | None, int | None]:
     """The ids both traces ran (refused when they differ), and the positions to compare (None: all)."""
-    ids = {label: trace_ids(t, label) for label, t in (("A", a), ("B", b))}
+    ids = {label: trace_ids(t, f"trace {label}") for label, t in (("A", a), ("B", b))}
     for label, got in ids.items():
         if got is None:
             warnings.append(f"trace {label} records no ids: nothing checks that both traces ran the same input")
     starts = [t.meta.get("start") for t in (a, b)]
-    if all(isinstance(s, int) for s in starts) and starts[0] != starts[1]:
+    if all(isinstance(s, int) and not isinstance(s, bool) for s in starts) and starts[0] != starts[1]:
         raise Lfm2npError(f"the traces start at other positions (A at {starts[0]}, B at {starts[1]}): they are not "
                           f"the same run")
     ia, ib = ids["A"], ids["B"]
@@ -120,7 +121,8 @@ def reference_notes(a: Trace, b: Trace, tier: CompareTier) -> list[str]:
     ref = ran_a_gguf(b) or (b.meta.get("weights") if isinstance(b.meta.get("weights"), dict) else {})
     if ref.get("format") == "gguf" and ("path" not in gguf or "path" not in ref or ref["path"] == gguf["path"]):
         return []  # the same GGUF, as far as the traces say
-    types = gguf.get("types") or {}
+    types = gguf.get("types")
+    types = types if isinstance(types, dict) else {}
     quantised = sorted(t for t in types if t not in UNQUANTISED)
     what = f"its weights are {', '.join(quantised)}" if quantised else \
         "llama.cpp names its tensors" if gguf.get("by") else "its weights are not quantised"
