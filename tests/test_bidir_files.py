@@ -5,6 +5,7 @@ Lfm2npError naming the file and the key; a checkpoint written by lfm2np reads ba
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -25,7 +26,16 @@ def copy(case: str, tmp_path):
     return target
 
 
+def replaced(path, make):
+    """``path`` replaced by what ``make`` puts there (a FIFO, a directory): named, never read (a FIFO would wait)."""
+    path.unlink()
+    make(path)
+
+
 @pytest.mark.parametrize("case, edit, problem", [
+    ("bidir-cls", lambda d: replaced(d / "1_Pooling" / "config.json", os.mkfifo), "is a FIFO"),
+    ("bidir-colbert", lambda d: replaced(d / "1_Dense" / "config.json", os.mkdir), "is a directory"),
+    ("bidir-cls", lambda d: replaced(d / "modules.json", os.mkfifo), "modules.json: is a FIFO"),
     ("bidir-cls", lambda d: (d / "modules.json").write_text("{}"), "expected a list of modules"),
     ("bidir-cls", lambda d: (d / "modules.json").write_text('[{"type": 3}]'), "module 0 is"),
     ("bidir-cls", lambda d: (d / "modules.json").write_text(
