@@ -26,6 +26,7 @@ from . import embedded, presets
 from .config import Config, check_rope_reading
 from .errors import Lfm2npError, shown
 from .io import hub
+from .io import sentence_transformers as st
 from .io.files import present, read_json
 from .io.gguf import read_gguf_config, read_gguf_source
 from .io.params import parse_budget
@@ -91,7 +92,7 @@ def _load(path: "str | os.PathLike[str]", dtype: Any, strict: bool, memory_budge
         directory = hub.resolve(path)
         config = load_config(directory, rope_reading=rope_reading)
         tensors = layout(config)
-        source = Checkpoint(directory)
+        source = checkpoint_source(directory)
         try:
             if config.is_vision_language:  # the towers' names as lfm2np lays them out
                 source = Renamed(source, str(directory))
@@ -103,6 +104,24 @@ def _load(path: "str | os.PathLike[str]", dtype: Any, strict: bool, memory_budge
     weights = lazy_weights(source, tensors, mode, memory_budget)
     weights.config = config  # the layout is this config's: the Model need not compute it again
     return Model(config, weights, mode)
+
+
+def checkpoint_source(directory: "str | os.PathLike[str]") -> Any:
+    """The tensors of a checkpoint directory by lfm2np's names: its safetensors files, or, for a
+    sentence-transformers checkpoint of a base model, those and its Dense module's file renamed
+    (:mod:`lfm2np.io.sentence_transformers`)."""
+    main = Checkpoint(directory)
+    try:
+        dense_dir = st.dense_directory(directory)
+        dense = Checkpoint(dense_dir) if dense_dir is not None else None
+    except BaseException:
+        main.close()
+        raise
+    names = st.lfm2np_names(list(main.tensors), list(dense.tensors) if dense is not None else [])
+    if names is None:
+        return main
+    sources = [main] + ([dense] if dense is not None else [])
+    return st.Renamed({name: (sources[i], stored) for name, (i, stored) in names.items()}, sources)
 
 
 def lazy_weights(source: TensorSource, tensors: "list[Any]", mode: Any, memory_budget: Any) -> Lazy:
@@ -153,7 +172,11 @@ def _load_config(x: "str | os.PathLike[str] | Mapping[str, Any]", rope_reading: 
             hint = f"; it holds GGUF files ({', '.join(ggufs)}): give one of them" if ggufs else ""
             raise Lfm2npError(f"{path.parent}: no config.json in this directory{hint}")
     if path.is_file():
-        return Config.from_dict(_read_json(path), source=str(path), rope_reading=rope_reading)
+        d = _read_json(path)
+        head = st.read_head(path.parent)  # a sentence-transformers checkpoint's pooling and dense head
+        if head is not None and isinstance(d, dict):
+            d = {**d, "sentence_transformers": head}
+        return Config.from_dict(d, source=str(path), rope_reading=rope_reading)
     raise Lfm2npError(
         f"{shown(x)} is neither a config.json, a checkpoint directory, a .gguf file, a cached repo id nor a preset "
         f"name; presets: {', '.join(presets.names())}"

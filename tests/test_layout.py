@@ -26,8 +26,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lfm2np"
-CORE = {"errors", "numerics", "config", "config_keys", "ops", "passes", "layers", "schema", "weights", "state",
-        "model", "version", "ggml", "ggml_quants", "ggml_ops", "vision", "vision_config", "vision_schema", "ops_vision"}
+CORE = {"errors", "numerics", "config", "config_keys", "ops", "passes", "layers", "schema", "aliases", "weights",
+        "state", "model", "embedding", "version", "ggml", "ggml_quants", "ggml_ops", "vision", "vision_config",
+        "vision_schema", "ops_vision"}
 MIDDLE = {"loading", "presets", "generate", "sampling", "embedded", "synthetic", "evaluate"}
 #: imported inside the functions that need them: gguf (an extra), jinja2 (a dependency, imported when a chat template
 #: is first rendered: most commands never render one), readline (in the standard library, but not on every platform),

@@ -130,6 +130,8 @@ def _cmd_params(args: argparse.Namespace) -> int:
         rows.append(row(f"MoE FFN ({_count(k['moe_ffn']['layers'], 'layer')})", k["moe_ffn"]["params"],
                         f"active {_n(k['moe_ffn']['active'])}"))
     rows.append(row(f"norms ({k['norms']['count']})", k["norms"]["params"]))
+    if b["dense_head"]:
+        rows.append(row(f"dense head ({c.hidden_size} -> {c.dense_out})", b["dense_head"]))
     if c.vision is not None:  # LFM2-VL: the vision side apart
         rows.append(row("text model", p["text"]))
         rows.append(row(f"vision tower ({_count(c.vision.num_hidden_layers, 'layer')})", p["vision_tower"]))

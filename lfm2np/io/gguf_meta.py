@@ -29,10 +29,12 @@ converse
 
 Refused outright, with the key named: ``split.count`` other than 1 (or not an integer: a split file,
 which lfm2np does not read), ``{arch}.attention.sliding_window`` > 0 (llama.cpp then makes every
-attention layer sliding-window: the LFM2.5-Audio detokenizer), ``{arch}.attention.causal`` false (the
-bidirectional LFM2.5 encoders: a centred conv window and unmasked attention), a RoPE scaling type, an expert
-gating function other than sigmoid, ``value_length`` different from ``key_length``. lfm2np runs neither
-variant, and running them as the causal model would be silently wrong.
+attention layer sliding-window: the LFM2.5-Audio detokenizer), ``lfm2moe.attention.causal`` false, a RoPE
+scaling type, an expert gating function other than sigmoid, ``value_length`` different from ``key_length``.
+lfm2np runs none of these, and running them as the causal model would be silently wrong.
+
+``lfm2.attention.causal`` false (the converter's ``Lfm2BidirectionalModel``: LFM2.5-Embedding / -ColBERT) reads
+as that architecture; ``pooling_type`` and ``dense_2`` as the embedding head (:func:`~lfm2np.io.sentence_transformers.gguf_head`).
 
 Every value is type-checked first: a count must be an integer (not a bool, not a float, not a string) in
 range, a per-layer array must have ``block_count`` entries, a float must be finite; anything else raises
@@ -50,6 +52,7 @@ import numpy as np
 
 from ..config import ATTENTION, CONV
 from ..errors import Lfm2npError
+from .sentence_transformers import gguf_head
 
 ARCHITECTURES = {"lfm2": "lfm2", "lfm2moe": "lfm2_moe"}  # GGUF general.architecture -> HF model_type
 GGUF_ARCH = {v: k for k, v in ARCHITECTURES.items()}
@@ -250,6 +253,12 @@ def config_dict_from_metadata(meta: Mapping[str, Any], tensors: Mapping[str, tup
         value = meta.get(key)
         if value is not None:
             d[hf] = k.integer(key, value, 0, d["vocab_size"] - 1)
+    if not k.flag("attention.causal", True):
+        d["architectures"] = ["Lfm2BidirectionalModel"]
+    head = gguf_head(k.count("pooling_type", required=False, minimum=0), k.count("embedding_length_out",
+                     required=False), tensors.get("dense_2.weight"), tensors.get("dense_2.bias"), D, k.error)
+    if head is not None:
+        d["sentence_transformers"] = head
     return d
 
 
@@ -260,9 +269,9 @@ def _refuse_variants(k: _Keys) -> None:
         raise k.error("attention.sliding_window", f"is {window}: llama.cpp then runs every attention layer with a "
                                                   "sliding window (the LFM2.5-Audio detokenizer); lfm2np runs lfm2/"
                                                   "lfm2moe with full causal attention only, so it refuses the file")
-    if not k.flag("attention.causal", True):
-        raise k.error("attention.causal", "is false: a bidirectional LFM2 encoder (a centred conv window, unmasked "
-                                          "attention; LFM2.5-ColBERT / Embedding); lfm2np runs the causal model only")
+    if not k.flag("attention.causal", True) and k.arch != "lfm2":
+        raise k.error("attention.causal", f"is false; only lfm2 has a bidirectional variant (LFM2.5-Embedding / "
+                                          f"-ColBERT), not {k.arch}")
     scaling = k.text("rope.scaling.type")
     if scaling not in (None, "none"):
         raise k.error("rope.scaling.type", f"is {scaling!r}; only plain RoPE is implemented")

@@ -156,12 +156,12 @@ def write_golden(model: Model, ids: Any, out: "str | os.PathLike[str]", layers: 
             write(p + "self_attn", "lfm2np.layers.attention_block",
                   {"eps": c.norm_eps, "window": c.window(i), "head_dim": c.head_dim,
                    "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
-                   "rope_in_float32": c.rope_in_float32},
+                   "rope_in_float32": c.rope_in_float32, "causal": c.causal},
                   {"x": t[p + "operator_norm"], "cos": t[r + "cos"], "sin": t[r + "sin"]}, mixer_weights,
                   outputs("self_attn."))
             mixer_out = t[p + "self_attn.out_proj"]
         else:
-            write(p + "conv", "lfm2np.layers.short_conv", {"conv_L_cache": c.conv_L_cache},
+            write(p + "conv", "lfm2np.layers.short_conv", {"conv_L_cache": c.conv_L_cache, "causal": c.causal},
                   {"x": t[p + "operator_norm"]}, mixer_weights, outputs("conv."))
             mixer_out = t[p + "conv.out_proj"]
         if "post_operator_norm" in names:  # LFM3's sandwich norm

@@ -44,11 +44,12 @@ class _Run:
     as the forward pass continued with them."""
 
     def __init__(self, model: Any, port: Port, observe: Callable[[str, np.ndarray], None] | None = None,
-                 ids: np.ndarray | None = None, images: Any = None):
+                 ids: np.ndarray | None = None, images: Any = None, pads: np.ndarray | None = None):
         self.model, self.port, self.c = model, port, model.config
         self.ids, self.images = ids, images  # the call's ids and its checked images (LFM2-VL)
         self.rnd = model.numerics.round
         self.ops = ops if model.numerics.ops is None else model.numerics.ops  # the operators the pass computes with
+        self.pads = pads  # a padded row's padding (bidirectional models), True where padded
         self.seen: dict[str, np.ndarray] = {}
         self.observe = observe
 
@@ -127,6 +128,21 @@ def run(model: Any, ids: Any, port: Port = REFERENCE,
     return model.forward(ids, images=px, record=_Run(model, port, observe, ids, px))
 
 
+def embed(model: Any, ids: Any, mask: Any = None, port: Port = REFERENCE,
+          observe: Callable[[int, str, np.ndarray], None] | None = None) -> np.ndarray:
+    """The pooled embeddings ``(B, E)`` of the rows of ``ids`` (B, T) (padded as ``mask`` says, 1 for a token),
+    computed the way ``port`` says (:meth:`lfm2np.Model.embed` with a mask: a reference's padded batch).
+    ``observe(row, name, value)`` sees every intermediate of each row."""
+    ids = model.check_ids(ids)
+    ids = ids[None] if ids.ndim == 1 else ids
+    mask = np.ones(ids.shape, bool) if mask is None else np.asarray(mask).reshape(ids.shape).astype(bool)
+    rows = []
+    for b, (row, real) in enumerate(zip(ids, mask)):
+        seen = None if observe is None else (lambda n, v, b=b: observe(b, n, v))
+        rows.append(model.embed(row, attention_mask=real, record=_Run(model, port, seen, pads=~real)))
+    return np.stack(rows)
+
+
 # ------------------------------------------------------------------------------------ handlers
 @_on("model.embed_tokens")
 def _norm_at_start(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
@@ -150,14 +166,26 @@ def _gates(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None
     return c if name.endswith("b_gate") else b
 
 
+@_on("conv.bx", reads=("conv.b_gate", "conv.x"))
+def _pad_zeroing(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
+    """A padded row's padding zeroed before the centred conv, or not, against the checkpoint's flag."""
+    zero, pads = run.port.conv_zero_padding, run.pads
+    if zero is None or run.c.causal or pads is None or not pads.any():
+        return None
+    u = run.rnd(run.get("conv.b_gate", i) * run.get("conv.x", i))
+    return np.where(pads[:, None], u.dtype.type(0), u) if zero else u
+
+
 @_on("conv.conv_out", reads=("conv.bx",))
 def _conv(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
-    p = run.port
-    if p.conv_taps == "causal" and p.conv_restart is None:
+    p, centred = run.port, not run.c.causal and run.port.conv_centred
+    if p.conv_taps == "causal" and p.conv_restart is None and (run.c.causal or p.conv_centred):
         return None
     w = run.model.layer_weights(i).mixer
     kernel = w.conv[:, 0, :] if p.conv_taps == "causal" else w.conv[:, 0, ::-1]  # (D, L)
     u = run.get("conv.bx", i)  # (T, D)
+    if centred:
+        return run.rnd(ops.centred_conv1d(u, kernel, w.conv_bias))
     P = p.conv_restart if p.conv_restart is not None and 0 < p.conv_restart < u.shape[0] else 0
     parts = [run.ops.causal_conv1d(part, kernel, w.conv_bias)[0] for part in (u[:P], u[P:]) if part.shape[0]]
     return run.rnd(np.concatenate(parts))
@@ -237,15 +265,19 @@ def _attention(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | 
     before_gate = "self_attn.attention" if c.use_attention_gate else "self_attn.attn_out"
     kv_cache = p.kv_cache if run.ops is not ops else None  # (exact arithmetic has no KV cache type to change)
     if not name.endswith(before_gate) or (p.attention_scale is None and (window is None or p.sliding_window)
-                                         and kv_cache is None):
+                                          and (c.causal or p.attention_both_ways) and kv_cache is None):
         return None
     q, k, v = ("self_attn.q_input", "self_attn.k_cache", "self_attn.v_cache") if run.ops is not ops else \
         ("self_attn.q_rope", "self_attn.k_rope", "self_attn.v_proj")
     q = run.get(q, i)
     if p.attention_scale is not None:
         q = q * q.dtype.type(p.attention_scale / c.head_dim ** -0.5)  # attention() multiplies by hd^-0.5 itself
+    window = window if p.sliding_window else None
+    if not c.causal or run.pads is not None:  # (bidirectional, or padded rows: the padding out of the keys)
+        return ops.attention(q, run.get(k, i), run.get(v, i), window, run.rnd,
+                             causal=c.causal or not p.attention_both_ways, keys=None if run.pads is None else ~run.pads)
     kernels = run.ops if kv_cache is None else run.ops.variant(kv=kv_cache)
-    return kernels.attention(q, run.get(k, i), run.get(v, i), window if p.sliding_window else None, run.rnd)
+    return kernels.attention(q, run.get(k, i), run.get(v, i), window, run.rnd)
 
 
 #: the value each product of a layer multiplies (llama.cpp's arithmetic names it quantised: ``{product}.input``)
@@ -370,3 +402,11 @@ def _prepended(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np
         return None
     text = run.get("model.embed_tokens")[run.ids != run.c.vision.image_token_id]
     return np.concatenate([run.get(PROJECTOR + "linear_2"), text])[:value.shape[0]]
+
+
+@_on("head.pooled", reads=("model.embedding_norm",))
+def _pooling(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
+    if run.port.pooling is None:
+        return None
+    real = None if run.pads is None else ~run.pads
+    return run.rnd(ops.pool(run.get("model.embedding_norm"), run.port.pooling, real))
