@@ -23,10 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lfm2np"
 CORE = {"errors", "numerics", "config", "config_keys", "ops", "passes", "layers", "schema", "weights", "state",
         "model", "version"}
-MIDDLE = {"loading", "presets", "generate", "embedded", "synthetic", "evaluate"}
+MIDDLE = {"loading", "presets", "generate", "embedded", "synthetic", "evaluate", "cluster"}
 #: imported inside the functions that need them: gguf (an extra), jinja2 (a dependency, imported when a chat template
-#: is first rendered: most commands never render one), readline (in the standard library, but not on every platform)
-OPTIONAL = {"gguf", "jinja2", "readline"}
+#: is first rendered: most commands never render one), readline (in the standard library, but not on every platform),
+#: Dask (the dask extra: --workers, --scheduler), and the backends the conformance kit runs when asked (llama-cpp-python,
+#: torch and transformers)
+OPTIONAL = {"gguf", "jinja2", "readline", "dask", "distributed", "llama_cpp", "torch", "transformers"}
 
 
 def module_name(path: Path) -> str:

@@ -96,3 +96,17 @@ COMPARE_TIERS = {t.name: t for t in (
                 "Q4_0 / Q4_K weights against the original ones: worst correct run measured 0.77 / -5.0 dB on tiny "
                 "random models (a trained model's logits 0.19 / -15.5 dB): only a broken run fails it"),
 )}
+
+
+#: One operator of a float32 backend against the reference's (inputs given, the kernel alone): FP32.op_rel, and the
+#: NMSE bound the fp32 compare tier keeps relative to its max_rel (-70 dB at 1e-4: -90 dB at 1e-5).
+FP32_OPERATOR = CompareTier("fp32-op", FP32.op_rel, -90.0, True,
+                            "one float32 operator on the reference's inputs: each within 1e-5 of its scale "
+                            "(lfm2np.oracle.tolerance.FP32.op_rel)")
+
+
+def operator_tier(tier: CompareTier) -> CompareTier:
+    """The tier one operator is judged at where a whole model is judged at ``tier``: the fp32 tier's operators at
+    :data:`FP32_OPERATOR`; a lower precision's (bf16, a quantised file) at the model's own tier, since one kernel's
+    rounding there is of the same order as the model's."""
+    return FP32_OPERATOR if tier.name == "fp32" else tier
