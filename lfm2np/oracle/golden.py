@@ -145,6 +145,12 @@ def save_golden(vectors: "tuple[list[tuple[str, dict[str, np.ndarray]]], dict[st
     return out
 
 
+def golden_task(model: Model, payload: "tuple[Any, Iterable[int] | None]"):
+    """:func:`golden_vectors` of ``payload = (ids, layers)``: one prompt of ``lfm2np golden --prompts`` (a task a
+    cluster's worker runs)."""
+    return golden_vectors(model, *payload)
+
+
 def golden_vectors(model: Model, ids: Any, layers: Iterable[int] | None = None) \
         -> tuple[list[tuple[str, dict[str, np.ndarray]]], dict[str, Any]]:
     """The golden vectors of ``model`` on ``ids``, computed, not written: ``(files, manifest)``, each file a
