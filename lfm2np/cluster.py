@@ -114,7 +114,7 @@ def _connect(workers: int | None, scheduler: str | None, timeout: float) -> tupl
                 raise Lfm2npError(f"--scheduler {scheduler}: no Dask scheduler answered within {timeout:g} s "
                                   f"({why})") from None
         cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                           dashboard_address=None, silence_logs=logging.CRITICAL)
+                                           dashboard_address=":0", silence_logs=logging.CRITICAL)
         try:
             return distributed.Client(cluster, set_as_default=False), cluster
         except BaseException:
