@@ -67,16 +67,21 @@ def on_worker(fn: Callable[[Any, Any], Any], spec: ModelSpec, payload: Any) -> A
 
 def run_tasks(fn: Callable[[Any, Any], Any], spec: ModelSpec, tasks: Sequence[Task], *, workers: int | None = None,
               scheduler: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-              progress: Callable[[int, int], None] | None = None,
-              warn: Callable[[str], None] | None = None) -> list[Any]:
+              progress: Callable[[int, int], None] | None = None, warn: Callable[[str], None] | None = None,
+              on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
     """``[fn(model, t.payload) for t in tasks]`` (see the module docstring): serially when neither ``workers`` nor
-    ``scheduler`` is given, else on a Dask cluster. ``warn`` receives a line for each task tried again."""
+    ``scheduler`` is given, else on a Dask cluster. ``warn`` receives a line for each task tried again. With
+    ``on_result``, each result is handed to ``on_result(index, result)`` as it arrives (on a cluster, in the order
+    the tasks finish) and not kept: a corpus's results need not fit in memory at once (the list returned then
+    holds None)."""
     if workers is not None and scheduler is not None:
         raise Lfm2npError("give --workers N (a local cluster) or --scheduler ADDRESS (an existing one), not both")
+    keep: Callable[[int, Any], None] = on_result or (lambda n, value: out.__setitem__(n, value))
+    out: list[Any] = [None] * len(tasks)
     if workers is None and scheduler is None:
-        model, out = spec.load(), []
+        model = spec.load()
         for n, task in enumerate(tasks):
-            out.append(fn(model, task.payload))
+            keep(n, fn(model, task.payload))
             if progress is not None:
                 progress(n + 1, len(tasks))
         return out
@@ -84,7 +89,8 @@ def run_tasks(fn: Callable[[Any, Any], Any], spec: ModelSpec, tasks: Sequence[Ta
         raise Lfm2npError(f"workers is {workers!r}; expected a number of processes >= 1")
     client, cluster = _connect(workers, scheduler, timeout)
     try:
-        return _gather(client, fn, spec, list(tasks), progress, warn)
+        _gather(client, fn, spec, list(tasks), progress, warn, keep)
+        return out
     finally:
         client.close()
         if cluster is not None:
@@ -122,8 +128,8 @@ def _connect(workers: int | None, scheduler: str | None, timeout: float) -> tupl
             raise
 
 
-def _gather(client: Any, fn: Callable, spec: ModelSpec, tasks: list[Task], progress, warn) -> list[Any]:
-    """Submit every task, collect the results in the tasks' order, each failed task tried once more."""
+def _gather(client: Any, fn: Callable, spec: ModelSpec, tasks: list[Task], progress, warn, keep) -> None:
+    """Submit every task, hand each result to ``keep(index, result)``, each failed task tried once more."""
     _, distributed = _dask()
     token = uuid.uuid4().hex[:8]
 
@@ -131,13 +137,12 @@ def _gather(client: Any, fn: Callable, spec: ModelSpec, tasks: list[Task], progr
         return client.submit(on_worker, fn, spec, tasks[n].payload, key=f"lfm2np-{token}-{n}-{attempt}", pure=False)
 
     futures = {submit(n, 0): (n, 0) for n in range(len(tasks))}
-    results: list[Any] = [None] * len(tasks)
     done = 0
     pending = distributed.as_completed(list(futures), loop=client.loop)
     for future in pending:
         n, attempt = futures.pop(future)
         try:
-            results[n] = future.result()
+            result = future.result()
         except Exception as e:  # the task's own error, or its worker's death (KilledWorker)
             why = _why(e, distributed)
             if attempt:
@@ -150,10 +155,10 @@ def _gather(client: Any, fn: Callable, spec: ModelSpec, tasks: list[Task], progr
             continue
         finally:
             future.release()
+        keep(n, result)
         done += 1
         if progress is not None:
             progress(done, len(tasks))
-    return results
 
 
 def _why(e: BaseException, distributed: Any) -> str:

@@ -31,6 +31,7 @@ from lfm2np.oracle.golden import save_arrays
 
 from buggy_backends import Backend
 from conftest import GOLDEN
+from test_hostile import cli_refuses
 
 PROMPTS = Path(__file__).parent / "data" / "conformance_prompts.json"
 LLAMA = GOLDEN / "conformance-llama.cpp"
@@ -43,18 +44,7 @@ def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
     return status, out.out, out.err
 
 
-def refused(capsys, argv: list[str], *needles: str) -> str:
-    """``lfm2np argv`` exits 2 with one ``lfm2np: error:`` line naming ``needles`` (no traceback)."""
-    try:
-        status = main(argv)
-    except SystemExit as e:
-        status = e.code
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert status == 2 and lines and lines[-1].startswith("lfm2np: error: ") and "Traceback" not in err, err
-    assert sum(x.startswith("lfm2np: error:") for x in lines) == 1, err
-    assert all(n in lines[-1] for n in needles), (lines[-1], needles)
-    return lines[-1]
+refused = cli_refuses  # ``lfm2np argv`` exits 2 with one ``lfm2np: error:`` line naming what it is given
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +289,9 @@ def test_a_pack_edited_by_hand_is_refused_naming_the_file(pack, own, capsys, tmp
     (edited / "cases" / "decode-chunked.npz").unlink()
     refused(capsys, ["conformance", "check", str(edited), "--results", str(own)], "decode-chunked.npz", "missing")
     m = json.loads((edited / "manifest.json").read_text())
+    m["cases"][0]["tier"] = "fp32-op"  # a looser tier, by hand: the manifest's own digest no longer matches
+    (edited / "manifest.json").write_text(json.dumps(m))
+    refused(capsys, ["conformance", "check", str(edited), "--results", str(own)], "manifest.json", "edited after")
     m["version"] = 99
     (edited / "manifest.json").write_text(json.dumps(m))
     refused(capsys, ["conformance", "check", str(edited), "--results", str(own)], "manifest.json", "version 99")
@@ -356,3 +349,38 @@ def test_bad_prompts_files_are_refused(capsys, tmp_path):
     big.write_text(json.dumps([{"ids": [4000]}]))
     refused(capsys, ["conformance", "make", "embedded", "--prompts", str(big), "--out", str(tmp_path / "o")],
             "4000", "outside the vocabulary")
+
+
+def test_backends_that_are_not_installed_or_not_given_what_they_run(pack, capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)
+    gguf = GOLDEN / "nothing.gguf"
+    refused(capsys, ["conformance", "run", str(pack), "--backend", "llama.cpp", "embedded", "--out",
+                     str(tmp_path / "a")], "llama.cpp backend runs a .gguf file")
+    refused(capsys, ["conformance", "run", str(pack), "--backend", "llama.cpp", str(gguf), "--out",
+                     str(tmp_path / "b")], "needs llama-cpp-python")
+    refused(capsys, ["conformance", "run", str(pack), "--backend", "transformers", "embedded", "--out",
+                     str(tmp_path / "c")], "needs torch and transformers")
+    refused(capsys, ["conformance", "run", str(pack), "--backend", "lfm2np", "embedded", "--out",
+                     str(tmp_path / "d"), "--cases", "zzz"], "--cases zzz matches none")
+    refused(capsys, ["conformance"], "conformance", "required")
+
+
+def test_llama_cpp_files_of_the_wrong_size_or_tokens_fail(pack, capsys, tmp_path):
+    results = tmp_path / "r"
+    (results / "data").mkdir(parents=True)
+    (results / "data" / "llamacpp-x.bin").write_bytes(b"\0" * 12)
+    status, out, _ = run_cli(capsys, ["conformance", "check", str(pack), "--results", str(results), "--cases",
+                                      "llama.cpp", "--json"])
+    case = json.loads(out)["cases"][0]
+    assert status == 1 and "12 bytes" in case["detail"] and "3072 float32 values" in case["detail"]
+    shutil.copyfile(LLAMA / "data" / "llamacpp-tiny-lfm2-moe.bin", results / "data" / "llamacpp-x.bin")
+    np.asarray([1, 2, 3], np.int32).tofile(results / "data" / "llamacpp-x-tokens.bin")
+    status, out, _ = run_cli(capsys, ["conformance", "check", str(pack), "--results", str(results), "--cases",
+                                      "llama.cpp", "--json"])
+    case = json.loads(out)["cases"][0]
+    assert status == 1 and "llama.cpp tokenized the prompt as [1, 2, 3]" in case["detail"]
+    (results / "data" / "llamacpp-x-tokens.bin").unlink()
+    assert main(["conformance", "check", str(pack), "--results", str(results), "--cases", "llama.cpp"]) == 0
+    (results / "llamacpp-y.bin").write_bytes(b"")
+    refused(capsys, ["conformance", "check", str(pack), "--results", str(results)], "2 llama.cpp logits files")

@@ -66,17 +66,18 @@ def warn_line(message: str) -> None:
     print(f"lfm2np: warning: {message}", file=sys.stderr, flush=True)
 
 
-def runner_for(args: argparse.Namespace, source: Any, what: str) -> Callable[[Callable, list], list]:
-    """``runner(fn, tasks)`` for the command's model ``source`` and its cluster options."""
+def runner_for(args: argparse.Namespace, source: Any, what: str) -> Callable[..., list]:
+    """``runner(fn, tasks, on_result=None)`` (:func:`lfm2np.cluster.run_tasks`) for the command's model ``source``
+    and its cluster options."""
     spec = ModelSpec(str(source), getattr(args, "dtype", "float32"), getattr(args, "memory_budget", None),
                      getattr(args, "rope_reading", "trained"))
     where = f" on {args.workers} workers" if args.workers else f" on {args.scheduler}" if args.scheduler else ""
     quiet = getattr(args, "quiet", False)
 
-    def run(fn: Callable, tasks: list) -> list:
+    def run(fn: Callable, tasks: list, on_result: Callable[[int, Any], None] | None = None) -> list:
         return run_tasks(fn, spec, tasks, workers=args.workers, scheduler=args.scheduler,
                          timeout=args.scheduler_timeout, progress=None if quiet else TaskProgress(what, where),
-                         warn=warn_line)
+                         warn=warn_line, on_result=on_result)
     return run
 
 

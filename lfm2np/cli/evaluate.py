@@ -74,10 +74,16 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
         ids, window, stride, parts = plan(model, ids, args.window, args.stride)
         tasks = [Task((ids[b:e], f - b), f"window {k + 1}/{len(parts)} (tokens {b}..{e - 1})")
                  for k, (b, e, f) in enumerate(parts)]
-        total = Accumulator(len(ids), window, stride, len(parts))
-        run = runner_for(args, _model_source(args.model), "perplexity")
-        for nll in run(window_nll, tasks):
-            result = total.add(nll)
+        total, waiting, added = Accumulator(len(ids), window, stride, len(parts)), {}, [0]
+
+        def add(k: int, nll) -> None:  # windows arrive in any order; they are added in theirs, as a serial run does
+            waiting[k] = nll
+            while added[0] in waiting:
+                total.add(waiting.pop(added[0]))
+                added[0] += 1
+
+        runner_for(args, _model_source(args.model), "perplexity")(window_nll, tasks, add)
+        result = total.result
     result = {**result, "bos": not args.no_bos, "file": str(args.file), "model": args.model}
     if args.json:
         print(json.dumps({k: json_number(v) if isinstance(v, float) else v for k, v in result.items()},

@@ -31,13 +31,14 @@ def _ids(args: argparse.Namespace, model) -> np.ndarray:
     return np.array(args.ids, dtype=np.int64)
 
 
-def _per_prompt(args: argparse.Namespace, fn, payload, what: str) -> list:
-    """``fn`` on every prompt of ``--prompts`` (the model's tokenizer encodes them), as tasks of the runner."""
+def _per_prompt(args: argparse.Namespace, fn, payload, what: str, write) -> int:
+    """``fn`` on every prompt of ``--prompts`` (the model's tokenizer encodes them), as tasks of the runner; each
+    result handed to ``write(prompt, result)`` as it arrives. Returns how many prompts."""
     prompts = read_prompts(args.prompts)
     tokenizer = Tokenizer.load(args.model) if any(p.kind != "ids" for p in prompts) else None
     tasks = [Task(payload(p.encode(tokenizer)), f"prompt {p.id!r}") for p in prompts]
-    results = runner_for(args, args.model, what)(fn, tasks)
-    return list(zip(prompts, results))
+    runner_for(args, args.model, what)(fn, tasks, lambda n, result: write(prompts[n], result))
+    return len(prompts)
 
 
 def _trace_out(value: str) -> Path:
@@ -53,15 +54,15 @@ def _cmd_trace(args: argparse.Namespace) -> int:
             raise Lfm2npError(f"--out {args.out}: is a file; with --prompts, --out is a directory (one trace per "
                               f"prompt)")
         check_outputs([args.out], args.model, args.force, directory=True, reads=[args.prompts])
-        done = _per_prompt(args, trace_task, lambda ids: (ids, args.pattern), "trace")
-        empty = next((prompt.id for prompt, trace in done if not len(trace)), None)
-        if empty is not None:
-            raise Lfm2npError(f"--pattern {' '.join(args.pattern or [])} matches no intermediate of this model "
-                              f"(prompt {empty!r})")
-        args.out.mkdir(parents=True, exist_ok=True)
-        for prompt, trace in done:
+        def save(prompt, trace: Trace) -> None:
+            if not len(trace):
+                raise Lfm2npError(f"--pattern {' '.join(args.pattern or [])} matches no intermediate of this model "
+                                  f"(prompt {prompt.id!r})")
+            args.out.mkdir(parents=True, exist_ok=True)
             trace.save(args.out / f"{prompt.id}.safetensors")
-        print(f"wrote {len(done)} traces to {args.out} (one <prompt id>.safetensors and .json per prompt)")
+
+        done = _per_prompt(args, trace_task, lambda ids: (ids, args.pattern), "trace", save)
+        print(f"wrote {done} traces to {args.out} (one <prompt id>.safetensors and .json per prompt)")
         return 0
     try:
         output_file(str(args.out))
@@ -106,10 +107,9 @@ def _cmd_golden(args: argparse.Namespace) -> int:
     check_outputs([args.out], args.model, args.force, directory=True,
                   reads=[args.prompts] if args.prompts is not None else [])
     if args.prompts is not None:
-        done = _per_prompt(args, golden_task, lambda ids: (ids, args.layers or None), "golden")
-        for prompt, vectors in done:
-            save_golden(vectors, args.out / prompt.id)
-        print(f"wrote golden vectors of {len(done)} prompts to {args.out} (one directory per prompt)")
+        done = _per_prompt(args, golden_task, lambda ids: (ids, args.layers or None), "golden",
+                           lambda prompt, vectors: save_golden(vectors, args.out / prompt.id))
+        print(f"wrote golden vectors of {done} prompts to {args.out} (one directory per prompt)")
         return 0
     model = load_model(args)
     out = write_golden(model, _ids(args, model), args.out, args.layers or None)  # --layers alone: every layer

@@ -53,6 +53,13 @@ def config_hash(config: Config) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The SHA-256 of a manifest's canonical JSON without its own ``digest``: a manifest edited by hand no longer
+    matches it (the other files are held by their hashes in the manifest)."""
+    rest = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def file_sha256(path: Path) -> str:
     """The SHA-256 of a file's bytes (read in 1 MiB blocks)."""
     h = hashlib.sha256()
@@ -119,6 +126,9 @@ class Pack:
             raise Lfm2npError(f"{directory}: no {MANIFEST}: not a conformance pack")
         manifest = read_json(path, "conformance manifest", MAX_MANIFEST)
         _check_manifest(path, manifest)
+        if verify and manifest.get("digest") != manifest_digest(manifest):
+            raise Lfm2npError(f"{path}: its digest does not match its content: the manifest was edited after the "
+                              f"pack was made (make it again rather than editing it)")
         if verify:
             for rel, digest in manifest["files"].items():
                 file = directory / rel
@@ -179,6 +189,12 @@ def _check_manifest(path: Path, m: Any) -> None:
         seen.add(c["id"])
         need(c.get("tier") in m["tiers"], f"case {c['id']!r}: tier {c.get('tier')!r:.20} is not among the tiers")
         need(isinstance(c.get("file"), str) and c["file"] in m["files"], f"case {c['id']!r}: its file is not listed")
+        if c["kind"] == "operator":
+            need(isinstance(c.get("outputs"), dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                            for k, v in c["outputs"].items())
+                 and isinstance(c.get("ids"), list), f"case {c['id']!r}: outputs or ids missing")
+        if c["kind"] == "llama.cpp":
+            need(isinstance(c.get("ids"), list) and isinstance(c.get("text"), str), f"case {c['id']!r}: ids missing")
         if c["kind"] in ("oneshot", "decode"):
             need(isinstance(c.get("feeds"), list) and c["feeds"], f"case {c['id']!r}: feeds missing")
             for f in c["feeds"]:

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import Lfm2npError
 from ..io.files import read_json
+from ..schema import per_position
 from .compare import compare, diff_tensors
 from .conformance import Pack
 from .dumps import read_arrays
@@ -221,7 +222,8 @@ def judge_model_case(case: dict[str, Any], ref: dict[str, np.ndarray], arrays: d
 def _intermediates(case: dict[str, Any], ref: dict[str, np.ndarray], arrays: dict[str, np.ndarray],
                    logits: dict[str, Any], tier: CompareTier, result: CaseResult) -> dict[str, Any] | None:
     """The oneshot's trace comparison (the backend's intermediates, its logits as ``lm_head`` when it gave every
-    row); a failure of an intermediate fails the case."""
+    row); a failure of an intermediate fails the case, unless it lies after a routing near-tie of the reference and
+    every earlier position agrees (as for the logits)."""
     ids = case["feeds"][0]["ids"]
     theirs = {k: v for k, v in arrays.items() if not k.startswith(("logits", *FEED_KEYS))}
     full = _feed_output(arrays, 0, True)
@@ -233,13 +235,28 @@ def _intermediates(case: dict[str, Any], ref: dict[str, np.ndarray], arrays: dic
     mine["lm_head"] = ref["logits.0"]
     try:
         c = compare(Trace(theirs, {"ids": ids}), Trace(mine, {"ids": ids}), tier, partial=True)
+        first = c.first_divergence
+        margin = ref.get("margin.0")
+        tie = int(np.argmin(margin > tier.max_rel)) if margin is not None and (margin <= tier.max_rel).any() else None
+        if first is not None and tie is not None and (first.position is None or first.position >= tie) and tie > 0:
+            cut = compare(Trace({k: _before(k, v, tie) for k, v in theirs.items()}, {"ids": ids[:tie]}),
+                          Trace({k: _before(k, v, tie) for k, v in mine.items()}, {"ids": ids[:tie]}), tier,
+                          partial=True)
+            if cut.first_divergence is None:
+                c, first = cut, None
+                result.parts[0]["note"] = (f"intermediates judged on positions before {tie}, a routing near-tie of "
+                                           f"the reference")
     except Lfm2npError as e:
         result.status, result.detail = "fail", f"its intermediates: {e}"
         return None
-    first = c.first_divergence
     if first is not None and first.name != "lm_head":  # the logits are judged above, near-ties and all
         result.status, result.detail = "fail", c.verdict()
     return c.to_json()
+
+
+def _before(name: str, value: np.ndarray, rows: int) -> np.ndarray:
+    """A per-position tensor's first ``rows`` positions (others as they are)."""
+    return value[:rows] if per_position(name) and np.ndim(value) else value
 
 
 def judge_operator(case: dict[str, Any], ref: dict[str, np.ndarray], arrays: dict[str, np.ndarray] | None,
@@ -279,8 +296,15 @@ def judge_llama_cpp(case: dict[str, Any], pack: Pack, results: Results, tier: Co
                                                                           " (another backend's: select the case "
                                                                           "with --cases llama.cpp to require it)"))
     ref = np.fromfile(pack.directory / case["file"], dtype=np.float32)
+    size = logits_file.stat().st_size
+    if size != 4 * ref.size:
+        return CaseResult(case["id"], "llama.cpp", tier.name, "fail", f"{logits_file.name}: {size} bytes; llama.cpp's "
+                          f"logits of one position are {ref.size} float32 values ({4 * ref.size} bytes)")
     got = np.fromfile(logits_file, dtype=np.float32)
     if tokens_file is not None:
+        if tokens_file.stat().st_size > 4 * (len(case["ids"]) + 1 << 20):
+            return CaseResult(case["id"], "llama.cpp", tier.name, "fail", f"{tokens_file.name}: far more tokens than "
+                              f"the prompt's {len(case['ids'])}")
         ran = np.fromfile(tokens_file, dtype=np.int32).tolist()
         if ran != case["ids"]:
             return CaseResult(case["id"], "llama.cpp", tier.name, "fail",

@@ -1,9 +1,9 @@
 """Making a conformance pack (:mod:`lfm2np.oracle.conformance` describes its files).
 
-:func:`make_pack` computes every case as an independent task through a ``runner`` (``runner(fn, tasks)`` returns
-``[fn(model, t.payload) for t in tasks]``: serially, or on a Dask cluster through :mod:`lfm2np.cluster`; this
-module knows neither), then writes the files and the manifest, the hash of every file last.
-"""
+:func:`make_pack` computes every case as an independent task through a ``runner``: ``runner(fn, tasks,
+on_result)`` hands ``fn(model, t.payload)`` of each task to ``on_result(index, result)``, serially or on a Dask
+cluster (:mod:`lfm2np.cluster`; this module knows neither). Each case's files are written as its result arrives,
+then the manifest, with the hash of every file."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from ..errors import Lfm2npError
 from ..io.prompts import Prompt, prompts_json
 from ..version import __version__
 from . import conformance_cases as K
-from .conformance import FORMAT, MANIFEST, PROMPTS, VERSION, config_hash, file_sha256, tensor_inventory
+from .conformance import FORMAT, MANIFEST, PROMPTS, VERSION, config_hash, file_sha256, manifest_digest
+from .conformance import tensor_inventory
 from .conformance import tokenizer_hashes
 from .golden import save_arrays, save_golden
 from .tolerance import COMPARE_TIERS, operator_tier
@@ -42,13 +43,14 @@ def _clip(text: str | None, n: int = 40) -> str:
 
 
 def make_pack(out: "str | os.PathLike[str]", *, name: str, source: "str | os.PathLike[str]", config: Config,
-              tokenizer: Any, prompts: Sequence[Prompt], runner: Callable[[Callable, list], list],
+              tokenizer: Any, prompts: Sequence[Prompt], runner: Callable[..., list],
               dtype: str = "float32", op_layers: "list[int] | None" = None,
               task: Callable[[Any, str], Any] = TaskSpec) -> Path:
     """Make the pack of the model ``name`` (read from ``source``, a checkpoint directory or a .gguf; ``config`` its
     config) on ``prompts`` into directory ``out``: see :mod:`lfm2np.oracle.conformance`. ``op_layers``: the
-    layers of the per-operator cases (None: one layer of each kind). ``task(payload, what)`` makes the runner's
-    task objects. Returns ``out``."""
+    layers of the per-operator cases (None: one layer of each kind). ``runner(fn, tasks, on_result)`` runs the
+    tasks, handing each result to ``on_result(index, result)`` as it arrives (:func:`lfm2np.cluster.run_tasks`);
+    ``task(payload, what)`` makes its task objects. Returns ``out``."""
     out = Path(out)
     if not prompts:
         raise Lfm2npError("a pack needs at least one prompt")
@@ -85,31 +87,37 @@ def make_pack(out: "str | os.PathLike[str]", *, name: str, source: "str | os.Pat
     tasks.append(task(("operators_task", {"ids": encoded[short.id], "layers": layers}),
                       f"the operator cases (prompt {short.id!r})"))
     kinds.append(("operators", short))
-    results = runner(_dispatch, tasks)
-
     try:
         (out / "cases").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise Lfm2npError(f"{out}: cannot create the pack's directories ({e.strerror or e})") from None
     tier, op_tier = COMPARE_TIERS["fp32"], operator_tier(COMPARE_TIERS["fp32"])
-    cases: list[dict[str, Any]] = []
-    for (kind, prompt), result in zip(kinds, results):
+    written: dict[int, list[dict[str, Any]]] = {}
+    last_row: dict[str, np.ndarray] = {}  # the llama.cpp prompt's last logits
+
+    def write(n: int, result: Any) -> None:
+        """One task's case (or operator cases) written as it arrives: a corpus's references never all in memory."""
+        kind, prompt = kinds[n]
         if kind == "operators":
-            cases += _operator_cases(out, result, op_tier.name)
-            continue
+            written[n] = _operator_cases(out, result, op_tier.name)
+            return
         if kind == "oneshot":
             steps, arrays = [{"op": "feed", "seq": 0, "ids": encoded[prompt.id]}], result
             case_id = f"oneshot-{prompt.id}"
+            if prompt.id == short.id:
+                last_row["logits"] = np.asarray(arrays["logits.0"][-1], np.float32)
         else:
             (steps, arrays), case_id = result, kind
         rel = f"cases/{case_id}.npz"
         save_arrays(arrays, out / rel)
-        cases.append({"id": case_id, "kind": "oneshot" if kind == "oneshot" else "decode", "tier": tier.name,
-                      "prompt": prompt.id, "file": rel, "proves": K.PROVES[kind], "steps": steps,
-                      "feeds": [f.to_json() for f in K.play(steps, case_id)],
-                      "intermediates": sorted(k for k in arrays if k.startswith(("model.", "lm_head")))})
-    llama = _llama_cpp_files(out, name, short, encoded[short.id], results[prompts.index(short)], tier.name)
-    cases += llama
+        written[n] = [{"id": case_id, "kind": "oneshot" if kind == "oneshot" else "decode", "tier": tier.name,
+                       "prompt": prompt.id, "file": rel, "proves": K.PROVES[kind], "steps": steps,
+                       "feeds": [f.to_json() for f in K.play(steps, case_id)],
+                       "intermediates": sorted(k for k in arrays if k.startswith(("model.", "lm_head")))}]
+
+    runner(_dispatch, tasks, write)
+    cases = [c for n in range(len(tasks)) for c in written[n]]
+    cases += _llama_cpp_files(out, name, short, encoded[short.id], last_row["logits"], tier.name)
     (out / PROMPTS).write_text(json.dumps([{**p.to_json(), "rendered": p.rendered(tokenizer) if tokenizer else None,
                                             "token_ids": encoded[p.id]} for p in prompts], indent=1,
                                           ensure_ascii=False) + "\n", encoding="utf-8")
@@ -126,6 +134,7 @@ def make_pack(out: "str | os.PathLike[str]", *, name: str, source: "str | os.Pat
         "cases": cases, "files": {}}
     manifest["model"]["format"], manifest["model"]["tensors"] = tensor_inventory(source)
     manifest["files"] = {rel: file_sha256(out / rel) for rel in files if rel in _listed(cases, files)}
+    manifest["digest"] = manifest_digest(manifest)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return out
 
@@ -172,7 +181,7 @@ def _output_name(op: dict[str, Any], key: str) -> str:
     return op["name"] if OWN_OUTPUT.get(op["function"]) == key else f"{op['name']}.{key}"
 
 
-def _llama_cpp_files(out: Path, name: str, prompt: Prompt, ids: list[int], oneshot: dict[str, np.ndarray],
+def _llama_cpp_files(out: Path, name: str, prompt: Prompt, ids: list[int], last: np.ndarray,
                      tier: str) -> list[dict[str, Any]]:
     """llama.cpp's model-conversion files for a text prompt (none for a conversation or ids: llama-logits reads
     plain text, adding BOS itself)."""
@@ -181,7 +190,6 @@ def _llama_cpp_files(out: Path, name: str, prompt: Prompt, ids: list[int], onesh
     data = out / "llama.cpp" / "data"
     data.mkdir(parents=True, exist_ok=True)
     base = data / f"pytorch-{name}"
-    last = np.asarray(oneshot["logits.0"][-1], np.float32)
     last.tofile(f"{base}.bin")
     Path(f"{base}.txt").write_text("".join(f"{i}: {v:.6f}\n" for i, v in enumerate(last.tolist())))
     np.asarray(ids, np.int32).tofile(f"{base}-tokens.bin")
