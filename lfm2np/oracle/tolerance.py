@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from ..errors import Lfm2npError, shown
 
 
 @dataclass(frozen=True)
@@ -110,3 +113,13 @@ def operator_tier(tier: CompareTier) -> CompareTier:
     :data:`FP32_OPERATOR`; a lower precision's (bf16, a quantised file) at the model's own tier, since one kernel's
     rounding there is of the same order as the model's."""
     return FP32_OPERATOR if tier.name == "fp32" else tier
+
+
+def compare_tier(tier: Any) -> CompareTier:
+    """A tier given by name (``"fp32"``, ``"q8_0"``...) or as a :class:`CompareTier`; an :class:`Lfm2npError`
+    naming the argument otherwise."""
+    if isinstance(tier, CompareTier):
+        return tier
+    if isinstance(tier, str) and tier in COMPARE_TIERS:
+        return COMPARE_TIERS[tier]
+    raise Lfm2npError(f"unknown tier {shown(tier)}; expected one of {', '.join(COMPARE_TIERS)} or a CompareTier")
