@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .errors import Lfm2npError
+from .errors import Lfm2npError, shown
 from .loading import load
 
 #: seconds to wait for a scheduler to answer (the command line's --scheduler-timeout)
@@ -86,7 +86,7 @@ def run_tasks(fn: Callable[[Any, Any], Any], spec: ModelSpec, tasks: Sequence[Ta
                 progress(n + 1, len(tasks))
         return out
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise Lfm2npError(f"workers is {workers!r}; expected a number of processes >= 1")
+        raise Lfm2npError(f"workers is {shown(workers)}; expected a number of processes >= 1")
     client, cluster = _connect(workers, scheduler, timeout)
     try:
         _gather(client, fn, spec, list(tasks), progress, warn, keep)
@@ -106,8 +106,31 @@ def _dask():
     return dask, distributed
 
 
+#: the schemes of a scheduler another process can reach (Dask's inproc:// is within one process)
+SCHEMES = ("tcp", "tls", "ws", "wss", "ucx")
+
+
+def address_problem(scheduler: Any) -> str | None:
+    """Why ``scheduler`` is not the address of a scheduler (``[scheme://]host:port``, the scheme one of
+    :data:`SCHEMES`, tcp when none), else None. A malformed address made Dask's client fail half-built, and its
+    clean-up print a traceback as the interpreter exited: it is refused before Dask is asked."""
+    expected = "expected a Dask scheduler's address such as tcp://host:8786"
+    if not isinstance(scheduler, str) or not scheduler.isprintable():
+        return expected
+    scheme, _, rest = scheduler.rpartition("://")
+    host, _, port = rest.rpartition(":")
+    if (scheme or "tcp") not in SCHEMES:
+        return f"the scheme {scheme}:// is none of {', '.join(SCHEMES)}; {expected}"
+    if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"no host and port (1..65535); {expected}"
+    return None
+
+
 def _connect(workers: int | None, scheduler: str | None, timeout: float) -> tuple[Any, Any]:
     """A client of a new local cluster of ``workers`` processes, or of the scheduler at ``scheduler``."""
+    problem = None if scheduler is None else address_problem(scheduler)
+    if problem is not None:
+        raise Lfm2npError(f"--scheduler {shown(scheduler)}: {problem}")
     dask, distributed = _dask()
     # a worker that dies fails its task at once (KilledWorker): the retry below reports it, then tries once more
     with dask.config.set({"distributed.scheduler.allowed-failures": 0, "distributed.comm.timeouts.connect":

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ from lfm2np.cluster import ModelSpec, Task, run_tasks
 from lfm2np.embedded import embedded_model_path
 from lfm2np.errors import Lfm2npError
 from lfm2np.oracle.trace import Trace
+
+from test_hostile import cli_refuses
 
 distributed = pytest.importorskip("distributed")  # the dask extra; in dev, so CI has it
 
@@ -147,3 +150,26 @@ def test_without_dask_the_cluster_options_say_what_to_install(monkeypatch, capsy
     assert main(["golden", "embedded", "--prompts", str(PROMPTS), "--out", str(tmp_path / "g")]) == 0
     with pytest.raises(Lfm2npError, match="not both"):
         run_tasks(forward, SPEC, [], workers=2, scheduler="tcp://x:1")
+
+
+@pytest.mark.parametrize("address, needle", [
+    ("not an address", "no host and port"), ("tcp://host", "no host and port"), ("tcp://host:x", "no host and port"),
+    ("tcp://host:99999", "no host and port"), ("tcp://:8786", "no host and port"), ("inproc://x:1", "scheme inproc"),
+    ("tcp://host\x1b[2J:8786", "\\x1b")])
+def test_a_scheduler_address_that_is_none_is_one_line_before_any_connection(capsys, tmp_path, address, needle):
+    """A malformed address made Dask's client fail half-built: the error line, then a traceback from its clean-up
+    as the interpreter exited. It is refused before Dask is asked."""
+    line = cli_refuses(capsys, ["trace", "embedded", "--prompts", str(PROMPTS), "--out", str(tmp_path / "t"),
+                                "--scheduler", address], "--scheduler", needle)
+    assert "tcp://host:8786" in line and not (tmp_path / "t").exists()
+    with pytest.raises(Lfm2npError, match="no host and port"):  # the Python entry point checks it too
+        run_tasks(forward, SPEC, [Task([1, 2], "one")], scheduler="tcp://host")
+
+
+def test_a_malformed_scheduler_address_leaves_no_traceback_at_exit(tmp_path):
+    """The same, in a process of its own: nothing is printed after the error line when the interpreter exits."""
+    run = subprocess.run([sys.executable, "-m", "lfm2np", "perplexity", "embedded", str(PROMPTS), "--scheduler",
+                          "not an address"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "lfm2np: error: perplexity: argument --scheduler: 'not an address': no host and port (1..65535); expected a "
+        "Dask scheduler's address such as tcp://host:8786 (see 'lfm2np perplexity --help')"], run.stderr

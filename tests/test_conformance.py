@@ -384,3 +384,23 @@ def test_llama_cpp_files_of_the_wrong_size_or_tokens_fail(pack, capsys, tmp_path
     assert main(["conformance", "check", str(pack), "--results", str(results), "--cases", "llama.cpp"]) == 0
     (results / "llamacpp-y.bin").write_bytes(b"")
     refused(capsys, ["conformance", "check", str(pack), "--results", str(results)], "2 llama.cpp logits files")
+
+
+def test_outputs_never_land_in_the_pack_or_the_results_they_read(pack, own, capsys, tmp_path):
+    """``run --out PACK --force`` wrote its results over the pack's references (cases/*.npz), ``check --html
+    PACK/manifest.json --force`` over its manifest: both are refused before anything is written, whatever name
+    leads there (a link)."""
+    before = {f: f.read_bytes() for f in sorted(pack.rglob("*")) if f.is_file()}
+    (tmp_path / "link").symlink_to(pack)
+    for out in (pack, pack / "cases", tmp_path / "link" / "cases"):
+        refused(capsys, ["conformance", "run", str(pack), "--backend", "lfm2np", "embedded", "--out", str(out),
+                         "--force"], str(out), "is inside the pack", "choose an output outside it")
+    for html, where in ((pack / "manifest.json", "the pack"), (own / "results.json", "the results directory"),
+                        (tmp_path / "link" / "report.html", "the pack")):
+        refused(capsys, ["conformance", "check", str(pack), "--results", str(own), "--html", str(html), "--force"],
+                str(html), f"is inside {where}")
+    assert {f: f.read_bytes() for f in sorted(pack.rglob("*")) if f.is_file()} == before
+    for name in ("a/../../b", "", "..", "x\x1by"):  # --name makes file names: pytorch-<name>.bin
+        refused(capsys, ["conformance", "make", "embedded", "--out", str(tmp_path / "o"), "--name", name],
+                "--name", "no path separator or control character")
+    assert not (tmp_path / "o").exists()

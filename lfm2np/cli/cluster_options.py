@@ -9,7 +9,8 @@ import sys
 import time
 from typing import Any, Callable, TextIO
 
-from ..cluster import DEFAULT_TIMEOUT, ModelSpec, Task, run_tasks
+from ..cluster import DEFAULT_TIMEOUT, ModelSpec, Task, address_problem, run_tasks
+from ..errors import shown
 from .common import positive_float, positive_int
 
 
@@ -21,13 +22,21 @@ def workers(text: str) -> int:
     return n
 
 
+def scheduler_address(text: str) -> str:
+    """``--scheduler ADDRESS``: ``[scheme://]host:port``, checked before anything is loaded."""
+    problem = address_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{shown(text)}: {problem}")
+    return text
+
+
 def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--workers", type=workers, metavar="N",
                    help="run the tasks (one per prompt, case or window) on a local Dask cluster of N processes, each "
                         "loading the model once (needs the dask extra: pip install 'lfm2np[dask]'); the results "
                         "are identical, bit for bit, to a serial run's")
-    g.add_argument("--scheduler", metavar="ADDRESS",
+    g.add_argument("--scheduler", type=scheduler_address, metavar="ADDRESS",
                    help="run the tasks on an existing Dask cluster (tcp://host:8786); its workers need lfm2np and "
                         "the model's files at the same path")
     p.add_argument("--scheduler-timeout", type=positive_float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -81,4 +90,4 @@ def runner_for(args: argparse.Namespace, source: Any, what: str) -> Callable[...
     return run
 
 
-__all__ = ["Task", "TaskProgress", "add_cluster_arguments", "runner_for", "warn_line", "workers"]
+__all__ = ["Task", "TaskProgress", "add_cluster_arguments", "runner_for", "scheduler_address", "warn_line", "workers"]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 from ..config import ROPE_READINGS
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
+from ..io.files import identity
 from ..io.gguf import read_gguf_config
 from ..io.hub import resolve
 from ..io.prompts import read_prompts
@@ -45,6 +47,28 @@ def _name(model: str, source: Path, given: str | None) -> str:
     if Path(model).expanduser().exists():
         return source.name[:-5] if source.name.lower().endswith(".gguf") else source.name
     return model.rstrip("/").split("/")[-1]
+
+
+def _not_inside(out: Path, what: str, directory: Path) -> None:
+    """An output never lies in a directory the command reads (the pack, the results), whatever links or names lead
+    there: ``run --out PACK --force`` wrote its results over the pack's references, ``check --html
+    PACK/manifest.json --force`` over its manifest."""
+    place = identity(directory)
+    if place is None:
+        return
+    real = Path(os.path.realpath(out.expanduser()))
+    inside = next((p for p in (real, *real.parents) if identity(p) == place), None)
+    if inside is not None:
+        raise Lfm2npError(f"{out}: is inside {what} {directory}, which this command reads; choose an output "
+                          f"outside it")
+
+
+def _model_name(value: str) -> str:
+    """--name: the model's part of llama.cpp's file names (pytorch-<name>.bin): a file name, no directory."""
+    if not value or value in (".", "..") or any(c in value for c in "/\\") or not value.isprintable():
+        raise argparse.ArgumentTypeError(f"{shown(value)}: expected a name for llama.cpp's files (pytorch-NAME.bin): "
+                                         f"no path separator or control character, not empty")
+    return value
 
 
 def _cmd_make(args: argparse.Namespace) -> int:
@@ -85,6 +109,8 @@ def _diagnosis_model(args: argparse.Namespace, pack: Pack):
 def _cmd_check(args: argparse.Namespace) -> int:
     if args.html is not None:
         check_outputs([args.html], None, args.force)
+        _not_inside(args.html, "the pack", args.pack)
+        _not_inside(args.html, "the results directory", args.results)
     pack = Pack.open(args.pack)
     results = Results(args.results, pack)
     verdicts = check(pack, results, args.tier, args.cases)
@@ -110,6 +136,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     check_outputs([args.out], args.model, args.force, directory=True)
+    _not_inside(args.out, "the pack", args.pack)
     pack = Pack.open(args.pack)
     if args.backend == "lfm2np":
         backend = Lfm2npBackend(load_model(args), f"lfm2np ({args.dtype})")
@@ -149,7 +176,7 @@ def register(sub: Subparsers) -> None:
     m.add_argument("--op-layers", type=_layers_or_all, nargs="+", metavar="LAYER", default=None,
                    action=_Flatten, help="layers of the operator cases ('all', or indices; default: the first layer "
                                          "of each kind)")
-    m.add_argument("--name", help="the model's name in llama.cpp's file names (default: its directory's name)")
+    m.add_argument("--name", type=_model_name, help="the model's name in llama.cpp's file names (default: its directory's name)")
     m.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                    help="the reference's numerics (float64: the oracle mode)")
     m.add_argument("--memory-budget", type=memory_budget, default=None,
