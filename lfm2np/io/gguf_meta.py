@@ -179,6 +179,9 @@ def config_dict_from_metadata(meta: Mapping[str, Any], tensors: Mapping[str, tup
     docstring: widths the tensors settle are taken from them with a warning; contradictions in counts are
     errors). With no tensors (``{}``) only the keys are read and checked."""
     arch = meta.get("general.architecture")
+    if arch == "clip":
+        raise Lfm2npError(f"{source}: general.architecture is 'clip': an mmproj file (a vision tower); load the text "
+                          f"GGUF as the model and this file as its mmproj (mmproj=, --mmproj)")
     if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise Lfm2npError(f"{source}: general.architecture is {arch!r}; lfm2np reads {', '.join(ARCHITECTURES)}")
     model_type = ARCHITECTURES[arch]

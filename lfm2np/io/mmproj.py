@@ -91,7 +91,7 @@ def check_mmproj(meta: Mapping[str, Any], source: str) -> MetadataKeys:
     arch = meta.get("general.architecture")
     if arch != "clip":
         raise Lfm2npError(f"{source}: general.architecture is {arch!r}; an mmproj file is 'clip' (the text model's "
-                          f"GGUF goes first, the mmproj with mmproj=)")
+                          f"GGUF is the model, the mmproj goes with mmproj= or --mmproj)")
     k = MetadataKeys(meta, "clip", source)
     kind = k.text("projector_type") or k.text("vision.projector_type")
     if kind != PROJECTOR_TYPE:
@@ -110,6 +110,8 @@ def vision_config_dict(meta: Mapping[str, Any], tensors: Mapping[str, tuple[int,
     k = check_mmproj(meta, source)
     D = k.count("vision.embedding_length")
     heads = k.count("vision.attention.head_count")
+    if D % heads:
+        raise k.error("vision.attention.head_count", f"is {heads}, which does not divide embedding_length {D}")
     head_dim = k.count("vision.attention.head_dim", required=False)
     if head_dim is not None and head_dim * heads != D:
         raise k.error("vision.attention.head_dim", f"is {head_dim}; {heads} heads of it are not embedding_length {D}")
