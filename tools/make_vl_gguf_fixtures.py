@@ -17,8 +17,9 @@ Needs the reference environment (torch, transformers 5.25, pillow) and llama.cpp
 2. Converts a copy of it (with the tokenizer files, and ``text_config.architectures = ["Lfm2ForCausalLM"]``, which
    the converter reads to pick the text model class of an ``Lfm2VlForConditionalGeneration``) with the vendored
    ``convert_hf_to_gguf.py``: ``--outtype f32`` to ``text-f32.gguf``, ``--mmproj`` with ``--outtype f32`` and
-   ``f16`` to ``mmproj-f32.gguf`` / ``mmproj-f16.gguf``. One patch, as tools/check_llama_cpp_converter.py: the
-   tokenizer's pre-tokenizer hash is taken as ``lfm2``'s (a test vocabulary has another hash).
+   ``f16`` to ``mmproj-f32.gguf`` / ``mmproj-f16.gguf``. One patch, tools/check_llama_cpp_converter.py's: the
+   tokenizer's pre-tokenizer hash is taken as ``lfm2``'s (a test vocabulary has another hash). ``--llama DIR``
+   names llama.cpp's sources when they are not under this checkout's vendor/ (a git worktree).
 """
 
 from __future__ import annotations
@@ -34,11 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import make_vl_fixtures as base  # noqa: E402  (imports torch, transformers; torchvision_cpu first)
+from check_llama_cpp_converter import LLAMA, RUNNER  # noqa: E402  (the converter, its one patch)
 
 GENERATOR_VERSION = 1
-LLAMA = ROOT / "vendor" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
-if not LLAMA.is_dir():  # a worktree: the sources sit in the main checkout's vendor/
-    LLAMA = Path("/work/main/vendor/llama_cpp_python-0.3.36/vendor/llama.cpp")
 TOKENIZER = ROOT / "lfm2np" / "data" / "tiny-lfm2-moe"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 NAME = "vl-gguf"
@@ -61,15 +60,6 @@ CASE = dict(
              tie_word_embeddings=True),
     processor=dict(encoder_patch_size=16, downsample_factor=2, tile_size=64, min_image_tokens=2, max_image_tokens=4,
                    min_tiles=2, max_tiles=2, use_thumbnail=True, do_image_splitting=True, max_pixels_tolerance=2.0))
-RUNNER = """
-import runpy, sys
-llama = sys.argv[1]
-sys.path[:0] = [llama, llama + "/gguf-py"]
-import conversion.base as base
-base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "lfm2"
-sys.argv = [llama + "/convert_hf_to_gguf.py"] + sys.argv[2:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 def small_tokenizer(out: Path) -> None:
@@ -106,13 +96,13 @@ def trim(reference: Path) -> None:
     from safetensors import safe_open
     from safetensors.numpy import save_file
     with safe_open(str(reference), "np") as f:
-        metadata = f.metadata()
-        values = {k: f.get_tensor(k) for k in f.keys() if keep(k)}
+        metadata = {**f.metadata(), "generator": f"tools/make_vl_gguf_fixtures.py v{GENERATOR_VERSION}"}
+        values = {k: f.get_tensor(k) for k in sorted(f.keys()) if keep(k)}
     save_file(values, str(reference), metadata=metadata)
 
 
-def convert(checkpoint: Path, out: Path, outtype: str, mmproj: bool) -> None:
-    argv = [sys.executable, "-c", RUNNER, str(LLAMA), str(checkpoint), "--outfile", str(out), "--outtype", outtype]
+def convert(llama: Path, checkpoint: Path, out: Path, outtype: str, mmproj: bool) -> None:
+    argv = [sys.executable, "-c", RUNNER, str(llama), str(checkpoint), "--outfile", str(out), "--outtype", outtype]
     result = subprocess.run(argv + (["--mmproj"] if mmproj else []), capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"convert_hf_to_gguf.py failed on {checkpoint}:\n{result.stderr[-3000:]}")
@@ -121,7 +111,10 @@ def convert(checkpoint: Path, out: Path, outtype: str, mmproj: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="tests/golden", type=Path)
+    parser.add_argument("--llama", default=LLAMA, type=Path, help="llama.cpp's sources (tools/setup_llama_cpp.sh)")
     args = parser.parse_args()
+    if not (args.llama / "convert_hf_to_gguf.py").is_file():
+        raise SystemExit(f"{args.llama}: no llama.cpp sources; run tools/setup_llama_cpp.sh first (or give --llama)")
     base.torch.set_num_threads(1)
     base.TEXT, base.IMAGES = TEXT, IMAGES  # image token: base.IMAGE_TOKEN (100)
     directory = args.out / NAME
@@ -138,9 +131,9 @@ def main() -> None:
         config["architectures"] = ["Lfm2VlForConditionalGeneration"]
         config["text_config"]["architectures"] = ["Lfm2ForCausalLM"]
         (work / "config.json").write_text(json.dumps(config, indent=1))
-        convert(work, directory / "text-f32.gguf", "f32", mmproj=False)
+        convert(args.llama, work, directory / "text-f32.gguf", "f32", mmproj=False)
         for outtype in ("f32", "f16"):
-            convert(work, directory / f"mmproj-{outtype}.gguf", outtype, mmproj=True)
+            convert(args.llama, work, directory / f"mmproj-{outtype}.gguf", outtype, mmproj=True)
     manifest = {"generator": f"tools/make_vl_gguf_fixtures.py v{GENERATOR_VERSION}",
                 "transformers": base.transformers.__version__, "torch": base.torch.__version__,
                 "converter": "llama-cpp-python 0.3.36's convert_hf_to_gguf.py", **info,
