@@ -141,15 +141,23 @@ def lazy_weights(source: TensorSource, tensors: "list[Any]", mode: Any, memory_b
     return weights
 
 
-def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config", rope_reading: str = "trained") -> Config:
+def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config", rope_reading: str = "trained",
+                mmproj: "str | os.PathLike[str] | None" = None) -> Config:
     """A Config from a config.json path, a checkpoint directory, a cached repo id, a ``.gguf`` file, a
     preset name, ``"embedded"`` (the shipped tiny model) or a parsed dictionary.
 
     Preset names are matched without regard to case, with or without the ``LiquidAI/`` prefix
     (``"LFM2-350M"``, ``"liquidai/lfm2-8b-a1b"``); see :data:`lfm2np.presets.PRESETS`. A cached repo id
-    wins over a preset of the same name (it is the real file).
+    wins over a preset of the same name (it is the real file). ``mmproj``: with a text GGUF ``x``, llama.cpp's
+    LFM2-VL pair (:func:`lfm2np.io.mmproj.read_pair_config`).
     """
     check_rope_reading(rope_reading)  # whatever x is, before a file is read
+    if mmproj is not None:
+        check_mmproj_with(x, mmproj)
+        try:
+            return read_pair_config(x, mmproj).replace(rope_reading=rope_reading)
+        except OSError as e:
+            raise Lfm2npError(f"{str(x)[:200]} + {str(mmproj)[:200]}: {e.strerror or e}") from None
     if isinstance(x, Config):
         return x if x.rope_reading == rope_reading else x.replace(rope_reading=rope_reading)
     if not isinstance(x, (str, os.PathLike, Mapping)):

@@ -225,3 +225,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["generate", str(TEXT), "--mmproj", str(TEXT), "--text", "hi", "-n", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert [line.startswith("lfm2np: error:") for line in err] == [True, True] and "Traceback" not in str(err)
+
+
+def test_params_of_the_pair_count_the_checkpoints_tensors(capsys):
+    import json
+
+    assert main(["params", str(TEXT), "--mmproj", str(MMPROJ), "--json"]) == 0
+    pair_counts = json.loads(capsys.readouterr().out)
+    assert main(["params", str(CASE), "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert pair_counts.pop("model") == f"{TEXT} + {MMPROJ}" and counts.pop("model") == str(CASE / "config.json")
+    assert pair_counts == counts
+    assert pair_counts["total"] == sum(t.size for t in checkpoint().params.layout)
+    assert lfm2np.load_config(TEXT, mmproj=MMPROJ) == checkpoint().config
