@@ -20,6 +20,8 @@ Needs the reference environment (torch, transformers 5.25, pillow) and llama.cpp
    ``f16`` to ``mmproj-f32.gguf`` / ``mmproj-f16.gguf``. One patch, tools/check_llama_cpp_converter.py's: the
    tokenizer's pre-tokenizer hash is taken as ``lfm2``'s (a test vocabulary has another hash). ``--llama DIR``
    names llama.cpp's sources when they are not under this checkout's vendor/ (a git worktree).
+3. With llama-cpp-python (``--llama-python``, default vendor/venv-llama/bin/python when present), checks that
+   llama.cpp itself loads the text file with each mmproj (an mtmd context with vision).
 """
 
 from __future__ import annotations
@@ -108,10 +110,27 @@ def convert(llama: Path, checkpoint: Path, out: Path, outtype: str, mmproj: bool
         raise SystemExit(f"convert_hf_to_gguf.py failed on {checkpoint}:\n{result.stderr[-3000:]}")
 
 
+#: run with llama-cpp-python: llama.cpp loads the text file and, through mtmd, the mmproj with it
+LLAMA_LOADS = """
+import sys
+import llama_cpp
+from llama_cpp import mtmd_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, verbose=False)
+params = mtmd_cpp.mtmd_context_params_default()
+params.use_gpu, params.n_threads = False, 1
+ctx = mtmd_cpp.mtmd_init_from_file(sys.argv[2].encode(), llm.model, params)
+sys.exit(0 if ctx and mtmd_cpp.mtmd_support_vision(ctx) else 1)
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="tests/golden", type=Path)
     parser.add_argument("--llama", default=LLAMA, type=Path, help="llama.cpp's sources (tools/setup_llama_cpp.sh)")
+    default_python = ROOT / "vendor" / "venv-llama" / "bin" / "python"
+    parser.add_argument("--llama-python", default=default_python if default_python.is_file() else None,
+                        help="a Python with llama-cpp-python (tools/setup_llama_cpp.sh --build): checks that llama.cpp "
+                             "loads each pair (default vendor/venv-llama/bin/python, if present)")
     args = parser.parse_args()
     if not (args.llama / "convert_hf_to_gguf.py").is_file():
         raise SystemExit(f"{args.llama}: no llama.cpp sources; run tools/setup_llama_cpp.sh first (or give --llama)")
@@ -134,6 +153,13 @@ def main() -> None:
         convert(args.llama, work, directory / "text-f32.gguf", "f32", mmproj=False)
         for outtype in ("f32", "f16"):
             convert(args.llama, work, directory / f"mmproj-{outtype}.gguf", outtype, mmproj=True)
+    if args.llama_python:
+        for mmproj in ("mmproj-f32.gguf", "mmproj-f16.gguf"):
+            done = subprocess.run([str(args.llama_python), "-c", LLAMA_LOADS, str(directory / "text-f32.gguf"),
+                                   str(directory / mmproj)], capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"llama.cpp does not load text-f32.gguf + {mmproj}:\n{done.stderr[-2000:]}")
+        print("llama.cpp loads both pairs (llama-cpp-python, mtmd)")
     manifest = {"generator": f"tools/make_vl_gguf_fixtures.py v{GENERATOR_VERSION}",
                 "transformers": base.transformers.__version__, "torch": base.torch.__version__,
                 "converter": "llama-cpp-python 0.3.36's convert_hf_to_gguf.py", **info,
