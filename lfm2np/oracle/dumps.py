@@ -239,24 +239,7 @@ def load_dump(path: "str | os.PathLike[str]", ids: Sequence[int] | None = None, 
     and shapes are checked from its headers before anything is read, and safetensors files are read as
     :meth:`lfm2np.oracle.trace.Trace.load` reads traces (pread, no memory map)."""
     path = _dump_file(path)
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        _check_shapes(path, _npz_shapes(path), ids is not None, vocab_size)
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        except Exception as e:  # zipfile and format errors alike (the headers were read above)
-            raise Lfm2npError(f"{path}: not a readable .npz file ({e})") from None
-        meta: dict[str, Any] = {}
-    elif suffix == ".safetensors":
-        header = SafetensorsFile(path, dtypes=tuple(STORAGE))
-        _check_shapes(path, {k: (i.shape, 4 if i.dtype == "BF16" else STORAGE[i.dtype].itemsize,  # bf16 widens
-                                 "f" if i.dtype == "BF16" else STORAGE[i.dtype].kind)
-                             for k, i in header.tensors.items()}, ids is not None, vocab_size)
-        trace = Trace.load(path)
-        arrays, meta = dict(trace.tensors), trace.meta
-    else:
-        raise Lfm2npError(f"{path}: a dump is an .npz or a .safetensors file")
+    arrays, meta = read_arrays(path, ids is not None, vocab_size)
     src = str(path)
     if "embeddings" in arrays:
         if "logits" in arrays or "tokens" in arrays:
@@ -287,6 +270,32 @@ def load_dump(path: "str | os.PathLike[str]", ids: Sequence[int] | None = None, 
         return _positions(path, token_stream(arrays["ids"] if ids is None else ids, arrays["tokens"],
                                              prefill if prefill is not None else arrays.get("prefill"), src))
     return _positions(path, trace_dump(Trace(arrays, meta if isinstance(meta, dict) else {}), ids, prefill, src))
+
+
+def read_arrays(path: "str | os.PathLike[str]", ids_given: bool = False, vocab_size: int | None = None) \
+        -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays of an ``.npz`` or ``.safetensors`` file and its metadata (a safetensors trace's), read as an
+    untrusted file: sizes, kinds and shapes checked from the headers before anything is read (see
+    :func:`load_dump`); ``ids_given``: the caller supplies the ids (a logits array's rows are not checked against
+    an ``ids`` array)."""
+    path = _dump_file(path)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        _check_shapes(path, _npz_shapes(path), ids_given, vocab_size)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except Exception as e:  # zipfile and format errors alike (the headers were read above)
+            raise Lfm2npError(f"{path}: not a readable .npz file ({e})") from None
+        return arrays, {}
+    if suffix == ".safetensors":
+        header = SafetensorsFile(path, dtypes=tuple(STORAGE))
+        _check_shapes(path, {k: (i.shape, 4 if i.dtype == "BF16" else STORAGE[i.dtype].itemsize,  # bf16 widens
+                                 "f" if i.dtype == "BF16" else STORAGE[i.dtype].kind)
+                             for k, i in header.tensors.items()}, ids_given, vocab_size)
+        trace = Trace.load(path)
+        return dict(trace.tensors), trace.meta
+    raise Lfm2npError(f"{path}: a dump is an .npz or a .safetensors file")
 
 
 def _positions(path: Path, dump: Dump) -> Dump:
