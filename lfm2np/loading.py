@@ -33,6 +33,7 @@ from .io.safetensors import Checkpoint
 from .io.vl_checkpoint import Renamed
 from .model import Model
 from .numerics import numerics
+from .processor import ImageProcessor
 from .schema import describe, layout
 from .weights import Lazy, TensorSource, check_tensors
 
@@ -102,7 +103,10 @@ def _load(path: "str | os.PathLike[str]", dtype: Any, strict: bool, memory_budge
             raise
     weights = lazy_weights(source, tensors, mode, memory_budget)
     weights.config = config  # the layout is this config's: the Model need not compute it again
-    return Model(config, weights, mode)
+    model = Model(config, weights, mode)
+    if config.is_vision_language and not is_gguf(path):  # file paths and arrays as images, by the checkpoint's settings
+        model.image_processor = ImageProcessor.for_checkpoint(directory, config.vision)
+    return model
 
 
 def lazy_weights(source: TensorSource, tensors: "list[Any]", mode: Any, memory_budget: Any) -> Lazy:

@@ -7,7 +7,7 @@
 - io/ imports the core and io/; oracle/ and calc/ import the core, io/, processor/ and themselves, never each other;
 - processor/ (the image processor: images and prompts to arrays and ids) imports the core, io/ and itself: a leaf
   beside io/, which the oracle (diagnosing a processor dump), the calculators (image tokens) and the middle use;
-- the middle (loading, presets, generate, sampling, embedded, synthetic, evaluate) imports the core, io/,
+- the middle (loading, presets, generate, sampling, embedded, synthetic, evaluate, prompting) imports the core, io/,
   processor/ and the middle;
 - nothing imports cli/ (but ``__main__``); the package face only re-exports;
 - there is no import circle, and imports inside functions are only of optional dependencies;
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lfm2np"
 CORE = {"errors", "numerics", "config", "config_keys", "ops", "passes", "layers", "schema", "weights", "state",
         "model", "version", "vision", "vision_config", "vision_schema", "ops_vision"}
-MIDDLE = {"loading", "presets", "generate", "sampling", "embedded", "synthetic", "evaluate"}
+MIDDLE = {"loading", "presets", "generate", "sampling", "embedded", "synthetic", "evaluate", "prompting"}
 #: imported inside the functions that need them: gguf (an extra), jinja2 (a dependency, imported when a chat template
 #: is first rendered: most commands never render one), readline (in the standard library, but not on every platform),
 #: PIL (Pillow, the extra "vision": decoding image files)
