@@ -24,7 +24,7 @@ MAX_SIDE = 1 << 20  #: the widest side --image accepts (a million pixels)
 
 def parse_image_size(text: str) -> tuple[int, int]:
     """``"WxH"`` (width x height in pixels, e.g. ``792x660``) as ``(width, height)``."""
-    m = re.fullmatch(r"\s*(\d{1,7})\s*[xX×]\s*(\d{1,7})\s*", text)
+    m = re.fullmatch(r"\s*([0-9]{1,7})\s*[xX×]\s*([0-9]{1,7})\s*", text)
     if not m or not 1 <= int(m[1]) <= MAX_SIDE or not 1 <= int(m[2]) <= MAX_SIDE:
         raise Lfm2npError(f"image size {text!r}: expected WxH, width and height in pixels between 1 and {MAX_SIDE} "
                           f"(e.g. 792x660)")

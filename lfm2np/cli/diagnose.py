@@ -18,18 +18,8 @@ from ..oracle.mistakes import BY_ID, CATALOGUE
 from ..oracle.report import html_report
 from ..oracle.tolerance import COMPARE_TIERS
 from .common import LayerProgress, Subparsers, add_force_argument, add_html_argument, add_model_arguments, check_outputs
-from .common import load_model, MODEL_HELP, write_page
+from .common import load_model, MODEL_HELP, positive_int, write_page
 from .options import add_ids_argument, add_model_argument
-
-
-def _position(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
 
 
 def _mistake_id(text: str) -> str:
@@ -115,7 +105,7 @@ def register(sub: Subparsers) -> None:
                    help="with a processor dump: an image the backend processed, in order (repeat for several)")
     add_ids_argument(p, "with --tokens: the prompt ids; with --dump: the ids, when the file does not say")
     add_ids_argument(p, "the tokens the backend generated greedily after --ids", name="--tokens")
-    p.add_argument("--prefill", type=_position,
+    p.add_argument("--prefill", type=positive_int,
                    help="how many ids the backend processed in its first call (where its second call began); "
                         "default: the end of the prompt for tokens, the first divergence for dumps")
     p.add_argument("--tier", default="fp32", choices=list(COMPARE_TIERS), help="tolerance tier (default fp32)")

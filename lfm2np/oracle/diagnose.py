@@ -108,6 +108,7 @@ class Diagnosis:
     compared: int = 0  # what is judged: positions (logits), tensors in common (trace), generated tokens
     comparison: dict[str, Any] | None = None  # a trace dump: its comparison with the reference (compare's JSON)
     no_mistake: Hypothesis | None = None  # the reference as it is, judged as a hypothesis (a dump that disagrees)
+    impossible: list[str] = field(default_factory=list)  # values no model computes (an expert it does not have)
 
     @property
     def best(self) -> Hypothesis | None:
@@ -132,7 +133,8 @@ class Diagnosis:
                         **({"comparison": self.comparison} if self.comparison is not None else {}),
                         **({"no_mistake": {"error": _finite(self.no_mistake.error),
                                            "explained": self.no_mistake.explained}}
-                           if self.no_mistake is not None else {})})
+                           if self.no_mistake is not None else {}),
+                        **({"impossible": self.impossible} if self.impossible else {})})
 
 
 def _finite(x: float | None) -> float | None:
@@ -281,7 +283,21 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill
                      not_applicable, prefill, prefill_from, getattr(judge, "skipped", {}),
                      {"logits": len(seq), "trace": len(getattr(judge, "tensors", ())),
                       "tokens": len(dump.tokens if dump.tokens is not None else ())}[dump.kind], comparison,
-                     no_mistake)
+                     no_mistake, _impossible(getattr(judge, "tensors", {}), c.num_experts))
+
+
+def _impossible(tensors: dict[str, np.ndarray], experts: int) -> list[str]:
+    """The dump's expert choices outside ``0 .. experts - 1``, each layer's first: no mistake in the catalogue
+    computes them (an indexing slip in the backend, or experts numbered from 1), so they are said, not ranked."""
+    out = []
+    for name, v in tensors.items():
+        if name.endswith(".selected_experts") and v.size:
+            bad = np.argwhere((v < 0) | (v >= experts))
+            if len(bad):
+                out.append(f"{name} chooses expert {int(v[tuple(bad[0])])} at position {int(bad[0][0])}, outside "
+                           f"0 .. {experts - 1}: the model has no such expert (an indexing slip in the backend, "
+                           f"or its experts numbered from 1?)")
+    return out
 
 
 def _departure(kind: str, where: dict[str, Any] | None, agrees: bool) -> tuple | None:
@@ -390,6 +406,7 @@ def format_diagnosis(d: Diagnosis) -> str:
         size = f"routing agreement {f['routing_agreement']:.1%}" if "routing_agreement" in f \
             else f"max_rel {f['max_rel']:.3g}"
         lines.append(f"agrees: {'yes' if d.agrees else 'NO'}; first divergence: {_at(f)} ({size})")
+    lines += [f"impossible: {note}" for note in d.impossible]
     unit = {"logits": "positions", "trace": "tensors", "tokens": "steps"}[d.kind]
     lines.append(("the dump agrees; mistakes this input cannot rule out come first" if d.agrees
                   else "hypotheses, best first") + f" ({unit} explained / {d.compared}):")
