@@ -125,6 +125,7 @@ class Conversation:
         except Lfm2npError as e:  # the template refused this conversation (a later turn can fail alone), or the
             self.messages.pop()   # message's placeholders do not match its images
             del self.images[len(self.images) - len(pending):]
+            self.pending = pending  # still attached, for the next message
             raise TurnRefused(f"{e}; the message was not sent") from None
         context = self.model.config.max_position_embeddings
         if len(ids) >= context:
