@@ -240,3 +240,12 @@ def test_chat_conversation_feeds_each_image_once():
     list(gen)
     ids, batch = encode_with_images(model, tok, FILES, messages=talk.messages + [{"role": "user", "content": "x"}])
     assert isinstance(batch, ImageBatch) and ids.count(IMAGE_ID) == sum(CASE["tokens"])
+
+
+def test_the_mmproj_pair_has_an_image_processor_too():
+    """llama.cpp's pair (text GGUF + mmproj GGUF) carries llama.cpp's processor settings as the same ImageProcessor,
+    so encode_with_images reads them as a directory's."""
+    pair = GOLDEN / "vl-gguf"
+    model = lfm2np.load(pair / "text-f32.gguf", mmproj=pair / "mmproj-f32.gguf")
+    assert isinstance(model.image_processor, ImageProcessor)
+    assert model.image_processor.config.rounding == "llama.cpp" and "mmproj" in model.image_processor.config.source
