@@ -8,7 +8,7 @@
 - io/ imports the core and io/; oracle/ and calc/ import the core, io/, processor/ and themselves, never each other;
 - processor/ (the image processor: images and prompts to arrays and ids) imports the core, io/ and itself: a leaf
   beside io/, which the oracle (diagnosing a processor dump), the calculators (image tokens) and the middle use;
-- the middle (loading, presets, generate, sampling, embedded, synthetic, evaluate) imports the core, io/,
+- the middle (loading, presets, generate, sampling, embedded, synthetic, evaluate, prompting) imports the core, io/,
   processor/ and the middle;
 - nothing imports cli/ (but ``__main__``); the package face only re-exports;
 - there is no import circle, and imports inside functions are only of optional dependencies;
@@ -29,7 +29,7 @@ PACKAGE = ROOT / "lfm2np"
 CORE = {"errors", "numerics", "config", "config_keys", "ops", "passes", "layers", "schema", "aliases", "weights",
         "state", "model", "embedding", "version", "ggml", "ggml_quants", "ggml_ops", "vision", "vision_config",
         "vision_schema", "ops_vision"}
-MIDDLE = {"loading", "presets", "generate", "sampling", "embedded", "synthetic", "evaluate", "cluster"}
+MIDDLE = {"loading", "presets", "generate", "sampling", "embedded", "synthetic", "evaluate", "cluster", "prompting"}
 #: imported inside the functions that need them: gguf (an extra), jinja2 (a dependency, imported when a chat template
 #: is first rendered: most commands never render one), readline (in the standard library, but not on every platform),
 #: PIL (Pillow, the extra "vision": decoding image files), Dask (the dask extra: --workers, --scheduler), and the
