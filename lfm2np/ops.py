@@ -345,8 +345,23 @@ def gelu_tanh(x: np.ndarray, rnd: Rounding = exact) -> np.ndarray:
     """``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, GELU's tanh approximation (``gelu_pytorch_tanh``),
     in the dtype of x (a bf16 backend: in float32, stored once)."""
     t = x.dtype.type
-    inner = t(math.sqrt(2 / math.pi)) * (x + t(0.044715) * (x * x * x))
-    return rnd(t(0.5) * x * (t(1) + np.tanh(inner)))
+    c, a = t(math.sqrt(2 / math.pi)), t(0.044715)
+    flat = np.ascontiguousarray(x).reshape(-1)
+    out = np.empty(flat.shape, x.dtype)
+
+    def piece(lo: int, hi: int) -> None:  # in place, a slice at a time, each element's operations in this order
+        xs, o = flat[lo:hi], out[lo:hi]
+        np.multiply(xs, xs, out=o)
+        o *= xs  # x^3
+        o *= a
+        o += xs
+        o *= c  # the inner value
+        np.tanh(o, out=o)
+        o += t(1)
+        o *= t(0.5) * xs
+
+    in_parallel(flat.size, piece)
+    return rnd(out.reshape(x.shape))
 
 
 _TWO_OVER_SQRT_PI, _ONE_OVER_SQRT_PI = 2 / math.sqrt(math.pi), 1 / math.sqrt(math.pi)
