@@ -82,21 +82,24 @@ def child(path: str, decode: int, budget: str | None, profile: bool = False) -> 
 
 
 def _profile_stages() -> dict:
-    """Seconds spent (summed over threads) reading tensor bytes, dequantising and in the matrix products."""
+    """Seconds spent reading tensor bytes, dequantising and in the matrix products (wall time, summed over the
+    threads that call them), and the CPU time of the calling thread in each (``*_cpu``: all of it when the
+    passes and the BLAS run on one thread)."""
     from lfm2np import ops
     from lfm2np.io import files, kquants
 
-    stages = {"read": 0.0, "dequantize": 0.0, "products": 0.0}
+    stages = {f"{stage}{cpu}": 0.0 for stage in ("read", "dequantize", "products") for cpu in ("", "_cpu")}
 
     def timed(owner, name: str, stage: str) -> None:
         inner = getattr(owner, name)
 
         def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return inner(*args, **kwargs)
             finally:
                 stages[stage] += time.perf_counter() - t0
+                stages[stage + "_cpu"] += time.thread_time() - c0
 
         setattr(owner, name, wrapper)
 

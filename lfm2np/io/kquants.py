@@ -13,7 +13,8 @@ every bit pattern (inf and NaN scales included). What differs is how the work is
   one cast to float32 and the scale's one or two operations then write the values straight into the
   output;
 - a tensor's blocks are shared among the threads of :func:`lfm2np.passes.in_parallel` (NumPy releases
-  the interpreter lock inside its loops), so a large tensor is dequantised on every core.
+  the interpreter lock inside its loops), a few pieces per thread, so a large tensor is dequantised on
+  every core.
 
 Block layouts (llama.cpp ``ggml-common.h``; sub-block ``s`` of a k-quant is values ``32s .. 32s+31``):
 
@@ -42,8 +43,10 @@ from ..passes import in_parallel
 QK_K = 256
 #: values per pass over a chunk: its float32 (256 KiB) and its bytes stay in a core's L2 cache throughout
 CHUNK_VALUES = 1 << 17
-#: blocks per piece handed to a thread (a piece's per-block arrays are computed once, in long passes)
+#: blocks per run whose per-block arrays are computed at once, in long passes
 PIECE_BLOCKS = 2048
+#: pieces per thread: threads claim them as they free up (see :func:`lfm2np.passes.in_parallel`)
+PIECES_PER_THREAD = 4
 
 
 class BlockType(NamedTuple):
@@ -213,5 +216,5 @@ def dequantize(data: np.ndarray, ggml_type: str, out: np.ndarray | None = None) 
             kind.decode(raw[start:stop], values[start:stop])
 
     with np.errstate(invalid="ignore", over="ignore"):  # a corrupt scale gives inf/NaN values, found later
-        in_parallel(n, piece, size=n * kind.nvalues)
+        in_parallel(n, piece, size=n * kind.nvalues, per_thread=PIECES_PER_THREAD)
     return out.reshape(-1)
