@@ -313,7 +313,7 @@ class Model:
                                 opt("in_proj_bias"), opt("conv_bias"), opt("out_proj_bias"))
         if c.is_moe_layer(i):
             def expert(e: int) -> SwiGLUWeights:
-                return SwiGLUWeights(*(W[name] for name in schema.expert_names(i, e)))
+                return ExpertWeights(W, schema.expert_names(i, e))  # type: ignore[return-value]  # (read alike)
 
             def prefetch(chosen: np.ndarray) -> None:  # a lazily read checkpoint reads the chosen ones ahead
                 W.prefetch([name for e in chosen for name in schema.expert_names(i, int(e))])
@@ -323,6 +323,27 @@ class Model:
             ffn = SwiGLUWeights(W[n["w1"]], W[n["w3"]], W[n["w2"]])
         return LayerWeights(W[n["operator_norm"]], mixer, W[n["ffn_norm"]], ffn,
                             opt("post_operator_norm"), opt("post_ffn_norm"))
+
+
+class ExpertWeights:
+    """An expert's SwiGLU weights as :func:`lfm2np.layers.swiglu` reads them (``w1``, ``w3``, ``w2``), each
+    taken from ``weights`` by name when first read: the SwiGLU reads w1, then w3, then w2, so a matrix
+    converted at use (an expert that does not fit the memory budget) is converted, or taken from the
+    thread converting ahead, just before its product, which then finds it still in the cache."""
+
+    __slots__ = ("_weights", "_names", "_got")
+
+    def __init__(self, weights: Weights, names: "tuple[str, str, str]"):
+        self._weights, self._names, self._got = weights, dict(zip(("w1", "w3", "w2"), names)), {}
+
+    def _get(self, role: str) -> np.ndarray:
+        if role not in self._got:
+            self._got[role] = self._weights[self._names[role]]
+        return self._got[role]
+
+    w1 = property(lambda self: self._get("w1"), doc="gate (F, D)")
+    w3 = property(lambda self: self._get("w3"), doc="up (F, D)")
+    w2 = property(lambda self: self._get("w2"), doc="down (D, F)")
 
 
 def _in_memory(config: Config, params: Any, mode: Numerics, strict: bool) -> InMemory:
