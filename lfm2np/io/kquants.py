@@ -42,7 +42,7 @@ from ..passes import in_parallel
 
 QK_K = 256
 #: values per pass over a chunk: its float32 (256 KiB) and its bytes stay in a core's L2 cache throughout
-CHUNK_VALUES = 1 << 17
+CHUNK_VALUES = 1 << 16
 #: blocks per run whose per-block arrays are computed at once, in long passes
 PIECE_BLOCKS = 2048
 #: pieces per thread: threads claim them as they free up (see :func:`lfm2np.passes.in_parallel`)
@@ -111,80 +111,74 @@ def _scale_min(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _q4_k(blocks: np.ndarray, out: np.ndarray) -> None:
-    scale, offset = _scale_min(blocks)  # (n, 8)
-    for a, b in _chunks(blocks.shape[0], QK_K):
-        m = b - a
-        q = np.empty((m, 4, 2, 32), np.uint8)
-        _nibbles(blocks[a:b, 16:], q, 32)
-        _apply(q.reshape(m * 8, 32), out[a:b].reshape(m * 8, 32), scale[a:b], offset[a:b])
+    q = np.empty((blocks.shape[0], 4, 2, 32), np.uint8)
+    _nibbles(blocks[:, 16:], q, 32)
+    _apply(q, out, *_scale_min(blocks))
 
 
 def _q5_k(blocks: np.ndarray, out: np.ndarray) -> None:
-    scale, offset = _scale_min(blocks)
-    for a, b in _chunks(blocks.shape[0], QK_K):
-        m = b - a
-        q = np.empty((m, 4, 2, 32), np.uint8)
-        _nibbles(blocks[a:b, 48:], q, 32)
-        high = np.empty((m, 1, 8, 32), np.uint8)  # sub-block s's fifth bits: bit s of each qh byte
-        _high_bits(blocks[a:b, 16:48], high, 1)
-        q |= high.reshape(q.shape)
-        _apply(q.reshape(m * 8, 32), out[a:b].reshape(m * 8, 32), scale[a:b], offset[a:b])
-
-
-def _apply(q: np.ndarray, out: np.ndarray, scale: np.ndarray, offset: np.ndarray | None = None) -> None:
-    """``out = q * scale (- offset)``, one scale (and offset) per row of ``q`` (rows = sub-blocks): the cast,
-    then one pass each, the scale repeated along the row first (cheaper than broadcasting over short rows)."""
-    width = q.shape[1]
-    out[...] = q
-    out *= np.repeat(scale.reshape(-1), width).reshape(-1, width)
-    if offset is not None:
-        out -= np.repeat(offset.reshape(-1), width).reshape(-1, width)
-
-
-def _high_bits(qh: np.ndarray, out: np.ndarray, bits: int) -> None:
-    """The high bits of Q5_K (``bits`` 1) and Q6_K (2) values: ``out`` (m, k, 8 // bits, 32) gets, for each
-    32-byte run ``k`` of ``qh`` (m, 32k), its field ``j`` (bits ``j*bits ..``) of every byte at ``[:, k, j]``,
-    shifted to bit 4 (where it goes in the value). Eight bytes at a time (uint64 words)."""
-    words = np.ascontiguousarray(qh).view(np.uint64)
-    mask = np.uint64(int.from_bytes(bytes([(1 << bits) - 1] * 8), "little"))
-    fields = []
-    for j in range(8 // bits):
-        f = np.right_shift(words, np.uint64(bits * j))
-        f &= mask
-        f <<= np.uint64(4)
-        fields.append(f.view(np.uint8))
-    _place(fields, out, 32)
+    n = blocks.shape[0]
+    q = np.empty((n, 4, 2, 32), np.uint8)
+    _nibbles(blocks[:, 48:], q, 32)
+    high = np.empty((n, 1, 8, 32), np.uint8)  # sub-block s's fifth bits: bit s of each qh byte
+    _high_bits(blocks[:, 16:48], high, 1)
+    q |= high.reshape(q.shape)
+    _apply(q, out, *_scale_min(blocks))
 
 
 def _q6_k(blocks: np.ndarray, out: np.ndarray) -> None:
-    d = _f16(blocks, 208)
-    scale = d[:, None] * np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).astype(np.float32)  # (n, 16)
-    for a, b in _chunks(blocks.shape[0], QK_K):
-        m = b - a
-        low = np.empty((m, 2, 2, 64), np.uint8)  # per half: values 0-63 low nibbles, 64-127 high ones
-        high = np.empty((m, 2, 4, 32), np.uint8)
-        _nibbles(blocks[a:b, 0:128], low, 64)
-        _high_bits(blocks[a:b, 128:192], high, 2)
-        q = low.reshape(m, QK_K)
-        q |= high.reshape(m, QK_K)
-        q -= 32  # wraps in uint8: read as int8 it is q - 32 (-32 .. 31)
-        _apply(q.view(np.int8).reshape(m * 16, 16), out[a:b].reshape(m * 16, 16), scale[a:b])
+    n = blocks.shape[0]
+    q = np.empty((n, 2, 2, 64), np.uint8)  # per half: values 0-63 low nibbles, 64-127 high ones
+    _nibbles(blocks[:, 0:128], q, 64)
+    high = np.empty((n, 2, 4, 32), np.uint8)
+    _high_bits(blocks[:, 128:192], high, 2)
+    q |= high.reshape(q.shape)
+    q -= 32  # wraps in uint8: read as int8 it is q - 32 (-32 .. 31)
+    scales = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).astype(np.float32)  # (n, 16)
+    _apply(q.view(np.int8), out, _f16(blocks, 208)[:, None] * scales)
 
 
 def _q8_0(blocks: np.ndarray, out: np.ndarray) -> None:
-    d = _f16(blocks, 0)
-    for a, b in _chunks(blocks.shape[0], 32):
-        q = np.ascontiguousarray(blocks[a:b, 2:34]).view(np.int8)  # (m, 32)
-        _apply(q, out[a:b], d[a:b])
+    q = np.ascontiguousarray(blocks[:, 2:34]).view(np.int8)  # (n, 32)
+    _apply(q, out, _f16(blocks, 0)[:, None])
 
 
 def _q4_0(blocks: np.ndarray, out: np.ndarray) -> None:
-    d = _f16(blocks, 0)
-    for a, b in _chunks(blocks.shape[0], 32):
-        q = np.empty((b - a, 1, 2, 16), np.uint8)
-        _nibbles(np.ascontiguousarray(blocks[a:b, 2:18]), q, 16)
-        q -= 8  # as int8: q - 8
-        _apply(q.view(np.int8).reshape(b - a, 32), out[a:b], d[a:b])
+    q = np.empty((blocks.shape[0], 1, 2, 16), np.uint8)
+    _nibbles(np.ascontiguousarray(blocks[:, 2:18]), q, 16)
+    q -= 8  # as int8: q - 8
+    _apply(q.view(np.int8), out, _f16(blocks, 0)[:, None])
+
+
+def _apply(q: np.ndarray, out: np.ndarray, scale: np.ndarray, offset: np.ndarray | None = None) -> None:
+    """``out = q * scale (- offset)``: ``q`` the blocks' integer values (n, ...), ``out`` (n, values) float32,
+    ``scale`` (and ``offset``) (n, k), one per run of ``values // k`` values. A cache-sized chunk at a time:
+    the cast, then one pass each, the scale repeated along its run first (cheaper than broadcasting over
+    short runs)."""
+    n, values = out.shape
+    width = values // scale.shape[1]
+    q = q.reshape(n, values)
+    for a, b in _chunks(n, values):
+        chunk = out[a:b]
+        chunk[...] = q[a:b]
+        chunk *= np.repeat(scale[a:b].reshape(-1), width).reshape(chunk.shape)
+        if offset is not None:
+            chunk -= np.repeat(offset[a:b].reshape(-1), width).reshape(chunk.shape)
+
+
+def _high_bits(qh: np.ndarray, out: np.ndarray, bits: int) -> None:
+    """The high bits of Q5_K (``bits`` 1) and Q6_K (2) values: ``out`` (n, k, 8 // bits, 32) gets, for each
+    32-byte run ``k`` of ``qh`` (n, 32k), its field ``j`` (bits ``j*bits ..``) of every byte at ``[:, k, j]``,
+    shifted to bit 4 (where it goes in the value). Eight bytes at a time (uint64 words)."""
+    words = np.ascontiguousarray(qh).view(np.uint64)
+    mask = np.uint64(int.from_bytes(bytes([(1 << bits) - 1] * 8), "little") << 4)
+    fields = []
+    for j in range(8 // bits):
+        shift = 4 - bits * j  # field j moves from bit bits*j to bit 4
+        f = np.left_shift(words, np.uint64(shift)) if shift >= 0 else np.right_shift(words, np.uint64(-shift))
+        f &= mask
+        fields.append(f.view(np.uint8))
+    _place(fields, out, 32)
 
 
 #: ggml type name -> its :class:`BlockType`
