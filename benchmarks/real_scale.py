@@ -15,8 +15,9 @@ memory). Targets (issue 15): prefill of 64 tokens <= 70 s, decode <= 2.5 s per t
 (:mod:`random_gguf`, one tensor at a time: a couple of minutes, 14.4 GB of disk), reads it once so the page
 cache is warm, then runs the same measurement with lfm2np and, when llama-cpp-python is installed (``--llama-python``,
 by default the project's ``vendor/venv-llama``), with llama.cpp (``Llama.eval`` of the same 64 ids, then one
-token at a time; 2 threads, as lfm2np's BLAS and passes), alternating the two ``--pairs`` times, each in a
-fresh process, and prints both, the ratio and the best of each. llama.cpp maps the file, so its peak
+token at a time; 2 threads, as lfm2np's BLAS and passes), and with lfm2np from each ``--before`` tree (an
+A/B against older code), taking turns ``--pairs`` times, each in a fresh process, and prints each one's best
+and median run and the ratio. llama.cpp maps the file, so its peak
 resident memory counts file pages; its anonymous memory is given apart. ``--profile`` adds where lfm2np's
 time goes, per stage (reading blocks, dequantising, the matrix products, the rest). Targets (issue 29):
 prefill <= 12 s, decode <= 0.7 s per token, peak anonymous memory <= 6 GB.
@@ -51,7 +52,9 @@ def _memory() -> dict:
             "rss_file_end_bytes": status.get("RssFile")}
 
 
-def child(path: str, decode: int, budget: str | None, profile: bool = False) -> dict:
+def child(path: str, decode: int, budget: str | None, profile: bool = False, tree: str = "") -> dict:
+    if tree:  # an older source tree's lfm2np (--before)
+        sys.path.insert(0, tree)
     import numpy as np
 
     import lfm2np
@@ -177,12 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-python", default=str(LLAMA_PYTHON), help="a Python with llama_cpp ('' to skip)")
     ap.add_argument("--pairs", type=int, default=1, help="--gguf: lfm2np / llama.cpp rounds, alternating")
     ap.add_argument("--profile", action="store_true", help="lfm2np: seconds per stage")
-    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--before", action="append", default=[], metavar="TREE",
+                    help="--gguf: also lfm2np from an older source tree, taking turns with this one (repeatable)")
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--llama-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        path, decode, budget, profile = args.child
-        print(json.dumps(child(path, int(decode), None if budget == "-" else budget, profile == "1")))
+        path, decode, budget, profile, tree = args.child
+        print(json.dumps(child(path, int(decode), None if budget == "-" else budget, profile == "1", tree)))
         return 0
     if args.llama_child:
         path, decode, threads = args.llama_child
@@ -191,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(args.threads)
-    lfm2np_cmd = lambda path: [sys.executable, __file__, "--child", str(path), str(args.decode),  # noqa: E731
-                               args.budget or "-", "1" if args.profile else "0"]
+    lfm2np_cmd = lambda path, tree="": [sys.executable, __file__, "--child", str(path),  # noqa: E731
+                                        str(args.decode), args.budget or "-", "1" if args.profile else "0", tree]
     if args.gguf is not None:
         return gguf_main(args, env, lfm2np_cmd)
 
@@ -227,14 +232,15 @@ def gguf_main(args: argparse.Namespace, env: dict, lfm2np_cmd) -> int:
         print(f"[build] {path.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"[warm] {path}: read in {warm(path):.1f} s", flush=True)
     llama = args.llama_python if args.llama_python and Path(args.llama_python).is_file() else None
-    runs: dict[str, list[dict]] = {"lfm2np": [], "llama.cpp": []}
+    commands = {"lfm2np": lfm2np_cmd(path)}
+    commands.update({f"lfm2np before ({tree})": lfm2np_cmd(path, str(Path(tree).resolve())) for tree in args.before})
+    if llama:
+        commands["llama.cpp"] = [llama, __file__, "--llama-child", str(path), str(args.decode), str(args.threads)]
+    runs: dict[str, list[dict]] = {name: [] for name in commands}
     for _ in range(args.pairs):
-        runs["lfm2np"].append(_run(lfm2np_cmd(path), env))
-        print(f"[lfm2np] {_line(runs['lfm2np'][-1])}", flush=True)
-        if llama:
-            runs["llama.cpp"].append(_run([llama, __file__, "--llama-child", str(path), str(args.decode),
-                                           str(args.threads)], env))
-            print(f"[llama.cpp] {_line(runs['llama.cpp'][-1])}", flush=True)
+        for name, cmd in commands.items():
+            runs[name].append(_run(cmd, env))
+            print(f"[{name}] {_line(runs[name][-1])}", flush=True)
     info = {**machine(), "file": str(path), "file_bytes": path.stat().st_size, "threads": args.threads}
     print(json.dumps({**info, "runs": runs}, indent=1))
     print(f"\n{info['cpu']}, {os.cpu_count()} cores; page cache warm; load average {' '.join(info['loadavg'])}")
@@ -250,15 +256,23 @@ def _line(r: dict) -> str:
 
 
 def _table(runs: dict[str, list[dict]]) -> str:
-    """The best run of each (prefill and decode each at its best), and lfm2np / llama.cpp."""
-    best = {name: (min(r["prefill_64_s"] for r in rs), min(r["decode_median_s"] or 0 for r in rs),
+    """Per configuration: prefill and decode, the best run and the median one (each on its own), the largest
+    peak RSS and anonymous memory at the end; then lfm2np / llama.cpp on the best runs."""
+    def best_median(values: list[float]) -> tuple[float, float]:
+        values = sorted(values)
+        return values[0], values[len(values) // 2]
+
+    rows = {name: (best_median([r["prefill_64_s"] for r in rs]), best_median([r["decode_median_s"] or 0 for r in rs]),
                    max(r["peak_rss_bytes"] for r in rs), max(r["rss_anon_end_bytes"] for r in rs))
             for name, rs in runs.items() if rs}
-    lines = ["| | prefill 64 tokens | decode | peak RSS | anonymous at the end |", "|---|---|---|---|---|"]
-    for name, (p, d, peak, anon) in best.items():
-        lines.append(f"| {name} | {p:.2f} s | {d:.3f} s/token | {peak / 1e9:.2f} GB | {anon / 1e9:.2f} GB |")
-    if len(best) == 2:
-        (p1, d1, *_), (p2, d2, *_) = best.values()
+    lines = ["| | prefill 64 tokens, best (median) | decode, best (median) | peak RSS | anonymous at the end |",
+             "|---|---|---|---|---|"]
+    for name, ((p, pm), (d, dm), peak, anon) in rows.items():
+        lines.append(f"| {name} | {p:.2f} s ({pm:.2f}) | {d:.3f} s/token ({dm:.3f}) | {peak / 1e9:.2f} GB | "
+                     f"{anon / 1e9:.2f} GB |")
+    if "lfm2np" in rows and "llama.cpp" in rows:
+        (p1, _), (d1, _) = rows["lfm2np"][:2]
+        (p2, _), (d2, _) = rows["llama.cpp"][:2]
         lines.append(f"| lfm2np / llama.cpp | {p1 / p2:.1f}x | {d1 / d2 if d2 else float('nan'):.1f}x | | |")
     return "\n".join(lines)
 
