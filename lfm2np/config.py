@@ -35,10 +35,10 @@ from typing import Any, Mapping
 
 from .config_keys import (ATTENTION, CONV, LAYER_KINDS, LIMITS, MAX_TENSORS, MODEL_TYPES, ROPE_READINGS,
                           ROPE_TYPES, SLIDING, Rope, normalise)
-from .errors import Lfm2npError
+from .errors import Lfm2npError, shown
 
 __all__ = ["ATTENTION", "CONV", "Config", "LAYER_KINDS", "LIMITS", "MODEL_TYPES", "ROPE_READINGS", "ROPE_TYPES",
-           "Rope", "SLIDING", "check_rope_reading", "effective_ffn_dim"]
+           "Rope", "SLIDING", "check_rope_reading", "checked_config", "effective_ffn_dim"]
 
 def effective_ffn_dim(intermediate_size: int, auto_adjust: bool, multiplier: float | None, multiple_of: int) -> int:
     """Width of the dense SwiGLU of an ``lfm2`` layer, as the reference computes it.
@@ -56,11 +56,18 @@ def effective_ffn_dim(intermediate_size: int, auto_adjust: bool, multiplier: flo
     return f
 
 
+def checked_config(config: Any) -> "Config":
+    """``config`` when it is a :class:`Config`, else an :class:`Lfm2npError` (not an AttributeError deep inside)."""
+    if not isinstance(config, Config):
+        raise Lfm2npError(f"expected an lfm2np Config (lfm2np.load_config); got {type(config).__name__}")
+    return config
+
+
 def check_rope_reading(reading: Any) -> str:
     """``reading`` when it is one of :data:`ROPE_READINGS`, else an :class:`Lfm2npError` naming it: the check every
     path takes (a config, a checkpoint, a GGUF file), before any file is read."""
     if not isinstance(reading, str) or reading not in ROPE_READINGS:
-        raise Lfm2npError(f"rope_reading is {reading!r:.60}; expected one of {', '.join(ROPE_READINGS)}")
+        raise Lfm2npError(f"rope_reading is {shown(reading)}; expected one of {', '.join(ROPE_READINGS)}")
     return reading
 
 
@@ -273,18 +280,18 @@ class Config:
                        else "a full rotation, as transformers 5.24 reads it")
             warnings.warn(f"config{f' {source}' if source else ''}: rope_parameters.{ambiguous[0]} is labelled "
                           f"'default' with partial_rotary_factor {config.rope(ambiguous[0]).partial_rotary_factor}: "
-                          f"read as {reading} (rope_reading={rope_reading!r}; see docs/ops/rope.md)", stacklevel=2)
+                          f"read as {reading} (rope_reading={shown(rope_reading)}; see docs/ops/rope.md)", stacklevel=2)
         return config
 
     # ----------------------------------------------------------- validation
     def _error(self, name: str, problem: str) -> Lfm2npError:
         where = f" in {self.source}" if self.source else ""
-        return Lfm2npError(f"config field {name!r}{where} {problem}")
+        return Lfm2npError(f"config field {shown(name)}{where} {problem}")
 
     def _validate(self) -> None:
         c, err = self, self._error
         if c.model_type not in MODEL_TYPES:
-            raise err("model_type", f"is {c.model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
+            raise err("model_type", f"is {shown(c.model_type)}; expected one of {', '.join(MODEL_TYPES)}")
         ints = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "conv_L_cache", "max_position_embeddings", "block_multiple_of"]
         if c.is_moe:
@@ -302,9 +309,9 @@ class Config:
         for name in ("conv_bias", "tie_word_embeddings", "block_auto_adjust_ff_dim", "use_expert_bias",
                      "norm_topk_prob", "use_sandwich_norm", "use_attention_gate", "attention_bias"):
             if not isinstance(getattr(c, name), bool):
-                raise err(name, f"is {getattr(c, name)!r}; expected true or false")
+                raise err(name, f"is {shown(getattr(c, name))}; expected true or false")
         if c.model_type != "lfm3" and (c.use_sandwich_norm or c.use_attention_gate or c.attention_bias):
-            raise err("model_type", f"is {c.model_type!r}, which has no sandwich norms, attention gate or bias")
+            raise err("model_type", f"is {shown(c.model_type)}, which has no sandwich norms, attention gate or bias")
         hd = c.explicit_head_dim or c.hidden_size // c.num_attention_heads
         if c.explicit_head_dim is None and c.hidden_size % c.num_attention_heads:
             raise err("num_attention_heads", f"is {c.num_attention_heads}, which does not divide hidden_size "
@@ -321,14 +328,14 @@ class Config:
                                      f"{c.num_hidden_layers}")
         for i, kind in enumerate(c.layer_types):
             if kind not in kinds:
-                raise err(f"layer_types[{i}]", f"is {kind!r}; expected one of {', '.join(kinds)}")
+                raise err(f"layer_types[{i}]", f"is {shown(kind)}; expected one of {', '.join(kinds)}")
         self._validate_rope()
         if c.is_moe:
             if c.num_experts_per_tok > c.num_experts:
                 raise err("num_experts_per_tok", f"is {c.num_experts_per_tok}, more than num_experts {c.num_experts}")
             if isinstance(c.num_dense_layers, bool) or not isinstance(c.num_dense_layers, int) \
                     or not 0 <= c.num_dense_layers <= c.num_hidden_layers:
-                raise err("num_dense_layers", f"is {c.num_dense_layers!r}; expected an integer in "
+                raise err("num_dense_layers", f"is {shown(c.num_dense_layers)}; expected an integer in "
                                               f"0..{c.num_hidden_layers}")
         check_rope_reading(c.rope_reading)
         self._validate_token_ids()
@@ -337,44 +344,49 @@ class Config:
         used = {k for k in self.layer_types if k != CONV}
         given = [r.kind for r in self.rope_parameters if isinstance(r, Rope)]
         if len(given) != len(self.rope_parameters) or len(set(given)) != len(given):
-            raise self._error("rope_parameters", f"is {self.rope_parameters!r}; expected one entry per layer type")
+            raise self._error("rope_parameters", f"is {shown(self.rope_parameters)}; expected one entry per layer type")
         for kind in sorted(used - set(given)):
-            raise self._error("rope_parameters", f"has no entry for {kind!r}, which layer_types uses")
+            raise self._error("rope_parameters", f"has no entry for {shown(kind)}, which layer_types uses")
         for r in self.rope_parameters:
             name = f"rope_parameters.{r.kind}"
             if r.rope_type not in ROPE_TYPES:
-                raise self._error(f"{name}.rope_type", f"is {r.rope_type!r}; lfm2np implements "
+                raise self._error(f"{name}.rope_type", f"is {shown(r.rope_type)}; lfm2np implements "
                                                        f"{', '.join(ROPE_TYPES)}")
             _positive_number(self._error, f"{name}.rope_theta", r.theta)
             p = r.partial_rotary_factor
             if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
-                raise self._error(f"{name}.partial_rotary_factor", f"is {p!r}; expected a number in (0, 1]")
+                raise self._error(f"{name}.partial_rotary_factor", f"is {shown(p)}; expected a number in (0, 1]")
 
     def _validate_token_ids(self) -> None:
         V = self.vocab_size
         if not isinstance(self.eos_token_id, tuple) or not self.eos_token_id:
-            raise self._error("eos_token_id", f"is {self.eos_token_id!r}; expected an integer or a list of integers")
+            raise self._error("eos_token_id", f"is {shown(self.eos_token_id)}; expected an integer or a list of "
+                                              f"integers")
         for t in self.eos_token_id:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
-                raise self._error("eos_token_id", f"holds {t!r}; expected token ids in 0..{V - 1} (the vocabulary)")
+                raise self._error("eos_token_id", f"holds {shown(t)}; expected token ids in 0..{V - 1} (the "
+                                                  f"vocabulary)")
         for name in ("bos_token_id", "pad_token_id"):
             t = getattr(self, name)
             if t is not None and (isinstance(t, bool) or not isinstance(t, int)):
-                raise self._error(name, f"is {t!r}; expected an integer token id or null")
+                raise self._error(name, f"is {shown(t)}; expected an integer token id or null")
+            if t is not None and not -2**63 <= t < 2**63:  # no array of ids holds it (nor a repr of 4300 digits)
+                raise self._error(name, f"is {shown(t)}; expected a token id (an int64) or null")
             if t is not None and not 0 <= t < V:  # unused by the forward pass; transformers only warns too
-                warnings.warn(f"config field {name!r} is {t}, outside the vocabulary 0..{V - 1}", stacklevel=4)
+                warnings.warn(f"config field {shown(name)} is {shown(t)}, outside the vocabulary 0..{V - 1}",
+                              stacklevel=4)
 
 
 def _positive_int(err: Any, name: str, value: Any, limit: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise err(name, f"is {value!r}; expected a positive integer")
+        raise err(name, f"is {shown(value)}; expected a positive integer")
     if limit is not None and value > limit:
-        raise err(name, f"is {value}, above lfm2np's bound {limit} for it (no released model comes close)")
+        raise err(name, f"is {shown(value)}, above lfm2np's bound {limit} for it (no released model comes close)")
 
 
 def _positive_number(err: Any, name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise err(name, f"is {value!r}; expected a positive finite number")
+        raise err(name, f"is {shown(value)}; expected a positive finite number")
 
 
 def _check_tensor_count(c: Config) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .errors import Lfm2npError
+from .errors import Lfm2npError, shown
 
 MODEL_TYPES = ("lfm2", "lfm2_moe", "lfm3")
 CONV, ATTENTION, SLIDING = "conv", "full_attention", "sliding_attention"
@@ -78,12 +78,17 @@ def fits_float(name: str, value: Any, error: Any) -> Any:
     return value
 
 
+def _key(key: Any) -> str:
+    """A dictionary key as a message names it (a key given from Python need not be a string)."""
+    return key if isinstance(key, str) else shown(key)
+
+
 def normalise(d: Mapping[str, Any], source: str | None) -> dict[str, Any]:
     """Map a raw config.json dictionary (legacy keys included) onto Config's constructor arguments."""
     where = f" in {source}" if source else ""
 
     def error(name: str, problem: str) -> Lfm2npError:
-        return Lfm2npError(f"config field {name!r}{where} {problem}")
+        return Lfm2npError(f"config field {shown(name)}{where} {problem}")
 
     if not isinstance(d, Mapping):
         raise Lfm2npError(f"config{where} is a {type(d).__name__}; expected a JSON object")
@@ -91,7 +96,7 @@ def normalise(d: Mapping[str, Any], source: str | None) -> dict[str, Any]:
     if model_type is _SENTINEL:
         raise error("model_type", f"is missing; expected one of {', '.join(MODEL_TYPES)}")
     if model_type not in MODEL_TYPES:
-        raise error("model_type", f"is {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
+        raise error("model_type", f"is {shown(model_type)}; expected one of {', '.join(MODEL_TYPES)}")
     lfm3 = model_type == "lfm3"
 
     def require(name: str, *aliases: str) -> Any:
@@ -110,7 +115,7 @@ def normalise(d: Mapping[str, Any], source: str | None) -> dict[str, Any]:
             out[name] = require(name)
     n_layers = out["num_hidden_layers"]
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 0 < n_layers <= LIMITS["num_hidden_layers"]:
-        raise error("num_hidden_layers", f"is {n_layers!r}; expected a positive integer up to "
+        raise error("num_hidden_layers", f"is {shown(n_layers)}; expected a positive integer up to "
                                          f"{LIMITS['num_hidden_layers']}")
     out["layer_types"] = _layer_types(d, n_layers, lfm3, error)
 
@@ -152,17 +157,17 @@ def _layer_types(d: Mapping[str, Any], n_layers: int, lfm3: bool, error: Any) ->
     if d.get("layer_types") is not None:
         types = d["layer_types"]
         if not isinstance(types, (list, tuple)):
-            raise error("layer_types", f"is {types!r}; expected a list")
+            raise error("layer_types", f"is {shown(types)}; expected a list")
         return tuple("full_attention" if t == "attention" else t for t in types)  # transformers' legacy name
     if not lfm3 and d.get("full_attn_idxs") is not None:
         idxs = d["full_attn_idxs"]
         if not isinstance(idxs, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idxs):
-            raise error("full_attn_idxs", f"is {idxs!r}; expected a list of layer indices")
+            raise error("full_attn_idxs", f"is {shown(idxs)}; expected a list of layer indices")
         bad = [i for i in idxs if not 0 <= i < n_layers]
         if bad:
-            raise error("full_attn_idxs", f"has {bad}, outside 0..{n_layers - 1} (num_hidden_layers)")
+            raise error("full_attn_idxs", f"has {shown(bad)}, outside 0..{n_layers - 1} (num_hidden_layers)")
         if len(set(idxs)) != len(idxs):
-            raise error("full_attn_idxs", f"lists a layer twice: {idxs}")
+            raise error("full_attn_idxs", f"lists a layer twice: {shown(idxs)}")
         return tuple(ATTENTION if i in set(idxs) else CONV for i in range(n_layers))
     if lfm3:  # transformers' Lfm3Config default pattern
         return tuple(ATTENTION if i % 4 == 2 else SLIDING if i % 4 == 0 and i > 0 else CONV for i in range(n_layers))
@@ -176,13 +181,15 @@ def _lfm2_rope(d: Mapping[str, Any], error: Any) -> dict[str, Any]:
     theta = None
     if rope is not None:
         if not isinstance(rope, Mapping):
-            raise error(key, f"is {rope!r}; expected an object such as {{'rope_type': 'default', 'rope_theta': ...}}")
+            raise error(key, f"is {shown(rope)}; expected an object such as {{'rope_type': 'default', "
+                             f"'rope_theta': ...}}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise error(f"{key}.rope_type", f"is {rope_type!r}; only 'default' RoPE is implemented for LFM2")
+            raise error(f"{key}.rope_type", f"is {shown(rope_type)}; only 'default' RoPE is implemented for LFM2")
         odd = [k for k in rope if k not in ("rope_type", "type", "rope_theta")]
         if odd:
-            raise error(f"{key}.{odd[0]}", f"is {rope[odd[0]]!r}; an LFM2 {key} holds rope_type and rope_theta only "
+            raise error(f"{key}.{_key(odd[0])}", f"is {shown(rope[odd[0]])}; an LFM2 {key} holds rope_type and "
+                                                 f"rope_theta only "
                                            f"(per-layer-type RoPE is LFM3's)")
         theta = rope.get("rope_theta")
     if theta is None:  # the legacy ``theta`` wins over ``rope_theta``, as in transformers 4.x's Lfm2Config
@@ -205,15 +212,15 @@ def _lfm3_fields(d: Mapping[str, Any], layer_types: tuple[str, ...], error: Any)
         rope = {SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
                 ATTENTION: {"rope_type": "proportional", "rope_theta": 1_000_000.0, "partial_rotary_factor": 0.5}}
     if not isinstance(rope, Mapping) or not rope or not set(rope) <= {SLIDING, ATTENTION}:
-        raise error(key, f"is {rope!r}; expected an object keyed by layer type ({SLIDING!r}, {ATTENTION!r}), "
+        raise error(key, f"is {shown(rope)}; expected an object keyed by layer type ({SLIDING!r}, {ATTENTION!r}), "
                          f"each {{'rope_type': ..., 'rope_theta': ...}} (transformers cannot build LFM3 otherwise)")
     entries = []
     for kind, entry in rope.items():
         if not isinstance(entry, Mapping):
-            raise error(f"{key}.{kind}", f"is {entry!r}; expected an object with rope_type and rope_theta")
+            raise error(f"{key}.{kind}", f"is {shown(entry)}; expected an object with rope_type and rope_theta")
         odd = [k for k in entry if k not in LFM3_ROPE_KEYS]
         if odd:  # a misspelt partial_rotary_factor would silently rotate the whole head
-            raise error(f"{key}.{kind}.{odd[0]}", f"is {entry[odd[0]]!r:.60}, not a key of an LFM3 RoPE entry "
+            raise error(f"{key}.{kind}.{_key(odd[0])}", f"is {shown(entry[odd[0]])}, not a key of an LFM3 RoPE entry "
                                                   f"(expected {', '.join(LFM3_ROPE_KEYS)})")
         theta = fits_float(f"{key}.{kind}.rope_theta",  # transformers' default_theta fills a gap
                            entry.get("rope_theta", d.get("rope_theta", 1e6)), error)

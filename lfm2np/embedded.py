@@ -33,7 +33,11 @@ def embedded_model_path() -> Path:
 
 def resolve(model: Any) -> Any:
     """``model`` itself, or the embedded model's directory when ``model`` is the string :data:`NAME` exactly
-    (``"embedded"``; a path object, or ``"./embedded"``, is a path as usual)."""
+    (``"embedded"``; a path object, or ``"./embedded"``, is a path as usual). An empty (or blank) string is an
+    error: as a path it would mean the current directory, never what an empty name meant."""
+    if isinstance(model, str) and not model.strip():
+        raise Lfm2npError(f"the model is {model!r}, an empty name; give a checkpoint directory, a cached repo id, a "
+                          f".gguf file or 'embedded' ('.' for the current directory)")
     return embedded_model_path() if isinstance(model, str) and model == NAME else model
 
 

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import AbstractSet, Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .errors import Lfm2npError
+from .errors import Lfm2npError, shown
+from .io.files import file_kind
 
 #: The default window: the model's context, at most this many tokens (a NumPy forward stays quick).
 DEFAULT_WINDOW = 2048
@@ -48,8 +49,9 @@ def read_text(path: "str | Path") -> str:
     """The text of a UTF-8 file with its line ends read as ``\n`` (``\r\n`` and a lone ``\r`` too, as
     Python's text mode reads them); :class:`Lfm2npError` naming the file otherwise."""
     file = Path(path)
-    if not file.is_file():
-        raise Lfm2npError(f"{file}: no such file")
+    kind = file_kind(file)
+    if kind is not None:
+        raise Lfm2npError(f"{file}: no such file" if kind == "missing" else f"{file}: is {kind}, not a text file")
     try:
         data = file.read_bytes()
     except OSError as e:
@@ -88,7 +90,7 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
 def _check_windowing(n_tokens: int, window: int, stride: int) -> None:
     for name, v in (("window", window), ("stride", stride)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise Lfm2npError(f"{name} is {v!r}; expected an integer")
+            raise Lfm2npError(f"{name} is {shown(v)}; expected an integer")
     if n_tokens < 2:
         raise Lfm2npError(f"perplexity needs at least 2 tokens (the first is never scored); got {n_tokens}")
     if window < 2:
@@ -107,8 +109,13 @@ def perplexity(model: Any, ids: Iterable[int], window: int | None = None, stride
     scored token), ``nll_sum``, ``tokens`` (scored: N - 1), ``input_tokens`` (N), ``window``, ``stride`` and
     ``windows`` (how many forward passes), ``nll_stderr`` and ``perplexity_stderr`` (the module docstring:
     over tokens; NaN for a single scored token). ``progress`` is called after each window."""
+    if not all(hasattr(model, attr) for attr in ("check_ids", "forward", "config")):
+        raise Lfm2npError(f"perplexity takes an lfm2np Model (lfm2np.load); got {type(model).__name__}")
+    if isinstance(ids, (AbstractSet, Mapping)):  # no order of ids (or keys taken for ids)
+        raise Lfm2npError(f"perplexity takes a sequence of ids; got a {type(ids).__name__}, which has no order")
     if progress is not None and not callable(progress):
-        raise Lfm2npError(f"progress is {progress!r}; expected a function progress(window, windows, result) or None")
+        raise Lfm2npError(f"progress is {shown(progress)}; expected a function progress(window, windows, result) or "
+                          f"None")
     ids = model.check_ids(list(ids))
     if ids.ndim != 1:
         raise Lfm2npError(f"perplexity takes one sequence of ids; got shape {ids.shape}")

@@ -24,9 +24,9 @@ from typing import Any, Mapping
 
 from . import embedded, presets
 from .config import Config, check_rope_reading
-from .errors import Lfm2npError
+from .errors import Lfm2npError, shown
 from .io import hub
-from .io.files import read_json
+from .io.files import present, read_json
 from .io.gguf import read_gguf_config, read_gguf_source
 from .io.params import parse_budget
 from .io.safetensors import Checkpoint
@@ -64,6 +64,9 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
         raise Lfm2npError(f"path must be a checkpoint directory, a cached repo id or a .gguf file (a str or a "
                           f"path); got {type(path).__name__}")
     check_rope_reading(rope_reading)  # whatever the format, before a file is read
+    for name, flag, optional in (("strict", strict, False), ("keep_weights", keep_weights, True)):
+        if not isinstance(flag, bool) and not (optional and flag is None):  # keep_weights="no" would keep all
+            raise Lfm2npError(f"{name} must be True or False; got {shown(flag)}")
     path = embedded.resolve(path)
     try:
         return _load(path, dtype, strict, memory_budget, rope_reading, keep_weights)
@@ -94,7 +97,9 @@ def _load(path: "str | os.PathLike[str]", dtype: Any, strict: bool, memory_budge
         except BaseException:
             source.close()
             raise
-    return Model(config, lazy_weights(source, tensors, mode, memory_budget), mode)
+    weights = lazy_weights(source, tensors, mode, memory_budget)
+    weights.config = config  # the layout is this config's: the Model need not compute it again
+    return Model(config, weights, mode)
 
 
 def lazy_weights(source: TensorSource, tensors: "list[Any]", mode: Any, memory_budget: Any) -> Lazy:
@@ -140,14 +145,14 @@ def _load_config(x: "str | os.PathLike[str] | Mapping[str, Any]", rope_reading: 
         path = hub.resolve(x)
     if path.is_dir():
         path = path / "config.json"
-        if not path.is_file():
+        if not present(path, "the checkpoint's config.json"):
             ggufs = sorted(p.name for p in path.parent.glob("*.gguf"))[:3]
             hint = f"; it holds GGUF files ({', '.join(ggufs)}): give one of them" if ggufs else ""
             raise Lfm2npError(f"{path.parent}: no config.json in this directory{hint}")
     if path.is_file():
         return Config.from_dict(_read_json(path), source=str(path), rope_reading=rope_reading)
     raise Lfm2npError(
-        f"{x!r} is neither a config.json, a checkpoint directory, a .gguf file, a cached repo id nor a preset "
+        f"{shown(x)} is neither a config.json, a checkpoint directory, a .gguf file, a cached repo id nor a preset "
         f"name; presets: {', '.join(presets.names())}"
     )
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import layers, ops, schema
 from .config import Config
-from .errors import Lfm2npError
+from .errors import Lfm2npError, shown
 from .layers import AttentionWeights, ConvWeights, LayerWeights, MoEWeights, Scope, SwiGLUWeights, Tap
 from .numerics import Numerics, numerics
 from .state import DEFAULT_MAX_ROLLBACK, ConvState, State
@@ -98,13 +98,19 @@ class Model:
     def __init__(self, config: Config, params: Mapping[str, Any], dtype: Any = "float32", *, strict: bool = True):
         if not isinstance(config, Config):
             raise Lfm2npError(f"config must be an lfm2np Config (lfm2np.load_config); got {type(config).__name__}")
+        if not isinstance(strict, (bool, np.bool_)):
+            raise Lfm2npError(f"strict must be True or False; got {shown(strict)}")
         self.config = config
         self.numerics: Numerics = numerics(dtype)
         self.dtype = self.numerics.dtype
         if isinstance(params, Weights):
             if params.mode != self.numerics.name:
                 raise Lfm2npError(f"these weights were loaded for {params.mode}, not {self.numerics.name}: "
-                                  f"load the model with dtype={self.numerics.name!r}")
+                                  f"load the model with dtype={shown(self.numerics.name)}")
+            if params.config != config:  # weights made for another config (the loader's are for this one)
+                want = {t.name: t.shape for t in schema.layout(config)}
+                check_tensors({t.name: t.shape for t in params.layout}, want, "weights", True,
+                              schema.describe(config))
         else:
             params = _in_memory(config, params, self.numerics, strict)
         self.params: Weights = params
@@ -141,11 +147,16 @@ class Model:
         """
         ids = self.check_ids(ids)
         check_progress(progress)
+        T, context = ids.shape[-1], self.config.max_position_embeddings
+        if T > context:  # before the logits (T, V) are allocated: a million ids asked for gigabytes first
+            raise Lfm2npError(f"positions 0..{T - 1} go past max_position_embeddings {context} of this model")
         if ids.ndim == 2:
             if record is not None:
                 raise Lfm2npError(f"record traces one sequence, shape (T,); got ids of shape {ids.shape}")
             return np.stack([self.forward(row) for row in ids])
         chunk = self.prefill_chunk
+        if isinstance(chunk, (bool, np.bool_)) or not isinstance(chunk, (int, np.integer)) or chunk < 0:
+            raise Lfm2npError(f"Model.prefill_chunk is {shown(chunk)}; expected an integer >= 0 (0: never in chunks)")
         if record is not None or not chunk or ids.shape[0] <= chunk:
             return self.run(ids, record=record, progress=progress)[0]
         # a long prompt in chunks, each continuing the state of the last: the temporaries of a layer are
@@ -293,15 +304,35 @@ class Model:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """The embedding rows of ``ids``: (T,) -> (T, D). From a lazily loaded checkpoint only those rows
         are read and converted."""
+        ids = self.check_ids(ids)
+        if ids.ndim != 1:
+            raise Lfm2npError(f"embed takes the ids of one sequence, shape (T,); got shape {ids.shape}")
         return self.params.rows(schema.HEAD_TIED, ids)
 
     def rope(self, positions: np.ndarray, kind: str = "full_attention") -> tuple[np.ndarray, np.ndarray]:
         """The RoPE (cos, sin) tables of ``positions`` for attention layers of type ``kind``, as this mode
         computes them (:func:`lfm2np.layers.rope`).  (T,) -> (T, hd) x 2"""
-        return layers.rope(np.asarray(positions), self.config, kind, self.dtype, Scope(self.numerics.round))
+        kinds = schema.attention_kinds(self.config)
+        if not isinstance(kind, str) or kind not in kinds:
+            raise Lfm2npError(f"rope: kind is {shown(kind)}; this model's attention layer types are "
+                              f"{', '.join(kinds) or 'none (it has no attention layer)'}")
+        try:
+            p = np.asarray(positions)
+        except (TypeError, ValueError) as e:  # ragged lists and the like
+            raise Lfm2npError(f"rope: positions must be a sequence of integers ({e})") from None
+        if p.ndim != 1 or not (np.issubdtype(p.dtype, np.integer) or p.size == 0) or p.dtype == bool:
+            raise Lfm2npError(f"rope: positions must be integers of shape (T,); got {p.dtype} of shape {p.shape}")
+        if p.size and (p.min() < 0 or p.max() >= 2**62):
+            raise Lfm2npError(f"rope: position {int(p.min() if p.min() < 0 else p.max())} is not a position "
+                              f"(an integer >= 0)")
+        return layers.rope(p.astype(np.int64), self.config, kind, self.dtype, Scope(self.numerics.round))
 
     def layer_weights(self, i: int) -> LayerWeights:
         """Layer ``i``'s weights as the view :mod:`lfm2np.layers` computes with (experts fetched when chosen)."""
+        L = self.config.num_hidden_layers
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) or not 0 <= i < L:
+            raise Lfm2npError(f"layer {shown(i)} does not exist; the model has {L} layers (0..{L - 1})")
+        i = int(i)
         c, W, n = self.config, self.params, self._names[i]
         opt = lambda role: W[n[role]] if role in n else None  # noqa: E731  (biases, gates, sandwich norms)
         if c.is_attention(i):
@@ -354,12 +385,16 @@ def _in_memory(config: Config, params: Any, mode: Numerics, strict: bool) -> InM
     tensors = schema.layout(config)
     arrays = {}
     for name, value in params.items():
+        if not isinstance(name, str):
+            raise Lfm2npError(f"params: key {shown(name)} is a {type(name).__name__}; tensor names are strings")
+        if isinstance(value, np.ma.MaskedArray):  # np.asarray would drop the mask: use the values it hides?
+            raise Lfm2npError(f"params: tensor {shown(name)} is a masked array; expected a plain array")
         try:
             a = np.asarray(value)
         except (TypeError, ValueError):  # ragged nested lists and the like
             a = np.asarray(None)
         if a.dtype.kind not in "fiu":
-            raise Lfm2npError(f"params: tensor {name!r} is a {type(value).__name__} of {a.dtype}; expected an "
+            raise Lfm2npError(f"params: tensor {shown(name)} is a {type(value).__name__} of {a.dtype}; expected an "
                               f"array of real numbers")
         arrays[name] = a
     check_tensors({n: a.shape for n, a in arrays.items()}, {t.name: t.shape for t in tensors}, "params", strict,

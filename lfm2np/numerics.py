@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import Lfm2npError
+from .errors import Lfm2npError, shown
 from .ops import exact
 
 #: Every accepted spelling of a float dtype -> its canonical name. ("F32"/"F16" are not here: they are
@@ -46,7 +46,7 @@ def canonical_dtype(name: Any) -> str | None:
         return DTYPE_ALIASES.get(name.strip().lower())
     try:
         return DTYPE_ALIASES.get(np.dtype(name).name) if name is not None else None
-    except TypeError:
+    except Exception:  # TypeError; a nested list can even make np.dtype recurse too deeply
         return None
 
 
@@ -109,5 +109,5 @@ def numerics(mode: Any = "float32") -> Numerics:
         return mode
     name = canonical_dtype(mode)
     if name not in MODES:
-        raise Lfm2npError(f"dtype {mode!r} is not supported; expected one of {', '.join(MODES)}")
+        raise Lfm2npError(f"dtype {shown(mode)} is not supported; expected one of {', '.join(MODES)}")
     return MODES[name]

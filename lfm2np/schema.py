@@ -25,8 +25,9 @@ import math
 import re
 from dataclasses import dataclass
 
-from .config import Config
+from .config import Config, checked_config
 from .config_keys import CONV
+
 
 # ========================================================================================== tensor layout
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def _layer(c: Config, i: int, experts: bool = True) -> list[Tensor]:
 
 def layout(config: Config) -> list[Tensor]:
     """Every tensor of a checkpoint for ``config``, in checkpoint order (embedding, layers, final norm, head)."""
-    c = config
+    c = checked_config(config)
     D, V = c.hidden_size, c.vocab_size
     out = [Tensor(HEAD_TIED, (V, D), None, "embedding", "embed_tokens")]
     for i in range(c.num_hidden_layers):
@@ -334,7 +335,7 @@ def trace_names(config: Config) -> list[TraceName]:
     """Every intermediate the forward pass of a model with ``config`` names, in the order it computes them (see
     the module docstring): the RoPE tables of each attention layer type, the embeddings, every step of every
     layer, the final norm and the logits."""
-    c = config
+    c = checked_config(config)
     hd, D = c.head_dim, c.hidden_size
     out = []
     for kind in attention_kinds(c):

@@ -37,8 +37,8 @@ from typing import Any, Union
 
 import numpy as np
 
-from .config import Config
-from .errors import Lfm2npError
+from .config import LIMITS, Config
+from .errors import Lfm2npError, shown
 
 #: Default number of tokens a state can be rolled back by (speculative decoding drafts are shorter).
 DEFAULT_MAX_ROLLBACK = 16
@@ -50,6 +50,12 @@ def _frozen(a: np.ndarray) -> np.ndarray:
         a = a.view()
         a.flags.writeable = False
     return a
+
+
+def _owned(a: np.ndarray) -> np.ndarray:
+    """A caller's array as a state keeps it: copied when the caller could still write into it (a state is a value:
+    nothing done to the caller's array afterwards may change it), then read-only."""
+    return _frozen(a.copy() if a.flags.writeable else a)
 
 
 def _tail(a: np.ndarray, n: int) -> np.ndarray:
@@ -85,8 +91,8 @@ class KVState:
 LayerState = Union[ConvState, KVState]
 
 
-def _is_count(value: Any, least: int = 0) -> bool:
-    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer)) and value >= least
+def _is_count(value: Any, least: int = 0, most: int = 2**63 - 1) -> bool:
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer)) and least <= value <= most
 
 
 class State:
@@ -103,15 +109,18 @@ class State:
 
     def __init__(self, position: int, layers: "tuple[LayerState, ...] | list[LayerState]", conv_L_cache: int,
                  max_rollback: int = DEFAULT_MAX_ROLLBACK, numerics: str = ""):
-        for name, value, least in (("position", position, 0), ("conv_L_cache", conv_L_cache, 1),
-                                   ("max_rollback", max_rollback, 0)):
-            if not _is_count(value, least):
-                raise Lfm2npError(f"state: {name} is {value!r}; expected an integer >= {least}")
+        for name, value, least, most in (("position", position, 0, 2**63 - 1),
+                                         ("conv_L_cache", conv_L_cache, 1, LIMITS["conv_L_cache"]),
+                                         ("max_rollback", max_rollback, 0, 2**63 - 1)):
+            if not _is_count(value, least, most):
+                raise Lfm2npError(f"state: {name} is {shown(value)}; expected an integer in {least}..{most}")
+        if not isinstance(numerics, str):
+            raise Lfm2npError(f"state: numerics is {shown(numerics)}; expected the name of a numerics mode (a str)")
         if not isinstance(layers, (tuple, list)):
             raise Lfm2npError(f"state: layers is a {type(layers).__name__}; expected a tuple with one ConvState "
                               f"or KVState per layer")
         checked = tuple(_checked_layer(i, s, int(position), int(conv_L_cache)) for i, s in enumerate(layers))
-        self._set(int(position), checked, int(conv_L_cache), int(max_rollback), str(numerics))
+        self._set(int(position), checked, int(conv_L_cache), int(max_rollback), numerics)
 
     @classmethod
     def _made(cls, position: int, layers: tuple[LayerState, ...], conv_L_cache: int, max_rollback: int,
@@ -133,7 +142,7 @@ class State:
         fields = {name: getattr(self, name) for name in self.__slots__}
         unknown = sorted(set(changes) - set(fields))
         if unknown:
-            raise Lfm2npError(f"state has no field {unknown[0]!r}; its fields are {', '.join(fields)}")
+            raise Lfm2npError(f"state has no field {shown(unknown[0])}; its fields are {', '.join(fields)}")
         return State(**{**fields, **changes})
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -148,8 +157,17 @@ class State:
               numerics: str = "") -> "State":
         """The state before the first token: empty histories and caches, position 0; ``numerics`` names the
         mode of the model that will fill it (a bf16-emulated state holds float32 arrays too)."""
+        if not isinstance(config, Config):
+            raise Lfm2npError(f"config must be an lfm2np Config (lfm2np.load_config); got {type(config).__name__}")
+        try:
+            kind = np.dtype(dtype).kind
+        except Exception:  # TypeError, or whatever a strange object raises
+            kind = None
+        if kind != "f":
+            raise Lfm2npError(f"dtype is {shown(dtype)}; expected a floating-point dtype (the model's: float32 or "
+                              f"float64)")
         if not _is_count(max_rollback):
-            raise Lfm2npError(f"max_rollback is {max_rollback!r}; expected an integer >= 0")
+            raise Lfm2npError(f"max_rollback is {shown(max_rollback)}; expected an integer >= 0")
         D, G, hd = config.hidden_size, config.num_key_value_heads, config.head_dim
         layers: list[LayerState] = []
         for i in range(config.num_hidden_layers):
@@ -185,7 +203,7 @@ class State:
         """The ``(L-1, D)`` window the next token's convolution reads (zeros before the sequence start):
         exactly what llama.cpp keeps for this layer."""
         if not _is_count(layer) or not layer < len(self.layers):
-            raise Lfm2npError(f"state: layer {layer!r} does not exist; the state has {len(self.layers)} layers")
+            raise Lfm2npError(f"state: layer {shown(layer)} does not exist; the state has {len(self.layers)} layers")
         s = self.layers[layer]
         if not isinstance(s, ConvState):
             raise Lfm2npError(f"state: layer {layer} is an attention layer and has no conv window")
@@ -267,10 +285,10 @@ class State:
     def rollback(self, n: int) -> "State":
         """The state as it was ``n`` tokens ago: as if those tokens had never been fed."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-            raise Lfm2npError(f"rollback takes a number of tokens (an integer); got {n!r}")
+            raise Lfm2npError(f"rollback takes a number of tokens (an integer); got {shown(n)}")
         n = int(n)
         if not 0 <= n <= self.position:
-            raise Lfm2npError(f"cannot roll back {n} tokens from position {self.position}")
+            raise Lfm2npError(f"cannot roll back {shown(n)} tokens from position {self.position}")
         if n > self.rollback_limit and n != self.position:  # back to the start is always possible
             raise Lfm2npError(
                 f"cannot roll back {n} tokens: this state keeps conv history for {self.rollback_limit} "
@@ -295,15 +313,16 @@ def _checked_layer(i: int, s: Any, position: int, conv_L_cache: int) -> LayerSta
         if not min(position, conv_L_cache - 1) <= u.shape[0] <= position:  # the last L-1 inputs (fewer at the start)
             raise Lfm2npError(f"state: layer {i}'s conv history holds {u.shape[0]} rows at position {position}; "
                               f"it needs {min(position, conv_L_cache - 1)}")
-        return ConvState(_frozen(u))
+        return ConvState(_owned(u))
     if isinstance(s, KVState):
         k, v, w = s.keys, s.values, s.window
         if not (isinstance(k, np.ndarray) and isinstance(v, np.ndarray) and k.ndim == 3 and k.shape == v.shape):
             raise Lfm2npError(f"state: layer {i} must hold keys and values of one shape (S, G, hd)")
-        if w is not None and not _is_count(w, 1):
-            raise Lfm2npError(f"state: layer {i}'s window is {w!r}; expected an integer >= 1 or None")
+        if w is not None and not _is_count(w, 1, LIMITS["sliding_window"]):
+            raise Lfm2npError(f"state: layer {i}'s window is {shown(w)}; expected an integer in "
+                              f"1..{LIMITS['sliding_window']} or None")
         if k.shape[0] != position if w is None else not min(position, w - 1) <= k.shape[0] <= position:
             raise Lfm2npError(f"state: layer {i}'s keys hold {k.shape[0]} positions but position is {position}")
-        return KVState(_frozen(k), _frozen(v), None if w is None else int(w))
+        return KVState(_owned(k), _owned(v), None if w is None else int(w))
     raise Lfm2npError(f"state: layer {i} is a {type(s).__name__}; expected a ConvState (conv history) or a "
                       f"KVState (keys and values)")

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .config import Config
+from .errors import Lfm2npError, shown
 from .model import Model
 from .numerics import numerics
 from .schema import expected_tensors
@@ -20,6 +21,11 @@ from .schema import expected_tensors
 def random_params(config: Config, seed: int = 0, dtype: Any = "float32",
                   expert_bias_scale: float = 0.1) -> dict[str, np.ndarray]:
     """A dict of every tensor ``config`` needs, drawn from a seeded generator."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise Lfm2npError(f"seed is {shown(seed)}; expected an integer >= 0")
+    if isinstance(expert_bias_scale, bool) or not isinstance(expert_bias_scale, (int, float)) \
+            or not np.isfinite(expert_bias_scale):
+        raise Lfm2npError(f"expert_bias_scale is {shown(expert_bias_scale)}; expected a finite number")
     dt = numerics(dtype).dtype
     rng = np.random.default_rng(seed)
     params = {}

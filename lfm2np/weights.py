@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 
-from .errors import Lfm2npError
+from .errors import Lfm2npError, shown
 from .numerics import Numerics
 from .schema import Tensor
 
@@ -74,7 +74,7 @@ def check_tensors(have: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[
         raise Lfm2npError(f"{where}: missing tensor {_some(missing, 3)} ({what})")
     for name, shape in want.items():
         if tuple(have[name]) != tuple(shape):
-            raise Lfm2npError(f"{where}: tensor {name!r} has {shape_word} {list(have[name])}; the config expects "
+            raise Lfm2npError(f"{where}: tensor {shown(name)} has {shape_word} {list(have[name])}; the config expects "
                               f"{list(shape)} ({what})")
     unexpected = [n for n in have if n not in want]
     if unexpected:
@@ -87,7 +87,7 @@ def check_tensors(have: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[
 
 def _some(names: list[str], n: int) -> str:
     more = f" and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
+    return ", ".join(name if len(name) <= 100 else shown(name, 100) for name in names[:n]) + more
 
 
 class Weights(Mapping[str, np.ndarray]):
@@ -96,6 +96,8 @@ class Weights(Mapping[str, np.ndarray]):
 
     mode: str
     layout: "list[Tensor]"
+    #: the config whose layout these weights hold, when the loader knows it (None: a Model checks the layout)
+    config: Any = None
 
     def rows(self, name: str, index: np.ndarray) -> np.ndarray:
         """``self[name][index]``, without producing the whole tensor where it is not kept."""
@@ -126,6 +128,8 @@ class InMemory(Weights):
     ``numerics``."""
 
     def __init__(self, tensors: Mapping[str, Any], layout: "list[Tensor]", numerics: Numerics):
+        want = {t.name: t.shape for t in layout}  # (tensors it does not use are the caller's to refuse)
+        check_tensors({n: np.shape(tensors[n]) for n in want if n in tensors}, want, "params", True, "the layout")
         self.mode, self.layout = numerics.name, layout
         self._tensors = {t.name: numerics.weight(t.name, tensors[t.name]) for t in layout}
 
@@ -232,7 +236,7 @@ class Lazy(Weights):
 
     def __init__(self, source: TensorSource, layout: "list[Tensor]", numerics: Numerics, budget: int | None = None):
         if isinstance(budget, bool) or (budget is not None and (not isinstance(budget, int) or budget < 0)):
-            raise Lfm2npError(f"memory budget is {budget!r}; expected a number of bytes >= 0 or None")
+            raise Lfm2npError(f"memory budget is {shown(budget)}; expected a number of bytes >= 0 or None")
         self.source, self.numerics, self.mode, self.budget = source, numerics, numerics.name, budget
         self.layout = layout
         self._names = [t.name for t in layout]

@@ -217,7 +217,7 @@ def test_pickled_checkpoint_is_never_opened(tmp_path):
 def test_checkpoint_file_that_is_a_directory(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(TINY_DENSE.to_dict()))
     (tmp_path / "model.safetensors").mkdir()
-    refused(lambda: lfm2np.load(tmp_path), str(tmp_path), "no model.safetensors")
+    refused(lambda: lfm2np.load(tmp_path), str(tmp_path / "model.safetensors"), "is a directory")  # not "no ..."
 
 
 def test_file_corpus_under_limits(tmp_path):
@@ -303,7 +303,7 @@ def test_index_shard_that_is_a_directory(tmp_path):
     index = sharded(tmp_path)
     (tmp_path / "b.safetensors").unlink()
     (tmp_path / "b.safetensors").mkdir()
-    refused(lambda: Checkpoint(tmp_path), str(index), "lists shard 'b.safetensors', which is not a file")
+    refused(lambda: Checkpoint(tmp_path), str(index), "lists shard 'b.safetensors', which is a directory")
 
 
 def test_index_tensor_in_two_shards(tmp_path):
@@ -1074,7 +1074,8 @@ CLI: dict[str, tuple[list[str], tuple[str, ...]]] = {
                                ("--text", "--ids")),
     "compare a missing trace": (["compare", "/nonexistent/a.safetensors", "/nonexistent/b.safetensors"],
                                 ("argument a", "/nonexistent/a.safetensors")),
-    "compare a directory": (["compare", str(ROOT / "README.md"), str(ROOT)], ("argument b", "not a file")),
+    "compare a directory": (["compare", str(ROOT / "README.md"), str(ROOT)],
+                            ("argument b", "is a directory, not a regular file")),
     "compare a file that is not a trace": (["compare", str(ROOT / "README.md"), str(ROOT / "README.md")],
                                            ("README.md",)),
     "compare --tier q2": (["compare", str(ROOT / "README.md"), str(ROOT / "README.md"), "--tier", "q2"],

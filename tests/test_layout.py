@@ -4,7 +4,7 @@
   imports only the core, and ops imports nothing from lfm2np but passes, which imports nothing from lfm2np:
   the formulas know nothing that names or records a value;
 - io/ imports the core and io/; oracle/ and calc/ import the core, io/ and themselves, never each other;
-- the middle (loading, presets, generate, embedded, synthetic, evaluate) imports the core, io/ and the middle;
+- the middle (loading, presets, generate, sampling, embedded, synthetic, evaluate) imports the core, io/ and the middle;
 - nothing imports cli/ (but ``__main__``); the package face only re-exports;
 - there is no import circle, and imports inside functions are only of optional dependencies;
 - outside the core, nothing reaches into another object's private attributes;
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lfm2np"
 CORE = {"errors", "numerics", "config", "config_keys", "ops", "passes", "layers", "schema", "weights", "state",
         "model", "version"}
-MIDDLE = {"loading", "presets", "generate", "embedded", "synthetic", "evaluate"}
+MIDDLE = {"loading", "presets", "generate", "sampling", "embedded", "synthetic", "evaluate"}
 #: imported inside the functions that need them: gguf (an extra), jinja2 (a dependency, imported when a chat template
 #: is first rendered: most commands never render one), readline (in the standard library, but not on every platform)
 OPTIONAL = {"gguf", "jinja2", "readline"}

@@ -118,7 +118,7 @@ FILE_CASES = {
     "tokenizer.json not a tokenizer": (_write(TJ, '{"a": 1}'), [TJ, "not a readable tokenizer"]),
     "tokenizer.json not UTF-8": (_write(TJ, b"\xff\xfe{}"), [TJ, "not UTF-8"]),
     "tokenizer.json missing": (lambda p: (p / TJ).unlink(), ["no tokenizer.json"]),
-    "tokenizer.json a directory": (_mkdir(TJ), ["no tokenizer.json"]),
+    "tokenizer.json a directory": (_mkdir(TJ), [TJ, "is a directory"]),  # (it said "no tokenizer.json")
     # templates that fail while rendering
     "template renders nothing": (_template("{# nothing #}"), [CT, "renders this conversation as no text at all"]),
     "template syntax error": (_template("{% if %}"), [CT, "chat template syntax error at line 1"]),

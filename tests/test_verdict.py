@@ -330,3 +330,35 @@ def test_nothing_reproduces_a_mistake_outside_the_catalogue(tmp_path):
                             "--json"], capture_output=True, text=True, env=subprocess_env())
     assert check.returncode == 1, check.stderr
     assert json.loads(check.stdout)["nothing_reproduces"] is True
+
+
+# --------------------------------------------------------------------------------------- arguments
+@pytest.mark.parametrize("call, words", [
+    (lambda ref: compare({"x": 1}, ref), "a must be a Trace"),
+    (lambda ref: compare(ref, None), "b must be a Trace"),
+    (lambda ref: compare(ref, ref, 5), "unknown tier 5"),
+    (lambda ref: compare(ref, ref, "fp33"), "unknown tier 'fp33'"),
+    (lambda ref: compare(ref, ref, prefix="no"), "prefix must be True or False"),
+    (lambda ref: compare(ref, ref, partial=1), "partial must be True or False"),
+    (lambda ref: compare(ref, ref, patterns=5), "patterns"),
+])
+def test_compare_names_a_wrong_argument(call, words):
+    _, ref = reference()
+    with pytest.raises(lfm2np.Lfm2npError, match=words):
+        call(ref)
+
+
+def test_diagnose_names_a_wrong_argument():
+    model, ref = reference()
+    dump = trace_dump(ref, IDS)
+    for kwargs, words in [({"tier": 5}, "unknown tier"), ({"prefill": "x"}, "prefill must be an integer"),
+                          ({"prefill": 1.5}, "prefill must be an integer"), ({"prefill": True}, "prefill must be"),
+                          ({"prefill": 0}, "prefill must be"), ({"combine": "no"}, "combine must be")]:
+        with pytest.raises(lfm2np.Lfm2npError, match=words):
+            diagnose(model, dump, **kwargs)
+    with pytest.raises(lfm2np.Lfm2npError, match="model must be an lfm2np Model"):
+        diagnose(object(), dump)
+    with pytest.raises(lfm2np.Lfm2npError, match="dump must be a Dump"):
+        diagnose(model, ref)
+    one = diagnose(model, dump, only="rope-interleaved")  # one id, not its characters
+    assert [h.id for h in one.hypotheses] == ["rope-interleaved"] and one.agrees

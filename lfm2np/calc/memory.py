@@ -15,11 +15,12 @@ F FFN width, E experts, k experts per token, Fm expert width, V vocab, L conv ke
 
 from __future__ import annotations
 
+import numbers
+import os
 from typing import Any, Iterable
 
-
-from ..config import ATTENTION, Config
-from ..errors import Lfm2npError
+from ..config import ATTENTION, Config, checked_config
+from ..errors import Lfm2npError, shown
 from ..io.gguf import gguf_tensor_bytes
 from ..io.params import parse_size
 from ..numerics import DTYPE_BYTES as _ALL_DTYPE_BYTES, canonical_dtype
@@ -38,7 +39,9 @@ CONV_STATE_BYTES = 4  # llama.cpp keeps recurrent (conv) state in float32
 def normalise_quant(name: str) -> str:
     """``float32``/``float16``/``bfloat16`` (aliases fp32, fp16, bf16) or a GGUF file type (``Q4_K_M``, ``F16``...;
     llama-quantize's alias ``Q4_K`` is ``Q4_K_M``)."""
-    key = str(name).strip()
+    if not isinstance(name, str):
+        raise Lfm2npError(f"a weight format is a name such as 'Q4_K_M' or 'bfloat16'; got {shown(name)}")
+    key = name.strip()
     dtype = canonical_dtype(key)
     if dtype in DTYPE_BYTES:
         return dtype
@@ -48,7 +51,7 @@ def normalise_quant(name: str) -> str:
         return quant.normalise_file_type(key)
     except Lfm2npError:
         raise Lfm2npError(
-            f"unknown weight format {name!r}; expected one of {', '.join(DTYPE_BYTES)} "
+            f"unknown weight format {shown(name)}; expected one of {', '.join(DTYPE_BYTES)} "
             f"or a GGUF file type ({quant.accepted_file_types()})"
         ) from None
 
@@ -59,7 +62,8 @@ def weight_bytes(config: Config, quant_name: str = "Q4_K_M", *, imatrix: bool = 
     (per-tensor types as llama-quantize chooses them; KV metadata and the tokenizer not included;
     ``fuse_qkv``: a file converted with ``--fuse-qkv``). ``quant_name`` may also be the path of a ``.gguf``
     file: its real tensor types are read."""
-    if str(quant_name).lower().endswith(".gguf"):
+    checked_config(config)
+    if isinstance(quant_name, (str, os.PathLike)) and str(quant_name).lower().endswith(".gguf"):
         return gguf_tensor_bytes(quant_name)
     q = normalise_quant(quant_name)
     if q in DTYPE_BYTES:
@@ -70,14 +74,15 @@ def weight_bytes(config: Config, quant_name: str = "Q4_K_M", *, imatrix: bool = 
 
 
 def _kv_type(kv_type: str) -> str:
-    key = str(kv_type).strip().lower()
+    key = kv_type.strip().lower() if isinstance(kv_type, str) else None
     if key not in KV_TYPES:
-        raise Lfm2npError(f"unknown KV cache type {kv_type!r}; expected one of {', '.join(KV_TYPES)}")
+        raise Lfm2npError(f"unknown KV cache type {shown(kv_type)}; expected one of {', '.join(KV_TYPES)}")
     return KV_TYPES[key]
 
 
 def _kv_row_bytes(config: Config, kv_type: str) -> int:
     """Bytes of one position's K (or V) in one attention layer: G KV heads of hd."""
+    checked_config(config)
     return quant.row_bytes(_kv_type(kv_type), config.num_key_value_heads * config.head_dim)
 
 
@@ -90,7 +95,7 @@ def kv_bytes_per_token(config: Config, kv_type: str = "f16") -> int:
 def sliding_kv_bytes(config: Config, context: int, kv_type: str = "f16") -> int:
     """K and V of the sliding-window layers for one sequence of ``context`` tokens: at most W positions each
     (what attention needs; llama.cpp allocates its SWA cache padded, ``pad256(W + n_ubatch)`` cells)."""
-    if not config.sliding_layers:
+    if not checked_config(config).sliding_layers:
         return 0
     kept = min(positive("context", context), config.sliding_window)
     return 2 * _kv_row_bytes(config, kv_type) * kept * len(config.sliding_layers)
@@ -107,6 +112,7 @@ def conv_state_bytes(config: Config, parallel: int = 1) -> int:
     """Conv state of ``parallel`` sequences: per conv layer the last L-1 columns of ``u = b*x`` (D each), in
     float32, as llama.cpp keeps them (vLLM keeps L-1 columns in the model dtype, bf16, unless
     ``--mamba-cache-dtype`` says otherwise; transformers keeps L columns). Constant in the context length."""
+    checked_config(config)
     per_seq = len(config.conv_layers) * (config.conv_L_cache - 1) * config.hidden_size * CONV_STATE_BYTES
     return per_seq * positive("parallel", parallel)
 
@@ -122,7 +128,7 @@ def compute_buffer_bytes(config: Config, chunk: int = 512, context: int | None =
     outputs kD); plus the logits of the chunk's last token (V). An estimate: the real allocator's packing
     differs, and backends add scratch; the figure is meant within a factor of ~2.
     """
-    c = config
+    c = checked_config(config)
     t = positive("chunk", chunk)
     s = t if context is None else max(positive("context", context), t)
     D, H, G, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -145,7 +151,8 @@ def memory(config: Config, quant_name: str = "Q4_K_M", *, context: int = 4096, p
     Field names are an interface (the CLI's JSON): quant, weights_bytes, kv_bytes_per_token, kv_cache_bytes,
     conv_state_bytes, total_bytes, fits (None without a budget); plus compute_bytes and the inputs.
     """
-    q = str(quant_name) if str(quant_name).lower().endswith(".gguf") else normalise_quant(quant_name)
+    gguf = isinstance(quant_name, (str, os.PathLike)) and str(quant_name).lower().endswith(".gguf")
+    q = str(quant_name) if gguf else normalise_quant(quant_name)
     w = weight_bytes(config, q, imatrix=imatrix, fuse_qkv=fuse_qkv)
     per_tok = kv_bytes_per_token(config, kv_type)
     kv = kv_cache_bytes(config, context, parallel, kv_type)
@@ -167,6 +174,8 @@ def max_context(config: Config, quant_name: str, budget: int, *, parallel: int =
     at most ``limit`` tokens when given (the context the model supports: memory alone would allow contexts a
     model was never trained for; :func:`lfm2np.presets.supported_context`)."""
     top = 1 << 40 if limit is None else positive("limit", limit)
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 0:
+        raise Lfm2npError(f"budget is {shown(budget)}; expected a number of bytes (an integer >= 0)")
 
     def fits(n: int) -> bool:
         return memory(config, quant_name, context=n, parallel=parallel, kv_type=kv_type, chunk=chunk,
@@ -187,6 +196,7 @@ def max_context(config: Config, quant_name: str, budget: int, *, parallel: int =
 
 def attention_only(config: Config) -> Config:
     """The same model with every layer an attention layer (the baseline the hybrid is compared against)."""
+    config = checked_config(config)
     return config.replace(layer_types=tuple(ATTENTION for _ in range(config.num_hidden_layers)))
 
 
@@ -194,6 +204,8 @@ def hybrid_savings(config: Config, contexts: Iterable[int] = (4096, 32768, 13107
                    parallel: int = 1) -> list[dict[str, Any]]:
     """KV cache (+ conv state) of the hybrid vs the same model with every layer attention, per context."""
     full = attention_only(config)
+    if isinstance(contexts, (str, bytes)) or not isinstance(contexts, Iterable):
+        raise Lfm2npError(f"contexts is {shown(contexts)}; expected a list of context lengths")
     rows = []
     for n in contexts:
         hybrid = kv_cache_bytes(config, n, parallel, kv_type) + conv_state_bytes(config, parallel)
@@ -212,6 +224,10 @@ def parse_bytes(text: str) -> int:
 
 def format_bytes(n: float) -> str:
     """``1234567890`` -> ``'1.23 GB (1.15 GiB)'``."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Real) or n != n:
+        raise Lfm2npError(f"format_bytes takes a number of bytes; got {shown(n)}")
+    if isinstance(n, numbers.Integral) and abs(n) >= 10**300:  # past float range: no unit makes it readable
+        return f"{shown(int(n))} B"
     for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if abs(n) >= div:
             bunit, bdiv = {"TB": ("TiB", 2**40), "GB": ("GiB", 2**30), "MB": ("MiB", 2**20),

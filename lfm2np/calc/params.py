@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config
-from ..errors import Lfm2npError
+from ..config import Config, checked_config
+from ..errors import Lfm2npError, shown
 from ..schema import NORM_PARTS, layout
 
 _NORM_ROLES = ("q_norm", "k_norm")  # per-head norms inside the attention mixer: not multiplications
@@ -27,7 +27,7 @@ def param_breakdown(config: Config) -> dict[str, Any]:
     ffn: {...}, total, active}], "final_norm", "lm_head", "by_kind": {...}}``. ``active`` counts only ``k``
     of the ``E`` experts of a MoE layer (router and expert bias are always active).
     """
-    c = config
+    c = checked_config(config)
     layers: list[dict[str, Any]] = [
         {"index": i, "kind": c.layer_types[i], "operator_norm": 0, "mixer": {}, "ffn_norm": 0, "ffn": {},
          **({"post_operator_norm": 0, "post_ffn_norm": 0} if c.use_sandwich_norm else {})}
@@ -151,10 +151,10 @@ def flops(config: Config, context: int, *, logits: str = "last") -> dict[str, An
     a MoE executes (k experts). ``logits="last"`` counts the LM head once per prefill (inference engines
     compute only the last position's logits); ``"all"`` counts it for every prefill token.
     """
-    c = config
+    c = checked_config(config)
     n = positive("context", context)
     if logits not in ("last", "all"):
-        raise Lfm2npError(f"logits is {logits!r}; expected 'last' or 'all'")
+        raise Lfm2npError(f"logits is {shown(logits)}; expected 'last' or 'all'")
     mm_total, mm_active = _matmul_flops_per_token(c)
     head = 2 * c.vocab_size * c.hidden_size
     attn_prefill = _prefill_attention_flops(c, n)
@@ -169,7 +169,8 @@ def flops(config: Config, context: int, *, logits: str = "last") -> dict[str, An
 
 
 def positive(name: str, value: int) -> int:
-    """``value`` as an int if it is a positive integer, else an :class:`Lfm2npError` naming ``name``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise Lfm2npError(f"{name} is {value!r}; expected a positive integer")
+    """``value`` as an int if it is a positive integer (at most 2**63 - 1, as the command line takes), else an
+    :class:`Lfm2npError` naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or not 0 < value < 2**63:
+        raise Lfm2npError(f"{name} is {shown(value)}; expected a positive integer (up to 2**63 - 1)")
     return int(value)

@@ -42,8 +42,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import Config
-from ..errors import Lfm2npError
+from ..config import Config, checked_config
+from ..errors import Lfm2npError, shown
 from ..io.gguf import gguf_layout
 from ..io.gguf_names import GgufTensor, quantisable
 
@@ -131,10 +131,10 @@ def normalise_file_type(name: str) -> str:
     key = str(name).strip().upper()
     key = FILE_TYPE_ALIASES.get(key, key)
     if key in UNSIZED_FILE_TYPES:
-        raise Lfm2npError(f"{name!r} is a llama-quantize type lfm2np cannot size (its per-tensor type rules are "
+        raise Lfm2npError(f"{shown(name)} is a llama-quantize type lfm2np cannot size (its per-tensor type rules are "
                           f"not modelled); sized: {accepted_file_types()}")
     if key not in FILE_TYPES:
-        raise Lfm2npError(f"unknown GGUF file type {name!r}; expected one of {accepted_file_types()}")
+        raise Lfm2npError(f"unknown GGUF file type {shown(name)}; expected one of {accepted_file_types()}")
     return key
 
 
@@ -176,6 +176,7 @@ def tensor_types(config: Config, file_type: str = "Q4_K_M", *, imatrix: bool = F
     attn_v is). Float file types (F32/F16/BF16) store every quantisable tensor in that type and the rest in
     F32, exactly as ``convert_hf_to_gguf.py --outtype`` does.
     """
+    checked_config(config)
     ftype = normalise_file_type(file_type)
     default = FILE_TYPES[ftype]
     tensors = gguf_layout(config, fuse_qkv)

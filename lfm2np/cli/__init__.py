@@ -33,11 +33,18 @@ REGISTRARS: list[Callable[[Subparsers], None]] = [run.register, chat.register, d
                                                    diagnose.register]
 
 
+#: what a message must not hold as such: every character ``str.splitlines`` breaks a line at (\v, \f, \x1c..\x1e,
+#: \x85, U+2028, U+2029 besides \n and \r) and the other control characters (a NUL, an escape sequence that moves a
+#: terminal's cursor): each written as its escape, ``\n`` -> ``\\n``
+_ESCAPED = {c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7F, 0x85, 0x2028, 0x2029) if c != 0x09}
+
+
 def one_line(message: str) -> str:
-    """A message with its line breaks escaped (a file name may hold one), so it stays one line, and its lone
-    surrogates (command-line bytes that are not UTF-8) escaped, so that any stream can print it."""
+    """A message with its line breaks and control characters escaped (a file name may hold one), so it stays one
+    line, and its lone surrogates (command-line bytes that are not UTF-8) escaped, so that any stream can print
+    it."""
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-    return message.replace("\r", "\\r").replace("\n", "\\n")
+    return message.translate(_ESCAPED)
 
 
 class Parser(argparse.ArgumentParser):

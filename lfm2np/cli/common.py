@@ -5,23 +5,24 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from ..calc import parse_bytes
 from ..config import ROPE_READINGS
 from ..errors import Lfm2npError
 from ..embedded import resolve as resolve_embedded
 from ..generate import Generation, Sampling, checked_stop_ids, generation_defaults, sampling_for
+from ..io.files import file_kind
 from ..io.hub import resolve
 from ..io.params import parse_budget
 from ..io.tokenizer import Tokenizer
 from ..loading import load
 from ..numerics import MODES
+from .outputs import add_force_argument, check_outputs, write_page  # noqa: F401  (the commands that write import them here)
 
 #: argparse's subparsers object, which each command module's ``register`` receives (its class is private).
 Subparsers = Any
@@ -126,7 +127,9 @@ MODEL_HELP = ("checkpoint directory, cached repo id (e.g. LiquidAI/LFM2-350M), .
 
 def model_argument(value: str) -> str:
     """A MODEL argument: a checkpoint directory, a cached repo id, a .gguf file, a preset name (for the
-    calculators), or ``embedded`` for the shipped tiny model."""
+    calculators), or ``embedded`` for the shipped tiny model; never empty (a path "" is the current directory)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty model name (give '.' for the current directory)")
     return str(resolve_embedded(utf8_text(value)))  # "embedded": as lfm2np.load reads it
 
 
@@ -136,6 +139,8 @@ def _path_type(check):
     def convert(value: str) -> Path:
         if not value.strip():  # Path("") is the current directory: never what an empty argument meant
             raise argparse.ArgumentTypeError("an empty path")
+        if "\0" in value:  # no file name holds one (os functions raise ValueError)
+            raise argparse.ArgumentTypeError(f"{shown(value)}: a NUL character in a file name")
         try:
             path = Path(value).expanduser()
             check(value, path)
@@ -150,11 +155,12 @@ def _path_type(check):
 
 
 def _input_file(value: str, path: Path) -> None:
-    """An existing regular file."""
-    if not path.exists():
+    """An existing regular file (what is there instead is named: a directory, a FIFO, a loop of links)."""
+    kind = file_kind(path)
+    if kind == "missing":
         raise argparse.ArgumentTypeError(f"{value}: no such file")
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{value}: not a file")
+    if kind is not None:
+        raise argparse.ArgumentTypeError(f"{value}: is {kind}, not a regular file")
 
 
 def _output_file(value: str, path: Path) -> None:
@@ -179,75 +185,10 @@ output_file = _path_type(_output_file)
 output_dir = _path_type(_output_dir)
 
 
-# ------------------------------------------------------------------------------------------- outputs
-def _real(path: "str | os.PathLike[str]") -> Path:
-    """``path`` with symbolic links, ``..`` and the working directory resolved (it need not exist)."""
-    return Path(os.path.realpath(Path(path).expanduser()))
-
-
-def read_paths(model: str) -> tuple[set[Path], set[Path]]:
-    """What a command reads for a MODEL argument: ``(files, directories)``, resolved. A checkpoint directory
-    (a repo id's cached snapshot too) is read as a whole, and each of its files as what it links to (a cached
-    snapshot's files are links to blobs); a file (a .gguf) with its .json sibling when there is one."""
-    path = Path(model).expanduser()
-    if path.is_file():
-        sibling = path.with_suffix(".json")
-        return {_real(path)} | ({_real(sibling)} if os.path.lexists(sibling) else set()), set()
-    try:
-        directory = resolve(model)
-    except Lfm2npError:
-        return set(), set()  # nothing readable: loading says so
-    files = {_real(f) for f in directory.iterdir() if f.is_file()} if directory.is_dir() else set()
-    return files, {_real(directory)}
-
-
-def check_outputs(outputs: Sequence[Path], model: str | None, force: bool, directory: bool = False,
-                  reads: Sequence[Path] = ()) -> None:
-    """The output rule of every command that writes (docs/cli.md): no output may be a file the command reads or
-    lie inside a checkpoint directory it reads (``model``: :func:`read_paths`; ``reads``: its other input files),
-    whatever links, ``..`` or relative names lead there; an output file that exists (with ``directory``: an output
-    directory that is not empty) is replaced only with ``--force``. Checked before anything is loaded or computed;
-    an error names the path."""
-    files, directories = read_paths(model) if model is not None else (set(), set())
-    inputs = {_real(p): p for p in reads}
-    for out in outputs:
-        real = _real(out)
-        if real in inputs:
-            raise Lfm2npError(f"{out}: is a file this command reads ({inputs[real]}); choose another output")
-        if real in files:
-            raise Lfm2npError(f"{out}: is a file this command reads (MODEL {model}); choose another output")
-        inside = next((d for d in directories if real == d or d in real.parents), None)
-        if inside is not None:
-            raise Lfm2npError(f"{out}: is inside the checkpoint directory {inside}, which this command reads; "
-                              f"choose an output outside it")
-        if force:
-            continue
-        if directory and real.is_dir() and any(real.iterdir()):
-            raise Lfm2npError(f"{out}: the output directory is not empty; give --force to write into it anyway")
-        if not directory and os.path.lexists(out):
-            raise Lfm2npError(f"{out}: exists; give --force to replace it")
-
-
-def add_force_argument(p: argparse.ArgumentParser, what: str = "an existing output file") -> None:
-    p.add_argument("--force", action="store_true", help=f"replace {what} (never a file the command reads, nor "
-                                                          "anything inside a checkpoint directory it reads)")
-
-
 def add_html_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--html", type=output_file, metavar="FILE",
                    help="also write the verdict as one self-contained HTML page (the verdict, the error map of every "
                         "layer, routing, hypotheses; no script, nothing loaded from elsewhere)")
-
-
-def write_page(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all: a temporary file beside it, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise Lfm2npError(f"{path}: cannot write it ({e.strerror or e})") from None
 
 
 def progress(message: str) -> None:

@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any, Callable, TextIO
 
+from ..errors import Lfm2npError
 from ..evaluate import perplexity, read_text
 from ..oracle.trace import json_number
 from .common import Subparsers, add_model_arguments, input_file, load_for_generation, positive_int
@@ -65,6 +66,10 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     text = read_text(args.file)
     model, tokenizer = load_for_generation(args.model, args)
     ids = tokenizer.encode(text, add_bos=not args.no_bos)
+    if len(ids) < 2:  # the first token is never scored: name the file, not only the count
+        raise Lfm2npError(f"{args.file}: {len(text)} characters, {len(ids)} token{'' if len(ids) == 1 else 's'}"
+                          f"{' with BOS' if not args.no_bos else ''}; perplexity needs at least 2 tokens (the first "
+                          f"is never scored)")
     report = None if args.quiet else PerplexityProgress()
     result = perplexity(model, ids, args.window, args.stride, progress=report)
     result = {**result, "bos": not args.no_bos, "file": str(args.file), "model": args.model}

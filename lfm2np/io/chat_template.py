@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
 from .files import parse_json
 from .template_sandbox import Limits, Stop, active, compiled
 
@@ -66,7 +66,7 @@ def read_text(path: Path, what: str = "file") -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise Lfm2npError(f"{path}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+        raise Lfm2npError(f"{path}: not UTF-8 text (byte {e.start}: {shown(data[e.start:e.start + 1])})") from None
 
 
 def read_json_object(path: Path, what: str = "JSON file") -> dict[str, Any]:
@@ -94,6 +94,10 @@ def template_from_value(value: Any, where: str) -> str | None:
                 raise Lfm2npError(f"{where}[{i}] must be an object with string 'name' and 'template'; "
                                   f"got {_short(entry)}")
             names.append(entry["name"])
+        seen: set[str] = set()
+        twice = next((n for n in names if n in seen or seen.add(n)), None)  # linear: the list may be long
+        if twice is not None:  # which of the two would transformers use? neither is certainly meant
+            raise Lfm2npError(f"{where} names two templates {shown(twice)}; expected each name once")
         for entry in value:
             if entry["name"] == "default":
                 return entry["template"]
@@ -104,8 +108,7 @@ def template_from_value(value: Any, where: str) -> str | None:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return shown(value, 60)
 
 
 # ---------------------------------------------------------------------------------------- rendering

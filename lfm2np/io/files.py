@@ -26,6 +26,7 @@ Every tensor byte lfm2np reads from a safetensors or GGUF file goes through a :c
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -193,3 +194,81 @@ def read_json(path: "str | os.PathLike[str]", what: str, max_bytes: int = MAX_JS
     except OSError as e:
         raise Lfm2npError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
     return parse_json(raw, str(path), what)
+
+
+# ------------------------------------------------------------------------------------- file kinds
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def file_kind(path: "str | os.PathLike[str]") -> str | None:
+    """What ``path`` is when it is not a regular file, found without opening it (opening a FIFO would wait for a
+    writer): ``"missing"`` when nothing is there, else ``"a directory"``, ``"a FIFO (named pipe)"``, ``"a loop of
+    symbolic links"``, ... ; None for a regular file (links followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "missing"
+        return "a loop of symbolic links" if e.errno == errno.ELOOP else f"unreadable ({e.strerror or e})"
+    except ValueError:  # a NUL in the name
+        return "missing"
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def present(path: "str | os.PathLike[str]", what: str) -> bool:
+    """Whether the regular file ``path`` is there (False when nothing is); an :class:`Lfm2npError` naming it and
+    ``what`` it should be when something else is in its place (a directory, a FIFO, a loop of links): never told
+    as missing, nor read as absent."""
+    kind = file_kind(path)
+    if kind not in (None, "missing"):
+        raise Lfm2npError(f"{path}: is {kind}, not a regular file; expected {what}")
+    return kind is None
+
+
+# ------------------------------------------------------------------------------------- outputs
+def identity(path: "str | os.PathLike[str]") -> tuple[int, int] | None:
+    """``(device, inode)`` of what ``path`` names, links followed: the file itself whatever name leads to it (a
+    hard link, a bind mount, a link); None when nothing is there or it cannot be looked at."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def read_identities(path: "str | os.PathLike[str]") -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
+    """What reading ``path`` reads, as :func:`identity` values ``(files, directories)``: a directory (a checkpoint)
+    and each regular file in it; or a file."""
+    p = Path(path)
+    if p.is_dir():
+        try:
+            files = {identity(f) for f in p.iterdir() if f.is_file()}
+        except OSError:
+            files = set()
+        return {i for i in files if i is not None}, {i for i in (identity(p),) if i is not None}
+    return {i for i in (identity(p),) if i is not None}, set()
+
+
+def overwrites(out: "str | os.PathLike[str]", files: set[tuple[int, int]], directories: set[tuple[int, int]],
+               into: bool = False) -> str | None:
+    """Why writing ``out`` would write over something read (``files`` and ``directories``: :func:`read_identities`),
+    whatever name it is given, else None: ``out`` is one of the files (a hard link to it is the same file), or
+    lies in one of the directories (through any link or mount). With ``into`` (``out`` a directory written into),
+    a file already in it that is one of the files counts too."""
+    real = Path(os.path.realpath(Path(out).expanduser()))
+    if identity(real) in files:
+        return "is a file this command reads (under another name: a hard link or a link)"
+    for place in (real, *real.parents):
+        if identity(place) in directories:
+            return f"is inside the checkpoint directory {place}, which this command reads"
+    if into and real.is_dir():
+        try:
+            inside = next((f for f in real.iterdir() if identity(f) in files), None)
+        except OSError:
+            inside = None
+        if inside is not None:
+            return f"holds {inside.name}, which is a file this command reads (a hard link or a link to it)"
+    return None

@@ -39,6 +39,7 @@ from ..config import Config
 from ..errors import Lfm2npError
 from ..schema import Tensor, layout
 from ..weights import check_tensors
+from .files import present
 from .gguf_file import INTEGER_TYPES, GgufFile
 from .gguf_meta import ARCHITECTURES, GGUF_ARCH, config_dict_from_metadata
 from .gguf_names import GgufTensor, gguf_tensors
@@ -95,7 +96,7 @@ def fused_qkv_layers(config: Config, names: Iterable[str]) -> list[int]:
 def open_gguf(path: "str | os.PathLike[str]") -> GgufFile:
     """A checked GGUF file (see :mod:`lfm2np.io.gguf_file`)."""
     path = Path(path)
-    if not path.is_file():
+    if not present(path, "a GGUF file"):  # a FIFO, a directory or a loop of links is named as what it is
         raise Lfm2npError(f"{path}: no such GGUF file")
     return GgufFile(path)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
 
 #: Share of the machine's available memory the default budget takes (the rest is left to the page cache,
 #: the activations and everything else running).
@@ -63,15 +63,19 @@ def parse_size(text: Any, what: str = "size") -> int:
     K, M, G, T (as GNU ``sort -S``, ``dd``, Docker and the JVM read them) powers of 1024; any case.
     :class:`Lfm2npError` naming ``what`` otherwise (and above 2^62 bytes). The one reader of sizes: the
     command line's (:func:`lfm2np.calc.parse_bytes`) is this one."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, np.integer)) or \
+            (not isinstance(text, str) and not 0 <= text <= MAX_SIZE):
+        raise Lfm2npError(f"{what} {shown(text)} is not a size; expected a number of bytes or a size such as "
+                          f"'32GB' or '8G'")
     m = _SIZE.fullmatch(str(text))
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:
-        raise Lfm2npError(f"{what} {text!r} is not a size; expected a number with an optional unit "
+        raise Lfm2npError(f"{what} {shown(text)} is not a size; expected a number with an optional unit "
                           f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, or K, M, G, T = KiB ... TiB), e.g. 32GB "
                           f"or 8G")
     value = float(m.group(1)) * _UNITS[unit]
     if not value <= MAX_SIZE:  # also catches inf from hundreds of digits
-        raise Lfm2npError(f"{what} {text!r} is too large: above any machine's memory ({MAX_SIZE} bytes)")
+        raise Lfm2npError(f"{what} {shown(text)} is too large: above any machine's memory ({MAX_SIZE} bytes)")
     return int(value)
 
 
@@ -85,5 +89,5 @@ def parse_budget(budget: Any, total_bytes: int) -> int | None:
             return None
         return parse_size(budget, "memory budget")
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not 0 <= budget <= MAX_SIZE:
-        raise Lfm2npError(f"memory budget is {budget!r}; expected bytes >= 0, a size such as '6GiB', or 'all'")
+        raise Lfm2npError(f"memory budget is {shown(budget)}; expected bytes >= 0, a size such as '6GiB', or 'all'")
     return int(budget)

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 
 from ..config import Config
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
 from ..numerics import bfloat16_bits
 from ..schema import expected_tensors
-from .files import read_json
+from .files import file_kind, present, read_json
 from .safetensors_file import MAX_HEADER, STORAGE, SafetensorsFile, TensorInfo, widen
 
 __all__ = ["Checkpoint", "SafetensorsFile", "TensorInfo", "read_index", "save_checkpoint", "widen",
@@ -48,15 +48,15 @@ def read_index(index: Path) -> dict[str, str]:
     data = read_json(index, "safetensors index", MAX_HEADER)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        got = f"a JSON {type(data).__name__}" if not isinstance(data, dict) else f"weight_map {weight_map!r:.60}"
+        got = f"a JSON {type(data).__name__}" if not isinstance(data, dict) else f"weight_map {shown(weight_map)}"
         raise Lfm2npError(f"{index}: not a valid safetensors index ({got}); expected an object whose "
                           f"'weight_map' maps tensor names to shard files")
     for tensor, shard in weight_map.items():
         if not isinstance(shard, str):
-            raise Lfm2npError(f"{index}: weight_map[{tensor!r}] is {shard!r:.60}; expected a shard file name")
+            raise Lfm2npError(f"{index}: weight_map[{shown(tensor)}] is {shown(shard)}; expected a shard file name")
         parts = {os.sep, "/", "\\", "\0"} | ({os.altsep} if os.altsep else set())
         if any(p in shard for p in parts) or shard in ("", ".", "..") or not shard.endswith(".safetensors"):
-            raise Lfm2npError(f"{index}: weight_map[{tensor!r}] is {shard!r:.80}; expected the name of a "
+            raise Lfm2npError(f"{index}: weight_map[{shown(tensor)}] is {shown(shard)}; expected the name of a "
                               f"*.safetensors file in {index.parent} (no directory part)")
     return weight_map
 
@@ -66,13 +66,15 @@ class Checkpoint:
     :class:`~lfm2np.weights.TensorSource`."""
 
     def __init__(self, directory: "str | os.PathLike[str]"):
+        if not isinstance(directory, (str, os.PathLike)) or not str(directory).strip():
+            raise Lfm2npError(f"a checkpoint is the path of a directory; got {shown(directory)}")
         self.directory = Path(directory)
         index = self.directory / INDEX_FILE
         single = self.directory / SINGLE_FILE
-        if index.is_file():
+        if present(index, "a safetensors index (JSON)"):
             weight_map: dict[str, str] | None = read_index(index)
             files = sorted(set(weight_map.values()))
-        elif single.is_file():
+        elif present(single, "the checkpoint's safetensors file"):
             weight_map, files = None, [SINGLE_FILE]
         else:
             pickled = [p.name for p in self.directory.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
@@ -82,19 +84,21 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         for name in files:
             path = self.directory / name
-            if not path.is_file():
-                raise Lfm2npError(f"{index}: lists shard {name!r}, which is not a file in {self.directory}")
+            kind = file_kind(path)
+            if kind is not None:  # missing, or a directory, a FIFO, a loop of links: named as what it is
+                what = "not a file" if kind == "missing" else f"{kind}, not a regular file"
+                raise Lfm2npError(f"{index}: lists shard {shown(name)}, which is {what} in {self.directory}")
             shard = self.files[name] = SafetensorsFile(path)
             for tensor, info in shard.tensors.items():
                 if tensor in self.tensors:
-                    raise Lfm2npError(f"{path}: tensor {tensor!r} also appears in {self.tensors[tensor].file}")
+                    raise Lfm2npError(f"{path}: tensor {shown(tensor)} also appears in {self.tensors[tensor].file}")
                 if weight_map is not None and tensor not in weight_map:
-                    raise Lfm2npError(f"{path}: holds tensor {tensor!r}, which {index} does not list")
+                    raise Lfm2npError(f"{path}: holds tensor {shown(tensor)}, which {index} does not list")
                 self.tensors[tensor] = info
         for tensor, shard_name in (weight_map or {}).items():
             info = self.tensors.get(tensor)
             if info is None or info.file.name != shard_name:
-                raise Lfm2npError(f"{index}: maps {tensor!r} to {shard_name}, which does not hold it")
+                raise Lfm2npError(f"{index}: maps {shown(tensor)} to {shard_name}, which does not hold it")
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """``{name: shape}`` of every tensor the checkpoint holds."""
@@ -117,7 +121,7 @@ class Checkpoint:
         memory map: a file that changed since loading is an Lfm2npError). A fresh, read-only array."""
         info = self.tensors.get(name)
         if info is None:
-            raise Lfm2npError(f"{self.directory}: no tensor named {name!r}")
+            raise Lfm2npError(f"{self.directory}: no tensor named {shown(name)}")
         out = self.files[info.file.name].read(name, dtype, rows)
         out.flags.writeable = False
         return out
@@ -153,7 +157,7 @@ def write_safetensors(path: "str | os.PathLike[str]", tensors: dict[str, np.ndar
     float64). Tensors whose name ends with one of ``keep_float32`` stay float32, as released checkpoints
     keep the router's expert bias."""
     if dtype not in _CODES:
-        raise Lfm2npError(f"cannot write dtype {dtype!r}; expected one of {', '.join(_CODES)}")
+        raise Lfm2npError(f"cannot write dtype {shown(dtype)}; expected one of {', '.join(_CODES)}")
     header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     blobs, offset = [], 0
     for name, arr in tensors.items():
@@ -178,14 +182,23 @@ def write_safetensors(path: "str | os.PathLike[str]", tensors: dict[str, np.ndar
 def save_checkpoint(directory: "str | os.PathLike[str]", config: Config, tensors: dict[str, np.ndarray],
                     dtype: str = "float32", shards: int = 1) -> Path:
     """Write ``config.json`` and the tensors (one file, or ``shards`` files with an index) to a directory
-    that :func:`lfm2np.load` reads back. Every expected tensor must be given, with its shape."""
+    that :func:`lfm2np.load` reads back. Every expected tensor must be given, with its shape; ``shards`` is
+    1 .. the number of tensors (0 wrote an index of no shard, which nothing reads back)."""
+    if not isinstance(directory, (str, os.PathLike)) or not str(directory).strip():
+        raise Lfm2npError(f"save_checkpoint: directory is {shown(directory)}; expected the path of a directory")
+    if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= max(1, len(tensors)):
+        raise Lfm2npError(f"save_checkpoint: shards is {shown(shards)}; expected 1 .. {max(1, len(tensors))} "
+                          f"(the number of tensors)")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, a permission
+        raise Lfm2npError(f"{directory}: cannot create the checkpoint directory ({e.strerror or e})") from None
     expected = expected_tensors(config)
     for name, shape in expected.items():
         if name not in tensors or tuple(np.shape(tensors[name])) != shape:
             got = "missing" if name not in tensors else f"shape {list(np.shape(tensors[name]))}"
-            raise Lfm2npError(f"save_checkpoint: tensor {name!r} is {got}; expected shape {list(shape)}")
+            raise Lfm2npError(f"save_checkpoint: tensor {shown(name)} is {got}; expected shape {list(shape)}")
     d = config.to_dict()
     d["torch_dtype"] = dtype
     (directory / "config.json").write_text(json.dumps(d, indent=2) + "\n")

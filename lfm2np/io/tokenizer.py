@@ -29,15 +29,16 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import AbstractSet, Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer as Backend
 from tokenizers.decoders import DecodeStream
 
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
 from . import hub
 from .chat_template import have_jinja2, read_json_object, read_text, render_template, template_from_value
+from .files import present
 from .gguf_file import GgufFile
 from .gguf_tokenizer import tokenizer_from_gguf_metadata
 
@@ -49,10 +50,14 @@ ROLES = ("system", "user", "assistant", "tool")
 Message = Mapping[str, Any]
 
 
-def _tojson(value: Any) -> str:
+def _tojson(value: Any, what: str = "a value") -> str:
     """JSON as transformers' chat templates write it (``tojson``): no ASCII escaping, no key sorting,
-    ``", "`` and ``": "`` separators."""
-    return json.dumps(value, ensure_ascii=False)
+    ``", "`` and ``": "`` separators. A value JSON cannot write (a set, bytes, an object, nesting too deep, an
+    integer of thousands of digits) is an error naming ``what``."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise Lfm2npError(f"{what} cannot be written as JSON ({str(e)[:100]})") from None
 
 
 def format_chat(messages: Sequence[Message], tools: Sequence[Any] | None = None,
@@ -65,17 +70,20 @@ def format_chat(messages: Sequence[Message], tools: Sequence[Any] | None = None,
     """
     _check_messages(messages)
     _check_tools(tools)
+    _check_flag(add_generation_prompt, "add_generation_prompt")
+    if not isinstance(bos_token, str):
+        raise Lfm2npError(f"bos_token must be a token string; got {_what(bos_token)}")
     system, rest = "", list(messages)
     if rest and rest[0]["role"] == "system":
         system, rest = rest[0]["content"], rest[1:]
     if tools:
-        listed = ", ".join(t if isinstance(t, str) else _tojson(t) for t in tools)
+        listed = ", ".join(t if isinstance(t, str) else _tojson(t, f"tools[{i}]") for i, t in enumerate(tools))
         system = system + ("\n" if system else "") + f"List of tools: {TOOL_LIST_START}[{listed}]{TOOL_LIST_END}"
     out = [bos_token]
     if system:
         out.append(f"{IM_START}system\n{system}{IM_END}\n")
-    for m in rest:
-        content = m["content"] if isinstance(m["content"], str) else _tojson(m["content"])
+    for i, m in enumerate(rest, start=len(messages) - len(rest)):
+        content = m["content"] if isinstance(m["content"], str) else _tojson(m["content"], f"message {i}'s content")
         if m["role"] == "tool":
             content = f"{TOOL_RESPONSE_START}{content}{TOOL_RESPONSE_END}"
         out.append(f"{IM_START}{m['role']}\n{content}{IM_END}\n")
@@ -91,9 +99,9 @@ def _check_messages(messages: Sequence[Message]) -> None:
         raise Lfm2npError("messages is empty: a conversation needs at least one message")
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise Lfm2npError(f"message {i} must have 'role' and 'content'; got {m!r}")
+            raise Lfm2npError(f"message {i} must have 'role' and 'content'; got {shown(m)}")
         if m["role"] not in ROLES:
-            raise Lfm2npError(f"message {i} has role {m['role']!r}; expected one of {', '.join(ROLES)}")
+            raise Lfm2npError(f"message {i} has role {shown(m['role'])}; expected one of {', '.join(ROLES)}")
     if messages and messages[0]["role"] == "system" and not isinstance(messages[0]["content"], str):
         raise Lfm2npError("message 0: a system message's content must be a string")
 
@@ -114,8 +122,7 @@ def _what(value: Any) -> str:
 
 
 def _clip(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return shown(value, 40)
 
 
 def _check_text(text: Any, what: str) -> None:
@@ -138,7 +145,8 @@ def _id_sequence(ids: Any, what: str) -> Iterable[Any]:
     """``ids`` as an iterable of ids (a sequence, an array with an axis, an iterator); never text, bytes or a
     single number."""
     zero_d = isinstance(ids, np.ndarray) and ids.ndim == 0
-    if isinstance(ids, (str, bytes, bytearray)) or zero_d or not isinstance(ids, Iterable):
+    unordered = isinstance(ids, (AbstractSet, Mapping))  # no order of ids (or keys taken for ids)
+    if isinstance(ids, (str, bytes, bytearray)) or zero_d or unordered or not isinstance(ids, Iterable):
         raise Lfm2npError(f"{what} takes a sequence of token ids; got {_what(ids)}")
     return ids
 
@@ -177,6 +185,9 @@ class Tokenizer:
     def load(cls, model: "str | os.PathLike[str]") -> "Tokenizer":
         """The tokenizer of any model argument: a ``.gguf`` file (the tokenizer it carries), a checkpoint
         directory, or a repo id in the local Hugging Face cache."""
+        if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
+            raise Lfm2npError(f"Tokenizer.load takes a checkpoint directory, a cached repo id or a .gguf file; got "
+                              f"{_what(model)}")
         if str(model).lower().endswith(".gguf"):
             return cls.from_gguf(model)
         return cls.from_dir(hub.resolve(model))
@@ -188,7 +199,7 @@ class Tokenizer:
         ``tokenizer.chat_template`` and its BOS / EOS / padding tokens. A file whose pre-tokenizer is not
         LFM2's is refused (``"llama-bpe"``, ``"llama3"``, ``"llama-v3"`` -- the same split -- warn)."""
         path = Path(path)
-        if not path.is_file():
+        if not present(path, "a GGUF file"):
             raise Lfm2npError(f"{path}: no such GGUF file")
         with GgufFile(path) as f:
             metadata = f.metadata
@@ -205,7 +216,7 @@ class Tokenizer:
         increasing priority)."""
         directory = Path(path)
         file = directory / "tokenizer.json"
-        if not file.is_file():
+        if not present(file, "the checkpoint's tokenizer.json"):
             raise Lfm2npError(f"{directory}: no tokenizer.json")
         text = read_text(file, "tokenizer.json")
         try:
@@ -215,26 +226,26 @@ class Tokenizer:
         special: dict[str, str] = {}
         template, template_source = None, None
         config_file = directory / "tokenizer_config.json"
-        if config_file.exists():
+        if present(config_file, "the tokenizer config (JSON)"):
             config = read_json_object(config_file, "tokenizer config")
             for key in ("bos_token", "eos_token", "pad_token"):
                 value = _special_token(config.get(key), f"{config_file}: {key}")
                 if value is not None and backend.token_to_id(value) is None:
-                    raise Lfm2npError(f"{config_file}: {key} {value!r} is not a token of {file.name}")
+                    raise Lfm2npError(f"{config_file}: {key} {shown(value)} is not a token of {file.name}")
                 if value is not None:
                     special[key] = value
             where = f"{config_file}: chat_template"
             template = template_from_value(config.get("chat_template"), where)
             template_source = where if template is not None else None
         json_file = directory / "chat_template.json"
-        if json_file.exists():
+        if present(json_file, "the chat template file (JSON)"):
             where = f"{json_file}: chat_template"
             holder = read_json_object(json_file, "chat template file")
             value = template_from_value(holder.get("chat_template"), where)
             if value is not None:
                 template, template_source = value, where
         jinja_file = directory / "chat_template.jinja"
-        if jinja_file.exists():
+        if present(jinja_file, "the chat template (a Jinja text file)"):
             template, template_source = read_text(jinja_file, "chat template"), str(jinja_file)
         return cls(backend, template, special, str(directory), template_source=template_source)
 
@@ -250,6 +261,7 @@ class Tokenizer:
         """The id of ``token`` (a string), or None when it is not a token."""
         if not isinstance(token, str):
             raise Lfm2npError(f"token_to_id takes a token string; got {_what(token)}")
+        _check_text(token, "token_to_id")  # a lone surrogate: no UTF-8 bytes to look up
         return self.backend.token_to_id(token)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
@@ -262,7 +274,7 @@ class Tokenizer:
         if add_bos:
             bos = self.token_to_id(self.special["bos_token"])
             if bos is None:
-                raise Lfm2npError(f"the tokenizer has no BOS token {self.special['bos_token']!r}")
+                raise Lfm2npError(f"the tokenizer has no BOS token {shown(self.special['bos_token'])}")
             ids = [bos, *ids]
         return ids
 
@@ -289,8 +301,8 @@ class Tokenizer:
         extra = [extra] if isinstance(extra, (int, np.integer)) and not isinstance(extra, (bool, np.bool_)) else \
             _id_sequence(extra, "stop_ids")
         for i in extra:
-            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) or i < 0:
-                raise Lfm2npError(f"stop_ids: {_what(i)} is not a token id (an integer >= 0)")
+            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) or not 0 <= i < 2**63:
+                raise Lfm2npError(f"stop_ids: {_what(i)} is not a token id (an integer in 0 .. 2**63 - 1)")
         names = {IM_END, EOS_TEXT, self.special.get("eos_token", IM_END)}
         ids = {self.token_to_id(n) for n in names}
         return {i for i in ids if i is not None} | {int(i) for i in extra}
@@ -326,6 +338,9 @@ class Tokenizer:
         dependency, is missing from the installation."""
         _check_messages(messages)
         _check_tools(tools)
+        _check_flag(add_generation_prompt, "add_generation_prompt")
+        if use_builtin is not None:
+            _check_flag(use_builtin, "use_builtin")
         if use_builtin is None:
             use_builtin = self.chat_template is None or not have_jinja2()
             if self.chat_template is not None and use_builtin and not self._said_builtin:

@@ -39,12 +39,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
 from ..schema import holds_integers, is_trace_name, layer_of, per_position
 from .routing import Flip, canonical_order, choice_scores, classify_routing
 from .runs import canonical_tensors, reference_notes, same_run
-from .tolerance import COMPARE_TIERS, CompareTier
-from .trace import Trace, json_number, matches
+from .tolerance import CompareTier, compare_tier
+from .trace import Trace, checked_patterns, json_number, matches
 
 @dataclass(frozen=True)
 class TensorDiff:
@@ -262,10 +262,15 @@ def compare(a: Trace, b: Trace, tier: "str | CompareTier" = "fp32", patterns: Se
     ``patterns`` (fnmatch globs of lfm2np names) restricts the tensors compared; ``prefix`` compares traces of
     different lengths on their common prefix; ``partial`` accepts a comparison that shares too little to
     localise a divergence."""
-    if isinstance(tier, str):
-        if tier not in COMPARE_TIERS:
-            raise Lfm2npError(f"unknown tier {tier!r}; expected one of {', '.join(COMPARE_TIERS)}")
-        tier = COMPARE_TIERS[tier]
+    for label, trace in (("a", a), ("b", b)):
+        if not isinstance(trace, Trace):
+            raise Lfm2npError(f"compare: {label} must be a Trace (lfm2np.oracle.trace.Trace.load reads one); got "
+                              f"{type(trace).__name__}")
+    for label, flag in (("prefix", prefix), ("partial", partial)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise Lfm2npError(f"compare: {label} must be True or False; got {shown(flag)}")
+    tier = compare_tier(tier)
+    patterns = checked_patterns(patterns)
     warnings: list[str] = []
     ids, length = same_run(a, b, prefix, warnings)
     ta, unknown_a = canonical_tensors(a, "A")

@@ -39,13 +39,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
 from ..schema import layer_of, order_key, per_position
 from . import mistakes as M
 from .compare import compare
 from .dumps import Dump
 from .judges import LogitsJudge, TokensJudge, TraceJudge, row_errors
-from .tolerance import COMPARE_TIERS, CompareTier
+from .tolerance import CompareTier, compare_tier
 from .trace import Trace
 
 #: The search for combinations keeps this many candidates per size, up to this many mistakes at once.
@@ -178,10 +178,21 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill
     """Diagnose ``dump`` against ``model`` (the reference): see the module docstring. ``prefill`` (or the
     dump's) is where the backend's second call began; without it a token stream's is the end of the prompt,
     and a logits or trace dump's the position where it first diverges. ``only``: these catalogue ids."""
-    if isinstance(tier, str):
-        if tier not in COMPARE_TIERS:
-            raise Lfm2npError(f"unknown tier {tier!r}; expected one of {', '.join(COMPARE_TIERS)}")
-        tier = COMPARE_TIERS[tier]
+    if not all(hasattr(model, a) for a in ("config", "check_ids", "forward")):
+        raise Lfm2npError(f"diagnose: model must be an lfm2np Model (lfm2np.load gives one); got "
+                          f"{type(model).__name__}")
+    if not isinstance(dump, Dump):
+        raise Lfm2npError(f"diagnose: dump must be a Dump (lfm2np.oracle.dumps.load_dump reads one); got "
+                          f"{type(dump).__name__}")
+    tier = compare_tier(tier)
+    if prefill is not None and (isinstance(prefill, (bool, np.bool_)) or not isinstance(prefill, (int, np.integer))
+                                or prefill < 1):
+        raise Lfm2npError(f"diagnose: prefill must be an integer >= 1 (where the backend's second call began); got "
+                          f"{shown(prefill)}")
+    if not isinstance(combine, (bool, np.bool_)):
+        raise Lfm2npError(f"diagnose: combine must be True or False; got {shown(combine)}")
+    if isinstance(only, str):  # one id, not its characters
+        only = (only,)
     c = model.config
     catalogue = M.CATALOGUE if only is None else tuple(M.mistake(i) for i in only)
     if dump.kind == "tokens":

@@ -17,10 +17,8 @@ its second call, a decode or a second prefill, began). Every problem with a file
 
 from __future__ import annotations
 
-import errno
 import math
 import os
-import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
+from ..io.files import file_kind
 from ..io.params import available_memory
 from ..io.safetensors_file import STORAGE, SafetensorsFile
 from ..schema import layer_of
@@ -72,7 +71,8 @@ def _int_array(value: Any, what: str, ndim: int = 1) -> np.ndarray:
         raise Lfm2npError(f"{what} must have {ndim} non-empty axis; got shape {list(a.shape)}")
     big = np.abs(a.astype(np.float64)) >= 2.0 ** 63  # would wrap around in int64 (uint64, huge floats)
     if big.any():
-        raise Lfm2npError(f"{what}: {a.reshape(-1)[np.argmax(big.reshape(-1))].item()!r} is no token id (too large)")
+        first = a.reshape(-1)[np.argmax(big.reshape(-1))].item()
+        raise Lfm2npError(f"{what}: {shown(first)} is no token id (too large)")
     return a.astype(np.int64)
 
 
@@ -81,7 +81,7 @@ def _prefill(value: Any, what: str) -> int | None:
         return None
     a = np.asarray(value)
     if a.size != 1 or not np.issubdtype(a.dtype, np.integer) or int(a.reshape(-1)[0]) < 1:
-        raise Lfm2npError(f"{what} must be one integer >= 1 (the ids in the backend's first call); got {value!r}")
+        raise Lfm2npError(f"{what} must be one integer >= 1 (the ids in the backend's first call); got {shown(value)}")
     return int(a.reshape(-1)[0])
 
 
@@ -141,30 +141,30 @@ def _npz_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], int, str]]:
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
                 if not info.filename.endswith(".npy"):
-                    raise Lfm2npError(f"{path}: member {info.filename!r:.80} is not an .npy array")
+                    raise Lfm2npError(f"{path}: member {shown(info.filename)} is not an .npy array")
                 if info.flag_bits & 0x1:
-                    raise Lfm2npError(f"{path}: member {info.filename!r:.80} is encrypted")
+                    raise Lfm2npError(f"{path}: member {shown(info.filename)} is encrypted")
                 if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
                     # zipfile inflates bzip2 and lzma without an output bound: reading a header alone could
                     # inflate gigabytes
-                    raise Lfm2npError(f"{path}: member {info.filename!r:.80} is compressed with method "
+                    raise Lfm2npError(f"{path}: member {shown(info.filename)} is compressed with method "
                                       f"{info.compress_type}; a dump's members are stored or deflated (as "
                                       f"numpy's savez and savez_compressed write them)")
                 with zf.open(info) as f:
                     version = np.lib.format.read_magic(f)
                     if version not in ((1, 0), (2, 0)):
-                        raise Lfm2npError(f"{path}: member {info.filename!r:.80} has .npy format {version}")
+                        raise Lfm2npError(f"{path}: member {shown(info.filename)} has .npy format {version}")
                     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                         np.lib.format.read_array_header_2_0
                     shape, _, dtype = read(f)
                 name = info.filename[:-4]
                 if dtype.hasobject:
-                    raise Lfm2npError(f"{path}: array {name!r:.80} holds Python objects; a dump holds numbers")
+                    raise Lfm2npError(f"{path}: array {shown(name)} holds Python objects; a dump holds numbers")
                 shape = tuple(int(n) for n in shape)
                 total += math.prod(shape) * dtype.itemsize
                 if total > limit:
                     raise Lfm2npError(f"{path}: its arrays would inflate its {path.stat().st_size} stored bytes to at "
-                                      f"least {total} (with array {name!r:.80}): refused (an .npz dump may declare "
+                                      f"least {total} (with array {shown(name)}): refused (an .npz dump may declare "
                                       f"at most {INFLATION} times its size plus {INFLATION_SLACK >> 20} MiB; a dump "
                                       f"of real numbers does not compress {INFLATION}-fold)")
                 out[name] = (shape, dtype.itemsize, dtype.kind)
@@ -181,7 +181,7 @@ def _check_shapes(path: Path, shapes: dict[str, tuple[tuple[int, ...], int, str]
     available for; a logits dump's ``logits`` (T, V) against its ``ids`` (T,) and the model's V."""
     for name, (shape, itemsize, kind) in shapes.items():
         if math.prod(n for n in shape if n) * itemsize >= 2 ** 63:  # numpy refuses it even when an axis is 0
-            raise Lfm2npError(f"{path}: array {name!r:.80} has shape {list(shape)}, beyond what an array can hold")
+            raise Lfm2npError(f"{path}: array {shown(name)} has shape {list(shape)}, beyond what an array can hold")
         if name in ("ids", "tokens", "prefill") or holds_integers(name):
             allowed, want = "iuf", "integers"
         elif name == "logits" or is_trace_name(name):
@@ -189,7 +189,7 @@ def _check_shapes(path: Path, shapes: dict[str, tuple[tuple[int, ...], int, str]
         else:  # a tensor the diagnosis does not read (llama.cpp's argsort, an attention mask): any number
             allowed, want = "biuf", "numbers"
         if kind not in allowed:
-            raise Lfm2npError(f"{path}: array {name!r:.80} has dtype kind {kind!r}; expected {want}")
+            raise Lfm2npError(f"{path}: array {shown(name)} has dtype kind {shown(kind)}; expected {want}")
     need = sum(math.prod(shape) * size for shape, size, _ in shapes.values())
     if need > available_memory():
         raise Lfm2npError(f"{path}: the dump holds {need} bytes of arrays, more than the memory available")
@@ -234,6 +234,8 @@ def load_dump(path: "str | os.PathLike[str]", ids: Sequence[int] | None = None, 
                           f"or a token stream (ids + tokens): split it into two files")
     if "ids" in arrays and ids is None:
         _check_ids(path, "ids", arrays["ids"], vocab_size)
+    elif ids is not None:  # the ids given for the dump: the same check, naming them as given
+        _check_ids(path, "the ids given", _int_array(ids, f"{path}: the ids given"), vocab_size)
     if "tokens" in arrays:
         _check_ids(path, "tokens", arrays["tokens"], vocab_size)
     if "logits" in arrays:
@@ -262,17 +264,14 @@ def _positions(path: Path, dump: Dump) -> Dump:
 def _dump_file(path: "str | os.PathLike[str]") -> Path:
     """``path`` if it is a regular file; otherwise an error saying what it is (a directory, a FIFO, a loop of
     links, nothing), found without opening it (opening a FIFO would wait for a writer)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise Lfm2npError(f"a dump is the path of an .npz or a .safetensors file; got {shown(path)}")
     path = Path(path)
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            raise Lfm2npError(f"{path}: no such dump file") from None
-        what = "a loop of symbolic links" if e.errno == errno.ELOOP else e.strerror or str(e)
-        raise Lfm2npError(f"{path}: cannot read the dump file ({what})") from None
-    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-    what = next((name for test, name in kinds if test(mode)), None if stat.S_ISREG(mode) else "not a regular file")
+    what = file_kind(path)
+    if what == "missing":
+        raise Lfm2npError(f"{path}: no such dump file")
+    if what == "a loop of symbolic links" or (what or "").startswith("unreadable"):
+        raise Lfm2npError(f"{path}: cannot read the dump file ({what})")
     if what is not None:
         raise Lfm2npError(f"{path}: is {what}; a dump is an .npz or a .safetensors file")
     return path
@@ -285,7 +284,8 @@ def _check_ids(path: Path, name: str, values: np.ndarray, vocab_size: int | None
         return  # the type and shape are checked, naming the file, where the dump is built
     bad = ~((a >= 0) & (a < vocab_size))
     if bad.any():
-        raise Lfm2npError(f"{path}: {name} holds {a.reshape(-1)[np.argmax(bad.reshape(-1))].item()!r}, outside the "
+        first = a.reshape(-1)[np.argmax(bad.reshape(-1))].item()
+        raise Lfm2npError(f"{path}: {name} holds {shown(first)}, outside the "
                           f"model's vocabulary (0..{vocab_size - 1})")
 
 
@@ -298,7 +298,7 @@ def _check_float32_range(path: Path, name: str, values: np.ndarray) -> None:
     big = np.isfinite(a) & (np.abs(a) > np.finfo(np.float32).max)
     if big.any():
         where = np.unravel_index(int(np.argmax(big)), a.shape)
-        raise Lfm2npError(f"{path}: array {name!r} holds {a[where].item()!r} at {list(map(int, where))}, beyond "
+        raise Lfm2npError(f"{path}: array {name!r} holds {shown(a[where].item())} at {list(map(int, where))}, beyond "
                           f"float32 range ({np.finfo(np.float32).max:.4g}); logits are compared in float32")
 
 

@@ -28,7 +28,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from .. import schema
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
+from ..io.files import overwrites, read_identities
 from ..model import Model
 from ..ops import ROUTER_NORM_EPS
 from .trace import record
@@ -51,14 +52,14 @@ def _checked_layers(layers: Any, n: int) -> set[int]:
         return set(range(n))
     expected = "expected a list of layer indices such as [0, 2] (or None: every layer)"
     if isinstance(layers, (str, bytes, Mapping)) or not isinstance(layers, Iterable):
-        raise Lfm2npError(f"layers is {layers!r:.60} (of type {type(layers).__name__}); {expected}")
+        raise Lfm2npError(f"layers is {shown(layers)} (of type {type(layers).__name__}); {expected}")
     try:
         items = list(layers)
     except TypeError:  # a 0-d array: iterable by its type, not by its value
-        raise Lfm2npError(f"layers is {layers!r:.60} (of type {type(layers).__name__}); {expected}") from None
+        raise Lfm2npError(f"layers is {shown(layers)} (of type {type(layers).__name__}); {expected}") from None
     for i in items:
         if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
-            raise Lfm2npError(f"layers holds {i!r:.40} (of type {type(i).__name__}); {expected}")
+            raise Lfm2npError(f"layers holds {shown(i)} (of type {type(i).__name__}); {expected}")
     seen: set[int] = set()
     twice = sorted({int(i) for i in items if int(i) in seen or seen.add(int(i))})
     if twice:
@@ -75,7 +76,7 @@ def _checked_layers(layers: Any, n: int) -> set[int]:
 def _checked_out(out: Any) -> Path:
     """``out`` of :func:`write_golden`: a path naming a directory, or where one can be created."""
     if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
-        raise Lfm2npError(f"out is {out!r:.60}; expected the path of a directory to write the golden files into")
+        raise Lfm2npError(f"out is {shown(out)}; expected the path of a directory to write the golden files into")
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise Lfm2npError(f"out {path} is a file, not a directory; golden vectors are a directory of files")
@@ -97,6 +98,11 @@ def write_golden(model: Model, ids: Any, out: "str | os.PathLike[str]", layers: 
     c, W = model.config, model.params
     wanted = _checked_layers(layers, c.num_hidden_layers)
     out = _checked_out(out)
+    source = W.describe().get("path")  # never write over what the model reads (its weights are read lazily)
+    why = None if source is None else overwrites(out, *read_identities(source), into=True)
+    if why is not None:
+        raise Lfm2npError(f"out {out}: {why.replace('this command reads', 'the model reads')}; choose another "
+                          f"directory")
     if model.check_ids(ids).ndim != 1:
         raise Lfm2npError(f"golden vectors are written for one sequence of ids, shape (T,); got shape "
                           f"{np.shape(ids)}")

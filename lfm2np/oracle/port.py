@@ -23,6 +23,7 @@ names when the handler is registered.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -30,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import ops
-from ..errors import Lfm2npError
+from ..errors import Lfm2npError, shown
 from ..layers import SwiGLUWeights, mixture
 from ..schema import STEPS, TOP_LEVEL
 
@@ -93,12 +94,24 @@ class Port:
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise Lfm2npError(f"Port.{name} is {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
+                raise Lfm2npError(f"Port.{name} is {shown(getattr(self, name))}; expected one of {', '.join(allowed)}")
+        for name in ("router_bias_in_weights", "router_scaling", "router_renorm", "output_gate", "sandwich_norms",
+                     "partial_rotation", "sliding_window"):
+            if not isinstance(getattr(self, name), bool):  # "no" would be true, None false
+                raise Lfm2npError(f"Port.{name} is {shown(getattr(self, name))}; expected True or False")
+        for name in ("rope_theta", "attention_scale"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise Lfm2npError(f"Port.{name} is {shown(value)}; expected None or a positive finite number")
+        p = self.conv_restart
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise Lfm2npError(f"Port.conv_restart is {shown(p)}; expected None or a position >= 1")
         for name in ("layers", "experts"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, tuple) and value and all(
                     isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)):
-                raise Lfm2npError(f"Port.{name} is {value!r}; expected None or a tuple of indices >= 0")
+                raise Lfm2npError(f"Port.{name} is {shown(value)}; expected None or a tuple of indices >= 0")
 
     def at(self, layer: int) -> bool:
         """Whether the switches change layer ``layer``'s values."""
@@ -126,7 +139,7 @@ def merge(*switch_sets: dict[str, Any]) -> Port:
     for switches in switch_sets:
         for name, value in switches.items():
             if name in merged and merged[name] != value:
-                raise Lfm2npError(f"Port.{name} cannot be both {merged[name]!r} and {value!r}")
+                raise Lfm2npError(f"Port.{name} cannot be both {shown(merged[name])} and {shown(value)}")
             merged[name] = value
     return Port(**merged)
 
@@ -186,7 +199,7 @@ def _on(*steps: str, reads: tuple[str, ...] = ()) -> Callable[[Handler], Handler
     None when its switch is at the reference."""
     unknown = [s for s in (*steps, *reads) if not _known(s)]
     if unknown:
-        raise Lfm2npError(f"a port handler names {unknown[0]!r}, which is not in the trace schema")
+        raise Lfm2npError(f"a port handler names {shown(unknown[0])}, which is not in the trace schema")
 
     def register(fn: Handler) -> Handler:
         for step in steps:
@@ -199,6 +212,14 @@ def run(model: Any, ids: Any, port: Port = REFERENCE,
         observe: Callable[[str, np.ndarray], None] | None = None) -> np.ndarray:
     """The logits ``(T, V)`` of ``ids`` (T,) computed from scratch the way ``port`` says. ``observe(name,
     value)`` sees every intermediate as the pass continued with it (the mutated values)."""
+    if not isinstance(port, Port):
+        raise Lfm2npError(f"port must be an lfm2np Port; got {type(port).__name__}")
+    c = model.config
+    for name, count, what in (("layers", c.num_hidden_layers, "layers"), ("experts", c.num_experts, "experts")):
+        beyond = [i for i in getattr(port, name) or () if i >= count]
+        if beyond:  # a switch that changes nothing would pass for the reference
+            raise Lfm2npError(f"Port.{name} names {shown(beyond[0])}; the model has {count} {what} "
+                              f"({f'0..{count - 1}' if count else 'none'})")
     ids = model.check_ids(ids)
     if ids.ndim != 1:
         raise Lfm2npError(f"a mutated forward pass runs one sequence, shape (T,); got shape {ids.shape}")

@@ -77,7 +77,7 @@ def same_run(a: Trace, b: Trace, prefix: bool, warnings: list[str]) -> tuple[lis
         if got is None:
             warnings.append(f"trace {label} records no ids: nothing checks that both traces ran the same input")
     starts = [t.meta.get("start") for t in (a, b)]
-    if all(isinstance(s, int) for s in starts) and starts[0] != starts[1]:
+    if all(isinstance(s, int) and not isinstance(s, bool) for s in starts) and starts[0] != starts[1]:
         raise Lfm2npError(f"the traces start at other positions (A at {starts[0]}, B at {starts[1]}): they are not "
                           f"the same run")
     ia, ib = ids["A"], ids["B"]
@@ -120,7 +120,8 @@ def reference_notes(a: Trace, b: Trace, tier: CompareTier) -> list[str]:
     ref = ran_a_gguf(b) or (b.meta.get("weights") if isinstance(b.meta.get("weights"), dict) else {})
     if ref.get("format") == "gguf" and ("path" not in gguf or "path" not in ref or ref["path"] == gguf["path"]):
         return []  # the same GGUF, as far as the traces say
-    types = gguf.get("types") or {}
+    types = gguf.get("types")
+    types = types if isinstance(types, dict) else {}
     quantised = sorted(t for t in types if t not in UNQUANTISED)
     what = f"its weights are {', '.join(quantised)}" if quantised else \
         "llama.cpp names its tensors" if gguf.get("by") else "its weights are not quantised"

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from ..errors import Lfm2npError, shown
 
 
 @dataclass(frozen=True)
@@ -96,3 +99,13 @@ COMPARE_TIERS = {t.name: t for t in (
                 "Q4_0 / Q4_K weights against the original ones: worst correct run measured 0.77 / -5.0 dB on tiny "
                 "random models (a trained model's logits 0.19 / -15.5 dB): only a broken run fails it"),
 )}
+
+
+def compare_tier(tier: Any) -> CompareTier:
+    """A tier given by name (``"fp32"``, ``"q8_0"``...) or as a :class:`CompareTier`; an :class:`Lfm2npError`
+    naming the argument otherwise."""
+    if isinstance(tier, CompareTier):
+        return tier
+    if isinstance(tier, str) and tier in COMPARE_TIERS:
+        return COMPARE_TIERS[tier]
+    raise Lfm2npError(f"unknown tier {shown(tier)}; expected one of {', '.join(COMPARE_TIERS)} or a CompareTier")
