@@ -125,12 +125,13 @@ def llama_child(path: str, decode: int, threads: int) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     llm.eval([i % vocab for i in PROMPT])
     res["prefill_64_s"], res["prefill_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
-    steps = []
+    steps, cpu = [], []
     for k in range(decode):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         llm.eval([_decode_ids(k, vocab)])
         steps.append(time.perf_counter() - t0)
-    res["decode_s"] = steps
+        cpu.append(time.process_time() - c0)
+    res["decode_s"], res["decode_cpu_s"] = steps, cpu
     res["decode_median_s"] = sorted(steps)[len(steps) // 2] if steps else None
     return {**res, **_memory()}
 
@@ -232,6 +233,8 @@ def gguf_main(args: argparse.Namespace, env: dict, lfm2np_cmd) -> int:
         print(f"[build] {path.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"[warm] {path}: read in {warm(path):.1f} s", flush=True)
     llama = args.llama_python if args.llama_python and Path(args.llama_python).is_file() else None
+    if llama is None:
+        print(f"[llama.cpp] skipped: no Python at --llama-python {args.llama_python!r}", flush=True)
     commands = {"lfm2np": lfm2np_cmd(path)}
     commands.update({f"lfm2np before ({tree})": lfm2np_cmd(path, str(Path(tree).resolve())) for tree in args.before})
     if llama:
@@ -252,7 +255,9 @@ def _line(r: dict) -> str:
     mem = f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB, anonymous at the end {r['rss_anon_end_bytes'] / 1e9:.2f} GB"
     stages = {k: r[k] for k in ("prefill_stages_s", "decode_stages_s") if k in r}
     decode = "-" if r["decode_median_s"] is None else f"{r['decode_median_s']:.3f}"
-    return f"prefill {r['prefill_64_s']:.2f} s, decode {decode} s/token, {mem} {stages or ''}"
+    steps = sorted(r.get("decode_cpu_s") or [0.0])
+    cpu = f" (CPU time of the process: {r['prefill_cpu_s']:.1f} s, {steps[len(steps) // 2]:.2f} s/token)"
+    return f"prefill {r['prefill_64_s']:.2f} s, decode {decode} s/token{cpu}, {mem} {stages or ''}"
 
 
 def _table(runs: dict[str, list[dict]]) -> str:
