@@ -36,6 +36,7 @@ from typing import Any, Mapping
 from .config_keys import (ATTENTION, CONV, LAYER_KINDS, LIMITS, MAX_TENSORS, MODEL_TYPES, ROPE_READINGS,
                           ROPE_TYPES, SLIDING, Rope, normalise)
 from .errors import Lfm2npError, shown
+from .vision_config import VisionConfig
 
 __all__ = ["ATTENTION", "CONV", "Config", "LAYER_KINDS", "LIMITS", "MODEL_TYPES", "ROPE_READINGS", "ROPE_TYPES",
            "Rope", "SLIDING", "check_rope_reading", "checked_config", "effective_ffn_dim"]
@@ -118,6 +119,8 @@ class Config:
     bos_token_id: int | None = 1
     eos_token_id: tuple[int, ...] = (2,)
     pad_token_id: int | None = 0
+    #: LFM2-VL: the vision tower, projector and image placeholder (None for a text model)
+    vision: VisionConfig | None = None
     # an explicit head_dim key in config.json (transformers honours one); None means hidden_size / heads
     explicit_head_dim: int | None = None
     # where this config came from (a path or a preset name); informational only
@@ -166,6 +169,11 @@ class Config:
     def is_moe(self) -> bool:
         """True for ``lfm2_moe`` configs."""
         return self.model_type == "lfm2_moe"
+
+    @property
+    def is_vision_language(self) -> bool:
+        """True for LFM2-VL configs (a vision tower and projector before the text tower)."""
+        return self.vision is not None
 
     @property
     def attention_layers(self) -> tuple[int, ...]:
@@ -248,6 +256,11 @@ class Config:
         }
         if self.explicit_head_dim is not None:
             d["head_dim"] = self.explicit_head_dim
+        if self.vision is not None:
+            text = self.replace(vision=None).to_dict()
+            return {"model_type": "lfm2_vl", "architectures": ["Lfm2VlForConditionalGeneration"],
+                    "text_config": text, "vision_config": self.vision.to_dict(), **self.vision.top_level(),
+                    "tie_word_embeddings": self.tie_word_embeddings}
         if self.model_type == "lfm3":
             d.update(sliding_window=self.sliding_window, use_sandwich_norm=self.use_sandwich_norm,
                      use_attention_gate=self.use_attention_gate, attention_bias=self.attention_bias,
@@ -339,6 +352,12 @@ class Config:
                                               f"0..{c.num_hidden_layers}")
         check_rope_reading(c.rope_reading)
         self._validate_token_ids()
+        if c.vision is not None:
+            if not isinstance(c.vision, VisionConfig) or c.model_type != "lfm2":
+                raise err("vision", "is set on a config that is not LFM2-VL's lfm2 text tower")
+            c.vision.check(err)
+            if c.vision.image_token_id >= c.vocab_size:
+                raise err("image_token_id", f"is {c.vision.image_token_id}, outside the vocabulary 0..{c.vocab_size - 1}")
 
     def _validate_rope(self) -> None:
         used = {k for k in self.layer_types if k != CONV}

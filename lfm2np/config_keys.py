@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import Lfm2npError, shown
+from .vision_config import TOWER_FIELDS, VisionConfig
 
 MODEL_TYPES = ("lfm2", "lfm2_moe", "lfm3")
+#: vision-language model types: an LFM2 text tower behind a SigLIP2 vision tower ("lfm2-vl": the remote-code spelling)
+VL_MODEL_TYPES = ("lfm2_vl", "lfm2-vl")
 CONV, ATTENTION, SLIDING = "conv", "full_attention", "sliding_attention"
 LAYER_KINDS = {"lfm2": (CONV, ATTENTION), "lfm2_moe": (CONV, ATTENTION), "lfm3": (CONV, SLIDING, ATTENTION)}
 ROPE_TYPES = ("default", "proportional")
@@ -93,6 +96,8 @@ def normalise(d: Mapping[str, Any], source: str | None) -> dict[str, Any]:
     if not isinstance(d, Mapping):
         raise Lfm2npError(f"config{where} is a {type(d).__name__}; expected a JSON object")
     model_type = d.get("model_type", _SENTINEL)
+    if model_type in VL_MODEL_TYPES:
+        return _vision_language(d, source, error)
     if model_type is _SENTINEL:
         raise error("model_type", f"is missing; expected one of {', '.join(MODEL_TYPES)}")
     if model_type not in MODEL_TYPES:
@@ -228,4 +233,45 @@ def _lfm3_fields(d: Mapping[str, Any], layer_types: tuple[str, ...], error: Any)
                             entry.get("partial_rotary_factor", d.get("partial_rotary_factor")), error)
         entries.append(Rope(kind, entry.get("rope_type", entry.get("type", "default")), theta, factor))
     out["rope_parameters"] = tuple(entries)
+    return out
+
+
+def _vision_language(d: Mapping[str, Any], source: str | None, error: Any) -> dict[str, Any]:
+    """An ``lfm2_vl`` config: its ``text_config`` read as an ``lfm2`` config (the top-level tie_word_embeddings
+    wins, as in transformers' Lfm2VlConfig), and ``vision`` from ``vision_config`` and the top-level projector keys
+    with Lfm2VlConfig's and Siglip2VisionConfig's defaults."""
+    text, vision = d.get("text_config"), d.get("vision_config")
+    for name, value in (("text_config", text), ("vision_config", vision)):
+        if not isinstance(value, Mapping):
+            raise error(name, f"is {value!r:.60}; expected an object (an LFM2-VL config nests its two towers)")
+    text_type = text.get("model_type", "lfm2")
+    if text_type != "lfm2":
+        raise error("text_config.model_type", f"is {text_type!r}; LFM2-VL's text tower is 'lfm2'")
+    out = normalise({**text, "model_type": "lfm2"}, source)
+    tie = d.get("tie_embedding", d.get("tie_word_embeddings"))
+    if tie is not None:
+        out["tie_word_embeddings"] = tie
+    if vision.get("model_type", "siglip2_vision_model") != "siglip2_vision_model":
+        raise error("vision_config.model_type", f"is {vision.get('model_type')!r}; lfm2np implements "
+                                                 f"'siglip2_vision_model' (SigLIP2 NaFlex)")
+    checks = ((vision, "hidden_act", "gelu_pytorch_tanh", "vision_config."),
+              (vision, "vision_use_head", False, "vision_config."), (d, "projector_hidden_act", "gelu", ""))
+    for where, key, expected, prefix in checks:
+        value = where.get(key, True if key == "vision_use_head" else expected)  # Siglip2VisionConfig: head on
+        if value != expected or isinstance(value, bool) != isinstance(expected, bool):
+            raise error(prefix + key, f"is {value!r:.60}; LFM2-VL uses {expected!r} (lfm2np implements that only)")
+    args: dict[str, Any] = {}
+    for name in TOWER_FIELDS:
+        if vision.get(name) is not None:
+            args[name] = vision[name]
+        elif name in TOWER_FIELDS[:4]:
+            raise error(f"vision_config.{name}", "is missing")
+    for name in ("downsample_factor", "projector_hidden_size", "projector_bias", "projector_use_layernorm"):
+        if d.get(name) is not None:
+            args[name] = d[name]
+    token = d.get("image_token_id", d.get("image_token_index"))
+    if token is not None:
+        args["image_token_id"] = token
+    fits_float("vision_config.layer_norm_eps", args.get("layer_norm_eps", 1e-6), error)
+    out["vision"] = VisionConfig(**args)
     return out

@@ -9,26 +9,14 @@ wherever a model is named (:func:`lfm2np.load`, :func:`lfm2np.load_config`, ever
 
 from __future__ import annotations
 
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import Lfm2npError
+from .io.hub import EMBEDDED_DIR as EMBEDDED, EMBEDDED_NAME as NAME, embedded_model_path
 
-EMBEDDED = "tiny-lfm2-moe"
-#: the model name that means the embedded model (a directory of that name is given as ``./embedded``)
-NAME = "embedded"
 DEFAULT_PROMPT = 'What is the "while" statement?'
-
-
-def embedded_model_path() -> Path:
-    """The directory of the embedded tiny model (config.json, model.safetensors, tokenizer files)."""
-    path = Path(str(resources.files("lfm2np") / "data" / EMBEDDED))
-    if not (path / "config.json").is_file():
-        raise Lfm2npError(f"{path}: the embedded model is missing from this installation")
-    return path
 
 
 def resolve(model: Any) -> Any:

@@ -30,6 +30,7 @@ from .io.files import present, read_json
 from .io.gguf import read_gguf_config, read_gguf_source
 from .io.params import parse_budget
 from .io.safetensors import Checkpoint
+from .io.vl_checkpoint import Renamed
 from .model import Model
 from .numerics import numerics
 from .schema import describe, layout
@@ -92,6 +93,8 @@ def _load(path: "str | os.PathLike[str]", dtype: Any, strict: bool, memory_budge
         tensors = layout(config)
         source = Checkpoint(directory)
         try:
+            if config.is_vision_language:  # the towers' names as lfm2np lays them out
+                source = Renamed(source, str(directory))
             check_tensors(source.shapes(), {t.name: t.shape for t in tensors}, str(directory), strict,
                           describe(config))
         except BaseException:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from . import layers, ops, schema
+from . import layers, ops, schema, vision
 from .config import Config
 from .errors import Lfm2npError, shown
 from .layers import AttentionWeights, ConvWeights, LayerWeights, MoEWeights, Scope, SwiGLUWeights, Tap
@@ -118,6 +118,9 @@ class Model:
         for t in params.layout:
             if t.layer is not None and t.part != "expert":
                 self._names[t.layer][t.role] = t.name
+        self._vision_names = {t.role: t.name for t in params.layout if t.part in ("vision_tower", "projector")}
+        #: LFM2-VL: turns file paths or arrays into an image batch (lfm2np.load sets it from the processor config)
+        self.image_processor: Callable[[Any], Any] | None = None
 
     def __repr__(self) -> str:
         c = self.config
@@ -136,20 +139,23 @@ class Model:
         everything."""
         return self.params.report()
 
-    def forward(self, ids: Any, *, record: Recorder | None = None, progress: Progress | None = None) -> np.ndarray:
+    def forward(self, ids: Any, *, images: Any = None, record: Recorder | None = None,
+                progress: Progress | None = None) -> np.ndarray:
         """Logits for every position of one sequence or an equal-length batch, computed from scratch.
 
         ids ``(T,)`` -> logits ``(T, V)``; ids ``(B, T)`` -> ``(B, T, V)``. Causal: position t depends on
         tokens 0..t only. ``record`` sees (or replaces) every intermediate of a single sequence (see the
         module docstring). Prompts longer than :attr:`prefill_chunk` run in chunks (as :meth:`step` would),
         which bounds the temporaries; recording runs one pass. Raises :class:`Lfm2npError` for an id
-        outside ``0 .. vocab_size - 1``.
+        outside ``0 .. vocab_size - 1``. LFM2-VL: ``images`` (file paths, arrays, or an image batch as the processor
+        gives it) replace the ids' image placeholders, which ``ids`` must already hold (one sequence).
         """
         ids = self.check_ids(ids)
         check_progress(progress)
         T, context = ids.shape[-1], self.config.max_position_embeddings
         if T > context:  # before the logits (T, V) are allocated: a million ids asked for gigabytes first
             raise Lfm2npError(f"positions 0..{T - 1} go past max_position_embeddings {context} of this model")
+        px = self.pixels(images, ids)
         if ids.ndim == 2:
             if record is not None:
                 raise Lfm2npError(f"record traces one sequence, shape (T,); got ids of shape {ids.shape}")
@@ -158,7 +164,9 @@ class Model:
         if isinstance(chunk, (bool, np.bool_)) or not isinstance(chunk, (int, np.integer)) or chunk < 0:
             raise Lfm2npError(f"Model.prefill_chunk is {shown(chunk)}; expected an integer >= 0 (0: never in chunks)")
         if record is not None or not chunk or ids.shape[0] <= chunk:
-            return self.run(ids, record=record, progress=progress)[0]
+            return self.run(ids, record=record, progress=progress, images=px)[0]
+        features = None if px is None else vision.encode(px, *self.vision_views(), self.config.vision,
+                                                         Scope(self.numerics.round))
         # a long prompt in chunks, each continuing the state of the last: the temporaries of a layer are
         # bounded by the chunk (the FFN's T x F, the conv's T x 3D), the result is the same rows
         state = State.start(self.config, self.dtype, max_rollback=0, numerics=self.numerics.name)
@@ -169,7 +177,8 @@ class Model:
         for n, t0 in enumerate(starts):
             each = None if progress is None else (lambda done, _, n=n: progress(n * L + done, len(starts) * L))
             part = ids[t0:t0 + chunk]
-            _, pasts = self.run(part, state, None, each, logits[t0:t0 + len(part)])
+            mine = None if features is None else features[self._placeholders(ids[:t0]):][:self._placeholders(part)]
+            _, pasts = self.run(part, state, None, each, logits[t0:t0 + len(part)], features=mine)
             state = state.advance(len(part), pasts)
         return logits
 
@@ -177,13 +186,14 @@ class Model:
         """The decoding state of an empty sequence (see :mod:`lfm2np.state`)."""
         return State.start(self.config, self.dtype, max_rollback, self.numerics.name)
 
-    def step(self, ids: Any, state: State | None = None, *, record: Recorder | None = None,
+    def step(self, ids: Any, state: State | None = None, *, images: Any = None, record: Recorder | None = None,
              progress: Progress | None = None) -> tuple[np.ndarray, State]:
         """Continue one sequence by ``ids`` (T,) from ``state`` (None: a new sequence).
 
         Returns the logits ``(T, V)`` of the new tokens and the state after them. ``state`` itself is not
         changed, so keeping it is a snapshot, and using it again restores the sequence as it was. Equal,
-        to float32 rounding, to the matching rows of :meth:`forward` on the whole sequence.
+        to float32 rounding, to the matching rows of :meth:`forward` on the whole sequence. ``images``: as for
+        :meth:`forward`, the images whose placeholders are in these ids.
         """
         ids = self.check_ids(ids)
         if ids.ndim != 1:
@@ -193,7 +203,7 @@ class Model:
         if not isinstance(state, State):
             raise Lfm2npError(f"state must be an lfm2np State (or None); got {type(state).__name__}")
         state.check_for(self.config, self.dtype, self.numerics.name)
-        logits, pasts = self.run(ids, state, record, progress)
+        logits, pasts = self.run(ids, state, record, progress, images=self.pixels(images, ids))
         return logits, state.advance(ids.shape[0], pasts)
 
     def step_batch(self, ids: "list[Any]", states: "list[State | None]") -> tuple[list[np.ndarray], list[State]]:
@@ -228,10 +238,13 @@ class Model:
 
     # ------------------------------------------------------------- the forward pass
     def run(self, ids: np.ndarray, state: State | None = None, record: Recorder | None = None,
-            progress: Progress | None = None, out: np.ndarray | None = None) -> tuple[np.ndarray, list]:
+            progress: Progress | None = None, out: np.ndarray | None = None, images: "vision.Pixels | None" = None,
+            features: np.ndarray | None = None) -> tuple[np.ndarray, list]:
         """The forward pass of ``ids`` (T,) (already checked) continuing ``state`` (None: a new sequence; not
         checked here). Returns the logits (T, V) (written into ``out`` when given) and, per layer, what it
-        continues from next: its extended conv history, or its keys and values (:meth:`State.advance`)."""
+        continues from next: its extended conv history, or its keys and values (:meth:`State.advance`). LFM2-VL:
+        the checked ``images`` through the tower and projector (or their ``features`` already computed) take
+        the placeholders' rows."""
         c, tap = self.config, tap_for(record)
         check_progress(progress)
         T, start = ids.shape[0], 0 if state is None else state.position
@@ -242,7 +255,11 @@ class Model:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite logits are checked below
             positions = np.arange(start, start + T)
             rope = {kind: layers.rope(positions, c, kind, self.dtype, s) for kind in schema.attention_kinds(c)}
+            if images is not None:
+                features = vision.encode(images, *self.vision_views(), c.vision, s)  # (I, D)
             h = s("model.embed_tokens", self.embed(ids))  # (T, D)
+            if features is not None:
+                h = s(vision.PLACED, vision.place(h, ids, features, c.vision.image_token_id))
             pasts = []
             for i, kind in enumerate(c.layer_types):
                 if i + 1 < c.num_hidden_layers:  # read the next layer's tensors while this one runs
@@ -326,6 +343,19 @@ class Model:
             raise Lfm2npError(f"rope: position {int(p.min() if p.min() < 0 else p.max())} is not a position "
                               f"(an integer >= 0)")
         return layers.rope(p.astype(np.int64), self.config, kind, self.dtype, Scope(self.numerics.round))
+
+    def pixels(self, images: Any, ids: np.ndarray) -> "vision.Pixels | None":
+        """``images`` as a checked image batch (file paths and arrays through :attr:`image_processor`), their
+        token count checked against the placeholders in ``ids`` (:func:`lfm2np.vision.check_images`)."""
+        return vision.check_images(images, ids, self.config, self.dtype, self.image_processor)
+
+    def _placeholders(self, ids: np.ndarray) -> int:
+        return int(np.count_nonzero(ids == self.config.vision.image_token_id))
+
+    def vision_views(self) -> "tuple[vision.TowerWeights, vision.ProjectorWeights]":
+        """LFM2-VL: the vision tower's and the projector's weight views."""
+        names, W = self._vision_names, self.params
+        return vision.views(lambda role: W[names[role]] if role in names else None)
 
     def layer_weights(self, i: int) -> LayerWeights:
         """Layer ``i``'s weights as the view :mod:`lfm2np.layers` computes with (experts fetched when chosen)."""

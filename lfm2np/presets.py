@@ -97,6 +97,27 @@ _RELEASED: dict[str, dict] = {
                   "layer_types": ["full_attention" if i % 4 == 2 else "sliding_attention" if i % 4 == 0 and i > 0
                                   else "conv" for i in range(24)]},
 }
+
+
+def _vl(text: str, width: int, mlp: int, layers: int, heads: int, layernorm: bool) -> dict:
+    """An LFM2-VL config: the text preset ``text`` behind a SigLIP2 NaFlex tower (patch 16, 16 x 16 positions)."""
+    return {"model_type": "lfm2_vl", "text_config": _RELEASED[text], "image_token_id": 396, "downsample_factor": 2,
+            "projector_hidden_size": 2560, "projector_bias": True, "projector_hidden_act": "gelu",
+            "projector_use_layernorm": layernorm, "tie_word_embeddings": True,
+            "vision_config": {"model_type": "siglip2_vision_model", "hidden_size": width, "intermediate_size": mlp,
+                              "num_hidden_layers": layers, "num_attention_heads": heads, "num_channels": 3,
+                              "patch_size": 16, "num_patches": 256, "layer_norm_eps": 1e-6,
+                              "hidden_act": "gelu_pytorch_tanh", "vision_use_head": False}}
+
+
+# LFM2-VL / LFM2.5-VL: SigLIP2 base (768 wide, 12 layers) on the 450M models, SigLIP2 so400m (1152, 27) on the others
+_RELEASED.update({
+    "LFM2-VL-450M": _vl("LFM2-350M", 768, 3072, 12, 12, True),
+    "LFM2-VL-1.6B": _vl("LFM2-1.2B", 1152, 4304, 27, 16, True),
+    "LFM2-VL-3B": _vl("LFM2-2.6B", 1152, 4304, 27, 16, True),
+    "LFM2.5-VL-450M": _vl("LFM2-350M", 768, 3072, 12, 12, False),
+    "LFM2.5-VL-1.6B": _vl("LFM2.5-1.2B", 1152, 4304, 27, 16, False),
+})
 # Checkpoints with the shape of another preset (fine-tunes, re-releases): name -> preset it equals. That the
 # LFM2.5-350M, LFM2.5-2.6B and LFM2-2.6B-Exp configs equal LFM2-350M's and LFM2-2.6B's is itself unconfirmed
 # (third-party copies): UNCONFIRMED lists their shape fields.
@@ -117,6 +138,11 @@ UNCONFIRMED: dict[str, tuple[str, ...]] = {
                      "norm_topk_prob", "routed_scaling_factor", "use_expert_bias"),
     "LFM2.5-230M": ("layer_types", "intermediate_size", "num_hidden_layers"),
     "LFM3-1.7B": ("max_position_embeddings", "rope_parameters"),
+    # LFM2-VL: the towers as reported by third parties; the projector width and LayerNorm from early or
+    # third-party configs (LFM2.5-VL's say projector_use_layernorm false; transformers' default is true)
+    # ("vision": the tower's shape, projector_hidden_size and projector_use_layernorm)
+    **{name: ("vision",) for name in ("LFM2-VL-450M", "LFM2-VL-1.6B", "LFM2-VL-3B")},
+    **{name: ("vision", *_SHAPE) for name in ("LFM2.5-VL-450M", "LFM2.5-VL-1.6B")},
     # aliases whose equality with their preset is itself from third-party copies of the configs
     "LFM2.5-350M": _SHAPE, "LFM2.5-2.6B": _SHAPE, "LFM2-2.6B-Exp": _SHAPE,
 }
@@ -141,6 +167,8 @@ MODEL_CARD_PARAMS: dict[str, int | str] = {
     "LFM2.5-8B-A1B": "8.3B total / 1.5B active (card; the 128000-token vocabulary makes it ~8.47B)",
     "LFM2-24B-A2B": "24B total / 2.3B active",
     "LFM2.5-230M": "230M (this preset: 229,693,184)",
+    "LFM2-VL-450M": "450M", "LFM2-VL-1.6B": "1.6B", "LFM2-VL-3B": "3B", "LFM2.5-VL-450M": "450M",
+    "LFM2.5-VL-1.6B": "1.6B",
     "LFM3-1.7B": 1_728_801_536,  # transformers 5.24's Lfm3Config() counted on the meta device; the card: 1.73B
 }
 

@@ -25,6 +25,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from . import vision_schema
 from .config import Config, checked_config
 from .config_keys import CONV
 
@@ -119,7 +120,8 @@ def layout(config: Config) -> list[Tensor]:
     out.append(Tensor("model.embedding_norm.weight", (D,), None, "final_norm", "embedding_norm"))
     if not c.tie_word_embeddings:
         out.append(Tensor("lm_head.weight", (V, D), None, "lm_head", "lm_head"))
-    return out
+    vision = vision_schema.tensors(c.vision, D) if c.vision is not None else []  # LFM2-VL: tower and projector
+    return out + [Tensor(name, shape, None, part, role) for name, shape, part, role in vision]
 
 
 def expected_tensors(config: Config) -> dict[str, tuple[int, ...]]:
@@ -130,8 +132,8 @@ def expected_tensors(config: Config) -> dict[str, tuple[int, ...]]:
 def describe(config: Config) -> str:
     """The config in the words a tensor-inventory message needs: ``lfm2_moe, 24 layers, conv_bias=False,
     tie_word_embeddings=True``."""
-    c = config
-    return (f"{c.model_type}, {c.num_hidden_layers} layers, conv_bias={c.conv_bias}, "
+    c, vl = config, "" if config.vision is None else f" + a {config.vision.num_hidden_layers}-layer vision tower"
+    return (f"{c.model_type}, {c.num_hidden_layers} layers{vl}, conv_bias={c.conv_bias}, "
             f"tie_word_embeddings={c.tie_word_embeddings}")
 
 
@@ -147,8 +149,7 @@ def layer_names(config: Config, layer: int, parts: tuple[str, ...] | None = None
 
 def expert_names(layer: int, expert: int) -> tuple[str, str, str]:
     """The names of expert ``expert``'s ``(w1, w3, w2)`` in layer ``layer``."""
-    p = f"model.layers.{layer}.feed_forward.experts.{expert}."
-    return p + "w1.weight", p + "w3.weight", p + "w2.weight"
+    return tuple(f"model.layers.{layer}.feed_forward.experts.{expert}.{w}.weight" for w in ("w1", "w3", "w2"))
 
 
 HEAD_TIED = "model.embed_tokens.weight"
@@ -181,9 +182,9 @@ class TraceName:
         return self.name.split(".", 3)[3] if self.layer is not None and self.name.count(".") >= 3 else \
             ("" if self.layer is not None else self.name)
 
-    def shape_for(self, T: int) -> tuple[int, ...]:
-        """The shape for a call of ``T`` tokens."""
-        return tuple(T if d == "T" else d for d in self.shape)
+    def shape_for(self, T: int, dims: "dict[str, int] | None" = None) -> tuple[int, ...]:
+        """The shape for a call of ``T`` tokens (and, for LFM2-VL's vision values, ``dims`` N, P and I)."""
+        return tuple(T if d == "T" else (dims or {}).get(d, d) for d in self.shape)
 
 
 #: Every step below ``model.layers.{i}.`` a config can name (a port's mistake may only act on these).
@@ -331,18 +332,22 @@ def layer_steps(config: Config, i: int) -> list[tuple[str, tuple[int | str, ...]
     return out
 
 
-def trace_names(config: Config) -> list[TraceName]:
+def trace_names(config: Config, images: bool = True) -> list[TraceName]:
     """Every intermediate the forward pass of a model with ``config`` names, in the order it computes them (see
-    the module docstring): the RoPE tables of each attention layer type, the embeddings, every step of every
-    layer, the final norm and the logits."""
+    the module docstring): the RoPE tables of each attention layer type, (LFM2-VL, a call with ``images``: the
+    vision tower and projector, :mod:`lfm2np.vision_schema`), the embeddings (with the image features placed),
+    every step of every layer, the final norm and the logits."""
     c = checked_config(config)
     hd, D = c.head_dim, c.hidden_size
     out = []
     for kind in attention_kinds(c):
         p = f"model.rotary_emb.{kind}."
         out += [TraceName(p + "inv_freq", (hd // 2,)), TraceName(p + "cos", ("T", hd)), TraceName(p + "sin", ("T", hd))]
+    vision = vision_schema.trace_steps(c.vision, D) if c.vision is not None and images else []
+    out += [TraceName(n, shape, transformers=vision_schema.transformers_keys(n)) for n, shape in vision[:-1]]
     out.append(TraceName("model.embed_tokens", ("T", D), transformers=transformers_names("model.embed_tokens"),
                          llama_cpp=llama_cpp_names("model.embed_tokens")))
+    out += [TraceName(n, shape, transformers=vision_schema.transformers_keys(n)) for n, shape in vision[-1:]]
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}"
         for step, shape in layer_steps(c, i):
@@ -358,16 +363,10 @@ def trace_names(config: Config) -> list[TraceName]:
     return out
 
 
-def is_named_step(name: str) -> bool:
-    """Whether ``name`` is a step below ``model.layers.{i}.`` (:data:`STEPS`) or a top-level name some config's
-    forward pass gives a value."""
-    return name in STEPS or _TOP.fullmatch(name) is not None
-
-
 def is_trace_name(name: str) -> bool:
     """Whether ``name`` is a name some config's forward pass gives a value (``model.layers.3.conv.bx``)."""
     layer, step = _split(name)
-    return step in STEPS if layer is not None else _TOP.fullmatch(name) is not None
+    return step in STEPS if layer is not None else _TOP.fullmatch(name) is not None or vision_schema.is_vision_name(name)
 
 
 #: every name llama.cpp's LFM2 graph callback gives a value of the schema ("Qcur-3", "result_norm", ...)
@@ -427,6 +426,8 @@ def order_key(name: str) -> tuple:
     layer, step = _split(name)
     if layer is not None:
         return (2, layer, _STEP_INDEX.get(step, len(STEP_ORDER)), step)
+    if vision_schema.order(name) is not None:  # LFM2-VL: the tower, the projector, the placed embeddings
+        return (0.5, *vision_schema.order(name)) if name != vision_schema.PLACED else (1.5, name)
     if name.startswith("model.rotary_emb."):  # per attention type: inv_freq, cos, sin
         kind, _, table = name[len("model.rotary_emb."):].partition(".")
         return (0, kind, ("inv_freq", "cos", "sin").index(table) if table in ("inv_freq", "cos", "sin") else 3)

@@ -1,10 +1,14 @@
 """The package's layout: the import rules of the design, checked by reading every module's imports.
 
-- the core (errors, numerics, config, config_keys, ops, passes, layers, schema, weights, state, model, version)
+- the core (errors, numerics, config, config_keys, ops, passes, layers, schema, weights, state, model, version,
+  and the vision tower's vision, vision_config, vision_schema, ops_vision)
   imports only the core, and ops imports nothing from lfm2np but passes, which imports nothing from lfm2np:
   the formulas know nothing that names or records a value;
-- io/ imports the core and io/; oracle/ and calc/ import the core, io/ and themselves, never each other;
-- the middle (loading, presets, generate, sampling, embedded, synthetic, evaluate) imports the core, io/ and the middle;
+- io/ imports the core and io/; oracle/ and calc/ import the core, io/, processor/ and themselves, never each other;
+- processor/ (the image processor: images and prompts to arrays and ids) imports the core, io/ and itself: a leaf
+  beside io/, which the oracle (diagnosing a processor dump), the calculators (image tokens) and the middle use;
+- the middle (loading, presets, generate, sampling, embedded, synthetic, evaluate) imports the core, io/,
+  processor/ and the middle;
 - nothing imports cli/ (but ``__main__``); the package face only re-exports;
 - there is no import circle, and imports inside functions are only of optional dependencies;
 - outside the core, nothing reaches into another object's private attributes;
@@ -22,11 +26,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lfm2np"
 CORE = {"errors", "numerics", "config", "config_keys", "ops", "passes", "layers", "schema", "weights", "state",
-        "model", "version"}
+        "model", "version", "vision", "vision_config", "vision_schema", "ops_vision"}
 MIDDLE = {"loading", "presets", "generate", "sampling", "embedded", "synthetic", "evaluate"}
 #: imported inside the functions that need them: gguf (an extra), jinja2 (a dependency, imported when a chat template
-#: is first rendered: most commands never render one), readline (in the standard library, but not on every platform)
-OPTIONAL = {"gguf", "jinja2", "readline"}
+#: is first rendered: most commands never render one), readline (in the standard library, but not on every platform),
+#: PIL (Pillow, the extra "vision": decoding image files)
+OPTIONAL = {"gguf", "jinja2", "readline", "PIL"}
 
 
 def module_name(path: Path) -> str:
@@ -77,7 +82,7 @@ def group(module: str) -> str:
     top = module.split(".")[0]
     if module in CORE:
         return "core"
-    if top in ("io", "oracle", "calc", "cli"):
+    if top in ("io", "oracle", "calc", "cli", "processor"):
         return top
     if module in MIDDLE:
         return "middle"
@@ -87,10 +92,11 @@ def group(module: str) -> str:
 ALLOWED = {
     "core": {"core"},
     "io": {"core", "io"},
-    "oracle": {"core", "io", "oracle"},
-    "calc": {"core", "io", "calc"},
-    "middle": {"core", "io", "middle"},
-    "cli": {"core", "io", "oracle", "calc", "middle", "cli"},
+    "processor": {"core", "io", "processor"},
+    "oracle": {"core", "io", "processor", "oracle"},
+    "calc": {"core", "io", "processor", "calc"},
+    "middle": {"core", "io", "processor", "middle"},
+    "cli": {"core", "io", "processor", "oracle", "calc", "middle", "cli"},
     "__init__": {"core", "middle"},
     "__main__": {"cli"},
 }

@@ -24,15 +24,17 @@ def param_breakdown(config: Config) -> dict[str, Any]:
     """The parameters of every part of the model, hierarchically.
 
     ``{"embedding", "layers": [{index, kind, operator_norm, mixer: {role: n}, mixer_total, ffn_norm,
-    ffn: {...}, total, active}], "final_norm", "lm_head", "by_kind": {...}}``. ``active`` counts only ``k``
-    of the ``E`` experts of a MoE layer (router and expert bias are always active).
+    ffn: {...}, total, active}], "final_norm", "lm_head", "by_kind": {...}}`` (LFM2-VL: also "vision_tower" and
+    "projector"). ``active`` counts only ``k`` of the ``E`` experts of a MoE layer (router and expert bias are
+    always active).
     """
     c = checked_config(config)
     layers: list[dict[str, Any]] = [
         {"index": i, "kind": c.layer_types[i], "operator_norm": 0, "mixer": {}, "ffn_norm": 0, "ffn": {},
          **({"post_operator_norm": 0, "post_ffn_norm": 0} if c.use_sandwich_norm else {})}
         for i in range(c.num_hidden_layers)]
-    outer = {"embedding": 0, "final_norm": 0, "lm_head": 0}
+    outer = {"embedding": 0, "final_norm": 0, "lm_head": 0, **({"vision_tower": 0, "projector": 0}
+                                                               if c.is_vision_language else {})}
     norm_count = 0
     for t in layout(c):
         if t.layer is None:
@@ -100,12 +102,13 @@ def param_counts(config: Config) -> dict[str, Any]:
     b = param_breakdown(config)
     layers_total = sum(layer["total"] for layer in b["layers"])
     layers_active = sum(layer["active"] for layer in b["layers"])
-    outer = b["embedding"] + b["final_norm"] + b["lm_head"]
+    vision = {k: b[k] for k in ("vision_tower", "projector") if k in b}  # LFM2-VL: counted apart, and in the total
+    outer = b["embedding"] + b["final_norm"] + b["lm_head"] + sum(vision.values())
     total, active = outer + layers_total, outer + layers_active
     vocab = b["embedding"] + b["lm_head"]
     return {"total": total, "active": active, "embedding": b["embedding"], "lm_head": b["lm_head"],
-            "total_without_embedding": total - vocab, "active_without_embedding": active - vocab,
-            "breakdown": b}
+            "total_without_embedding": total - vocab, "active_without_embedding": active - vocab, **vision,
+            **({"text": total - sum(vision.values())} if vision else {}), "breakdown": b}
 
 
 # ===================================================================================== FLOPs

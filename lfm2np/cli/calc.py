@@ -8,7 +8,8 @@ a readable table; ``--json`` prints one JSON object whose field names are a stab
   supported_context, supported_context_from, unconfirmed)
 - memory: quant, weights_bytes, kv_bytes_per_token, kv_cache_bytes, conv_state_bytes, total_bytes, fits
   (plus compute_bytes, attention_only_kv_cache_bytes, supported_context, supported_context_from, notes, and
-  with a budget max_context: the longest context that fits it, at most the supported one; and the inputs)
+  with a budget max_context: the longest context that fits it, at most the supported one; and the inputs;
+  with ``--image WxH``, images: per image its layout, tokens, sequence_tokens and kv_bytes, and the totals)
 
 Tables stay within 100 columns (the last column wraps).
 
@@ -29,6 +30,7 @@ from ..calc import quant
 from ..embedded import EMBEDDED as EMBEDDED_NAME, embedded_model_path
 from ..errors import Lfm2npError
 from ..io.gguf_meta import gguf_architecture
+from ..calc.images import image_costs, parse_image_size, processor_settings
 from ..loading import is_gguf, load_config
 from .common import Subparsers, positive_int, size
 from .options import add_layers_argument, add_model_argument, check_layers
@@ -128,6 +130,10 @@ def _cmd_params(args: argparse.Namespace) -> int:
         rows.append(row(f"MoE FFN ({_count(k['moe_ffn']['layers'], 'layer')})", k["moe_ffn"]["params"],
                         f"active {_n(k['moe_ffn']['active'])}"))
     rows.append(row(f"norms ({k['norms']['count']})", k["norms"]["params"]))
+    if c.vision is not None:  # LFM2-VL: the vision side apart
+        rows.append(row("text model", p["text"]))
+        rows.append(row(f"vision tower ({_count(c.vision.num_hidden_layers, 'layer')})", p["vision_tower"]))
+        rows.append(row("projector", p["projector"]))
     rows.append(row("total", total))
     rows.append(row("total without embedding", p["total_without_embedding"]))
     rows.append(row("active per token", p["active"]))
@@ -228,6 +234,9 @@ def _cmd_memory(args: argparse.Namespace) -> int:
                                             chunk=args.chunk, flash_attention=not args.no_flash_attn,
                                             fuse_qkv=args.fuse_qkv, limit=notes["supported_context"])
     m["notes"] = _memory_notes(c, m, args, notes)
+    if args.image:
+        processor, where = processor_settings(args.model)
+        m["images"] = dict(image_costs(c, args.image, processor, args.kv_type), settings=where)
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
@@ -264,7 +273,34 @@ def _cmd_memory(args: argparse.Namespace) -> int:
         print(_wrapped(f"note: {note}"))
     if budget is not None:
         print("\n".join(_budget_lines(c, m, args, quant_arg, budget, notes)))
+    if args.image:
+        print("\n".join(_image_lines(m["images"], args)))
     return 0
+
+
+def _image_lines(costs: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The images' rows: layout, image tokens, prompt positions and their KV cache."""
+    fb = calc.format_bytes
+    rows = [("image", "resized / tiles", "image tokens", "positions", f"KV ({args.kv_type})")]
+    for i in costs["images"]:
+        tiles = f"{i['tiles'][0]}x{i['tiles'][1]} tiles of {costs['tile_size']}" if i["tiles"] else "one unit"
+        tiles += " + thumbnail" if i["thumbnail"] else ""
+        rows.append((f"{i['width']}x{i['height']}", f"{i['resized'][0]}x{i['resized'][1]}, {tiles}",
+                     _n(i["tokens"]), _n(i["sequence_tokens"]), fb(i["kv_bytes"])))
+    rows.append(("total", "", _n(costs["image_tokens"]), _n(costs["sequence_tokens"]), fb(costs["kv_bytes"])))
+    lines = ["", _table(rows), _wrapped(f"processor settings: {costs['settings']}; positions: the image tokens and "
+                                        f"their markers, each {_n(costs['kv_bytes_per_token'])} B of KV cache")]
+    if costs["sequence_tokens"] > args.context:
+        lines.append(_wrapped(f"note: the images alone take {_n(costs['sequence_tokens'])} positions, more than "
+                              f"the context of {_n(args.context)}"))
+    return lines
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        return parse_image_size(text)
+    except Lfm2npError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _budget(text: str) -> tuple[str, int]:
@@ -302,6 +338,10 @@ def register(sub: Subparsers) -> None:
                         "refused")
     m.add_argument("--fuse-qkv", action="store_true", help="a file converted with convert_hf_to_gguf.py "
                    "--fuse-qkv (one attn_qkv per attention layer, typed as attn_v)")
+    m.add_argument("--image", action="append", type=_image_size, metavar="WxH",
+                   help="an image of W x H pixels in the prompt (repeat for several): its image tokens by the "
+                        "processor's layout (MODEL's processor config, else LFM2-VL's) and their KV cache")
     m.add_argument("--json", action="store_true", help="print JSON (fields: quant, weights_bytes, "
-                   "kv_bytes_per_token, kv_cache_bytes, conv_state_bytes, total_bytes, fits, notes)")
+                   "kv_bytes_per_token, kv_cache_bytes, conv_state_bytes, total_bytes, fits, notes; images "
+                   "with --image)")
     m.set_defaults(func=_cmd_memory)

@@ -82,7 +82,11 @@ class Conversation:
         Feeds the rendered conversation's ids the state does not hold, all but the last; the Generation
         feeds that one and samples."""
         self.messages.append({"role": "user", "content": text})
-        ids = self.rendered()
+        try:
+            ids = self.rendered()
+        except Lfm2npError as e:  # the template refused this conversation (a later turn can fail alone)
+            self.messages.pop()
+            raise TurnRefused(f"{e}; the message was not sent") from None
         context = self.model.config.max_position_embeddings
         if len(ids) >= context:
             self.messages.pop()
@@ -122,6 +126,12 @@ class Conversation:
 
 class ContextFull(Lfm2npError):
     """The next turn does not fit the model's context (the chat goes on: /reset starts again)."""
+
+
+class TurnRefused(Lfm2npError):
+    """The chat template failed on the conversation with the new message (it was not sent). After a turn that
+    rendered, the chat goes on without the message (a template may refuse one turn, e.g. two user messages in a
+    row after an abandoned reply); on the first turn the template cannot render any conversation: the chat ends."""
 
 
 #: the longest message a line may hold, in characters (the chat template's output is bounded at 16 MiB)
@@ -203,6 +213,10 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                 turn += 1
         except ContextFull as e:
             progress(f"lfm2np: warning: {e}: /reset to start again")
+        except TurnRefused as e:
+            if turn == 0:
+                raise
+            progress(f"lfm2np: warning: {e}; the conversation is as it was (/reset starts again)")
     return 0
 
 

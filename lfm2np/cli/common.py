@@ -52,9 +52,17 @@ def shown(text: str, width: int = 40) -> str:
 MAX_INT = 2**63 - 1
 
 
+def ascii_number(text: str) -> str:
+    """``text`` when it is written in ASCII: Python's ``int`` and ``float`` also read other scripts' digits
+    (``'٣'`` is 3, ``'１２'`` is 12), which a command line should not take as a number unseen."""
+    if not text.isascii():
+        raise ValueError(text)
+    return text
+
+
 def _integer(text: str, low: int, what: str, high: int = MAX_INT) -> int:
     try:
-        value = int(text, 10)
+        value = int(ascii_number(text), 10)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer") from None
     digits = clipped(str(value))
@@ -82,7 +90,7 @@ def seed(text: str) -> int:
 
 def _float(text: str) -> float:
     try:
-        value = float(text)
+        value = float(ascii_number(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{shown(text)} is not a number") from None
     if not math.isfinite(value):

@@ -8,27 +8,22 @@ from pathlib import Path
 
 from ..errors import Lfm2npError
 from ..oracle.diagnose import diagnose, format_diagnosis
-from ..oracle.dumps import load_dump, token_stream
+from ..io.hub import resolve
+from ..io.tokenizer import Tokenizer
+from ..oracle.dumps import load_dump, read_npz, token_stream
+from ..oracle.image_mistakes import IMAGE_BY_ID, diagnose_processor, format_processor_diagnosis
+from ..oracle.processor_dump import is_processor_dump, processor_dump
+from ..processor import ImageTokens, ProcessorConfig
 from ..oracle.mistakes import BY_ID, CATALOGUE
 from ..oracle.report import html_report
 from ..oracle.tolerance import COMPARE_TIERS
 from .common import LayerProgress, Subparsers, add_force_argument, add_html_argument, add_model_arguments, check_outputs
-from .common import load_model, MODEL_HELP, write_page
+from .common import load_model, MODEL_HELP, positive_int, write_page
 from .options import add_ids_argument, add_model_argument
 
 
-def _position(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
-
-
 def _mistake_id(text: str) -> str:
-    if text not in BY_ID:
+    if text not in BY_ID and text not in IMAGE_BY_ID:
         raise argparse.ArgumentTypeError(f"unknown mistake {text!r} (see --catalogue)")
     return text
 
@@ -51,6 +46,12 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
         if args.catalogue:
             raise Lfm2npError("--html writes a diagnosis; --catalogue only lists the mistakes")
         check_outputs([args.html], args.model, args.force, reads=[Path(args.dump)] if args.dump else [])
+    if args.dump is not None and Path(args.dump).suffix.lower() == ".npz":
+        arrays = read_npz(args.dump)
+        if is_processor_dump(arrays):
+            return _diagnose_processor(args, processor_dump(arrays, args.dump))
+    if args.image:
+        raise Lfm2npError("--image goes with a processor dump (pixel_values, spatial_shapes, image_tokens, ...)")
     model = load_model(args)
     if args.catalogue:
         return _catalogue(model)
@@ -69,19 +70,42 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     return 0 if result.agrees else 1
 
 
+def _diagnose_processor(args: argparse.Namespace, dump) -> int:
+    """A processor dump: judged against the settings (and tokenizer) of MODEL's directory; no weights are read."""
+    if args.html is not None:
+        raise Lfm2npError("--html reports a model diagnosis; a processor dump's is printed (or --json)")
+    directory = resolve(args.model)
+    config = ProcessorConfig.from_dir(directory)
+    tokens = ImageTokens.from_tokenizer(Tokenizer.from_dir(directory)) \
+        if (directory / "tokenizer.json").is_file() else None
+    only = [m for m in args.only or () if m in IMAGE_BY_ID] if args.only else None
+    if args.only and not only:
+        raise Lfm2npError(f"--only names no image mistake; they are {', '.join(IMAGE_BY_ID)}")
+    result = diagnose_processor(dump, config, args.image, tokens, only,
+                                combine=not args.no_combine)
+    print(json.dumps(result.to_json(), indent=1) if args.json else format_processor_diagnosis(result))
+    return 0 if result.agrees else 1
+
+
 def register(sub: Subparsers) -> None:
     """Add the ``diagnose`` subcommand."""
     p = sub.add_parser(
         "diagnose", help="name the porting mistake behind a backend's logits, trace or tokens",
         description="Compare a backend's dump with the reference and rank the catalogue of porting mistakes "
                     "(router softmax, conv taps reversed, interleaved RoPE, ...) by how well each, applied to the "
-                    "reference, reproduces it. Exit 0 when the dump agrees with the reference, 1 when not.")
+                    "reference, reproduces it; for a processor dump, the image processor's mistakes (llama.cpp's "
+                    "rounding, tiling off, no antialiasing, another normalisation, ...), judged against MODEL's "
+                    "processor settings. Exit 0 when the dump agrees with the reference, 1 when not.")
     add_model_argument(p, "the reference: " + MODEL_HELP)
     p.add_argument("--dump", help=".npz or .safetensors: 'ids' + 'logits' (T, V); 'ids' + 'tokens'; or a trace "
-                                  "(lfm2np, transformers or llama.cpp names)")
+                                  "(lfm2np, transformers or llama.cpp names); or a processor dump (.npz: "
+                                  "pixel_values, pixel_attention_mask, spatial_shapes, image_tokens, image_sizes, "
+                                  "ids), judged against MODEL's processor settings")
+    p.add_argument("--image", action="append", metavar="FILE",
+                   help="with a processor dump: an image the backend processed, in order (repeat for several)")
     add_ids_argument(p, "with --tokens: the prompt ids; with --dump: the ids, when the file does not say")
     add_ids_argument(p, "the tokens the backend generated greedily after --ids", name="--tokens")
-    p.add_argument("--prefill", type=_position,
+    p.add_argument("--prefill", type=positive_int,
                    help="how many ids the backend processed in its first call (where its second call began); "
                         "default: the end of the prompt for tokens, the first divergence for dumps")
     p.add_argument("--tier", default="fp32", choices=list(COMPARE_TIERS), help="tolerance tier (default fp32)")

@@ -16,7 +16,7 @@ import argparse
 from typing import Any
 
 from ..errors import Lfm2npError
-from .common import MAX_INT, MODEL_HELP, model_argument, shown, utf8_text
+from .common import ascii_number, MAX_INT, MODEL_HELP, model_argument, shown, utf8_text
 
 
 # ----------------------------------------------------------------------------------------- MODEL
@@ -55,7 +55,7 @@ def _integers(value: str, what: str) -> list[int]:
     for item in value.split(","):
         item = item.strip()
         try:
-            n = int(item, 10)
+            n = int(ascii_number(item), 10)
         except ValueError:
             example = "0,2 or 0 2" if what == "a layer index" else "1,2,3 or 1 2 3"
             raise argparse.ArgumentTypeError(f"{shown(item or value)} is not an integer; expected {what} >= 0, "

@@ -90,7 +90,8 @@ def gguf_tensors(config: Config, tensors: "list[Tensor] | None" = None) -> list[
     ``tensors``: the config's layout (:func:`lfm2np.schema.layout`), when the caller has it already."""
     groups: dict[str, list[Tensor]] = {}
     for t in layout(config) if tensors is None else tensors:
-        groups.setdefault(gguf_name(t), []).append(t)
+        if t.part not in ("vision_tower", "projector"):  # LFM2-VL: those are the mmproj file's (io/mmproj.py)
+            groups.setdefault(gguf_name(t), []).append(t)
     out = []
     for name, held in groups.items():
         first = held[0]

@@ -1,4 +1,5 @@
-"""Finding a checkpoint: a directory, or a repo id already in the local Hugging Face cache (offline).
+"""Finding a checkpoint: a directory, a repo id already in the local Hugging Face cache (offline), or the
+embedded tiny model (the name ``"embedded"``, shipped in ``lfm2np/data``).
 
 The cache is found and read by ``huggingface_hub`` itself (a dependency of ``tokenizers``, and of
 lfm2np): its cache directory (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
@@ -11,12 +12,26 @@ holds exactly one snapshot, found with ``scan_cache_dir``. Nothing is ever downl
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 import huggingface_hub
 import huggingface_hub.constants
 
 from ..errors import Lfm2npError
+
+#: the model name that means the tiny model shipped inside lfm2np (a directory of that name is ``./embedded``)
+EMBEDDED_NAME = "embedded"
+#: its directory under ``lfm2np/data``
+EMBEDDED_DIR = "tiny-lfm2-moe"
+
+
+def embedded_model_path() -> Path:
+    """The directory of the embedded tiny model (config.json, model.safetensors, tokenizer files)."""
+    path = Path(str(resources.files("lfm2np") / "data" / EMBEDDED_DIR))
+    if not (path / "config.json").is_file():
+        raise Lfm2npError(f"{path}: the embedded model is missing from this installation")
+    return path
 
 
 def hub_cache() -> Path:
@@ -68,7 +83,10 @@ def _cached_snapshot(repo: str) -> Path:
 
 def resolve(model: "str | os.PathLike[str]") -> Path:
     """A checkpoint directory for ``model``: the path itself when it is a directory, else the cached
-    snapshot of the repo id ``org/name`` (the ``refs/main`` revision, or the only snapshot)."""
+    snapshot of the repo id ``org/name`` (the ``refs/main`` revision, or the only snapshot); the name
+    ``"embedded"`` (exactly that string) is the embedded model's directory."""
+    if isinstance(model, str) and model == EMBEDDED_NAME:
+        return embedded_model_path()
     path = Path(model).expanduser()
     if path.is_dir():
         return path

@@ -4,7 +4,7 @@ A checkpoint directory holds ``tokenizer.json`` (byte-level BPE), usually ``toke
 (special tokens, often the ``chat_template``) and sometimes ``chat_template.jinja`` (which wins, as in
 transformers): :meth:`Tokenizer.from_dir`. A GGUF file carries the same tokenizer as metadata:
 :meth:`Tokenizer.from_gguf` rebuilds it (:mod:`lfm2np.io.gguf_tokenizer`) with its ``tokenizer.chat_template``.
-:meth:`Tokenizer.load` takes any model argument (a directory, a cached repo id, a ``.gguf`` file). Every
+:meth:`Tokenizer.load` takes any model argument (a directory, a cached repo id, a ``.gguf`` file, ``"embedded"``). Every
 malformed file, field or template is an :class:`~lfm2np.errors.Lfm2npError` naming the file and the field.
 
 The LFM2 chat format is built in (:func:`format_chat`)::
@@ -184,10 +184,10 @@ class Tokenizer:
     @classmethod
     def load(cls, model: "str | os.PathLike[str]") -> "Tokenizer":
         """The tokenizer of any model argument: a ``.gguf`` file (the tokenizer it carries), a checkpoint
-        directory, or a repo id in the local Hugging Face cache."""
+        directory, a repo id in the local Hugging Face cache, or ``"embedded"`` (the shipped tiny model)."""
         if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
-            raise Lfm2npError(f"Tokenizer.load takes a checkpoint directory, a cached repo id or a .gguf file; got "
-                              f"{_what(model)}")
+            raise Lfm2npError(f"Tokenizer.load takes a checkpoint directory, a cached repo id, a .gguf file or "
+                              f"'embedded'; got {_what(model)}")
         if str(model).lower().endswith(".gguf"):
             return cls.from_gguf(model)
         return cls.from_dir(hub.resolve(model))

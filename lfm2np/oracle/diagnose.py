@@ -108,6 +108,7 @@ class Diagnosis:
     compared: int = 0  # what is judged: positions (logits), tensors in common (trace), generated tokens
     comparison: dict[str, Any] | None = None  # a trace dump: its comparison with the reference (compare's JSON)
     no_mistake: Hypothesis | None = None  # the reference as it is, judged as a hypothesis (a dump that disagrees)
+    impossible: list[str] = field(default_factory=list)  # values no model computes (an expert it does not have)
 
     @property
     def best(self) -> Hypothesis | None:
@@ -132,7 +133,8 @@ class Diagnosis:
                         **({"comparison": self.comparison} if self.comparison is not None else {}),
                         **({"no_mistake": {"error": _finite(self.no_mistake.error),
                                            "explained": self.no_mistake.explained}}
-                           if self.no_mistake is not None else {})})
+                           if self.no_mistake is not None else {}),
+                        **({"impossible": self.impossible} if self.impossible else {})})
 
 
 def _finite(x: float | None) -> float | None:
@@ -154,7 +156,7 @@ def _strict(obj: Any) -> Any:
 
 # --------------------------------------------------------------------------------- diagnose
 def _run(model: Any, seq: np.ndarray, port: M.Port, keep: "set[str] | None" = None,
-         reference: dict[str, np.ndarray] | None = None, limit: float = 0.0):
+         reference: dict[str, np.ndarray] | None = None, limit: float = 0.0, images: Any = None):
     """The values of a (mutated) forward pass whose names are in ``keep`` (None: all), and where it first
     departs from ``reference`` by more than ``limit`` (``{"tensor", "position"}``, or None)."""
     values: dict[str, np.ndarray] = {}
@@ -169,15 +171,16 @@ def _run(model: Any, seq: np.ndarray, port: M.Port, keep: "set[str] | None" = No
             if bad.size:
                 where = {"tensor": name, "position": int(bad[0]) if per_position(name) else None}
 
-    M.run(model, seq, port, observe=observe)
+    M.run(model, seq, port, observe=observe, images=images)
     return values, where
 
 
 def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill: int | None = None,
-             only: Sequence[str] | None = None, combine: bool = True) -> Diagnosis:
+             only: Sequence[str] | None = None, combine: bool = True, images: Any = None) -> Diagnosis:
     """Diagnose ``dump`` against ``model`` (the reference): see the module docstring. ``prefill`` (or the
     dump's) is where the backend's second call began; without it a token stream's is the end of the prompt,
-    and a logits or trace dump's the position where it first diverges. ``only``: these catalogue ids."""
+    and a logits or trace dump's the position where it first diverges. ``only``: these catalogue ids. LFM2-VL:
+    ``images``, the images the backend ran with the dump's ids (as :meth:`lfm2np.Model.forward` takes them)."""
     if not all(hasattr(model, a) for a in ("config", "check_ids", "forward")):
         raise Lfm2npError(f"diagnose: model must be an lfm2np Model (lfm2np.load gives one); got "
                           f"{type(model).__name__}")
@@ -201,7 +204,9 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill
     if dump.kind == "logits" and dump.logits.shape[1] != c.vocab_size:
         raise Lfm2npError(f"{dump.source}: logits have {dump.logits.shape[1]} columns; the model's vocabulary is "
                           f"{c.vocab_size}")
-    reference, _ = _run(model, seq, M.REFERENCE)
+    if images is not None:  # checked once (file paths through the processor), then given to every run
+        images = model.pixels(images, seq)
+    reference, _ = _run(model, seq, M.REFERENCE, images=images)
     judge = {"logits": lambda: LogitsJudge(dump, tier), "trace": lambda: TraceJudge(dump, tier, reference),
              "tokens": lambda: TokensJudge(dump, tier)}[dump.kind]()
 
@@ -224,7 +229,7 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill
 
     def evaluate(mid: str, label: str, switches: dict[str, Any], ambiguous: Sequence[str], size: int = 1):
         try:
-            values, where = _run(model, seq, M.Port(**switches), keep, reference, tier.max_rel)
+            values, where = _run(model, seq, M.Port(**switches), keep, reference, tier.max_rel, images)
         except Lfm2npError as e:  # the mutated reference overflows (non-finite logits): it reproduces nothing
             return Hypothesis(mid, label, switches, False, math.inf, None, 0, {"problem": str(e)}, True, None, size)
         ambiguous = [a if a.startswith("model.") else f"model.layers.*.{a}" for a in ambiguous]
@@ -278,7 +283,21 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill
                      not_applicable, prefill, prefill_from, getattr(judge, "skipped", {}),
                      {"logits": len(seq), "trace": len(getattr(judge, "tensors", ())),
                       "tokens": len(dump.tokens if dump.tokens is not None else ())}[dump.kind], comparison,
-                     no_mistake)
+                     no_mistake, _impossible(getattr(judge, "tensors", {}), c.num_experts))
+
+
+def _impossible(tensors: dict[str, np.ndarray], experts: int) -> list[str]:
+    """The dump's expert choices outside ``0 .. experts - 1``, each layer's first: no mistake in the catalogue
+    computes them (an indexing slip in the backend, or experts numbered from 1), so they are said, not ranked."""
+    out = []
+    for name, v in tensors.items():
+        if name.endswith(".selected_experts") and v.size:
+            bad = np.argwhere((v < 0) | (v >= experts))
+            if len(bad):
+                out.append(f"{name} chooses expert {int(v[tuple(bad[0])])} at position {int(bad[0][0])}, outside "
+                           f"0 .. {experts - 1}: the model has no such expert (an indexing slip in the backend, "
+                           f"or its experts numbered from 1?)")
+    return out
 
 
 def _departure(kind: str, where: dict[str, Any] | None, agrees: bool) -> tuple | None:
@@ -387,6 +406,7 @@ def format_diagnosis(d: Diagnosis) -> str:
         size = f"routing agreement {f['routing_agreement']:.1%}" if "routing_agreement" in f \
             else f"max_rel {f['max_rel']:.3g}"
         lines.append(f"agrees: {'yes' if d.agrees else 'NO'}; first divergence: {_at(f)} ({size})")
+    lines += [f"impossible: {note}" for note in d.impossible]
     unit = {"logits": "positions", "trace": "tensors", "tokens": "steps"}[d.kind]
     lines.append(("the dump agrees; mistakes this input cannot rule out come first" if d.agrees
                   else "hypotheses, best first") + f" ({unit} explained / {d.compared}):")

@@ -78,6 +78,10 @@ def _has_attention(c: Config) -> bool:
     return bool(c.attention_layers)
 
 
+def _vl(c: Config) -> bool:
+    return c.is_vision_language
+
+
 def _fixed(label: str, **switches: Any) -> Callable[[Config, "int | None"], list[Variant]]:
     return lambda c, prefill: [(label, switches)]
 
@@ -222,6 +226,36 @@ CATALOGUE: tuple[Mistake, ...] = (
             "attn_out of the first sliding layer differs while its q_rope, k_rope and v_proj agree",
             "an LFM3 model with a sliding-window layer", lambda c: bool(c.sliding_layers),
             _fixed("no window", sliding_window=False)),
+)
+CATALOGUE += (
+    # ------------------------------------------------------------------------------------ LFM2-VL's own
+    Mistake("vl-padding-mask-dropped", "the vision tower's attention sees every patch slot, the padding after an "
+            "image's h*w patches included (no key padding mask)",
+            "Blaizzy/mlx-vlm#2266 (with a bicubic position resize: logits 19-86% off, top-1 agreement 40-65%); "
+            "LiteRT-LM#3094 (padding not masked)",
+            "the embeddings agree; encoder layer 0's attn_out differs on every image with padding slots (a tile "
+            "that fills all its patch slots agrees), and so does all that follows",
+            "an LFM2-VL model and an image with padding patches", _vl, _fixed("no mask", vision_mask=False)),
+    Mistake("vl-position-resize", "the learned position grid resized to each image with another kernel than "
+            "transformers' antialiased bilinear: plain bilinear (no antialiasing: differs where an image has fewer "
+            "patch rows or columns than the grid's side), or bicubic",
+            "ggml-org/llama.cpp#17290 (no antialiasing, fixed by #17577); Blaizzy/mlx-vlm#2266 (bicubic)",
+            "patch_embedding agrees; embeddings.position_embedding differs (bilinear without antialiasing: only "
+            "for images narrower or shorter than the grid)", "an LFM2-VL model",
+            _vl, lambda c, prefill: [("bilinear, no antialiasing", {"position_resize": "bilinear"}),
+                                     ("bicubic", {"position_resize": "bicubic"}),
+                                     ("bicubic, antialiased", {"position_resize": "bicubic-antialias"})]),
+    Mistake("vl-projector-layernorm", "the projector's LayerNorm against the config: skipped although "
+            "projector_use_layernorm is true, or applied (unit weight, zero bias) although it is false",
+            "no public report; transformers' default is true while LFM2.5-VL configs say false, so a port that "
+            "reads the key with the wrong default, or not at all, gets it wrong for one of the families",
+            "the vision tower's post_layernorm and pixel_unshuffle agree; the projector's linear_1 differs on "
+            "every image token", "an LFM2-VL model", _vl, _fixed("against the config", projector_layernorm=False)),
+    Mistake("vl-image-prepended", "image embeddings put before the text instead of at their placeholders (the "
+            "placeholders dropped, the sequence keeping its length)", "tenstorrent/tt-metal#45282",
+            "the projector's output agrees; model.inputs_embeds differs from the first placeholder's position on "
+            "(or from position 0 when the prompt does not start with an image)", "an LFM2-VL model",
+            _vl, _fixed("prepended", image_placement="prepended")),
 )
 BY_ID = {m.id: m for m in CATALOGUE}
 

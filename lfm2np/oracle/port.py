@@ -15,17 +15,14 @@ still exactly one forward pass, and no policy of it is written twice:
   tables from it; a missing renormalisation replaces ``topk_normed`` by ``topk_scores``.
 
 The named mistakes built from these switches are the catalogue, :mod:`lfm2np.oracle.mistakes`. Adding a switch:
-a field on ``Port`` (with its allowed values in ``_CHOICES`` when it is a choice) and a handler registered with
+a field on ``Port`` (:mod:`lfm2np.oracle.port_switches`, with its allowed values in ``_CHOICES`` when it is a choice) and a handler registered with
 ``_on`` for the schema value it replaces, with the values it ``reads``; both are checked against the schema's
 names when the handler is registered.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -33,115 +30,11 @@ import numpy as np
 from .. import ops
 from ..errors import Lfm2npError, shown
 from ..layers import SwiGLUWeights, mixture
+from ..ops_vision import resize_positions
 from ..schema import STEPS, TOP_LEVEL
+from ..vision_schema import PLACED, PROJECTOR, TOWER, is_vision_name
 
-# ------------------------------------------------------------------------------------------ Port
-_CHOICES = {"router_scores": ("sigmoid", "softmax"), "conv_taps": ("causal", "reversed"),
-            "conv_gates": ("b,c", "c,b"), "rope_pairs": ("split-half", "interleaved"),
-            "qk_norm": ("before-rope", "none", "after-rope"), "final_norm": ("end", "start"),
-            "swiglu_silu_on": ("w1", "w3")}
-
-
-@dataclass(frozen=True)
-class Port:
-    """How a port computes each operator; every field at its default is the reference.
-
-    - ``router_scores``: ``sigmoid`` per expert, or ``softmax`` over the experts;
-    - ``router_bias_in_weights``: the expert bias also added to the mixing weights (not only to the choice);
-    - ``router_scaling``: ``routed_scaling_factor`` applied; ``router_renorm``: top-k weights renormalised
-      when ``norm_topk_prob``;
-    - ``conv_taps``: ``causal`` (the last tap on the current token) or ``reversed``;
-    - ``conv_gates``: ``b,c`` (``u = b*x`` before the conv, ``y = c*z`` after) or ``c,b`` (swapped);
-    - ``conv_restart``: position P at which the conv window restarts from zeros (a second call that lost
-      the first call's conv state), None: never;
-    - ``rope_pairs``: ``split-half`` (dim i with i + hd/2) or ``interleaved`` (2i with 2i+1);
-      ``rope_theta``: one base for every attention layer (None: each layer type's own);
-    - ``qk_norm``: ``before-rope``, ``none`` or ``after-rope``;
-    - ``final_norm``: ``end`` (embedding_norm after the last layer) or ``start`` (on the embeddings, none at
-      the end);
-    - ``swiglu_silu_on``: ``w1`` (silu of the gate projection) or ``w3`` (of the up projection);
-    - ``attention_scale``: the factor on ``q k^T`` (None: ``hd^-0.5``);
-    - LFM3: ``output_gate``: each head's output multiplied by ``sigmoid(gate_proj x)`` (False: ungated);
-      ``sandwich_norms``: ``post_operator_norm`` and ``post_ffn_norm`` applied (False: skipped);
-      ``partial_rotation``: a layer type with a partial (proportional) RoPE turns only its rotated pairs
-      (False: every pair turns, transformers 5.24's reading of a "default" label); ``sliding_window``:
-      sliding layers see their last W positions (False: every earlier position);
-    - where: ``layers``, the layers whose values the switches change (None: every layer; the RoPE frequencies
-      and the final norm are not a layer's), and ``experts``, on MoE layers, the experts whose weights
-      ``swiglu_silu_on`` exchanges (None: all): a weight converter that got one layer, or some experts, wrong.
-    """
-
-    router_scores: str = "sigmoid"
-    router_bias_in_weights: bool = False
-    router_scaling: bool = True
-    router_renorm: bool = True
-    conv_taps: str = "causal"
-    conv_gates: str = "b,c"
-    conv_restart: int | None = None
-    rope_pairs: str = "split-half"
-    rope_theta: float | None = None
-    qk_norm: str = "before-rope"
-    final_norm: str = "end"
-    swiglu_silu_on: str = "w1"
-    attention_scale: float | None = None
-    output_gate: bool = True
-    sandwich_norms: bool = True
-    partial_rotation: bool = True
-    sliding_window: bool = True
-    layers: tuple[int, ...] | None = None
-    experts: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise Lfm2npError(f"Port.{name} is {shown(getattr(self, name))}; expected one of {', '.join(allowed)}")
-        for name in ("router_bias_in_weights", "router_scaling", "router_renorm", "output_gate", "sandwich_norms",
-                     "partial_rotation", "sliding_window"):
-            if not isinstance(getattr(self, name), bool):  # "no" would be true, None false
-                raise Lfm2npError(f"Port.{name} is {shown(getattr(self, name))}; expected True or False")
-        for name in ("rope_theta", "attention_scale"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value) or value <= 0):
-                raise Lfm2npError(f"Port.{name} is {shown(value)}; expected None or a positive finite number")
-        p = self.conv_restart
-        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
-            raise Lfm2npError(f"Port.conv_restart is {shown(p)}; expected None or a position >= 1")
-        for name in ("layers", "experts"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, tuple) and value and all(
-                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)):
-                raise Lfm2npError(f"Port.{name} is {shown(value)}; expected None or a tuple of indices >= 0")
-
-    def at(self, layer: int) -> bool:
-        """Whether the switches change layer ``layer``'s values."""
-        return self.layers is None or layer in self.layers
-
-    def changes(self) -> dict[str, Any]:
-        """The switches set away from the reference, ``{field: value}``."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) != f.default}
-
-    @property
-    def reroutes(self) -> bool:
-        """Whether the router is computed differently."""
-        return (self.router_scores != "sigmoid" or self.router_bias_in_weights or not self.router_scaling
-                or not self.router_renorm)
-
-
-REFERENCE = Port()
-
-
-def merge(*switch_sets: dict[str, Any]) -> Port:
-    """One Port with every switch of ``switch_sets``; :class:`Lfm2npError` when two set the same switch
-    to different values (those mistakes cannot both be made)."""
-    merged: dict[str, Any] = {}
-    for switches in switch_sets:
-        for name, value in switches.items():
-            if name in merged and merged[name] != value:
-                raise Lfm2npError(f"Port.{name} cannot be both {shown(merged[name])} and {shown(value)}")
-            merged[name] = value
-    return Port(**merged)
+from .port_switches import REFERENCE, Port, merge  # noqa: F401  (Port and merge are read from here too)
 
 
 # ------------------------------------------------------------------------- the mutated forward
@@ -150,8 +43,10 @@ class _Run:
     values of the current layer's intermediates, of every layer's output and of the values outside the layers,
     as the forward pass continued with them."""
 
-    def __init__(self, model: Any, port: Port, observe: Callable[[str, np.ndarray], None] | None = None):
+    def __init__(self, model: Any, port: Port, observe: Callable[[str, np.ndarray], None] | None = None,
+                 ids: np.ndarray | None = None, images: Any = None):
         self.model, self.port, self.c = model, port, model.config
+        self.ids, self.images = ids, images  # the call's ids and its checked images (LFM2-VL)
         self.rnd = model.numerics.round
         self.seen: dict[str, np.ndarray] = {}
         self.observe = observe
@@ -176,7 +71,8 @@ class _Run:
             prefix = f"model.layers.{layer}."
             for key in [k for k in self.seen if k.startswith(prefix)]:
                 del self.seen[key]
-        self.seen[name] = final
+        if not name.startswith(TOWER + "encoder.layers."):  # (no handler reads inside the vision layers)
+            self.seen[name] = final
         if self.observe is not None:
             self.observe(name, final)
         return out
@@ -189,7 +85,7 @@ _HANDLERS: dict[str, list[Handler]] = {}
 
 
 def _known(step: str) -> bool:
-    return step in STEPS or step in TOP_LEVEL
+    return step in STEPS or step in TOP_LEVEL or is_vision_name(step)
 
 
 def _on(*steps: str, reads: tuple[str, ...] = ()) -> Callable[[Handler], Handler]:
@@ -209,9 +105,10 @@ def _on(*steps: str, reads: tuple[str, ...] = ()) -> Callable[[Handler], Handler
 
 
 def run(model: Any, ids: Any, port: Port = REFERENCE,
-        observe: Callable[[str, np.ndarray], None] | None = None) -> np.ndarray:
-    """The logits ``(T, V)`` of ``ids`` (T,) computed from scratch the way ``port`` says. ``observe(name,
-    value)`` sees every intermediate as the pass continued with it (the mutated values)."""
+        observe: Callable[[str, np.ndarray], None] | None = None, images: Any = None) -> np.ndarray:
+    """The logits ``(T, V)`` of ``ids`` (T,) computed from scratch the way ``port`` says (LFM2-VL: with
+    ``images``, as :meth:`lfm2np.Model.forward` takes them). ``observe(name, value)`` sees every intermediate as
+    the pass continued with it (the mutated values)."""
     if not isinstance(port, Port):
         raise Lfm2npError(f"port must be an lfm2np Port; got {type(port).__name__}")
     c = model.config
@@ -224,8 +121,9 @@ def run(model: Any, ids: Any, port: Port = REFERENCE,
     if ids.ndim != 1:
         raise Lfm2npError(f"a mutated forward pass runs one sequence, shape (T,); got shape {ids.shape}")
     if port == REFERENCE and observe is None:
-        return model.forward(ids)
-    return model.forward(ids, record=_Run(model, port, observe))
+        return model.forward(ids, images=images)
+    px = model.pixels(images, ids)
+    return model.forward(ids, images=px, record=_Run(model, port, observe, ids, px))
 
 
 # ------------------------------------------------------------------------------------ handlers
@@ -395,3 +293,43 @@ def _experts_swiglu(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarr
 
     return mixture(run.get("ffn_norm", i), run.get("feed_forward.selected_experts", i),
                    run.get("feed_forward.routing_weights", i), swapped, run.rnd)
+
+
+# ----------------------------------------------------------------------------------------- LFM2-VL
+@_on(TOWER + "encoder.attention_mask")
+def _no_padding_mask(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
+    return None if run.port.vision_mask else np.ones_like(value)  # padding patches seen as keys
+
+
+@_on(TOWER + "embeddings.position_embedding")
+def _position_resize(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
+    """The learned grid resized to each image with another kernel (the images' patch rows and columns)."""
+    if run.port.position_resize == "bilinear-antialias":
+        return None
+    kernel, _, antialias = run.port.position_resize.partition("-")
+    v, (N, P, Dv) = run.c.vision, value.shape
+    grid = run.model.vision_views()[0].position_embedding.reshape(v.grid, v.grid, Dv)
+    return run.rnd(np.stack([resize_positions(grid, int(h), int(w), P, kernel, bool(antialias))
+                             for h, w in run.images.shapes]))
+
+
+@_on(PROJECTOR + "pixel_unshuffle", PROJECTOR + "layer_norm", reads=(PROJECTOR + "pixel_unshuffle",))
+def _projector_norm(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
+    """The LayerNorm against the config: skipped where configured (its output is its input), or applied with unit
+    weight and zero bias (a checkpoint without it has no weights for it) where not."""
+    configured = run.c.vision.projector_use_layernorm
+    if run.port.projector_layernorm or name.endswith("layer_norm") != configured:
+        return None
+    if configured:
+        return run.get(PROJECTOR + "pixel_unshuffle")
+    width = value.shape[-1]
+    return ops.layer_norm(value, np.ones(width, value.dtype), np.zeros(width, value.dtype), 1e-5, run.rnd)
+
+
+@_on(PLACED, reads=("model.embed_tokens", PROJECTOR + "linear_2"))
+def _prepended(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
+    """The image features first, then the text's embeddings without the placeholders (the same length)."""
+    if run.port.image_placement == "placed":
+        return None
+    text = run.get("model.embed_tokens")[run.ids != run.c.vision.image_token_id]
+    return np.concatenate([run.get(PROJECTOR + "linear_2"), text])[:value.shape[0]]

@@ -165,6 +165,7 @@ def _verdicts(c: dict | None, d: dict | None) -> tuple[str, list[str]]:
             outcome = "divergence"
             lines.append(f"DIAGNOSED: {best}{f' ({variant})' if variant else ''} reproduces the dump; first "
                          f"divergence at {_at(fd)}")
+        lines += [f"IMPOSSIBLE: {note}" for note in _list(d.get("impossible")) if isinstance(note, str)]
     if c is not None:
         kind = ("divergence" if c.get("first_divergence") is not None else "little" if c.get("enough") is False
                 else "agree" if c.get("ok", True) is not False else "divergence")
