@@ -33,13 +33,13 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .config_keys import (ATTENTION, CONV, LAYER_KINDS, LIMITS, MAX_TENSORS, MODEL_TYPES, ROPE_READINGS,
+from .config_keys import (ATTENTION, CONV, LAYER_KINDS, LIMITS, MAX_TENSORS, MODEL_TYPES, POOLINGS, ROPE_READINGS,
                           ROPE_TYPES, SLIDING, Rope, normalise)
 from .errors import Lfm2npError, shown
 from .vision_config import VisionConfig
 
-__all__ = ["ATTENTION", "CONV", "Config", "LAYER_KINDS", "LIMITS", "MODEL_TYPES", "ROPE_READINGS", "ROPE_TYPES",
-           "Rope", "SLIDING", "check_rope_reading", "checked_config", "effective_ffn_dim"]
+__all__ = ["ATTENTION", "CONV", "Config", "LAYER_KINDS", "LIMITS", "MODEL_TYPES", "POOLINGS", "ROPE_READINGS",
+           "ROPE_TYPES", "Rope", "SLIDING", "check_rope_reading", "checked_config", "effective_ffn_dim"]
 
 def effective_ffn_dim(intermediate_size: int, auto_adjust: bool, multiplier: float | None, multiple_of: int) -> int:
     """Width of the dense SwiGLU of an ``lfm2`` layer, as the reference computes it.
@@ -123,6 +123,16 @@ class Config:
     vision: VisionConfig | None = None
     # an explicit head_dim key in config.json (transformers honours one); None means hidden_size / heads
     explicit_head_dim: int | None = None
+    # bidirectional LFM2 (LFM2.5-Embedding / -ColBERT / -Encoder; lfm2 only): False = every position sees every
+    # other (a centred conv window, attention without the causal mask); conv_zero_padding: padded positions of a
+    # padded batch are zeroed before the centred conv (config_keys explains the default when the key is absent)
+    causal: bool = True
+    conv_zero_padding: bool = False
+    # the sentence-transformers head (embed): pooling ("cls", "mean", "last"; None when none is declared) and the
+    # dense projection D -> dense_out (0: none), with a bias when dense_bias
+    pooling: str | None = None
+    dense_out: int = 0
+    dense_bias: bool = False
     # where this config came from (a path or a preset name); informational only
     source: str | None = field(default=None, compare=False)
 
@@ -205,6 +215,11 @@ class Config:
         """Query heads per KV head, ``H // G``."""
         return self.num_attention_heads // self.num_key_value_heads
 
+    @property
+    def embedding_size(self) -> int:
+        """The width of the vectors ``embed`` gives: the dense head's output, else the hidden size."""
+        return self.dense_out or self.hidden_size
+
     def is_attention(self, layer: int) -> bool:
         return self.layer_types[layer] != CONV
 
@@ -256,6 +271,11 @@ class Config:
         }
         if self.explicit_head_dim is not None:
             d["head_dim"] = self.explicit_head_dim
+        if not self.causal:  # the released layout: model_type lfm2, a bidirectional architecture
+            d.update(architectures=["Lfm2BidirectionalModel"], conv_zero_padding=self.conv_zero_padding)
+        if self.pooling is not None or self.dense_out:
+            d["sentence_transformers"] = {"pooling": self.pooling, **(
+                {"dense_out": self.dense_out, "dense_bias": self.dense_bias} if self.dense_out else {})}
         if self.vision is not None:
             text = self.replace(vision=None).to_dict()
             return {"model_type": "lfm2_vl", "architectures": ["Lfm2VlForConditionalGeneration"],
@@ -320,11 +340,20 @@ class Config:
         if c.block_ffn_dim_multiplier is not None:
             _positive_number(err, "block_ffn_dim_multiplier", c.block_ffn_dim_multiplier)
         for name in ("conv_bias", "tie_word_embeddings", "block_auto_adjust_ff_dim", "use_expert_bias",
-                     "norm_topk_prob", "use_sandwich_norm", "use_attention_gate", "attention_bias"):
+                     "norm_topk_prob", "use_sandwich_norm", "use_attention_gate", "attention_bias", "causal",
+                     "conv_zero_padding", "dense_bias"):
             if not isinstance(getattr(c, name), bool):
                 raise err(name, f"is {shown(getattr(c, name))}; expected true or false")
         if c.model_type != "lfm3" and (c.use_sandwich_norm or c.use_attention_gate or c.attention_bias):
             raise err("model_type", f"is {shown(c.model_type)}, which has no sandwich norms, attention gate or bias")
+        if c.model_type != "lfm2" and not c.causal:
+            raise err("model_type", f"is {shown(c.model_type)}; only lfm2 has a bidirectional variant")
+        if c.pooling is not None and c.pooling not in POOLINGS:
+            raise err("pooling", f"is {shown(c.pooling)}; expected one of {', '.join(POOLINGS)} or null")
+        if c.dense_out:
+            _positive_int(err, "dense_out", c.dense_out, LIMITS["hidden_size"])
+        elif isinstance(c.dense_out, bool) or c.dense_out != 0:
+            raise err("dense_out", f"is {shown(c.dense_out)}; expected a positive integer or 0 (no dense head)")
         hd = c.explicit_head_dim or c.hidden_size // c.num_attention_heads
         if c.explicit_head_dim is None and c.hidden_size % c.num_attention_heads:
             raise err("num_attention_heads", f"is {c.num_attention_heads}, which does not divide hidden_size "

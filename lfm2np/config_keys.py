@@ -17,6 +17,11 @@ from .vision_config import TOWER_FIELDS, VisionConfig
 MODEL_TYPES = ("lfm2", "lfm2_moe", "lfm3")
 #: vision-language model types: an LFM2 text tower behind a SigLIP2 vision tower ("lfm2-vl": the remote-code spelling)
 VL_MODEL_TYPES = ("lfm2_vl", "lfm2-vl")
+#: transformers' development branch names the bidirectional LFM2 "lfm2_bidirectional": read as lfm2, not causal
+BIDIRECTIONAL_TYPE = "lfm2_bidirectional"
+#: how a sentence-transformers head pools the token vectors (``embed``): the first token (CLS; LFM2's BOS), the
+#: mean of the real tokens, the last real token
+POOLINGS = ("cls", "mean", "last")
 CONV, ATTENTION, SLIDING = "conv", "full_attention", "sliding_attention"
 LAYER_KINDS = {"lfm2": (CONV, ATTENTION), "lfm2_moe": (CONV, ATTENTION), "lfm3": (CONV, SLIDING, ATTENTION)}
 ROPE_TYPES = ("default", "proportional")
@@ -100,8 +105,12 @@ def normalise(d: Mapping[str, Any], source: str | None) -> dict[str, Any]:
         return _vision_language(d, source, error)
     if model_type is _SENTINEL:
         raise error("model_type", f"is missing; expected one of {', '.join(MODEL_TYPES)}")
+    bidirectional = model_type == BIDIRECTIONAL_TYPE
+    if bidirectional:
+        model_type = "lfm2"
     if model_type not in MODEL_TYPES:
-        raise error("model_type", f"is {shown(model_type)}; expected one of {', '.join(MODEL_TYPES)}")
+        raise error("model_type", f"is {shown(model_type)}; expected one of {', '.join(MODEL_TYPES)}, "
+                                  f"or {BIDIRECTIONAL_TYPE}")
     lfm3 = model_type == "lfm3"
 
     def require(name: str, *aliases: str) -> Any:
@@ -154,6 +163,44 @@ def normalise(d: Mapping[str, Any], source: str | None) -> dict[str, Any]:
     for name in FLOAT_FIELDS:
         if name in out:
             fits_float(name, out[name], error)
+    if model_type == "lfm2":
+        out.update(_bidirectional(d, bidirectional))
+    out.update(_head(d, error))
+    return out
+
+
+def _bidirectional(d: Mapping[str, Any], typed: bool) -> dict[str, Any]:
+    """An lfm2 config reads both ways (a centred conv, attention without the causal mask) when its model_type is
+    transformers' "lfm2_bidirectional" or, in the released layout (model_type "lfm2" with remote code), when an
+    architecture is one of the bidirectional classes (Lfm2BidirectionalModel, ...ForMaskedLM,
+    Lfm2BidirForSequenceRouting) or auto_map points at modeling_lfm2_bidirectional. LFM2-ColBERT-350M
+    (Lfm2Model) stays causal. ``conv_zero_padding``, when absent, is what the code the config is written for
+    does: transformers' lfm2_bidirectional zeroes padded positions (its default, True); the released remote code
+    does not, and the released checkpoints were trained without it (False)."""
+    archs = d.get("architectures") if isinstance(d.get("architectures"), (list, tuple)) else ()
+    auto = d.get("auto_map") if isinstance(d.get("auto_map"), Mapping) else {}
+    named = any(isinstance(a, str) and a.startswith("Lfm2Bidir") for a in archs) or any(
+        isinstance(v, str) and v.startswith("modeling_lfm2_bidirectional.") for v in auto.values())
+    out: dict[str, Any] = {"causal": not (typed or named)}
+    if not out["causal"]:
+        zero = d.get("conv_zero_padding")
+        out["conv_zero_padding"] = typed if zero is None else zero
+    return out
+
+
+def _head(d: Mapping[str, Any], error: Any) -> dict[str, Any]:
+    """The sentence-transformers head (``sentence_transformers``: what :mod:`lfm2np.io.sentence_transformers`
+    reads from modules.json, 1_Pooling and 1_Dense, or a GGUF's pooling_type and dense_2): pooling and the dense
+    projection's width and bias."""
+    head = d.get("sentence_transformers")
+    if head is None:
+        return {}
+    if not isinstance(head, Mapping) or set(head) - {"pooling", "dense_out", "dense_bias"}:
+        raise error("sentence_transformers", f"is {shown(head)}; expected an object with pooling, dense_out, "
+                                             f"dense_bias")
+    out = {"pooling": head.get("pooling")}
+    if head.get("dense_out") is not None:
+        out.update(dense_out=head["dense_out"], dense_bias=head.get("dense_bias", False))
     return out
 
 

@@ -100,22 +100,13 @@ def _check_windowing(n_tokens: int, window: int, stride: int) -> None:
                           f"token is scored with context")
 
 
-def perplexity(model: Any, ids: Iterable[int], window: int | None = None, stride: int | None = None,
-               progress: Progress | None = None) -> dict[str, Any]:
-    """Perplexity of ``ids`` under ``model`` (see the module docstring).
-
-    ``window`` defaults to the model's context (``max_position_embeddings``, at most
-    :data:`DEFAULT_WINDOW`), ``stride`` to half the window. Returns ``perplexity``, ``nll`` (mean nats per
-    scored token), ``nll_sum``, ``tokens`` (scored: N - 1), ``input_tokens`` (N), ``window``, ``stride`` and
-    ``windows`` (how many forward passes), ``nll_stderr`` and ``perplexity_stderr`` (the module docstring:
-    over tokens; NaN for a single scored token). ``progress`` is called after each window."""
+def plan(model: Any, ids: Iterable[int], window: int | None = None, stride: int | None = None) \
+        -> tuple[np.ndarray, int, int, list[tuple[int, int, int]]]:
+    """The checked ids and the windows :func:`perplexity` runs: ``(ids, window, stride, windows)``."""
     if not all(hasattr(model, attr) for attr in ("check_ids", "forward", "config")):
         raise Lfm2npError(f"perplexity takes an lfm2np Model (lfm2np.load); got {type(model).__name__}")
     if isinstance(ids, (AbstractSet, Mapping)):  # no order of ids (or keys taken for ids)
         raise Lfm2npError(f"perplexity takes a sequence of ids; got a {type(ids).__name__}, which has no order")
-    if progress is not None and not callable(progress):
-        raise Lfm2npError(f"progress is {shown(progress)}; expected a function progress(window, windows, result) or "
-                          f"None")
     ids = model.check_ids(list(ids))
     if ids.ndim != 1:
         raise Lfm2npError(f"perplexity takes one sequence of ids; got shape {ids.shape}")
@@ -126,25 +117,62 @@ def perplexity(model: Any, ids: Iterable[int], window: int | None = None, stride
         raise Lfm2npError(f"window is {window}; the model's context (max_position_embeddings) is {context}")
     if stride is None:
         stride = max(1, window // 2)
-    plan = windows(len(ids), window, stride)
-    nll_sum, scored, spread = 0.0, 0, 0.0  # spread: the sum of squared deviations from the running mean
-    result: dict[str, Any] = {}
-    for k, (begin, end, first) in enumerate(plan):
-        logits = model.forward(ids[begin:end])  # (end - begin, V): row j predicts ids[begin + j + 1]
-        rows = np.arange(first - 1 - begin, end - 1 - begin)
-        nll = -log_probs(logits[rows], ids[rows + begin + 1])  # (n,) this window's per-token NLLs
+    return ids, window, stride, windows(len(ids), window, stride)
+
+
+def window_nll(model: Any, piece: "tuple[np.ndarray, int]") -> np.ndarray:
+    """The per-token NLLs of one window: ``piece`` is ``(ids[begin:end], first - begin)``, the window's ids and
+    where its scored targets begin in it; ``(end - first,)`` float64."""
+    ids, first = piece
+    logits = model.forward(ids)  # (n, V): row j predicts ids[j + 1]
+    rows = np.arange(first - 1, len(ids) - 1)
+    return -log_probs(logits[rows], ids[rows + 1])
+
+
+class Accumulator:
+    """The running result of :func:`perplexity` as window NLLs are added in order (:meth:`add`)."""
+
+    def __init__(self, n_ids: int, window: int, stride: int, n_windows: int):
+        self.n_ids, self.window, self.stride, self.n_windows = n_ids, window, stride, n_windows
+        self.nll_sum, self.scored, self.spread = 0.0, 0, 0.0  # spread: squared deviations from the running mean
+        self.result: dict[str, Any] = {}
+
+    def add(self, nll: np.ndarray) -> dict[str, Any]:
+        """Add the next window's NLLs (n,); the result so far."""
         n, window_mean = len(nll), float(nll.mean())
+        scored = self.scored
         # Chan et al.'s pairwise update of the spread: no cancellation between large, similar sums
-        shift = (window_mean - nll_sum / scored) ** 2 * scored * n / (scored + n) if scored else 0.0
-        spread += float(((nll - window_mean) ** 2).sum()) + shift
-        nll_sum += float(nll.sum())
-        scored += n
-        mean = nll_sum / scored  # beyond ~709 nats per token the perplexity is past float range: inf
+        shift = (window_mean - self.nll_sum / scored) ** 2 * scored * n / (scored + n) if scored else 0.0
+        self.spread += float(((nll - window_mean) ** 2).sum()) + shift
+        self.nll_sum += float(nll.sum())
+        self.scored = scored = scored + n
+        mean = self.nll_sum / scored  # beyond ~709 nats per token the perplexity is past float range: inf
         ppl = math.exp(mean) if mean < 709.78 else math.inf
-        stderr = math.sqrt(spread / (scored - 1) / scored) if scored > 1 else math.nan
-        result = {"perplexity": ppl, "nll": mean, "nll_sum": nll_sum, "tokens": scored,
-                  "input_tokens": int(len(ids)), "window": int(window), "stride": int(stride), "windows": len(plan),
-                  "nll_stderr": stderr, "perplexity_stderr": ppl * stderr if math.isfinite(ppl) else math.inf}
+        stderr = math.sqrt(self.spread / (scored - 1) / scored) if scored > 1 else math.nan
+        self.result = {"perplexity": ppl, "nll": mean, "nll_sum": self.nll_sum, "tokens": scored,
+                       "input_tokens": int(self.n_ids), "window": int(self.window), "stride": int(self.stride),
+                       "windows": self.n_windows, "nll_stderr": stderr,
+                       "perplexity_stderr": ppl * stderr if math.isfinite(ppl) else math.inf}
+        return self.result
+
+
+def perplexity(model: Any, ids: Iterable[int], window: int | None = None, stride: int | None = None,
+               progress: Progress | None = None) -> dict[str, Any]:
+    """Perplexity of ``ids`` under ``model`` (see the module docstring).
+
+    ``window`` defaults to the model's context (``max_position_embeddings``, at most
+    :data:`DEFAULT_WINDOW`), ``stride`` to half the window. Returns ``perplexity``, ``nll`` (mean nats per
+    scored token), ``nll_sum``, ``tokens`` (scored: N - 1), ``input_tokens`` (N), ``window``, ``stride`` and
+    ``windows`` (how many forward passes), ``nll_stderr`` and ``perplexity_stderr`` (the module docstring:
+    over tokens; NaN for a single scored token). ``progress`` is called after each window. The windows are
+    independent: :func:`window_nll` computes one (on a cluster's worker too), :class:`Accumulator` adds them."""
+    if progress is not None and not callable(progress):
+        raise Lfm2npError(f"progress is {shown(progress)}; expected a function progress(window, windows, result) or "
+                          f"None")
+    ids, window, stride, parts = plan(model, ids, window, stride)
+    total = Accumulator(len(ids), window, stride, len(parts))
+    for k, (begin, end, first) in enumerate(parts):
+        result = total.add(window_nll(model, (ids[begin:end], first - begin)))
         if progress is not None:
-            progress(k + 1, len(plan), result)
-    return result
+            progress(k + 1, len(parts), result)
+    return total.result

@@ -123,8 +123,19 @@ class LayerWeights:
     post_ffn_norm: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class Bidirectional:
+    """What a bidirectional layer sees in place of a past: the whole sequence, both ways. ``pads`` (T,) bool marks
+    the padding of a padded batch's row (None: none): left out of attention's keys, and zeroed before the centred
+    conv when ``zero_pads`` (the checkpoint's conv_zero_padding, or ``embed``'s padding-invariant batches)."""
+
+    pads: np.ndarray | None = None
+    zero_pads: bool = False
+
+
 RopeTables = tuple[np.ndarray, np.ndarray]  # (cos, sin), each (T, hd)
-Past = "np.ndarray | tuple[np.ndarray, np.ndarray] | None"  # a conv history (n, D), or (keys, values)
+#: a conv history (n, D), or (keys, values), or a bidirectional layer's view of its whole sequence
+Past = "np.ndarray | tuple[np.ndarray, np.ndarray] | Bidirectional | None"
 
 
 # ------------------------------------------------------------------------------------------ the layer
@@ -134,7 +145,8 @@ def decoder_layer(h: np.ndarray, w: LayerWeights, c: Config, rope: RopeTables | 
 
     ``rope``: the (cos, sin) tables of the T new positions for this layer's attention type; ``past``: what the
     previous call returned for this layer (None at the start of a sequence), the conv inputs so far or the K and
-    V cache; ``window``: the sliding window of a sliding attention layer."""
+    V cache, or for a bidirectional layer (``c.causal`` false) a :class:`Bidirectional` view (then the layer
+    returns None: it keeps no state); ``window``: the sliding window of a sliding attention layer."""
     rnd = s.rnd
     x = s("operator_norm", ops.rms_norm(h, w.operator_norm, c.norm_eps, rnd))
     if isinstance(w.mixer, AttentionWeights):
@@ -157,32 +169,42 @@ def decoder_layer(h: np.ndarray, w: LayerWeights, c: Config, rope: RopeTables | 
 
 
 # ------------------------------------------------------------------------------------------ the mixers
-def short_conv(x: np.ndarray, w: ConvWeights, past: np.ndarray | None = None,
-               s: Scope = QUIET) -> tuple[np.ndarray, np.ndarray]:
+def short_conv(x: np.ndarray, w: ConvWeights, past: np.ndarray | Bidirectional | None = None,
+               s: Scope = QUIET) -> tuple[np.ndarray, np.ndarray | None]:
     """The gated short convolution: ``b, c, x = split(in_proj(x), 3)``; ``u = b * x``; ``z = causal_conv1d(u)``;
     ``out = out_proj(c * z)``. No activation, no norm. ``past`` holds earlier values of u
-    (:func:`lfm2np.ops.causal_conv1d`). Names: in_proj, b_gate, c_gate, x, bx, conv_out, y, out_proj.
+    (:func:`lfm2np.ops.causal_conv1d`), or (a :class:`Bidirectional` layer) the conv is centred
+    (:func:`lfm2np.ops.centred_conv1d`), u zeroed at the padding first when asked, and no history is kept.
+    Names: in_proj, b_gate, c_gate, x, bx, conv_out, y, out_proj.
     (T, D), (n, D) -> (T, D), and the history of u extended by this chunk (n + T, D)"""
     rnd = s.rnd
     bcx = s("in_proj", rnd(ops.linear(x, w.in_proj, w.in_proj_bias)))  # (T, 3D)
     b, c, x = (s(name, part) for name, part in zip(("b_gate", "c_gate", "x"), np.split(bcx, 3, axis=-1)))
-    u = s("bx", rnd(b * x))  # (T, D)
-    z, history = ops.causal_conv1d(u, w.conv[:, 0, :], w.conv_bias, past)
+    u = rnd(b * x)  # (T, D)
+    if isinstance(past, Bidirectional):
+        if past.zero_pads and past.pads is not None:
+            u = np.where(past.pads[:, None], u.dtype.type(0), u)
+        u = s("bx", u)
+        z, history = ops.centred_conv1d(u, w.conv[:, 0, :], w.conv_bias), None
+    else:
+        u = s("bx", u)
+        z, history = ops.causal_conv1d(u, w.conv[:, 0, :], w.conv_bias, past)
     z = s("conv_out", rnd(z))
     y = s("y", rnd(c * z))
     return s("out_proj", rnd(ops.linear(y, w.out_proj, w.out_proj_bias))), history
 
 
 def attention_block(x: np.ndarray, w: AttentionWeights, rope: RopeTables,
-                    past: tuple[np.ndarray, np.ndarray] | None = None, window: int | None = None,
+                    past: tuple[np.ndarray, np.ndarray] | Bidirectional | None = None, window: int | None = None,
                     eps: float = 1e-5, wide_rope: bool = False,
-                    s: Scope = QUIET) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+                    s: Scope = QUIET) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """Attention: q, k, v projections; per-head RMSNorm of q and k (``eps``); RoPE (``wide_rope``: in float32,
     :func:`lfm2np.ops.apply_rope`); causal GQA (with a sliding ``window``: the last W positions only); LFM3's
     output gate ``sigmoid(gate_proj x)`` per head; the output projection. ``past`` is the (K, V) cache of earlier
-    positions (already normed and rotated), at least the last W - 1 of a sliding layer. Names: q_proj, k_proj,
-    v_proj, q_normed, k_normed, q_rope, k_rope, (attention, gate,) attn_out, out_proj.
-    (T, D) -> (T, D), and ((S, G, hd), (S, G, hd)) with the new positions"""
+    positions (already normed and rotated), at least the last W - 1 of a sliding layer, or (a
+    :class:`Bidirectional` layer) attention is not causal and the padding is left out of the keys. Names: q_proj,
+    k_proj, v_proj, q_normed, k_normed, q_rope, k_rope, (attention, gate,) attn_out, out_proj.
+    (T, D) -> (T, D), and ((S, G, hd), (S, G, hd)) with the new positions (None when bidirectional)"""
     T, hd, rnd = x.shape[0], w.q_norm.shape[0], s.rnd
     q = s("q_proj", rnd(ops.linear(x, w.q_proj, w.q_bias)).reshape(T, -1, hd))  # (T, H, hd)
     k = s("k_proj", rnd(ops.linear(x, w.k_proj, w.k_bias)).reshape(T, -1, hd))  # (T, G, hd)
@@ -192,16 +214,20 @@ def attention_block(x: np.ndarray, w: AttentionWeights, rope: RopeTables,
     cos, sin = rope
     q = s("q_rope", ops.apply_rope(q, cos, sin, rnd, wide_rope))
     k = s("k_rope", ops.apply_rope(k, cos, sin, rnd, wide_rope))
-    if past is not None:
-        k = np.concatenate([past[0], k], axis=0)  # (S, G, hd)
-        v = np.concatenate([past[1], v], axis=0)
-    attn = ops.attention(q, k, v, window, rnd)  # (T, H*hd)
+    if isinstance(past, Bidirectional):
+        attn = ops.attention(q, k, v, None, rnd, causal=False, keys=None if past.pads is None else ~past.pads)
+        k = v = None
+    else:
+        if past is not None:
+            k = np.concatenate([past[0], k], axis=0)  # (S, G, hd)
+            v = np.concatenate([past[1], v], axis=0)
+        attn = ops.attention(q, k, v, window, rnd)  # (T, H*hd)
     if w.gate_proj is not None:  # LFM3's output gate
         attn = s("attention", attn)
         gate = s("gate", rnd(ops.sigmoid(rnd(ops.linear(x, w.gate_proj)))))  # (T, H)
         attn = ops.output_gate(attn, gate, rnd)
     attn = s("attn_out", attn)
-    return s("out_proj", rnd(ops.linear(attn, w.out_proj, w.out_bias))), (k, v)
+    return s("out_proj", rnd(ops.linear(attn, w.out_proj, w.out_bias))), None if k is None else (k, v)
 
 
 def rope(positions: np.ndarray, c: Config, kind: str, dtype: np.dtype = np.float32, s: Scope = QUIET) -> RopeTables:
@@ -216,6 +242,24 @@ def rope(positions: np.ndarray, c: Config, kind: str, dtype: np.dtype = np.float
     if not c.rope_in_float32:
         cos, sin = s.rnd(cos), s.rnd(sin)
     return s("cos", cos), s("sin", sin)
+
+
+# ---------------------------------------------------------------------------------------- embeddings
+def embedding_head(h: np.ndarray, dense: np.ndarray | None, dense_bias: np.ndarray | None, how: str,
+                   real: np.ndarray | None = None, per_token: bool = False, s: Scope = QUIET) -> np.ndarray:
+    """The sentence-transformers head over the final hidden states (``embedding_norm``'s output). Pooled: the real
+    tokens pooled (:func:`lfm2np.ops.pool`, ``how``), the ``dense`` projection when the checkpoint has one, then L2
+    normalisation (Pooling, Dense, Normalize). Per token (ColBERT's vectors): the dense projection of every token,
+    then L2 normalisation. ``real`` (T,) marks the real tokens of a padded row. Names (below ``head.``): pooled,
+    dense, embedding; per token: dense_tokens, token_embeddings.  (T, D) -> (E,), or per token (T, E)"""
+    rnd, s = s.rnd, s.at("head.")
+    if per_token:
+        t = h if dense is None else s("dense_tokens", rnd(ops.linear(h, dense, dense_bias)))  # (T, E)
+        return s("token_embeddings", rnd(ops.l2_normalize(t)))
+    p = s("pooled", rnd(ops.pool(h, how, real)))  # (D,)
+    if dense is not None:
+        p = s("dense", rnd(ops.linear(p[None], dense, dense_bias)[0]))  # (E,)
+    return s("embedding", rnd(ops.l2_normalize(p)))
 
 
 # ---------------------------------------------------------------------------------------------- FFNs

@@ -6,7 +6,8 @@ A model can come from
   (:mod:`lfm2np.io.safetensors`);
 - a repo id already in the local Hugging Face cache, e.g. ``LiquidAI/LFM2-350M`` (:mod:`lfm2np.io.hub`;
   nothing is ever downloaded);
-- a ``.gguf`` file (:mod:`lfm2np.io.gguf`);
+- a ``.gguf`` file (:mod:`lfm2np.io.gguf`), and for LFM2-VL llama.cpp's pair: the text GGUF with
+  ``mmproj=`` its mmproj GGUF (:mod:`lfm2np.io.mmproj`);
 - ``"embedded"``: the tiny model shipped inside the package (:mod:`lfm2np.embedded`), as every command's MODEL;
 
 and a config, in addition, from a ``config.json`` path, a parsed dictionary or a preset name
@@ -26,13 +27,16 @@ from . import embedded, presets
 from .config import Config, check_rope_reading
 from .errors import Lfm2npError, shown
 from .io import hub
+from .io import sentence_transformers as st
 from .io.files import present, read_json
 from .io.gguf import read_gguf_config, read_gguf_source
+from .io.mmproj import read_gguf_pair, read_pair_config
 from .io.params import parse_budget
 from .io.safetensors import Checkpoint
 from .io.vl_checkpoint import Renamed
 from .model import Model
 from .numerics import numerics
+from .processor import ProcessorConfig, process_images
 from .schema import describe, layout
 from .weights import Lazy, TensorSource, check_tensors
 
@@ -43,7 +47,8 @@ def is_gguf(path: "str | os.PathLike[str]") -> bool:
 
 
 def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool = True,
-         memory_budget: Any = None, rope_reading: str = "trained", keep_weights: bool | None = None) -> Model:
+         memory_budget: Any = None, rope_reading: str = "trained", keep_weights: bool | None = None,
+         mmproj: "str | os.PathLike[str] | None" = None) -> Model:
     """Load a checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded set), a repo id
     such as ``LiquidAI/LFM2-350M`` already in the local Hugging Face cache (nothing is downloaded), a
     ``.gguf`` file (architectures ``lfm2``/``lfm2moe``; needs the ``gguf`` package), or ``"embedded"`` (the
@@ -60,6 +65,9 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
     entry labelled "default" with a partial_rotary_factor is read (see :data:`lfm2np.config.ROPE_READINGS`:
     "trained", the default, or "transformers"); such a config warns. ``keep_weights`` is the deprecated
     switch the budget replaced (True: "all", False: 0).
+
+    ``mmproj``: LFM2-VL from llama.cpp's pair, ``path`` the text GGUF and ``mmproj`` the mmproj GGUF (vision tower
+    and projector, :mod:`lfm2np.io.mmproj`); the model's image processor then has llama.cpp's settings.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise Lfm2npError(f"path must be a checkpoint directory, a cached repo id or a .gguf file (a str or a "
@@ -69,14 +77,26 @@ def load(path: "str | os.PathLike[str]", dtype: Any = "float32", *, strict: bool
         if not isinstance(flag, bool) and not (optional and flag is None):  # keep_weights="no" would keep all
             raise Lfm2npError(f"{name} must be True or False; got {shown(flag)}")
     path = embedded.resolve(path)
+    check_mmproj_with(path, mmproj)
     try:
-        return _load(path, dtype, strict, memory_budget, rope_reading, keep_weights)
+        return _load(path, dtype, strict, memory_budget, rope_reading, keep_weights, mmproj)
     except OSError as e:  # a name too long, a loop of links, a permission: the path at fault, never a traceback
         raise Lfm2npError(f"{str(path)[:200]}: {e.strerror or e}") from None
 
 
+def check_mmproj_with(path: Any, mmproj: Any) -> None:
+    """An mmproj goes with a text GGUF only, and is a path."""
+    if mmproj is None:
+        return
+    if not isinstance(mmproj, (str, os.PathLike)):
+        raise Lfm2npError(f"mmproj must be the path of an mmproj GGUF file; got {type(mmproj).__name__}")
+    if not is_gguf(path):
+        raise Lfm2npError(f"mmproj goes with llama.cpp's text GGUF; {str(path)[:200]} is not a .gguf file (a "
+                          f"checkpoint directory holds its vision tower itself)")
+
+
 def _load(path: "str | os.PathLike[str]", dtype: Any, strict: bool, memory_budget: Any, rope_reading: str,
-          keep_weights: bool | None) -> Model:
+          keep_weights: bool | None, mmproj: Any = None) -> Model:
     mode = numerics(dtype)
     if keep_weights is not None:  # the switch the budget replaced: True keeps everything, False nothing
         if memory_budget is not None:
@@ -84,14 +104,17 @@ def _load(path: "str | os.PathLike[str]", dtype: Any, strict: bool, memory_budge
         warnings.warn("keep_weights is deprecated: memory_budget='all' keeps every converted tensor, "
                       "memory_budget=0 none", DeprecationWarning, stacklevel=3)
         memory_budget = "all" if keep_weights else 0
-    if is_gguf(path):
+    settings = None
+    if mmproj is not None:
+        config, tensors, source, settings = read_gguf_pair(path, mmproj, strict)
+    elif is_gguf(path):
         config, tensors, source = read_gguf_source(path, strict)
         config = config.replace(rope_reading=rope_reading)  # (an lfm2 file's RoPE reads the same either way)
     else:
         directory = hub.resolve(path)
         config = load_config(directory, rope_reading=rope_reading)
         tensors = layout(config)
-        source = Checkpoint(directory)
+        source = checkpoint_source(directory)
         try:
             if config.is_vision_language:  # the towers' names as lfm2np lays them out
                 source = Renamed(source, str(directory))
@@ -102,7 +125,29 @@ def _load(path: "str | os.PathLike[str]", dtype: Any, strict: bool, memory_budge
             raise
     weights = lazy_weights(source, tensors, mode, memory_budget)
     weights.config = config  # the layout is this config's: the Model need not compute it again
-    return Model(config, weights, mode)
+    model = Model(config, weights, mode)
+    if settings is not None:  # llama.cpp's pair: its processor settings
+        processor = ProcessorConfig(**settings, source=f"{mmproj} (llama.cpp's LFM2 settings)")
+        model.image_processor = lambda images: process_images(images, processor)
+    return model
+
+
+def checkpoint_source(directory: "str | os.PathLike[str]") -> Any:
+    """The tensors of a checkpoint directory by lfm2np's names: its safetensors files, or, for a
+    sentence-transformers checkpoint of a base model, those and its Dense module's file renamed
+    (:mod:`lfm2np.io.sentence_transformers`)."""
+    main = Checkpoint(directory)
+    try:
+        dense_dir = st.dense_directory(directory)
+        dense = Checkpoint(dense_dir) if dense_dir is not None else None
+    except BaseException:
+        main.close()
+        raise
+    names = st.lfm2np_names(list(main.tensors), list(dense.tensors) if dense is not None else [])
+    if names is None:
+        return main
+    sources = [main] + ([dense] if dense is not None else [])
+    return st.Renamed({name: (sources[i], stored) for name, (i, stored) in names.items()}, sources)
 
 
 def lazy_weights(source: TensorSource, tensors: "list[Any]", mode: Any, memory_budget: Any) -> Lazy:
@@ -115,15 +160,23 @@ def lazy_weights(source: TensorSource, tensors: "list[Any]", mode: Any, memory_b
     return weights
 
 
-def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config", rope_reading: str = "trained") -> Config:
+def load_config(x: "str | os.PathLike[str] | Mapping[str, Any] | Config", rope_reading: str = "trained",
+                mmproj: "str | os.PathLike[str] | None" = None) -> Config:
     """A Config from a config.json path, a checkpoint directory, a cached repo id, a ``.gguf`` file, a
     preset name, ``"embedded"`` (the shipped tiny model) or a parsed dictionary.
 
     Preset names are matched without regard to case, with or without the ``LiquidAI/`` prefix
     (``"LFM2-350M"``, ``"liquidai/lfm2-8b-a1b"``); see :data:`lfm2np.presets.PRESETS`. A cached repo id
-    wins over a preset of the same name (it is the real file).
+    wins over a preset of the same name (it is the real file). ``mmproj``: with a text GGUF ``x``, llama.cpp's
+    LFM2-VL pair (:func:`lfm2np.io.mmproj.read_pair_config`).
     """
     check_rope_reading(rope_reading)  # whatever x is, before a file is read
+    if mmproj is not None:
+        check_mmproj_with(x, mmproj)
+        try:
+            return read_pair_config(x, mmproj).replace(rope_reading=rope_reading)
+        except OSError as e:
+            raise Lfm2npError(f"{str(x)[:200]} + {str(mmproj)[:200]}: {e.strerror or e}") from None
     if isinstance(x, Config):
         return x if x.rope_reading == rope_reading else x.replace(rope_reading=rope_reading)
     if not isinstance(x, (str, os.PathLike, Mapping)):
@@ -153,7 +206,11 @@ def _load_config(x: "str | os.PathLike[str] | Mapping[str, Any]", rope_reading: 
             hint = f"; it holds GGUF files ({', '.join(ggufs)}): give one of them" if ggufs else ""
             raise Lfm2npError(f"{path.parent}: no config.json in this directory{hint}")
     if path.is_file():
-        return Config.from_dict(_read_json(path), source=str(path), rope_reading=rope_reading)
+        d = _read_json(path)
+        head = st.read_head(path.parent)  # a sentence-transformers checkpoint's pooling and dense head
+        if head is not None and isinstance(d, dict):
+            d = {**d, "sentence_transformers": head}
+        return Config.from_dict(d, source=str(path), rope_reading=rope_reading)
     raise Lfm2npError(
         f"{shown(x)} is neither a config.json, a checkpoint directory, a .gguf file, a cached repo id nor a preset "
         f"name; presets: {', '.join(presets.names())}"

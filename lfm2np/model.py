@@ -24,10 +24,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from . import layers, ops, schema, vision
+from . import embedding, layers, ops, schema, vision
 from .config import Config
 from .errors import Lfm2npError, shown
-from .layers import AttentionWeights, ConvWeights, LayerWeights, MoEWeights, Scope, SwiGLUWeights, Tap
+from .layers import AttentionWeights, Bidirectional, ConvWeights, LayerWeights, MoEWeights, Scope, SwiGLUWeights, Tap
 from .numerics import Numerics, numerics
 from .state import DEFAULT_MAX_ROLLBACK, ConvState, State
 from .weights import InMemory, Weights, check_tensors
@@ -140,15 +140,19 @@ class Model:
         return self.params.report()
 
     def forward(self, ids: Any, *, images: Any = None, record: Recorder | None = None,
-                progress: Progress | None = None) -> np.ndarray:
+                progress: Progress | None = None, attention_mask: Any = None) -> np.ndarray:
         """Logits for every position of one sequence or an equal-length batch, computed from scratch.
 
         ids ``(T,)`` -> logits ``(T, V)``; ids ``(B, T)`` -> ``(B, T, V)``. Causal: position t depends on
-        tokens 0..t only. ``record`` sees (or replaces) every intermediate of a single sequence (see the
-        module docstring). Prompts longer than :attr:`prefill_chunk` run in chunks (as :meth:`step` would),
-        which bounds the temporaries; recording runs one pass. Raises :class:`Lfm2npError` for an id
-        outside ``0 .. vocab_size - 1``. LFM2-VL: ``images`` (file paths, arrays, or an image batch as the processor
-        gives it) replace the ids' image placeholders, which ``ids`` must already hold (one sequence).
+        tokens 0..t only (a bidirectional model, ``config.causal`` false: on every token). ``record`` sees (or
+        replaces) every intermediate of a single sequence (see the module docstring). Prompts longer than
+        :attr:`prefill_chunk` run in chunks (as :meth:`step` would; never a bidirectional model's), which bounds
+        the temporaries; recording runs one pass. ``attention_mask`` (bidirectional models; the shape of ids, 1
+        for a token, 0 for padding) computes a padded batch's rows as a reference backend does: the padding left
+        out of attention's keys and, when the checkpoint says ``conv_zero_padding``, zeroed before the centred
+        conv. Raises :class:`Lfm2npError` for an id outside ``0 .. vocab_size - 1``. LFM2-VL: ``images`` (file
+        paths, arrays, or an image batch as the processor gives it) replace the ids' image placeholders, which
+        ``ids`` must already hold (one sequence).
         """
         ids = self.check_ids(ids)
         check_progress(progress)
@@ -156,13 +160,18 @@ class Model:
         if T > context:  # before the logits (T, V) are allocated: a million ids asked for gigabytes first
             raise Lfm2npError(f"positions 0..{T - 1} go past max_position_embeddings {context} of this model")
         px = self.pixels(images, ids)
+        pads = embedding.padding(self.config, ids, attention_mask)
         if ids.ndim == 2:
             if record is not None:
                 raise Lfm2npError(f"record traces one sequence, shape (T,); got ids of shape {ids.shape}")
-            return np.stack([self.forward(row) for row in ids])
+            return np.stack([self.forward(row, attention_mask=None if pads is None else ~p)
+                             for row, p in zip(ids, pads if pads is not None else ids)])
         chunk = self.prefill_chunk
         if isinstance(chunk, (bool, np.bool_)) or not isinstance(chunk, (int, np.integer)) or chunk < 0:
             raise Lfm2npError(f"Model.prefill_chunk is {shown(chunk)}; expected an integer >= 0 (0: never in chunks)")
+        if not self.config.causal:  # the whole sequence at once: every position reads every other
+            view = Bidirectional(pads, self.config.conv_zero_padding)
+            return self.run(ids, record=record, progress=progress, view=view)[0]
         if record is not None or not chunk or ids.shape[0] <= chunk:
             return self.run(ids, record=record, progress=progress, images=px)[0]
         features = None if px is None else vision.encode(px, *self.vision_views(), self.config.vision,
@@ -198,6 +207,9 @@ class Model:
         ids = self.check_ids(ids)
         if ids.ndim != 1:
             raise Lfm2npError(f"step takes the ids of one sequence, shape (T,); got shape {ids.shape}")
+        if not self.config.causal:
+            raise Lfm2npError("a bidirectional model reads whole sequences (every position sees every other): it "
+                              "has no decoding state; use forward or embed")
         if state is None:
             state = self.new_state()
         if not isinstance(state, State):
@@ -215,6 +227,19 @@ class Model:
             raise Lfm2npError(f"step_batch got {len(ids)} id sequences but {len(states)} states")
         results = [self.step(i, s) for i, s in zip(ids, states)]
         return [r[0] for r in results], [r[1] for r in results]
+
+    def embed(self, ids: Any, *, attention_mask: Any = None, per_token: bool = False, pooling: str | None = None,
+              record: Recorder | None = None) -> "np.ndarray | list[np.ndarray]":
+        """Embeddings of one sequence ``(T,)`` -> ``(E,)``, or of several -> ``(B, E)``: the final hidden states
+        through the checkpoint's sentence-transformers head (pooling, its dense projection if any, L2
+        normalisation; :func:`lfm2np.layers.embedding_head`). ``per_token``: ColBERT's vectors instead, ``(T,
+        E)`` per sequence (a list for several). Sequences of different lengths (a list of lists) are padded
+        into one batch, each giving exactly what it gives alone (to float32 rounding: docs/ops/pooling.md);
+        a ``(B, T)`` array with an ``attention_mask`` is a padded batch as a reference computes it (the
+        checkpoint's conv_zero_padding applies). ``pooling``: "cls", "mean" or "last" instead of the
+        checkpoint's (which, when it declares none, is "mean"). ``record``: as in :meth:`forward`, one sequence
+        (the head's values named ``head.*``: :func:`lfm2np.trace_names` with ``output``)."""
+        return embedding.embed(self, ids, attention_mask, per_token, pooling, record)
 
     def check_ids(self, ids: Any) -> np.ndarray:
         """``ids`` as an int64 array of shape (T,) or (B, T), every id inside the vocabulary."""
@@ -239,12 +264,15 @@ class Model:
     # ------------------------------------------------------------- the forward pass
     def run(self, ids: np.ndarray, state: State | None = None, record: Recorder | None = None,
             progress: Progress | None = None, out: np.ndarray | None = None, images: "vision.Pixels | None" = None,
-            features: np.ndarray | None = None) -> tuple[np.ndarray, list]:
+            features: np.ndarray | None = None, view: Bidirectional | None = None,
+            head: "Callable[[np.ndarray, Scope], np.ndarray] | None" = None) -> tuple[np.ndarray, list]:
         """The forward pass of ``ids`` (T,) (already checked) continuing ``state`` (None: a new sequence; not
         checked here). Returns the logits (T, V) (written into ``out`` when given) and, per layer, what it
         continues from next: its extended conv history, or its keys and values (:meth:`State.advance`). LFM2-VL:
         the checked ``images`` through the tower and projector (or their ``features`` already computed) take
-        the placeholders' rows."""
+        the placeholders' rows. A bidirectional model's layers see ``view`` (its padding) and keep nothing.
+        ``head(h, scope)``, given, replaces the LM head on the final hidden states (:meth:`embed`); its result is
+        returned instead."""
         c, tap = self.config, tap_for(record)
         check_progress(progress)
         T, start = ids.shape[0], 0 if state is None else state.position
@@ -257,7 +285,7 @@ class Model:
             rope = {kind: layers.rope(positions, c, kind, self.dtype, s) for kind in schema.attention_kinds(c)}
             if images is not None:
                 features = vision.encode(images, *self.vision_views(), c.vision, s)  # (I, D)
-            h = s("model.embed_tokens", self.embed(ids))  # (T, D)
+            h = s("model.embed_tokens", self.embed_tokens(ids))  # (T, D)
             if features is not None:
                 h = s(vision.PLACED, vision.place(h, ids, features, c.vision.image_token_id))
             pasts = []
@@ -267,6 +295,8 @@ class Model:
                 past = None if state is None else state.layers[i]
                 past = past.history if isinstance(past, ConvState) else None if past is None else (past.keys,
                                                                                                     past.values)
+                if not c.causal:
+                    past = view or Bidirectional()
                 h, past = layers.decoder_layer(h, self.layer_weights(i), c, rope.get(kind), past, c.window(i),
                                                s.at(f"model.layers.{i}."))
                 h = s(f"model.layers.{i}", h)
@@ -275,6 +305,8 @@ class Model:
                     progress(i + 1, c.num_hidden_layers)
             h = s("model.embedding_norm", ops.rms_norm(h, self.params["model.embedding_norm.weight"], c.norm_eps,
                                                        s.rnd))
+            if head is not None:
+                return embedding.finite(head(h, s)), pasts
             logits = s("lm_head", ops.lm_head(h, self.params[schema.head_name(c)], s.rnd, out))  # (T, V)
         # the one check on the way: a sum (one pass, no buffer) is finite unless a value is NaN or infinite, or
         # finite values overflow it, which the exact check then tells apart; the search only on failure
@@ -318,12 +350,12 @@ class Model:
         return Lfm2npError(f"non-finite values: they first appear in {where}{cause}")
 
     # ------------------------------------------------------------- the pieces
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        """The embedding rows of ``ids``: (T,) -> (T, D). From a lazily loaded checkpoint only those rows
-        are read and converted."""
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        """The embedding rows of ``ids``: (T,) -> (T, D) (``model.embed_tokens``; :meth:`embed` gives embeddings).
+        From a lazily loaded checkpoint only those rows are read and converted."""
         ids = self.check_ids(ids)
         if ids.ndim != 1:
-            raise Lfm2npError(f"embed takes the ids of one sequence, shape (T,); got shape {ids.shape}")
+            raise Lfm2npError(f"embed_tokens takes the ids of one sequence, shape (T,); got shape {ids.shape}")
         return self.params.rows(schema.HEAD_TIED, ids)
 
     def rope(self, positions: np.ndarray, kind: str = "full_attention") -> tuple[np.ndarray, np.ndarray]:

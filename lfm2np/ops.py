@@ -161,17 +161,21 @@ SCORE_BYTES = 8 << 20
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None = None, rnd: Rounding = exact,
-              block: int = 128) -> np.ndarray:
+              block: int = 128, causal: bool = True, keys: np.ndarray | None = None) -> np.ndarray:
     """``softmax(q k^T * hd^-0.5 + causal mask) v``: grouped-query attention of T new queries, the last T of S
     positions, over the S keys (earlier ones first); query head j reads KV head ``j // (H // G)``.
     (T, H, hd), (S, G, hd), (S, G, hd) -> (T, H * hd)
 
     Query t at position ``p_t = S - T + t`` sees keys ``0 .. p_t``, or with a sliding ``window`` only the last W
-    of them. The formula is :func:`attend`; here it runs ``block`` queries at a time, so the scores take
+    of them. Not ``causal`` (a bidirectional layer): every query sees every key, except those where the key
+    padding mask ``keys`` (S,) is False, which are left out: their mask is -inf, their weight exp(-inf) = 0.
+    The formula is :func:`attend`; here it runs ``block`` queries at a time, so the scores take
     ``block x S`` instead of ``T x S`` memory, each block reading only the keys it can see (up to its last
     position; with a window, from its first query's window start). A block whose scores would pass
     :data:`SCORE_BYTES` runs a few KV groups (and their query heads) at a time. The result is the same rows.
     """
+    if not causal and keys is not None:
+        k, v = k[keys], v[keys]  # (S', G, hd): the padding's weight is exactly 0
     T, H, hd = q.shape
     S, G, _ = k.shape
     R = H // G
@@ -187,17 +191,17 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None = 
             t1 = min(T, t0 + block)
             first = S - T + t0  # position of this block's first query
             lo = 0 if window is None else max(0, first - window + 1)
-            end = S - T + t1  # keys visible to the last query of this block
+            end = S - T + t1 if causal else S  # keys visible to the last query of this block
             out[t0:t1, g0 * R * hd:g1 * R * hd] = attend(qs[t0:t1], ks[lo:end], vs[lo:end], window, rnd,
-                                                         start=first - lo)
+                                                         start=first - lo, causal=causal)
     return out
 
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None = None, rnd: Rounding = exact,
-           start: int | None = None) -> np.ndarray:
+           start: int | None = None, causal: bool = True) -> np.ndarray:
     """``softmax(q k^T * hd^-0.5 + mask) v`` for T queries at positions ``start + t`` (``start = S - T`` by
-    default) over S keys: query t sees keys ``0 .. start + t`` (with a ``window``: the last W of them).
-    (T, H, hd), (S, G, hd), (S, G, hd) -> (T, H * hd)
+    default) over S keys: query t sees keys ``0 .. start + t`` (with a ``window``: the last W of them; not
+    ``causal``: all S, no mask).  (T, H, hd), (S, G, hd), (S, G, hd) -> (T, H * hd)
     """
     T, H, hd = q.shape
     S, G, _ = k.shape
@@ -216,7 +220,7 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None = Non
     # -inf where a key is hidden: in the columns where that can happen only (the causal diagonal, and the
     # window's left edge), one pass over them
     pos = start + np.arange(T)[:, None]
-    for lo, hi in ((start + 1, S), (0, start + T - window if window else 0)):
+    for lo, hi in ((start + 1, S), (0, start + T - window if window else 0)) if causal else ():
         lo, hi = max(lo, 0), min(hi, S)
         if lo < hi:
             key = np.arange(lo, hi)[None, :]
@@ -258,6 +262,45 @@ def causal_conv1d(u: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
     if b is not None:
         z += b
     return z, np.concatenate([history, u])
+
+
+def centred_conv1d(u: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """Depthwise centred convolution: ``z_t = sum_j w[:, j] * u_{t - L//2 + j} (+ b)``, zeros outside the sequence.
+
+    The bidirectional layer's conv: the window is padded by L//2 on each side (transformers' ``padding=L//2``,
+    the first T outputs), so the middle tap multiplies the current token and the others its neighbours on both
+    sides (L = 3: ``w0 u_{t-1} + w1 u_t + w2 u_{t+1}``). No state: the sequence is whole.
+    (T, D), (D, L), (D,) -> (T, D)
+    """
+    T, D = u.shape
+    L = w.shape[1]
+    p = L // 2
+    padded = np.concatenate([np.zeros((p, D), u.dtype), u, np.zeros((L - 1 - p, D), u.dtype)])  # (T+L-1, D)
+    z = np.zeros_like(u)
+    for j in range(L):
+        z += w[:, j] * padded[j:j + T]
+    if b is not None:
+        z += b
+    return z
+
+
+# --------------------------------------------------------------------------- pooling
+def pool(h: np.ndarray, how: str, real: np.ndarray | None = None) -> np.ndarray:
+    """One vector for a sequence from its token vectors: ``cls`` the first token's (LFM2's BOS), ``mean`` the
+    mean over the real tokens ``sum_t m_t h_t / sum_t m_t``, ``last`` the last real token's; ``real`` (T,) bool
+    marks the real tokens (None: all).  (T, E) -> (E,)"""
+    m = np.ones(h.shape[0], bool) if real is None else real
+    if how == "cls":
+        return h[0].copy()
+    if how == "last":
+        return h[np.flatnonzero(m)[-1]].copy()
+    return h[m].sum(axis=0) / h.dtype.type(m.sum())
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """``x / max(||x||_2, eps)`` over the last axis (torch's ``F.normalize``).  (..., E) -> (..., E)"""
+    norm = np.sqrt(np.sum(np.square(x, dtype=np.promote_types(x.dtype, np.float32)), axis=-1, keepdims=True))
+    return (x / np.maximum(norm, eps)).astype(x.dtype, copy=False)
 
 
 # -------------------------------------------------------------------------------- FFN

@@ -28,6 +28,8 @@ _LFM2_COMMON = {
     "block_ffn_dim_multiplier": 1.0,
 }
 _SMALL_ATTN = [2, 5, 8, 10, 12, 14]
+_350M = {"hidden_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16, "block_ff_dim": 6656,
+         "block_auto_adjust_ff_dim": True, "full_attn_idxs": _SMALL_ATTN}
 
 _LFM2_MOE_COMMON = {
     "model_type": "lfm2_moe",
@@ -77,6 +79,21 @@ _RELEASED: dict[str, dict] = {
                       "rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0},
                       "bos_token_id": 124894, "eos_token_id": 124900, "pad_token_id": 124893,
                       "layer_types": _layer_types(24, [2, 6, 10, 14, 18, 21])},
+    # not LFM2-2.6B with new weights: LFM2.5's 128,000-token vocabulary and ids, RoPE base 1e7, 131,072 positions
+    # (a third-party copy of its config.json; the shape as LFM2-2.6B's: see UNCONFIRMED and SOURCES)
+    "LFM2.5-2.6B": {**_LFM2_COMMON, "hidden_size": 2048, "num_hidden_layers": 30, "num_attention_heads": 32,
+                    "block_ff_dim": 10752, "block_auto_adjust_ff_dim": False, "vocab_size": 128_000,
+                    "rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 10_000_000.0},
+                    "max_position_embeddings": 131_072, "bos_token_id": 124894, "eos_token_id": 124900,
+                    "pad_token_id": 124893, "layer_types": _layer_types(30, [2, 5, 9, 13, 17, 21, 24, 27])},
+    # the bidirectional LFM2 (built on LFM2.5-350M-Base: LFM2-350M's shape), with their sentence-transformers heads
+    "LFM2.5-Embedding-350M": {**_LFM2_COMMON, **_350M, "architectures": ["Lfm2BidirectionalModel"],
+                              "sentence_transformers": {"pooling": "cls"}},
+    "LFM2.5-ColBERT-350M": {**_LFM2_COMMON, **_350M, "architectures": ["Lfm2BidirectionalModel"], "vocab_size": 64_402,
+                            "sentence_transformers": {"pooling": None, "dense_out": 128, "dense_bias": False}},
+    "LFM2.5-Encoder-350M": {**_LFM2_COMMON, **_350M, "architectures": ["Lfm2BidirectionalForMaskedLM"]},
+    "LFM2-ColBERT-350M": {**_LFM2_COMMON, **_350M, "architectures": ["Lfm2Model"],  # causal
+                          "sentence_transformers": {"pooling": None, "dense_out": 128, "dense_bias": False}},
     "LFM2-24B-A2B": {**_LFM2_MOE_COMMON, "num_hidden_layers": 40, "intermediate_size": 11776,
                      "moe_intermediate_size": 1536, "num_experts": 64,
                      "layer_types": _layer_types(40, [i for i in range(40) if i % 4 == 2])},
@@ -125,7 +142,7 @@ ALIASES: dict[str, str] = {
     "LFM2.5-350M": "LFM2-350M",
     "LFM2.5-1.2B-Base": "LFM2.5-1.2B", "LFM2.5-1.2B-Instruct": "LFM2.5-1.2B",
     "LFM2.5-1.2B-Thinking": "LFM2.5-1.2B", "LFM2.5-1.2B-JP": "LFM2.5-1.2B",
-    "LFM2.5-2.6B": "LFM2-2.6B", "LFM2-2.6B-Exp": "LFM2-2.6B",
+    "LFM2-2.6B-Exp": "LFM2-2.6B",
 }
 
 _SHAPE = ("hidden_size", "num_hidden_layers", "layer_types", "intermediate_size")
@@ -136,15 +153,50 @@ UNCONFIRMED: dict[str, tuple[str, ...]] = {
     "LFM2.5-8B-A1B": ("vocab_size", "rope_theta", "bos_token_id", "eos_token_id", "pad_token_id"),
     "LFM2-24B-A2B": ("layer_types", "intermediate_size", "rope_theta", "max_position_embeddings",
                      "norm_topk_prob", "routed_scaling_factor", "use_expert_bias"),
-    "LFM2.5-230M": ("layer_types", "intermediate_size", "num_hidden_layers"),
+    "LFM2.5-230M": ("layer_types", "num_hidden_layers"),
+    "LFM2.5-1.2B": ("hidden_size", "intermediate_size", "layer_types"),
+    "LFM2.5-2.6B": _SHAPE + ("vocab_size", "rope_theta", "max_position_embeddings", "bos_token_id", "eos_token_id",
+                             "pad_token_id"),
     "LFM3-1.7B": ("max_position_embeddings", "rope_parameters"),
     # LFM2-VL: the towers as reported by third parties; the projector width and LayerNorm from early or
     # third-party configs (LFM2.5-VL's say projector_use_layernorm false; transformers' default is true)
     # ("vision": the tower's shape, projector_hidden_size and projector_use_layernorm)
     **{name: ("vision",) for name in ("LFM2-VL-450M", "LFM2-VL-1.6B", "LFM2-VL-3B")},
     **{name: ("vision", *_SHAPE) for name in ("LFM2.5-VL-450M", "LFM2.5-VL-1.6B")},
+    "LFM2.5-Encoder-350M": ("causal",),
+    "LFM2-ColBERT-350M": ("vocab_size", "pooling", "dense_out", "dense_bias"),
+    "LFM2.5-ColBERT-350M": ("dense_bias",),
     # aliases whose equality with their preset is itself from third-party copies of the configs
-    "LFM2.5-350M": _SHAPE, "LFM2.5-2.6B": _SHAPE, "LFM2-2.6B-Exp": _SHAPE,
+    "LFM2-2.6B-Exp": _SHAPE,
+}
+
+#: Where each LFM2.5 and bidirectional preset's values come from, best source first (checked December 2026 with
+#: the search tools of this project's development; "third-party" = a copy not published by Liquid AI).
+SOURCES: dict[str, str] = {
+    "LFM2.5-1.2B": "model card (16 layers, 10 conv + 6 GQA; vocabulary 65,536; 1.17B parameters; 32,768 context), "
+                   "LiquidAI's generation_config.json (bos 1, eos 7, pad 0); the shape of LFM2-1.2B, which the card's "
+                   "parameter count matches",
+    "LFM2.5-350M": "LiquidAI's generation_config.json (bos 1, eos 7, pad 0); llama.cpp's converter takes LFM2.5-350M "
+                   "as the reference of the 'lfm2' tokenizer (LFM2's 65,536 tokens); LiquidAI's config.json of "
+                   "LFM2.5-Encoder-350M-Prompt-Router (built on LFM2.5-350M-Base): LFM2-350M's shape",
+    "LFM2.5-230M": "llama.cpp's lfm2 graph (n_ff 2560 is its 230M size type); vLLM's LFM2.5 recipe (32K context); "
+                   "the layer count and pattern from third-party copies",
+    "LFM2.5-8B-A1B": "vLLM's LFM2.5 recipe (128K context); llama.cpp's converter lists a tokenizer of its own for it "
+                     "(not LFM2's); vocabulary, RoPE base and ids from third-party copies",
+    "LFM2.5-2.6B": "third-party copy of its config.json (vocabulary 128,000, RoPE base 1e7, 131,072 positions, ids "
+                   "124894 / 124900 / 124893); a third-party listing gives 2.7B parameters, which the 128,000-token "
+                   "vocabulary gives (LFM2-2.6B's 65,536 give 2.57B); LiquidAI's config.json was not readable here",
+    "LFM2.5-Embedding-350M": "model card (LFM2.5-350M-Base with bidirectional patches; 10 conv + 6 attention layers "
+                             "and a pooling module; CLS pooling of 1024 dimensions; vocabulary 65,536; ~354M "
+                             "parameters; 32,768 context, 512-token documents); conv_zero_padding absent (read as "
+                             "false: transformers' development branch says these checkpoints were trained without it)",
+    "LFM2.5-ColBERT-350M": "model card (vocabulary 64,402; a dense layer to 128 dimensions per token; ~353M "
+                           "parameters); the dense head's lack of a bias from a third-party MLX conversion",
+    "LFM2.5-Encoder-350M": "LiquidAI's config.json of LFM2.5-Encoder-350M-Prompt-Router (a fine-tune of it: "
+                           "modeling_lfm2_bidirectional, LFM2-350M's shape); 8,192 context from a third-party page",
+    "LFM2-ColBERT-350M": "model card (a late-interaction retriever on LFM2-350M, causal: llama.cpp converts its "
+                         "Lfm2Model without causal_attention = false); its vocabulary and dense head as "
+                         "LFM2.5-ColBERT-350M's are unconfirmed",
 }
 
 #: The context each model card states as supported (trained), where it differs from what the config allows:
@@ -153,7 +205,8 @@ UNCONFIRMED: dict[str, tuple[str, ...]] = {
 SUPPORTED_CONTEXT: dict[str, int] = {
     "LFM2-350M": 32_768, "LFM2-700M": 32_768, "LFM2-1.2B": 32_768, "LFM2-2.6B": 32_768, "LFM2.5-1.2B": 32_768,
     "LFM2-8B-A1B": 32_768, "LFM2.5-8B-A1B": 128_000, "LFM2-24B-A2B": 32_768, "LFM2.5-230M": 32_768,
-    "LFM3-1.7B": 262_144,
+    "LFM3-1.7B": 262_144, "LFM2.5-Embedding-350M": 32_768, "LFM2.5-ColBERT-350M": 32_768,
+    "LFM2.5-Encoder-350M": 8_192,
 }
 
 #: Published parameter counts (model cards), for the calculators to check against.
@@ -170,6 +223,11 @@ MODEL_CARD_PARAMS: dict[str, int | str] = {
     "LFM2-VL-450M": "450M", "LFM2-VL-1.6B": "1.6B", "LFM2-VL-3B": "3B", "LFM2.5-VL-450M": "450M",
     "LFM2.5-VL-1.6B": "1.6B",
     "LFM3-1.7B": 1_728_801_536,  # transformers 5.24's Lfm3Config() counted on the meta device; the card: 1.73B
+    "LFM2.5-2.6B": "2.7B (a third-party listing)",
+    "LFM2.5-Embedding-350M": "~354M (card)",
+    "LFM2.5-ColBERT-350M": "~353M (card)",
+    "LFM2.5-Encoder-350M": "354,483,968 (a third-party page)",
+    "LFM2-ColBERT-350M": "350M (the name; not checked)",
 }
 
 # Tiny configs: odd sizes so that transposed or mis-split weights cannot line up by accident.

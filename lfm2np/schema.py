@@ -26,8 +26,11 @@ import re
 from dataclasses import dataclass
 
 from . import vision_schema
+# the names other tools give each value (re-exported: lfm2np.schema.llama_cpp_names, transformers_names)
+from .aliases import LLAMA_CPP_STEPS, LLAMA_CPP_TOP, llama_cpp_names, split as _split, transformers_names
 from .config import Config, checked_config
 from .config_keys import CONV
+from .errors import Lfm2npError, shown
 
 
 # ========================================================================================== tensor layout
@@ -120,6 +123,10 @@ def layout(config: Config) -> list[Tensor]:
     out.append(Tensor("model.embedding_norm.weight", (D,), None, "final_norm", "embedding_norm"))
     if not c.tie_word_embeddings:
         out.append(Tensor("lm_head.weight", (V, D), None, "lm_head", "lm_head"))
+    if c.dense_out:  # the sentence-transformers Dense module (1_Dense/model.safetensors: linear.weight)
+        out.append(Tensor(DENSE_HEAD, (c.dense_out, D), None, "dense_head", "dense"))
+        if c.dense_bias:
+            out.append(Tensor(DENSE_HEAD_BIAS, (c.dense_out,), None, "dense_head", "dense_bias"))
     vision = vision_schema.tensors(c.vision, D) if c.vision is not None else []  # LFM2-VL: tower and projector
     return out + [Tensor(name, shape, None, part, role) for name, shape, part, role in vision]
 
@@ -153,6 +160,8 @@ def expert_names(layer: int, expert: int) -> tuple[str, str, str]:
 
 
 HEAD_TIED = "model.embed_tokens.weight"
+#: the embedding head's dense projection (E, D) and its bias (a sentence-transformers Dense module's linear)
+DENSE_HEAD, DENSE_HEAD_BIAS = "dense.weight", "dense.bias"
 
 
 def head_name(config: Config) -> str:
@@ -197,97 +206,14 @@ ROUTER_STEPS = ("router_logits", "router_scores", "biased_scores", "selected_exp
 STEPS = frozenset(["", "operator_norm", "post_operator_norm", "mixer_residual", "ffn_norm", "feed_forward.output",
                    "post_ffn_norm", *(f"conv.{s}" for s in CONV_STEPS), *(f"self_attn.{s}" for s in ATTENTION_STEPS),
                    *(f"feed_forward.{s}" for s in DENSE_STEPS + ROUTER_STEPS)])
+#: The embedding head's values (``Model.embed``): pooled, then dense and normalised; or per token.
+HEAD_POOLED = ("head.pooled", "head.dense", "head.embedding")
+HEAD_TOKENS = ("head.dense_tokens", "head.token_embeddings")
 #: The names outside the layers ({kind}: an attention layer type, e.g. ``full_attention``).
 TOP_LEVEL = ("model.rotary_emb.{kind}.inv_freq", "model.rotary_emb.{kind}.cos", "model.rotary_emb.{kind}.sin",
-             "model.embed_tokens", "model.embedding_norm", "lm_head")
-_TOP = re.compile(r"model\.rotary_emb\.\w+\.(inv_freq|cos|sin)|model\.embed_tokens|model\.embedding_norm|lm_head")
-
-# llama.cpp's LFM2 graph (src/models/lfm2.cpp) names some tensors after the Hugging Face modules with a literal
-# "{}" where the layer goes ("model.layers.{}.conv.conv-3"), the generic helpers (build_attn, build_ffn,
-# build_moe_ffn) the rest ("Qcur-3", "ffn_moe_logits-3"); newer versions name q/k/v after the modules too. Checked
-# against real dumps (tools/dump_llama_cpp_trace.py, llama-cpp-python 0.3.36). The FFN norm's output is named
-# "...ffn_out" when computed (it was "...ffn_norm" when the graph was built). MoE: build_moe_ffn names the sigmoid
-# scores ffn_moe_probs, the chosen ones ffn_moe_weights, their renormalised values ffn_moe_weights_norm, and for
-# LFM2 never scales them (routed_scaling_factor, 1 in every released model, is ignored: no ffn_moe_weights_scaled).
-_LLAMA = {
-    "operator_norm": ("model.layers.{{}}.operator_norm-{i}",),
-    "conv.in_proj": ("model.layers.{{}}.conv.in_proj-{i}",), "conv.conv_out": ("model.layers.{{}}.conv.conv-{i}",),
-    "conv.out_proj": ("model.layers.{{}}.conv.out_proj-{i}",),
-    "self_attn.q_proj": ("Qcur-{i}", "model.layers.{{}}.self_attn.q_proj-{i}"),
-    "self_attn.k_proj": ("Kcur-{i}", "model.layers.{{}}.self_attn.k_proj-{i}"),
-    "self_attn.v_proj": ("Vcur-{i}", "model.layers.{{}}.self_attn.v_proj-{i}"),
-    "self_attn.q_normed": ("model.layers.{{}}.self_attn.q_layernorm-{i}",),
-    "self_attn.k_normed": ("model.layers.{{}}.self_attn.k_layernorm-{i}",),
-    "self_attn.attn_out": ("kqv_out-{i}",), "self_attn.out_proj": ("model.layers.{{}}.self_attn.out_proj-{i}",),
-    "ffn_norm": ("model.layers.{{}}.ffn_out-{i}",),
-    "feed_forward.w1": ("ffn_gate-{i}",), "feed_forward.w3": ("ffn_up-{i}",), "feed_forward.act": ("ffn_swiglu-{i}",),
-    "feed_forward.router_logits": ("ffn_moe_logits-{i}",), "feed_forward.router_scores": ("ffn_moe_probs-{i}",),
-    "feed_forward.biased_scores": ("ffn_moe_probs_biased-{i}",),
-    "feed_forward.selected_experts": ("ffn_moe_topk-{i}",), "feed_forward.topk_scores": ("ffn_moe_weights-{i}",),
-    "feed_forward.topk_normed": ("ffn_moe_weights_norm-{i}",),
-    "": ("l_out-{i}",),
-}
-_LLAMA_TOP = {"model.embed_tokens": ("model.embed_tokens",), "model.embedding_norm": ("result_norm",),
-              "lm_head": ("result_output",)}
-
-
-#: a step's capture keys in a transformers run (module path + ".output", or the function-level steps the fixture
-#: tools record: bx, conv_out, q_rope, k_rope, attn_out, and the router's logits, choice and weights), by the
-#: config's attention spelling where the two differ
-_TRANSFORMERS = {
-    "": ("output",), "operator_norm": ("operator_norm.output",), "ffn_norm": ("ffn_norm.output",),
-    "post_operator_norm": ("post_operator_norm.output",), "post_ffn_norm": ("post_ffn_norm.output",),
-    "conv.in_proj": ("conv.in_proj.output",), "conv.bx": ("conv.bx",), "conv.conv_out": ("conv.conv_out",),
-    "conv.out_proj": ("conv.output", "conv.out_proj.output"),
-    "self_attn.q_proj": ("self_attn.q_proj.output",), "self_attn.k_proj": ("self_attn.k_proj.output",),
-    "self_attn.v_proj": ("self_attn.v_proj.output",),
-    "self_attn.q_rope": ("self_attn.q_rope",), "self_attn.k_rope": ("self_attn.k_rope",),
-    "self_attn.attn_out": ("self_attn.attn_out",), "self_attn.out_proj": ("self_attn.output",),
-    "feed_forward.w1": ("feed_forward.w1.output",), "feed_forward.w3": ("feed_forward.w3.output",),
-    "feed_forward.w2": ("feed_forward.w2.output",), "feed_forward.output": ("feed_forward.output",),
-    "feed_forward.router_logits": ("feed_forward.gate.router_logits",),
-    "feed_forward.selected_experts": ("feed_forward.gate.selected_experts",),
-    "feed_forward.routing_weights": ("feed_forward.gate.routing_weights",),
-}
-_TRANSFORMERS_SPELLED = {
-    "lfm2": {"self_attn.q_normed": ("self_attn.q_layernorm.output",),
-             "self_attn.k_normed": ("self_attn.k_layernorm.output",),
-             "self_attn.out_proj": ("self_attn.output", "self_attn.out_proj.output")},
-    "qwen3": {"self_attn.q_normed": ("self_attn.q_norm.output",), "self_attn.k_normed": ("self_attn.k_norm.output",),
-              "self_attn.out_proj": ("self_attn.output", "self_attn.o_proj.output")},
-}
-_LAYER_NAME = re.compile(r"model\.layers\.(\d+)(?:\.(.+))?")
-
-
-def _split(name: str) -> tuple[int | None, str]:
-    """(layer, step) of a trace name; (None, name) outside the layers."""
-    m = _LAYER_NAME.fullmatch(name)
-    return (int(m.group(1)), m.group(2) or "") if m else (None, name)
-
-
-def transformers_names(name: str, spelling: str | None = None) -> tuple[str, ...]:
-    """The capture keys of trace name ``name`` in a transformers run, for a config's attention ``spelling``
-    ("lfm2" or "qwen3"; None: both)."""
-    layer, step = _split(name)
-    if layer is None:
-        return {"model.embed_tokens": ("model.embed_tokens.output",), "model.embedding_norm":
-                ("model.embedding_norm.output",), "lm_head": ("lm_head.output",)}.get(name, ())
-    keys = _TRANSFORMERS.get(step, ())
-    for sp in ((spelling,) if spelling else tuple(_TRANSFORMERS_SPELLED)):
-        keys = tuple(dict.fromkeys(keys + _TRANSFORMERS_SPELLED[sp].get(step, ())))
-    return tuple(f"model.layers.{layer}.{k}" for k in keys)
-
-
-def llama_cpp_names(name: str, moe: bool | None = None) -> tuple[str, ...]:
-    """The names llama.cpp's LFM2 graph callback gives trace name ``name`` (older and newer spellings; the
-    FFN output has one only in MoE layers: ``moe`` None means either)."""
-    layer, step = _split(name)
-    if layer is None:
-        return _LLAMA_TOP.get(name, ())
-    if step == "feed_forward.output":
-        return () if moe is False else (f"ffn_moe_out-{layer}",)
-    return tuple(t.format(i=layer) for t in _LLAMA.get(step, ()))
-
+             "model.embed_tokens", "model.embedding_norm", "lm_head", *HEAD_POOLED, *HEAD_TOKENS)
+_TOP = re.compile(r"model\.rotary_emb\.\w+\.(inv_freq|cos|sin)|model\.embed_tokens|model\.embedding_norm|lm_head"
+                  r"|head\.(pooled|dense|embedding|dense_tokens|token_embeddings)")
 
 def attention_kinds(config: Config) -> list[str]:
     """The attention layer types ``config`` uses, in the order of their first layer."""
@@ -332,12 +258,19 @@ def layer_steps(config: Config, i: int) -> list[tuple[str, tuple[int | str, ...]
     return out
 
 
-def trace_names(config: Config, images: bool = True) -> list[TraceName]:
+#: what a pass ends with: the logits (``forward``), the pooled embedding or the per-token vectors (``embed``)
+OUTPUTS = ("logits", "embedding", "token_embeddings")
+
+
+def trace_names(config: Config, output: str = "logits", images: bool = True) -> list[TraceName]:
     """Every intermediate the forward pass of a model with ``config`` names, in the order it computes them (see
     the module docstring): the RoPE tables of each attention layer type, (LFM2-VL, a call with ``images``: the
     vision tower and projector, :mod:`lfm2np.vision_schema`), the embeddings (with the image features placed),
-    every step of every layer, the final norm and the logits."""
+    every step of every layer, the final norm and the logits, or for ``output`` "embedding" / "token_embeddings"
+    (``Model.embed``) the embedding head's values instead of the logits."""
     c = checked_config(config)
+    if not isinstance(output, str) or output not in OUTPUTS:
+        raise Lfm2npError(f"trace_names: output is {shown(output)}; expected one of {', '.join(OUTPUTS)}")
     hd, D = c.head_dim, c.hidden_size
     out = []
     for kind in attention_kinds(c):
@@ -358,9 +291,16 @@ def trace_names(config: Config, images: bool = True) -> list[TraceName]:
                                  transformers_names(name, c.attention_spelling), llama))
     out.append(TraceName("model.embedding_norm", ("T", D), transformers=transformers_names("model.embedding_norm"),
                          llama_cpp=llama_cpp_names("model.embedding_norm")))
-    out.append(TraceName("lm_head", ("T", c.vocab_size), transformers=transformers_names("lm_head"),
-                         llama_cpp=llama_cpp_names("lm_head")))
-    return out
+    if output == "logits":
+        out.append(TraceName("lm_head", ("T", c.vocab_size), transformers=transformers_names("lm_head"),
+                             llama_cpp=llama_cpp_names("lm_head")))
+        return out
+    E = c.embedding_size
+    if output == "token_embeddings":
+        head = [("head.dense_tokens", ("T", E))] if c.dense_out else []
+        return out + [TraceName(n, sh) for n, sh in head + [("head.token_embeddings", ("T", E))]]
+    head = [("head.pooled", (D,))] + ([("head.dense", (E,))] if c.dense_out else []) + [("head.embedding", (E,))]
+    return out + [TraceName(n, sh) for n, sh in head]
 
 
 def is_trace_name(name: str) -> bool:
@@ -371,14 +311,14 @@ def is_trace_name(name: str) -> bool:
 
 #: every name llama.cpp's LFM2 graph callback gives a value of the schema ("Qcur-3", "result_norm", ...)
 LLAMA_CPP_NAME = re.compile("|".join(
-    [re.escape(t.format(i="LAYER")).replace("LAYER", r"\d+") for names in _LLAMA.values() for t in names]
-    + [r"ffn_moe_out-\d+"] + [re.escape(t) for names in _LLAMA_TOP.values() for t in names]))
+    [re.escape(t.format(i="LAYER")).replace("LAYER", r"\d+") for names in LLAMA_CPP_STEPS.values() for t in names]
+    + [r"ffn_moe_out-\d+"] + [re.escape(t) for names in LLAMA_CPP_TOP.values() for t in names]))
 
 
 # ---------------------------------------------------------------------------------- names from any tool
-_LLAMA_PREFIX = {t.replace("{{}}", "{}").rsplit("-{i}", 1)[0]: step for step, names in _LLAMA.items() for t in names}
+_LLAMA_PREFIX = {t.replace("{{}}", "{}").rsplit("-{i}", 1)[0]: step for step, names in LLAMA_CPP_STEPS.items() for t in names}
 _LLAMA_PREFIX["ffn_moe_out"] = "feed_forward.output"
-_LLAMA_TOP_NAME = {t: name for name, names in _LLAMA_TOP.items() for t in names}
+LLAMA_CPP_TOP_NAME = {t: name for name, names in LLAMA_CPP_TOP.items() for t in names}
 
 
 def canonical_name(key: str) -> str | None:
@@ -387,8 +327,8 @@ def canonical_name(key: str) -> str | None:
     value of the schema."""
     if is_trace_name(key):
         return key
-    if key in _LLAMA_TOP_NAME:
-        return _LLAMA_TOP_NAME[key]
+    if key in LLAMA_CPP_TOP_NAME:
+        return LLAMA_CPP_TOP_NAME[key]
     head, _, layer = key.rpartition("-")
     if layer.isdigit() and head in _LLAMA_PREFIX:
         step = _LLAMA_PREFIX[head]
@@ -431,6 +371,9 @@ def order_key(name: str) -> tuple:
     if name.startswith("model.rotary_emb."):  # per attention type: inv_freq, cos, sin
         kind, _, table = name[len("model.rotary_emb."):].partition(".")
         return (0, kind, ("inv_freq", "cos", "sin").index(table) if table in ("inv_freq", "cos", "sin") else 3)
+    head = HEAD_TOKENS + HEAD_POOLED
+    if name in head:  # (the embedding head replaces lm_head: the same place, in its own order)
+        return (4, str(head.index(name)))
     return ({"model.embed_tokens": 1, "model.embedding_norm": 3, "lm_head": 4}.get(name, 5), name)
 
 
@@ -442,7 +385,7 @@ def layer_of(name: str) -> int | None:
 def per_position(name: str) -> bool:
     """Whether the value named ``name`` has one row per position of the call (every value but the RoPE
     frequencies ``model.rotary_emb.{kind}.inv_freq``)."""
-    return not name.endswith(".inv_freq")
+    return not name.endswith(".inv_freq") and name not in HEAD_POOLED
 
 
 def holds_integers(name: str) -> bool:

@@ -161,7 +161,8 @@ def check_images(images: Any, ids: np.ndarray, config: Any, dtype: np.dtype,
         return None
     v = config.vision
     if v is None:
-        raise Lfm2npError("this model has no vision tower: images need an LFM2-VL model")
+        raise Lfm2npError("this model has no vision tower: images need an LFM2-VL model (a checkpoint directory, or "
+                          "llama.cpp's text GGUF with its mmproj: mmproj=, --mmproj)")
     if ids.ndim != 1:
         raise Lfm2npError(f"images go with one sequence, ids of shape (T,); got shape {ids.shape}")
     if isinstance(images, Pixels):  # already checked

@@ -37,6 +37,15 @@ def _spelling(action: argparse.Action, option: str) -> str:
     return f"{option} {metavar}"
 
 
+def commands(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every command, a group's subcommands as ``group sub`` (``conformance make``) in place of the group."""
+    out = []
+    for name, sub in parser.commands.items():  # type: ignore[attr-defined]
+        nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        out += [(f"{name} {n}", s) for n, s in nested[0].choices.items()] if nested else [(name, sub)]
+    return out
+
+
 def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
@@ -45,7 +54,7 @@ def options_table(parser: argparse.ArgumentParser) -> str:
     """Every argument and option of every command, once: the first long spelling names it; aliases that only
     some commands take say which."""
     rows: dict[str, dict] = {}
-    for command, sub in parser.commands.items():  # type: ignore[attr-defined]
+    for command, sub in commands(parser):
         for action in sub._actions:
             if isinstance(action, argparse._HelpAction):
                 continue
@@ -79,7 +88,7 @@ def options_table(parser: argparse.ArgumentParser) -> str:
 def usages(parser: argparse.ArgumentParser) -> str:
     """Each command's usage line and description (its arguments are in the table)."""
     parts = []
-    for command, sub in parser.commands.items():  # type: ignore[attr-defined]
+    for command, sub in commands(parser):
         parts += [f"### lfm2np {command}", "", _cell(sub.description or ""), "", "```",
                   sub.format_usage().strip(), "```", ""]
     return "\n".join(parts).rstrip()

@@ -88,7 +88,7 @@ def test_each_layer_against_transformers_bf16():
         c = m.config
         ids = g["bf16.ids"]
         rope = m.rope(np.arange(len(ids)))
-        np.testing.assert_array_equal(m.embed(ids), g["bf16.model.embed_tokens.output"])
+        np.testing.assert_array_equal(m.embed_tokens(ids), g["bf16.model.embed_tokens.output"])
         h = g["bf16.model.embed_tokens.output"]
         for i in range(c.num_hidden_layers):
             ref = g[f"bf16.model.layers.{i}.output"]

@@ -31,13 +31,14 @@ def test_total_equals_the_loaders_tensors(name):
     p = calc.param_counts(c)
     assert p["total"] == n_params(c)
     b = p["breakdown"]
-    assert p["total"] == b["embedding"] + b["final_norm"] + b["lm_head"] + sum(l["total"] for l in b["layers"]) \
-        + b.get("vision_tower", 0) + b.get("projector", 0)  # LFM2-VL: the vision side, counted apart
+    assert p["total"] == b["embedding"] + b["final_norm"] + b["lm_head"] + b["dense_head"] + sum(
+        l["total"] for l in b["layers"]) + b.get("vision_tower", 0) + b.get("projector", 0)  # LFM2-VL: counted apart
     kinds = b["by_kind"]
-    assert p["total"] == (b["embedding"] + b["lm_head"] + kinds["conv_mixer"]["params"]
+    assert p["total"] == (b["embedding"] + b["lm_head"] + b["dense_head"] + kinds["conv_mixer"]["params"]
                           + kinds["attention_mixer"]["params"] + kinds["dense_ffn"]["params"]
                           + kinds["moe_ffn"]["params"] + kinds["norms"]["params"]
                           + b.get("vision_tower", 0) + b.get("projector", 0))
+    assert (b["dense_head"] == 0) == (not c.dense_out)  # the embedding head's projection (ColBERT: 1024 -> 128)
 
 
 @pytest.mark.parametrize("name", [n for n, v in presets.MODEL_CARD_PARAMS.items() if isinstance(v, int)])
@@ -317,10 +318,14 @@ def test_the_supported_context_is_the_cards_not_the_configs(capsys):
 
 
 def test_unconfirmed_fields_are_shown_aliases_included(capsys):
-    code, out, _ = run(capsys, "params", "LFM2.5-350M", "--json")
+    code, out, _ = run(capsys, "params", "LFM2-2.6B-Exp", "--json")
     d = json.loads(out)
-    assert "hidden_size" in d["unconfirmed"] and d["total"] == calc.param_counts(load_config("LFM2-350M"))["total"]
-    assert d["model_card"] == presets.MODEL_CARD_PARAMS["LFM2-350M"]
+    assert "hidden_size" in d["unconfirmed"] and d["total"] == calc.param_counts(load_config("LFM2-2.6B"))["total"]
+    assert d["model_card"] == presets.MODEL_CARD_PARAMS["LFM2-2.6B"]
+    # LFM2.5-2.6B is not LFM2-2.6B with new weights: its own vocabulary, RoPE base and ids, all unconfirmed
+    d = json.loads(run(capsys, "params", "LFM2.5-2.6B", "--json")[1])
+    assert {"vocab_size", "rope_theta", "bos_token_id"} <= set(d["unconfirmed"])
+    assert d["total"] - calc.param_counts(load_config("LFM2-2.6B"))["total"] == (128_000 - 65_536) * 2048
     code, out, _ = run(capsys, "params", "LFM2-24B-A2B")
     assert "unconfirmed (third-party copies of the config): layer_types" in out
     assert json.loads(run(capsys, "params", "LFM2-350M", "--json")[1])["unconfirmed"] == []

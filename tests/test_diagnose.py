@@ -96,7 +96,9 @@ def test_every_mistake_is_tested_where_it_applies():
     LFM3's own on LFM3 only; the image path's on the LFM2-VL fixtures (tests/test_vision.py)."""
     from test_vision import IMAGE_MISTAKES
 
-    assert {m.id for m in M.CATALOGUE} == set(BUGS) | set(LFM3_BUGS) | {m for m, _ in IMAGE_MISTAKES}
+    assert {m.id for m in M.CATALOGUE if not m.id.startswith("bidir-")} == set(BUGS) | set(LFM3_BUGS) | {
+        m for m, _ in IMAGE_MISTAKES}
+    # (the bidirectional model's own, on embeddings dumps: tests/test_bidir_diagnose.py)
     assert {bug for name, bug, _ in CASES if name == "moe"} == set(BUGS)
     assert {bug for name, bug, _ in CASES if name == "dense"} == {b for b in BUGS if not b.startswith("router")}
     assert {bug for name, bug, _ in CASES if name == "lfm3"} == {b for b in BUGS + LFM3_BUGS
@@ -226,7 +228,9 @@ def test_what_does_not_apply_is_reported_with_the_reason():
     d = diagnose(setup("dense")[2], dump_of("dense", ("no-qk-norm",), "logits"))
     reasons = {n["id"]: n["reason"] for n in d.not_applicable}
     images = {m for m in reasons if m.startswith("vl-")}
-    assert set(reasons) == {b for b in BUGS if b.startswith("router")} | set(LFM3_BUGS) | images
+    assert {r for r in reasons if not r.startswith("bidir-")} == {b for b in BUGS if b.startswith("router")} | \
+        set(LFM3_BUGS) | images
+    assert "bidirectional" in reasons["bidir-causal-mask"] and "embedding head" in reasons["bidir-wrong-pooling"]
     assert "MoE" in reasons["router-softmax"] and "LFM3" in reasons["lfm3-window-ignored"]
     assert images and all("LFM2-VL" in reasons[m] for m in images), reasons
     attn_only = lfm2np.load(GOLDEN / "dense-attn-only")
@@ -295,7 +299,8 @@ def test_a_transformers_lfm3_run_agrees_and_the_router_does_not_apply():
     d = diagnose(model, logits_dump(g["logits.T40.ids"], g["logits.T40"]), prefill=7)
     assert d.agrees and d.best is None, format_diagnosis(d)
     images = {m.id for m in M.CATALOGUE if m.id.startswith("vl-")}  # LFM2-VL's own
-    assert {n["id"] for n in d.not_applicable} == {b for b in BUGS if b.startswith("router")} | images
+    assert {n["id"] for n in d.not_applicable} == {b for b in BUGS if b.startswith("router")} | images | {
+        m.id for m in M.CATALOGUE if m.id.startswith("bidir-")}  # (LFM3 has no bidirectional variant)
     assert {h.id for h in d.hypotheses} == {b for b in BUGS + LFM3_BUGS if not b.startswith("router")}
 
 

@@ -343,11 +343,20 @@ def test_fuzzed_command_lines_end_in_one_line(capsys, cli_paths, data):
     command = data.draw(st.sampled_from(sorted(set(sub.choices) - {"chat"})), label="command")  # chat reads stdin
     p = sub.choices[command]
     argv = [command]
+    nested = [a for a in p._actions if a.__class__.__name__ == "_SubParsersAction"]
+    if nested:  # a command of commands (conformance make / check / run): one of them
+        name = data.draw(st.sampled_from(sorted(nested[0].choices)), label=f"{command} command")
+        p = nested[0].choices[name]
+        argv.append(name)
     for action in p._actions:
         if not action.option_strings:
             argv.append(data.draw(st.sampled_from(cli_paths["read"]), label=action.dest))
-    options = [a for a in p._actions if a.option_strings and a.option_strings[0] not in ("-h", "--help")]
-    for action in data.draw(st.lists(st.sampled_from(options), max_size=3, unique_by=id), label="options"):
+    # --workers / --scheduler start or reach a Dask cluster (seconds each, 256 processes at most): their bad values
+    # and an unreachable scheduler are tested in tests/test_cluster.py
+    options = [a for a in p._actions if a.option_strings and a.option_strings[0] not in ("-h", "--help")
+               and a.dest not in ("workers", "scheduler")]
+    for action in data.draw(st.lists(st.sampled_from(options), max_size=3, unique_by=id) if options else st.just([]),
+                            label="options"):
         argv.append(action.option_strings[-1])
         values = cli_paths["written"] if action.dest == "out" else CLI_VALUES + cli_paths["read"]
         if action.nargs != 0:

@@ -647,11 +647,22 @@ def test_calculator_bytes_of_a_fused_file(tmp_path, capsys):
     assert "--fuse-qkv does not apply" in capsys.readouterr().err
 
 
+def test_a_bidirectional_file_reads_as_the_bidirectional_model(tmp_path):
+    """lfm2.attention.causal false (the converter's Lfm2BidirectionalModel) is no longer refused: a centred conv
+    and attention both ways (tests/test_bidirectional.py checks it against llama.cpp)."""
+    config, params = params_for("dense-tied", 48)
+    path = tmp_path / "bidir.gguf"
+    W.write_gguf(path, config, params, "F32", metadata={"lfm2.attention.causal": False})
+    g = lfm2np.load(path)
+    assert not g.config.causal and g.config == config.replace(causal=False, source=g.config.source)
+    ids = np.array([3, 1, 4, 1, 5])
+    assert not np.allclose(g.forward(ids)[0], lfm2np.Model(config, params).forward(ids)[0])
+
+
 @pytest.mark.parametrize("key, value, needle", [
     ("lfm2.attention.sliding_window", 64, "lfm2.attention.sliding_window is 64"),
-    ("lfm2.attention.causal", False, "lfm2.attention.causal is false"),
 ])
-def test_sliding_window_and_bidirectional_files_are_refused(tmp_path, capsys, key, value, needle):
+def test_sliding_window_files_are_refused(tmp_path, capsys, key, value, needle):
     config, params = params_for("dense-tied", 48)
     path = tmp_path / "variant.gguf"
     W.write_gguf(path, config, params, "F32", metadata={key: value})
@@ -877,7 +888,7 @@ def test_embedding_rows_alone_and_kept_tensors_dequantised_once(tmp_path, monkey
 
     monkeypatch.setattr(GgufFile, "dequantize", spy)
     lean = lfm2np.load(path, memory_budget=0)
-    assert np.array_equal(lean.embed(np.array([5, 17, 5])), lfm2np.load(path).params["model.embed_tokens.weight"][[5, 17, 5]])
+    assert np.array_equal(lean.embed_tokens(np.array([5, 17, 5])), lfm2np.load(path).params["model.embed_tokens.weight"][[5, 17, 5]])
     assert calls[0] == ("token_embd.weight", (5, 17, 5))
     calls.clear()
     model = lfm2np.load(path, memory_budget="all")

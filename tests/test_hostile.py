@@ -542,7 +542,8 @@ GGUF_METADATA: dict[str, tuple[dict, tuple[str, ...]]] = {
     "feed_forward_length an array of 2": ({f"{A}.feed_forward_length": [80, 80]}, ("lfm2.feed_forward_length",)),
     "rope scaling yarn": ({f"{A}.rope.scaling.type": "yarn"}, ("lfm2.rope.scaling.type",)),
     "sliding window": ({f"{A}.attention.sliding_window": 128}, ("lfm2.attention.sliding_window",)),
-    "bidirectional": ({f"{A}.attention.causal": False}, ("lfm2.attention.causal",)),
+    "causal a string": ({f"{A}.attention.causal": "false"}, ("lfm2.attention.causal",)),
+    "pooling type rank": ({f"{A}.pooling_type": 4}, ("lfm2.pooling_type",)),
     "split file": ({"split.count": 2}, ("split",)),
     "bos outside the vocabulary": ({"tokenizer.ggml.bos_token_id": 1000}, ("tokenizer.ggml.bos_token_id",)),
     "eos a string": ({"tokenizer.ggml.eos_token_id": "2"}, ("tokenizer.ggml.eos_token_id",)),
@@ -672,7 +673,7 @@ def test_checkpoint_changed_after_loading(dense_copy, case, keep):
 def test_embedding_rows_after_the_file_shrank(dense_copy):
     model = lfm2np.load(dense_copy, memory_budget=0)
     os.truncate(dense_copy / "model.safetensors", 4096)
-    refused(lambda: model.embed(np.array([5])), "model.safetensors", "changed since it was loaded")
+    refused(lambda: model.embed_tokens(np.array([5])), "model.safetensors", "changed since it was loaded")
 
 
 def test_shard_truncated_after_loading(tmp_path):

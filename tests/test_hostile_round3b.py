@@ -147,14 +147,15 @@ def test_sampling_tokenizer_state_and_budget_values_no_message_can_write_in_full
 
 # ============================================================================ the Model's and State's API
 def test_model_pieces_refuse_what_the_forward_pass_refuses():
-    """embed(-1) gave the last row, layer_weights(-1) the last layer, and out-of-range or odd arguments an
+    """embed(-1) (now embed_tokens) gave the last row, layer_weights(-1) the last layer, and out-of-range or odd arguments an
     IndexError, a TypeError, a StopIteration (rope of a kind the model lacks) or a ValueError."""
     model = moe_model()
-    refused(lambda: model.embed(np.array([-1])), "token id -1")
-    refused(lambda: model.embed(np.array([10**6])), "token id 1000000")
-    refused(lambda: model.embed(np.array([1.5])), "integers")
-    refused(lambda: model.embed("ab"), "integers")
-    np.testing.assert_array_equal(model.embed([1, 2]), model.params["model.embed_tokens.weight"][[1, 2]])
+    for embed in (model.embed_tokens, model.embed):  # the token rows, and the pooled embeddings of the same ids
+        refused(lambda: embed(np.array([-1])), "token id -1")
+        refused(lambda: embed(np.array([10**6])), "token id 1000000")
+        refused(lambda: embed(np.array([1.5])), "integers")
+        refused(lambda: embed("ab"), "integers")
+    np.testing.assert_array_equal(model.embed_tokens([1, 2]), model.params["model.embed_tokens.weight"][[1, 2]])
     for i in (-1, TINY_MOE.num_hidden_layers, 1.5, "1", True):
         refused(lambda: model.layer_weights(i), "layer", f"{TINY_MOE.num_hidden_layers} layers")
     for kind in ("bogus", "conv", None):

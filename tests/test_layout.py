@@ -25,13 +25,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lfm2np"
-CORE = {"errors", "numerics", "config", "config_keys", "ops", "passes", "layers", "schema", "weights", "state",
-        "model", "version", "vision", "vision_config", "vision_schema", "ops_vision"}
-MIDDLE = {"loading", "presets", "generate", "sampling", "embedded", "synthetic", "evaluate"}
+CORE = {"errors", "numerics", "config", "config_keys", "ops", "passes", "layers", "schema", "aliases", "weights",
+        "state", "model", "embedding", "version", "vision", "vision_config", "vision_schema", "ops_vision"}
+MIDDLE = {"loading", "presets", "generate", "sampling", "embedded", "synthetic", "evaluate", "cluster"}
 #: imported inside the functions that need them: gguf (an extra), jinja2 (a dependency, imported when a chat template
 #: is first rendered: most commands never render one), readline (in the standard library, but not on every platform),
-#: PIL (Pillow, the extra "vision": decoding image files)
-OPTIONAL = {"gguf", "jinja2", "readline", "PIL"}
+#: PIL (Pillow, the extra "vision": decoding image files), Dask (the dask extra: --workers, --scheduler), and the
+#: backends the conformance kit runs when asked (llama-cpp-python, torch and transformers)
+OPTIONAL = {"gguf", "jinja2", "readline", "PIL", "dask", "distributed", "llama_cpp", "torch", "transformers"}
 
 
 def module_name(path: Path) -> str:

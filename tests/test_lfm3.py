@@ -342,7 +342,12 @@ def test_lfm25_presets():
         c = lfm2np.load_config(name)
         assert c.source == name and c == lfm2np.load_config("LFM2.5-1.2B")
     assert lfm2np.load_config("LFM2.5-350M") == lfm2np.load_config("LFM2-350M")
-    assert lfm2np.load_config("lfm2-2.6b-exp") == lfm2np.load_config("LFM2.5-2.6B") == lfm2np.load_config("LFM2-2.6B")
+    assert lfm2np.load_config("lfm2-2.6b-exp") == lfm2np.load_config("LFM2-2.6B")
+    # LFM2.5-2.6B is not LFM2-2.6B with new weights: LFM2.5's vocabulary and ids, another RoPE base and context
+    c, old = lfm2np.load_config("LFM2.5-2.6B"), lfm2np.load_config("LFM2-2.6B")
+    assert (c.vocab_size, c.rope_theta, c.max_position_embeddings, c.bos_token_id, c.eos_token_id, c.pad_token_id) \
+        == (128_000, 1e7, 131_072, 124894, (124900,), 124893)
+    assert (c.hidden_size, c.layer_types, c.ffn_dim) == (old.hidden_size, old.layer_types, old.ffn_dim)
 
 
 def test_flops_count_the_window():

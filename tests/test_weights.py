@@ -273,9 +273,9 @@ def test_embedding_lookup_without_kept_weights_reads_only_the_rows(tmp_path, mon
     path = save_checkpoint(tmp_path / "bf", config, params, dtype="bfloat16")
     lean = lfm2np.load(path, memory_budget=0)
     calls = reads(monkeypatch)
-    h = lean.embed(np.array([3, 5, 3]))
+    h = lean.embed_tokens(np.array([3, 5, 3]))
     assert [n for _, n in calls] == [2 * config.hidden_size] * 2  # rows 3 and 5, bf16, once each
-    np.testing.assert_array_equal(h, lfm2np.load(path, memory_budget="all").embed(np.array([3, 5, 3])))
+    np.testing.assert_array_equal(h, lfm2np.load(path, memory_budget="all").embed_tokens(np.array([3, 5, 3])))
 
 
 def test_row_reads_coalesce_consecutive_rows(tiny, monkeypatch):

@@ -44,11 +44,16 @@ def trace_names() -> str:
                "LFM3": lfm2np.Config.from_dict(dict(
                    common, model_type="lfm3", sliding_window=5, use_sandwich_norm=True, use_attention_gate=True,
                    layer_types=["conv", "sliding_attention", "full_attention", "conv"]))}
-    symbols = {40: "D", 120: "3D", 4: "H", 2: "G", 6: "hd", 24: "H·hd", 3: "hd/2", 56: "F", 8: "E", 97: "V"}
+    # and a bidirectional LFM2 with a dense head of width 11 (O), for Model.embed's names
+    configs["embed"] = lfm2np.Config.from_dict(dict(
+        common, model_type="lfm2", architectures=["Lfm2BidirectionalModel"], block_auto_adjust_ff_dim=False,
+        sentence_transformers={"pooling": "cls", "dense_out": 11}))
+    symbols = {40: "D", 120: "3D", 4: "H", 2: "G", 6: "hd", 24: "H·hd", 3: "hd/2", 56: "F", 8: "E", 97: "V", 11: "O"}
     rows: dict[str, tuple] = {}
     when: dict[str, set] = {}
     for label, c in configs.items():
-        for t in lfm2np.trace_names(c):
+        outputs = ("embedding", "token_embeddings") if label == "embed" else ("logits",)
+        for t in [t for output in outputs for t in lfm2np.trace_names(c, output)]:
             layer = t.layer
             name = t.name if layer is None else t.name.replace(f"model.layers.{layer}", "model.layers.{i}", 1)
             dims = ["k" if d == 3 and ("selected" in name or "topk" in name or "routing_weights" in name)
@@ -76,6 +81,9 @@ def trace_names() -> str:
             where = "LFM3's sandwich norms" if "post_" in name else "LFM3" + ("" if where == "once" else f", {where}")
         if name.startswith("model.rotary_emb."):
             where = "per attention layer type" + (" (LFM3)" if when[name] == {"LFM3"} else "")
+        if name.startswith("head."):  # Model.embed's head; O: the dense head's width (else D)
+            where = "embed" + (", per token" if "token" in name else "") + (
+                ", with a dense head" if "dense" in name else "")
         shape, llama, hf = rows[name]
         out.append(f"| `{name}` | {shape} | {where} | {' / '.join(llama) or '-'} | {' / '.join(hf) or '-'} |")
     return "\n".join(out)

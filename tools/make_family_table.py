@@ -29,6 +29,8 @@ def family_markdown() -> str:
            "See [calculators.md](calculators.md) for what is exact and what is estimated.", ""]
     unconfirmed = ", ".join(f"{m}: {', '.join(v)}" for m, v in presets.UNCONFIRMED.items())
     out += [f"Unconfirmed preset values (third-party configs): {unconfirmed}.", ""]
+    out += ["Where the LFM2.5 and bidirectional presets come from (`lfm2np.presets.SOURCES`):", ""]
+    out += [f"- {name}: {where}." for name, where in presets.SOURCES.items()] + [""]
     aliases = "; ".join(f"{a} = {p}" for a, p in presets.ALIASES.items())
     out += ["Other released names with the shape of a preset (every command takes them; `lfm2np params NAME` "
             f"prints the unconfirmed fields): {aliases}.", ""]

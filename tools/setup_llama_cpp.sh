@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # llama.cpp's own converter (and, with --build, llama.cpp itself through llama-cpp-python) under vendor/,
-# which git ignores. For the opt-in checks tools/check_llama_cpp_converter.py and tools/compare_llama_cpp.py;
+# which git ignores. For the opt-in checks tools/check_llama_cpp_converter.py and tools/compare_llama_cpp.py, and
+# for tools/make_conformance_fixtures.py;
 # the test suite never needs them. Idempotent.
 #
 #   tools/setup_llama_cpp.sh            # download + unpack the llama-cpp-python 0.3.36 sdist (~75 MB), which
@@ -36,5 +37,8 @@ if [ "${1:-}" = "--build" ]; then
     if ! "$VENDOR/venv-llama/bin/python" -c "import llama_cpp" 2>/dev/null; then
         CMAKE_ARGS="-DGGML_NATIVE=OFF" "$VENDOR/venv-llama/bin/pip" install "./$SDIST" numpy gguf safetensors
     fi
+    # lfm2np's own dependencies, so that lfm2np runs there too (tools/make_conformance_fixtures.py runs
+    # `lfm2np conformance run --backend llama.cpp` in this environment)
+    "$VENDOR/venv-llama/bin/pip" install tokenizers huggingface_hub jinja2
     echo "llama-cpp-python: $VENDOR/venv-llama/bin/python (run tools/compare_llama_cpp.py with it)"
 fi

@@ -33,8 +33,8 @@ def param_breakdown(config: Config) -> dict[str, Any]:
         {"index": i, "kind": c.layer_types[i], "operator_norm": 0, "mixer": {}, "ffn_norm": 0, "ffn": {},
          **({"post_operator_norm": 0, "post_ffn_norm": 0} if c.use_sandwich_norm else {})}
         for i in range(c.num_hidden_layers)]
-    outer = {"embedding": 0, "final_norm": 0, "lm_head": 0, **({"vision_tower": 0, "projector": 0}
-                                                               if c.is_vision_language else {})}
+    outer = {"embedding": 0, "final_norm": 0, "lm_head": 0, "dense_head": 0,  # dense_head: an embedding head's
+             **({"vision_tower": 0, "projector": 0} if c.is_vision_language else {})}
     norm_count = 0
     for t in layout(c):
         if t.layer is None:
@@ -103,7 +103,7 @@ def param_counts(config: Config) -> dict[str, Any]:
     layers_total = sum(layer["total"] for layer in b["layers"])
     layers_active = sum(layer["active"] for layer in b["layers"])
     vision = {k: b[k] for k in ("vision_tower", "projector") if k in b}  # LFM2-VL: counted apart, and in the total
-    outer = b["embedding"] + b["final_norm"] + b["lm_head"] + sum(vision.values())
+    outer = b["embedding"] + b["final_norm"] + b["lm_head"] + b["dense_head"] + sum(vision.values())
     total, active = outer + layers_total, outer + layers_active
     vocab = b["embedding"] + b["lm_head"]
     return {"total": total, "active": active, "embedding": b["embedding"], "lm_head": b["lm_head"],

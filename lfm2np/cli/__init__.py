@@ -23,14 +23,15 @@ from safetensors import SafetensorError
 
 from ..errors import Lfm2npError
 from ..version import __version__
-from . import calc, chat, demo, diagnose, evaluate, oracle, run
+from . import calc, chat, conformance, demo, diagnose, embed, evaluate, oracle, run
 from .common import Subparsers
 from .options import resolve_model
 
 #: Modules that add subcommands: each ``register`` is called with the subparsers object.
 REGISTRARS: list[Callable[[Subparsers], None]] = [run.register, chat.register, demo.register,
                                                    evaluate.register, calc.register, oracle.register,
-                                                   diagnose.register]
+                                                   diagnose.register, embed.register,
+                                                   conformance.register]
 
 
 #: what a message must not hold as such: every character ``str.splitlines`` breaks a line at (\v, \f, \x1c..\x1e,

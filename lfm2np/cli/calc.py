@@ -99,7 +99,7 @@ def _describe(c) -> str:
 
 # --------------------------------------------------------------------------------- params
 def _cmd_params(args: argparse.Namespace) -> int:
-    c = load_config(args.model)
+    c = load_config(args.model, mmproj=args.mmproj)
     layers = check_layers(args.layers, c.num_hidden_layers) if args.layers else args.layers
     p = calc.param_counts(c)
     card = presets.MODEL_CARD_PARAMS.get(presets.canonical(c.source or "") or "")
@@ -130,6 +130,8 @@ def _cmd_params(args: argparse.Namespace) -> int:
         rows.append(row(f"MoE FFN ({_count(k['moe_ffn']['layers'], 'layer')})", k["moe_ffn"]["params"],
                         f"active {_n(k['moe_ffn']['active'])}"))
     rows.append(row(f"norms ({k['norms']['count']})", k["norms"]["params"]))
+    if b["dense_head"]:
+        rows.append(row(f"dense head ({c.hidden_size} -> {c.dense_out})", b["dense_head"]))
     if c.vision is not None:  # LFM2-VL: the vision side apart
         rows.append(row("text model", p["text"]))
         rows.append(row(f"vision tower ({_count(c.vision.num_hidden_layers, 'layer')})", p["vision_tower"]))
@@ -317,6 +319,8 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print JSON (fields: total, active, "
                    "active_without_embedding, embedding, breakdown)")
     add_layers_argument(p, "also print one row per layer, for these layers")
+    p.add_argument("--mmproj", metavar="FILE", default=None,
+                   help="LFM2-VL from llama.cpp's pair: MODEL is the text GGUF, FILE its mmproj GGUF")
     p.set_defaults(func=_cmd_params)
 
     m = sub.add_parser("memory", help="memory to run a model: weights, KV cache, conv state, compute",

@@ -240,7 +240,7 @@ def memory_budget(value: str) -> "str | int":
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of every command that runs a model: --dtype, --memory-budget, --rope-reading."""
+    """The options of every command that runs a model: --dtype, --memory-budget, --rope-reading, --mmproj."""
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--memory-budget", type=memory_budget, default=None, metavar="SIZE",
                    help="converted weights kept in memory: a size with its unit (6G = 6GiB, 6GB, 0) or 'all' "
@@ -248,13 +248,16 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rope-reading", choices=ROPE_READINGS, default="trained",
                    help="an LFM3 RoPE labelled 'default' with a partial factor: as trained (default) or as "
                         "transformers 5.24 reads it")
+    p.add_argument("--mmproj", metavar="FILE", default=None,
+                   help="LFM2-VL from llama.cpp's pair: MODEL is the text GGUF, FILE its mmproj GGUF (vision tower "
+                        "and projector)")
 
 
 def load_model(args: argparse.Namespace, source: Any = None) -> Any:
     """:func:`lfm2np.load` of ``source`` (default ``args.model``) with the options of :func:`add_model_arguments`."""
     return load(args.model if source is None else source, dtype=getattr(args, "dtype", "float32"),
                 memory_budget=getattr(args, "memory_budget", None),
-                rope_reading=getattr(args, "rope_reading", "trained"))
+                rope_reading=getattr(args, "rope_reading", "trained"), mmproj=getattr(args, "mmproj", None))
 
 
 class LayerProgress:

@@ -10,8 +10,10 @@ import time
 from typing import Any, Callable, TextIO
 
 from ..errors import Lfm2npError
-from ..evaluate import perplexity, read_text
+from ..evaluate import Accumulator, perplexity, plan, read_text, window_nll
+from ..io.hub import resolve
 from ..oracle.trace import json_number
+from .cluster_options import Task, add_cluster_arguments, runner_for
 from .common import Subparsers, add_model_arguments, input_file, load_for_generation, positive_int
 from .options import add_model_argument
 
@@ -70,8 +72,23 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
         raise Lfm2npError(f"{args.file}: {len(text)} characters, {len(ids)} token{'' if len(ids) == 1 else 's'}"
                           f"{' with BOS' if not args.no_bos else ''}; perplexity needs at least 2 tokens (the first "
                           f"is never scored)")
-    report = None if args.quiet else PerplexityProgress()
-    result = perplexity(model, ids, args.window, args.stride, progress=report)
+    if args.workers is None and args.scheduler is None:
+        report = None if args.quiet else PerplexityProgress()
+        result = perplexity(model, ids, args.window, args.stride, progress=report)
+    else:  # one task per window on a cluster; added in order, as a serial run adds them: the same bits
+        ids, window, stride, parts = plan(model, ids, args.window, args.stride)
+        tasks = [Task((ids[b:e], f - b), f"window {k + 1}/{len(parts)} (tokens {b}..{e - 1})")
+                 for k, (b, e, f) in enumerate(parts)]
+        total, waiting, added = Accumulator(len(ids), window, stride, len(parts)), {}, [0]
+
+        def add(k: int, nll) -> None:  # windows arrive in any order; they are added in theirs, as a serial run does
+            waiting[k] = nll
+            while added[0] in waiting:
+                total.add(waiting.pop(added[0]))
+                added[0] += 1
+
+        runner_for(args, _model_source(args.model), "perplexity")(window_nll, tasks, add)
+        result = total.result
     result = {**result, "bos": not args.no_bos, "file": str(args.file), "model": args.model}
     if args.json:
         print(json.dumps({k: json_number(v) if isinstance(v, float) else v for k, v in result.items()},
@@ -83,6 +100,11 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
               f"(mean NLL {result['nll']:.6f} nats/token; window {result['window']}, stride {result['stride']}, "
               f"{result['windows']} window{'s' if result['windows'] != 1 else ''})")
     return 0
+
+
+def _model_source(model: str) -> str:
+    """What a worker loads for MODEL: a .gguf file, or the checkpoint directory (a cached repo id's snapshot)."""
+    return model if str(model).lower().endswith(".gguf") else str(resolve(model))
 
 
 def register(sub: Subparsers) -> None:
@@ -106,4 +128,5 @@ def register(sub: Subparsers) -> None:
                                                         "nll_stderr, nll_sum, tokens, input_tokens, window, stride, "
                                                         "windows, bos, file, model)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_cluster_arguments(p)
     p.set_defaults(func=_cmd_perplexity)

@@ -1,9 +1,12 @@
-"""``lfm2np trace``, ``lfm2np compare`` and ``lfm2np golden``: the oracle's command line."""
+"""``lfm2np trace``, ``lfm2np compare`` and ``lfm2np golden``: the oracle's command line. ``trace`` and ``golden``
+take a prompts file too (``--prompts``: one trace, or one golden directory, per prompt, computed as tasks: serially,
+or on a Dask cluster with ``--workers`` / ``--scheduler``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -11,10 +14,12 @@ from ..errors import Lfm2npError
 from ..io.tokenizer import Tokenizer
 from ..oracle.compare import compare, format_comparison
 from ..oracle.follow import following
-from ..oracle.golden import write_golden
+from ..io.prompts import read_prompts
+from ..oracle.golden import golden_task, save_golden, write_golden
 from ..oracle.report import html_report
 from ..oracle.tolerance import COMPARE_TIERS
-from ..oracle.trace import Trace, record
+from ..oracle.trace import Trace, record, trace_task
+from .cluster_options import Task, add_cluster_arguments, runner_for
 from .common import LayerProgress, Subparsers, add_force_argument, add_model_arguments, check_outputs, load_model
 from .common import add_html_argument, input_file, model_argument, output_dir, output_file, write_page
 from .options import add_ids_argument, add_layers_argument, add_model_argument, add_text_argument
@@ -26,7 +31,43 @@ def _ids(args: argparse.Namespace, model) -> np.ndarray:
     return np.array(args.ids, dtype=np.int64)
 
 
+def _per_prompt(args: argparse.Namespace, fn, payload, what: str, write) -> int:
+    """``fn`` on every prompt of ``--prompts`` (the model's tokenizer encodes them), as tasks of the runner; each
+    result handed to ``write(prompt, result)`` as it arrives. Returns how many prompts."""
+    prompts = read_prompts(args.prompts)
+    tokenizer = Tokenizer.load(args.model) if any(p.kind != "ids" for p in prompts) else None
+    tasks = [Task(payload(p.encode(tokenizer)), f"prompt {p.id!r}") for p in prompts]
+    runner_for(args, args.model, what)(fn, tasks, lambda n, result: write(prompts[n], result))
+    return len(prompts)
+
+
+def _trace_out(value: str) -> Path:
+    """--out of trace: a file (one trace) or, with --prompts, a directory; checked in the command."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(value).expanduser()
+
+
 def _cmd_trace(args: argparse.Namespace) -> int:
+    if args.prompts is not None:
+        if args.out.exists() and not args.out.is_dir():
+            raise Lfm2npError(f"--out {args.out}: is a file; with --prompts, --out is a directory (one trace per "
+                              f"prompt)")
+        check_outputs([args.out], args.model, args.force, directory=True, reads=[args.prompts])
+        def save(prompt, trace: Trace) -> None:
+            if not len(trace):
+                raise Lfm2npError(f"--pattern {' '.join(args.pattern or [])} matches no intermediate of this model "
+                                  f"(prompt {prompt.id!r})")
+            args.out.mkdir(parents=True, exist_ok=True)
+            trace.save(args.out / f"{prompt.id}.safetensors")
+
+        done = _per_prompt(args, trace_task, lambda ids: (ids, args.pattern), "trace", save)
+        print(f"wrote {done} traces to {args.out} (one <prompt id>.safetensors and .json per prompt)")
+        return 0
+    try:
+        output_file(str(args.out))
+    except argparse.ArgumentTypeError as e:
+        raise Lfm2npError(f"--out {e}") from None
     if args.out.suffix not in ("", ".safetensors"):  # Trace.save would write another name than the one given
         raise Lfm2npError(f"--out {args.out}: a trace is written as .safetensors (with a .json summary beside it); "
                           f"give a name ending in .safetensors or without a suffix, not {args.out.suffix!r}")
@@ -63,7 +104,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_golden(args: argparse.Namespace) -> int:
-    check_outputs([args.out], args.model, args.force, directory=True)
+    check_outputs([args.out], args.model, args.force, directory=True,
+                  reads=[args.prompts] if args.prompts is not None else [])
+    if args.prompts is not None:
+        done = _per_prompt(args, golden_task, lambda ids: (ids, args.layers or None), "golden",
+                           lambda prompt, vectors: save_golden(vectors, args.out / prompt.id))
+        print(f"wrote golden vectors of {done} prompts to {args.out} (one directory per prompt)")
+        return 0
     model = load_model(args)
     out = write_golden(model, _ids(args, model), args.out, args.layers or None)  # --layers alone: every layer
     print(f"wrote golden vectors to {out} (manifest.json lists the operators)")
@@ -75,7 +122,11 @@ def _add_input(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     add_ids_argument(src, "token ids (default: 1 2 3 4 5 6 7 8)", default=[1, 2, 3, 4, 5, 6, 7, 8])
     add_text_argument(src, "text to tokenize with the checkpoint's tokenizer (BOS prepended)")
+    src.add_argument("--prompts", type=input_file, metavar="FILE",
+                     help="a prompts file (.txt: one text per line; .json/.jsonl: texts, conversations, ids): one "
+                          "output per prompt, in the directory --out")
     add_model_arguments(p)
+    add_cluster_arguments(p)
 
 
 def register(sub: Subparsers) -> None:
@@ -83,8 +134,9 @@ def register(sub: Subparsers) -> None:
     p = sub.add_parser("trace", help="record every intermediate of a forward pass",
                        description="Run one sequence and save every named intermediate (safetensors + JSON summary).")
     _add_input(p)
-    p.add_argument("--out", required=True, type=output_file,
-                   help="output file (.safetensors; a .json summary is written beside it)")
+    p.add_argument("--out", required=True, type=_trace_out,
+                   help="output file (.safetensors; a .json summary is written beside it); with --prompts, a "
+                        "directory")
     p.add_argument("--pattern", nargs="+", help="only names matching these globs, e.g. 'model.layers.3.*'")
     add_force_argument(p, "an existing trace and its summary")
     p.set_defaults(func=_cmd_trace)

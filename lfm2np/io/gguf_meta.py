@@ -29,10 +29,12 @@ converse
 
 Refused outright, with the key named: ``split.count`` other than 1 (or not an integer: a split file,
 which lfm2np does not read), ``{arch}.attention.sliding_window`` > 0 (llama.cpp then makes every
-attention layer sliding-window: the LFM2.5-Audio detokenizer), ``{arch}.attention.causal`` false (the
-bidirectional LFM2.5 encoders: a centred conv window and unmasked attention), a RoPE scaling type, an expert
-gating function other than sigmoid, ``value_length`` different from ``key_length``. lfm2np runs neither
-variant, and running them as the causal model would be silently wrong.
+attention layer sliding-window: the LFM2.5-Audio detokenizer), ``lfm2moe.attention.causal`` false, a RoPE
+scaling type, an expert gating function other than sigmoid, ``value_length`` different from ``key_length``.
+lfm2np runs none of these, and running them as the causal model would be silently wrong.
+
+``lfm2.attention.causal`` false (the converter's ``Lfm2BidirectionalModel``: LFM2.5-Embedding / -ColBERT) reads
+as that architecture; ``pooling_type`` and ``dense_2`` as the embedding head (:func:`~lfm2np.io.sentence_transformers.gguf_head`).
 
 Every value is type-checked first: a count must be an integer (not a bool, not a float, not a string) in
 range, a per-layer array must have ``block_count`` entries, a float must be finite; anything else raises
@@ -50,6 +52,7 @@ import numpy as np
 
 from ..config import ATTENTION, CONV
 from ..errors import Lfm2npError
+from .sentence_transformers import gguf_head
 
 ARCHITECTURES = {"lfm2": "lfm2", "lfm2moe": "lfm2_moe"}  # GGUF general.architecture -> HF model_type
 GGUF_ARCH = {v: k for k, v in ARCHITECTURES.items()}
@@ -86,13 +89,13 @@ def _what(v: Any) -> str:
     return f"a {type(v).__name__}"
 
 
-def _f32_decimal(value: float) -> float:
+def f32_decimal(value: float) -> float:
     """A float32 metadata value as the shortest decimal that rounds to it (1e-5 stays 1e-5, not
     9.99999974e-06): GGUF stores floats in 32 bits, config.json in decimal."""
     return float(str(np.float32(value)))
 
 
-class _Keys:
+class MetadataKeys:
     """Typed access to the ``{arch}.*`` keys of one file: every value checked before it is used."""
 
     def __init__(self, meta: Mapping[str, Any], arch: str, source: str):
@@ -179,10 +182,13 @@ def config_dict_from_metadata(meta: Mapping[str, Any], tensors: Mapping[str, tup
     docstring: widths the tensors settle are taken from them with a warning; contradictions in counts are
     errors). With no tensors (``{}``) only the keys are read and checked."""
     arch = meta.get("general.architecture")
+    if arch == "clip":
+        raise Lfm2npError(f"{source}: general.architecture is 'clip': an mmproj file (a vision tower); load the text "
+                          f"GGUF as the model and this file as its mmproj (mmproj=, --mmproj)")
     if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise Lfm2npError(f"{source}: general.architecture is {arch!r}; lfm2np reads {', '.join(ARCHITECTURES)}")
     model_type = ARCHITECTURES[arch]
-    k = _Keys(meta, arch, source)
+    k = MetadataKeys(meta, arch, source)
     _refuse_variants(k)
     parts = k.count("split.count", required=False)  # llama.cpp's gguf-split: the number of files
     if parts is not None and parts > 1:
@@ -224,13 +230,13 @@ def config_dict_from_metadata(meta: Mapping[str, Any], tensors: Mapping[str, tup
         "num_attention_heads": H,
         "num_key_value_heads": groups[0] if groups else H,
         "layer_types": layer_types,
-        "norm_eps": _f32_decimal(k.number("attention.layer_norm_rms_epsilon")),
+        "norm_eps": f32_decimal(k.number("attention.layer_norm_rms_epsilon")),
         "conv_L_cache": L,
         "tie_word_embeddings": "output.weight" not in tensors,
     }
     theta = k.number("rope.freq_base", required=False)
     if theta is not None:
-        d["rope_theta"] = _f32_decimal(theta)
+        d["rope_theta"] = f32_decimal(theta)
     ctx = k.count("context_length", required=False)
     if ctx is not None:
         d["max_position_embeddings"] = ctx
@@ -250,25 +256,31 @@ def config_dict_from_metadata(meta: Mapping[str, Any], tensors: Mapping[str, tup
         value = meta.get(key)
         if value is not None:
             d[hf] = k.integer(key, value, 0, d["vocab_size"] - 1)
+    if not k.flag("attention.causal", True):
+        d["architectures"] = ["Lfm2BidirectionalModel"]
+    head = gguf_head(k.count("pooling_type", required=False, minimum=0), k.count("embedding_length_out",
+                     required=False), tensors.get("dense_2.weight"), tensors.get("dense_2.bias"), D, k.error)
+    if head is not None:
+        d["sentence_transformers"] = head
     return d
 
 
-def _refuse_variants(k: _Keys) -> None:
+def _refuse_variants(k: MetadataKeys) -> None:
     """The llama.cpp LFM2 variants lfm2np does not run (named by their key)."""
     window = k.count("attention.sliding_window", required=False, minimum=0)
     if window:
         raise k.error("attention.sliding_window", f"is {window}: llama.cpp then runs every attention layer with a "
                                                   "sliding window (the LFM2.5-Audio detokenizer); lfm2np runs lfm2/"
                                                   "lfm2moe with full causal attention only, so it refuses the file")
-    if not k.flag("attention.causal", True):
-        raise k.error("attention.causal", "is false: a bidirectional LFM2 encoder (a centred conv window, unmasked "
-                                          "attention; LFM2.5-ColBERT / Embedding); lfm2np runs the causal model only")
+    if not k.flag("attention.causal", True) and k.arch != "lfm2":
+        raise k.error("attention.causal", f"is false; only lfm2 has a bidirectional variant (LFM2.5-Embedding / "
+                                          f"-ColBERT), not {k.arch}")
     scaling = k.text("rope.scaling.type")
     if scaling not in (None, "none"):
         raise k.error("rope.scaling.type", f"is {scaling!r}; only plain RoPE is implemented")
 
 
-def _check_blocks(k: _Keys, n_layers: int, tensors: Mapping[str, tuple[int, ...]]) -> None:
+def _check_blocks(k: MetadataKeys, n_layers: int, tensors: Mapping[str, tuple[int, ...]]) -> None:
     """block_count against the ``blk.N`` indices of the tensor names."""
     blocks = {int(m.group(1)) for m in map(_BLOCK.match, tensors) if m}
     if not blocks:
@@ -281,7 +293,7 @@ def _check_blocks(k: _Keys, n_layers: int, tensors: Mapping[str, tuple[int, ...]
         raise k.error("block_count", f"is {n_layers} but the file has {detail} ({len(blocks)} blocks in all)")
 
 
-def _check_mixers(k: _Keys, tensors: Mapping[str, tuple[int, ...]], D: int, H: int, hd: int, kv: list[int],
+def _check_mixers(k: MetadataKeys, tensors: Mapping[str, tuple[int, ...]], D: int, H: int, hd: int, kv: list[int],
                   L: int) -> None:
     """Per layer: the mixer kind (head_count_kv 0 = conv) and the head counts against the tensors."""
     emb = tensors.get("token_embd.weight")
@@ -322,7 +334,7 @@ def _check_mixers(k: _Keys, tensors: Mapping[str, tuple[int, ...]], D: int, H: i
                                                            f"{p}attn_qkv.weight has {rows['attn_qkv.weight']}")
 
 
-def _vocab(k: _Keys, meta: Mapping[str, Any], tensors: Mapping[str, tuple[int, ...]], D: int) -> int:
+def _vocab(k: MetadataKeys, meta: Mapping[str, Any], tensors: Mapping[str, tuple[int, ...]], D: int) -> int:
     """The vocabulary size: token_embd's rows when the file has them (the keys are checked against them),
     else ``{arch}.vocab_size``, else the token list's length."""
     key = k.count("vocab_size", required=False)
@@ -344,7 +356,7 @@ def _vocab(k: _Keys, meta: Mapping[str, Any], tensors: Mapping[str, tuple[int, .
     return vocab
 
 
-def _dense_width(k: _Keys, tensors: Mapping[str, tuple[int, ...]], layers: range, required: bool) -> int | None:
+def _dense_width(k: MetadataKeys, tensors: Mapping[str, tuple[int, ...]], layers: range, required: bool) -> int | None:
     """The dense FFN width: the ``ffn_gate``/``ffn_up``/``ffn_down`` tensors' when present (``feed_forward_length``
     is checked against them, a contradiction warns), else the key."""
     n = k.count("block_count")
@@ -374,7 +386,7 @@ def _dense_width(k: _Keys, tensors: Mapping[str, tuple[int, ...]], layers: range
     return None
 
 
-def _moe(k: _Keys, tensors: Mapping[str, tuple[int, ...]], n_layers: int, D: int) -> dict[str, Any]:
+def _moe(k: MetadataKeys, tensors: Mapping[str, tuple[int, ...]], n_layers: int, D: int) -> dict[str, Any]:
     """The lfm2moe keys: experts, the dense lead, routing switches; checked against the router and experts."""
     E = k.count("expert_count")
     used = k.count("expert_used_count", maximum=E)
@@ -429,7 +441,7 @@ def _moe(k: _Keys, tensors: Mapping[str, tuple[int, ...]], n_layers: int, D: int
         # llama.cpp's LFM2-MoE graph renormalises the top-k weights (build_moe_ffn(..., norm_w=true, ...)) and
         # scales by expert_weights_scale (0 when absent: no scaling); convert_hf_to_gguf.py writes neither key.
         norm_topk_prob=k.flag("expert_weights_norm", True),
-        routed_scaling_factor=_f32_decimal(scale or 1.0),
+        routed_scaling_factor=f32_decimal(scale or 1.0),
         use_expert_bias=moe_layer is not None and f"blk.{moe_layer}.exp_probs_b.bias" in tensors,
         # the dense layers' width; a file with no dense layer may omit it
         intermediate_size=dense_width or Fm,

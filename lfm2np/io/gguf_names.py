@@ -51,6 +51,8 @@ GGUF_NAMES: dict[tuple[str, str], str] = {
     ("attention", "out_proj_bias"): "attn_output.bias",
     ("post_operator_norm", "post_operator_norm"): "post_attention_norm.weight",
     ("post_ffn_norm", "post_ffn_norm"): "post_ffw_norm.weight",
+    ("dense_head", "dense"): "dense_2.weight",  # the sentence-transformers Dense (1_Dense), after pooling
+    ("dense_head", "dense_bias"): "dense_2.bias",
     ("expert", "w1"): "ffn_gate_exps.weight",  # stacked: (E, Fm, D) in numpy order
     ("expert", "w3"): "ffn_up_exps.weight",
     ("expert", "w2"): "ffn_down_exps.weight",

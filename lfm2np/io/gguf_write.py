@@ -312,6 +312,13 @@ def _writer(gguf: Any, path: "str | os.PathLike[str]", c: Config, name: str, voc
             put(f"{arch}.expert_weights_scale", lambda: w.add_expert_weights_scale(float(c.routed_scaling_factor)))
     else:
         put(f"{arch}.feed_forward_length", lambda: w.add_feed_forward_length(c.ffn_dim))
+    if not c.causal:  # the converter's Lfm2BidirectionalModel; then the sentence-transformers head
+        put(f"{arch}.attention.causal", lambda: w.add_causal_attention(False))
+    if c.pooling is not None:
+        put(f"{arch}.pooling_type", lambda: w.add_pooling_type(
+            gguf.PoolingType[{"cls": "CLS", "mean": "MEAN", "last": "LAST"}[c.pooling]]))
+    if c.dense_out:
+        put(f"{arch}.embedding_length_out", lambda: w.add_embedding_length_out(c.dense_out))
     if tokenizer is not None:
         meta = dict(tokenizer) if isinstance(tokenizer, Mapping) else tokenizer_metadata_from_dir(
             tokenizer, c.vocab_size, {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id[0],

@@ -31,9 +31,10 @@ import numpy as np
 from ..config import Config
 from ..errors import Lfm2npError, shown
 from ..numerics import bfloat16_bits
-from ..schema import expected_tensors
+from ..schema import DENSE_HEAD, DENSE_HEAD_BIAS, expected_tensors
 from .files import file_kind, present, read_json
 from .safetensors_file import MAX_HEADER, STORAGE, SafetensorsFile, TensorInfo, widen
+from .sentence_transformers import DENSE_WEIGHTS, head_files
 
 __all__ = ["Checkpoint", "SafetensorsFile", "TensorInfo", "read_index", "save_checkpoint", "widen",
            "write_safetensors", "INDEX_FILE", "SINGLE_FILE"]
@@ -201,6 +202,15 @@ def save_checkpoint(directory: "str | os.PathLike[str]", config: Config, tensors
             raise Lfm2npError(f"save_checkpoint: tensor {shown(name)} is {got}; expected shape {list(shape)}")
     d = config.to_dict()
     d["torch_dtype"] = dtype
+    if d.pop("sentence_transformers", None) is not None:  # the head: modules.json, 1_Pooling, 1_Dense
+        for rel, content in head_files(config).items():
+            (directory / rel).parent.mkdir(parents=True, exist_ok=True)
+            (directory / rel).write_text(json.dumps(content, indent=2) + "\n")
+        head = {DENSE_HEAD: "linear.weight", DENSE_HEAD_BIAS: "linear.bias"}
+        if config.dense_out:
+            dense_dir = next(directory / rel for rel in head_files(config) if rel.endswith("_Dense/config.json")).parent
+            write_safetensors(dense_dir / DENSE_WEIGHTS, {head[n]: tensors[n] for n in head if n in expected}, dtype)
+        tensors = {n: a for n, a in tensors.items() if n not in head}
     (directory / "config.json").write_text(json.dumps(d, indent=2) + "\n")
     names = list(tensors)
     if shards == 1:

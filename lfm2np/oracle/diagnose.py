@@ -44,7 +44,7 @@ from ..schema import layer_of, order_key, per_position
 from . import mistakes as M
 from .compare import compare
 from .dumps import Dump
-from .judges import LogitsJudge, TokensJudge, TraceJudge, row_errors
+from .judges import EmbeddingsJudge, LogitsJudge, TokensJudge, TraceJudge, row_errors
 from .tolerance import CompareTier, compare_tier
 from .trace import Trace
 
@@ -156,11 +156,19 @@ def _strict(obj: Any) -> Any:
 
 # --------------------------------------------------------------------------------- diagnose
 def _run(model: Any, seq: np.ndarray, port: M.Port, keep: "set[str] | None" = None,
-         reference: dict[str, np.ndarray] | None = None, limit: float = 0.0, images: Any = None):
+         reference: dict[str, np.ndarray] | None = None, limit: float = 0.0, images: Any = None,
+         dump: Dump | None = None):
     """The values of a (mutated) forward pass whose names are in ``keep`` (None: all), and where it first
-    departs from ``reference`` by more than ``limit`` (``{"tensor", "position"}``, or None)."""
+    departs from ``reference`` by more than ``limit`` (``{"tensor", "position"}``, or None). An embeddings
+    dump's rows: their pooled embeddings (``head.embedding`` (B, E)), and the first row that departs."""
     values: dict[str, np.ndarray] = {}
     where = None
+    if dump is not None and dump.kind == "embeddings":
+        values["head.embedding"] = M.embed(model, seq, dump.mask, port)
+        if reference is not None:
+            bad = np.flatnonzero(row_errors(values["head.embedding"], reference["head.embedding"]) > limit)
+            where = {"tensor": "head.embedding", "position": int(bad[0])} if bad.size else None
+        return values, where
 
     def observe(name: str, value: np.ndarray) -> None:
         nonlocal where
@@ -201,14 +209,17 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill
     if dump.kind == "tokens":
         model.check_ids(np.concatenate([dump.ids, dump.tokens]))
     seq = model.check_ids(dump.ids if dump.kind != "tokens" else np.concatenate([dump.ids, dump.tokens[:-1]]))
+    if dump.kind == "embeddings" and dump.embeddings.shape[1] != c.embedding_size:
+        raise Lfm2npError(f"{dump.source}: embeddings have {dump.embeddings.shape[1]} dimensions; the model's are "
+                          f"{c.embedding_size}")
     if dump.kind == "logits" and dump.logits.shape[1] != c.vocab_size:
         raise Lfm2npError(f"{dump.source}: logits have {dump.logits.shape[1]} columns; the model's vocabulary is "
                           f"{c.vocab_size}")
     if images is not None:  # checked once (file paths through the processor), then given to every run
         images = model.pixels(images, seq)
-    reference, _ = _run(model, seq, M.REFERENCE, images=images)
+    reference, _ = _run(model, seq, M.REFERENCE, images=images, dump=dump)
     judge = {"logits": lambda: LogitsJudge(dump, tier), "trace": lambda: TraceJudge(dump, tier, reference),
-             "tokens": lambda: TokensJudge(dump, tier)}[dump.kind]()
+             "tokens": lambda: TokensJudge(dump, tier), "embeddings": lambda: EmbeddingsJudge(dump, tier)}[dump.kind]()
 
     keep = set(judge.tensors) if dump.kind == "trace" else {"lm_head"}
     if dump.kind == "tokens":
@@ -222,14 +233,14 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill
         prefill, prefill_from = int(given), "given"
     elif dump.kind == "tokens":
         prefill, prefill_from = len(dump.ids), "prompt"
-    elif first is not None and first["position"] > 0:
+    elif first is not None and first["position"] > 0 and dump.kind != "embeddings":  # (there: a row)
         prefill, prefill_from = int(first["position"]), "first divergence"
     else:
         prefill, prefill_from = None, None
 
     def evaluate(mid: str, label: str, switches: dict[str, Any], ambiguous: Sequence[str], size: int = 1):
         try:
-            values, where = _run(model, seq, M.Port(**switches), keep, reference, tier.max_rel, images)
+            values, where = _run(model, seq, M.Port(**switches), keep, reference, tier.max_rel, images, dump)
         except Lfm2npError as e:  # the mutated reference overflows (non-finite logits): it reproduces nothing
             return Hypothesis(mid, label, switches, False, math.inf, None, 0, {"problem": str(e)}, True, None, size)
         ambiguous = [a if a.startswith("model.") else f"model.layers.*.{a}" for a in ambiguous]
@@ -281,7 +292,7 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill
         comparison = compare(Trace(judge.tensors, ran), Trace(reference, ran), tier, partial=True).to_json()
     return Diagnosis(dump.kind, name, tier.name, dump.length, agrees, first, hypotheses,
                      not_applicable, prefill, prefill_from, getattr(judge, "skipped", {}),
-                     {"logits": len(seq), "trace": len(getattr(judge, "tensors", ())),
+                     {"logits": len(seq), "trace": len(getattr(judge, "tensors", ())), "embeddings": len(seq),
                       "tokens": len(dump.tokens if dump.tokens is not None else ())}[dump.kind], comparison,
                      no_mistake, _impossible(getattr(judge, "tensors", {}), c.num_experts))
 
@@ -311,7 +322,7 @@ def _departure(kind: str, where: dict[str, Any] | None, agrees: bool) -> tuple |
         if where.get("near_tie"):
             where = where.get("first_deviation")
         return None if where is None else (where["step"],)
-    return (where["position"],) if "position" in where else None
+    return (where["position"],) if "position" in where else None  # logits: a position; embeddings: a row
 
 
 def _localised(catalogue, c, prefill, first: dict[str, Any] | None, reference: dict[str, np.ndarray],
@@ -379,13 +390,15 @@ def _where(kind: str, f: dict[str, Any]) -> str:
             f", position {f['position']})" if f.get("position") is not None else ")").replace("(, ", "(")
     if kind == "tokens":
         return f"step {f['step']} (position {f['position']})"
-    return f"position {f['position']} of the logits"
+    return f"row {f['position']} of the embeddings" if kind == "embeddings" else \
+        f"position {f['position']} of the logits"
 
 
 def format_diagnosis(d: Diagnosis) -> str:
     """A readable report: the verdict, the first divergence, the ranked hypotheses, what did not apply."""
     what = {"logits": f"logits of {d.positions} positions", "trace": f"trace of {d.compared} tensors",
-            "tokens": f"{d.compared} tokens after a prompt of {d.positions + 1 - d.compared}"}[d.kind]
+            "tokens": f"{d.compared} tokens after a prompt of {d.positions + 1 - d.compared}",
+            "embeddings": f"embeddings of {d.compared} rows of {d.positions} positions"}[d.kind]
     lines = []
     f = d.first_divergence
     if d.nothing_reproduces:  # the first thing a reader must know
@@ -407,7 +420,7 @@ def format_diagnosis(d: Diagnosis) -> str:
             else f"max_rel {f['max_rel']:.3g}"
         lines.append(f"agrees: {'yes' if d.agrees else 'NO'}; first divergence: {_at(f)} ({size})")
     lines += [f"impossible: {note}" for note in d.impossible]
-    unit = {"logits": "positions", "trace": "tensors", "tokens": "steps"}[d.kind]
+    unit = {"logits": "positions", "trace": "tensors", "tokens": "steps", "embeddings": "rows"}[d.kind]
     lines.append(("the dump agrees; mistakes this input cannot rule out come first" if d.agrees
                   else "hypotheses, best first") + f" ({unit} explained / {d.compared}):")
     ruled_out = False

@@ -4,6 +4,9 @@ A dump file is an ``.npz`` or a ``.safetensors`` file:
 
 - with ``logits`` ``(T, V)`` and ``ids`` ``(T,)``: a **logits dump** (the backend's logits for those ids);
 - with ``tokens`` ``(N,)`` and ``ids`` ``(P,)``: a **token stream** (its greedy output after the prompt ``ids``);
+- with ``embeddings`` ``(B, E)`` (or ``(E,)``) and ``ids`` ``(B, T)`` (or ``(T,)``), and optionally
+  ``attention_mask`` ``(B, T)`` (1 for a token, 0 for padding): an **embeddings dump** (the backend's pooled
+  vectors, normalised or not, for those rows);
 - otherwise a **trace**: named intermediates as ``lfm2np compare`` reads them: lfm2np's own trace names
   (``lfm2np trace``, ``tools/dump_transformers_trace.py``), llama.cpp's eval-callback names
   (:func:`lfm2np.oracle.trace.llama_cpp_alias`, ``tools/dump_llama_cpp_trace.py``) or transformers' forward-hook
@@ -36,7 +39,7 @@ from .runs import canonical_tensors, trace_ids
 from .routing import canonical_order
 from .trace import Trace, holds_integers, is_trace_name
 
-KINDS = ("logits", "trace", "tokens")
+KINDS = ("logits", "trace", "tokens", "embeddings")
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,14 @@ class Dump:
     tokens: np.ndarray | None = None
     prefill: int | None = None
     source: str = field(default="", compare=False)
+    embeddings: np.ndarray | None = None  # (B, E) for ids (B, T), padded as ``mask`` (B, T) says
+    mask: np.ndarray | None = None
 
     @property
     def length(self) -> int:
-        """The number of positions the backend computed."""
+        """The number of positions the backend computed (of each row, for embeddings)."""
+        if self.embeddings is not None:
+            return self.ids.shape[-1]
         return len(self.ids) + (len(self.tokens) - 1 if self.tokens is not None else 0)
 
 
@@ -96,6 +103,28 @@ def logits_dump(ids: Any, logits: Any, prefill: Any = None, source: str = "logit
         raise Lfm2npError(f"{source}: logits must have shape (T, V) with T = {ids.shape[0]} ids; "
                           f"got {list(logits.shape)}")
     return Dump("logits", ids, logits=logits, prefill=_prefill(prefill, f"{source}: prefill"), source=source)
+
+
+def embeddings_dump(ids: Any, embeddings: Any, mask: Any = None, source: str = "embeddings") -> Dump:
+    """An embeddings dump: the pooled ``embeddings`` (B, E) a backend computed for the rows of ``ids`` (B, T),
+    padded as ``mask`` (B, T) says (1 for a token, 0 for padding; None: no padding). One row may be given as
+    ``(T,)`` and ``(E,)``."""
+    ids = np.asarray(ids)
+    ids = _int_array(ids[None] if ids.ndim == 1 else ids, f"{source}: ids", ndim=2)
+    try:
+        emb = np.asarray(embeddings, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise Lfm2npError(f"{source}: embeddings must be an array of numbers") from None
+    emb = emb[None] if emb.ndim == 1 else emb
+    if emb.ndim != 2 or emb.shape[0] != ids.shape[0] or not np.isfinite(emb).all():
+        raise Lfm2npError(f"{source}: embeddings must be finite, of shape (B, E) with B = {ids.shape[0]} rows of ids; "
+                          f"got {list(emb.shape)}")
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.shape != ids.shape or m.dtype.kind not in "biuf" or not np.isin(m, (0, 1)).all():
+            raise Lfm2npError(f"{source}: attention_mask must hold 0 and 1 in the shape of ids {list(ids.shape)}")
+        mask = m.astype(bool)
+    return Dump("embeddings", ids, embeddings=emb, mask=mask, source=source)
 
 
 def token_stream(prompt: Any, tokens: Any, prefill: Any = None, source: str = "tokens") -> Dump:
@@ -184,7 +213,7 @@ def _check_shapes(path: Path, shapes: dict[str, tuple[tuple[int, ...], int, str]
             raise Lfm2npError(f"{path}: array {shown(name)} has shape {list(shape)}, beyond what an array can hold")
         if name in ("ids", "tokens", "prefill") or holds_integers(name):
             allowed, want = "iuf", "integers"
-        elif name == "logits" or is_trace_name(name):
+        elif name in ("logits", "embeddings") or is_trace_name(name):
             allowed, want = "f", "floating-point numbers"
         else:  # a tensor the diagnosis does not read (llama.cpp's argsort, an attention mask): any number
             allowed, want = "biuf", "numbers"
@@ -210,25 +239,16 @@ def load_dump(path: "str | os.PathLike[str]", ids: Sequence[int] | None = None, 
     and shapes are checked from its headers before anything is read, and safetensors files are read as
     :meth:`lfm2np.oracle.trace.Trace.load` reads traces (pread, no memory map)."""
     path = _dump_file(path)
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        _check_shapes(path, _npz_shapes(path), ids is not None, vocab_size)
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        except Exception as e:  # zipfile and format errors alike (the headers were read above)
-            raise Lfm2npError(f"{path}: not a readable .npz file ({e})") from None
-        meta: dict[str, Any] = {}
-    elif suffix == ".safetensors":
-        header = SafetensorsFile(path, dtypes=tuple(STORAGE))
-        _check_shapes(path, {k: (i.shape, 4 if i.dtype == "BF16" else STORAGE[i.dtype].itemsize,  # bf16 widens
-                                 "f" if i.dtype == "BF16" else STORAGE[i.dtype].kind)
-                             for k, i in header.tensors.items()}, ids is not None, vocab_size)
-        trace = Trace.load(path)
-        arrays, meta = dict(trace.tensors), trace.meta
-    else:
-        raise Lfm2npError(f"{path}: a dump is an .npz or a .safetensors file")
+    arrays, meta = read_arrays(path, ids is not None, vocab_size)
     src = str(path)
+    if "embeddings" in arrays:
+        if "logits" in arrays or "tokens" in arrays:
+            raise Lfm2npError(f"{path}: holds 'embeddings' and {'logits' if 'logits' in arrays else 'tokens'}; a dump "
+                              f"is one kind: split it into two files")
+        if "ids" not in arrays and ids is None:
+            raise Lfm2npError(f"{path}: an embeddings dump needs 'ids' (the rows the embeddings are for)")
+        return embeddings_dump(arrays["ids"] if ids is None else ids, arrays["embeddings"],
+                               arrays.get("attention_mask"), src)
     if "logits" in arrays and "tokens" in arrays:
         raise Lfm2npError(f"{path}: holds both 'logits' and 'tokens'; a dump is either a logits dump (ids + logits) "
                           f"or a token stream (ids + tokens): split it into two files")
@@ -250,6 +270,32 @@ def load_dump(path: "str | os.PathLike[str]", ids: Sequence[int] | None = None, 
         return _positions(path, token_stream(arrays["ids"] if ids is None else ids, arrays["tokens"],
                                              prefill if prefill is not None else arrays.get("prefill"), src))
     return _positions(path, trace_dump(Trace(arrays, meta if isinstance(meta, dict) else {}), ids, prefill, src))
+
+
+def read_arrays(path: "str | os.PathLike[str]", ids_given: bool = False, vocab_size: int | None = None) \
+        -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays of an ``.npz`` or ``.safetensors`` file and its metadata (a safetensors trace's), read as an
+    untrusted file: sizes, kinds and shapes checked from the headers before anything is read (see
+    :func:`load_dump`); ``ids_given``: the caller supplies the ids (a logits array's rows are not checked against
+    an ``ids`` array)."""
+    path = _dump_file(path)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        _check_shapes(path, _npz_shapes(path), ids_given, vocab_size)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except Exception as e:  # zipfile and format errors alike (the headers were read above)
+            raise Lfm2npError(f"{path}: not a readable .npz file ({e})") from None
+        return arrays, {}
+    if suffix == ".safetensors":
+        header = SafetensorsFile(path, dtypes=tuple(STORAGE))
+        _check_shapes(path, {k: (i.shape, 4 if i.dtype == "BF16" else STORAGE[i.dtype].itemsize,  # bf16 widens
+                                 "f" if i.dtype == "BF16" else STORAGE[i.dtype].kind)
+                             for k, i in header.tensors.items()}, ids_given, vocab_size)
+        trace = Trace.load(path)
+        return dict(trace.tensors), trace.meta
+    raise Lfm2npError(f"{path}: a dump is an .npz or a .safetensors file")
 
 
 def _positions(path: Path, dump: Dump) -> Dump:

@@ -31,7 +31,7 @@ def following(model: Any, theirs: Trace, tier: "str | CompareTier" = "fp32", ids
             raise Lfm2npError(f"unknown tier {tier!r}; expected one of {', '.join(COMPARE_TIERS)}")
         tier = COMPARE_TIERS[tier]
     tensors, _ = canonical_tensors(theirs, "A")
-    recorded = trace_ids(theirs, "A")
+    recorded = trace_ids(theirs, "trace A")
     if ids is None:
         ids = recorded
     if ids is None:

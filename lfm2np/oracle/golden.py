@@ -11,14 +11,20 @@
   ``output.*``, so one kernel can be tested without running lfm2np or loading the checkpoint;
 - ``model.safetensors``: the ids and the full-model logits.
 
+``fmt="npz"`` writes the same arrays as NumPy ``.npz`` files (as the conformance pack holds them), byte for byte
+the same for the same values (:func:`save_arrays`). :func:`golden_vectors` computes the arrays without writing
+them (a cluster's worker computes, the client writes).
+
 For MoE layers only the experts the ids actually chose are written (with the router), which keeps the
 files small for real checkpoints; ``layers`` restricts the layers written.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -37,12 +43,25 @@ from .trace import record
 FORMAT_VERSION = 2
 
 
-def _save(arrays: dict[str, np.ndarray], path: Path) -> None:
-    """One golden file; a failure to write it names the file."""
+FORMATS = ("safetensors", "npz")
+#: the time stamp of every member of the .npz files written here: the same values make the same bytes
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+def save_arrays(arrays: dict[str, np.ndarray], path: Path) -> None:
+    """Write ``arrays`` to ``path``, a ``.safetensors`` or an ``.npz`` file (uncompressed, one ``.npy`` member per
+    array, fixed time stamps: the same arrays give the same bytes); a failure to write it names the file."""
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
+        if path.suffix == ".npz":
+            with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+                for name, value in arrays.items():
+                    buffer = io.BytesIO()
+                    np.lib.format.write_array(buffer, np.ascontiguousarray(value), allow_pickle=False)
+                    zf.writestr(zipfile.ZipInfo(f"{name}.npy", _ZIP_TIME), buffer.getvalue())
+        else:
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
     except (OSError, SafetensorError) as e:
-        raise Lfm2npError(f"{path}: cannot write ({e})") from None
+        raise Lfm2npError(f"{path}: cannot write ({e.strerror if isinstance(e, OSError) else e})") from None
 
 
 def _checked_layers(layers: Any, n: int) -> set[int]:
@@ -86,42 +105,79 @@ def _checked_out(out: Any) -> Path:
     return path
 
 
-def write_golden(model: Model, ids: Any, out: "str | os.PathLike[str]", layers: Iterable[int] | None = None) -> Path:
-    """Write the golden vectors of ``model`` (float32 or float64) on ``ids`` (T,) into directory ``out`` (created
-    if missing): see the module docstring. ``layers`` (a list of distinct layer indices; None: every layer)
-    restricts the layers written. Every argument is checked before anything is computed or created: an
-    :class:`Lfm2npError` names the one at fault. Returns ``out`` as a Path."""
+def _checked_model(model: Any, ids: Any) -> None:
     if not isinstance(model, Model):
         raise Lfm2npError(f"model must be an lfm2np Model (lfm2np.load); got {type(model).__name__}")
     if model.numerics.round_weights:
         raise Lfm2npError("golden vectors are written from the float32 or float64 model, not the bf16 emulation")
-    c, W = model.config, model.params
-    wanted = _checked_layers(layers, c.num_hidden_layers)
+    if model.check_ids(ids).ndim != 1:
+        raise Lfm2npError(f"golden vectors are written for one sequence of ids, shape (T,); got shape "
+                          f"{np.shape(ids)}")
+
+
+def write_golden(model: Model, ids: Any, out: "str | os.PathLike[str]", layers: Iterable[int] | None = None,
+                 fmt: str = "safetensors") -> Path:
+    """Write the golden vectors of ``model`` (float32 or float64) on ``ids`` (T,) into directory ``out`` (created
+    if missing): see the module docstring. ``layers`` (a list of distinct layer indices; None: every layer)
+    restricts the layers written; ``fmt`` is "safetensors" or "npz". Every argument is checked before anything is
+    computed or created: an :class:`Lfm2npError` names the one at fault. Returns ``out`` as a Path."""
+    _checked_model(model, ids)
+    _checked_layers(layers, model.config.num_hidden_layers)
     out = _checked_out(out)
-    source = W.describe().get("path")  # never write over what the model reads (its weights are read lazily)
+    source = model.params.describe().get("path")  # never write over what the model reads (its weights are read lazily)
     why = None if source is None else overwrites(out, *read_identities(source), into=True)
     if why is not None:
         raise Lfm2npError(f"out {out}: {why.replace('this command reads', 'the model reads')}; choose another "
                           f"directory")
-    if model.check_ids(ids).ndim != 1:
-        raise Lfm2npError(f"golden vectors are written for one sequence of ids, shape (T,); got shape "
-                          f"{np.shape(ids)}")
-    logits, trace = record(model, ids)
-    t = trace.tensors
-    ids = np.asarray(trace.meta["ids"], dtype=np.int64)
+    if fmt not in FORMATS:
+        raise Lfm2npError(f"fmt is {shown(fmt)}; expected one of {', '.join(FORMATS)}")
+    return save_golden(golden_vectors(model, ids, layers), out, fmt)
+
+
+def save_golden(vectors: "tuple[list[tuple[str, dict[str, np.ndarray]]], dict[str, Any]]",
+                out: "str | os.PathLike[str]", fmt: str = "safetensors") -> Path:
+    """Write what :func:`golden_vectors` computed into directory ``out`` (created if missing) as ``fmt`` files:
+    each operator's ``NNN_<name>.<fmt>``, ``model.<fmt>`` and ``manifest.json`` naming them."""
+    files, manifest = vectors
+    out = _checked_out(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise Lfm2npError(f"out {out}: cannot create the directory ({e.strerror or e})") from None
+    for stem, arrays in files:
+        save_arrays(arrays, out / f"{stem}.{fmt}")
+    manifest = {**manifest, "operators": [{**op, "file": f"{op['file']}.{fmt}"} for op in manifest["operators"]]}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return out
+
+
+def golden_task(model: Model, payload: "tuple[Any, Iterable[int] | None]"):
+    """:func:`golden_vectors` of ``payload = (ids, layers)``: one prompt of ``lfm2np golden --prompts`` (a task a
+    cluster's worker runs)."""
+    return golden_vectors(model, *payload)
+
+
+def golden_vectors(model: Model, ids: Any, layers: Iterable[int] | None = None) \
+        -> tuple[list[tuple[str, dict[str, np.ndarray]]], dict[str, Any]]:
+    """The golden vectors of ``model`` on ``ids``, computed, not written: ``(files, manifest)``, each file a
+    ``(stem, arrays)`` pair (the model's logits last, as ``model``) and the manifest's operators naming their
+    file by its stem (:func:`save_golden` adds the format's suffix)."""
+    _checked_model(model, ids)
+    c, W = model.config, model.params
+    wanted = _checked_layers(layers, c.num_hidden_layers)
+    logits, trace = record(model, ids)
+    t = trace.tensors
+    ids = np.asarray(trace.meta["ids"], dtype=np.int64)
     ops_written: list[dict[str, Any]] = []
+    files: list[tuple[str, dict[str, np.ndarray]]] = []
 
     def write(name: str, function: str, params: dict, inputs: dict, weights: dict, outputs: dict) -> None:
-        fname = f"{len(ops_written):03d}_{name}.safetensors"
+        stem = f"{len(ops_written):03d}_{name}"
         arrays = {**{f"input.{k}": v for k, v in inputs.items()}, **{f"weight.{k}": v for k, v in weights.items()},
                   **{f"output.{k}": v for k, v in outputs.items()}}
-        _save(arrays, out / fname)
+        files.append((stem, arrays))
         qualified = function if "." in function else f"lfm2np.ops.{function}"  # the layer and MoE: lfm2np.layers
-        ops_written.append({"name": name, "file": fname, "function": qualified, "params": params,
+        ops_written.append({"name": name, "file": stem, "function": qualified, "params": params,
                             "inputs": list(inputs), "weights": list(weights), "outputs": list(outputs)})
 
     positions = np.arange(len(ids))
@@ -156,12 +212,12 @@ def write_golden(model: Model, ids: Any, out: "str | os.PathLike[str]", layers: 
             write(p + "self_attn", "lfm2np.layers.attention_block",
                   {"eps": c.norm_eps, "window": c.window(i), "head_dim": c.head_dim,
                    "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
-                   "rope_in_float32": c.rope_in_float32},
+                   "rope_in_float32": c.rope_in_float32, "causal": c.causal},
                   {"x": t[p + "operator_norm"], "cos": t[r + "cos"], "sin": t[r + "sin"]}, mixer_weights,
                   outputs("self_attn."))
             mixer_out = t[p + "self_attn.out_proj"]
         else:
-            write(p + "conv", "lfm2np.layers.short_conv", {"conv_L_cache": c.conv_L_cache},
+            write(p + "conv", "lfm2np.layers.short_conv", {"conv_L_cache": c.conv_L_cache, "causal": c.causal},
                   {"x": t[p + "operator_norm"]}, mixer_weights, outputs("conv."))
             mixer_out = t[p + "conv.out_proj"]
         if "post_operator_norm" in names:  # LFM3's sandwich norm
@@ -190,9 +246,8 @@ def write_golden(model: Model, ids: Any, out: "str | os.PathLike[str]", layers: 
     head = schema.head_name(c)
     write("lm_head", "lm_head", {"tied": c.tie_word_embeddings}, {"h": t["model.embedding_norm"]}, {head: W[head]},
           {"logits": logits})
-    _save({"ids": ids, "logits": logits}, out / "model.safetensors")
+    files.append(("model", {"ids": ids, "logits": logits}))
     manifest = {"format": FORMAT_VERSION, "dtype": model.numerics.name, "model": c.source, "config": c.to_dict(),
                 "ids": ids.tolist(), "layers": sorted(wanted), "operators": ops_written,
                 "note": "tensors are (T, ...) for one sequence; weights under Hugging Face names, (out, in)"}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    return out
+    return files, manifest

@@ -6,7 +6,9 @@
   :func:`lfm2np.oracle.compare.compare` judges them (near-ties in the expert choices allowed), names a mistake
   makes ambiguous left out;
 - :class:`TokensJudge`: a generated stream with teacher forcing: each step's token is the reference's argmax or
-  within the tier's noise of it.
+  within the tier's noise of it;
+- :class:`EmbeddingsJudge`: pooled embeddings, one per row, normalised (a backend may leave that to its caller),
+  within the tier, row by row (``max|a_b - b_b| / max|b_b|``).
 
 Each ``judge(values, ambiguous)`` gives a :class:`Verdict`: whether the values reproduce the dump, the error,
 how far they explain it (positions, tensors or steps before the first disagreement), and that disagreement.
@@ -152,3 +154,29 @@ class TokensJudge:
             real = np.flatnonzero(bad)
             first["first_deviation"] = self.step(rows, int(real[0]), deficit, scale) if real.size else None
         return not bad.any(), first
+
+
+class EmbeddingsJudge:
+    """Pooled embeddings: the dump's rows, normalised, against the (mutated) reference's ``head.embedding``."""
+
+    def __init__(self, dump: Dump, tier: CompareTier):
+        self.tier, self.seq = tier, dump.ids
+        norms = np.linalg.norm(dump.embeddings, axis=-1, keepdims=True)
+        self.theirs = np.where(norms > 0, dump.embeddings / np.where(norms > 0, norms, 1), 0.0)
+
+    def visible(self, values: dict[str, np.ndarray], reference: dict[str, np.ndarray], ambiguous: Sequence[str]):
+        return not diff_tensors("head.embedding", values["head.embedding"], reference["head.embedding"], self.tier).ok
+
+    def judge(self, values: dict[str, np.ndarray], ambiguous: Sequence[str] = ()) -> Verdict:
+        mine = values["head.embedding"]
+        if mine.shape != self.theirs.shape:
+            raise Lfm2npError(f"the dump's embeddings have shape {list(self.theirs.shape)}; the model gives "
+                              f"{list(mine.shape)}")
+        d = diff_tensors("head.embedding", self.theirs, mine, self.tier)
+        if d.ok:
+            return Verdict(True, d.max_rel, len(mine), None)
+        err = np.array([row_errors(a[None], b[None])[0] for a, b in zip(self.theirs, mine)])
+        bad = np.flatnonzero(err > self.tier.max_rel)
+        b = int(bad[0]) if bad.size else int(np.argmax(err))
+        cos = float(np.dot(self.theirs[b], mine[b]) / max(np.linalg.norm(mine[b]), 1e-30))
+        return Verdict(False, float(err[b]), b, {"position": b, "max_rel": float(err[b]), "cosine": cos})

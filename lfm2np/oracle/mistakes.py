@@ -13,7 +13,8 @@ entry in :data:`CATALOGUE` whose ``applies`` names the configs it concerns.
 The router entries concern LFM2-MoE; the conv, RoPE, QK-norm, attention-scale, SwiGLU and final-norm entries
 every model type with such a layer, LFM3 included (the handlers recompute RoPE with the tables of the
 layer's type and attention with its window and output gate); the ``lfm3-*`` entries LFM3's own operators
-(output gate, sandwich norms, proportional RoPE, sliding window).
+(output gate, sandwich norms, proportional RoPE, sliding window); the ``bidir-*`` entries the bidirectional
+LFM2 (the causal mask, the conv's window, the padding, the pooling: seen in an embeddings dump).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from typing import Any, Callable
 from ..config import Config
 from ..errors import Lfm2npError
 from ..schema import attention_kinds
-from .port import REFERENCE, Port, merge, run
+from .port import REFERENCE, Port, embed, merge, run
 
-__all__ = ["BY_ID", "CATALOGUE", "Mistake", "PLAUSIBLE_THETAS", "Port", "REFERENCE", "merge", "mistake", "port_of",
-           "run"]
+__all__ = ["BY_ID", "CATALOGUE", "Mistake", "PLAUSIBLE_THETAS", "Port", "REFERENCE", "embed", "merge", "mistake",
+           "port_of", "run"]
 
 # ----------------------------------------------------------------------------------- catalogue
 Variant = tuple[str, dict[str, Any]]  # (label, Port switches)
@@ -72,6 +73,21 @@ def _any(c: Config) -> bool:
 
 def _has_conv(c: Config) -> bool:
     return bool(c.conv_layers)
+
+
+def _has_head(c: Config) -> bool:
+    """A model with an embedding head: a bidirectional one, or one whose checkpoint declares a head."""
+    return not c.causal or c.pooling is not None or bool(c.dense_out)
+
+
+def _poolings(c: Config, prefill: int | None) -> list[Variant]:
+    own = c.pooling or "mean"
+    return [(f"{how} instead of {own}", {"pooling": how}) for how in ("cls", "mean", "last") if how != own]
+
+
+def _pad_zeroing(c: Config, prefill: int | None) -> list[Variant]:
+    return [("pads zeroed" if not c.conv_zero_padding else "pads not zeroed",
+             {"conv_zero_padding": not c.conv_zero_padding})]
 
 
 def _has_attention(c: Config) -> bool:
@@ -144,8 +160,8 @@ CATALOGUE: tuple[Mistake, ...] = (
             "cache, and the window is kept from then on", "transformers#42017 (a second prefill on an existing "
             "cache: a follow-up question); LFM2-FACTS lists the family (vmlx-swift#210, llama.cpp#14670, ...)",
             "everything agrees before the second call's first position P; at P the first conv layer's conv_out "
-            "differs while its bx agrees", "a conv layer, and a known second-call position",
-            _has_conv, _restart),
+            "differs while its bx agrees", "a causal conv layer, and a known second-call position",
+            lambda c: _has_conv(c) and c.causal, _restart),
     Mistake("rope-interleaved", "RoPE rotates adjacent pairs (2i, 2i+1), GPT-J style, instead of split halves "
             "(i, i + hd/2), NeoX style", "no public LFM2 report; one flag away in every library (llama.cpp "
             "rope type NORM vs NEOX, mlx nn.RoPE(traditional=True))", "q_normed agrees; q_rope and k_rope differ "
@@ -256,6 +272,40 @@ CATALOGUE += (
             "the projector's output agrees; model.inputs_embeds differs from the first placeholder's position on "
             "(or from position 0 when the prompt does not start with an image)", "an LFM2-VL model",
             _vl, _fixed("prepended", image_placement="prepended")),
+)
+# ---------------------------------------------------------------------------- bidirectional LFM2's own
+_ENCODERS = ("no public report for LFM2's encoders; the family: a bidirectional checkpoint run by a decoder's "
+             "code (LFM2.5-Embedding-350M loaded without its remote code gives the causal model)")
+CATALOGUE += (
+    Mistake("bidir-causal-mask", "a bidirectional model's attention kept causal: each position sees only the earlier "
+            "ones (the causal mask of the decoder the port grew from)", _ENCODERS,
+            "the first attention layer's q_rope, k_rope and v_proj agree; its attn_out differs at every position "
+            "but the last", "a bidirectional model with an attention layer",
+            lambda c: not c.causal and bool(c.attention_layers), _fixed("causal mask", attention_both_ways=False)),
+    Mistake("bidir-conv-left-padded", "a bidirectional model's short conv left-padded by L-1 as in the causal model "
+            "instead of centred (L//2 on each side): the window ends at the current token instead of centring on it",
+            _ENCODERS + "; llama.cpp centres it only when the file says attention.causal = false",
+            "the first conv layer's bx agrees; its conv_out differs at every position (the taps see other "
+            "neighbours)", "a bidirectional model with a conv layer",
+            lambda c: not c.causal and bool(c.conv_layers), _fixed("left-padded", conv_centred=False)),
+    Mistake("bidir-as-causal", "a bidirectional checkpoint run as the causal LFM2: the causal mask and the causal "
+            "conv window both (its own code not run)", "LFM2.5-Embedding-350M loaded by transformers without "
+            "trust_remote_code (reported: AideMemo's evaluation); a port with no bidirectional variant",
+            "the first mixer's output differs at every position but the last (a conv: conv_out; attention: "
+            "attn_out)", "a bidirectional model", lambda c: not c.causal,
+            _fixed("causal model", attention_both_ways=False, conv_centred=False)),
+    Mistake("bidir-pad-zeroing", "in a padded batch, the padding zeroed before the centred conv against the "
+            "checkpoint's conv_zero_padding, or not zeroed against it (then the pad tokens reach their neighbours)",
+            "mlxcel zeroes (its pad tokens had moved pooled vectors to cosine 0.94 before), mlx-swift-lm#365 keeps "
+            "them 'as trained'; transformers' lfm2_bidirectional makes it a per-checkpoint flag",
+            "only padded rows differ, from the first conv layer's bx on, at the padding next to a sequence's "
+            "end; a sequence run alone agrees", "a bidirectional model with a conv layer (visible in a padded "
+            "batch only)", lambda c: not c.causal and bool(c.conv_layers), _pad_zeroing),
+    Mistake("bidir-wrong-pooling", "the embedding pooled otherwise than the checkpoint says (1_Pooling: CLS for "
+            "LFM2.5-Embedding-350M; the ColBERT models pool nothing, mean here)",
+            "no public LFM2 report; the usual slip: a default mean pooling where the model wants CLS (or the "
+            "last token)", "every layer and model.embedding_norm agree; head.pooled differs",
+            "a model with an embedding head", _has_head, _poolings, localisable=False),
 )
 BY_ID = {m.id: m for m in CATALOGUE}
 

@@ -44,10 +44,11 @@ class _Run:
     as the forward pass continued with them."""
 
     def __init__(self, model: Any, port: Port, observe: Callable[[str, np.ndarray], None] | None = None,
-                 ids: np.ndarray | None = None, images: Any = None):
+                 ids: np.ndarray | None = None, images: Any = None, pads: np.ndarray | None = None):
         self.model, self.port, self.c = model, port, model.config
         self.ids, self.images = ids, images  # the call's ids and its checked images (LFM2-VL)
         self.rnd = model.numerics.round
+        self.pads = pads  # a padded row's padding (bidirectional models), True where padded
         self.seen: dict[str, np.ndarray] = {}
         self.observe = observe
 
@@ -126,6 +127,21 @@ def run(model: Any, ids: Any, port: Port = REFERENCE,
     return model.forward(ids, images=px, record=_Run(model, port, observe, ids, px))
 
 
+def embed(model: Any, ids: Any, mask: Any = None, port: Port = REFERENCE,
+          observe: Callable[[int, str, np.ndarray], None] | None = None) -> np.ndarray:
+    """The pooled embeddings ``(B, E)`` of the rows of ``ids`` (B, T) (padded as ``mask`` says, 1 for a token),
+    computed the way ``port`` says (:meth:`lfm2np.Model.embed` with a mask: a reference's padded batch).
+    ``observe(row, name, value)`` sees every intermediate of each row."""
+    ids = model.check_ids(ids)
+    ids = ids[None] if ids.ndim == 1 else ids
+    mask = np.ones(ids.shape, bool) if mask is None else np.asarray(mask).reshape(ids.shape).astype(bool)
+    rows = []
+    for b, (row, real) in enumerate(zip(ids, mask)):
+        seen = None if observe is None else (lambda n, v, b=b: observe(b, n, v))
+        rows.append(model.embed(row, attention_mask=real, record=_Run(model, port, seen, pads=~real)))
+    return np.stack(rows)
+
+
 # ------------------------------------------------------------------------------------ handlers
 @_on("model.embed_tokens")
 def _norm_at_start(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
@@ -149,14 +165,26 @@ def _gates(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None
     return c if name.endswith("b_gate") else b
 
 
+@_on("conv.bx", reads=("conv.b_gate", "conv.x"))
+def _pad_zeroing(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
+    """A padded row's padding zeroed before the centred conv, or not, against the checkpoint's flag."""
+    zero, pads = run.port.conv_zero_padding, run.pads
+    if zero is None or run.c.causal or pads is None or not pads.any():
+        return None
+    u = run.rnd(run.get("conv.b_gate", i) * run.get("conv.x", i))
+    return np.where(pads[:, None], u.dtype.type(0), u) if zero else u
+
+
 @_on("conv.conv_out", reads=("conv.bx",))
 def _conv(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
-    p = run.port
-    if p.conv_taps == "causal" and p.conv_restart is None:
+    p, centred = run.port, not run.c.causal and run.port.conv_centred
+    if p.conv_taps == "causal" and p.conv_restart is None and (run.c.causal or p.conv_centred):
         return None
     w = run.model.layer_weights(i).mixer
     kernel = w.conv[:, 0, :] if p.conv_taps == "causal" else w.conv[:, 0, ::-1]  # (D, L)
     u = run.get("conv.bx", i)  # (T, D)
+    if centred:
+        return run.rnd(ops.centred_conv1d(u, kernel, w.conv_bias))
     P = p.conv_restart if p.conv_restart is not None and 0 < p.conv_restart < u.shape[0] else 0
     parts = [ops.causal_conv1d(part, kernel, w.conv_bias)[0] for part in (u[:P], u[P:]) if part.shape[0]]
     return run.rnd(np.concatenate(parts))
@@ -224,13 +252,16 @@ def _attention(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | 
     p, c = run.port, run.c
     window = c.window(i)
     before_gate = "self_attn.attention" if c.use_attention_gate else "self_attn.attn_out"
-    if not name.endswith(before_gate) or (p.attention_scale is None and (window is None or p.sliding_window)):
+    if not name.endswith(before_gate) or (p.attention_scale is None and (window is None or p.sliding_window)
+                                          and (c.causal or p.attention_both_ways)):
         return None
     q = run.get("self_attn.q_rope", i)
     if p.attention_scale is not None:
         q = q * q.dtype.type(p.attention_scale / c.head_dim ** -0.5)  # attention() multiplies by hd^-0.5 itself
+    both_ways = not c.causal and p.attention_both_ways  # (a bidirectional layer: its padding out of the keys)
     return ops.attention(q, run.get("self_attn.k_rope", i), run.get("self_attn.v_proj", i),
-                         window if p.sliding_window else None, run.rnd)
+                         window if p.sliding_window else None, run.rnd, causal=not both_ways,
+                         keys=None if run.pads is None else ~run.pads)
 
 
 @_on("post_operator_norm", reads=("self_attn.out_proj", "conv.out_proj"))
@@ -333,3 +364,11 @@ def _prepended(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np
         return None
     text = run.get("model.embed_tokens")[run.ids != run.c.vision.image_token_id]
     return np.concatenate([run.get(PROJECTOR + "linear_2"), text])[:value.shape[0]]
+
+
+@_on("head.pooled", reads=("model.embedding_norm",))
+def _pooling(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
+    if run.port.pooling is None:
+        return None
+    real = None if run.pads is None else ~run.pads
+    return run.rnd(ops.pool(run.get("model.embedding_norm"), run.port.pooling, real))

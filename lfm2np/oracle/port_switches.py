@@ -16,7 +16,7 @@ from ..errors import Lfm2npError, shown
 _CHOICES = {"router_scores": ("sigmoid", "softmax"), "conv_taps": ("causal", "reversed"),
             "conv_gates": ("b,c", "c,b"), "rope_pairs": ("split-half", "interleaved"),
             "qk_norm": ("before-rope", "none", "after-rope"), "final_norm": ("end", "start"),
-            "swiglu_silu_on": ("w1", "w3"),
+            "swiglu_silu_on": ("w1", "w3"), "pooling": (None, "cls", "mean", "last"),
             "position_resize": ("bilinear-antialias", "bilinear", "bicubic", "bicubic-antialias"),
             "image_placement": ("placed", "prepended")}
 
@@ -45,6 +45,10 @@ class Port:
       ``partial_rotation``: a layer type with a partial (proportional) RoPE turns only its rotated pairs
       (False: every pair turns, transformers 5.24's reading of a "default" label); ``sliding_window``:
       sliding layers see their last W positions (False: every earlier position);
+    - bidirectional LFM2: ``attention_both_ways`` (False: the causal mask kept), ``conv_centred`` (False: the conv
+      left-padded as in the causal model), ``conv_zero_padding`` (None: the checkpoint's flag; True / False: a
+      padded row's padding zeroed before the conv, or not, whatever the flag), ``pooling`` (None: the
+      checkpoint's; "cls", "mean", "last": another pooling of the embedding head);
     - LFM2-VL: ``vision_mask``: padding patches masked out as keys (False: every patch attends to the padding);
       ``position_resize``: the learned position grid resized to each image by antialiased bilinear weights, or
       plain ``bilinear`` (no antialiasing), ``bicubic`` (torch's, a = -0.75) or ``bicubic-antialias``;
@@ -74,6 +78,10 @@ class Port:
     sandwich_norms: bool = True
     partial_rotation: bool = True
     sliding_window: bool = True
+    attention_both_ways: bool = True
+    conv_centred: bool = True
+    conv_zero_padding: bool | None = None
+    pooling: str | None = None
     vision_mask: bool = True
     position_resize: str = "bilinear-antialias"
     projector_layernorm: bool = True
@@ -86,7 +94,8 @@ class Port:
             if getattr(self, name) not in allowed:
                 raise Lfm2npError(f"Port.{name} is {shown(getattr(self, name))}; expected one of {', '.join(allowed)}")
         for name in ("router_bias_in_weights", "router_scaling", "router_renorm", "output_gate", "sandwich_norms",
-                     "partial_rotation", "sliding_window"):
+                     "partial_rotation", "sliding_window", "attention_both_ways", "conv_centred", "vision_mask",
+                     "projector_layernorm"):
             if not isinstance(getattr(self, name), bool):  # "no" would be true, None false
                 raise Lfm2npError(f"Port.{name} is {shown(getattr(self, name))}; expected True or False")
         for name in ("rope_theta", "attention_scale"):
@@ -94,6 +103,9 @@ class Port:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value <= 0):
                 raise Lfm2npError(f"Port.{name} is {shown(value)}; expected None or a positive finite number")
+        if self.conv_zero_padding is not None and not isinstance(self.conv_zero_padding, bool):
+            raise Lfm2npError(f"Port.conv_zero_padding is {shown(self.conv_zero_padding)}; expected None, True or "
+                              f"False")
         p = self.conv_restart
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
             raise Lfm2npError(f"Port.conv_restart is {shown(p)}; expected None or a position >= 1")

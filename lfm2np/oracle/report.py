@@ -412,9 +412,9 @@ def _hypotheses(d: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------- the page
-def html_report(comparison: dict | None = None, diagnosis: dict | None = None, title: str = "lfm2np") -> str:
-    """The page (a complete HTML5 document) for a comparison's and/or a diagnosis's JSON data: see the module
-    docstring. ``title`` names the page (escaped like the data)."""
+def report_body(comparison: dict | None = None, diagnosis: dict | None = None, title: str = "lfm2np") \
+        -> tuple[str, str, str]:
+    """:func:`html_report`'s page as ``(outcome, verdict line, body HTML)``, for a page of several reports."""
     c = comparison if isinstance(comparison, dict) else None
     d = diagnosis if isinstance(diagnosis, dict) else None
     if c is None and d is not None and isinstance(d.get("comparison"), dict):
@@ -432,6 +432,18 @@ def html_report(comparison: dict | None = None, diagnosis: dict | None = None, t
         body.append(f'<section id="routing"><h2>Routing, per MoE layer</h2>{routing}</section>' if routing else "")
     if d is not None:
         body.append(f'<section id="diagnosis"><h2>Diagnosis</h2>{_hypotheses(d)}</section>')
+    return outcome, lines[0], "".join(body)
+
+
+def page(title: str, body: str, css: str = "") -> str:
+    """A complete HTML5 document: ``title`` (escaped), the report's style and ``css``, ``body`` as given."""
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
-            f'content="width=device-width, initial-scale=1"><title>{_e(title)}: {_e(lines[0][:120])}</title>'
-            f'<style>{_CSS}</style></head><body>{"".join(body)}</body></html>\n')
+            f'content="width=device-width, initial-scale=1"><title>{_e(title)}</title>'
+            f'<style>{_CSS}{css}</style></head><body>{body}</body></html>\n')
+
+
+def html_report(comparison: dict | None = None, diagnosis: dict | None = None, title: str = "lfm2np") -> str:
+    """The page (a complete HTML5 document) for a comparison's and/or a diagnosis's JSON data: see the module
+    docstring. ``title`` names the page (escaped like the data)."""
+    _, verdict, body = report_body(comparison, diagnosis, title)
+    return page(f"{title}: {verdict[:120]}", body)

@@ -52,7 +52,8 @@ def canonical_tensors(trace: Trace, label: str) -> tuple[dict[str, np.ndarray], 
 
 
 def trace_ids(trace: Trace, label: str) -> list[int] | None:
-    """The ids a trace ran (its metadata's ``ids`` or an ``ids`` tensor; both must agree), or None."""
+    """The ids a trace ran (its metadata's ``ids`` or an ``ids`` tensor; both must agree), or None. ``label``
+    begins the messages ("trace A", a dump's path)."""
     found = []
     if "ids" in trace.meta:
         found.append(("metadata", trace.meta["ids"]))
@@ -62,17 +63,17 @@ def trace_ids(trace: Trace, label: str) -> list[int] | None:
     for where, value in found:
         a = np.asarray(value)
         if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or a.size == 0) or a.ndim != 1:
-            raise Lfm2npError(f"trace {label}: its ids ({where}) are not a list of integers")
+            raise Lfm2npError(f"{label}: its ids ({where}) are not a list of integers")
         ids = [int(x) for x in a]
         if out is not None and ids != out:
-            raise Lfm2npError(f"trace {label}: its metadata's ids and its ids tensor differ")
+            raise Lfm2npError(f"{label}: its metadata's ids and its ids tensor differ")
         out = ids
     return out
 
 
 def same_run(a: Trace, b: Trace, prefix: bool, warnings: list[str]) -> tuple[list[int] | None, int | None]:
     """The ids both traces ran (refused when they differ), and the positions to compare (None: all)."""
-    ids = {label: trace_ids(t, label) for label, t in (("A", a), ("B", b))}
+    ids = {label: trace_ids(t, f"trace {label}") for label, t in (("A", a), ("B", b))}
     for label, got in ids.items():
         if got is None:
             warnings.append(f"trace {label} records no ids: nothing checks that both traces ran the same input")

@@ -101,6 +101,20 @@ COMPARE_TIERS = {t.name: t for t in (
 )}
 
 
+#: One operator of a float32 backend against the reference's (inputs given, the kernel alone): FP32.op_rel, and the
+#: NMSE bound the fp32 compare tier keeps relative to its max_rel (-70 dB at 1e-4: -90 dB at 1e-5).
+FP32_OPERATOR = CompareTier("fp32-op", FP32.op_rel, -90.0, True,
+                            "one float32 operator on the reference's inputs: each within 1e-5 of its scale "
+                            "(lfm2np.oracle.tolerance.FP32.op_rel)")
+
+
+def operator_tier(tier: CompareTier) -> CompareTier:
+    """The tier one operator is judged at where a whole model is judged at ``tier``: the fp32 tier's operators at
+    :data:`FP32_OPERATOR`; a lower precision's (bf16, a quantised file) at the model's own tier, since one kernel's
+    rounding there is of the same order as the model's."""
+    return FP32_OPERATOR if tier.name == "fp32" else tier
+
+
 def compare_tier(tier: Any) -> CompareTier:
     """A tier given by name (``"fp32"``, ``"q8_0"``...) or as a :class:`CompareTier`; an :class:`Lfm2npError`
     naming the argument otherwise."""

@@ -283,6 +283,13 @@ def record(model: Any, ids: Any, patterns: Sequence[str] | None = None,
     return logits, Trace(tensors, meta)
 
 
+def trace_task(model: Any, payload: "tuple[Any, Sequence[str] | None]") -> Trace:
+    """One trace of a prompts file's (``lfm2np trace --prompts``): :func:`record` of ``payload = (ids, patterns)``,
+    its trace (a task a cluster's worker runs: module-level, picklable in and out)."""
+    ids, patterns = payload
+    return record(model, ids, patterns)[1]
+
+
 def hidden_states(model: Any, ids: Any, *, final_norm: bool = True) -> list[np.ndarray]:
     """The residual stream after each layer, as transformers' ``output_hidden_states=True`` gives it:
     a list of ``num_hidden_layers + 1`` arrays ``(T, D)`` for one sequence ``ids`` (T,).

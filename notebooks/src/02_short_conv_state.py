@@ -119,3 +119,59 @@ assert conv_bytes == len(c.conv_layers) * (c.conv_L_cache - 1) * c.hidden_size *
 for n in (1_024, 4_096, 16_384, 32_768):
     print(f"LFM2-1.2B, {n:6,d} tokens: conv state {conv_bytes / 1e3:.0f} kB (constant), "
           f"KV cache {calc.kv_cache_bytes(c, n, kv_type='f16') / 1e6:7.1f} MB")
+
+# %% [markdown]
+# ## The bidirectional models: a centred window, attention both ways
+# LFM2.5-Embedding-350M, LFM2.5-ColBERT-350M and the LFM2.5-Encoder models keep LFM2's weights and change two
+# things (docs/ops/centred_conv.md, docs/ops/bidirectional_attention.md). The conv window is **centred**: it is
+# padded by L//2 on each side instead of L-1 on the left, so with L = 3 position t reads t-1, t and t+1. The
+# same impulse as above now shows up one step *before* it arrives, and the window needs no state: a
+# bidirectional model reads whole sequences, it does not decode.
+
+# %%
+impulse = np.zeros((10, 1), np.float32)
+impulse[3] = 1.0
+taps = np.array([[0.2, 0.5, 1.0]], np.float32)  # the first section's kernel
+z, _ = ops.causal_conv1d(impulse, taps)
+z_centred = ops.centred_conv1d(impulse, taps)
+print("causal  :", z[:, 0])
+print("centred :", z_centred[:, 0])
+fig, ax = plt.subplots(figsize=(6, 2.2))
+ax.stem(np.arange(10) - 0.1, z[:, 0], linefmt="C1-", markerfmt="C1s", basefmt=" ", label="causal (L-1 on the left)")
+ax.stem(np.arange(10) + 0.1, z_centred[:, 0], linefmt="C2-", markerfmt="C2^", basefmt=" ", label="centred (L//2 each side)")
+ax.axvline(3, color="0.7", ls=":"); ax.set_xlabel("token position t"); ax.legend(fontsize=8)
+ax.set_title("the same taps, the window one step earlier"); fig.tight_layout()
+
+# %% [markdown]
+# Attention loses its causal mask: every query sees every key. Below, the attention weights of one head of a
+# random query/key set, causal (a triangle) and bidirectional (full). In a padded batch the padding keys are
+# left out (their weight is exp(-inf) = 0), which is why a padded row can equal the sequence alone.
+
+# %%
+rng = np.random.default_rng(0)
+q, k, v = rng.standard_normal((6, 1, 8)), rng.standard_normal((6, 1, 8)), np.eye(6)[:, None, :6]
+v = np.concatenate([v, np.zeros((6, 1, 2))], axis=-1)               # v = one-hot positions: out = the weights
+causal_w = ops.attention(q, k, v)[:, :6]
+both_w = ops.attention(q, k, v, causal=False)[:, :6]
+fig, axes = plt.subplots(1, 2, figsize=(7, 3), layout="constrained")
+for ax, m, title in zip(axes, (causal_w, both_w), ("causal", "bidirectional")):
+    ax.imshow(m, cmap="viridis", vmin=0, vmax=1); ax.set_title(title, fontsize=9)
+    ax.set_xlabel("key position"); ax.set_ylabel("query position")
+assert np.allclose(np.triu(causal_w, 1), 0) and (both_w > 0).all()
+
+# %% [markdown]
+# A tiny random bidirectional model (a config in the released layout: `architectures:
+# [Lfm2BidirectionalModel]` and a CLS-pooling head): changing the *last* token changes the *first* position's
+# output, which a causal LFM2 never does; `embed` pools, and a batch of sequences of different lengths, padded
+# inside, gives each what it gives alone.
+
+# %%
+from lfm2np.synthetic import random_params
+
+d = lfm2np.load_config("tiny-dense").to_dict()
+d.update(architectures=["Lfm2BidirectionalModel"], sentence_transformers={"pooling": "cls"})
+encoder = lfm2np.Model(lfm2np.Config.from_dict(d), random_params(lfm2np.Config.from_dict(d), seed=0))
+a, b = encoder.forward([1, 5, 9, 40]), encoder.forward([1, 5, 9, 41])
+print("first position moved by", float(np.abs(a[0] - b[0]).max()), "(causal LFM2: exactly 0)")
+batch = encoder.embed([[1, 5, 9, 40], [1, 7]])
+print("padded batch vs alone:", float(np.abs(batch[1] - encoder.embed([1, 7])).max()))

@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Regenerate the LFM2-VL GGUF pair fixture (tests/golden/vl-gguf/): a tiny random LFM2-VL checkpoint, its
+transformers 5.25 reference run on two images, and the two files llama.cpp's own converter makes of it -- the
+text GGUF (``lfm2``) and the mmproj GGUF (``clip``, projector type ``lfm2``).
+
+Needs the reference environment (torch, transformers 5.25, pillow) and llama.cpp's sources under vendor/
+(tools/setup_llama_cpp.sh):
+
+    PYTHONPATH=. /work/venv-ref/bin/python tools/make_vl_gguf_fixtures.py [--out tests/golden]
+
+1. Builds and runs the checkpoint with tools/make_vl_fixtures.py's own steps (every parameter randomised, norms
+   included; the released tower names ``model.vision_tower.vision_model.*``, the only ones the converter maps;
+   the vision values of the trace schema, the placed embeddings and the logits recorded by forward hooks).
+   llama.cpp's converter fixes the patch embedding at 16 x 16 x 3 (``view(D, 16, 16, 3)``) and llama.cpp needs
+   the projector's biases, so this tower has patches of 16 and projector biases; the text tower carries the
+   embedded model's tokenizer cut to 320 tokens (the text GGUF must hold a tokenizer).
+2. Converts a copy of it (with the tokenizer files, and ``text_config.architectures = ["Lfm2ForCausalLM"]``, which
+   the converter reads to pick the text model class of an ``Lfm2VlForConditionalGeneration``) with the vendored
+   ``convert_hf_to_gguf.py``: ``--outtype f32`` to ``text-f32.gguf``, ``--mmproj`` with ``--outtype f32`` and
+   ``f16`` to ``mmproj-f32.gguf`` / ``mmproj-f16.gguf``. One patch, tools/check_llama_cpp_converter.py's: the
+   tokenizer's pre-tokenizer hash is taken as ``lfm2``'s (a test vocabulary has another hash). ``--llama DIR``
+   names llama.cpp's sources when they are not under this checkout's vendor/ (a git worktree).
+3. With llama-cpp-python (``--llama-python``, default vendor/venv-llama/bin/python when present), checks that
+   llama.cpp itself loads the text file with each mmproj (an mtmd context with vision).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import make_vl_fixtures as base  # noqa: E402  (imports torch, transformers; torchvision_cpu first)
+from check_llama_cpp_converter import LLAMA, RUNNER  # noqa: E402  (the converter, its one patch)
+
+GENERATOR_VERSION = 1
+TOKENIZER = ROOT / "lfm2np" / "data" / "tiny-lfm2-moe"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+NAME = "vl-gguf"
+VOCAB = 320  #: the embedded tokenizer cut to its first 320 tokens (14 special, the 256 bytes, 50 merges)
+TEXT = dict(model_type="lfm2", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=64, layer_types=["conv", "full_attention", "conv"],
+            block_auto_adjust_ff_dim=False, bos_token_id=1, eos_token_id=7, pad_token_id=0)
+#: upscaled to the minimum tokens / tiled into 2 x 2 tiles and a thumbnail
+IMAGES = {"small": (22, 30), "tiled": (100, 130)}
+#: what the reference keeps of the recorded values (the fixture stays small): inputs, the logits, the tower's
+#: embeddings, each encoder layer's output, the post-layernorm, the projector's values and the placed embeddings
+KEEP = ("pixel_values", "pixel_attention_mask", "spatial_shapes", "ids", "logits", "text_ids", "text_logits")
+CASE = dict(
+    seed=903, released_names=True,
+    what="llama.cpp's converter output: text GGUF (F32) + mmproj (F32, F16); patches of 16 (what the converter "
+         "takes), 4 x 4 position grid; 3 tower layers, 4 heads of 8; projector LayerNorm and biases; tied head",
+    vision=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4, patch_size=16,
+                num_patches=16),
+    top=dict(projector_hidden_size=48, projector_use_layernorm=True, projector_bias=True, downsample_factor=2,
+             tie_word_embeddings=True),
+    processor=dict(encoder_patch_size=16, downsample_factor=2, tile_size=64, min_image_tokens=2, max_image_tokens=4,
+                   min_tiles=2, max_tiles=2, use_thumbnail=True, do_image_splitting=True, max_pixels_tolerance=2.0))
+
+
+def small_tokenizer(out: Path) -> None:
+    """The embedded model's tokenizer files, its vocabulary cut to the first :data:`VOCAB` ids (the merges whose
+    pieces and result all stay), id ``base.IMAGE_TOKEN`` made the special token ``<image>`` (where lfm2np finds
+    the image placeholder of a text GGUF)."""
+    for name in TOKENIZER_FILES:
+        shutil.copy(TOKENIZER / name, out / name)
+    data = json.loads((TOKENIZER / "tokenizer.json").read_text())
+    vocab = {k: i for k, i in data["model"]["vocab"].items() if i < VOCAB and i != base.IMAGE_TOKEN}
+    vocab["<image>"] = base.IMAGE_TOKEN
+    added = dict(content="<image>", single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+    data["added_tokens"].append(dict(id=base.IMAGE_TOKEN, **added))
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"][str(base.IMAGE_TOKEN)] = {k: v for k, v in added.items() if k != "content"} | \
+        {"content": "<image>"}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    data["model"]["vocab"] = vocab
+    data["model"]["merges"] = [m for m in data["model"]["merges"] if m[0] in vocab and m[1] in vocab
+                               and m[0] + m[1] in vocab]
+    (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+
+
+def keep(name: str) -> bool:
+    if name in KEEP or name.startswith(("model.multi_modal_projector.", "model.inputs_embeds")):
+        return True
+    tower = name[len(base.TOWER):] if name.startswith(base.TOWER) else ""
+    return tower in ("embeddings", "post_layernorm") or (tower.startswith("encoder.layers.")
+                                                         and tower.count(".") == 2)
+
+
+def trim(reference: Path) -> None:
+    """Keep the values :func:`keep` names of a reference file (same metadata)."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    with safe_open(str(reference), "np") as f:
+        metadata = {**f.metadata(), "generator": f"tools/make_vl_gguf_fixtures.py v{GENERATOR_VERSION}"}
+        values = {k: f.get_tensor(k) for k in sorted(f.keys()) if keep(k)}
+    save_file(values, str(reference), metadata=metadata)
+
+
+def convert(llama: Path, checkpoint: Path, out: Path, outtype: str, mmproj: bool) -> None:
+    argv = [sys.executable, "-c", RUNNER, str(llama), str(checkpoint), "--outfile", str(out), "--outtype", outtype]
+    result = subprocess.run(argv + (["--mmproj"] if mmproj else []), capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"convert_hf_to_gguf.py failed on {checkpoint}:\n{result.stderr[-3000:]}")
+
+
+#: run with llama-cpp-python: llama.cpp loads the text file and, through mtmd, the mmproj with it
+LLAMA_LOADS = """
+import sys
+import llama_cpp
+from llama_cpp import mtmd_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, verbose=False)
+params = mtmd_cpp.mtmd_context_params_default()
+params.use_gpu, params.n_threads = False, 1
+ctx = mtmd_cpp.mtmd_init_from_file(sys.argv[2].encode(), llm.model, params)
+sys.exit(0 if ctx and mtmd_cpp.mtmd_support_vision(ctx) else 1)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="tests/golden", type=Path)
+    parser.add_argument("--llama", default=LLAMA, type=Path, help="llama.cpp's sources (tools/setup_llama_cpp.sh)")
+    default_python = ROOT / "vendor" / "venv-llama" / "bin" / "python"
+    parser.add_argument("--llama-python", default=default_python if default_python.is_file() else None,
+                        help="a Python with llama-cpp-python (tools/setup_llama_cpp.sh --build): checks that llama.cpp "
+                             "loads each pair (default vendor/venv-llama/bin/python, if present)")
+    args = parser.parse_args()
+    if not (args.llama / "convert_hf_to_gguf.py").is_file():
+        raise SystemExit(f"{args.llama}: no llama.cpp sources; run tools/setup_llama_cpp.sh first (or give --llama)")
+    base.torch.set_num_threads(1)
+    base.TEXT, base.IMAGES = TEXT, IMAGES  # image token: base.IMAGE_TOKEN (100)
+    directory = args.out / NAME
+    with tempfile.TemporaryDirectory() as tmp:
+        images = base.make_images(Path(tmp))
+        info = base.run_case(NAME, CASE, images, args.out)
+        trim(directory / "reference.safetensors")
+        for name, path in images.items():  # the images beside the checkpoint they were run through
+            shutil.move(str(path), directory / f"{name}.png")
+        work = Path(tmp) / "checkpoint"
+        shutil.copytree(directory, work)
+        small_tokenizer(work)
+        config = json.loads((work / "config.json").read_text())
+        config["architectures"] = ["Lfm2VlForConditionalGeneration"]
+        config["text_config"]["architectures"] = ["Lfm2ForCausalLM"]
+        (work / "config.json").write_text(json.dumps(config, indent=1))
+        convert(args.llama, work, directory / "text-f32.gguf", "f32", mmproj=False)
+        for outtype in ("f32", "f16"):
+            convert(args.llama, work, directory / f"mmproj-{outtype}.gguf", outtype, mmproj=True)
+    if args.llama_python:
+        for mmproj in ("mmproj-f32.gguf", "mmproj-f16.gguf"):
+            done = subprocess.run([str(args.llama_python), "-c", LLAMA_LOADS, str(directory / "text-f32.gguf"),
+                                   str(directory / mmproj)], capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"llama.cpp does not load text-f32.gguf + {mmproj}:\n{done.stderr[-2000:]}")
+        print("llama.cpp loads both pairs (llama-cpp-python, mtmd)")
+    manifest = {"generator": f"tools/make_vl_gguf_fixtures.py v{GENERATOR_VERSION}",
+                "transformers": base.transformers.__version__, "torch": base.torch.__version__,
+                "converter": "llama-cpp-python 0.3.36's convert_hf_to_gguf.py", **info,
+                "images": list(IMAGES), "files": sorted(p.name for p in directory.iterdir())}
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    print(NAME, manifest)
+
+
+if __name__ == "__main__":
+    main()
