@@ -57,6 +57,8 @@ class Generation:
     ``state`` continues a sequence (None: a new one); ``context_ids`` are the ids that state already
     holds, which the repetition penalty counts as seen (with the prompt and the generated ids). ``rng``
     replaces the generator seeded with ``sampling.seed`` (e.g. one generator for a whole conversation).
+    ``images`` (LFM2-VL): the images whose placeholders the prompt holds (:meth:`lfm2np.Model.forward`'s
+    ``images``; :func:`lfm2np.prompting.encode_with_images` gives the prompt and the batch).
 
     After iteration: ``tokens`` (the generated ids), ``finish_reason``, ``stop_id`` (the id that stopped it,
     if any) and ``state`` (the decoding state after the last token fed to the model: the prompt and every
@@ -78,7 +80,7 @@ class Generation:
     def __init__(self, model: Any, prompt_ids: Iterable[int], max_new_tokens: int,
                  sampling: Sampling = Sampling(), stop_ids: Iterable[int] | None = None,
                  state: State | None = None, context_ids: Iterable[int] = (),
-                 rng: np.random.Generator | None = None, progress: Any = None):
+                 rng: np.random.Generator | None = None, progress: Any = None, images: Any = None):
         _check_model(model, "Generation")
         self.model = model
         check_progress(progress)
@@ -95,6 +97,8 @@ class Generation:
         self.stop_ids = checked_stop_ids(model.config.eos_token_id if stop_ids is None else stop_ids,
                                          model.config.vocab_size)
         self.state = state
+        # LFM2-VL: the images whose placeholders the prompt holds, checked now (not at the first step)
+        self.images = None if images is None else model.pixels(images, self.prompt)
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self.stop_id: int | None = None
@@ -116,6 +120,8 @@ class Generation:
             self.finish_reason = "length"
             return
         extra = {} if self.progress is None else {"progress": self.progress}  # (models that take it)
+        if self.images is not None:
+            extra["images"] = self.images
         logits, self.state = self.model.step(self.prompt, self.state, **extra)
         while True:
             token = self.choose(logits[-1])

@@ -15,13 +15,15 @@ Each block reads one layer's weights from a view (:class:`LayerWeights`, built b
 name. The formulas are :mod:`lfm2np.ops`. A :class:`Scope` says what happens to each value a block computes:
 ``s.rnd`` rounds it where a backend stores it (the numerics mode's rounding: the identity but in the bf16
 emulation) and ``s(name, value)`` names it for the trace (:func:`lfm2np.schema.trace_names` lists every name;
-a recorder may replace the value, and the pass goes on with what it returns).
+a recorder may replace the value, and the pass goes on with what it returns). ``s.ops`` are the operators the
+blocks compute with (:mod:`lfm2np.ops`; llama.cpp's CPU arithmetic has its own, :mod:`lfm2np.ggml_ops`), and
+``s.linear`` is every product with a weight.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -37,19 +39,32 @@ Tap = Callable[[str, np.ndarray], np.ndarray]
 class Scope:
     """What a pass does with the values it computes: ``rnd`` rounds as the numerics mode stores them, and
     ``scope(name, value)`` names one (``prefix + name``) for ``tap``, returning the value the pass goes on with.
-    Without a tap nothing is named, at no cost (:attr:`quiet`)."""
+    Without a tap nothing is named, at no cost (:attr:`quiet`). ``ops``: the operators (:mod:`lfm2np.ops`, or a
+    numerics mode's); ``experts``: the products are a MoE layer's experts'."""
 
-    __slots__ = ("rnd", "tap", "prefix", "quiet")
+    __slots__ = ("rnd", "tap", "prefix", "quiet", "ops", "experts")
 
-    def __init__(self, rnd: Rounding = ops.exact, tap: Tap | None = None, prefix: str = ""):
+    def __init__(self, rnd: Rounding = ops.exact, tap: Tap | None = None, prefix: str = "", kernels: Any = None,
+                 experts: bool = False):
         self.rnd, self.tap, self.prefix, self.quiet = rnd, tap, prefix, tap is None
+        self.ops, self.experts = ops if kernels is None else kernels, experts
 
     def __call__(self, name: str, value: np.ndarray) -> np.ndarray:
         return value if self.tap is None else self.tap(self.prefix + name, value)
 
     def at(self, prefix: str) -> "Scope":
         """The scope of a block: its names below ``prefix``."""
-        return self if self.tap is None else Scope(self.rnd, self.tap, self.prefix + prefix)
+        return self if self.tap is None else Scope(self.rnd, self.tap, self.prefix + prefix, self.ops, self.experts)
+
+    def linear(self, name: str, x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+        """``x W^T + b``, the product called ``name``, as the operators compute it (llama.cpp's CPU arithmetic
+        converts ``x`` to W's dot-product type first and names it ``{name}.input``)."""
+        return ops.linear(x, w, b) if self.ops is ops else self.ops.linear(self, name, x, w, b)
+
+    def kv(self, name: str, x: np.ndarray) -> np.ndarray:
+        """``x`` as the attention reads it: itself, or (llama.cpp's CPU arithmetic) in the KV cache's type,
+        named ``name``."""
+        return x if self.ops is ops else self(name, self.ops.kv(x))
 
 
 #: exact arithmetic, nothing named: the default of every block called on its own
@@ -147,24 +162,24 @@ def decoder_layer(h: np.ndarray, w: LayerWeights, c: Config, rope: RopeTables | 
     previous call returned for this layer (None at the start of a sequence), the conv inputs so far or the K and
     V cache, or for a bidirectional layer (``c.causal`` false) a :class:`Bidirectional` view (then the layer
     returns None: it keeps no state); ``window``: the sliding window of a sliding attention layer."""
-    rnd = s.rnd
-    x = s("operator_norm", ops.rms_norm(h, w.operator_norm, c.norm_eps, rnd))
+    rnd, o = s.rnd, s.ops
+    x = s("operator_norm", o.rms_norm(h, w.operator_norm, c.norm_eps, rnd))
     if isinstance(w.mixer, AttentionWeights):
         y, past = attention_block(x, w.mixer, rope, past, window, c.norm_eps, c.rope_in_float32,
                                   s.at("self_attn."))
     else:
         y, past = short_conv(x, w.mixer, past, s.at("conv."))
     if w.post_operator_norm is not None:
-        y = s("post_operator_norm", ops.rms_norm(y, w.post_operator_norm, c.norm_eps, rnd))
+        y = s("post_operator_norm", o.rms_norm(y, w.post_operator_norm, c.norm_eps, rnd))
     h = s("mixer_residual", rnd(h + y))
-    x = s("ffn_norm", ops.rms_norm(h, w.ffn_norm, c.norm_eps, rnd))
+    x = s("ffn_norm", o.rms_norm(h, w.ffn_norm, c.norm_eps, rnd))
     if isinstance(w.ffn, MoEWeights):
         y = moe_block(x, w.ffn, c, s.at("feed_forward."))
     else:
         y = swiglu(x, w.ffn, s.at("feed_forward."))
     y = s("feed_forward.output", y)
     if w.post_ffn_norm is not None:
-        y = s("post_ffn_norm", ops.rms_norm(y, w.post_ffn_norm, c.norm_eps, rnd))
+        y = s("post_ffn_norm", o.rms_norm(y, w.post_ffn_norm, c.norm_eps, rnd))
     return rnd(h + y), past
 
 
@@ -178,7 +193,7 @@ def short_conv(x: np.ndarray, w: ConvWeights, past: np.ndarray | Bidirectional |
     Names: in_proj, b_gate, c_gate, x, bx, conv_out, y, out_proj.
     (T, D), (n, D) -> (T, D), and the history of u extended by this chunk (n + T, D)"""
     rnd = s.rnd
-    bcx = s("in_proj", rnd(ops.linear(x, w.in_proj, w.in_proj_bias)))  # (T, 3D)
+    bcx = s("in_proj", rnd(s.linear("in_proj", x, w.in_proj, w.in_proj_bias)))  # (T, 3D)
     b, c, x = (s(name, part) for name, part in zip(("b_gate", "c_gate", "x"), np.split(bcx, 3, axis=-1)))
     u = rnd(b * x)  # (T, D)
     if isinstance(past, Bidirectional):
@@ -188,10 +203,10 @@ def short_conv(x: np.ndarray, w: ConvWeights, past: np.ndarray | Bidirectional |
         z, history = ops.centred_conv1d(u, w.conv[:, 0, :], w.conv_bias), None
     else:
         u = s("bx", u)
-        z, history = ops.causal_conv1d(u, w.conv[:, 0, :], w.conv_bias, past)
+        z, history = s.ops.causal_conv1d(u, w.conv[:, 0, :], w.conv_bias, past)
     z = s("conv_out", rnd(z))
     y = s("y", rnd(c * z))
-    return s("out_proj", rnd(ops.linear(y, w.out_proj, w.out_proj_bias))), history
+    return s("out_proj", rnd(s.linear("out_proj", y, w.out_proj, w.out_proj_bias))), history
 
 
 def attention_block(x: np.ndarray, w: AttentionWeights, rope: RopeTables,
@@ -205,15 +220,16 @@ def attention_block(x: np.ndarray, w: AttentionWeights, rope: RopeTables,
     :class:`Bidirectional` layer) attention is not causal and the padding is left out of the keys. Names: q_proj,
     k_proj, v_proj, q_normed, k_normed, q_rope, k_rope, (attention, gate,) attn_out, out_proj.
     (T, D) -> (T, D), and ((S, G, hd), (S, G, hd)) with the new positions (None when bidirectional)"""
-    T, hd, rnd = x.shape[0], w.q_norm.shape[0], s.rnd
-    q = s("q_proj", rnd(ops.linear(x, w.q_proj, w.q_bias)).reshape(T, -1, hd))  # (T, H, hd)
-    k = s("k_proj", rnd(ops.linear(x, w.k_proj, w.k_bias)).reshape(T, -1, hd))  # (T, G, hd)
-    v = s("v_proj", rnd(ops.linear(x, w.v_proj, w.v_bias)).reshape(T, -1, hd))  # (T, G, hd)
-    q = s("q_normed", ops.rms_norm(q, w.q_norm, eps, rnd))
-    k = s("k_normed", ops.rms_norm(k, w.k_norm, eps, rnd))
+    T, hd, rnd, o = x.shape[0], w.q_norm.shape[0], s.rnd, s.ops
+    q = s("q_proj", rnd(s.linear("q_proj", x, w.q_proj, w.q_bias)).reshape(T, -1, hd))  # (T, H, hd)
+    k = s("k_proj", rnd(s.linear("k_proj", x, w.k_proj, w.k_bias)).reshape(T, -1, hd))  # (T, G, hd)
+    v = s("v_proj", rnd(s.linear("v_proj", x, w.v_proj, w.v_bias)).reshape(T, -1, hd))  # (T, G, hd)
+    q = s("q_normed", o.rms_norm(q, w.q_norm, eps, rnd))
+    k = s("k_normed", o.rms_norm(k, w.k_norm, eps, rnd))
     cos, sin = rope
-    q = s("q_rope", ops.apply_rope(q, cos, sin, rnd, wide_rope))
-    k = s("k_rope", ops.apply_rope(k, cos, sin, rnd, wide_rope))
+    q = s("q_rope", o.apply_rope(q, cos, sin, rnd, wide_rope))
+    k = s("k_rope", o.apply_rope(k, cos, sin, rnd, wide_rope))
+    q, k, v = s.kv("q_input", q), s.kv("k_cache", k), s.kv("v_cache", v)  # (llama.cpp: in the KV cache's type)
     if isinstance(past, Bidirectional):
         attn = ops.attention(q, k, v, None, rnd, causal=False, keys=None if past.pads is None else ~past.pads)
         k = v = None
@@ -221,13 +237,25 @@ def attention_block(x: np.ndarray, w: AttentionWeights, rope: RopeTables,
         if past is not None:
             k = np.concatenate([past[0], k], axis=0)  # (S, G, hd)
             v = np.concatenate([past[1], v], axis=0)
-        attn = ops.attention(q, k, v, window, rnd)  # (T, H*hd)
+        attn = o.attention(q, k, v, window, rnd)  # (T, H*hd)
     if w.gate_proj is not None:  # LFM3's output gate
         attn = s("attention", attn)
-        gate = s("gate", rnd(ops.sigmoid(rnd(ops.linear(x, w.gate_proj)))))  # (T, H)
-        attn = ops.output_gate(attn, gate, rnd)
+        gate = s("gate", rnd(o.sigmoid(rnd(s.linear("gate", x, w.gate_proj)))))  # (T, H)
+        attn = o.output_gate(attn, gate, rnd)
     attn = s("attn_out", attn)
-    return s("out_proj", rnd(ops.linear(attn, w.out_proj, w.out_bias))), None if k is None else (k, v)
+    return s("out_proj", rnd(s.linear("out_proj", attn, w.out_proj, w.out_bias))), None if k is None else (k, v)
+
+
+def lm_head(h: np.ndarray, head: np.ndarray, s: Scope, out: np.ndarray | None = None) -> np.ndarray:
+    """The logits of the final hidden states: :func:`lfm2np.ops.lm_head`, or the mode's product (which names
+    ``lm_head.input``). (T, D) -> (T, V), into ``out`` when given"""
+    if s.ops is ops:
+        return ops.lm_head(h, head, s.rnd, out)
+    logits = s.linear("lm_head", h, head)
+    if out is None:
+        return logits
+    out[...] = logits
+    return out
 
 
 def rope(positions: np.ndarray, c: Config, kind: str, dtype: np.dtype = np.float32, s: Scope = QUIET) -> RopeTables:
@@ -237,8 +265,8 @@ def rope(positions: np.ndarray, c: Config, kind: str, dtype: np.dtype = np.float
     RoPE in float32 (LFM3). Names (below ``model.rotary_emb.{kind}.``): inv_freq, cos, sin.
     (T,) -> (T, hd) x 2"""
     s = s.at(f"model.rotary_emb.{kind}.")
-    inv_freq = s("inv_freq", ops.rope_frequencies(c.head_dim, c.rope(kind).theta, c.rotated_pairs(kind), dtype))
-    cos, sin = ops.rope_cos_sin(positions, inv_freq)
+    inv_freq = s("inv_freq", s.ops.rope_frequencies(c.head_dim, c.rope(kind).theta, c.rotated_pairs(kind), dtype))
+    cos, sin = s.ops.rope_cos_sin(positions, inv_freq)
     if not c.rope_in_float32:
         cos, sin = s.rnd(cos), s.rnd(sin)
     return s("cos", cos), s("sin", sin)
@@ -267,10 +295,10 @@ def swiglu(x: np.ndarray, w: SwiGLUWeights, s: Scope = QUIET) -> np.ndarray:
     """``w2(silu(w1 x) * w3 x)``; w1 = gate, w3 = up, w2 = down. Names: w1, w3, act, w2.
     (T, D) -> (T, D)"""
     rnd = s.rnd
-    gate = s("w1", rnd(ops.linear(x, w.w1)))  # (T, F)
-    up = s("w3", rnd(ops.linear(x, w.w3)))  # (T, F)
-    act = s("act", ops.gated_silu(gate, up, rnd, out=gate if s.quiet else None))  # (gate's buffer: nobody holds it)
-    return s("w2", rnd(ops.linear(act, w.w2)))
+    gate = s("w1", rnd(s.linear("w1", x, w.w1)))  # (T, F)
+    up = s("w3", rnd(s.linear("w3", x, w.w3)))  # (T, F)
+    act = s("act", s.ops.gated_silu(gate, up, rnd, out=gate if s.quiet else None))  # (gate's buffer: nobody holds it)
+    return s("w2", rnd(s.linear("w2", act, w.w2)))
 
 
 def moe_block(x: np.ndarray, w: MoEWeights, c: Config, s: Scope = QUIET) -> np.ndarray:
@@ -282,7 +310,7 @@ def moe_block(x: np.ndarray, w: MoEWeights, c: Config, s: Scope = QUIET) -> np.n
         return np.full_like(x, np.nan)  # a non-finite router would only steer the choice: make it show
     if w.prefetch is not None:
         w.prefetch(np.unique(experts))
-    return mixture(x, experts, weights, w.expert, s.rnd)
+    return mixture(x, experts, weights, w.expert, s.rnd, s.ops)
 
 
 def route(x: np.ndarray, gate: np.ndarray, expert_bias: np.ndarray | None, k: int, norm_topk_prob: bool,
@@ -294,15 +322,15 @@ def route(x: np.ndarray, gate: np.ndarray, expert_bias: np.ndarray | None, k: in
     (biased_scores,) selected_experts, topk_scores, (topk_normed,) routing_weights.
     (T, D), (E, D), (E,) -> logits (T, E), experts (T, k) int64, weights (T, k)"""
     rnd = s.rnd
-    logits = s("router_logits", rnd(ops.linear(x, gate)))  # (T, E)
-    scores = s("router_scores", rnd(ops.sigmoid(logits)))  # (T, E)
+    logits = s("router_logits", rnd(s.linear("router_logits", x, gate)))  # (T, E)
+    scores = s("router_scores", rnd(s.ops.sigmoid(logits)))  # (T, E)
     choice = scores if expert_bias is None else s("biased_scores", scores + expert_bias)  # (T, E), float32
-    experts = s("selected_experts", ops.top_k_experts(choice, k))  # (T, k)
+    experts = s("selected_experts", s.ops.top_k_experts(choice, k))  # (T, k)
     if not s.quiet:  # a recorder may have replaced them
         _check_experts(experts, scores.shape[-1], s.prefix + "selected_experts")
     weights = s("topk_scores", np.take_along_axis(scores, experts, axis=-1))  # (T, k)
     if norm_topk_prob:
-        weights = s("topk_normed", ops.normalise_weights(weights, rnd))
+        weights = s("topk_normed", s.ops.normalise_weights(weights, rnd))
     return logits, experts, s("routing_weights", rnd(weights * weights.dtype.type(routed_scaling_factor)))
 
 
@@ -316,12 +344,14 @@ def _check_experts(experts: np.ndarray, E: int, name: str) -> None:
 
 
 def mixture(x: np.ndarray, experts: np.ndarray, weights: np.ndarray, expert: Callable[[int], SwiGLUWeights],
-            rnd: Rounding = ops.exact) -> np.ndarray:
+            rnd: Rounding = ops.exact, kernels: Any = None) -> np.ndarray:
     """``out_t = sum_j weights[t, j] * swiglu_{experts[t, j]}(x_t)``, a mixture of SwiGLU experts.
 
     Tokens are grouped by expert: each chosen expert runs once on all the tokens that chose it, in increasing
-    expert order (the order in which a bf16 backend adds the contributions up); ``expert(e)`` gives expert e's
-    weights.  (T, D), (T, k) int, (T, k) -> (T, D)
+    expert order (the order in which a bf16 backend adds the contributions up; operators whose
+    ``MIXTURE_ORDER`` is "slot", llama.cpp's, add them in each token's top-k order instead); ``expert(e)`` gives
+    expert e's weights; ``kernels``: the operators the experts compute with (:mod:`lfm2np.ops` by default).
+    (T, D), (T, k) int, (T, k) -> (T, D)
     """
     T, k = experts.shape
     flat_experts = experts.ravel()  # (T*k,)
@@ -329,13 +359,22 @@ def mixture(x: np.ndarray, experts: np.ndarray, weights: np.ndarray, expert: Cal
     flat_weights = weights.ravel()  # (T*k,)
     order = np.argsort(flat_experts, kind="stable")
     bounds = np.searchsorted(flat_experts[order], np.arange(flat_experts.max(initial=-1) + 2))
-    out = np.zeros_like(x)
-    quiet = Scope(rnd)  # (the experts' values are not named)
+    quiet = Scope(rnd, kernels=kernels, experts=True)  # (the experts' values are not named)
+    by_slot = quiet.ops.MIXTURE_ORDER == "slot"
+    out = np.zeros((T, k) + x.shape[1:], x.dtype) if by_slot else np.zeros_like(x)  # (T, k, D): each slot's share
     for e in range(len(bounds) - 1):
         picks = order[bounds[e]:bounds[e + 1]]
         if picks.size == 0:
             continue
         tokens = flat_tokens[picks]  # each token at most once per expert: no duplicate rows
         y = swiglu(x[tokens], expert(e), quiet)
-        out[tokens] = rnd(out[tokens] + rnd(y * flat_weights[picks, None]))
+        if by_slot:
+            out[tokens, picks % k] = rnd(y * flat_weights[picks, None])
+        else:
+            out[tokens] = rnd(out[tokens] + rnd(y * flat_weights[picks, None]))
+    if by_slot:  # ((slot 0 + slot 1) + slot 2) + ...
+        total = out[:, 0]
+        for j in range(1, k):
+            total = rnd(total + out[:, j])
+        return total
     return out

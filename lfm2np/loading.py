@@ -36,7 +36,7 @@ from .io.safetensors import Checkpoint
 from .io.vl_checkpoint import Renamed
 from .model import Model
 from .numerics import numerics
-from .processor import ProcessorConfig, process_images
+from .processor import ImageProcessor, ProcessorConfig
 from .schema import describe, layout
 from .weights import Lazy, TensorSource, check_tensors
 
@@ -127,8 +127,10 @@ def _load(path: "str | os.PathLike[str]", dtype: Any, strict: bool, memory_budge
     weights.config = config  # the layout is this config's: the Model need not compute it again
     model = Model(config, weights, mode)
     if settings is not None:  # llama.cpp's pair: its processor settings
-        processor = ProcessorConfig(**settings, source=f"{mmproj} (llama.cpp's LFM2 settings)")
-        model.image_processor = lambda images: process_images(images, processor)
+        model.image_processor = ImageProcessor(ProcessorConfig(**settings,
+                                                               source=f"{mmproj} (llama.cpp's LFM2 settings)"))
+    elif config.is_vision_language and not is_gguf(path):  # a directory: its processor_config.json's settings
+        model.image_processor = ImageProcessor.for_checkpoint(directory, config.vision)
     return model
 
 

@@ -30,7 +30,7 @@ from .errors import Lfm2npError, shown
 from .layers import AttentionWeights, Bidirectional, ConvWeights, LayerWeights, MoEWeights, Scope, SwiGLUWeights, Tap
 from .numerics import Numerics, numerics
 from .state import DEFAULT_MAX_ROLLBACK, ConvState, State
-from .weights import InMemory, Weights, check_tensors
+from .weights import ExpertWeights, InMemory, Weights, check_tensors
 
 #: ``record(name, value) -> None | array``: observes each named intermediate, or returns a replacement.
 Recorder = Callable[[str, np.ndarray], "np.ndarray | None"]
@@ -114,6 +114,8 @@ class Model:
         else:
             params = _in_memory(config, params, self.numerics, strict)
         self.params: Weights = params
+        if self.numerics.ops is not None:  # every product weight's type covered, before the first use
+            self.numerics.ops.check(params)
         self._names: list[dict[str, str]] = [{} for _ in range(config.num_hidden_layers)]  # per layer: role -> name
         for t in params.layout:
             if t.layer is not None and t.part != "expert":
@@ -279,7 +281,7 @@ class Model:
         if start + T > c.max_position_embeddings:
             raise Lfm2npError(f"positions {start}..{start + T - 1} go past max_position_embeddings "
                               f"{c.max_position_embeddings} of this model")
-        s = Scope(self.numerics.round, tap)
+        s = Scope(self.numerics.round, tap, kernels=self.numerics.ops)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite logits are checked below
             positions = np.arange(start, start + T)
             rope = {kind: layers.rope(positions, c, kind, self.dtype, s) for kind in schema.attention_kinds(c)}
@@ -303,11 +305,11 @@ class Model:
                 pasts.append(past)
                 if progress is not None:
                     progress(i + 1, c.num_hidden_layers)
-            h = s("model.embedding_norm", ops.rms_norm(h, self.params["model.embedding_norm.weight"], c.norm_eps,
-                                                       s.rnd))
+            h = s("model.embedding_norm", s.ops.rms_norm(h, self.params["model.embedding_norm.weight"], c.norm_eps,
+                                                         s.rnd))
             if head is not None:
                 return embedding.finite(head(h, s)), pasts
-            logits = s("lm_head", ops.lm_head(h, self.params[schema.head_name(c)], s.rnd, out))  # (T, V)
+            logits = s("lm_head", layers.lm_head(h, self.params[schema.head_name(c)], s, out))  # (T, V)
         # the one check on the way: a sum (one pass, no buffer) is finite unless a value is NaN or infinite, or
         # finite values overflow it, which the exact check then tells apart; the search only on failure
         with np.errstate(over="ignore", invalid="ignore"):
@@ -374,7 +376,8 @@ class Model:
         if p.size and (p.min() < 0 or p.max() >= 2**62):
             raise Lfm2npError(f"rope: position {int(p.min() if p.min() < 0 else p.max())} is not a position "
                               f"(an integer >= 0)")
-        return layers.rope(p.astype(np.int64), self.config, kind, self.dtype, Scope(self.numerics.round))
+        return layers.rope(p.astype(np.int64), self.config, kind, self.dtype, Scope(self.numerics.round,
+                                                                                  kernels=self.numerics.ops))
 
     def pixels(self, images: Any, ids: np.ndarray) -> "vision.Pixels | None":
         """``images`` as a checked image batch (file paths and arrays through :attr:`image_processor`), their
@@ -416,27 +419,6 @@ class Model:
             ffn = SwiGLUWeights(W[n["w1"]], W[n["w3"]], W[n["w2"]])
         return LayerWeights(W[n["operator_norm"]], mixer, W[n["ffn_norm"]], ffn,
                             opt("post_operator_norm"), opt("post_ffn_norm"))
-
-
-class ExpertWeights:
-    """An expert's SwiGLU weights as :func:`lfm2np.layers.swiglu` reads them (``w1``, ``w3``, ``w2``), each
-    taken from ``weights`` by name when first read: the SwiGLU reads w1, then w3, then w2, so a matrix
-    converted at use (an expert that does not fit the memory budget) is converted, or taken from the
-    thread converting ahead, just before its product, which then finds it still in the cache."""
-
-    __slots__ = ("_weights", "_names", "_got")
-
-    def __init__(self, weights: Weights, names: "tuple[str, str, str]"):
-        self._weights, self._names, self._got = weights, dict(zip(("w1", "w3", "w2"), names)), {}
-
-    def _get(self, role: str) -> np.ndarray:
-        if role not in self._got:
-            self._got[role] = self._weights[self._names[role]]
-        return self._got[role]
-
-    w1 = property(lambda self: self._get("w1"), doc="gate (F, D)")
-    w3 = property(lambda self: self._get("w3"), doc="up (F, D)")
-    w2 = property(lambda self: self._get("w2"), doc="down (D, F)")
 
 
 def _in_memory(config: Config, params: Any, mode: Numerics, strict: bool) -> InMemory:

@@ -35,6 +35,9 @@ Rounding = Callable[[np.ndarray], np.ndarray]
 
 #: The constant transformers adds to the sum of the top-k routing weights before dividing.
 ROUTER_NORM_EPS = 1e-6
+#: The order a mixture of experts adds its experts' weighted outputs in: "expert" (by expert index, as
+#: transformers' loop over experts does); llama.cpp's operators (:mod:`lfm2np.ggml_ops`) add by top-k "slot".
+MIXTURE_ORDER = "expert"
 
 
 def exact(x: np.ndarray) -> np.ndarray:

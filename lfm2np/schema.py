@@ -31,6 +31,7 @@ from .aliases import LLAMA_CPP_STEPS, LLAMA_CPP_TOP, llama_cpp_names, split as _
 from .config import Config, checked_config
 from .config_keys import CONV
 from .errors import Lfm2npError, shown
+from .ggml_ops import INPUT_STEPS, with_inputs
 
 
 # ========================================================================================== tensor layout
@@ -205,14 +206,14 @@ ROUTER_STEPS = ("router_logits", "router_scores", "biased_scores", "selected_exp
                 "routing_weights")
 STEPS = frozenset(["", "operator_norm", "post_operator_norm", "mixer_residual", "ffn_norm", "feed_forward.output",
                    "post_ffn_norm", *(f"conv.{s}" for s in CONV_STEPS), *(f"self_attn.{s}" for s in ATTENTION_STEPS),
-                   *(f"feed_forward.{s}" for s in DENSE_STEPS + ROUTER_STEPS)])
+                   *(f"feed_forward.{s}" for s in DENSE_STEPS + ROUTER_STEPS), *INPUT_STEPS])  # (+ llama.cpp's)
 #: The embedding head's values (``Model.embed``): pooled, then dense and normalised; or per token.
 HEAD_POOLED = ("head.pooled", "head.dense", "head.embedding")
 HEAD_TOKENS = ("head.dense_tokens", "head.token_embeddings")
-#: The names outside the layers ({kind}: an attention layer type, e.g. ``full_attention``).
+#: The names outside the layers ({kind}: an attention layer type, e.g. ``full_attention``; lm_head.input: llama.cpp's).
 TOP_LEVEL = ("model.rotary_emb.{kind}.inv_freq", "model.rotary_emb.{kind}.cos", "model.rotary_emb.{kind}.sin",
-             "model.embed_tokens", "model.embedding_norm", "lm_head", *HEAD_POOLED, *HEAD_TOKENS)
-_TOP = re.compile(r"model\.rotary_emb\.\w+\.(inv_freq|cos|sin)|model\.embed_tokens|model\.embedding_norm|lm_head"
+             "model.embed_tokens", "model.embedding_norm", "lm_head.input", "lm_head", *HEAD_POOLED, *HEAD_TOKENS)
+_TOP = re.compile(r"model\.rotary_emb\.\w+\.(inv_freq|cos|sin)|model\.(embed_tokens|embedding_norm)|lm_head(\.input)?"
                   r"|head\.(pooled|dense|embedding|dense_tokens|token_embeddings)")
 
 def attention_kinds(config: Config) -> list[str]:
@@ -262,17 +263,16 @@ def layer_steps(config: Config, i: int) -> list[tuple[str, tuple[int | str, ...]
 OUTPUTS = ("logits", "embedding", "token_embeddings")
 
 
-def trace_names(config: Config, output: str = "logits", images: bool = True) -> list[TraceName]:
+def trace_names(config: Config, output: str = "logits", images: bool = True, inputs: bool = False) -> list[TraceName]:
     """Every intermediate the forward pass of a model with ``config`` names, in the order it computes them (see
     the module docstring): the RoPE tables of each attention layer type, (LFM2-VL, a call with ``images``: the
     vision tower and projector, :mod:`lfm2np.vision_schema`), the embeddings (with the image features placed),
-    every step of every layer, the final norm and the logits, or for ``output`` "embedding" / "token_embeddings"
-    (``Model.embed``) the embedding head's values instead of the logits."""
+    every step of every layer (``inputs``: llama.cpp's CPU arithmetic's too), the final norm and the logits, or
+    for ``output`` "embedding" / "token_embeddings" (``Model.embed``) the embedding head's values instead."""
     c = checked_config(config)
     if not isinstance(output, str) or output not in OUTPUTS:
         raise Lfm2npError(f"trace_names: output is {shown(output)}; expected one of {', '.join(OUTPUTS)}")
-    hd, D = c.head_dim, c.hidden_size
-    out = []
+    hd, D, out = c.head_dim, c.hidden_size, []
     for kind in attention_kinds(c):
         p = f"model.rotary_emb.{kind}."
         out += [TraceName(p + "inv_freq", (hd // 2,)), TraceName(p + "cos", ("T", hd)), TraceName(p + "sin", ("T", hd))]
@@ -283,7 +283,7 @@ def trace_names(config: Config, output: str = "logits", images: bool = True) -> 
     out += [TraceName(n, shape, transformers=vision_schema.transformers_keys(n)) for n, shape in vision[-1:]]
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}"
-        for step, shape in layer_steps(c, i):
+        for step, shape in (with_inputs(c, layer_steps(c, i)) if inputs else layer_steps(c, i)):
             name = f"{p}.{step}" if step else p
             # (the llama.cpp of llama-cpp-python 0.3.36 has no LFM3 graph: no llama.cpp names for its spelling)
             llama = llama_cpp_names(name, c.is_moe_layer(i)) if c.attention_spelling == "lfm2" else ()
@@ -292,9 +292,8 @@ def trace_names(config: Config, output: str = "logits", images: bool = True) -> 
     out.append(TraceName("model.embedding_norm", ("T", D), transformers=transformers_names("model.embedding_norm"),
                          llama_cpp=llama_cpp_names("model.embedding_norm")))
     if output == "logits":
-        out.append(TraceName("lm_head", ("T", c.vocab_size), transformers=transformers_names("lm_head"),
-                             llama_cpp=llama_cpp_names("lm_head")))
-        return out
+        return out + ([TraceName("lm_head.input", ("T", D))] if inputs else []) + [TraceName(
+            "lm_head", ("T", c.vocab_size), transformers=transformers_names("lm_head"), llama_cpp=llama_cpp_names("lm_head"))]
     E = c.embedding_size
     if output == "token_embeddings":
         head = [("head.dense_tokens", ("T", E))] if c.dense_out else []
@@ -355,9 +354,9 @@ def transformers_name(key: str) -> str | None:
 
 _CAPTURED = re.compile(r"(model\.layers\.\d+)\.(.+)")
 #: the order of the steps inside a layer (a layer has either the router's or the dense FFN's)
-STEP_ORDER = ("operator_norm", *(f"conv.{s}" for s in CONV_STEPS), *(f"self_attn.{s}" for s in ATTENTION_STEPS),
-              "post_operator_norm", "mixer_residual", "ffn_norm", *(f"feed_forward.{s}" for s in ROUTER_STEPS),
-              *(f"feed_forward.{s}" for s in DENSE_STEPS), "feed_forward.output", "post_ffn_norm", "")
+STEP_ORDER = with_inputs(None, ("operator_norm", *(f"conv.{s}" for s in CONV_STEPS), *(f"self_attn.{s}" for s in
+                              ATTENTION_STEPS), "post_operator_norm", "mixer_residual", "ffn_norm", *(
+    f"feed_forward.{s}" for s in ROUTER_STEPS + DENSE_STEPS), "feed_forward.output", "post_ffn_norm", ""))
 _STEP_INDEX = {step: n for n, step in enumerate(STEP_ORDER)}
 
 
@@ -374,7 +373,7 @@ def order_key(name: str) -> tuple:
     head = HEAD_TOKENS + HEAD_POOLED
     if name in head:  # (the embedding head replaces lm_head: the same place, in its own order)
         return (4, str(head.index(name)))
-    return ({"model.embed_tokens": 1, "model.embedding_norm": 3, "lm_head": 4}.get(name, 5), name)
+    return ({"model.embed_tokens": 1, "model.embedding_norm": 3, "lm_head.input": 4, "lm_head": 4.5}.get(name, 5), name)
 
 
 def layer_of(name: str) -> int | None:

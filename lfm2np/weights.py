@@ -53,6 +53,11 @@ class TensorSource(Protocol):
     def stored_type(self, name: str) -> str:
         """How tensor ``name`` is stored (``BF16``, ``F32``, ``Q4_K``...)."""
 
+    def read_blocks(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as stored, when quantised: its blocks, one row of bytes per row of its first axis,
+        uint8 (rows, row bytes) (for a numerics mode that multiplies the stored blocks: llama.cpp's CPU
+        arithmetic)."""
+
     def prefetch(self, names: "list[str]") -> None:
         """A hint: these tensors are needed soon (read them into the page cache in the background)."""
 
@@ -145,6 +150,27 @@ class InMemory(Weights):
     def report(self) -> dict[str, Any]:
         held = sum(a.nbytes for a in self._tensors.values())
         return {"budget_bytes": None, "resident_bytes": held, "all_tensors_bytes": held}
+
+
+class ExpertWeights:
+    """An expert's SwiGLU weights as :func:`lfm2np.layers.swiglu` reads them (``w1``, ``w3``, ``w2``), each
+    taken from ``weights`` by name when first read: the SwiGLU reads w1, then w3, then w2, so a matrix
+    converted at use (an expert that does not fit the memory budget) is converted, or taken from the
+    thread converting ahead, just before its product, which then finds it still in the cache."""
+
+    __slots__ = ("_weights", "_names", "_got")
+
+    def __init__(self, weights: Weights, names: "tuple[str, str, str]"):
+        self._weights, self._names, self._got = weights, dict(zip(("w1", "w3", "w2"), names)), {}
+
+    def _get(self, role: str) -> np.ndarray:
+        if role not in self._got:
+            self._got[role] = self._weights[self._names[role]]
+        return self._got[role]
+
+    w1 = property(lambda self: self._get("w1"), doc="gate (F, D)")
+    w3 = property(lambda self: self._get("w3"), doc="up (F, D)")
+    w2 = property(lambda self: self._get("w2"), doc="down (D, F)")
 
 
 #: tensors converted ahead of use, at most (one expert's three matrices)
@@ -251,7 +277,7 @@ class Lazy(Weights):
 
     def _convert(self, name: str) -> np.ndarray:
         """Tensor ``name`` read from the source and converted for the mode."""
-        return self.numerics.weight(name, self.source.read(name, self.numerics.dtype))
+        return self.numerics.weight(name, self.source.read(name, self.numerics.dtype), self._stored(name))
 
     # ------------------------------------------------------------------------------- the mapping
     def _resident_array(self, name: str) -> np.ndarray | None:
@@ -287,6 +313,12 @@ class Lazy(Weights):
         if name not in self._sizes:
             raise KeyError(name)
         return self.numerics.weight(name, self.source.read(name, self.numerics.dtype, rows=np.asarray(index)))
+
+    def _stored(self, name: str) -> Any:
+        """How ``name`` is stored, for a mode that multiplies the stored blocks: (type, a function reading them)."""
+        if not self.numerics.reads_blocks:
+            return None
+        return self.source.stored_type(name), lambda: self.source.read_blocks(name)
 
     def prefetch(self, names: "list[str]") -> None:
         with self._lock:

@@ -93,11 +93,14 @@ def test_the_mistake_is_named_first(name, bug, kind):
 
 def test_every_mistake_is_tested_where_it_applies():
     """The LFM2 mistakes on the MoE model, all but the router on the dense one and on LFM3 (which has no MoE),
-    LFM3's own on LFM3 only; the image path's on the LFM2-VL fixtures (tests/test_vision.py)."""
+    LFM3's own on LFM3 only; the image path's on the LFM2-VL fixtures (tests/test_vision.py); those of llama.cpp's
+    CPU arithmetic: tests/test_llamacpp_cpu.py."""
     from test_vision import IMAGE_MISTAKES
 
+    llama = {"activations-unquantised", "kv-cache-f32", "kv-cache-f16"}
     assert {m.id for m in M.CATALOGUE if not m.id.startswith("bidir-")} == set(BUGS) | set(LFM3_BUGS) | {
-        m for m, _ in IMAGE_MISTAKES}
+        m for m, _ in IMAGE_MISTAKES} | llama
+    assert {m.id for m in M.CATALOGUE if m.modes} == llama
     # (the bidirectional model's own, on embeddings dumps: tests/test_bidir_diagnose.py)
     assert {bug for name, bug, _ in CASES if name == "moe"} == set(BUGS)
     assert {bug for name, bug, _ in CASES if name == "dense"} == {b for b in BUGS if not b.startswith("router")}
@@ -227,12 +230,14 @@ def test_a_real_deviation_is_not_a_tie():
 def test_what_does_not_apply_is_reported_with_the_reason():
     d = diagnose(setup("dense")[2], dump_of("dense", ("no-qk-norm",), "logits"))
     reasons = {n["id"]: n["reason"] for n in d.not_applicable}
+    llama = {"activations-unquantised", "kv-cache-f32", "kv-cache-f16"}  # (a reference in llamacpp-cpu only)
     images = {m for m in reasons if m.startswith("vl-")}
     assert {r for r in reasons if not r.startswith("bidir-")} == {b for b in BUGS if b.startswith("router")} | \
-        set(LFM3_BUGS) | images
+        set(LFM3_BUGS) | images | llama
     assert "bidirectional" in reasons["bidir-causal-mask"] and "embedding head" in reasons["bidir-wrong-pooling"]
     assert "MoE" in reasons["router-softmax"] and "LFM3" in reasons["lfm3-window-ignored"]
     assert images and all("LFM2-VL" in reasons[m] for m in images), reasons
+    assert "llamacpp-cpu" in reasons["kv-cache-f32"]
     attn_only = lfm2np.load(GOLDEN / "dense-attn-only")
     d = diagnose(attn_only, logits_dump([1, 2, 3, 4], attn_only.forward([1, 2, 3, 4])))
     assert {n["id"] for n in d.not_applicable} >= {"conv-taps-reversed", "conv-gates-swapped", "conv-state-dropped"}
@@ -300,7 +305,8 @@ def test_a_transformers_lfm3_run_agrees_and_the_router_does_not_apply():
     assert d.agrees and d.best is None, format_diagnosis(d)
     images = {m.id for m in M.CATALOGUE if m.id.startswith("vl-")}  # LFM2-VL's own
     assert {n["id"] for n in d.not_applicable} == {b for b in BUGS if b.startswith("router")} | images | {
-        m.id for m in M.CATALOGUE if m.id.startswith("bidir-")}  # (LFM3 has no bidirectional variant)
+        m.id for m in M.CATALOGUE if m.id.startswith("bidir-")} | {  # (LFM3 has no bidirectional variant)
+        "activations-unquantised", "kv-cache-f32", "kv-cache-f16"}  # (llama.cpp's arithmetic: not this reference)
     assert {h.id for h in d.hypotheses} == {b for b in BUGS + LFM3_BUGS if not b.startswith("router")}
 
 

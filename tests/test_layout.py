@@ -1,13 +1,14 @@
 """The package's layout: the import rules of the design, checked by reading every module's imports.
 
 - the core (errors, numerics, config, config_keys, ops, passes, layers, schema, weights, state, model, version,
-  and the vision tower's vision, vision_config, vision_schema, ops_vision)
-  imports only the core, and ops imports nothing from lfm2np but passes, which imports nothing from lfm2np:
+  and llama.cpp's CPU arithmetic: ggml, ggml_quants, ggml_ops; and the vision tower's vision, vision_config,
+  vision_schema, ops_vision) imports only the core, and ops imports nothing from lfm2np but passes, which imports
+  nothing from lfm2np:
   the formulas know nothing that names or records a value;
 - io/ imports the core and io/; oracle/ and calc/ import the core, io/, processor/ and themselves, never each other;
 - processor/ (the image processor: images and prompts to arrays and ids) imports the core, io/ and itself: a leaf
   beside io/, which the oracle (diagnosing a processor dump), the calculators (image tokens) and the middle use;
-- the middle (loading, presets, generate, sampling, embedded, synthetic, evaluate) imports the core, io/,
+- the middle (loading, presets, generate, sampling, embedded, synthetic, evaluate, prompting) imports the core, io/,
   processor/ and the middle;
 - nothing imports cli/ (but ``__main__``); the package face only re-exports;
 - there is no import circle, and imports inside functions are only of optional dependencies;
@@ -26,8 +27,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lfm2np"
 CORE = {"errors", "numerics", "config", "config_keys", "ops", "passes", "layers", "schema", "aliases", "weights",
-        "state", "model", "embedding", "version", "vision", "vision_config", "vision_schema", "ops_vision"}
-MIDDLE = {"loading", "presets", "generate", "sampling", "embedded", "synthetic", "evaluate", "cluster"}
+        "state", "model", "embedding", "version", "ggml", "ggml_quants", "ggml_ops", "vision", "vision_config",
+        "vision_schema", "ops_vision"}
+MIDDLE = {"loading", "presets", "generate", "sampling", "embedded", "synthetic", "evaluate", "cluster", "prompting"}
 #: imported inside the functions that need them: gguf (an extra), jinja2 (a dependency, imported when a chat template
 #: is first rendered: most commands never render one), readline (in the standard library, but not on every platform),
 #: PIL (Pillow, the extra "vision": decoding image files), Dask (the dask extra: --workers, --scheduler), and the

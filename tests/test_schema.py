@@ -52,19 +52,21 @@ def emitted(model: lfm2np.Model, ids: np.ndarray, state=None) -> list[tuple[str,
     return out
 
 
-def expected(config: lfm2np.Config, T: int) -> list[tuple[str, tuple[int, ...], str]]:
-    return [(t.name, t.shape_for(T), "i" if t.integer else "f") for t in lfm2np.trace_names(config)]
+def expected(config: lfm2np.Config, T: int, inputs: bool = False) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(t.name, t.shape_for(T), "i" if t.integer else "f") for t in lfm2np.trace_names(config, inputs=inputs)]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "llamacpp-cpu"])
 @pytest.mark.parametrize("case", ALL_CASES)
 def test_the_forward_emits_exactly_the_schema(case, dtype):
     m = load(case, dtype)
     ids = IDS % m.config.vocab_size
-    assert emitted(m, ids) == expected(m.config, len(ids))
+    inputs = m.numerics.names_inputs  # llama.cpp's CPU arithmetic also names what each product reads
+    assert inputs == (dtype == "llamacpp-cpu")
+    assert emitted(m, ids) == expected(m.config, len(ids), inputs)
     if m.config.causal:  # (a bidirectional model has no decoding state)
         _, state = m.step(ids[:5])
-        assert emitted(m, ids[5:], state) == expected(m.config, 3)  # a decoding step names the same values
+        assert emitted(m, ids[5:], state) == expected(m.config, 3, inputs)  # a decoding step names the same values
 
 
 def test_a_gguf_model_emits_the_schema_too(tmp_path):

@@ -140,8 +140,11 @@ def test_image_errors_name_what_is_wrong():
     px = batch(case)
     with pytest.raises(lfm2np.Lfm2npError, match=r"ids hold 131 image placeholders .* give 111 image tokens"):
         m.forward(np.concatenate([r["ids"], [100] * 20]), images=px)
-    with pytest.raises(lfm2np.Lfm2npError, match="need the model's image processor"):
+    with pytest.raises(lfm2np.Lfm2npError, match="x.png: cannot open the image file"):  # the checkpoint's processor
         m.forward(r["ids"], images=["x.png"])
+    bare = lfm2np.Model(m.config, m.params)  # built from weights: no processor settings
+    with pytest.raises(lfm2np.Lfm2npError, match="need the model's image processor"):
+        bare.forward(r["ids"], images=["x.png"])
     bad = SimpleNamespace(**{**vars(px), "pixel_values": px.pixel_values[..., :-1]})
     with pytest.raises(lfm2np.Lfm2npError, match="pixel_values has shape"):
         m.forward(r["ids"], images=bad)

@@ -7,7 +7,8 @@
 
 Opt-in, not part of CI: needs llama-cpp-python (it compiles llama.cpp, ~10 minutes; see
 tools/compare_llama_cpp.py for the venv). The ids are evaluated as one batch (one ubatch, logits at every
-position, no BOS added) with an F32 KV cache, through llama-cpp-python's low-level API with an eval callback
+position, no BOS added) with an F32 KV cache (``--kv f16``: llama.cpp's default) and without flash attention
+(``--flash-attn``: with), through llama-cpp-python's low-level API with an eval callback
 (``llama_context_params.cb_eval``): ggml's scheduler asks the callback about every graph node (ask=True;
 we say yes to all) and calls it again with the computed tensor (ask=False). Every F32 tensor is copied out
 (``ggml_backend_tensor_get``, honouring the strides of views) with ggml's dims reversed, so ``ne = [hd, H, T]``
@@ -57,7 +58,8 @@ def _ggml():
     return lib
 
 
-def dump(gguf: "str | Path", ids: list[int], threads: int = 2, ints: bool = False, verbose: bool = False
+def dump(gguf: "str | Path", ids: list[int], threads: int = 2, ints: bool = False, verbose: bool = False,
+         kv: str = "f32", flash_attn: bool = False
          ) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[str, str, list[int]]]]:
     """Run llama.cpp on ``ids`` (one sequence, one batch). Returns the observed tensors by name (graph order),
     the logits (T, vocab) and the tensors not kept (name, ggml type, shape)."""
@@ -107,8 +109,8 @@ def dump(gguf: "str | Path", ids: list[int], threads: int = 2, ints: bool = Fals
     cparams.n_batch = cparams.n_ubatch = T
     cparams.n_seq_max = 1
     cparams.n_threads = cparams.n_threads_batch = threads
-    cparams.type_k = cparams.type_v = GGML_TYPE_F32
-    cparams.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED: the plain kq / softmax / kqv graph
+    cparams.type_k = cparams.type_v = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16}[kv]
+    cparams.flash_attn_type = 1 if flash_attn else 0  # ENABLED, or DISABLED: the plain kq / softmax / kqv graph
     cparams.cb_eval = callback
     cparams.cb_eval_user_data = None
     ctx = llama_cpp.llama_init_from_model(model, cparams)
@@ -159,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ints", action="store_true", help="also write I32/F16 tensors (token ids, expert indices)")
     p.add_argument("--list", action="store_true", help="print every tensor name, ggml-reversed shape and kept/not")
     p.add_argument("--verbose", action="store_true", help="keep llama.cpp's log")
+    p.add_argument("--kv", default="f32", choices=["f32", "f16"], help="KV cache type (default f32)")
+    p.add_argument("--flash-attn", action="store_true", help="flash attention (default off)")
     args = p.parse_args(argv)
     try:
         import llama_cpp
@@ -167,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from safetensors.numpy import save_file
 
-    tensors, logits, skipped = dump(args.gguf, args.ids, args.threads, args.ints, args.verbose)
+    tensors, logits, skipped = dump(args.gguf, args.ids, args.threads, args.ints, args.verbose, args.kv,
+                                    args.flash_attn)
     if "result_output" in tensors and not np.array_equal(tensors["result_output"].reshape(logits.shape), logits):
         print("warning: result_output differs from llama_get_logits", file=sys.stderr)
     path = args.out if args.out.suffix == ".safetensors" else args.out.with_suffix(".safetensors")
     meta = {"source": "llama.cpp", "llama_cpp_python": llama_cpp.__version__, "model": str(args.gguf),
-            "ids": args.ids, "kv_cache": "f32"}
+            "ids": args.ids, "kv_cache": args.kv, "flash_attn": args.flash_attn}
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
               metadata={"order": json.dumps(list(tensors)), "meta": json.dumps(meta)})
     if args.list:

@@ -19,6 +19,10 @@ torch: they read what this script writes.
    forward hooks every vision value the trace schema names (module outputs; the resized position embeddings
    from transformers' own resize function; the projector's values for the real tokens only), the placed input
    embeddings, the text layers' outputs and the logits; and the logits of the text-only ids.
+4. vl-chat: a checkpoint directory as a user has one (processor_config.json, the processor fixtures' tokenizer and
+   chat template) and transformers' whole path from image files (``load_image``) and a chat through
+   ``Lfm2VlProcessor`` (ids, pixel values) and the model: the tower's input and output, the unshuffled tokens, the
+   projector's output, the placed embeddings, the logits and a few greedy tokens of ``generate``.
 
 Usage:  PYTHONPATH=. /work/venv-ref/bin/python tools/make_vl_fixtures.py [--out tests/golden]
 """
@@ -76,6 +80,26 @@ CASES: dict[str, dict] = {
                        max_pixels_tolerance=2.0)),
 }
 TOWER, SAVED = "model.vision_tower.vision_model.", "model.vision_tower."
+#: the whole path from image files: a checkpoint directory with the processor fixtures' tokenizer and chat template
+#: (LFM2-VL's image tokens at their released ids, <image> = 396), transformers' Lfm2VlProcessor on the image files
+#: (load_image: Pillow) and a chat, then the model; and a few greedy tokens of model.generate
+CHAT = dict(
+    seed=903, released_names=True,
+    what="the full path: processor_config.json + tokenizer + chat template, images from files through "
+         "Lfm2VlProcessor, a chat with two images, greedy generation; projector LayerNorm on, tied head",
+    vision=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, patch_size=4,
+                num_patches=16),
+    top=dict(projector_hidden_size=56, projector_use_layernorm=True, projector_bias=True, downsample_factor=2,
+             tie_word_embeddings=True),
+    text=dict(vocab_size=768, eos_token_id=7), image_token_id=396,
+    processor=dict(encoder_patch_size=4, downsample_factor=2, tile_size=32, min_image_tokens=4, max_image_tokens=16,
+                   min_tiles=2, max_tiles=4, use_thumbnail=True, do_image_splitting=True, max_pixels_tolerance=2.0),
+    images=["small", "tiled"], chat="Which of the two is larger?", new_tokens=8)
+#: what the chat case keeps of the recorded values (the stages: tower input and output, unshuffled tokens,
+#: projector output, placed embeddings)
+CHAT_KEEP = (TOWER + "embeddings", TOWER + "post_layernorm", "model.multi_modal_projector.pixel_unshuffle",
+             "model.multi_modal_projector.linear_2", "model.inputs_embeds")
+PROCESSOR_CHECKPOINT = Path(__file__).resolve().parent.parent / "tests/golden/vl-processor/checkpoint"
 
 
 def make_images(out: Path) -> dict[str, Path]:
@@ -92,8 +116,8 @@ def make_images(out: Path) -> dict[str, Path]:
 
 
 def build(case: dict) -> Lfm2VlForConditionalGeneration:
-    config = Lfm2VlConfig(text_config=TEXT, vision_config=dict(model_type="siglip2_vision_model",
-                          vision_use_head=False, **case["vision"]), image_token_id=IMAGE_TOKEN,
+    config = Lfm2VlConfig(text_config={**TEXT, **case.get("text", {})}, vision_config=dict(model_type="siglip2_vision_model",
+                          vision_use_head=False, **case["vision"]), image_token_id=case.get("image_token_id", IMAGE_TOKEN),
                           attn_implementation="eager", **case["top"])
     torch.manual_seed(case["seed"])
     model = Lfm2VlForConditionalGeneration(config).eval()
@@ -250,6 +274,63 @@ def run_case(name: str, case: dict, images: dict[str, Path], out: Path) -> dict:
             "T": len(ids)}
 
 
+def run_chat(name: str, case: dict, images: dict[str, Path], out: Path) -> dict:
+    """The chat case: a checkpoint directory a user would have, and transformers' whole path on image files."""
+    from transformers import AutoProcessor
+    from transformers.image_utils import load_image
+    model = build(case)
+    with torch.no_grad():  # the tied rows of the special and reserved ids (0..500) smaller, so that greedy
+        model.model.language_model.embed_tokens.weight[:501] *= 0.1  # generation emits text, not markers
+    directory = out / name
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    save_torch(checkpoint(model, case), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads(model.config.to_json_string())
+    config.pop("transformers_version", None)
+    (directory / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(PROCESSOR_CHECKPOINT / f, directory / f)
+    settings = dict(case["processor"], image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2, do_rescale=True,
+                    rescale_factor=1 / 255, do_normalize=True, do_pad=True, image_processor_type="Lfm2VlImageProcessor")
+    (directory / "processor_config.json").write_text(json.dumps({
+        "processor_class": "Lfm2VlProcessor", "use_image_special_tokens": True, "image_processor": settings},
+        indent=1) + "\n")
+    processor = AutoProcessor.from_pretrained(str(directory))
+    files = [images[k] for k in case["images"]]
+    messages = [{"role": "user", "content": [{"type": "image"} for _ in files] + [{"type": "text",
+                                                                                     "text": case["chat"]}]}]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    enc = processor(images=[load_image(str(f)) for f in files], text=rendered, return_tensors="pt")
+    rec = Recorder(model)
+    with torch.no_grad():
+        logits = model(**enc).logits[0]
+        rec.close()
+        generated = model.generate(**enc, max_new_tokens=case["new_tokens"], do_sample=False)[0, enc["input_ids"].shape[1]:]
+    f = model.config.downsample_factor
+    tokens = [(int(h) // f) * (int(w) // f) for h, w in enc["spatial_shapes"]]
+    slots = enc["pixel_values"].shape[1] // f ** 2
+    real = torch.cat([torch.arange(slots) < n for n in tokens])
+    store = {}
+    for key, value in rec.store.items():
+        name = lfm2np_name(key)
+        if name not in CHAT_KEEP:
+            continue
+        value = value[0] if value.dim() >= 2 and value.shape[0] == 1 and not key.startswith(SAVED) else value
+        store[name] = value.reshape(-1, value.shape[-1])[real] if name.startswith("model.multi") else value
+    reference = {k: v.detach().float().numpy().astype(np.float32) for k, v in store.items()}
+    reference.update(pixel_values=enc["pixel_values"].numpy().astype(np.float32),
+                     pixel_attention_mask=enc["pixel_attention_mask"].numpy().astype(np.int32),
+                     spatial_shapes=enc["spatial_shapes"].numpy().astype(np.int64),
+                     ids=enc["input_ids"][0].numpy().astype(np.int64), logits=logits.numpy(),
+                     generated=generated.numpy().astype(np.int64))
+    save_file({k: np.ascontiguousarray(v) for k, v in reference.items()}, str(directory / "reference.safetensors"),
+              metadata={"generator": f"tools/make_vl_fixtures.py v{GENERATOR_VERSION}",
+                        "transformers": transformers.__version__, "torch": torch.__version__})
+    return {"what": case["what"], "images": case["images"], "chat": case["chat"], "rendered": rendered,
+            "tokens": tokens, "T": int(enc["input_ids"].shape[1]), "generated": generated.tolist()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="tests/golden", type=Path)
@@ -263,6 +344,8 @@ def main() -> None:
     for name, case in CASES.items():
         manifest["cases"][name] = run_case(name, case, images, args.out)
         print(name, manifest["cases"][name])
+    manifest["chat"] = {"vl-chat": run_chat("vl-chat", CHAT, images, args.out)}  # (not a tower case: no text_ids)
+    print("vl-chat", manifest["chat"]["vl-chat"])
     (args.out / "vl_manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 

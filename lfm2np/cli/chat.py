@@ -25,6 +25,8 @@ import numpy as np
 from ..embedded import embedded_model_path
 from ..errors import Lfm2npError
 from ..generate import Generation, Sampling
+from ..processor import ImageBatch
+from ..prompting import encode_with_images, placeholders
 from ..state import State
 from .common import Subparsers, add_sampling_arguments, describe_sampling, generation_defaults_for, \
     load_for_generation, MODEL_HELP, progress, sampling_from, stop_ids_for, utf8_text
@@ -49,15 +51,46 @@ class Conversation:
 
     def reset(self) -> None:
         """Forget the conversation (the system message stays)."""
-        self.messages: list[dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
+        self.images: list[ImageBatch] = []  # LFM2-VL: the conversation's images, in order, each processed once
+        self.pending: list[ImageBatch] = []  # attached with /image to the next message
         self.fed: list[int] = []
         self.state: State | None = None
         self.snapshot: tuple[int, State] | None = None  # (len(fed), state) at the start of the last reply
         self.last: dict[str, int] = {}
 
     def rendered(self) -> list[int]:
-        """The ids of the whole conversation as the chat template renders it, with the assistant header."""
-        return self.tokenizer.encode_chat(self.messages)
+        """The ids of the whole conversation as the chat template renders it, with the assistant header (and each
+        image's placeholders expanded)."""
+        if not self.images:
+            return self.tokenizer.encode_chat(self.messages)
+        return encode_with_images(self.model, self.tokenizer, ImageBatch.concat(self.images),
+                                  messages=self.messages)[0]
+
+    def attach(self, path: str) -> ImageBatch:
+        """``/image FILE``: the image, processed by the model's processor, kept for the next message."""
+        if self.model.config.vision is None:
+            raise Lfm2npError("this model has no vision tower: /image needs an LFM2-VL checkpoint")
+        if self.model.image_processor is None:
+            raise Lfm2npError("the model has no image processor settings (processor_config.json)")
+        batch = self.model.image_processor([path])
+        self.pending.append(batch)
+        return batch
+
+    def _new_images(self, ids: list[int]) -> "ImageBatch | None":
+        """The images whose placeholders are in ``ids[len(fed):]`` (the state going back to an image's first
+        placeholder when it holds only part of them)."""
+        if not self.images:
+            return None
+        slots = np.flatnonzero(np.asarray(ids) == self.model.config.vision.image_token_id)
+        starts = np.cumsum([0] + [t for b in self.images for t in b.tokens_per_image])
+        while True:
+            held = int(np.count_nonzero(slots < len(self.fed)))
+            k = int(np.searchsorted(starts, held, side="left"))  # the first image with no placeholder held
+            if starts[k] == held:
+                break
+            self._rewind(int(slots[starts[k - 1]]))  # the state holds part of image k - 1: back before it
+        return ImageBatch.concat(self.images[k:]) if k < len(self.images) else None
 
     def _rewind(self, n: int) -> None:
         """Make the state hold ``fed[:n]`` (or fewer ids: then more are fed next)."""
@@ -81,23 +114,33 @@ class Conversation:
         """Add a user turn and return the Generation of the reply (iterate it, then call :meth:`record`).
         Feeds the rendered conversation's ids the state does not hold, all but the last; the Generation
         feeds that one and samples."""
-        self.messages.append({"role": "user", "content": text})
+        pending, self.pending = self.pending, []
+        content: Any = text
+        if pending and not placeholders(text):  # the images before the text, as parts the template renders
+            content = [{"type": "image"} for _ in pending] + [{"type": "text", "text": text}]
+        self.messages.append({"role": "user", "content": content})
+        self.images += pending
         try:
             ids = self.rendered()
-        except Lfm2npError as e:  # the template refused this conversation (a later turn can fail alone)
-            self.messages.pop()
+        except Lfm2npError as e:  # the template refused this conversation (a later turn can fail alone), or the
+            self.messages.pop()   # message's placeholders do not match its images
+            del self.images[len(self.images) - len(pending):]
+            self.pending = pending  # still attached, for the next message
             raise TurnRefused(f"{e}; the message was not sent") from None
         context = self.model.config.max_position_embeddings
         if len(ids) >= context:
             self.messages.pop()
+            del self.images[len(self.images) - len(pending):]
             raise ContextFull(f"the conversation would be {len(ids)} tokens, the model's context is {context}")
         self.last = {"rendered": len(ids)}
         self._rewind(min(common_prefix(self.fed, ids), len(ids) - 1))
+        images = self._new_images(ids)
         self.last["reused"] = len(self.fed)
         new = ids[len(self.fed):]
         self.last["fed"] = len(new)
         if len(new) > 1:
-            _, self.state = self.model.step(new[:-1], self.state)
+            extra = {} if images is None else {"images": images}  # (a stand-in model need not know the keyword)
+            _, self.state = self.model.step(new[:-1], self.state, **extra)
             self.fed = ids[:-1]
         self.snapshot = (len(self.fed), self.state) if self.state is not None else None
         return Generation(self.model, new[-1:], min(max_new_tokens, context - len(ids)), sampling, stop_ids,
@@ -116,12 +159,12 @@ class Conversation:
 
     def saved(self) -> tuple:
         """What :meth:`restore` puts back: the conversation as it is now (states are values: no copy needed)."""
-        return list(self.messages), list(self.fed), self.state, self.snapshot
+        return list(self.messages), list(self.fed), self.state, self.snapshot, list(self.images), list(self.pending)
 
     def restore(self, saved: tuple) -> None:
         """The conversation as :meth:`saved` had it (a turn abandoned halfway: its message and ids forgotten)."""
-        messages, fed, self.state, self.snapshot = saved
-        self.messages, self.fed = list(messages), list(fed)
+        messages, fed, self.state, self.snapshot, images, pending = saved
+        self.messages, self.fed, self.images, self.pending = list(messages), list(fed), list(images), list(pending)
 
 
 class ContextFull(Lfm2npError):
@@ -200,6 +243,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                 progress("[conversation reset]")
             elif name == "/help":
                 progress(HELP)
+            elif name == "/image":
+                _attach(conversation, line.strip()[len("/image"):].strip())
             else:
                 progress(f"lfm2np: unknown command {shown(name, 20)}, not sent to the model: /help lists the "
                          f"commands; start the line with // to send a message that begins with /")
@@ -218,6 +263,21 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                 raise
             progress(f"lfm2np: warning: {e}; the conversation is as it was (/reset starts again)")
     return 0
+
+
+def _attach(conversation: Conversation, path: str) -> None:
+    """``/image FILE``: one line saying what was attached, or why not (the chat goes on)."""
+    if not path:
+        progress("lfm2np: /image needs a file: /image FILE")
+        return
+    try:
+        batch = conversation.attach(path)
+    except Lfm2npError as e:
+        progress(f"lfm2np: error: /image: {e}; nothing attached")
+        return
+    layout = batch.layouts[0]
+    progress(f"[image {shown(path)}: {layout.height}x{layout.width}, {batch.tokens_per_image[0]} image tokens; "
+             f"attached to your next message ({len(conversation.pending)} waiting)]")
 
 
 def _reply(conversation: Conversation, line: str, turn: int, args: argparse.Namespace, sampling: Sampling,

@@ -22,6 +22,7 @@ from ..io.params import parse_budget
 from ..io.tokenizer import Tokenizer
 from ..loading import load
 from ..numerics import MODES
+from ..prompting import encode_with_images
 from .outputs import add_force_argument, check_outputs, write_page  # noqa: F401  (the commands that write import them here)
 
 #: argparse's subparsers object, which each command module's ``register`` receives (its class is private).
@@ -29,7 +30,9 @@ Subparsers = Any
 
 #: The ``--dtype`` choices of every command that runs a model.
 DTYPE_CHOICES = list(MODES)
-DTYPE_HELP = "compute dtype (float64: the oracle mode; bfloat16: the emulation)"
+DTYPE_HELP = ("compute dtype (float64: the oracle mode; bfloat16: the emulation; llamacpp-cpu: llama.cpp's CPU "
+              "arithmetic on a GGUF file (a checkpoint's weights as GGUF tensors of their stored type), "
+              "llamacpp-cpu-kv-f32 with an f32 KV cache)")
 
 
 # ----------------------------------------------------------------------------- argument types
@@ -289,16 +292,33 @@ def load_for_generation(model_arg: str, args: argparse.Namespace | None = None):
     return model, tokenizer
 
 
+def encode_prompt(model, tokenizer, args: argparse.Namespace) -> tuple[list[int], Any]:
+    """The ids of ``--text`` (BOS prepended) or ``--chat`` (with ``--system``, rendered by the chat template) and,
+    with ``--image`` (LFM2-VL), the processed images, their placeholders expanded in the ids
+    (:func:`lfm2np.prompting.encode_with_images`); the images are None without ``--image``."""
+    images = getattr(args, "image", None)
+    chat, system = getattr(args, "chat", None), getattr(args, "system", None)
+    if images:
+        return encode_with_images(model, tokenizer, [str(p) for p in images], text=args.text, chat=chat,
+                                  system=system)
+    if chat is not None:
+        return tokenizer.encode_chat(([{"role": "system", "content": system}] if system else []) +
+                                     [{"role": "user", "content": chat}]), None
+    return tokenizer.encode(args.text, add_bos=True), None
+
+
 def run_generation(model, tokenizer, prompt_ids: list[int], args: argparse.Namespace, out=None,
-                   defaults: dict | None = None) -> list[int]:
+                   defaults: dict | None = None, images: Any = None) -> list[int]:
     """Stream a generation to ``out`` (stdout) with a progress line on stderr; returns the generated ids.
-    ``defaults``: the checkpoint's :func:`generation_defaults_for` (None: read them for ``args.model``)."""
+    ``defaults``: the checkpoint's :func:`generation_defaults_for` (None: read them for ``args.model``);
+    ``images``: LFM2-VL's images of the prompt."""
     out = out or sys.stdout
     if defaults is None:
         defaults = generation_defaults_for(args.model)
     sampling = sampling_from(args, defaults)
     stop = stop_ids_for(model, tokenizer, defaults)
-    gen = Generation(model, prompt_ids, args.max_new_tokens, sampling, stop, progress=LayerProgress("prefill"))
+    gen = Generation(model, prompt_ids, args.max_new_tokens, sampling, stop, progress=LayerProgress("prefill"),
+                     images=images)
     t0 = time.perf_counter()
     first = None
 

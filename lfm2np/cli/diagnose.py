@@ -16,7 +16,7 @@ from ..oracle.processor_dump import is_processor_dump, processor_dump
 from ..processor import ImageTokens, ProcessorConfig
 from ..oracle.mistakes import BY_ID, CATALOGUE
 from ..oracle.report import html_report
-from ..oracle.tolerance import COMPARE_TIERS
+from ..oracle.tolerance import COMPARE_TIERS, default_tier
 from .common import LayerProgress, Subparsers, add_force_argument, add_html_argument, add_model_arguments, check_outputs
 from .common import load_model, MODEL_HELP, positive_int, write_page
 from .options import add_ids_argument, add_model_argument
@@ -29,9 +29,8 @@ def _mistake_id(text: str) -> str:
 
 
 def _catalogue(model) -> int:
-    c = model.config
     for m in CATALOGUE:
-        status = "applies" if m.applies(c) else f"not applicable: needs {m.requires}"
+        status = "applies" if m.concerns(model) else f"not applicable: needs {m.requires}"
         print(f"{m.id:26s} {status}\n    {m.description}\n    shipped by: {m.shipped_by}\n    in a trace: {m.in_a_trace}")
     return 0
 
@@ -59,7 +58,8 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
         dump = load_dump(args.dump, args.ids, args.prefill, vocab_size=model.config.vocab_size)
     else:
         dump = token_stream(args.ids, args.tokens, args.prefill, source="--tokens")
-    result = diagnose(model, dump, args.tier, only=args.only, combine=not args.no_combine)
+    result = diagnose(model, dump, args.tier or default_tier(model.numerics.name), only=args.only,
+                      combine=not args.no_combine)
     if args.json:
         print(json.dumps(result.to_json(), indent=1, allow_nan=False))
     else:
@@ -108,7 +108,8 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--prefill", type=positive_int,
                    help="how many ids the backend processed in its first call (where its second call began); "
                         "default: the end of the prompt for tokens, the first divergence for dumps")
-    p.add_argument("--tier", default="fp32", choices=list(COMPARE_TIERS), help="tolerance tier (default fp32)")
+    p.add_argument("--tier", choices=list(COMPARE_TIERS),
+                   help="tolerance tier (default fp32; llamacpp-cpu with --dtype llamacpp-cpu)")
     add_model_arguments(p)
     p.add_argument("--only", type=_mistake_id, nargs="+", metavar="ID", help="test only these catalogue ids")
     p.add_argument("--no-combine", action="store_true",

@@ -16,7 +16,7 @@ import argparse
 from typing import Any
 
 from ..errors import Lfm2npError
-from .common import ascii_number, MAX_INT, MODEL_HELP, model_argument, shown, utf8_text
+from .common import ascii_number, MAX_INT, MODEL_HELP, input_file, model_argument, shown, utf8_text
 
 
 # ----------------------------------------------------------------------------------------- MODEL
@@ -46,6 +46,11 @@ def add_text_argument(p: Any, help: str) -> None:
     """``--text TEXT`` with its aliases ``-p`` and ``--prompt`` (llama.cpp's prompt option); ``p`` may be a
     mutually exclusive group."""
     p.add_argument("--text", "-p", "--prompt", dest="text", type=utf8_text, metavar="TEXT", help=help)
+
+
+def add_image_argument(p: Any, help: str) -> None:
+    """``--image FILE``, repeatable: LFM2-VL's images, in order."""
+    p.add_argument("--image", action="append", type=input_file, metavar="FILE", help=f"{help} (repeat for several)")
 
 
 # ------------------------------------------------------------------------------------ id lists

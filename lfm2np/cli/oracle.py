@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,18 +18,30 @@ from ..oracle.follow import following
 from ..io.prompts import read_prompts
 from ..oracle.golden import golden_task, save_golden, write_golden
 from ..oracle.report import html_report
-from ..oracle.tolerance import COMPARE_TIERS
+from ..oracle.tolerance import COMPARE_TIERS, default_tier
 from ..oracle.trace import Trace, record, trace_task
 from .cluster_options import Task, add_cluster_arguments, runner_for
 from .common import LayerProgress, Subparsers, add_force_argument, add_model_arguments, check_outputs, load_model
-from .common import add_html_argument, input_file, model_argument, output_dir, output_file, write_page
-from .options import add_ids_argument, add_layers_argument, add_model_argument, add_text_argument
+from .common import add_html_argument, encode_prompt, input_file, model_argument, output_dir, output_file, utf8_text
+from .common import write_page
+from .options import add_ids_argument, add_image_argument, add_layers_argument, add_model_argument, add_text_argument
 
 
 def _ids(args: argparse.Namespace, model) -> np.ndarray:
     if args.text is not None:
         return np.array(Tokenizer.load(args.model).encode(args.text, add_bos=True))
     return np.array(args.ids, dtype=np.int64)
+
+
+def _trace_input(args: argparse.Namespace, model) -> tuple[np.ndarray, Any]:
+    """The ids to trace and the images that go with them: --ids as given (already expanded, with --image's files
+    processed by the model's processor), or --text / --chat expanded by lfm2np."""
+    if args.text is None and args.chat is None:
+        if args.system is not None:
+            raise Lfm2npError("--system goes with --chat")
+        return np.array(args.ids, dtype=np.int64), [str(p) for p in args.image] if args.image else None
+    ids, images = encode_prompt(model, Tokenizer.load(args.model), args)
+    return np.array(ids, dtype=np.int64), images
 
 
 def _per_prompt(args: argparse.Namespace, fn, payload, what: str, write) -> int:
@@ -49,6 +62,9 @@ def _trace_out(value: str) -> Path:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
+    if args.prompts is not None and (args.image or args.system is not None):
+        raise Lfm2npError(f"{'--image' if args.image else '--system'} goes with one prompt (--ids, --text or --chat), "
+                          f"not --prompts")
     if args.prompts is not None:
         if args.out.exists() and not args.out.is_dir():
             raise Lfm2npError(f"--out {args.out}: is a file; with --prompts, --out is a directory (one trace per "
@@ -74,7 +90,10 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     out = args.out.with_suffix(".safetensors")
     check_outputs([out, out.with_suffix(".json")], args.model, args.force)
     model = load_model(args)
-    _, trace = record(model, _ids(args, model), args.pattern, progress=LayerProgress("trace"))
+    ids, images = _trace_input(args, model)
+    _, trace = record(model, ids, args.pattern, progress=LayerProgress("trace"), images=images)
+    if args.image:  # the ids it ran are the trace's "ids"; the images beside them
+        trace.meta["images"] = [str(p) for p in args.image]
     if not len(trace):
         raise Lfm2npError(f"--pattern {' '.join(args.pattern)} matches no intermediate of this model "
                           f"(names look like model.layers.0.conv.conv_out; see docs/oracle.md)")
@@ -89,11 +108,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.html is not None:
         check_outputs([args.html], args.model, args.force, reads=[p for p in (args.a, args.b) if p is not None])
     theirs = Trace.load(args.a)
+    tier = args.tier or default_tier(getattr(args, "dtype", None) if args.model is not None else None)
     if args.model is not None:  # the reference computed on the backend's ids, following its near-tie choices
-        reference = following(load_model(args), theirs, args.tier)
+        reference = following(load_model(args), theirs, tier)
     else:
         reference = Trace.load(args.b)
-    result = compare(theirs, reference, args.tier, args.pattern, prefix=args.prefix, partial=args.partial)
+    result = compare(theirs, reference, tier, args.pattern, prefix=args.prefix, partial=args.partial)
     if args.json:
         print(json.dumps(result.to_json(), indent=1, allow_nan=False))
     else:
@@ -117,14 +137,20 @@ def _cmd_golden(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_input(p: argparse.ArgumentParser) -> None:
+def _add_input(p: argparse.ArgumentParser, images: bool = False) -> None:
     add_model_argument(p)
     src = p.add_mutually_exclusive_group()
     add_ids_argument(src, "token ids (default: 1 2 3 4 5 6 7 8)", default=[1, 2, 3, 4, 5, 6, 7, 8])
     add_text_argument(src, "text to tokenize with the checkpoint's tokenizer (BOS prepended)")
+    if images:
+        src.add_argument("--chat", type=utf8_text, help="a user message, formatted with the checkpoint's chat "
+                                                       "template (with the assistant header)")
     src.add_argument("--prompts", type=input_file, metavar="FILE",
                      help="a prompts file (.txt: one text per line; .json/.jsonl: texts, conversations, ids): one "
                           "output per prompt, in the directory --out")
+    if images:
+        p.add_argument("--system", type=utf8_text, help="system message for --chat")
+        add_image_argument(p, "LFM2-VL: an image of the sequence, in order of its placeholders")
     add_model_arguments(p)
     add_cluster_arguments(p)
 
@@ -132,8 +158,10 @@ def _add_input(p: argparse.ArgumentParser) -> None:
 def register(sub: Subparsers) -> None:
     """Add the ``trace``, ``compare`` and ``golden`` subcommands."""
     p = sub.add_parser("trace", help="record every intermediate of a forward pass",
-                       description="Run one sequence and save every named intermediate (safetensors + JSON summary).")
-    _add_input(p)
+                       description="Run one sequence and save every named intermediate (safetensors + JSON summary). "
+                                   "LFM2-VL: --image with --ids that already hold each image's placeholders, or with "
+                                   "--text / --chat, which lfm2np expands; the trace records the ids it ran.")
+    _add_input(p, images=True)
     p.add_argument("--out", required=True, type=_trace_out,
                    help="output file (.safetensors; a .json summary is written beside it); with --prompts, a "
                         "directory")
@@ -154,7 +182,8 @@ def register(sub: Subparsers) -> None:
                    help="instead of B: the reference computed by lfm2np from MODEL on A's ids, following A's expert "
                         "choices where they are near-ties (so every tensor is judged on equal routing)")
     add_model_arguments(p)
-    p.add_argument("--tier", default="fp32", choices=list(COMPARE_TIERS), help="tolerance tier (default fp32)")
+    p.add_argument("--tier", choices=list(COMPARE_TIERS),
+                   help="tolerance tier (default fp32; llamacpp-cpu with --model and --dtype llamacpp-cpu)")
     p.add_argument("--pattern", nargs="+", help="only names matching these globs (lfm2np names)")
     p.add_argument("--prefix", action="store_true",
                    help="traces of different lengths: compare their common prefix (their ids must agree on it)")

@@ -8,10 +8,10 @@ import time
 import numpy as np
 
 from ..io.tokenizer import Tokenizer
-from .common import LayerProgress, Subparsers, add_model_arguments, add_sampling_arguments, load_for_generation, \
-    load_model, run_generation, sampling_from
+from .common import LayerProgress, Subparsers, add_model_arguments, add_sampling_arguments, encode_prompt, \
+    load_for_generation, load_model, run_generation, sampling_from
 from .common import positive_int, utf8_text
-from .options import add_ids_argument, add_model_argument, add_text_argument
+from .options import add_ids_argument, add_image_argument, add_model_argument, add_text_argument
 
 
 def _cmd_forward(args: argparse.Namespace) -> int:
@@ -49,13 +49,8 @@ def _register_forward(sub: Subparsers) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     sampling_from(args)
     model, tokenizer = load_for_generation(args.model, args)
-    if args.chat is not None:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append({"role": "user", "content": args.chat})
-        prompt_ids = tokenizer.encode_chat(messages)
-    else:
-        prompt_ids = tokenizer.encode(args.text, add_bos=True)
-    run_generation(model, tokenizer, prompt_ids, args)
+    prompt_ids, images = encode_prompt(model, tokenizer, args)
+    run_generation(model, tokenizer, prompt_ids, args, images=images)
     return 0
 
 
@@ -68,6 +63,7 @@ def _register_generate(sub: Subparsers) -> None:
     add_text_argument(what, "raw text to continue (BOS prepended)")
     what.add_argument("--chat", type=utf8_text, help="a user message, formatted with the checkpoint's chat template")
     p.add_argument("--system", type=utf8_text, help="system message for --chat")
+    add_image_argument(p, "LFM2-VL: an image for the prompt, at its next <image> or, without any, before the text")
     add_sampling_arguments(p)
     p.set_defaults(func=_cmd_generate)
 

@@ -14,6 +14,8 @@ from typing import Callable, Iterator, TextIO
 #: the chat's commands: a line that starts with "/" is one of these, never a message (help text per name)
 COMMANDS = {"/help": "this list",
             "/reset": "forget the conversation and start again (the --system message stays)",
+            "/image": "/image FILE: LFM2-VL: attach an image to your next message (before its text, or at each "
+                      "<image> it holds; repeat for several)",
             "/exit": "end the chat (also /quit; Ctrl-D or the end of the input do too)"}
 ALIASES = {"/quit": "/exit"}
 

@@ -162,6 +162,13 @@ class GgufSource:
     def stored_type(self, name: str) -> str:
         return self.file.tensors[self._where[name][0]].ggml_type
 
+    def read_blocks(self, name: str) -> np.ndarray:
+        """The stored bytes of tensor ``name`` (an expert's of a stacked tensor, q/k/v's rows of a fused one): uint8
+        (rows, row bytes), whole blocks per row."""
+        gname, part = self._where[name]
+        data = self.file.data(gname) if part is None else self.file.blocks(gname, part)
+        return np.ascontiguousarray(data).reshape(self._shapes[name][0], -1)
+
     def prefetch(self, names: "list[str]") -> None:
         """Read ahead the GGUF ranges that hold these tensors (the next layer's, or the experts just chosen)."""
         asked = {}  # (slices are not hashable before Python 3.12: keyed by their text)

@@ -151,6 +151,13 @@ class GgufFile:
             values = self._float32(self._read_rows(t, index), t, (len(index), *t.shape[1:]))
         return values[0] if isinstance(rows, (int, np.integer)) else values
 
+    def blocks(self, name: str, rows: "int | slice") -> np.ndarray:
+        """Rows ``rows`` of the outermost axis of the tensor as stored (one expert of a stacked tensor, a slice of a
+        fused one), laid out as :meth:`data` lays them out; only those rows are read."""
+        t = self.info(name)
+        index = _row_indices(self.path, t, rows if isinstance(rows, slice) else [rows])
+        return self._read_rows(t, index)
+
     def prefetch(self, name: str, rows: "int | slice | None" = None) -> None:
         """Ask the kernel to read tensor ``name`` (or those ``rows`` of its outermost axis: one expert, one
         of q/k/v) into the page cache now, in the background (``posix_fadvise(WILLNEED)``); a later read

@@ -45,7 +45,7 @@ from . import mistakes as M
 from .compare import compare
 from .dumps import Dump
 from .judges import EmbeddingsJudge, LogitsJudge, TokensJudge, TraceJudge, row_errors
-from .tolerance import CompareTier, compare_tier
+from .tolerance import CompareTier, compare_tier, default_tier
 from .trace import Trace
 
 #: The search for combinations keeps this many candidates per size, up to this many mistakes at once.
@@ -183,19 +183,21 @@ def _run(model: Any, seq: np.ndarray, port: M.Port, keep: "set[str] | None" = No
     return values, where
 
 
-def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill: int | None = None,
+def diagnose(model: Any, dump: Dump, tier: "str | CompareTier | None" = None, prefill: int | None = None,
              only: Sequence[str] | None = None, combine: bool = True, images: Any = None) -> Diagnosis:
-    """Diagnose ``dump`` against ``model`` (the reference): see the module docstring. ``prefill`` (or the
-    dump's) is where the backend's second call began; without it a token stream's is the end of the prompt,
-    and a logits or trace dump's the position where it first diverges. ``only``: these catalogue ids. LFM2-VL:
-    ``images``, the images the backend ran with the dump's ids (as :meth:`lfm2np.Model.forward` takes them)."""
+    """Diagnose ``dump`` against ``model`` (the reference): see the module docstring. ``tier``: fp32 by default
+    (llamacpp-cpu for a reference computing llama.cpp's CPU arithmetic). ``prefill`` (or the dump's) is where
+    the backend's second call began; without it a token stream's is the end of the prompt, and a logits or trace
+    dump's the position where it first diverges. ``only``: these catalogue ids. LFM2-VL: ``images``, the images
+    the backend ran with the dump's ids (as :meth:`lfm2np.Model.forward` takes them)."""
     if not all(hasattr(model, a) for a in ("config", "check_ids", "forward")):
         raise Lfm2npError(f"diagnose: model must be an lfm2np Model (lfm2np.load gives one); got "
                           f"{type(model).__name__}")
     if not isinstance(dump, Dump):
         raise Lfm2npError(f"diagnose: dump must be a Dump (lfm2np.oracle.dumps.load_dump reads one); got "
                           f"{type(dump).__name__}")
-    tier = compare_tier(tier)
+    mode = getattr(getattr(model, "numerics", None), "name", None)
+    tier = compare_tier(default_tier(mode) if tier is None else tier)
     if prefill is not None and (isinstance(prefill, (bool, np.bool_)) or not isinstance(prefill, (int, np.integer))
                                 or prefill < 1):
         raise Lfm2npError(f"diagnose: prefill must be an integer >= 1 (where the backend's second call began); got "
@@ -250,8 +252,8 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill
 
     hypotheses, not_applicable, entries = [], [], {}
     for m in catalogue:
-        variants = m.variants(c, prefill) if m.applies(c) else []
-        if not m.applies(c):
+        variants = m.variants(c, prefill) if m.concerns(model) else []
+        if not m.concerns(model):
             not_applicable.append({"id": m.id, "reason": f"needs {m.requires}"})
         elif not variants:
             not_applicable.append({"id": m.id, "reason": "needs the position where the backend's second call "
@@ -276,7 +278,7 @@ def diagnose(model: Any, dump: Dump, tier: "str | CompareTier" = "fp32", prefill
         hypotheses += _search(hypotheses, combined)
     if not agrees and not any(h.reproduces for h in hypotheses) and dump.kind == "trace":
         # before giving up: each mistake made in the layer (and, on MoE layers, the expert) where the dump departs
-        hypotheses += _localised(catalogue, c, prefill, first, reference, evaluate)
+        hypotheses += _localised([m for m in catalogue if m.concerns(model)], c, prefill, first, reference, evaluate)
     # the line the contradicted mistakes rank below: the reference itself, judged as a hypothesis
     no_mistake = None if agrees else evaluate("no-mistake", "the reference as it is", {}, [])
     at = _departure(dump.kind, first, agrees)

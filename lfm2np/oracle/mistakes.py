@@ -51,6 +51,11 @@ class Mistake:
     variants: Callable[[Config, "int | None"], list[Variant]]
     ambiguous: tuple[str, ...] = field(default=())
     localisable: bool = True  # whether it can be made in one layer only (not: the RoPE base, the final norm)
+    modes: tuple[str, ...] | None = None  # the numerics modes of the reference it concerns (None: every one)
+
+    def concerns(self, model: Any) -> bool:
+        """Whether the mistake can be made against ``model``: its config and its numerics mode."""
+        return self.applies(model.config) and (self.modes is None or model.numerics.name in self.modes)
 
 
 #: Plausible wrong RoPE bases: the original RoPE / Llama 2 default, Llama 3's, and LFM2's own 1e6 (wrong on a
@@ -242,6 +247,28 @@ CATALOGUE: tuple[Mistake, ...] = (
             "attn_out of the first sliding layer differs while its q_rope, k_rope and v_proj agree",
             "an LFM3 model with a sliding-window layer", lambda c: bool(c.sliding_layers),
             _fixed("no window", sliding_window=False)),
+    # ------------------------------------------------- llama.cpp's CPU arithmetic (a reference in llamacpp-cpu)
+    Mistake("activations-unquantised", "every product multiplies f32 activations by the dequantised weights, "
+            "where llama.cpp's CPU backend first quantises the activations to the weight type's dot-product type "
+            "(Q8_0 for Q8_0 and Q4_0, Q8_K for the k-quants, f16 for F16): a backend that computes more exactly "
+            "than llama.cpp, not a broken kernel", "every backend that dequantises and multiplies in float: "
+            "GPU paths through cuBLAS, transformers or lfm2np (float32) on a GGUF, a first port of the ggml "
+            "kernels without their vec_dot types", "the operator_norm output agrees; every product after it "
+            "differs by the activations' quantisation noise (on a Q8_0 file about 1e-2 of scale, -40 dB), spread "
+            "over every element, from the first product on", "a reference in dtype llamacpp-cpu",
+            _any, _fixed("f32 activations", activations="float"), modes=("llamacpp-cpu", "llamacpp-cpu-kv-f32")),
+    Mistake("kv-cache-f32", "the KV cache kept in f32 where llama.cpp stores it in f16 (its default, "
+            "--cache-type-k/v f16): the q.k product reads f32, the attention weights meet f32 values",
+            "backends with an f32 cache; llama.cpp run with --cache-type-k f32 --cache-type-v f32; transformers and "
+            "lfm2np's float32 mode", "q_rope, k_rope and v_proj agree; attn_out of the first attention layer "
+            "differs by f16 rounding (about 1e-4 of scale, -70 dB), and more after the next quantised product",
+            "an attention layer and a reference in dtype llamacpp-cpu (f16 KV cache)", _has_attention,
+            _fixed("f32 KV cache", kv_cache="f32"), modes=("llamacpp-cpu",)),
+    Mistake("kv-cache-f16", "the KV cache stored in f16 where the reference keeps it in f32 (llama.cpp run with "
+            "--cache-type-k/v f32, dtype llamacpp-cpu-kv-f32)", "llama.cpp's default cache type against an f32 "
+            "reference", "as kv-cache-f32, the other way round", "an attention layer and a reference in dtype "
+            "llamacpp-cpu-kv-f32", _has_attention, _fixed("f16 KV cache", kv_cache="f16"),
+            modes=("llamacpp-cpu-kv-f32",)),
 )
 CATALOGUE += (
     # ------------------------------------------------------------------------------------ LFM2-VL's own
@@ -317,16 +344,18 @@ def mistake(mistake_id: str) -> Mistake:
     return BY_ID[mistake_id]
 
 
-def port_of(config: Config, *mistake_ids: str, prefill: int | None = None) -> Port:
-    """The Port that makes all of ``mistake_ids`` (each entry's first variant) on a model with ``config``.
-    :class:`Lfm2npError` for an unknown id, an entry that does not apply to ``config`` (or has no variant:
-    conv-state-dropped without ``prefill``), or two entries that set the same switch differently."""
+def port_of(config: Config, *mistake_ids: str, prefill: int | None = None, mode: str | None = None) -> Port:
+    """The Port that makes all of ``mistake_ids`` (each entry's first variant) on a model with ``config`` (in
+    numerics ``mode``, when an entry concerns some modes only). :class:`Lfm2npError` for an unknown id, an
+    entry that does not apply (or has no variant: conv-state-dropped without ``prefill``), or two entries that set
+    the same switch differently."""
     switch_sets = []
     for mistake_id in mistake_ids:
         m = mistake(mistake_id)
-        variants = m.variants(config, prefill) if m.applies(config) else []
+        applies = m.applies(config) and (m.modes is None or mode in m.modes)
+        variants = m.variants(config, prefill) if applies else []
         if not variants:
             raise Lfm2npError(f"mistake {mistake_id!r} needs {m.requires}"
-                              + (" (pass prefill=)" if mistake_id == "conv-state-dropped" and m.applies(config) else ""))
+                              + (" (pass prefill=)" if mistake_id == "conv-state-dropped" and applies else ""))
         switch_sets.append(variants[0][1])
     return merge(*switch_sets)

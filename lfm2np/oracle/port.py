@@ -48,6 +48,7 @@ class _Run:
         self.model, self.port, self.c = model, port, model.config
         self.ids, self.images = ids, images  # the call's ids and its checked images (LFM2-VL)
         self.rnd = model.numerics.round
+        self.ops = ops if model.numerics.ops is None else model.numerics.ops  # the operators the pass computes with
         self.pads = pads  # a padded row's padding (bidirectional models), True where padded
         self.seen: dict[str, np.ndarray] = {}
         self.observe = observe
@@ -146,7 +147,7 @@ def embed(model: Any, ids: Any, mask: Any = None, port: Port = REFERENCE,
 @_on("model.embed_tokens")
 def _norm_at_start(run: _Run, layer: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
     if run.port.final_norm == "start":
-        return ops.rms_norm(value, run.model.params["model.embedding_norm.weight"], run.c.norm_eps, run.rnd)
+        return run.ops.rms_norm(value, run.model.params["model.embedding_norm.weight"], run.c.norm_eps, run.rnd)
     return None
 
 
@@ -186,7 +187,7 @@ def _conv(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
     if centred:
         return run.rnd(ops.centred_conv1d(u, kernel, w.conv_bias))
     P = p.conv_restart if p.conv_restart is not None and 0 < p.conv_restart < u.shape[0] else 0
-    parts = [ops.causal_conv1d(part, kernel, w.conv_bias)[0] for part in (u[:P], u[P:]) if part.shape[0]]
+    parts = [run.ops.causal_conv1d(part, kernel, w.conv_bias)[0] for part in (u[:P], u[P:]) if part.shape[0]]
     return run.rnd(np.concatenate(parts))
 
 
@@ -199,7 +200,7 @@ def _frequencies(run: _Run, layer: int | None, name: str, value: np.ndarray) -> 
     if p.rope_theta is None and not full:
         return None
     theta = c.rope(kind).theta if p.rope_theta is None else p.rope_theta
-    return ops.rope_frequencies(c.head_dim, theta, None if full else c.rotated_pairs(kind), value.dtype)
+    return run.ops.rope_frequencies(c.head_dim, theta, None if full else c.rotated_pairs(kind), value.dtype)
 
 
 def _rope(run: _Run, i: int, x: np.ndarray) -> np.ndarray:
@@ -209,11 +210,11 @@ def _rope(run: _Run, i: int, x: np.ndarray) -> np.ndarray:
     cos, sin = run.get(f"model.rotary_emb.{kind}.cos"), run.get(f"model.rotary_emb.{kind}.sin")
     wide = run.c.rope_in_float32
     if run.port.rope_pairs == "split-half":
-        return ops.apply_rope(x, cos, sin, run.rnd, wide)
+        return run.ops.apply_rope(x, cos, sin, run.rnd, wide)
     hd = x.shape[-1]
     perm = np.concatenate([np.arange(0, hd, 2), np.arange(1, hd, 2)])  # pairs (2i, 2i+1) -> (i, i + hd/2)
     out = np.empty_like(x)
-    out[..., perm] = ops.apply_rope(x[..., perm], cos, sin, run.rnd, wide)
+    out[..., perm] = run.ops.apply_rope(x[..., perm], cos, sin, run.rnd, wide)
     return out
 
 
@@ -227,7 +228,7 @@ def _qk_norm(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | No
     if p.qk_norm == "none":
         return raw
     w = run.model.layer_weights(i).mixer
-    return ops.rms_norm(_rope(run, i, raw), w.q_norm if which == "q" else w.k_norm, run.c.norm_eps, run.rnd)
+    return run.ops.rms_norm(_rope(run, i, raw), w.q_norm if which == "q" else w.k_norm, run.c.norm_eps, run.rnd)
 
 
 @_on("self_attn.q_rope", "self_attn.k_rope", reads=("self_attn.q_normed", "self_attn.k_normed"))
@@ -245,23 +246,57 @@ def _no_gate(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | No
     return None if run.port.output_gate else np.ones_like(value)  # attn_out = the ungated heads
 
 
+@_on("self_attn.q_input", "self_attn.k_cache", "self_attn.v_cache",
+     reads=("self_attn.q_rope", "self_attn.k_rope", "self_attn.v_proj"))
+def _kv_type(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
+    """The query, keys and values in another KV cache type."""
+    if run.port.kv_cache is None:
+        return None
+    raw = {"q_input": "q_rope", "k_cache": "k_rope", "v_cache": "v_proj"}[name.rsplit(".", 1)[1]]
+    return run.ops.variant(kv=run.port.kv_cache).kv(run.get(f"self_attn.{raw}", i))
+
+
 @_on("self_attn.attention", "self_attn.attn_out", reads=("self_attn.q_rope", "self_attn.k_rope", "self_attn.v_proj"))
 def _attention(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
-    """The attention (before LFM3's output gate, which the layer then applies) with another scale, or a
-    sliding layer seeing every earlier position."""
+    """The attention (before LFM3's output gate, which the layer then applies) with another scale, a sliding
+    layer seeing every earlier position, or (llama.cpp's arithmetic) another KV cache type."""
     p, c = run.port, run.c
     window = c.window(i)
     before_gate = "self_attn.attention" if c.use_attention_gate else "self_attn.attn_out"
+    kv_cache = p.kv_cache if run.ops is not ops else None  # (exact arithmetic has no KV cache type to change)
     if not name.endswith(before_gate) or (p.attention_scale is None and (window is None or p.sliding_window)
-                                          and (c.causal or p.attention_both_ways)):
+                                          and (c.causal or p.attention_both_ways) and kv_cache is None):
         return None
-    q = run.get("self_attn.q_rope", i)
+    q, k, v = ("self_attn.q_input", "self_attn.k_cache", "self_attn.v_cache") if run.ops is not ops else \
+        ("self_attn.q_rope", "self_attn.k_rope", "self_attn.v_proj")
+    q = run.get(q, i)
     if p.attention_scale is not None:
         q = q * q.dtype.type(p.attention_scale / c.head_dim ** -0.5)  # attention() multiplies by hd^-0.5 itself
-    both_ways = not c.causal and p.attention_both_ways  # (a bidirectional layer: its padding out of the keys)
-    return ops.attention(q, run.get("self_attn.k_rope", i), run.get("self_attn.v_proj", i),
-                         window if p.sliding_window else None, run.rnd, causal=not both_ways,
-                         keys=None if run.pads is None else ~run.pads)
+    window = window if p.sliding_window else None
+    if not c.causal or run.pads is not None:  # (bidirectional, or padded rows: the padding out of the keys)
+        return ops.attention(q, run.get(k, i), run.get(v, i), window, run.rnd,
+                             causal=c.causal or not p.attention_both_ways, keys=None if run.pads is None else ~run.pads)
+    kernels = run.ops if kv_cache is None else run.ops.variant(kv=kv_cache)
+    return kernels.attention(q, run.get(k, i), run.get(v, i), window, run.rnd)
+
+
+#: the value each product of a layer multiplies (llama.cpp's arithmetic names it quantised: ``{product}.input``)
+_PRODUCT_INPUTS = {"conv.in_proj": "operator_norm", "conv.out_proj": "conv.y", "self_attn.q_proj": "operator_norm",
+                   "self_attn.k_proj": "operator_norm", "self_attn.v_proj": "operator_norm",
+                   "self_attn.gate": "operator_norm", "self_attn.out_proj": "self_attn.attn_out",
+                   "feed_forward.router_logits": "ffn_norm", "feed_forward.w1": "ffn_norm",
+                   "feed_forward.w3": "ffn_norm", "feed_forward.w2": "feed_forward.act"}
+
+
+@_on(*(f"{p}.input" for p in _PRODUCT_INPUTS), "lm_head.input",
+     reads=(*set(_PRODUCT_INPUTS.values()), "model.embedding_norm"))
+def _float_activations(run: _Run, i: int | None, name: str, value: np.ndarray) -> np.ndarray | None:
+    """A product reading its activations unquantised (the experts': :func:`_experts`)."""
+    if run.port.activations == "quantised":
+        return None
+    if i is None:
+        return run.get("model.embedding_norm")
+    return run.get(_PRODUCT_INPUTS[name.split(".", 3)[3][:-len(".input")]], i)
 
 
 @_on("post_operator_norm", reads=("self_attn.out_proj", "conv.out_proj"))
@@ -307,23 +342,26 @@ def _no_scaling(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray |
 def _swiglu(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
     if run.port.swiglu_silu_on == "w1":
         return None
-    return ops.gated_silu(run.get("feed_forward.w3", i), run.get("feed_forward.w1", i), run.rnd)
+    return run.ops.gated_silu(run.get("feed_forward.w3", i), run.get("feed_forward.w1", i), run.rnd)
 
 
 @_on("feed_forward.output", reads=("ffn_norm", "feed_forward.selected_experts", "feed_forward.routing_weights"))
-def _experts_swiglu(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
-    if run.port.swiglu_silu_on == "w1" or not run.c.is_moe_layer(i):
+def _experts(run: _Run, i: int, name: str, value: np.ndarray) -> np.ndarray | None:
+    """The experts with w1 and w3 exchanged, or (llama.cpp's arithmetic) reading their activations unquantised."""
+    unquantised = run.port.activations == "float" and run.ops is not ops
+    if (run.port.swiglu_silu_on == "w1" and not unquantised) or not run.c.is_moe_layer(i):
         return None
     moe = run.model.layer_weights(i).ffn
 
     def swapped(e: int) -> SwiGLUWeights:
         w = moe.expert(e)
-        if run.port.experts is not None and e not in run.port.experts:
+        if run.port.swiglu_silu_on == "w1" or (run.port.experts is not None and e not in run.port.experts):
             return w
         return SwiGLUWeights(w.w3, w.w1, w.w2)  # silu(w3 x) * (w1 x): w1 and w3 exchanged
 
     return mixture(run.get("ffn_norm", i), run.get("feed_forward.selected_experts", i),
-                   run.get("feed_forward.routing_weights", i), swapped, run.rnd)
+                   run.get("feed_forward.routing_weights", i), swapped, run.rnd,
+                   run.ops.variant(quantised=False) if unquantised else run.ops)
 
 
 # ----------------------------------------------------------------------------------------- LFM2-VL

@@ -18,7 +18,8 @@ _CHOICES = {"router_scores": ("sigmoid", "softmax"), "conv_taps": ("causal", "re
             "qk_norm": ("before-rope", "none", "after-rope"), "final_norm": ("end", "start"),
             "swiglu_silu_on": ("w1", "w3"), "pooling": (None, "cls", "mean", "last"),
             "position_resize": ("bilinear-antialias", "bilinear", "bicubic", "bicubic-antialias"),
-            "image_placement": ("placed", "prepended")}
+            "image_placement": ("placed", "prepended"), "activations": ("quantised", "float"),
+            "kv_cache": (None, "f16", "f32")}
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class Port:
       configured, or applied with unit weight and zero bias when not); ``image_placement``: image features at
       their placeholders, or ``prepended`` (the features first, then the text's embeddings without the
       placeholders);
+    - llama.cpp's CPU arithmetic (a reference in dtype ``llamacpp-cpu``): ``activations``: ``quantised`` to each
+      weight type's dot-product type before a product, or ``float`` (f32 activations, dequantised weights);
+      ``kv_cache``: the type the attention reads q, k and v in (None: the reference's own; ``f32``, ``f16``);
+      both change nothing in a model computing in exact arithmetic (float activations, no KV cache type);
     - where: ``layers``, the layers whose values the switches change (None: every layer; the RoPE frequencies
       and the final norm are not a layer's), and ``experts``, on MoE layers, the experts whose weights
       ``swiglu_silu_on`` exchanges (None: all): a weight converter that got one layer, or some experts, wrong.
@@ -86,13 +91,16 @@ class Port:
     position_resize: str = "bilinear-antialias"
     projector_layernorm: bool = True
     image_placement: str = "placed"
+    activations: str = "quantised"
+    kv_cache: str | None = None
     layers: tuple[int, ...] | None = None
     experts: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise Lfm2npError(f"Port.{name} is {shown(getattr(self, name))}; expected one of {', '.join(allowed)}")
+                raise Lfm2npError(f"Port.{name} is {shown(getattr(self, name))}; expected one of "
+                                  f"{', '.join(str(a) for a in allowed)}")
         for name in ("router_bias_in_weights", "router_scaling", "router_renorm", "output_gate", "sandwich_norms",
                      "partial_rotation", "sliding_window", "attention_both_ways", "conv_centred", "vision_mask",
                      "projector_layernorm"):

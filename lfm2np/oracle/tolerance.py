@@ -39,6 +39,12 @@ FP64_VS_FP32 = Tier("fp64-vs-fp32", op_rel=1e-5, logits_rel=1e-4)
 TIERS = {t.name: t for t in (FP32, FP64_VS_FP32)}
 
 
+def default_tier(mode: str | None) -> str:
+    """The compare tier for a reference computed in numerics ``mode``: ``llamacpp-cpu`` for llama.cpp's CPU
+    arithmetic, else ``fp32``."""
+    return "llamacpp-cpu" if mode in ("llamacpp-cpu", "llamacpp-cpu-kv-f32") else "fp32"
+
+
 def rel_error(a: np.ndarray, ref: np.ndarray) -> float:
     """``max|a - ref| / max|ref|`` in float64: the one relative-error measure of lfm2np. 0 when both are
     all zeros; ``inf`` when the reference is all zeros and ``a`` is not, or when either holds a NaN or an
@@ -88,6 +94,13 @@ COMPARE_TIERS = {t.name: t for t in (
                 "bfloat16 activations and weights: unit roundoff 3.9e-3 (8 significant bits), grown by depth"),
     # the quantised tiers: a correct run on Q* weights against the original weights, every tensor, worst case of
     # tools/measure_tiers.py (12 tiny random LFM2 / LFM2-MoE models, lfm2np and llama.cpp runs; docs/oracle.md)
+    # llama.cpp's CPU arithmetic (dtype llamacpp-cpu) against llama.cpp: the same bits measured on every fixture
+    # file and run (tools/make_llamacpp_fixtures.py --tiers; docs/llamacpp-cpu.md)
+    CompareTier("llamacpp-cpu", 2e-3, -60.0, False,
+                "llama.cpp's CPU arithmetic (dtype llamacpp-cpu) against llama.cpp: measured bit-identical; other "
+                "summation orders with f16 attention inputs rounding the other way up to 6e-4 / -65 dB (flash "
+                "attention, F32 files); one quantised activation rounded the other way moves its product by ~1e-2 "
+                "of scale and fails it, as f32 activations (7e-3 / -44 dB at the first product) do"),
     CompareTier("q8_0", 1.5e-1, -20.0, False,
                 "Q8_0 weights against the original ones: worst correct run measured 0.088 / -25.2 dB (tiny random "
                 "MoE, llama.cpp); a trained model's logits 0.02 / -34 dB"),

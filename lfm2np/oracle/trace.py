@@ -259,10 +259,11 @@ def from_transformers(captured: "dict[str, np.ndarray]") -> Trace:
 
 
 def record(model: Any, ids: Any, patterns: Sequence[str] | None = None,
-           progress: Any = None) -> tuple[np.ndarray, Trace]:
+           progress: Any = None, images: Any = None) -> tuple[np.ndarray, Trace]:
     """Run ``model`` on one sequence ``ids`` (T,) and record the intermediates whose names match one of
     ``patterns`` (fnmatch globs, e.g. ``"model.layers.3.*"``; None: all). Returns the logits and the trace.
-    (The names and the recording protocol are :meth:`lfm2np.Model.forward`'s ``record``.)"""
+    (The names and the recording protocol are :meth:`lfm2np.Model.forward`'s ``record``; ``images``, LFM2-VL's,
+    as it takes them.)"""
     _check_model(model, "record")
     patterns = checked_patterns(patterns)
     ids = model.check_ids(ids)
@@ -276,6 +277,8 @@ def record(model: Any, ids: Any, patterns: Sequence[str] | None = None,
 
     # progress goes only to a model that asked for it: a stand-in model need not know the keyword
     extra = {} if progress is None else {"progress": progress}
+    if images is not None:
+        extra["images"] = images
     logits = model.forward(ids, record=keep, **extra)
     weights = model.params.describe() if hasattr(model.params, "describe") else {"format": "unknown"}
     meta = {"ids": ids.tolist(), "start": 0, "dtype": model.numerics.name, "model": model.config.source,

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -45,6 +46,16 @@ class ImageBatch:
     def image_of_unit(self) -> np.ndarray:
         """(N,) int64: the image each unit belongs to."""
         return np.repeat(np.arange(len(self.layouts)), self.units_per_image).astype(np.int64)
+
+    @classmethod
+    def concat(cls, batches: "Sequence[ImageBatch]") -> "ImageBatch":
+        """The batches' images in order, as one batch (all processed with the same settings)."""
+        if not batches:
+            raise Lfm2npError("ImageBatch.concat: no batches")
+        return cls(np.concatenate([b.pixel_values for b in batches]),
+                   np.concatenate([b.pixel_attention_mask for b in batches]),
+                   np.concatenate([b.spatial_shapes for b in batches]),
+                   [t for b in batches for t in b.tokens_per_image], [l for b in batches for l in b.layouts])
 
 
 def unit_images(image: np.ndarray, layout: ImageLayout, config: ProcessorConfig) -> list[np.ndarray]:
@@ -112,3 +123,29 @@ def process_images(images: Sequence[object], config: ProcessorConfig | None = No
         values[n, :len(unit)] = unit
         mask[n, :len(unit)] = True
     return ImageBatch(values, mask, np.array(shapes, np.int64).reshape(-1, 2), [l.tokens for l in layouts], layouts)
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    """:func:`process_images` with a checkpoint's settings: what :func:`lfm2np.load` puts on an LFM2-VL model as
+    ``model.image_processor``, so that ``model.forward(ids, images=["a.png"])`` takes file paths and arrays."""
+
+    config: ProcessorConfig
+
+    def __call__(self, images: Sequence[object]) -> ImageBatch:
+        return process_images(images, self.config)
+
+    @classmethod
+    def for_checkpoint(cls, directory: "str | os.PathLike[str]", vision: Any) -> "ImageProcessor | None":
+        """The processor of an LFM2-VL checkpoint directory (its ``processor_config.json`` or
+        ``preprocessor_config.json``: :meth:`ProcessorConfig.from_dir`), checked against the model's vision config
+        ``vision`` (patch size and downsample factor); None when the directory has neither file."""
+        directory = Path(directory)
+        if not any((directory / name).exists() for name in ("processor_config.json", "preprocessor_config.json")):
+            return None
+        config = ProcessorConfig.from_dir(directory)
+        for mine, theirs in (("encoder_patch_size", "patch_size"), ("downsample_factor", "downsample_factor")):
+            if getattr(config, mine) != getattr(vision, theirs):
+                raise Lfm2npError(f"{config.source}: {mine} {getattr(config, mine)} but the model's config.json says "
+                                  f"{theirs} {getattr(vision, theirs)}: the processor does not fit this model")
+        return cls(config)

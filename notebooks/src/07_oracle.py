@@ -258,3 +258,77 @@ with tempfile.TemporaryDirectory() as tmp:
     for op in manifest["operators"]:
         if op["name"].startswith(f"model.layers.{first_conv}"):
             print(f"{op['file']:45s} {op['function']:32s} weights: {len(op['weights'])}, outputs: {op['outputs']}")
+
+# %% [markdown]
+# ## Quantisation noise, or a bug? llama.cpp's CPU arithmetic
+#
+# A GGUF backend does not compute with the dequantised weights alone: llama.cpp's CPU backend quantises the
+# activations before every product (to Q8_K for the k-quants, Q8_0 for Q8_0 and Q4_0), keeps the KV cache in f16
+# and has its own exp. Against exact arithmetic its logits are further off than a kernel bug would move them.
+# The numerics mode `llamacpp-cpu` computes as llama.cpp does ([docs/llamacpp-cpu.md](../docs/llamacpp-cpu.md)).
+# The test fixtures hold two tiny models (dense, and MoE) quantised by llama.cpp itself, and llama.cpp's logits
+# for 30 ids, run in one batch and token by token. Before (lfm2np's exact arithmetic on the same file) and after
+# (the mode), against llama.cpp's one-batch run, beside llama.cpp's own token-by-token run:
+
+# %%
+from safetensors.numpy import load_file
+
+from lfm2np.io.gguf_write import write_gguf
+
+fixtures = Path("../tests/golden/llamacpp-cpu")
+manifest = json.loads((fixtures / "manifest.json").read_text())
+llama_logits = load_file(str(fixtures / "logits.safetensors"))
+
+
+def fixture_file(kind, ftype, work):
+    """llama.cpp's quantised file, or the F32 file it was quantised from (rebuilt: it is not committed)."""
+    entry = manifest["models"][kind]
+    if entry["files"][ftype]["file"]:
+        return fixtures / entry["files"][ftype]["file"]
+    config = lfm2np.load_config(entry["config"])
+    write_gguf(Path(work) / f"{kind}.gguf", config, random_params(config, seed=entry["seed"]), "F32")
+    return Path(work) / f"{kind}.gguf"
+
+
+def versus(logits, ref):
+    """max relative difference / NMSE / argmax agreement over the positions"""
+    a, r = np.asarray(logits, np.float64), np.asarray(ref, np.float64)
+    return (f"{np.abs(a - r).max() / np.abs(r).max():7.1e} / {((a - r) ** 2).sum() / (r ** 2).sum():7.1e} / "
+            f"{100 * (a.argmax(-1) == r.argmax(-1)).mean():3.0f}%")
+
+
+print(f"{'file':12} {'exact arithmetic':>27} {'llamacpp-cpu':>27} {'llama.cpp token by token':>27}")
+for kind in ("dense", "moe"):
+    q_ids = manifest["models"][kind]["ids"]
+    for ftype in ("F32", "Q8_0", "Q6_K", "Q4_K_M", "Q4_0"):
+        theirs = llama_logits[f"{kind}-{ftype}/f16/oneshot"]
+        with tempfile.TemporaryDirectory() as work:
+            gguf = fixture_file(kind, ftype, work)
+            exact = lfm2np.load(gguf).forward(q_ids)
+            emulated = lfm2np.load(gguf, dtype="llamacpp-cpu").forward(q_ids)
+        print(f"{kind + ' ' + ftype:12} {versus(exact, theirs):>27} {versus(emulated, theirs):>27} "
+              f"{versus(llama_logits[f'{kind}-{ftype}/f16/stepwise'], theirs):>27}")
+
+# %% [markdown]
+# Exact arithmetic is 1e-4 to 1e-3 NMSE away on the quantised files; the mode gives llama.cpp's bits (also token
+# by token: `tests/test_llamacpp_cpu.py`), so a backend that claims llama.cpp's arithmetic can be held to a tight
+# tier. The mode names what each product read: here the first product's input, quantised to Q8_K (one scale per
+# 256 values, integers up to 127).
+
+# %%
+gguf, q_ids = fixtures / "dense-Q4_K_M.gguf", manifest["models"]["dense"]["ids"]
+emulated = lfm2np.load(gguf, dtype="llamacpp-cpu")
+_, q_trace = record(emulated, q_ids[:4])
+x_in = q_trace["model.layers.0.conv.in_proj.input"]
+step = np.abs(x_in).max(axis=-1, keepdims=True) / 127
+print("levels used in row 0:", len(np.unique(np.rint(x_in[0] / step[0]))),
+      "| off the exact input by up to", float(np.abs(x_in - q_trace["model.layers.0.operator_norm"]).max()))
+
+# %% [markdown]
+# A backend that multiplies f32 activations by the dequantised weights (here: lfm2np's own float32 mode) is
+# not broken, only more exact than llama.cpp; `diagnose` against the mode says so.
+
+# %%
+_, f32_trace = record(lfm2np.load(gguf), q_ids[:12])
+d = diagnose(emulated, trace_dump(f32_trace, q_ids[:12]))
+print(d.tier, "| agrees:", d.agrees, "| best:", d.best.id if d.best else None)
