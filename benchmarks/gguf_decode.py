@@ -20,7 +20,8 @@
    interleaved runs (the machine may be shared: the load average is printed).
 3. ``--against-safetensors``: the same random weights (before quantisation) are also written once as a bf16
    safetensors checkpoint, measured the same way in the same interleaved rounds, and the GGUF's rates are
-   given as a ratio of the safetensors' (issue 15's target: decode within 2x, a ratio >= 0.5).
+   given as a ratio of the safetensors' (issue 15's target: decode within 2x, a ratio >= 0.5); with
+   ``--before``, the older tree's bf16 safetensors runs are measured too ("before st").
 
 Only ``lfm2np.load(path, memory_budget=...)`` (``keep_weights=`` in trees older than the budget) and
 ``Model.step(ids, state)`` are used.
@@ -180,6 +181,8 @@ def main() -> None:
         if not (st / "model.safetensors").is_file():
             make_safetensors(st, args.layers)
         subjects.append(("bf16 st", HERE, st))
+        if args.before:  # the bf16 path of the older tree too
+            subjects.insert(1, ("before st", args.before, st))
     budgets = [b for b in args.budget.split(",") if b]
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
     print(f"{path.name}: {path.stat().st_size / 1e9:.2f} GB; {' '.join(cpu.split())}; {args.threads} threads; "

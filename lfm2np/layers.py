@@ -116,8 +116,9 @@ class SwiGLUWeights:
 @dataclass(frozen=True)
 class MoEWeights:
     """A mixture of experts: the router ``gate (E, D)``, the selection-only ``expert_bias (E,)`` (or None),
-    and ``expert(e)`` giving expert e's :class:`SwiGLUWeights` when it is first chosen; ``prefetch``, when
-    given, is told which experts were chosen, before the first is asked for (an I/O hint, no numbers)."""
+    and ``expert(e)`` giving expert e's :class:`SwiGLUWeights` (or a view read alike: ``w1``, ``w3``, ``w2``)
+    when it is first chosen; ``prefetch``, when given, is told which experts were chosen, in the order the
+    products need them, before the first is asked for (a hint for reading and converting ahead, no numbers)."""
 
     gate: np.ndarray
     expert_bias: np.ndarray | None

@@ -30,7 +30,7 @@ from .errors import Lfm2npError, shown
 from .layers import AttentionWeights, Bidirectional, ConvWeights, LayerWeights, MoEWeights, Scope, SwiGLUWeights, Tap
 from .numerics import Numerics, numerics
 from .state import DEFAULT_MAX_ROLLBACK, ConvState, State
-from .weights import InMemory, Weights, check_tensors
+from .weights import ExpertWeights, InMemory, Weights, check_tensors
 
 #: ``record(name, value) -> None | array``: observes each named intermediate, or returns a replacement.
 Recorder = Callable[[str, np.ndarray], "np.ndarray | None"]
@@ -409,7 +409,7 @@ class Model:
                                 opt("in_proj_bias"), opt("conv_bias"), opt("out_proj_bias"))
         if c.is_moe_layer(i):
             def expert(e: int) -> SwiGLUWeights:
-                return SwiGLUWeights(*(W[name] for name in schema.expert_names(i, e)))
+                return ExpertWeights(W, schema.expert_names(i, e))  # type: ignore[return-value]  # (read alike)
 
             def prefetch(chosen: np.ndarray) -> None:  # a lazily read checkpoint reads the chosen ones ahead
                 W.prefetch([name for e in chosen for name in schema.expert_names(i, int(e))])

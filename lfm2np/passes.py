@@ -64,11 +64,13 @@ def _helpers() -> ThreadPoolExecutor:
         return _pool
 
 
-def in_parallel(n: int, work: Callable[[int, int], None], size: int | None = None) -> None:
+def in_parallel(n: int, work: Callable[[int, int], None], size: int | None = None, per_thread: int = 1) -> None:
     """``work(lo, hi)`` over ``0 .. n`` in up to :data:`THREADS` contiguous pieces at once, for passes whose
     pieces are independent (rows of a softmax, slices of an elementwise chain): each element sees the same
     operations whatever the split, so the result is the same bits. ``size`` (elements in all; default n)
-    below :data:`PARALLEL_MIN` runs in one piece here.
+    below :data:`PARALLEL_MIN` runs in one piece here. ``per_thread`` > 1 cuts the work into that many
+    pieces per thread, claimed as threads free up: one slowed by other work (the BLAS's idle threads
+    polling a core, another process) then takes fewer.
 
     Each piece is claimed before it runs, by a pool thread or by this one, which takes the first piece and
     then every piece no pool thread has started (a busy pool, a call from inside a piece, a thread that
@@ -76,8 +78,8 @@ def in_parallel(n: int, work: Callable[[int, int], None], size: int | None = Non
     error (this thread's first, else a piece's) is raised once every started piece has stopped, and
     Ctrl-C waits for them too. The caller's floating-point settings (``np.errstate``, its callback) hold in
     every piece."""
-    parts = min(THREADS, n, max(1, (n if size is None else size) // PARALLEL_MIN))
-    if parts <= 1:
+    parts = min(THREADS * per_thread, n, max(1, (n if size is None else size) // PARALLEL_MIN))
+    if parts <= 1 or THREADS <= 1:
         work(0, n)
         return
     bounds = [n * i // parts for i in range(parts + 1)]

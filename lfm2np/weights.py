@@ -18,16 +18,24 @@ read-ahead hint) and ``report`` (what is resident). Two kinds:
 
   ``budget=None`` keeps everything; 0 keeps nothing. The cache is shared safely between threads.
 
+  Experts that are not resident are also **converted ahead**: when the model says which experts a layer
+  chose (:meth:`Weights.prefetch`, in the order the products need them), a background thread converts
+  them one after the other, at most :data:`AHEAD` tensors before they are asked for, so an expert is
+  dequantised (or widened) while the products of the one before run. Nothing changes but when the
+  conversion happens: the same function makes the same values.
+
 :func:`check_tensors` is the one strict check of what a source holds against what the config needs: missing or
 mis-shaped tensors are errors; unexpected ones an error, or a warning when not ``strict``.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
-from collections import OrderedDict
-from typing import Any, Iterator, Mapping, Protocol
+import weakref
+from collections import OrderedDict, deque
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 
@@ -144,6 +152,109 @@ class InMemory(Weights):
         return {"budget_bytes": None, "resident_bytes": held, "all_tensors_bytes": held}
 
 
+class ExpertWeights:
+    """An expert's SwiGLU weights as :func:`lfm2np.layers.swiglu` reads them (``w1``, ``w3``, ``w2``), each
+    taken from ``weights`` by name when first read: the SwiGLU reads w1, then w3, then w2, so a matrix
+    converted at use (an expert that does not fit the memory budget) is converted, or taken from the
+    thread converting ahead, just before its product, which then finds it still in the cache."""
+
+    __slots__ = ("_weights", "_names", "_got")
+
+    def __init__(self, weights: Weights, names: "tuple[str, str, str]"):
+        self._weights, self._names, self._got = weights, dict(zip(("w1", "w3", "w2"), names)), {}
+
+    def _get(self, role: str) -> np.ndarray:
+        if role not in self._got:
+            self._got[role] = self._weights[self._names[role]]
+        return self._got[role]
+
+    w1 = property(lambda self: self._get("w1"), doc="gate (F, D)")
+    w3 = property(lambda self: self._get("w3"), doc="up (F, D)")
+    w2 = property(lambda self: self._get("w2"), doc="down (D, F)")
+
+
+#: tensors converted ahead of use, at most (one expert's three matrices)
+AHEAD = 3
+#: seconds the background thread waits for more work before it stops
+AHEAD_IDLE_SECONDS = 1.0
+_ALL_AHEAD: "weakref.WeakSet[_Ahead]" = weakref.WeakSet()
+
+
+class _Ahead:
+    """Tensors converted ahead of use by a background thread, in the order asked, at most ``window`` of them
+    converted and not yet taken. The thread stops after :data:`AHEAD_IDLE_SECONDS` without work (so nothing
+    outlives its model for long) and starts again at the next :meth:`ask`."""
+
+    def __init__(self, convert: Callable[[str], np.ndarray], window: int):
+        self._convert, self._window = convert, window
+        self._reset()
+        _ALL_AHEAD.add(self)
+
+    def _reset(self) -> None:  # (also in a forked child, whose copy of the lock may be held by a vanished thread)
+        self._cond = threading.Condition()
+        self._queue: deque[str] = deque()
+        self._wanted: set[str] = set()
+        self._done: dict[str, "np.ndarray | BaseException"] = {}
+        self._busy: str | None = None
+        self._running = False
+
+    def ask(self, names: "list[str]") -> None:
+        """Convert ``names`` ahead, in this order, instead of what was asked before (results not taken are
+        dropped)."""
+        if self._window <= 0:
+            return
+        with self._cond:
+            self._wanted = set(names)
+            self._done = {n: v for n, v in self._done.items() if n in self._wanted}
+            self._queue = deque(n for n in dict.fromkeys(names) if n not in self._done and n != self._busy)
+            if self._queue and not self._running:
+                self._running = True
+                threading.Thread(target=self._work, name="lfm2np-ahead", daemon=True).start()
+            self._cond.notify_all()
+
+    def take(self, name: str) -> "np.ndarray | None":
+        """``name`` as converted ahead (waiting while it is under way), or None when it was not asked for or
+        not started yet: then the caller converts it, and the thread goes on with the next."""
+        with self._cond:
+            if name in self._wanted and name != self._busy and name not in self._done:
+                self._wanted.discard(name)
+                self._queue = deque(n for n in self._queue if n != name)
+                return None
+            while self._busy == name:
+                self._cond.wait()
+            self._wanted.discard(name)
+            value = self._done.pop(name, None)
+            self._cond.notify_all()  # room for the next
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def _work(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue or len(self._done) >= self._window:
+                        if not self._cond.wait(timeout=AHEAD_IDLE_SECONDS):
+                            return
+                    name = self._busy = self._queue.popleft()
+                try:
+                    value: "np.ndarray | BaseException" = self._convert(name)
+                except BaseException as error:  # raised where the tensor is taken
+                    value = error
+                with self._cond:
+                    self._busy = None
+                    if name in self._wanted:
+                        self._done[name] = value
+                    self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._running = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: [a._reset() for a in list(_ALL_AHEAD)])
+
+
 class Lazy(Weights):
     """The tensors of ``layout`` read from ``source`` for ``numerics`` on first use, kept within ``budget``
     bytes (None: no limit; see the module docstring). Experts (``part == "expert"``) are cached least recently
@@ -159,8 +270,14 @@ class Lazy(Weights):
         self._evictable = frozenset(t.name for t in layout if t.part == "expert")
         self._pinned: dict[str, np.ndarray] = {}
         self._cached: OrderedDict[str, np.ndarray] = OrderedDict()  # experts, least recently used first
+        self._held = {"pinned": 0, "cached": 0}  # bytes in each (kept up to date: summing is slow at 7,000 experts)
         self._lock = threading.RLock()
         self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+        self._ahead = _Ahead(self._convert, AHEAD)
+
+    def _convert(self, name: str) -> np.ndarray:
+        """Tensor ``name`` read from the source and converted for the mode."""
+        return self.numerics.weight(name, self.source.read(name, self.numerics.dtype), self._stored(name))
 
     # ------------------------------------------------------------------------------- the mapping
     def _resident_array(self, name: str) -> np.ndarray | None:
@@ -179,7 +296,9 @@ class Lazy(Weights):
             return arr
         if name not in self._sizes:
             raise KeyError(name)
-        arr = self.numerics.weight(name, self.source.read(name, self.numerics.dtype), self._stored(name))
+        arr = self._ahead.take(name) if name in self._evictable else None
+        if arr is None:
+            arr = self._convert(name)
         with self._lock:
             if name in self._evictable:
                 self.stats["misses"] += 1
@@ -206,6 +325,9 @@ class Lazy(Weights):
             cold = [n for n in names if n not in self._pinned and n not in self._cached and n in self._sizes]
         if cold:
             self.source.prefetch(cold)
+            experts = [n for n in cold if n in self._evictable]
+            if experts:  # chosen experts: converted ahead, in this order
+                self._ahead.ask(experts)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -218,7 +340,7 @@ class Lazy(Weights):
 
     # -------------------------------------------------------------------------------- the policy
     def _resident(self) -> int:
-        return sum(a.nbytes for a in self._pinned.values()) + sum(a.nbytes for a in self._cached.values())
+        return self._held["pinned"] + self._held["cached"]
 
     def _fits(self, name: str) -> bool:
         """Whether ``name`` can be kept now, evicting cached experts if need be."""
@@ -226,23 +348,20 @@ class Lazy(Weights):
             return True
         if name not in self._sizes:
             return False
-        return sum(a.nbytes for a in self._pinned.values()) + self._sizes[name] <= self.budget
+        return self._held["pinned"] + self._sizes[name] <= self.budget
 
     def _keep(self, name: str, arr: np.ndarray) -> None:
         if name in self._pinned or name in self._cached:  # another thread read it meanwhile: keep one
             return
-        if self.budget is None:
-            (self._cached if name in self._evictable else self._pinned)[name] = arr
-            return
-        if sum(a.nbytes for a in self._pinned.values()) + arr.nbytes > self.budget:
-            return
-        while self._cached and self._resident() + arr.nbytes > self.budget:
-            self._cached.popitem(last=False)
-            self.stats["evictions"] += 1
-        if name in self._evictable:
-            self._cached[name] = arr
-        else:
-            self._pinned[name] = arr
+        evictable = name in self._evictable
+        if self.budget is not None:
+            if self._held["pinned"] + arr.nbytes > self.budget:
+                return
+            while self._cached and self._resident() + arr.nbytes > self.budget:
+                self._held["cached"] -= self._cached.popitem(last=False)[1].nbytes
+                self.stats["evictions"] += 1
+        (self._cached if evictable else self._pinned)[name] = arr
+        self._held["cached" if evictable else "pinned"] += arr.nbytes
 
     # -------------------------------------------------------------------------------- reporting
     def stored_type(self, name: str) -> str:
@@ -270,7 +389,7 @@ class Lazy(Weights):
             return {"budget_bytes": self.budget, "resident_bytes": self._resident(),
                     "all_tensors_bytes": sum(self._sizes.values()),
                     "every_token": {"kept": len(self._pinned), "of": len(every),
-                                    "bytes": sum(a.nbytes for a in self._pinned.values()),
+                                    "bytes": self._held["pinned"],
                                     "needed_bytes": sum(self._sizes[n] for n in every)},
                     "experts": {"cached": len(self._cached), "of": len(self._evictable),
-                                "bytes": sum(a.nbytes for a in self._cached.values()), **self.stats}}
+                                "bytes": self._held["cached"], **self.stats}}

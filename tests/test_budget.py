@@ -122,3 +122,93 @@ def test_a_lazy_checkpoint_reads_the_next_layer_and_the_chosen_experts_ahead(moe
     assert "model.layers.1.operator_norm.weight" in chosen  # the next layer, ahead of it
     experts = {n for n in chosen if ".experts." in n}
     assert experts and len(experts) < sum(".experts." in n for n in ranges)  # the chosen ones, not all
+
+
+def _reads(model, monkeypatch, delay: float = 0.0) -> list[tuple[str, str]]:
+    """(tensor, thread) of every read of ``model``'s source, in call order (``delay``: a slow disk)."""
+    import threading
+    import time
+
+    source, seen = model.params.source, []
+    inner = source.read
+
+    def read(name, dtype, rows=None):
+        seen.append((name, threading.current_thread().name))
+        time.sleep(delay)
+        return inner(name, dtype, rows)
+
+    monkeypatch.setattr(source, "read", read)
+    return seen
+
+
+def test_each_chosen_expert_is_converted_once_per_layer_in_the_order_of_the_products(moe_checkpoint, monkeypatch):
+    """A prefill converts each expert an MoE layer chose once, for all the tokens that chose it, expert by
+    expert in increasing order, w1, w3, w2: the background thread ahead of the products, the caller
+    converting what the thread has not started yet."""
+    from lfm2np.schema import expert_names
+
+    ref = lfm2np.load(moe_checkpoint, memory_budget="all").forward(IDS)
+    m = lfm2np.load(moe_checkpoint, memory_budget=0)
+    reads = _reads(m, monkeypatch, delay=0.002)
+    chosen: dict[int, np.ndarray] = {}
+    logits = m.forward(IDS, record=lambda name, value: chosen.__setitem__(int(name.split(".")[2]), np.unique(value))
+                       if name.endswith("selected_experts") else None)
+    np.testing.assert_array_equal(logits, ref)
+    assert chosen and all(len(e) > 1 for e in chosen.values())
+    for layer, experts in chosen.items():
+        want = [n for e in experts for n in expert_names(layer, int(e))]
+        got = [(n, t) for n, t in reads if n.startswith(f"model.layers.{layer}.feed_forward.experts.")]
+        assert sorted(n for n, _ in got) == sorted(want)  # each chosen expert's tensors once, no other expert
+        for thread in {t for _, t in got}:  # each thread in the products' order
+            mine = [n for n, t in got if t == thread]
+            assert mine == [n for n in want if n in mine]
+    assert any(t == "lfm2np-ahead" for _, t in reads)  # converted ahead while the products ran
+
+
+def _until(condition, seconds: float = 10.0) -> None:
+    import time
+
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.005)
+
+
+def test_conversion_ahead_keeps_at_most_its_window_and_hands_over_errors(monkeypatch):
+    import threading
+    import time
+
+    from lfm2np import weights
+
+    started, gate = [], threading.Event()
+
+    def convert(name):
+        started.append(name)
+        gate.wait(10)
+        if name == "bad":
+            raise lfm2np.Lfm2npError("cannot read bad")
+        return np.array([len(started)], np.float32)
+
+    monkeypatch.setattr(weights, "AHEAD_IDLE_SECONDS", 0.1)
+    ahead = weights._Ahead(convert, window=2)
+    ahead.ask(["a", "b", "c", "bad", "d"])
+    _until(lambda: started == ["a"])
+    gate.set()
+    _until(lambda: len(ahead._done) == 2)
+    time.sleep(0.05)
+    assert started == ["a", "b"]  # two converted and waiting: no third
+    assert ahead.take("a")[0] == 1 and ahead.take("b")[0] == 2
+    _until(lambda: "bad" in started)  # room for two more
+    assert ahead.take("c")[0] == 3
+    with pytest.raises(lfm2np.Lfm2npError, match="cannot read bad"):  # the thread's error, raised here
+        ahead.take("bad")
+    _until(lambda: "d" in started)
+    assert ahead.take("d")[0] == 5 and ahead.take("zzz") is None  # never asked for: the caller converts it
+    assert started == ["a", "b", "c", "bad", "d"]  # in the order asked, each once
+    ahead.ask(["x", "y"])  # a new layer's choice
+    _until(lambda: "y" in started)
+    assert ahead.take("x")[0] == 6 and ahead.take("y")[0] == 7
+    _until(lambda: not ahead._running)  # nothing left to do: the thread stops (and holds nothing)
+    ahead.ask(["p"])  # and starts again
+    _until(lambda: "p" in started)
+    assert ahead.take("p")[0] == 8

@@ -191,13 +191,13 @@ class GgufFile:
         return _shaped(out, t, len(index))
 
     def _float32(self, data: np.ndarray, t: TensorInfo, shape: tuple[int, ...]) -> np.ndarray:
-        """Stored values (as :meth:`data` shapes them) -> float32 of ``shape``: Q4_K and Q6_K by
-        :mod:`lfm2np.io.kquants`, other quantised types through gguf-py."""
+        """Stored values (as :meth:`data` shapes them) -> float32 of ``shape``: Q4_K, Q5_K, Q6_K, Q8_0 and Q4_0
+        by :mod:`lfm2np.io.kquants` (on every core), other quantised types through gguf-py."""
         if t.ggml_type == "F32":
             return data.reshape(shape)
         if t.ggml_type in ELEMENT_DTYPES:
             return data.astype(np.float32).reshape(shape)
-        if t.ggml_type in kquants.DEQUANTIZERS:  # Q4_K, Q6_K: the same values as gguf-py's, faster
+        if t.ggml_type in kquants.DEQUANTIZERS:  # the same values as gguf-py's, faster
             return kquants.dequantize(data, t.ggml_type).reshape(shape)
         gguf = import_gguf(self.path)
         try:

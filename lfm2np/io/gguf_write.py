@@ -23,7 +23,8 @@ from .gguf import FUSED_QKV, GGUF_ARCH, gguf_layout
 from .gguf_names import GgufTensor, quantisable
 from .gguf_vocab import tokenizer_metadata, tokenizer_metadata_from_dir
 
-__all__ = ["quantize", "dequantize", "to_gguf_tensors", "default_type", "write_gguf", "tokenizer_metadata",
+__all__ = ["quantize", "dequantize", "to_gguf_tensors", "default_type", "write_gguf", "write_gguf_tensors",
+           "tokenizer_metadata",
            "tokenizer_metadata_from_dir"]
 
 
@@ -230,10 +231,52 @@ def write_gguf(path: "str | os.PathLike[str]", config: Config, params: Mapping[s
     without one). ``fuse_qkv`` stores each attention layer's q/k/v as one ``attn_qkv`` (``--fuse-qkv``).
     ``metadata`` adds or overrides keys (written after the converter's, so an override replaces them).
     Returns ``{gguf_name: type}`` as written."""
+    tensors = to_gguf_tensors(config, params, fuse_qkv)
+    return write_gguf_tensors(path, config, lambda gname, kind: quantize(tensors[gname], kind), tensor_type,
+                              name=name, vocab=vocab, tokenizer=tokenizer, fuse_qkv=fuse_qkv, metadata=metadata)
+
+
+def write_gguf_tensors(path: "str | os.PathLike[str]", config: Config, produce: Callable[[str, str], np.ndarray],
+                       tensor_type: "str | Mapping[str, str] | Callable[[str, tuple[int, ...]], str]" = "F32",
+                       *, name: str = "lfm2np", vocab: bool = True,
+                       tokenizer: "str | os.PathLike[str] | Mapping[str, Any] | None" = None, fuse_qkv: bool = False,
+                       metadata: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """:func:`write_gguf` with each tensor's stored data made when it is written: ``produce(gguf_name, type)``
+    returns what :func:`quantize` would (uint8 blocks ``(..., row bytes)`` or F32/F16 values, in the numpy
+    order of the GGUF tensor), one tensor at a time, so a file larger than memory can be written (the
+    real-scale benchmarks' random blocks). Same arguments otherwise; returns ``{gguf_name: type}``."""
     gguf = _import_gguf()
-    c = config
+    w = _writer(gguf, path, config, name, vocab, tokenizer, dict(metadata or {}))
+    types: dict[str, str] = {}
+    for g in gguf_layout(config, fuse_qkv):  # llama.cpp's order (by layer, then name)
+        if callable(tensor_type):
+            kind = tensor_type(g.name, g.ne)
+        elif isinstance(tensor_type, Mapping):
+            kind = tensor_type.get(g.name) or default_type(g.name, g.ne, "F32")
+        else:
+            kind = default_type(g.name, g.ne, tensor_type)
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+        nbytes = int(np.prod(g.ne)) // block * size
+        w.add_tensor_info(g.name, tuple(reversed(g.ne)), np.dtype(np.float32), nbytes,
+                          raw_dtype=gguf.GGMLQuantizationType[kind])
+        types[g.name] = kind
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for gname, kind in types.items():
+        data = np.ascontiguousarray(produce(gname, kind))
+        if data.nbytes != w.tensors[0][gname].nbytes:
+            raise Lfm2npError(f"{path}: tensor {gname!r}: {data.nbytes} bytes given; {kind} of ggml shape "
+                              f"{list(w.tensors[0][gname].shape)[::-1]} takes {w.tensors[0][gname].nbytes}")
+        w.write_tensor_data(data)
+    w.close()
+    return types
+
+
+def _writer(gguf: Any, path: "str | os.PathLike[str]", c: Config, name: str, vocab: bool,
+            tokenizer: "str | os.PathLike[str] | Mapping[str, Any] | None", extra: dict[str, Any]) -> Any:
+    """A ``GGUFWriter`` holding the metadata ``convert_hf_to_gguf.py`` writes (:func:`write_gguf`'s arguments)."""
     arch = GGUF_ARCH[c.model_type]
-    extra = dict(metadata or {})
     w = gguf.GGUFWriter(str(path), arch)
 
     def put(key: str, write: Callable[[], None]) -> None:
@@ -294,24 +337,4 @@ def write_gguf(path: "str | os.PathLike[str]", config: Config, params: Mapping[s
                 setter(value)
         w.add_add_bos_token(False)
     _add_metadata(w, {k: v for k, v in extra.items() if k != "general.architecture"})
-
-    tensors = to_gguf_tensors(c, params, fuse_qkv)
-    ne_of = {t.name: t.ne for t in gguf_layout(c, fuse_qkv)}
-    written: dict[str, str] = {}
-    for gname in ne_of:  # llama.cpp's order (by layer, then name)
-        arr = tensors[gname]
-        ne = ne_of[gname]
-        if callable(tensor_type):
-            kind = tensor_type(gname, ne)
-        elif isinstance(tensor_type, Mapping):
-            kind = tensor_type.get(gname) or default_type(gname, ne, "F32")
-        else:
-            kind = default_type(gname, ne, tensor_type)
-        data = quantize(arr, kind)
-        w.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType[kind])
-        written[gname] = kind
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return written
+    return w

@@ -1,91 +1,214 @@
-"""Fast dequantisation of the k-quants a Q4_K_M file is made of: Q4_K (most weights) and Q6_K (the
-output/embedding and half of the ffn_down / attn_v tensors), in NumPy.
+"""Dequantisation of the GGUF block types llama.cpp's quantised files are made of, at memory speed, in NumPy:
+Q4_K, Q5_K, Q6_K (the k-quants: blocks of 256 values), Q8_0 and Q4_0 (blocks of 32).
 
 The values are bit-identical to the ``gguf`` package's (llama.cpp's own reference in Python), which
 :mod:`lfm2np.io.gguf_file` uses for every other type: the same float32 operations in the same order, on
-contiguous arrays a cache-sized run of blocks at a time instead of broadcasts over small axes. That makes
-an expert's dequantisation, paid at every use when experts do not fit the memory budget, several times
-cheaper (docs/gguf.md has the numbers).
+every bit pattern (inf and NaN scales included). What differs is how the work is laid out:
 
-Block layouts (llama.cpp ``ggml-common.h``; QK_K = 256 values per block):
+- the per-block part (f16 scales widened, 6-bit scales unpacked, ``d * scale``) runs once over a whole
+  run of blocks, so every array is long;
+- the per-value part runs a cache-sized chunk of blocks at a time (:data:`CHUNK_VALUES`): the bits are
+  unpacked with byte operations over whole chunks, and the runs of bytes that belong to one sub-block are
+  moved into place as single items (a ``void`` dtype of the run's width), never one small axis at a time;
+  one cast to float32 and the scale's one or two operations then write the values straight into the
+  output;
+- a tensor's blocks are shared among the threads of :func:`lfm2np.passes.in_parallel` (NumPy releases
+  the interpreter lock inside its loops), a few pieces per thread, so a large tensor is dequantised on
+  every core.
 
-- Q4_K, 144 bytes: ``d`` (f16), ``dmin`` (f16), 12 bytes of eight 6-bit scales and eight 6-bit mins,
-  128 bytes of 4-bit values. Sub-block ``2j`` is the low nibbles of bytes ``32j .. 32j+31``, sub-block
-  ``2j+1`` their high nibbles; value = ``(d * scale) * q - (dmin * min)``.
-- Q6_K, 210 bytes: 128 bytes of low 4 bits, 64 bytes of high 2 bits, sixteen int8 scales, ``d`` (f16);
-  value = ``(d * scale) * (q - 32)`` with ``q`` the 6-bit value.
+Block layouts (llama.cpp ``ggml-common.h``; sub-block ``s`` of a k-quant is values ``32s .. 32s+31``):
+
+- Q4_K, 144 bytes: ``d``, ``dmin`` (f16), 12 bytes of eight 6-bit scales and mins, 128 bytes of 4-bit values;
+  sub-block ``2j`` is the low nibbles of bytes ``32j .. 32j+31``, ``2j+1`` their high nibbles;
+  value = ``(d * scale) * q - (dmin * min)``.
+- Q5_K, 176 bytes: as Q4_K, with 32 bytes ``qh`` before the nibbles: bit ``s`` of ``qh[i]`` is the fifth
+  bit of value ``i`` of sub-block ``s``.
+- Q6_K, 210 bytes: 128 bytes of low 4 bits, 64 of high 2 bits, sixteen int8 scales (one per 16 values),
+  ``d`` (f16); value = ``(d * scale) * (q - 32)``. In each half of 128 values, value ``r`` has its low bits
+  in byte ``r % 64`` of the half's 64 (the high nibble for ``r >= 64``) and its high bits at shift
+  ``2 * (r // 32)`` of byte ``r % 32`` of the half's 32.
+- Q8_0, 34 bytes: ``d`` (f16), 32 int8; value = ``q * d``.
+- Q4_0, 18 bytes: ``d`` (f16), 16 bytes: values 0-15 their low nibbles, 16-31 their high ones;
+  value = ``d * (q - 8)``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
+from ..passes import in_parallel
+
 QK_K = 256
-#: blocks per pass: the float32 output of a pass (1024 x 1 KiB) stays in a core's L2 cache
-BLOCKS_PER_PASS = 1024
+#: values per pass over a chunk: its float32 (256 KiB) and its bytes stay in a core's L2 cache throughout
+CHUNK_VALUES = 1 << 16
+#: blocks per run whose per-block arrays are computed at once, in long passes
+PIECE_BLOCKS = 2048
+#: pieces per thread: threads claim them as they free up (see :func:`lfm2np.passes.in_parallel`)
+PIECES_PER_THREAD = 4
 
 
-def _f16(column: np.ndarray) -> np.ndarray:
-    """Two bytes per block (n, 2) read as one float16 each, widened: (n, 1) float32."""
-    return np.ascontiguousarray(column).view(np.float16).astype(np.float32)
+class BlockType(NamedTuple):
+    """A block type: bytes and values per block, and ``decode(blocks, out)`` writing the values of
+    ``blocks`` (uint8, one block per row) into ``out`` (float32, one block's values per row)."""
+
+    nbytes: int
+    nvalues: int
+    decode: Callable[[np.ndarray, np.ndarray], None]
+
+
+def _runs(width: int) -> np.dtype:
+    """A ``width``-byte item: a run of bytes moved as one element."""
+    return np.dtype((np.void, width))
+
+
+def _place(parts: "list[np.ndarray]", out: np.ndarray, width: int) -> None:
+    """``out`` (m, k, len(parts), width) bytes gets part ``p`` (m, k*width bytes, contiguous) at ``[:, :, p]``:
+    each ``width``-byte run moved as one item."""
+    m = out.shape[0]
+    slots = out.reshape(m, -1).view(_runs(width)).reshape(m, -1, len(parts))
+    for p, part in enumerate(parts):
+        slots[:, :, p] = part.view(_runs(width)).reshape(m, -1)
+
+
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The f16 at byte ``at`` of each block, widened: (n,) float32."""
+    return np.ascontiguousarray(blocks[:, at:at + 2]).view(np.float16).reshape(-1).astype(np.float32)
+
+
+def _chunks(n: int, nvalues: int) -> "list[tuple[int, int]]":
+    step = max(1, CHUNK_VALUES // nvalues)
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def _nibbles(packed: np.ndarray, out: np.ndarray, width: int) -> None:
+    """``out`` (m, k, 2, width) gets the low nibbles of each ``width``-byte run of ``packed`` (m, k*width), then
+    their high nibbles."""
+    low = np.bitwise_and(packed, 0x0F)  # contiguous (m, k*width)
+    high = np.right_shift(packed, 4)
+    _place([low, high], out, width)
+
+
+def _scale_min(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K: the eight ``d * scale`` and ``dmin * min`` of each block, (n, 8) float32 each. The 12
+    bytes hold scales and mins 0-3 in the low 6 bits of bytes 0-3 and 4-7; 4-7 in the nibbles of bytes
+    8-11 (scale low, min high) with their top 2 bits in the top 2 bits of bytes 0-3 and 4-7. Worked on
+    four bytes at a time (uint32 words)."""
+    n = blocks.shape[0]
+    head = np.ascontiguousarray(blocks[:, :16])  # (n, 16): d, dmin, the 12 bytes
+    d = head[:, :4].view(np.float16).astype(np.float32)  # (n, 2): d, dmin
+    words = head[:, 4:].view("<u4")  # (n, 3)
+    low, mid, high = words[:, 0], words[:, 1], words[:, 2]
+    sc, mn = np.empty((n, 2), "<u4"), np.empty((n, 2), "<u4")
+    np.bitwise_and(low, 0x3F3F3F3F, out=sc[:, 0])
+    sc[:, 1] = (high & 0x0F0F0F0F) | ((low >> 2) & 0x30303030)
+    np.bitwise_and(mid, 0x3F3F3F3F, out=mn[:, 0])
+    mn[:, 1] = ((high >> 4) & 0x0F0F0F0F) | ((mid >> 2) & 0x30303030)
+    scale = d[:, 0:1] * sc.view(np.uint8).astype(np.float32)
+    offset = d[:, 1:2] * mn.view(np.uint8).astype(np.float32)
+    return scale, offset
 
 
 def _q4_k(blocks: np.ndarray, out: np.ndarray) -> None:
+    q = np.empty((blocks.shape[0], 4, 2, 32), np.uint8)
+    _nibbles(blocks[:, 16:], q, 32)
+    _apply(q, out, *_scale_min(blocks))
+
+
+def _q5_k(blocks: np.ndarray, out: np.ndarray) -> None:
     n = blocks.shape[0]
-    d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
-    low, mid, high = blocks[:, 4:8], blocks[:, 8:12], blocks[:, 12:16]
-    sc, mn = np.empty((n, 8), np.uint8), np.empty((n, 8), np.uint8)
-    sc[:, :4] = low & 0x3F
-    sc[:, 4:] = (high & 0x0F) | ((low >> 2) & 0x30)
-    mn[:, :4] = mid & 0x3F
-    mn[:, 4:] = (high >> 4) | ((mid >> 2) & 0x30)
-    scale = d * sc.astype(np.float32)  # (n, 8)
-    offset = dmin * mn.astype(np.float32)
-    packed = blocks[:, 16:].reshape(n, 4, 32)
     q = np.empty((n, 4, 2, 32), np.uint8)
-    np.bitwise_and(packed, 0x0F, out=q[:, :, 0])
-    np.right_shift(packed, 4, out=q[:, :, 1])
-    values = out.reshape(n, 8, 32)
-    np.multiply(q.reshape(n, 8, 32), scale[:, :, None], out=values)  # q widened to float32 in the product
-    values -= offset[:, :, None]
+    _nibbles(blocks[:, 48:], q, 32)
+    high = np.empty((n, 1, 8, 32), np.uint8)  # sub-block s's fifth bits: bit s of each qh byte
+    _high_bits(blocks[:, 16:48], high, 1)
+    q |= high.reshape(q.shape)
+    _apply(q, out, *_scale_min(blocks))
 
 
 def _q6_k(blocks: np.ndarray, out: np.ndarray) -> None:
     n = blocks.shape[0]
-    low = blocks[:, 0:128].reshape(n, 2, 64)
-    high = blocks[:, 128:192].reshape(n, 2, 32)
-    scales = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8)
-    d = _f16(blocks[:, 208:210])
-    q = np.empty((n, 2, 2, 64), np.uint8)
-    np.bitwise_and(low, 0x0F, out=q[:, :, 0])
-    np.right_shift(low, 4, out=q[:, :, 1])
-    h = np.empty((n, 2, 4, 32), np.uint8)
-    for i in range(4):
-        np.bitwise_and(high >> (2 * i), 0x03, out=h[:, :, i])
-    h <<= 4
-    q6 = q.reshape(n, 8, 32) | h.reshape(n, 8, 32)
-    values = out.reshape(n, 16, 16)
-    values[...] = q6.reshape(n, 16, 16)  # uint8 -> float32
-    values -= 32.0  # exact: small integers
-    values *= (d * scales.astype(np.float32))[:, :, None]  # (n, 16) scales
+    q = np.empty((n, 2, 2, 64), np.uint8)  # per half: values 0-63 low nibbles, 64-127 high ones
+    _nibbles(blocks[:, 0:128], q, 64)
+    high = np.empty((n, 2, 4, 32), np.uint8)
+    _high_bits(blocks[:, 128:192], high, 2)
+    q |= high.reshape(q.shape)
+    q -= 32  # wraps in uint8: read as int8 it is q - 32 (-32 .. 31)
+    scales = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).astype(np.float32)  # (n, 16)
+    _apply(q.view(np.int8), out, _f16(blocks, 208)[:, None] * scales)
 
 
-#: ggml type name -> (bytes per block, the function writing (n, bytes) uint8 blocks' values into (n, 256) float32)
-DEQUANTIZERS: dict[str, tuple[int, Callable[[np.ndarray, np.ndarray], None]]] = {
-    "Q4_K": (144, _q4_k),
-    "Q6_K": (210, _q6_k),
+def _q8_0(blocks: np.ndarray, out: np.ndarray) -> None:
+    q = np.ascontiguousarray(blocks[:, 2:34]).view(np.int8)  # (n, 32)
+    _apply(q, out, _f16(blocks, 0)[:, None])
+
+
+def _q4_0(blocks: np.ndarray, out: np.ndarray) -> None:
+    q = np.empty((blocks.shape[0], 1, 2, 16), np.uint8)
+    _nibbles(np.ascontiguousarray(blocks[:, 2:18]), q, 16)
+    q -= 8  # as int8: q - 8
+    _apply(q.view(np.int8), out, _f16(blocks, 0)[:, None])
+
+
+def _apply(q: np.ndarray, out: np.ndarray, scale: np.ndarray, offset: np.ndarray | None = None) -> None:
+    """``out = q * scale (- offset)``: ``q`` the blocks' integer values (n, ...), ``out`` (n, values) float32,
+    ``scale`` (and ``offset``) (n, k), one per run of ``values // k`` values. A cache-sized chunk at a time:
+    the cast, then one pass each, the scale repeated along its run first (cheaper than broadcasting over
+    short runs)."""
+    n, values = out.shape
+    width = values // scale.shape[1]
+    q = q.reshape(n, values)
+    for a, b in _chunks(n, values):
+        chunk = out[a:b]
+        chunk[...] = q[a:b]
+        chunk *= np.repeat(scale[a:b].reshape(-1), width).reshape(chunk.shape)
+        if offset is not None:
+            chunk -= np.repeat(offset[a:b].reshape(-1), width).reshape(chunk.shape)
+
+
+def _high_bits(qh: np.ndarray, out: np.ndarray, bits: int) -> None:
+    """The high bits of Q5_K (``bits`` 1) and Q6_K (2) values: ``out`` (n, k, 8 // bits, 32) gets, for each
+    32-byte run ``k`` of ``qh`` (n, 32k), its field ``j`` (bits ``j*bits ..``) of every byte at ``[:, k, j]``,
+    shifted to bit 4 (where it goes in the value). Eight bytes at a time (uint64 words)."""
+    words = np.ascontiguousarray(qh).view(np.uint64)
+    mask = np.uint64(int.from_bytes(bytes([(1 << bits) - 1] * 8), "little") << 4)
+    fields = []
+    for j in range(8 // bits):
+        shift = 4 - bits * j  # field j moves from bit bits*j to bit 4
+        f = np.left_shift(words, np.uint64(shift)) if shift >= 0 else np.right_shift(words, np.uint64(-shift))
+        f &= mask
+        fields.append(f.view(np.uint8))
+    _place(fields, out, 32)
+
+
+#: ggml type name -> its :class:`BlockType`
+DEQUANTIZERS: dict[str, BlockType] = {
+    "Q4_K": BlockType(144, QK_K, _q4_k),
+    "Q5_K": BlockType(176, QK_K, _q5_k),
+    "Q6_K": BlockType(210, QK_K, _q6_k),
+    "Q8_0": BlockType(34, 32, _q8_0),
+    "Q4_0": BlockType(18, 32, _q4_0),
 }
 
 
-def dequantize(data: np.ndarray, ggml_type: str) -> np.ndarray:
+def dequantize(data: np.ndarray, ggml_type: str, out: np.ndarray | None = None) -> np.ndarray:
     """The float32 values of the raw bytes ``data`` (any shape, whole blocks of ``ggml_type``, one of
-    :data:`DEQUANTIZERS`), flat, in file order."""
-    block_bytes, blocks_to_values = DEQUANTIZERS[ggml_type]
-    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, block_bytes)
-    out = np.empty((raw.shape[0], QK_K), np.float32)
+    :data:`DEQUANTIZERS`), flat, in file order; written into ``out`` (a C-contiguous float32 array of as
+    many values, any shape, returned flat) when given. Large inputs are shared among threads."""
+    kind = DEQUANTIZERS[ggml_type]
+    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, kind.nbytes)
+    n = raw.shape[0]
+    if out is None:
+        out = np.empty(n * kind.nvalues, np.float32)
+    if out.dtype != np.float32 or out.size != n * kind.nvalues or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of {n * kind.nvalues} values")
+    values = out.reshape(n, kind.nvalues)
+
+    def piece(lo: int, hi: int) -> None:
+        for start in range(lo, hi, PIECE_BLOCKS):
+            stop = min(start + PIECE_BLOCKS, hi)
+            kind.decode(raw[start:stop], values[start:stop])
+
     with np.errstate(invalid="ignore", over="ignore"):  # a corrupt scale gives inf/NaN values, found later
-        for start in range(0, raw.shape[0], BLOCKS_PER_PASS):
-            blocks_to_values(raw[start:start + BLOCKS_PER_PASS], out[start:start + BLOCKS_PER_PASS])
+        in_parallel(n, piece, size=n * kind.nvalues, per_thread=PIECES_PER_THREAD)
     return out.reshape(-1)
