@@ -259,7 +259,7 @@ if hasattr(os, "register_at_fork"):
 def _malloc_trim() -> "Callable[[int], int] | None":
     try:
         return ctypes.CDLL(None).malloc_trim  # glibc
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no such function (musl, macOS); no CDLL(None) (Windows)
         return None
 
 

@@ -212,3 +212,24 @@ def test_conversion_ahead_keeps_at_most_its_window_and_hands_over_errors(monkeyp
     ahead.ask(["p"])  # and starts again
     _until(lambda: "p" in started)
     assert ahead.take("p")[0] == 8
+
+
+def test_freed_memory_is_given_back_every_few_moe_layers_that_convert_ahead(moe_checkpoint, monkeypatch):
+    """glibc's malloc_trim every TRIM_EVERY MoE layers whose chosen experts are converted ahead (the threads'
+    freed matrices otherwise stay in their heaps); the logits are the same."""
+    from lfm2np import weights
+
+    calls = []
+    monkeypatch.setattr(weights, "_TRIM", lambda pad: calls.append(pad) or 0)
+    monkeypatch.setattr(weights, "_ASKS", 0)
+    ref = lfm2np.load(moe_checkpoint, memory_budget="all").forward(IDS)
+    calls.clear()
+    monkeypatch.setattr(weights, "_ASKS", 0)
+    m = lfm2np.load(moe_checkpoint, memory_budget=0)  # nothing kept: every MoE layer converts its experts
+    moe_layers = sum(m.config.is_moe_layer(i) for i in range(m.config.num_hidden_layers))
+    runs = -(-2 * weights.TRIM_EVERY // moe_layers)  # enough forwards for two trims at least
+    for _ in range(runs):
+        np.testing.assert_array_equal(m.forward(IDS), ref)
+    asks = weights._ASKS
+    assert asks >= runs * moe_layers >= 2 * weights.TRIM_EVERY
+    assert calls == [0] * (asks // weights.TRIM_EVERY) and calls

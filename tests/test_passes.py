@@ -237,3 +237,17 @@ def test_attention_scores_scaled_through_q_are_the_scores_scaled(seed, hd, T, pa
     probs = rnd(ops.softmax(scores)).reshape(2, 2 * T, S)
     expected = rnd(probs @ v.transpose(1, 0, 2)).reshape(2, 2, T, hd).transpose(2, 0, 1, 3).reshape(T, -1)
     np.testing.assert_array_equal(got, expected)
+
+
+@given(seed=st.integers(0, 2**32 - 1), shape=st.sampled_from([(7,), (3, 5), (4, 3, 6), (0, 4)]),
+       threads=st.integers(1, 4), transpose=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]))
+def test_gelu_tanh_shared_among_threads_is_the_formula_bit_for_bit(seed, shape, threads, transpose, dtype):
+    """gelu_tanh runs in place, a slice per thread: each element's operations in the formula's own order."""
+    x = (np.random.default_rng(seed).standard_normal(shape) * 4).astype(dtype)
+    x = x.T if transpose else x
+    t = x.dtype.type
+    want = t(0.5) * x * (t(1) + np.tanh(t(np.sqrt(2 / np.pi)) * (x + t(0.044715) * (x * x * x))))
+    with split(4, threads):
+        got = ops.gelu_tanh(x)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    np.testing.assert_array_equal(got.view(np.uint8), np.ascontiguousarray(want).view(np.uint8))
