@@ -37,10 +37,9 @@ def _same_bits(got: np.ndarray, want: np.ndarray) -> None:
 
 @pytest.mark.parametrize("kind", TYPES)
 @pytest.mark.parametrize("finite", [True, False], ids=["finite-scales", "any-bits"])
-@pytest.mark.parametrize("n, chunk, piece", [(1, 1 << 16, 2048), (7, 256, 3), (300, 4096, 64), (2048, 1 << 16, 2048)])
-def test_bit_identical_to_gguf_py(kind, finite, n, chunk, piece, monkeypatch):
-    monkeypatch.setattr(kquants, "CHUNK_VALUES", chunk)  # chunks and pieces that end mid-tensor
-    monkeypatch.setattr(kquants, "PIECE_BLOCKS", piece)
+@pytest.mark.parametrize("n, piece", [(1, 1 << 19), (7, 96), (300, 4096), (2048, 1 << 19)])
+def test_bit_identical_to_gguf_py(kind, finite, n, piece, monkeypatch):
+    monkeypatch.setattr(kquants, "PIECE_VALUES", piece)  # pieces that end mid-tensor
     raw = _blocks(kind, n, seed=n, finite=finite)
     _same_bits(kquants.dequantize(raw, kind), _reference(raw, kind))
 
@@ -59,7 +58,7 @@ def test_threads_and_out_buffer(kind, threads, monkeypatch):
     # shared among threads (pieces that are not a multiple of a chunk), straight into a given buffer
     monkeypatch.setattr(passes, "THREADS", threads)
     monkeypatch.setattr(passes, "PARALLEL_MIN", 1)
-    monkeypatch.setattr(kquants, "PIECE_BLOCKS", 5)
+    monkeypatch.setattr(kquants, "PIECE_VALUES", 5 * kquants.DEQUANTIZERS[kind].nvalues)
     raw = _blocks(kind, 301, seed=threads, finite=True)
     out = np.full((301, kquants.DEQUANTIZERS[kind].nvalues), np.nan, np.float32)
     got = kquants.dequantize(raw, kind, out=out)
@@ -82,3 +81,12 @@ def test_a_wrong_out_buffer_is_refused():
     for bad in (np.empty(63, np.float32), np.empty(64, np.float64), np.empty((64, 2), np.float32)[:, 0]):
         with pytest.raises(ValueError, match="C-contiguous float32 array of 64 values"):
             kquants.dequantize(raw, "Q8_0", out=bad)
+
+
+def test_scratch_reused_across_sizes_and_types(monkeypatch):
+    # each thread's scratch arrays outlive a call: a small piece after a large one and another type after
+    # that must not see the earlier call's bytes
+    monkeypatch.setattr(passes, "THREADS", 1)
+    for kind, n in [("Q6_K", 700), ("Q4_K", 3), ("Q5_K", 900), ("Q4_0", 5), ("Q8_0", 4000), ("Q4_K", 700)]:
+        raw = _blocks(kind, n, seed=n, finite=True)
+        _same_bits(kquants.dequantize(raw, kind), _reference(raw, kind))
