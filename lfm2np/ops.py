@@ -376,7 +376,19 @@ def erf(x: np.ndarray) -> np.ndarray:
     < 6: ``1 - erfc(x)`` with erfc's continued fraction ``exp(-x^2)/sqrt(pi) / (x + (1/2)/(x + 1/(x + (3/2)/(x +
     ...))))`` (45 terms); beyond 6, 1 (erfc(6) = 2e-17). Odd: erf(-x) = -erf(x)."""
     x64 = np.asarray(x, dtype=np.float64)
-    a = np.abs(x64)
+    flat = np.ascontiguousarray(x64).reshape(-1)
+    out = np.empty(flat.shape, np.float64)
+
+    def piece(lo: int, hi: int) -> None:  # elementwise: the same values whatever the split among threads
+        out[lo:hi] = _erf_magnitude(np.abs(flat[lo:hi]))
+
+    in_parallel(flat.size, piece)
+    out = np.copysign(out, flat).reshape(x64.shape)
+    return out.astype(np.asarray(x).dtype if np.asarray(x).dtype.kind == "f" else np.float64, copy=False)
+
+
+def _erf_magnitude(a: np.ndarray) -> np.ndarray:
+    """erf(a) for a >= 0 (float64), by :func:`erf`'s three formulas; NaN stays NaN."""
     out = np.ones_like(a)
     part = a < 1
     s = a[part]
@@ -403,8 +415,7 @@ def erf(x: np.ndarray) -> np.ndarray:
         fraction = s + (k / 2) / fraction
     out[part] = 1 - _ONE_OVER_SQRT_PI * np.exp(-s * s) / fraction
     out[np.isnan(a)] = np.nan
-    out = np.copysign(out, x64)
-    return out.astype(np.asarray(x).dtype if np.asarray(x).dtype.kind == "f" else np.float64, copy=False)
+    return out
 
 
 def gelu(x: np.ndarray, rnd: Rounding = exact) -> np.ndarray:

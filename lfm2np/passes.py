@@ -20,9 +20,11 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 #: the fewest elements an elementwise pass splits between threads (below, handing out the work costs more)
 PARALLEL_MIN = 1 << 16
@@ -48,8 +50,9 @@ _pool_lock = threading.Lock()
 
 
 def _forget_pool() -> None:  # a forked child has none of its parent's threads (nor their locks' state)
-    global _pool, _pool_lock
+    global _pool, _pool_lock, _blas_lock, _blas_users, _blas_limit
     _pool, _pool_lock = None, threading.Lock()
+    _blas_lock, _blas_users, _blas_limit = threading.Lock(), 0, None
 
 
 if hasattr(os, "register_at_fork"):
@@ -62,6 +65,38 @@ def _helpers() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(THREADS - 1, thread_name_prefix="lfm2np")
         return _pool
+
+
+_blas_controller: ThreadpoolController | None = None
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limit: Any = None
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Inside this block the BLAS runs each product on its calling thread alone (through threadpoolctl), for
+    work that :func:`in_parallel` shares out one product at a time (the heads of an attention): products too
+    small to split well then run side by side, one per core, instead of one after another split between the
+    cores. The BLAS's own thread count comes back when the last such block in the process ends (blocks may
+    overlap in several threads). The count is the process's: a product another thread starts meanwhile also
+    runs on one thread, slower but the same bits (OpenBLAS computes each element of a product in the same order
+    whatever its threads: the tests check it on the products this is used for)."""
+    global _blas_controller, _blas_users, _blas_limit
+    with _blas_lock:
+        if _blas_users == 0:
+            if _blas_controller is None:
+                _blas_controller = ThreadpoolController()
+            _blas_limit = _blas_controller.limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0 and _blas_limit is not None:
+                _blas_limit.restore_original_limits()
+                _blas_limit = None
 
 
 def in_parallel(n: int, work: Callable[[int, int], None], size: int | None = None, per_thread: int = 1) -> None:

@@ -251,3 +251,61 @@ def test_gelu_tanh_shared_among_threads_is_the_formula_bit_for_bit(seed, shape, 
         got = ops.gelu_tanh(x)
     assert got.shape == x.shape and got.dtype == x.dtype
     np.testing.assert_array_equal(got.view(np.uint8), np.ascontiguousarray(want).view(np.uint8))
+
+
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_one_blas_thread_limits_the_blas_and_gives_its_count_back_after_overlapping_blocks():
+    before = _blas_threads()
+    assert before, "NumPy's BLAS is not visible to threadpoolctl"
+    inside, go_on = threading.Event(), threading.Event()
+    seen: list[list[int]] = []
+
+    def other() -> None:
+        with passes.one_blas_thread():
+            inside.set()
+            go_on.wait(10)
+            seen.append(_blas_threads())
+
+    t = threading.Thread(target=other)
+    t.start()
+    inside.wait(10)
+    with passes.one_blas_thread():  # overlaps the other thread's block, ends first
+        seen.append(_blas_threads())
+    assert _blas_threads() == [1] * len(before)  # the other block still runs
+    go_on.set()
+    t.join()
+    assert seen == [[1] * len(before)] * 2
+    assert _blas_threads() == before
+    with pytest.raises(ZeroDivisionError):  # an error inside a block gives the count back too
+        with passes.one_blas_thread():
+            1 / 0
+    assert _blas_threads() == before
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_vision_attention_heads_shared_among_threads_are_the_same_bits(seed, monkeypatch):
+    from lfm2np import ops_vision
+
+    rng = np.random.default_rng(seed)
+    P, H, hd = int(rng.integers(40, 200)), int(rng.integers(2, 7)), int(rng.integers(8, 40))
+    q, k, v = (rng.standard_normal((P, H, hd)).astype(np.float32) for _ in range(3))
+    mask = (rng.random(P) < 0.8).astype(np.int64)
+    mask[0] = 1
+    monkeypatch.setattr(passes, "THREADS", 1)
+    one = ops_vision.encoder_attention(q, k, v, mask)
+    monkeypatch.setattr(passes, "THREADS", 3)
+    monkeypatch.setattr(passes, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(passes, "_pool", None)
+    shared = ops_vision.encoder_attention(q, k, v, mask)
+    np.testing.assert_array_equal(shared.view(np.uint32), one.view(np.uint32))
+    # and the formula, head by head, in float64
+    q64, k64, v64 = (a.astype(np.float64) for a in (q, k, v))
+    s = np.einsum("phd,khd->hpk", q64, k64) / np.sqrt(hd) + np.where(mask > 0, 0, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = np.einsum("hpk,khd->phd", p / p.sum(-1, keepdims=True), v64).reshape(P, H * hd)
+    np.testing.assert_allclose(shared, want, rtol=1e-4, atol=1e-5)
