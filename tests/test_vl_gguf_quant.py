@@ -1,7 +1,8 @@
 """Quantised mmproj files (tests/golden/vl-gguf: ``mmproj-q8_0.gguf`` from llama.cpp's converter, ``--outtype
 q8_0``; ``mmproj-q4_0.gguf``, the same tensors as Q4_0 by gguf-py; tools/make_vl_gguf_fixtures.py, step 3) read
-through ``mmproj=`` / ``--mmproj``: which tensors llama.cpp quantises, the weights as gguf-py dequantises them, and
-how far quantisation moves the image features and the logits from the F32 pair. Run with ``-s`` for the numbers."""
+through ``mmproj=`` / ``--mmproj``: which tensors llama.cpp quantises, the weights as gguf-py dequantises them, how
+far quantisation moves the image features and the logits from the F32 pair, and llama.cpp's own image embeddings
+with each file (``llama-embeddings.safetensors``, step 4). Run with ``-s`` for the numbers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 import lfm2np
 from lfm2np.cli import main
@@ -92,3 +94,33 @@ def test_memory_counts_the_quantised_mmproj_as_stored(capsys):
         sizes[qtype] = json.loads(capsys.readouterr().out)["mmproj_weights_bytes"]
         assert sizes[qtype] == sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
     assert sizes["Q4_0"] < sizes["Q8_0"]
+
+
+#: max|lfm2np - llama.cpp| / max|llama.cpp| of the image features of small.png. Measured: 5.6e-4 (F32), 6.5e-4 (F16),
+#: 1.03e-2 (Q8_0), 1.05e-2 (Q4_0); between llama.cpp's own Q4_0 and F32 files 2.8e-1. F32: llama.cpp resizes the
+#: image its own way and its projector's GELU is the tanh form (5.0e-4 with lfm2np's switched to it). Q8_0, Q4_0:
+#: llama.cpp also quantises the activations to Q8_0 before each product with such a weight (ggml's CPU dot
+#: products), half a step of 1/127 of each 32-value block, over five products in a row.
+LLAMA_BOUNDS = {"f32": 1e-3, "f16": 1e-3, "q8_0": 1.5e-2, "q4_0": 1.5e-2}
+
+
+def test_the_image_features_are_llama_cpps_with_the_same_file():
+    """lfm2np reads each mmproj's weights as llama.cpp does: its image features of small.png (processed with
+    llama.cpp's settings, as the pair does) are llama.cpp's within the activation quantisation llama.cpp adds; a
+    Q4_0 file's are 28% away from the F32 file's in both, 1% from each other."""
+    theirs = load_file(str(CASE / "llama-embeddings.safetensors"))
+    assert sorted(theirs) == sorted(LLAMA_BOUNDS)
+    px = pair(MMPROJ).image_processor([str(CASE / "small.png")])  # llama.cpp's settings (the same in every file)
+    assert sum(px.tokens_per_image) == 70  # a 22 x 30 image upscaled to llama.cpp's minimum of 64 tokens
+    ours = {}
+    for key in theirs:
+        m = pair(CASE / f"mmproj-{key}.gguf")
+        assert len(theirs[key]) == 70
+        seen: dict[str, np.ndarray] = {}
+        m.forward(np.array([1, *[100] * len(theirs[key])]), images=px,
+                  record=lambda n, v: seen.__setitem__(n, np.array(v)) if n == PROJECTOR + "linear_2" else None)
+        ours[key] = seen[PROJECTOR + "linear_2"]
+        error = rel_error(ours[key], theirs[key])
+        print(f"{key}: {error:.1e} from llama.cpp's embeddings with the same file")
+        assert error <= LLAMA_BOUNDS[key], key
+    assert rel_error(theirs["q4_0"], theirs["f32"]) > 0.2 and rel_error(ours["q4_0"], ours["f32"]) > 0.2

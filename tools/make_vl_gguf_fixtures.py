@@ -29,7 +29,9 @@ Needs the reference environment (torch, transformers 5.25, pillow) and llama.cpp
    256 values; this tower's are 32 to 128 wide, so a Q4_K file would hold no Q4_K tensor. ``--quantised-only``
    writes only these two from the committed checkpoint (the rest of the fixture stays as it is).
 4. With llama-cpp-python (``--llama-python``, default vendor/venv-llama/bin/python when present), checks that
-   llama.cpp itself loads the text file with each mmproj (an mtmd context with vision).
+   llama.cpp itself loads the text file with each mmproj (an mtmd context with vision), and records llama.cpp's
+   image embeddings of ``small.png`` with each (``llama-embeddings.safetensors``: mtmd preprocesses the file and
+   runs the tower and projector, one CPU thread).
 """
 
 from __future__ import annotations
@@ -173,6 +175,7 @@ def convert(llama: Path, checkpoint: Path, out: Path, outtype: str, mmproj: bool
         raise SystemExit(f"convert_hf_to_gguf.py failed on {checkpoint}:\n{result.stderr[-3000:]}")
 
 
+MMPROJS = ["mmproj-f32.gguf", "mmproj-f16.gguf", "mmproj-q8_0.gguf", "mmproj-q4_0.gguf"]
 #: run with llama-cpp-python: llama.cpp loads the text file and, through mtmd, the mmproj with it
 LLAMA_LOADS = """
 import sys
@@ -184,6 +187,59 @@ params.use_gpu, params.n_threads = False, 1
 ctx = mtmd_cpp.mtmd_init_from_file(sys.argv[2].encode(), llm.model, params)
 sys.exit(0 if ctx and mtmd_cpp.mtmd_support_vision(ctx) else 1)
 """
+
+
+#: run with llama-cpp-python: mtmd's image embeddings of one image file (its own preprocessing, one thread), saved
+#: as float32 (n_tokens, n_embd) to argv[4]
+LLAMA_EMBEDDINGS = """
+import ctypes, sys
+import numpy as np
+import llama_cpp
+from llama_cpp import mtmd_cpp as M
+text, mmproj, image, out = sys.argv[1:5]
+llm = llama_cpp.Llama(model_path=text, n_ctx=512, n_threads=1, verbose=False)
+params = M.mtmd_context_params_default()
+params.use_gpu, params.n_threads, params.print_timings = False, 1, False
+ctx = M.mtmd_init_from_file(mmproj.encode(), llm.model, params)
+bitmap = M.mtmd_helper_bitmap_init_from_file(ctx, image.encode(), False)
+prompt = M.mtmd_default_marker()
+text_in = M.mtmd_input_text()
+text_in.text, text_in.text_len, text_in.add_special, text_in.parse_special = prompt, len(prompt), False, True
+chunks = M.mtmd_input_chunks_init()
+assert M.mtmd_tokenize(ctx, chunks, ctypes.byref(text_in), (M.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+found = []
+for i in range(M.mtmd_input_chunks_size(chunks)):
+    chunk = M.mtmd_input_chunks_get(chunks, i)
+    if M.mtmd_input_chunk_get_type(chunk) == 1:  # MTMD_INPUT_CHUNK_TYPE_IMAGE
+        n = M.mtmd_input_chunk_get_n_tokens(chunk)
+        assert M.mtmd_encode_chunk(ctx, chunk) == 0
+        found.append(np.ctypeslib.as_array(M.mtmd_get_output_embd(ctx), shape=(n * llm.n_embd(),)).reshape(n, -1).copy())
+assert len(found) == 1, len(found)
+np.save(out, found[0].astype(np.float32))
+"""
+#: the image llama.cpp embeds with each mmproj (small.png: upscaled to llama.cpp's 64-token minimum, one unit)
+LLAMA_IMAGE = "small.png"
+
+
+def llama_embeddings(python: str, directory: Path, mmprojs: "list[str]") -> dict:
+    """``llama-embeddings.safetensors``: llama.cpp's image embeddings of :data:`LLAMA_IMAGE` with the text file and
+    each mmproj (llama.cpp preprocesses the file itself), keyed by the mmproj's type (``f32``, ``q8_0``...)."""
+    from safetensors.numpy import save_file
+    import numpy as np
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mmproj in mmprojs:
+            key, npy = mmproj[len("mmproj-"):-len(".gguf")], Path(tmp) / "embd.npy"
+            done = subprocess.run([python, "-c", LLAMA_EMBEDDINGS, str(directory / "text-f32.gguf"),
+                                   str(directory / mmproj), str(directory / LLAMA_IMAGE), str(npy)],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"llama.cpp's mtmd failed on {mmproj}:\n{done.stderr[-2000:]}")
+            out[key] = np.load(npy)
+    save_file(out, str(directory / "llama-embeddings.safetensors"),
+              metadata={"generator": f"tools/make_vl_gguf_fixtures.py v{GENERATOR_VERSION}", "image": LLAMA_IMAGE,
+                        "llama": "llama-cpp-python 0.3.36, mtmd_encode_chunk, one thread, CPU"})
+    return {"image": LLAMA_IMAGE, "tokens": int(out["f32"].shape[0]), "mmproj": sorted(out)}
 
 
 def main() -> None:
@@ -222,12 +278,13 @@ def main() -> None:
                         "converter": "llama-cpp-python 0.3.36's convert_hf_to_gguf.py", **info, "images": list(IMAGES)}
         manifest["quantised"] = quantised(args.llama, directory, work)
     if args.llama_python:
-        for mmproj in ("mmproj-f32.gguf", "mmproj-f16.gguf", "mmproj-q8_0.gguf", "mmproj-q4_0.gguf"):
+        for mmproj in MMPROJS:
             done = subprocess.run([str(args.llama_python), "-c", LLAMA_LOADS, str(directory / "text-f32.gguf"),
                                    str(directory / mmproj)], capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(f"llama.cpp does not load text-f32.gguf + {mmproj}:\n{done.stderr[-2000:]}")
         print("llama.cpp loads every pair (llama-cpp-python, mtmd)")
+        manifest["llama_embeddings"] = llama_embeddings(str(args.llama_python), directory, MMPROJS)
     manifest["files"] = sorted(p.name for p in directory.iterdir() if p.name != "manifest.json")
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(NAME, manifest)
