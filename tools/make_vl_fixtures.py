@@ -205,6 +205,14 @@ class Recorder:
             h.remove()
 
 
+def real_tokens(batch, f: int) -> tuple[list[int], torch.Tensor]:
+    """Each image's tokens, and which of the projector's token slots (every image's padded to the most an image
+    can have) are real."""
+    tokens = [(int(h) // f) * (int(w) // f) for h, w in batch["spatial_shapes"]]
+    slots = batch["pixel_values"].shape[1] // f ** 2
+    return tokens, torch.cat([torch.arange(slots) < n for n in tokens])
+
+
 def run_case(name: str, case: dict, images: dict[str, Path], out: Path) -> dict:
     model = build(case)
     cfg = model.config
@@ -224,7 +232,7 @@ def run_case(name: str, case: dict, images: dict[str, Path], out: Path) -> dict:
     f = cfg.downsample_factor
     tiles_per_image = [int(r) * int(c) + (1 if int(r) * int(c) > 1 and case["processor"]["use_thumbnail"] else 0)
                        for r, c in zip(batch["image_rows"], batch["image_cols"])]
-    tokens = [(int(h) // f) * (int(w) // f) for h, w in batch["spatial_shapes"]]
+    tokens, real = real_tokens(batch, f)
     ids, t = [1, 5, 6], 0
     for n, count in enumerate(tiles_per_image):
         ids += [IMAGE_TOKEN] * sum(tokens[t:t + count]) + [7 + n, 11]
@@ -255,8 +263,6 @@ def run_case(name: str, case: dict, images: dict[str, Path], out: Path) -> dict:
             assert torch.equal(again(input_ids=ids_t, **inputs).logits[0], logits), name
 
     # the projector runs on every image's token slots padded to the most an image can have: keep the real ones
-    slots = batch["pixel_values"].shape[1] // f ** 2
-    real = torch.cat([torch.arange(slots) < n for n in tokens])
     store = {}
     for key, value in rec.store.items():
         value = value[0] if value.dim() >= 2 and value.shape[0] == 1 and not key.startswith(SAVED) else value
@@ -311,10 +317,7 @@ def run_chat(name: str, case: dict, images: dict[str, Path], out: Path) -> dict:
         logits = model(**enc).logits[0]
         rec.close()
         generated = model.generate(**enc, max_new_tokens=case["new_tokens"], do_sample=False)[0, enc["input_ids"].shape[1]:]
-    f = model.config.downsample_factor
-    tokens = [(int(h) // f) * (int(w) // f) for h, w in enc["spatial_shapes"]]
-    slots = enc["pixel_values"].shape[1] // f ** 2
-    real = torch.cat([torch.arange(slots) < n for n in tokens])
+    tokens, real = real_tokens(enc, model.config.downsample_factor)
     store = {}
     for key, value in rec.store.items():
         name = lfm2np_name(key)
@@ -364,14 +367,10 @@ def run_bf16(name: str, out: Path) -> dict:
     with torch.no_grad():
         logits = model(input_ids=torch.from_numpy(ref["ids"])[None], **inputs).logits[0]
     rec.close()
-    f = model.config.downsample_factor
-    tokens = [(int(h) // f) * (int(w) // f) for h, w in inputs["spatial_shapes"]]
-    slots = inputs["pixel_values"].shape[1] // f ** 2
-    real = torch.cat([torch.arange(slots) < n for n in tokens])
-    keep = [TOWER + "embeddings"] + [f"{TOWER}encoder.layers.{i}" for i in range(model.config.vision_config.
-                                                                              num_hidden_layers)]
-    keep += [TOWER + "post_layernorm"] + [f"model.multi_modal_projector.{m}" for m in ("layer_norm", "linear_1",
-                                                                                      "linear_2")]
+    _, real = real_tokens(inputs, model.config.downsample_factor)
+    layers = range(model.config.vision_config.num_hidden_layers)
+    keep = [TOWER + "embeddings", *(f"{TOWER}encoder.layers.{i}" for i in layers), TOWER + "post_layernorm",
+            *(f"model.multi_modal_projector.{m}" for m in ("layer_norm", "linear_1", "linear_2"))]
     store = {}
     for key, value in rec.store.items():
         key_name = lfm2np_name(key)
@@ -400,7 +399,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.bf16_only:
-        print(BF16_CASE, run_bf16(BF16_CASE, args.out))
+        manifest = json.loads((args.out / "vl_manifest.json").read_text())
+        manifest["bf16"] = {BF16_CASE: run_bf16(BF16_CASE, args.out)}
+        (args.out / "vl_manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        print("bf16", manifest["bf16"])
         return
     images_dir = args.out / "vl-images"
     images_dir.mkdir(parents=True, exist_ok=True)

@@ -64,8 +64,9 @@ IMAGES = {"small": (22, 30), "tiled": (100, 130)}
 KEEP = ("pixel_values", "pixel_attention_mask", "spatial_shapes", "ids", "logits", "text_ids", "text_logits")
 CASE = dict(
     seed=903, released_names=True,
-    what="llama.cpp's converter output: text GGUF (F32) + mmproj (F32, F16); patches of 16 (what the converter "
-         "takes), 4 x 4 position grid; 3 tower layers, 4 heads of 8; projector LayerNorm and biases; tied head",
+    what="llama.cpp's converter output: text GGUF (F32) + mmproj (F32, F16, Q8_0; Q4_0 by gguf-py); patches of 16 "
+         "(what the converter takes), 4 x 4 position grid; 3 tower layers, 4 heads of 8; projector LayerNorm and "
+         "biases; tied head",
     vision=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4, patch_size=16,
                 num_patches=16),
     top=dict(projector_hidden_size=48, projector_use_layernorm=True, projector_bias=True, downsample_factor=2,
@@ -213,7 +214,8 @@ for i in range(M.mtmd_input_chunks_size(chunks)):
     if M.mtmd_input_chunk_get_type(chunk) == 1:  # MTMD_INPUT_CHUNK_TYPE_IMAGE
         n = M.mtmd_input_chunk_get_n_tokens(chunk)
         assert M.mtmd_encode_chunk(ctx, chunk) == 0
-        found.append(np.ctypeslib.as_array(M.mtmd_get_output_embd(ctx), shape=(n * llm.n_embd(),)).reshape(n, -1).copy())
+        embd = M.mtmd_get_output_embd(ctx)
+        found.append(np.ctypeslib.as_array(embd, shape=(n * llm.n_embd(),)).reshape(n, -1).copy())
 assert len(found) == 1, len(found)
 np.save(out, found[0].astype(np.float32))
 """
