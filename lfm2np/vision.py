@@ -193,8 +193,9 @@ def encode(px: Pixels, tower: TowerWeights, projector: ProjectorWeights, v: Visi
     """The image features of a checked batch: the tower, each image's real patches unshuffled, the projector.
     (N, P, C*p*p) -> (I, D), the images' tokens in order."""
     rnd, (N, P, _), Dv = s.rnd, px.pixel_values.shape, v.hidden_size
+    # the pixels in the compute dtype first (transformers: pixel_values.to(patch_embedding.weight.dtype))
     patches = s(TOWER + "embeddings.patch_embedding",
-                rnd(ops.linear(px.pixel_values, tower.patch_embedding, tower.patch_bias)))  # (N, P, Dv)
+                rnd(ops.linear(rnd(px.pixel_values), tower.patch_embedding, tower.patch_bias)))  # (N, P, Dv)
     grid = tower.position_embedding.reshape(v.grid, v.grid, Dv)
     positions = np.stack([ops_vision.resize_positions(grid, int(h), int(w), P) for h, w in px.shapes])
     positions = s(TOWER + "embeddings.position_embedding", rnd(positions))  # (N, P, Dv)

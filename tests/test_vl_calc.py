@@ -74,3 +74,44 @@ def test_memory_with_images(tmp_path, capsys):
         assert main(["memory", str(model), "--quant", "float32", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_memory_of_llamacpps_pair(capsys):
+    """``--mmproj``: the vision tower and projector at the mmproj's stored types (gguf-py's byte counts of both
+    files), and ``--image`` with llama.cpp's processor (its float32 half-away rounding, 64..256 tokens): the
+    tokens and KV bytes re-derived here from the files' metadata and test_vl_geometry's re-derivation."""
+    gguf = pytest.importorskip("gguf")
+    from test_vl_geometry import rederive_llama
+    pair = GOLDEN / "vl-gguf"
+    text = pair / "text-f32.gguf"
+
+    def data_bytes(path: Path) -> int:
+        return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+
+    fields = gguf.GGUFReader(str(text)).fields
+    kv_heads = fields["lfm2.attention.head_count_kv"].contents()
+    head_dim = fields["lfm2.embedding_length"].contents() // fields["lfm2.attention.head_count"].contents()
+    per_token = sum(2 * g * head_dim * 2 for g in kv_heads)  # K and V of each attention layer, f16
+    sizes = [(600, 400), (130, 100)]  # 600 x 400: 608 x 416 in llama.cpp (608 x 384 in transformers)
+    h, w = rederive_llama(np.array([s[1] for s in sizes]), np.array([s[0] for s in sizes]))
+    tokens = [int(a // 32) * int(b // 32) for a, b in zip(h, w)]
+    assert tokens[0] == 247
+    for name in ("mmproj-f32.gguf", "mmproj-f16.gguf"):
+        mmproj = pair / name
+        assert main(["memory", str(text), "--mmproj", str(mmproj), "--image", "600x400", "--image", "130x100",
+                     "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["mmproj_weights_bytes"] == data_bytes(mmproj) > 100_000
+        assert out["weights_bytes"] == data_bytes(text) + data_bytes(mmproj)
+        assert out["total_bytes"] == sum(out[k] for k in ("weights_bytes", "kv_cache_bytes", "conv_state_bytes",
+                                                           "compute_bytes"))
+        images = out["images"]
+        assert [i["tokens"] for i in images["images"]] == tokens and "llama.cpp" in images["settings"]
+        assert [i["kv_bytes"] for i in images["images"]] == [(t + 2) * per_token for t in tokens]  # + start, end
+    assert main(["memory", str(text), "--mmproj", str(pair / "mmproj-f16.gguf")]) == 0
+    assert f"of which vision    {data_bytes(pair / 'mmproj-f16.gguf'):,}" in capsys.readouterr().out
+    for argv, message in (([str(pair), "--mmproj", str(pair / "mmproj-f16.gguf")], "not a .gguf file"),
+                          ([str(text), "--mmproj", str(text)], "'clip'")):
+        assert main(["memory", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1

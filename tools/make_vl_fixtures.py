@@ -23,8 +23,12 @@ torch: they read what this script writes.
    chat template) and transformers' whole path from image files (``load_image``) and a chat through
    ``Lfm2VlProcessor`` (ids, pixel values) and the model: the tower's input and output, the unshuffled tokens, the
    projector's output, the placed embeddings, the logits and a few greedy tokens of ``generate``.
+5. bf16 (``reference-bf16.safetensors`` beside vl-layernorm's reference; alone with ``--bf16-only``): the committed
+   checkpoint loaded by transformers with ``dtype=torch.bfloat16`` and run on the recorded pixel batch and ids;
+   the tower's input, each encoder layer, the post-layernorm, the projector's values and the logits, as bf16 bits
+   (the reference of lfm2np's bfloat16 emulation of the vision path).
 
-Usage:  PYTHONPATH=. /work/venv-ref/bin/python tools/make_vl_fixtures.py [--out tests/golden]
+Usage:  PYTHONPATH=. /work/venv-ref/bin/python tools/make_vl_fixtures.py [--out tests/golden] [--bf16-only]
 """
 
 from __future__ import annotations
@@ -201,6 +205,14 @@ class Recorder:
             h.remove()
 
 
+def real_tokens(batch, f: int) -> tuple[list[int], torch.Tensor]:
+    """Each image's tokens, and which of the projector's token slots (every image's padded to the most an image
+    can have) are real."""
+    tokens = [(int(h) // f) * (int(w) // f) for h, w in batch["spatial_shapes"]]
+    slots = batch["pixel_values"].shape[1] // f ** 2
+    return tokens, torch.cat([torch.arange(slots) < n for n in tokens])
+
+
 def run_case(name: str, case: dict, images: dict[str, Path], out: Path) -> dict:
     model = build(case)
     cfg = model.config
@@ -220,7 +232,7 @@ def run_case(name: str, case: dict, images: dict[str, Path], out: Path) -> dict:
     f = cfg.downsample_factor
     tiles_per_image = [int(r) * int(c) + (1 if int(r) * int(c) > 1 and case["processor"]["use_thumbnail"] else 0)
                        for r, c in zip(batch["image_rows"], batch["image_cols"])]
-    tokens = [(int(h) // f) * (int(w) // f) for h, w in batch["spatial_shapes"]]
+    tokens, real = real_tokens(batch, f)
     ids, t = [1, 5, 6], 0
     for n, count in enumerate(tiles_per_image):
         ids += [IMAGE_TOKEN] * sum(tokens[t:t + count]) + [7 + n, 11]
@@ -251,8 +263,6 @@ def run_case(name: str, case: dict, images: dict[str, Path], out: Path) -> dict:
             assert torch.equal(again(input_ids=ids_t, **inputs).logits[0], logits), name
 
     # the projector runs on every image's token slots padded to the most an image can have: keep the real ones
-    slots = batch["pixel_values"].shape[1] // f ** 2
-    real = torch.cat([torch.arange(slots) < n for n in tokens])
     store = {}
     for key, value in rec.store.items():
         value = value[0] if value.dim() >= 2 and value.shape[0] == 1 and not key.startswith(SAVED) else value
@@ -307,10 +317,7 @@ def run_chat(name: str, case: dict, images: dict[str, Path], out: Path) -> dict:
         logits = model(**enc).logits[0]
         rec.close()
         generated = model.generate(**enc, max_new_tokens=case["new_tokens"], do_sample=False)[0, enc["input_ids"].shape[1]:]
-    f = model.config.downsample_factor
-    tokens = [(int(h) // f) * (int(w) // f) for h, w in enc["spatial_shapes"]]
-    slots = enc["pixel_values"].shape[1] // f ** 2
-    real = torch.cat([torch.arange(slots) < n for n in tokens])
+    tokens, real = real_tokens(enc, model.config.downsample_factor)
     store = {}
     for key, value in rec.store.items():
         name = lfm2np_name(key)
@@ -331,11 +338,72 @@ def run_chat(name: str, case: dict, images: dict[str, Path], out: Path) -> dict:
             "tokens": tokens, "T": int(enc["input_ids"].shape[1]), "generated": generated.tolist()}
 
 
+def bf16_bits(t: torch.Tensor) -> np.ndarray:
+    """A bfloat16 tensor's bit patterns (uint16): half a float32's bytes, exactly."""
+    return t.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def run_bf16(name: str, out: Path) -> dict:
+    """transformers in bfloat16 on a case's committed checkpoint and its recorded inputs (the pixel batch and
+    the ids of ``reference.safetensors``): the model loaded with ``dtype=torch.bfloat16`` (weights, buffers and
+    activations, as the text fixtures' bf16 references are made), eager attention. Kept, as bf16 bits: the tower's
+    input (embeddings), each encoder layer's output, its output (post_layernorm), the projector's values on the
+    real tokens (layer_norm, linear_1, linear_2: the image features) and the logits."""
+    from safetensors.numpy import load_file
+    from safetensors.torch import load_file as load_torch
+    directory = out / name
+    ref = load_file(str(directory / "reference.safetensors"))
+    with tempfile.TemporaryDirectory() as tmp:  # 5.25's tower names, as from_pretrained reads them
+        shutil.copy(directory / "config.json", Path(tmp) / "config.json")
+        tensors = {k.replace(TOWER, SAVED): v for k, v in load_torch(str(directory / "model.safetensors")).items()}
+        save_torch(tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        model = Lfm2VlForConditionalGeneration.from_pretrained(tmp, dtype=torch.bfloat16,
+                                                               attn_implementation="eager").eval()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    inputs = dict(pixel_values=torch.from_numpy(ref["pixel_values"]),
+                  pixel_attention_mask=torch.from_numpy(ref["pixel_attention_mask"]).bool(),
+                  spatial_shapes=torch.from_numpy(ref["spatial_shapes"]))
+    rec = Recorder(model)
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(ref["ids"])[None], **inputs).logits[0]
+    rec.close()
+    _, real = real_tokens(inputs, model.config.downsample_factor)
+    layers = range(model.config.vision_config.num_hidden_layers)
+    keep = [TOWER + "embeddings", *(f"{TOWER}encoder.layers.{i}" for i in layers), TOWER + "post_layernorm",
+            *(f"model.multi_modal_projector.{m}" for m in ("layer_norm", "linear_1", "linear_2"))]
+    store = {}
+    for key, value in rec.store.items():
+        key_name = lfm2np_name(key)
+        if key_name in keep:
+            value = value[0] if value.dim() >= 2 and value.shape[0] == 1 and not key.startswith(SAVED) else value
+            store[key_name] = value.reshape(-1, value.shape[-1])[real] if key_name.startswith("model.multi") else value
+    assert sorted(store) == sorted(keep), sorted(store)
+    bits = {k: bf16_bits(v) for k, v in store.items()}
+    bits["logits"] = bf16_bits(logits)
+    save_file(bits, str(directory / "reference-bf16.safetensors"),
+              metadata={"generator": f"tools/make_vl_fixtures.py v{GENERATOR_VERSION}", "dtype": "bfloat16 bits",
+                        "transformers": transformers.__version__, "torch": torch.__version__,
+                        "inputs": "reference.safetensors: pixel_values, pixel_attention_mask, spatial_shapes, ids"})
+    return {"values": sorted(bits), "logits_argmax_equal_float32": float(
+        (logits.float().argmax(-1).numpy() == ref["logits"].argmax(-1)).mean())}
+
+
+BF16_CASE = "vl-layernorm"  #: the case whose checkpoint transformers also runs in bfloat16
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="tests/golden", type=Path)
+    parser.add_argument("--bf16-only", action="store_true",
+                        help=f"only the bfloat16 reference of the committed {BF16_CASE} checkpoint (step 5)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.bf16_only:
+        manifest = json.loads((args.out / "vl_manifest.json").read_text())
+        manifest["bf16"] = {BF16_CASE: run_bf16(BF16_CASE, args.out)}
+        (args.out / "vl_manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        print("bf16", manifest["bf16"])
+        return
     images_dir = args.out / "vl-images"
     images_dir.mkdir(parents=True, exist_ok=True)
     images = make_images(images_dir)
@@ -346,6 +414,8 @@ def main() -> None:
         print(name, manifest["cases"][name])
     manifest["chat"] = {"vl-chat": run_chat("vl-chat", CHAT, images, args.out)}  # (not a tower case: no text_ids)
     print("vl-chat", manifest["chat"]["vl-chat"])
+    manifest["bf16"] = {BF16_CASE: run_bf16(BF16_CASE, args.out)}
+    print("bf16", manifest["bf16"])
     (args.out / "vl_manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 

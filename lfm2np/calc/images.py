@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 from ..config import Config
 from ..errors import Lfm2npError
+from ..io.gguf import open_gguf
+from ..io.mmproj import processor_settings as mmproj_processor_settings
 from ..processor import ProcessorConfig, image_layout
 from .memory import kv_bytes_per_token
 
@@ -31,9 +33,16 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
-def processor_settings(model: "str | os.PathLike[str]") -> tuple[ProcessorConfig, str]:
-    """The processor settings of ``model`` when it is a directory that has them, else the released defaults;
-    and where they came from."""
+def processor_settings(model: "str | os.PathLike[str]", mmproj: "str | os.PathLike[str] | None" = None) \
+        -> tuple[ProcessorConfig, str]:
+    """The processor settings of ``model`` when it is a directory that has them, llama.cpp's with an ``mmproj``
+    (:func:`lfm2np.io.mmproj.processor_settings`: the file's patch size, downsample factor, mean and std, its
+    fixed LFM2 values and rounding), else the released defaults; and where they came from."""
+    if mmproj is not None:
+        with open_gguf(mmproj) as f:
+            settings = mmproj_processor_settings(f.metadata, str(f.path))
+        where = f"{mmproj} (llama.cpp's LFM2 settings)"
+        return ProcessorConfig(**settings, source=where), where
     path = Path(model)
     if path.is_dir() and ((path / "processor_config.json").is_file() or (path / "preprocessor_config.json").is_file()):
         config = ProcessorConfig.from_dir(path)

@@ -145,8 +145,12 @@ def compute_buffer_bytes(config: Config, chunk: int = 512, context: int | None =
 
 def memory(config: Config, quant_name: str = "Q4_K_M", *, context: int = 4096, parallel: int = 1,
            kv_type: str = "f16", chunk: int = 512, flash_attention: bool = True, budget: int | None = None,
-           imatrix: bool = False, fuse_qkv: bool = False) -> dict[str, Any]:
+           imatrix: bool = False, fuse_qkv: bool = False,
+           mmproj: "str | os.PathLike[str] | None" = None) -> dict[str, Any]:
     """Weights + KV cache + conv state + compute buffer, and whether the total fits ``budget`` bytes.
+    ``mmproj``: llama.cpp's LFM2-VL pair, ``quant_name`` the text GGUF and ``mmproj`` the mmproj GGUF, whose
+    vision tower and projector are counted at their stored types too (``mmproj_weights_bytes``, within
+    ``weights_bytes``).
 
     Field names are an interface (the CLI's JSON): quant, weights_bytes, kv_bytes_per_token, kv_cache_bytes,
     conv_state_bytes, total_bytes, fits (None without a budget); plus compute_bytes and the inputs.
@@ -154,6 +158,11 @@ def memory(config: Config, quant_name: str = "Q4_K_M", *, context: int = 4096, p
     gguf = isinstance(quant_name, (str, os.PathLike)) and str(quant_name).lower().endswith(".gguf")
     q = str(quant_name) if gguf else normalise_quant(quant_name)
     w = weight_bytes(config, q, imatrix=imatrix, fuse_qkv=fuse_qkv)
+    if mmproj is not None and not gguf:
+        raise Lfm2npError(f"an mmproj ({str(mmproj)[:200]}) goes with llama.cpp's text GGUF; the weights are "
+                          f"{shown(quant_name)}, not a .gguf file")
+    vision = gguf_tensor_bytes(mmproj) if mmproj is not None else None
+    w += vision or 0
     per_tok = kv_bytes_per_token(config, kv_type)
     kv = kv_cache_bytes(config, context, parallel, kv_type)
     sliding = sliding_kv_bytes(config, context, kv_type) * parallel
@@ -164,12 +173,13 @@ def memory(config: Config, quant_name: str = "Q4_K_M", *, context: int = 4096, p
             "kv_type": str(kv_type).lower(), "weights_bytes": w, "kv_bytes_per_token": per_tok,
             "kv_cache_bytes": kv, "sliding_kv_bytes": sliding, "conv_state_bytes": conv, "compute_bytes": comp,
             "flash_attention": flash_attention, "total_bytes": total, "budget_bytes": budget,
-            "fits": None if budget is None else total <= budget}
+            "fits": None if budget is None else total <= budget,
+            **({} if vision is None else {"mmproj": str(mmproj), "mmproj_weights_bytes": vision})}
 
 
 def max_context(config: Config, quant_name: str, budget: int, *, parallel: int = 1, kv_type: str = "f16",
                 chunk: int = 512, flash_attention: bool = True, fuse_qkv: bool = False,
-                limit: int | None = None) -> int:
+                limit: int | None = None, mmproj: "str | os.PathLike[str] | None" = None) -> int:
     """The longest context (per sequence) whose :func:`memory` total fits ``budget`` bytes (0 if none does),
     at most ``limit`` tokens when given (the context the model supports: memory alone would allow contexts a
     model was never trained for; :func:`lfm2np.presets.supported_context`)."""
@@ -179,7 +189,7 @@ def max_context(config: Config, quant_name: str, budget: int, *, parallel: int =
 
     def fits(n: int) -> bool:
         return memory(config, quant_name, context=n, parallel=parallel, kv_type=kv_type, chunk=chunk,
-                      flash_attention=flash_attention, fuse_qkv=fuse_qkv)["total_bytes"] <= budget
+                      flash_attention=flash_attention, fuse_qkv=fuse_qkv, mmproj=mmproj)["total_bytes"] <= budget
     if not fits(1):
         return 0
     if fits(top):

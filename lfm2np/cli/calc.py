@@ -216,15 +216,18 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     if is_gguf(args.model):  # a GGUF file: its config and its real tensor types
         if args.quant is not None:
             raise Lfm2npError(f"--quant {args.quant} does not apply to {args.model}: its own tensor types are used")
-        c = load_config(args.model)
+        c = load_config(args.model, mmproj=args.mmproj)
         quant_arg = args.model
+    elif args.mmproj is not None:
+        load_config(args.model, mmproj=args.mmproj)  # raises: an mmproj goes with a text GGUF
     else:
         c = load_config(args.model)
     budget = args.budget[1] if args.budget is not None else None
     if args.fuse_qkv and is_gguf(args.model):
         raise Lfm2npError(f"--fuse-qkv does not apply to {args.model}: its own tensors (fused or not) are read")
     m = calc.memory(c, quant_arg, context=args.context, parallel=args.parallel, kv_type=args.kv_type,
-                    chunk=args.chunk, flash_attention=not args.no_flash_attn, budget=budget, fuse_qkv=args.fuse_qkv)
+                    chunk=args.chunk, flash_attention=not args.no_flash_attn, budget=budget, fuse_qkv=args.fuse_qkv,
+                    mmproj=args.mmproj)
     if args.fuse_qkv:
         m["fuse_qkv"] = True
     full = calc.attention_only(c)
@@ -234,10 +237,11 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     if budget is not None:
         m["max_context"] = calc.max_context(c, quant_arg, budget, parallel=args.parallel, kv_type=args.kv_type,
                                             chunk=args.chunk, flash_attention=not args.no_flash_attn,
-                                            fuse_qkv=args.fuse_qkv, limit=notes["supported_context"])
+                                            fuse_qkv=args.fuse_qkv, limit=notes["supported_context"],
+                                            mmproj=args.mmproj)
     m["notes"] = _memory_notes(c, m, args, notes)
     if args.image:
-        processor, where = processor_settings(args.model)
+        processor, where = processor_settings(args.model, args.mmproj)
         m["images"] = dict(image_costs(c, args.image, processor, args.kv_type), settings=where)
     if args.json:
         print(json.dumps(m, indent=2))
@@ -249,6 +253,10 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     seqs = _count(args.parallel, "sequence")
     rows = [("item", "bytes", "size", "how")]
     rows.append(("weights", _n(m["weights_bytes"]), fb(m["weights_bytes"]), what))
+    if args.mmproj is not None:  # llama.cpp's pair: the vision side apart, within the weights
+        v = m["mmproj_weights_bytes"]
+        rows[-1] = rows[-1][:3] + (f"tensor data of {q} and of {args.mmproj} (their real types)",)
+        rows.append(("  of which vision", _n(v), fb(v), "the mmproj's vision tower and projector"))
     # kv_bytes_per_token already sums K and V over the full-attention layers
     kind = "full-attention layer" if c.sliding_layers else "attention layer"
     how = f"{_n(m['kv_bytes_per_token'])} B/token ({_count(len(c.full_attention_layers), kind)}) x {_n(args.context)}"
@@ -310,6 +318,11 @@ def _budget(text: str) -> tuple[str, int]:
     return text, size(text)
 
 
+def add_mmproj_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mmproj", metavar="FILE", default=None,
+                   help="LFM2-VL from llama.cpp's pair: MODEL is the text GGUF, FILE its mmproj GGUF")
+
+
 def register(sub: Subparsers) -> None:
     """Add the ``params`` and ``memory`` subcommands."""
     p = sub.add_parser("params", help="parameter counts: breakdown, total and active per token",
@@ -319,8 +332,7 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print JSON (fields: total, active, "
                    "active_without_embedding, embedding, breakdown)")
     add_layers_argument(p, "also print one row per layer, for these layers")
-    p.add_argument("--mmproj", metavar="FILE", default=None,
-                   help="LFM2-VL from llama.cpp's pair: MODEL is the text GGUF, FILE its mmproj GGUF")
+    add_mmproj_argument(p)
     p.set_defaults(func=_cmd_params)
 
     m = sub.add_parser("memory", help="memory to run a model: weights, KV cache, conv state, compute",
@@ -345,7 +357,8 @@ def register(sub: Subparsers) -> None:
     m.add_argument("--image", action="append", type=_image_size, metavar="WxH",
                    help="an image of W x H pixels in the prompt (repeat for several): its image tokens by the "
                         "processor's layout (MODEL's processor config, else LFM2-VL's) and their KV cache")
+    add_mmproj_argument(m)
     m.add_argument("--json", action="store_true", help="print JSON (fields: quant, weights_bytes, "
                    "kv_bytes_per_token, kv_cache_bytes, conv_state_bytes, total_bytes, fits, notes; images "
-                   "with --image)")
+                   "with --image; mmproj_weights_bytes with --mmproj)")
     m.set_defaults(func=_cmd_memory)
