@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from .passes import in_parallel, logistic
+from .passes import ELEMENTWISE_CHUNK, in_parallel, logistic, one_blas_thread
 
 #: ``rnd(x) -> x``: rounding applied where a backend stores a result (identity unless emulating bf16).
 Rounding = Callable[[np.ndarray], np.ndarray]
@@ -46,12 +46,27 @@ def exact(x: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- basics
-def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """``y = x W^T + b``.  (T, in), (out, in), (out,) -> (T, out)"""
-    y = x @ w.T
-    if b is not None:
-        y += b
-    return y
+def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, shared: bool = False) -> np.ndarray:
+    """``y = x W^T + b``.  (T, in), (out, in), (out,) -> (T, out)
+
+    ``shared``: the rows of x shared among lfm2np's threads, a product each on one BLAS thread
+    (:func:`lfm2np.passes.one_blas_thread`): the bits of one BLAS thread whatever the thread count."""
+    if not shared:
+        y = x @ w.T
+        if b is not None:
+            y += b
+        return y
+    rows = x.reshape(-1, x.shape[-1])
+    out = np.empty((rows.shape[0], w.shape[0]), np.result_type(x, w))
+
+    def piece(lo: int, hi: int) -> None:
+        np.matmul(rows[lo:hi], w.T, out=out[lo:hi])
+        if b is not None:
+            out[lo:hi] += b
+
+    with one_blas_thread():
+        in_parallel(rows.shape[0], piece, size=out.size)
+    return out.reshape(*x.shape[:-1], w.shape[0])
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -145,12 +160,13 @@ def _softmax_in_place(e: np.ndarray, axis: int = -1) -> None:
     e /= np.sum(e, axis=axis, keepdims=True)
 
 
-def softmax(x: np.ndarray, axis: int = -1, in_place: bool = False) -> np.ndarray:
+def softmax(x: np.ndarray, axis: int = -1, in_place: bool = False, shared: bool = True) -> np.ndarray:
     """``exp(x - max x) / sum exp(x - max x)``; rows that are entirely -inf are not expected (causality keeps one
     key). ``in_place`` overwrites ``x`` (the attention scores, a fresh buffer) instead of allocating another.
-    Along a contiguous last axis, the rows are shared among threads (:mod:`lfm2np.passes`) (the same bits)."""
+    Along a contiguous last axis, the rows are shared among threads (:mod:`lfm2np.passes`) (the same bits),
+    unless not ``shared`` (a caller that already shares its work out among the threads)."""
     e = x if in_place else x.copy()
-    if e.ndim and e.size and e.flags.c_contiguous and axis in (-1, e.ndim - 1):
+    if shared and e.ndim and e.size and e.flags.c_contiguous and axis in (-1, e.ndim - 1):
         rows = e.reshape(-1, e.shape[-1])
         in_parallel(rows.shape[0], lambda lo, hi: _softmax_in_place(rows[lo:hi]), e.size)
     else:
@@ -334,11 +350,27 @@ def normalise_weights(weights: np.ndarray, rnd: Rounding = exact) -> np.ndarray:
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, rnd: Rounding = exact) -> np.ndarray:
     """LayerNorm over the last axis: ``(x - mean) / sqrt(var + eps) * w + b`` (biased variance).  (..., N) -> (..., N)
 
-    Statistics in at least float32; a bf16 backend computes the whole expression in float32 and stores it once."""
+    Statistics in at least float32; a bf16 backend computes the whole expression in float32 and stores it once.
+    (Rows shared among threads, each row's operations the same whatever the split.)"""
     xf = x.astype(np.promote_types(x.dtype, np.float32), copy=False)
-    centred = xf - np.mean(xf, axis=-1, keepdims=True)
-    inv_std = 1.0 / np.sqrt(np.mean(centred * centred, axis=-1, keepdims=True) + xf.dtype.type(eps))
-    return rnd((centred * inv_std * weight + bias).astype(x.dtype, copy=False))
+    if np.result_type(xf, weight, bias) != xf.dtype:  # wider weights: the expression as written, promoted
+        centred = xf - np.mean(xf, axis=-1, keepdims=True)
+        inv_std = 1.0 / np.sqrt(np.mean(centred * centred, axis=-1, keepdims=True) + xf.dtype.type(eps))
+        return rnd((centred * inv_std * weight + bias).astype(x.dtype, copy=False))
+    rows = np.ascontiguousarray(xf).reshape(-1, xf.shape[-1]) if xf.ndim else xf.reshape(1, 1)
+    out = np.empty(rows.shape, xf.dtype)
+    one, small = xf.dtype.type(1.0), xf.dtype.type(eps)
+
+    def piece(lo: int, hi: int) -> None:
+        r, o = rows[lo:hi], out[lo:hi]
+        np.subtract(r, np.mean(r, axis=-1, keepdims=True), out=o)  # centred
+        inv_std = one / np.sqrt(np.mean(o * o, axis=-1, keepdims=True) + small)
+        o *= inv_std
+        o *= weight
+        o += bias
+
+    in_parallel(rows.shape[0], piece, size=out.size)
+    return rnd(out.reshape(xf.shape).astype(x.dtype, copy=False))
 
 
 def gelu_tanh(x: np.ndarray, rnd: Rounding = exact) -> np.ndarray:
@@ -349,16 +381,20 @@ def gelu_tanh(x: np.ndarray, rnd: Rounding = exact) -> np.ndarray:
     flat = np.ascontiguousarray(x).reshape(-1)
     out = np.empty(flat.shape, x.dtype)
 
-    def piece(lo: int, hi: int) -> None:  # in place, a slice at a time, each element's operations in this order
-        xs, o = flat[lo:hi], out[lo:hi]
-        np.multiply(xs, xs, out=o)
-        o *= xs  # x^3
-        o *= a
-        o += xs
-        o *= c  # the inner value
-        np.tanh(o, out=o)
-        o += t(1)
-        o *= t(0.5) * xs
+    def piece(lo: int, hi: int) -> None:  # in place, a cache-sized slice at a time, each element's operations
+        half = np.empty(min(ELEMENTWISE_CHUNK, hi - lo), x.dtype)  # in this order
+        for i in range(lo, hi, ELEMENTWISE_CHUNK):
+            j = min(i + ELEMENTWISE_CHUNK, hi)
+            xs, o, h = flat[i:j], out[i:j], half[:j - i]
+            np.multiply(xs, xs, out=o)
+            o *= xs  # x^3
+            o *= a
+            o += xs
+            o *= c  # the inner value
+            np.tanh(o, out=o)
+            o += t(1)
+            np.multiply(xs, t(0.5), out=h)
+            o *= h
 
     in_parallel(flat.size, piece)
     return rnd(out.reshape(x.shape))

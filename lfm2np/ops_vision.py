@@ -82,6 +82,8 @@ def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask: np.
     bias = None if key_mask.all() else np.where(key_mask > 0, 0, np.finfo(q.dtype).min).astype(q.dtype)
     out = np.empty((P, H, hd), q.dtype)
 
+    together = passes.THREADS > 1 and H > 1
+
     def heads(lo: int, hi: int) -> None:
         for h in range(lo, hi):
             scores = rnd(np.ascontiguousarray(q[:, h]) @ np.ascontiguousarray(k[:, h]).T)  # (P, P)
@@ -89,12 +91,12 @@ def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask: np.
             scores = rnd(scores)
             if bias is not None:
                 scores += bias
-            probs = rnd(softmax(scores, axis=-1, in_place=True))
+            probs = rnd(softmax(scores, axis=-1, in_place=True, shared=not together))
             out[:, h] = rnd(probs @ v[:, h])
 
-    if passes.THREADS > 1 and H > 1:
+    if together:
         with passes.one_blas_thread():
-            passes.in_parallel(H, heads, size=H * P * P)
+            passes.in_parallel(H, heads, size=H * P * P, per_thread=4)
     else:
         heads(0, H)
     return out.reshape(P, H * hd)

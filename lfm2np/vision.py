@@ -195,7 +195,8 @@ def encode(px: Pixels, tower: TowerWeights, projector: ProjectorWeights, v: Visi
     rnd, (N, P, _), Dv = s.rnd, px.pixel_values.shape, v.hidden_size
     # the pixels in the compute dtype first (transformers: pixel_values.to(patch_embedding.weight.dtype))
     patches = s(TOWER + "embeddings.patch_embedding",
-                rnd(ops.linear(rnd(px.pixel_values), tower.patch_embedding, tower.patch_bias)))  # (N, P, Dv)
+                rnd(ops.linear(rnd(px.pixel_values), tower.patch_embedding, tower.patch_bias,
+                               shared=True)))  # (N, P, Dv)
     grid = tower.position_embedding.reshape(v.grid, v.grid, Dv)
     positions = np.stack([ops_vision.resize_positions(grid, int(h), int(w), P) for h, w in px.shapes])
     positions = s(TOWER + "embeddings.position_embedding", rnd(positions))  # (N, P, Dv)
@@ -221,17 +222,18 @@ def encoder_layer(h: np.ndarray, mask: np.ndarray, w: EncoderLayerWeights, v: Vi
     rnd, (N, P, Dv), eps = s.rnd, h.shape, v.layer_norm_eps
     Hv, hd = v.num_attention_heads, v.head_dim
     x = s("layer_norm1", ops.layer_norm(h, w.layer_norm1, w.layer_norm1_bias, eps, rnd))
-    q = s("self_attn.q_proj", rnd(ops.linear(x, w.q_proj, w.q_bias)))  # (N, P, Dv)
-    k = s("self_attn.k_proj", rnd(ops.linear(x, w.k_proj, w.k_bias)))
-    val = s("self_attn.v_proj", rnd(ops.linear(x, w.v_proj, w.v_bias)))
+    q = s("self_attn.q_proj", rnd(ops.linear(x, w.q_proj, w.q_bias, shared=True)))  # (N, P, Dv)
+    k = s("self_attn.k_proj", rnd(ops.linear(x, w.k_proj, w.k_bias, shared=True)))
+    val = s("self_attn.v_proj", rnd(ops.linear(x, w.v_proj, w.v_bias, shared=True)))
     heads = [ops_vision.encoder_attention(q[n].reshape(P, Hv, hd), k[n].reshape(P, Hv, hd),
                                           val[n].reshape(P, Hv, hd), mask[n], rnd) for n in range(N)]
     attn = s("self_attn.attn_out", np.stack(heads))  # (N, P, Dv)
-    h = s("attn_residual", rnd(h + s("self_attn.out_proj", rnd(ops.linear(attn, w.out_proj, w.out_bias)))))
+    out = s("self_attn.out_proj", rnd(ops.linear(attn, w.out_proj, w.out_bias, shared=True)))
+    h = s("attn_residual", rnd(h + out))
     x = s("layer_norm2", ops.layer_norm(h, w.layer_norm2, w.layer_norm2_bias, eps, rnd))
-    y = s("mlp.fc1", rnd(ops.linear(x, w.fc1, w.fc1_bias)))  # (N, P, Fv)
+    y = s("mlp.fc1", rnd(ops.linear(x, w.fc1, w.fc1_bias, shared=True)))  # (N, P, Fv)
     y = s("mlp.act", ops.gelu_tanh(y, rnd))
-    y = s("mlp.fc2", rnd(ops.linear(y, w.fc2, w.fc2_bias)))  # (N, P, Dv)
+    y = s("mlp.fc2", rnd(ops.linear(y, w.fc2, w.fc2_bias, shared=True)))  # (N, P, Dv)
     return rnd(h + y)
 
 
@@ -242,9 +244,9 @@ def project(tokens: np.ndarray, w: ProjectorWeights, s: Scope = QUIET) -> np.nda
     rnd = s.rnd
     if w.layer_norm is not None:
         tokens = s("layer_norm", ops.layer_norm(tokens, w.layer_norm, w.layer_norm_bias, 1e-5, rnd))
-    y = s("linear_1", rnd(ops.linear(tokens, w.linear_1, w.linear_1_bias)))  # (I, Hp)
+    y = s("linear_1", rnd(ops.linear(tokens, w.linear_1, w.linear_1_bias, shared=True)))  # (I, Hp)
     y = s("act", ops.gelu(y, rnd))
-    return s("linear_2", rnd(ops.linear(y, w.linear_2, w.linear_2_bias)))  # (I, D)
+    return s("linear_2", rnd(ops.linear(y, w.linear_2, w.linear_2_bias, shared=True)))  # (I, D)
 
 
 def place(embeds: np.ndarray, ids: np.ndarray, features: np.ndarray, image_token_id: int) -> np.ndarray:

@@ -259,31 +259,56 @@ def _blas_threads() -> list[int]:
     return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
 
 
-def test_one_blas_thread_limits_the_blas_and_gives_its_count_back_after_overlapping_blocks():
+def test_one_blas_thread_limits_the_blas_and_gives_its_count_back():
     before = _blas_threads()
     assert before, "NumPy's BLAS is not visible to threadpoolctl"
-    inside, go_on = threading.Event(), threading.Event()
-    seen: list[list[int]] = []
-
-    def other() -> None:
+    for _ in range(2):  # again: the first block must leave nothing behind
         with passes.one_blas_thread():
-            inside.set()
-            go_on.wait(10)
-            seen.append(_blas_threads())
-
-    t = threading.Thread(target=other)
-    t.start()
-    inside.wait(10)
-    with passes.one_blas_thread():  # overlaps the other thread's block, ends first
-        seen.append(_blas_threads())
-    assert _blas_threads() == [1] * len(before)  # the other block still runs
-    go_on.set()
-    t.join()
-    assert seen == [[1] * len(before)] * 2
-    assert _blas_threads() == before
+            assert _blas_threads() == [1] * len(before)
+            with passes.one_blas_thread():  # nested
+                assert _blas_threads() == [1] * len(before)
+            assert _blas_threads() == [1] * len(before)
+        assert _blas_threads() == before
     with pytest.raises(ZeroDivisionError):  # an error inside a block gives the count back too
         with passes.one_blas_thread():
             1 / 0
+    assert _blas_threads() == before
+
+
+def test_blocks_in_several_threads_leave_the_count_as_it_was_and_later_blocks_work():
+    before = _blas_threads()
+    first_in, second_out = threading.Event(), threading.Event()
+
+    def first() -> None:  # enters first, leaves last
+        with passes.one_blas_thread():
+            first_in.set()
+            second_out.wait(10)
+
+    def second() -> None:
+        first_in.wait(10)
+        with passes.one_blas_thread():
+            pass
+        second_out.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert _blas_threads() == before
+    seen: list[list[int]] = []
+
+    def later() -> None:  # a thread that never held the count before
+        with passes.one_blas_thread():
+            seen.append(_blas_threads())
+
+    for _ in range(2):
+        t = threading.Thread(target=later)
+        t.start()
+        t.join()
+        with passes.one_blas_thread():  # and this one
+            seen.append(_blas_threads())
+    assert seen == [[1] * len(before)] * 4
     assert _blas_threads() == before
 
 
@@ -309,3 +334,43 @@ def test_vision_attention_heads_shared_among_threads_are_the_same_bits(seed, mon
     p = np.exp(s - s.max(-1, keepdims=True))
     want = np.einsum("hpk,khd->phd", p / p.sum(-1, keepdims=True), v64).reshape(P, H * hd)
     np.testing.assert_allclose(shared, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 3), (37, 4304, 96), (300, 1152, 40), (5, 2, 7, 64)])
+def test_a_shared_linear_is_one_blas_threads_product_bit_for_bit(shape, monkeypatch):
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(len(shape))
+    *lead, k, n = shape
+    x = rng.standard_normal((*lead, k)).astype(np.float32)
+    w, b = rng.standard_normal((n, k)).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    with threadpool_limits(1, "blas"):
+        want = x @ w.T + b
+    monkeypatch.setattr(passes, "THREADS", 3)
+    monkeypatch.setattr(passes, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(passes, "_pool", None)
+    got = ops.linear(x, w, b, shared=True)
+    assert got.shape == want.shape and got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert _blas_threads() != [] and ops.linear(x, w, None, shared=True).shape == want.shape
+
+
+@pytest.mark.parametrize("shape, dtype", [((300, 1152), np.float32), ((3, 5, 7), np.float64), ((9,), np.float32),
+                                          ((4, 2, 48), np.float16)])
+def test_layer_norm_shared_among_threads_is_the_formula_bit_for_bit(shape, dtype, monkeypatch):
+    rng = np.random.default_rng(len(shape))
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    wdt = np.float64 if dtype == np.float64 else np.float32
+    w, b = rng.standard_normal(shape[-1]).astype(wdt), rng.standard_normal(shape[-1]).astype(wdt)
+    xf = x.astype(np.promote_types(dtype, np.float32))
+    centred = xf - np.mean(xf, axis=-1, keepdims=True)
+    want = (centred * (1.0 / np.sqrt(np.mean(centred * centred, axis=-1, keepdims=True) + xf.dtype.type(1e-6)))
+            * w + b).astype(dtype)
+    monkeypatch.setattr(passes, "THREADS", 3)
+    monkeypatch.setattr(passes, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(passes, "_pool", None)
+    got = ops.layer_norm(x, w, b, 1e-6)
+    assert got.dtype == dtype and got.shape == shape
+    np.testing.assert_array_equal(got, want)
+    wide = ops.layer_norm(x.astype(np.float32), w.astype(np.float64), b.astype(np.float64), 1e-6)  # promoted
+    assert wide.dtype == np.float32

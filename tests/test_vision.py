@@ -286,3 +286,18 @@ def test_erf_shared_among_threads_is_the_same_bits(monkeypatch):
     shared = ops.erf(x)
     assert shared.shape == x.shape
     np.testing.assert_array_equal(shared.view(np.uint32), one.view(np.uint32))
+
+
+@pytest.mark.parametrize("case", VL_CASES[:2])
+def test_the_tower_gives_the_same_bits_on_any_number_of_threads(case, monkeypatch):
+    # its products are cut into row ranges on one BLAS thread each: the bits of one thread, whatever the count
+    from lfm2np import passes
+
+    m, b = model(case), batch(case)
+    monkeypatch.setattr(passes, "THREADS", 1)
+    one = m.forward(reference(case)["ids"], images=b)
+    monkeypatch.setattr(passes, "THREADS", 3)
+    monkeypatch.setattr(passes, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(passes, "_pool", None)
+    shared = m.forward(reference(case)["ids"], images=b)
+    np.testing.assert_array_equal(shared.view(np.uint32), one.view(np.uint32))
