@@ -346,7 +346,7 @@ def normalise_weights(weights: np.ndarray, rnd: Rounding = exact) -> np.ndarray:
     return rnd(weights / total)
 
 
-# ------------------------------------------------- LayerNorm, GELU and erf (the LFM2-VL vision tower and projector)
+# ---------------------------------------- LayerNorm and GELU-tanh (the LFM2-VL vision tower; erf and the exact GELU: ops_vision)
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, rnd: Rounding = exact) -> np.ndarray:
     """LayerNorm over the last axis: ``(x - mean) / sqrt(var + eps) * w + b`` (biased variance).  (..., N) -> (..., N)
 
@@ -398,64 +398,3 @@ def gelu_tanh(x: np.ndarray, rnd: Rounding = exact) -> np.ndarray:
 
     in_parallel(flat.size, piece)
     return rnd(out.reshape(x.shape))
-
-
-_TWO_OVER_SQRT_PI, _ONE_OVER_SQRT_PI = 2 / math.sqrt(math.pi), 1 / math.sqrt(math.pi)
-
-
-def erf(x: np.ndarray) -> np.ndarray:
-    """``erf(x) = 2/sqrt(pi) * integral_0^x exp(-t^2) dt``, computed in float64 and returned in x's dtype: within
-    5 ulp of a correctly rounded float64 erf (0.24 ulp on average over [-7, 7]), so correctly rounded in float32.
-
-    |x| < 1: the Taylor series ``2/sqrt(pi) sum (-1)^n x^(2n+1) / (n! (2n+1))``; 1 <= |x| < 2: the series of
-    positive terms ``2/sqrt(pi) exp(-x^2) sum 2^n x^(2n+1) / (1*3*...*(2n+1))``, summed with compensation; 2 <= |x|
-    < 6: ``1 - erfc(x)`` with erfc's continued fraction ``exp(-x^2)/sqrt(pi) / (x + (1/2)/(x + 1/(x + (3/2)/(x +
-    ...))))`` (45 terms); beyond 6, 1 (erfc(6) = 2e-17). Odd: erf(-x) = -erf(x)."""
-    x64 = np.asarray(x, dtype=np.float64)
-    flat = np.ascontiguousarray(x64).reshape(-1)
-    out = np.empty(flat.shape, np.float64)
-
-    def piece(lo: int, hi: int) -> None:  # elementwise: the same values whatever the split among threads
-        out[lo:hi] = _erf_magnitude(np.abs(flat[lo:hi]))
-
-    in_parallel(flat.size, piece)
-    out = np.copysign(out, flat).reshape(x64.shape)
-    return out.astype(np.asarray(x).dtype if np.asarray(x).dtype.kind == "f" else np.float64, copy=False)
-
-
-def _erf_magnitude(a: np.ndarray) -> np.ndarray:
-    """erf(a) for a >= 0 (float64), by :func:`erf`'s three formulas; NaN stays NaN."""
-    out = np.ones_like(a)
-    part = a < 1
-    s = a[part]
-    s2, term = s * s, s.copy()
-    total = s.copy()
-    for n in range(1, 28):
-        term *= -s2 / n
-        total += term / (2 * n + 1)
-    out[part] = _TWO_OVER_SQRT_PI * total
-    part = (a >= 1) & (a < 2)
-    s = a[part]
-    s2, term, total, lost = s * s, s.copy(), s.copy(), np.zeros_like(s)
-    for n in range(40):  # Kahan summation: the terms rise before they fall
-        term *= 2 * s2 / (2 * n + 3)
-        y = term - lost
-        t = total + y
-        lost = (t - total) - y
-        total = t
-    out[part] = _TWO_OVER_SQRT_PI * np.exp(-s2) * total
-    part = (a >= 2) & (a < 6)
-    s = a[part]
-    fraction = s.copy()
-    for k in range(45, 0, -1):  # the continued fraction, evaluated from its far end
-        fraction = s + (k / 2) / fraction
-    out[part] = 1 - _ONE_OVER_SQRT_PI * np.exp(-s * s) / fraction
-    out[np.isnan(a)] = np.nan
-    return out
-
-
-def gelu(x: np.ndarray, rnd: Rounding = exact) -> np.ndarray:
-    """``x * 0.5 * (1 + erf(x / sqrt(2)))``, GELU in its exact erf form (the projector's ``gelu``), computed in
-    float64 and stored in x's dtype (a bf16 backend: stored once)."""
-    x64 = x.astype(np.float64, copy=False)
-    return rnd((x64 * 0.5 * (1.0 + erf(x64 * math.sqrt(0.5)))).astype(x.dtype, copy=False))

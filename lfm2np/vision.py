@@ -245,7 +245,7 @@ def project(tokens: np.ndarray, w: ProjectorWeights, s: Scope = QUIET) -> np.nda
     if w.layer_norm is not None:
         tokens = s("layer_norm", ops.layer_norm(tokens, w.layer_norm, w.layer_norm_bias, 1e-5, rnd))
     y = s("linear_1", rnd(ops.linear(tokens, w.linear_1, w.linear_1_bias, shared=True)))  # (I, Hp)
-    y = s("act", ops.gelu(y, rnd))
+    y = s("act", ops_vision.gelu(y, rnd))
     return s("linear_2", rnd(ops.linear(y, w.linear_2, w.linear_2_bias, shared=True)))  # (I, D)
 
 
