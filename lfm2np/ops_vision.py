@@ -78,7 +78,8 @@ def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask: np.
 
     One head at a time per thread, so that its P x P scores stay in the cache while the softmax passes over
     them; the heads are shared among the threads of :mod:`lfm2np.passes`, each product on one BLAS thread
-    (a head's products are too small for the BLAS to split well: twice as fast on two cores, the same bits)."""
+    (a head's products are too small for the BLAS to split well: twice as fast on two cores). Always one BLAS
+    thread's bits, on any number of threads."""
     P, H, hd = q.shape
     scale = q.dtype.type(hd ** -0.5)
     bias = None if key_mask.all() else np.where(key_mask > 0, 0, np.finfo(q.dtype).min).astype(q.dtype)
@@ -96,11 +97,11 @@ def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask: np.
             probs = rnd(softmax(scores, axis=-1, in_place=True, shared=not together))
             out[:, h] = rnd(probs @ v[:, h])
 
-    if together:
-        with passes.one_blas_thread():
+    with passes.one_blas_thread():  # one BLAS thread's bits, whether the heads are shared out or not
+        if together:
             passes.in_parallel(H, heads, size=H * P * P, per_thread=4)
-    else:
-        heads(0, H)
+        else:
+            heads(0, H)
     return out.reshape(P, H * hd)
 
 
