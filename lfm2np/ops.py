@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from .passes import ELEMENTWISE_CHUNK, in_parallel, logistic, one_blas_thread
+from .passes import ELEMENTWISE_CHUNK, in_parallel, logistic, shared_products
 
 #: ``rnd(x) -> x``: rounding applied where a backend stores a result (identity unless emulating bf16).
 Rounding = Callable[[np.ndarray], np.ndarray]
@@ -50,7 +50,7 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, shared: bo
     """``y = x W^T + b``.  (T, in), (out, in), (out,) -> (T, out)
 
     ``shared``: the rows of x shared among lfm2np's threads, a product each on one BLAS thread
-    (:func:`lfm2np.passes.one_blas_thread`): the bits of one BLAS thread whatever the thread count."""
+    (:func:`lfm2np.passes.shared_products`): the bits of one BLAS thread whatever the thread count."""
     if not shared:
         y = x @ w.T
         if b is not None:
@@ -64,8 +64,7 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, shared: bo
         if b is not None:
             out[lo:hi] += b
 
-    with one_blas_thread():
-        in_parallel(rows.shape[0], piece, size=out.size)
+    shared_products(rows.shape[0], piece, size=out.size)
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 

@@ -97,11 +97,7 @@ def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask: np.
             probs = rnd(softmax(scores, axis=-1, in_place=True, shared=not together))
             out[:, h] = rnd(probs @ v[:, h])
 
-    with passes.one_blas_thread():  # one BLAS thread's bits, whether the heads are shared out or not
-        if together:
-            passes.in_parallel(H, heads, size=H * P * P, per_thread=4)
-        else:
-            heads(0, H)
+    passes.shared_products(H, heads, size=H * P * P if together else 0, per_thread=4)
     return out.reshape(P, H * hd)
 
 

@@ -88,6 +88,20 @@ def one_blas_thread() -> Iterator[None]:
         yield
 
 
+def shared_products(n: int, work: Callable[[int, int], None], size: int | None = None, per_thread: int = 1) -> None:
+    """:func:`in_parallel` for work made of BLAS products: the BLAS held to one thread (:func:`one_blas_thread`)
+    in the calling thread for the whole call and in each piece's thread for its piece, so that every product
+    runs on one BLAS thread whichever thread runs it (threadpoolctl changes the count for the whole process with
+    a pthreads OpenBLAS, NumPy's, and for the calling thread alone where the BLAS runs on OpenMP)."""
+
+    def piece(lo: int, hi: int) -> None:
+        with one_blas_thread():
+            work(lo, hi)
+
+    with one_blas_thread():
+        in_parallel(n, piece, size, per_thread)
+
+
 def in_parallel(n: int, work: Callable[[int, int], None], size: int | None = None, per_thread: int = 1) -> None:
     """``work(lo, hi)`` over ``0 .. n`` in up to :data:`THREADS` contiguous pieces at once, for passes whose
     pieces are independent (rows of a softmax, slices of an elementwise chain): each element sees the same

@@ -374,3 +374,22 @@ def test_layer_norm_shared_among_threads_is_the_formula_bit_for_bit(shape, dtype
     np.testing.assert_array_equal(got, want)
     wide = ops.layer_norm(x.astype(np.float32), w.astype(np.float64), b.astype(np.float64), 1e-6)  # promoted
     assert wide.dtype == np.float32
+
+
+def test_shared_products_run_every_piece_on_one_blas_thread_and_give_the_count_back(monkeypatch):
+    before = _blas_threads()
+    monkeypatch.setattr(passes, "THREADS", 3)
+    monkeypatch.setattr(passes, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(passes, "_pool", None)
+    seen: dict[int, tuple[str, list[int]]] = {}
+
+    def piece(lo: int, hi: int) -> None:
+        time.sleep(0.01)  # let the pool's threads take pieces too
+        for i in range(lo, hi):
+            seen[i] = (threading.current_thread().name, _blas_threads())
+
+    passes.shared_products(12, piece, per_thread=4)
+    assert sorted(seen) == list(range(12))
+    assert all(counts == [1] * len(before) for _, counts in seen.values())
+    assert len({name for name, _ in seen.values()}) > 1  # more than one thread ran pieces
+    assert _blas_threads() == before
