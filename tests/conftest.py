@@ -70,3 +70,39 @@ def split(chunk: int, threads: int):
         yield
     finally:
         passes.ELEMENTWISE_CHUNK, passes.THREADS, passes.PARALLEL_MIN = saved
+
+
+def rewrite_gguf(src: Path, dst: Path, meta: dict | None = None, drop=(), tensors: dict | None = None) -> Path:
+    """A copy of GGUF file ``src`` at ``dst``, through gguf's reader and writer: metadata values replaced by
+    ``meta`` (``None``: the key left out; ``general.architecture`` too), the tensors ``drop`` left out,
+    ``tensors`` ({name: array}) replacing those of the same name or added after the others; every other tensor
+    copied as stored (quantised blocks included)."""
+    import gguf  # the dev extra: only the GGUF tests call this
+
+    meta, tensors = meta or {}, tensors or {}
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(dst), meta.get("general.architecture",
+                                           reader.fields["general.architecture"].contents()))
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or (key in meta and meta[key] is None):
+            continue
+        vtype = field.types[0]
+        w.add_key_value(key, meta.get(key, field.contents()), vtype,
+                        sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    stored = set()
+    for t in reader.tensors:
+        stored.add(t.name)
+        if t.name in drop:
+            continue
+        if t.name in tensors:
+            w.add_tensor(t.name, tensors[t.name])
+        else:
+            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    for name, values in tensors.items():
+        if name not in stored:
+            w.add_tensor(name, values)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst

@@ -34,6 +34,7 @@ from lfm2np.cli import main
 from lfm2np.generate import Generation, Sampling, generate
 from lfm2np.io.tokenizer import Tokenizer
 
+from conftest import rewrite_gguf
 from tokenizer_fixture import MODEL_VOCAB, TEXTS, tiny_checkpoint, tiny_config, tiny_params
 
 pytest.importorskip("gguf")  # optional dependency; it is in the dev extra, so CI has it
@@ -309,37 +310,11 @@ def test_config_from_metadata_variants():
 
 
 # ------------------------------------------------------------------------------------------ errors
-def rewrite(src, dst, drop=(), replace=None, add=None):
-    """Copy a GGUF file with gguf's reader and writer, leaving out the tensors ``drop``, replacing tensors by
-    ``replace`` and adding ``add`` ({name: float32 array})."""
-    reader = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        vtype = field.types[0]
-        w.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
-    for t in reader.tensors:
-        if t.name in drop:
-            continue
-        if replace and t.name in replace:
-            w.add_tensor(t.name, replace[t.name])
-        else:
-            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    for name, values in (add or {}).items():
-        w.add_tensor(name, values)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 def test_missing_tensor_is_named(tmp_path):
     config, params = params_for("dense-untied", 48)
     path = tmp_path / "full.gguf"
     W.write_gguf(path, config, params, "F32")
-    short = rewrite(path, tmp_path / "short.gguf", drop={"blk.1.attn_k.weight"})
+    short = rewrite_gguf(path, tmp_path / "short.gguf", drop={"blk.1.attn_k.weight"})
     with pytest.raises(lfm2np.Lfm2npError, match=r"short\.gguf: missing tensor blk\.1\.attn_k\.weight"):
         lfm2np.load(short)
 
@@ -348,7 +323,7 @@ def test_shape_mismatch_is_named(tmp_path):
     config, params = params_for("dense-tied", 48)
     path = tmp_path / "ok.gguf"
     W.write_gguf(path, config, params, "F32")
-    bad = rewrite(path, tmp_path / "norm.gguf", replace={"blk.0.ffn_norm.weight": np.ones(40, np.float32)})
+    bad = rewrite_gguf(path, tmp_path / "norm.gguf", tensors={"blk.0.ffn_norm.weight": np.ones(40, np.float32)})
     with pytest.raises(lfm2np.Lfm2npError, match=r"norm\.gguf: tensor 'blk\.0\.ffn_norm\.weight' has ggml shape \[40\]; "
                                                  r"the config expects \[48\]"):
         lfm2np.load(bad)
@@ -363,7 +338,7 @@ def test_a_weight_stored_with_an_integer_type_is_refused(tmp_path, name, values)
     config, params = params_for("dense-tied", 48)
     path = tmp_path / "ok.gguf"
     W.write_gguf(path, config, params, "F32")
-    bad = rewrite(path, tmp_path / "ints.gguf", replace={name: values})
+    bad = rewrite_gguf(path, tmp_path / "ints.gguf", tensors={name: values})
     kind = {np.int8: "I8", np.int16: "I16", np.int32: "I32", np.int64: "I64"}[values.dtype.type]
     assert G.gguf_tensor_types(bad)[name] == kind
     with pytest.raises(lfm2np.Lfm2npError, match=rf"ints\.gguf: tensor '{re.escape(name)}' is stored as {kind}, an "
@@ -570,8 +545,8 @@ def _fuse_by_hand(src, dst, config):
     fused = {}
     for i in config.attention_layers:
         fused[f"blk.{i}.attn_qkv.weight"] = np.concatenate([data.pop(f"blk.{i}.attn_{x}.weight") for x in "qkv"])
-    return rewrite(src, dst, drop={f"blk.{i}.attn_{x}.weight" for i in config.attention_layers for x in "qkv"},
-                   replace=None, add=fused)
+    return rewrite_gguf(src, dst, drop={f"blk.{i}.attn_{x}.weight" for i in config.attention_layers for x in "qkv"},
+                        tensors=fused)
 
 
 @pytest.mark.parametrize("kind", ["dense-untied", "moe-tied"])

@@ -23,7 +23,7 @@ from lfm2np.io.mmproj import LLAMA_CPP_PROCESSOR
 from lfm2np.oracle.tolerance import FP32, rel_error
 from lfm2np.vision_schema import PROJECTOR, TOWER
 
-from conftest import GOLDEN
+from conftest import GOLDEN, rewrite_gguf
 
 gguf = pytest.importorskip("gguf")
 
@@ -131,31 +131,6 @@ def test_the_pair_gets_llama_cpps_processor_settings():
 
 
 # ---------------------------------------------------------------------------------------- hostile input
-def rewrite(src: Path, dst: Path, meta: dict | None = None, drop: tuple = (), tensors: dict | None = None) -> Path:
-    """A copy of GGUF ``src`` with metadata values replaced (``None``: removed), tensors dropped or replaced."""
-    meta, tensors = meta or {}, tensors or {}
-    with GgufFile(src) as f:
-        w = gguf.GGUFWriter(str(dst), meta.get("general.architecture", f.metadata["general.architecture"]))
-        for key, value in f.metadata.items():
-            if key == "general.architecture" or (key in meta and meta[key] is None):
-                continue
-            kind = f.types[key]
-            vtype = gguf.GGUFValueType[kind[0] if isinstance(kind, tuple) else kind]
-            sub = gguf.GGUFValueType[kind[1]] if isinstance(kind, tuple) else None
-            w.add_key_value(key, meta.get(key, value), vtype, sub_type=sub)
-        for name in f.tensors:
-            if name not in drop:
-                w.add_tensor(name, np.asarray(tensors.get(name, f.data(name))))
-        for name, value in tensors.items():
-            if name not in f.tensors:
-                w.add_tensor(name, value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 BAD_MMPROJ = {
     "projector type": (dict(meta={"clip.projector_type": "gemma3"}), "clip.projector_type is 'gemma3'"),
     "no vision encoder": (dict(meta={"clip.has_vision_encoder": False}), "clip.has_vision_encoder is not true"),
@@ -180,7 +155,7 @@ BAD_MMPROJ = {
 @pytest.mark.parametrize("case", sorted(BAD_MMPROJ))
 def test_a_bad_mmproj_is_one_error_naming_it(case, tmp_path):
     edits, message = BAD_MMPROJ[case]
-    bad = rewrite(MMPROJ, tmp_path / "bad.gguf", **edits)
+    bad = rewrite_gguf(MMPROJ, tmp_path / "bad.gguf", **edits)
     with pytest.raises(lfm2np.Lfm2npError) as e:
         lfm2np.load(TEXT, mmproj=bad)
     assert str(bad) in str(e.value) and message in str(e.value), str(e.value)
@@ -188,7 +163,7 @@ def test_a_bad_mmproj_is_one_error_naming_it(case, tmp_path):
 
 
 def test_an_unused_mmproj_tensor_warns_when_not_strict(tmp_path):
-    bad = rewrite(MMPROJ, tmp_path / "bad.gguf", tensors={"v.extra.weight": np.zeros(4, np.float32)})
+    bad = rewrite_gguf(MMPROJ, tmp_path / "bad.gguf", tensors={"v.extra.weight": np.zeros(4, np.float32)})
     with pytest.warns(UserWarning, match="v.extra.weight"):
         m = lfm2np.load(TEXT, mmproj=bad, strict=False)
     assert np.array_equal(m.forward([1, 5]), pair().forward([1, 5]))
@@ -212,7 +187,7 @@ def test_files_in_the_wrong_places(tmp_path):
 def test_a_text_model_without_an_image_token(tmp_path):
     with GgufFile(TEXT) as f:
         tokens = ["<imagx>" if t == "<image>" else t for t in f.metadata["tokenizer.ggml.tokens"]]
-    text = rewrite(TEXT, tmp_path / "text.gguf", meta={"tokenizer.ggml.tokens": tokens})
+    text = rewrite_gguf(TEXT, tmp_path / "text.gguf", meta={"tokenizer.ggml.tokens": tokens})
     with pytest.raises(lfm2np.Lfm2npError, match="holds '<image>' 0 times"):
         lfm2np.load(text, mmproj=MMPROJ)
     with warnings.catch_warnings():
