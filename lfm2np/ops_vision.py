@@ -97,7 +97,7 @@ def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask: np.
             probs = rnd(softmax(scores, axis=-1, in_place=True, shared=not together))
             out[:, h] = rnd(probs @ v[:, h])
 
-    passes.shared_products(H, heads, size=H * P * P if together else 0, per_thread=4)
+    passes.shared_products(H, heads, size=H * P * P, per_thread=4)  # whole in this thread when not together
     return out.reshape(P, H * hd)
 
 

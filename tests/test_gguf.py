@@ -545,8 +545,8 @@ def _fuse_by_hand(src, dst, config):
     fused = {}
     for i in config.attention_layers:
         fused[f"blk.{i}.attn_qkv.weight"] = np.concatenate([data.pop(f"blk.{i}.attn_{x}.weight") for x in "qkv"])
-    return rewrite_gguf(src, dst, drop={f"blk.{i}.attn_{x}.weight" for i in config.attention_layers for x in "qkv"},
-                        tensors=fused)
+    split = {f"blk.{i}.attn_{x}.weight" for i in config.attention_layers for x in "qkv"}
+    return rewrite_gguf(src, dst, drop=split, tensors=fused)
 
 
 @pytest.mark.parametrize("kind", ["dense-untied", "moe-tied"])
